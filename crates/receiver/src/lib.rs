@@ -1,1 +1,99 @@
-//! placeholder
+//! `deploy-receiver`: the daemon on the target host. It authenticates uploads (IP allowlist, HMAC),
+//! streams and verifies packages into its store, and (with Docker) loads and runs them.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod spool;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+pub use config::Config;
+pub use state::AppState;
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    routes::router(state).layer(middleware::from_fn(request_context))
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// What an operator should fix in this configuration.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.allowed_networks.is_empty() {
+        out.push("ALLOWED_NETWORKS is not set: any address may try to authenticate".into());
+    }
+    if config.bind.ip().is_unspecified() {
+        out.push(
+            "bound to all interfaces without TLS: put a TLS reverse proxy in front (see README)"
+                .into(),
+        );
+    }
+    let weak = config
+        .hmac_secret
+        .as_deref()
+        .is_some_and(|s| s.len() < 32 || s.contains("change-me") || s.contains("example"));
+    if weak {
+        out.push("DEPLOY_HMAC_SECRET is short or an example value: use 32+ random bytes (openssl rand -hex 32)".into());
+    }
+    out
+}
+
+/// Per-request context: correlation id (taken from `X-Correlation-Id` or made), a span named by
+/// the matched route (low cardinality), and the id echoed on the response.
+async fn request_context(request: Request, next: Next) -> Response {
+    let correlation_id = request
+        .headers()
+        .get(deploy_protocol::envelope::HEADER_CORRELATION_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let span = tracing::info_span!("request", method = %request.method(), route = %route, correlation_id = %correlation_id);
+    let started = std::time::Instant::now();
+    let mut response = error::CORRELATION_ID
+        .scope(correlation_id.clone(), next.run(request))
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "response"
+        );
+    });
+    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
+        response
+            .headers_mut()
+            .insert(deploy_protocol::envelope::HEADER_CORRELATION_ID, value);
+    }
+    response
+}

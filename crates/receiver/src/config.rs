@@ -1,0 +1,184 @@
+//! Receiver configuration: every setting is a flag with an environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use deploy_protocol::KeyRing;
+use ipnet::IpNet;
+
+/// `deploy-receiver`: accepts signed, streamed deployment packages and runs them on this host's Docker.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "deploy-receiver", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "RECEIVER_BIND", default_value = "0.0.0.0:8001")]
+    pub bind: SocketAddr,
+
+    /// Directory holding received packages (created if missing).
+    #[arg(
+        long,
+        env = "PACKAGE_DIR",
+        default_value = "/var/lib/deploy-receiver/packages"
+    )]
+    pub package_dir: PathBuf,
+
+    /// Directory for the deployment journal and the event outbox [default: <PACKAGE_DIR>/.state].
+    #[arg(long, env = "STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Shared HMAC secret for key id DEPLOY_HMAC_KEY_ID.
+    #[arg(long, env = "DEPLOY_HMAC_SECRET", hide_env_values = true)]
+    pub hmac_secret: Option<String>,
+
+    /// Key id of DEPLOY_HMAC_SECRET.
+    #[arg(long, env = "DEPLOY_HMAC_KEY_ID", default_value = "default")]
+    pub hmac_key_id: String,
+
+    /// Several keys for rotation: `id=secret,id2=secret2` (added to DEPLOY_HMAC_SECRET's key).
+    #[arg(long, env = "DEPLOY_HMAC_KEYS", hide_env_values = true)]
+    pub hmac_keys: Option<String>,
+
+    /// Client networks allowed to call /deployment endpoints, comma-separated CIDRs
+    /// (unset = any address; the HMAC signature is required either way).
+    #[arg(long, env = "ALLOWED_NETWORKS", value_delimiter = ',')]
+    pub allowed_networks: Vec<IpNet>,
+
+    /// Reverse proxies whose X-Forwarded-For is believed, comma-separated CIDRs (unset = none).
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Largest accepted package, in bytes or with a unit (`5GiB`, `512MiB`).
+    #[arg(long, env = "MAX_PACKAGE_SIZE", default_value = "5GiB", value_parser = parse_size)]
+    pub max_package_size: u64,
+
+    /// Allowed difference between a request's timestamp and this host's clock, in seconds.
+    #[arg(long, env = "HMAC_MAX_SKEW_SECS", default_value_t = deploy_protocol::envelope::DEFAULT_MAX_SKEW_SECS)]
+    pub hmac_max_skew_secs: u64,
+
+    /// Uploads accepted at once; more are answered 429 BUSY with Retry-After.
+    #[arg(long, env = "MAX_CONCURRENT_UPLOADS", default_value_t = 4)]
+    pub max_concurrent_uploads: usize,
+
+    /// Seconds an upload may go without receiving a byte before it is cut off.
+    #[arg(long, env = "UPLOAD_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub upload_idle_timeout_secs: u64,
+
+    /// Images kept per container name for rollback (older ones are pruned).
+    #[arg(long, env = "IMAGE_HISTORY", default_value_t = 3)]
+    pub image_history: usize,
+
+    /// Let deployment specs ask for privileged mode.
+    #[arg(long, env = "ALLOW_PRIVILEGED")]
+    pub allow_privileged: bool,
+
+    /// Let deployment specs mount host paths.
+    #[arg(long, env = "ALLOW_HOST_MOUNTS")]
+    pub allow_host_mounts: bool,
+
+    /// Let deployment specs use host networking (or any network mode other than bridge).
+    #[arg(long, env = "ALLOW_HOST_NETWORK")]
+    pub allow_host_network: bool,
+
+    /// Let deployment specs add Linux capabilities.
+    #[arg(long, env = "ALLOW_CAP_ADD")]
+    pub allow_cap_add: bool,
+
+    /// Let deployment specs map host devices.
+    #[arg(long, env = "ALLOW_DEVICES")]
+    pub allow_devices: bool,
+
+    /// Kafka bootstrap servers for lifecycle events (unset = local outbox only).
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+
+    /// Kafka topic for lifecycle events.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
+    pub kafka_topic: String,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No key at all.
+    #[error(
+        "no HMAC key configured: set DEPLOY_HMAC_SECRET (and optionally DEPLOY_HMAC_KEY_ID) or \
+         DEPLOY_HMAC_KEYS=id=secret,... — the receiver refuses to run unauthenticated"
+    )]
+    NoKey,
+    /// DEPLOY_HMAC_KEYS is malformed.
+    #[error("DEPLOY_HMAC_KEYS: {0}")]
+    KeyList(#[from] deploy_protocol::envelope::KeyListError),
+}
+
+impl Config {
+    /// A configuration for tests and embedding: defaults, one key, the given package directory.
+    pub fn for_dir(package_dir: impl Into<PathBuf>, secret: &str) -> Self {
+        let mut config = Config::parse_from(["deploy-receiver"]);
+        config.package_dir = package_dir.into();
+        config.hmac_secret = Some(secret.to_owned());
+        config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        config
+    }
+
+    /// The key ring from DEPLOY_HMAC_KEYS and DEPLOY_HMAC_SECRET; empty is an error.
+    pub fn key_ring(&self) -> Result<KeyRing, ConfigError> {
+        let mut ring = match &self.hmac_keys {
+            Some(list) => KeyRing::parse_list(list)?,
+            None => KeyRing::new(),
+        };
+        if let Some(secret) = self.hmac_secret.as_deref().filter(|s| !s.is_empty()) {
+            ring.insert(self.hmac_key_id.clone(), secret.as_bytes());
+        }
+        if ring.is_empty() {
+            return Err(ConfigError::NoKey);
+        }
+        Ok(ring)
+    }
+
+    /// Where the journal and outbox live.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.package_dir.join(".state"))
+    }
+}
+
+/// Parses `1234`, `512MiB`, `5GiB`, `1.5GB`, `100 KB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let size: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid size {s:?}: {e}"))?;
+    if size.as_u64() == 0 {
+        return Err("size must be greater than zero".into());
+    }
+    Ok(size.as_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_size("5GiB"), Ok(5 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn refuses_to_run_without_a_key() {
+        let mut config = Config::for_dir("/tmp/x", "");
+        assert!(matches!(config.key_ring(), Err(ConfigError::NoKey)));
+        config.hmac_keys = Some("a=1,b=2".into());
+        let ring = config.key_ring().expect("keys");
+        assert_eq!(ring.ids().collect::<Vec<_>>(), ["a", "b"]);
+    }
+}

@@ -1,0 +1,155 @@
+//! The receiver's one error type: each variant has a stable [`ErrorCode`] and renders the JSON
+//! error body. Server-side failures are logged once, here.
+
+use std::net::IpAddr;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use deploy_protocol::api::DeploymentRecord;
+use deploy_protocol::{AuthError, ErrorBody, ErrorCode};
+
+tokio::task_local! {
+    /// The correlation id of the request being served (set by the request middleware).
+    pub static CORRELATION_ID: String;
+}
+
+/// The current request's correlation id, when inside a request.
+pub fn correlation_id() -> Option<String> {
+    CORRELATION_ID.try_with(Clone::clone).ok()
+}
+
+/// Everything that can go wrong in the receiver.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    /// Malformed input.
+    #[error("{0}")]
+    Validation(String),
+    /// Signature, key id, timestamp or nonce refused.
+    #[error("{0}")]
+    Unauthorized(#[from] AuthError),
+    /// Client address outside ALLOWED_NETWORKS.
+    #[error("address {0} is not in this receiver's ALLOWED_NETWORKS")]
+    Forbidden(IpAddr),
+    /// A deployment spec asks for what the receiver's policy forbids.
+    #[error("{0}")]
+    PolicyDenied(String),
+    /// Unknown package, deployment or container.
+    #[error("{0}")]
+    NotFound(String),
+    /// The client stopped sending.
+    #[error("{0}")]
+    Timeout(String),
+    /// Same id, other content.
+    #[error("{0}")]
+    Conflict(String),
+    /// Over MAX_PACKAGE_SIZE.
+    #[error(
+        "package of {size} bytes exceeds this receiver's limit of {limit} bytes (MAX_PACKAGE_SIZE)"
+    )]
+    TooLarge {
+        /// Declared or counted size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// Bytes differ from the signed manifest.
+    #[error("{0}")]
+    ChecksumMismatch(String),
+    /// The archive could not or may not be loaded.
+    #[error("{0}")]
+    LoadFailed(String),
+    /// Docker refused to create or start the container.
+    #[error("{0}")]
+    DeployFailed(String),
+    /// The container did not become healthy.
+    #[error("{0}")]
+    HealthCheckFailed(String),
+    /// A finished deployment that failed: the body is its record, whose `error` says why.
+    #[error("deployment {} ended {:?}", .0.deployment_id, .0.status)]
+    Deployment(Box<DeploymentRecord>),
+    /// Too many concurrent operations.
+    #[error("{message}")]
+    Busy {
+        /// What is busy.
+        message: String,
+        /// Seconds to wait before retrying.
+        retry_after_secs: u64,
+    },
+    /// Docker is not reachable.
+    #[error("{0}")]
+    DockerUnavailable(String),
+    /// Not enough disk space for the package.
+    #[error("{0}")]
+    InsufficientStorage(String),
+    /// File system failure.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Anything else unexpected.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ReceiverError {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReceiverError::Validation(_) => ErrorCode::ValidationError,
+            ReceiverError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ReceiverError::Forbidden(_) => ErrorCode::Forbidden,
+            ReceiverError::PolicyDenied(_) => ErrorCode::PolicyDenied,
+            ReceiverError::NotFound(_) => ErrorCode::NotFound,
+            ReceiverError::Timeout(_) => ErrorCode::Timeout,
+            ReceiverError::Conflict(_) => ErrorCode::Conflict,
+            ReceiverError::TooLarge { .. } => ErrorCode::PackageTooLarge,
+            ReceiverError::ChecksumMismatch(_) => ErrorCode::ChecksumMismatch,
+            ReceiverError::LoadFailed(_) => ErrorCode::LoadFailed,
+            ReceiverError::DeployFailed(_) => ErrorCode::DeployFailed,
+            ReceiverError::HealthCheckFailed(_) => ErrorCode::HealthCheckFailed,
+            ReceiverError::Deployment(record) => record
+                .error
+                .as_ref()
+                .map_or(ErrorCode::DeployFailed, |e| e.code),
+            ReceiverError::Busy { .. } => ErrorCode::Busy,
+            ReceiverError::DockerUnavailable(_) => ErrorCode::DockerUnavailable,
+            ReceiverError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
+            ReceiverError::Io(_) | ReceiverError::Internal(_) => ErrorCode::InternalError,
+        }
+    }
+
+    /// The error body as it is sent.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string(), correlation_id())
+    }
+}
+
+impl IntoResponse for ReceiverError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(code = %code, error = %self, "request failed");
+        } else {
+            tracing::info!(code = %code, error = %self, "request refused");
+        }
+        let mut response = match &self {
+            ReceiverError::Deployment(record) => {
+                (status, Json(record.as_ref().clone())).into_response()
+            }
+            _ => (status, Json(self.body())).into_response(),
+        };
+        if let ReceiverError::Busy {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}
+
+/// Shorthand.
+pub type Result<T, E = ReceiverError> = std::result::Result<T, E>;

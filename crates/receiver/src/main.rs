@@ -1,0 +1,44 @@
+//! `deploy-receiver` binary: parse configuration, start tracing, bind, serve until SIGTERM/SIGINT.
+
+use clap::Parser;
+use deploy_receiver::{serve, AppState, Config};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if config.log_format == "json" {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let bind = config.bind;
+    let state = AppState::new(config).map_err(|e| {
+        eprintln!("deploy-receiver: {e:#}");
+        e
+    })?;
+    for warning in deploy_receiver::warnings(state.config()) {
+        tracing::warn!("{warning}");
+    }
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    tracing::info!(addr = %listener.local_addr()?, package_dir = %state.store().dir().display(), "deploy-receiver listening");
+    serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("deploy-receiver stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,26 @@
+//! `GET /health`: liveness and what an operator needs to know at a glance.
+
+use axum::extract::State;
+use axum::Json;
+use deploy_protocol::api::HealthResponse;
+
+use crate::state::AppState;
+
+/// Service health.
+#[utoipa::path(get, path = "/health", tag = "service",
+    responses((status = 200, description = "The receiver is serving", body = HealthResponse)))]
+pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "healthy".into(),
+        service: "deploy-receiver".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol_version: deploy_protocol::PROTOCOL_VERSION.into(),
+        mode: "standalone".into(),
+        uptime_secs: state.uptime_secs(),
+        free_bytes: state.store().free_bytes(),
+        docker_available: false,
+        docker_version: None,
+        events: None,
+        warnings: crate::warnings(state.config()),
+    })
+}

@@ -1,0 +1,98 @@
+//! `POST /deployment/receive`: the original system's request, kept for compatibility: register a
+//! package that is already on this host's disk, inside the package directory.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::Json;
+use deploy_protocol::api::{ReceiveRequest, StoreOutcome, UploadResponse};
+use deploy_protocol::{Checksum, ErrorBody};
+
+use crate::auth::Signed;
+use crate::error::{ReceiverError, Result};
+use crate::spool::Received;
+use crate::state::{AppState, InFlight};
+use crate::store::TempGuard;
+
+/// Validate and register a package file already in the package directory (no traversal, no
+/// symlink escape); it is hashed and stored exactly as an upload would be.
+#[utoipa::path(post, path = "/deployment/receive", tag = "deployment",
+    params(crate::routes::SignatureHeaderParams),
+    request_body = ReceiveRequest,
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "Registered", body = UploadResponse),
+        (status = 400, description = "VALIDATION_ERROR: bad body, or a path outside the package directory", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 409, description = "CONFLICT", body = ErrorBody),
+        (status = 413, description = "PACKAGE_TOO_LARGE", body = ErrorBody),
+        (status = 422, description = "CHECKSUM_MISMATCH", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    Signed(request): Signed<ReceiveRequest>,
+) -> Result<Json<UploadResponse>> {
+    let started = Instant::now();
+    let manifest = request.manifest;
+    manifest
+        .validate()
+        .map_err(|e| ReceiverError::Validation(e.to_string()))?;
+    let limit = state.config().max_package_size;
+    if manifest.package_size > limit {
+        return Err(ReceiverError::TooLarge {
+            size: manifest.package_size,
+            limit,
+        });
+    }
+    let source = state
+        .store()
+        .confine(&request.package_path)
+        .map_err(ReceiverError::Validation)?;
+    let id = manifest.package_id;
+    let _in_flight = InFlight::claim(&state, id)?;
+    let existing = state.store().get(id)?;
+    if let Some(existing) = &existing {
+        if existing.manifest.package_checksum != manifest.package_checksum {
+            return Err(ReceiverError::Conflict(format!(
+                "package {id} is already stored with another checksum"
+            )));
+        }
+    }
+    // Hash a hard link of our own, so the stored name and the hashed bytes are one inode.
+    let temp = TempGuard::new(state.store().temp_path(id, &manifest.package_checksum));
+    std::fs::hard_link(&source, temp.path())?;
+    let path = temp.path().to_path_buf();
+    let (checksum, size) =
+        tokio::task::spawn_blocking(move || -> std::io::Result<(Checksum, u64)> {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(std::fs::File::open(&path)?)?;
+            Ok((Checksum::from_hasher(&hasher), hasher.count()))
+        })
+        .await
+        .map_err(|e| ReceiverError::Internal(format!("hashing task failed: {e}")))??;
+    if size != manifest.package_size || checksum != manifest.package_checksum {
+        return Err(ReceiverError::ChecksumMismatch(format!(
+            "{} is {size} bytes hashing to {checksum}, but the signed manifest says {} bytes hashing to {}",
+            request.package_path, manifest.package_size, manifest.package_checksum
+        )));
+    }
+    let (package, outcome) = if existing.is_some() {
+        let stored = state
+            .store()
+            .get(id)?
+            .ok_or_else(|| ReceiverError::NotFound(format!("package {id} vanished")))?;
+        (stored, StoreOutcome::Existing)
+    } else {
+        let stored = state.store().commit(temp.path(), &manifest)?;
+        temp.disarm();
+        (stored, StoreOutcome::Created)
+    };
+    let received = Received {
+        package,
+        outcome,
+        bytes: size,
+        duration: started.elapsed(),
+    };
+    Ok(Json(crate::routes::upload::response(&received)))
+}

@@ -1,0 +1,279 @@
+//! Streamed upload: the multipart body is read part by part, the signed manifest is verified
+//! before one byte of the package is read, and the package flows to a temp file through BLAKE3
+//! and a byte count on a blocking writer thread, then is fsynced and renamed into the store.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::request::Parts;
+use bytes::Bytes;
+use deploy_protocol::api::StoreOutcome;
+use deploy_protocol::multipart::{MAX_MANIFEST_BYTES, PART_MANIFEST, PART_PACKAGE};
+use deploy_protocol::{Checksum, PackageManifest};
+use tokio::sync::mpsc;
+
+use crate::auth::authenticate;
+use crate::error::{ReceiverError, Result};
+use crate::state::{AppState, InFlight};
+use crate::store::{StoredPackage, TempGuard};
+
+/// Disk space kept free beyond the declared package size.
+const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+
+/// A received, verified and stored package.
+#[derive(Debug)]
+pub struct Received {
+    /// The stored package and its manifest.
+    pub package: StoredPackage,
+    /// New, or the same package already stored.
+    pub outcome: StoreOutcome,
+    /// Package bytes received.
+    pub bytes: u64,
+    /// Time from the first manifest byte to the stored file.
+    pub duration: Duration,
+}
+
+/// Receives one `manifest` + `package` multipart upload.
+pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> Result<Received> {
+    let started = Instant::now();
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ReceiverError::Validation("expected a multipart/form-data body with a boundary".into())
+    })?;
+    let _slot = state.upload_slot()?;
+    let mut multipart = multer::Multipart::new(body.into_data_stream(), boundary);
+    let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
+
+    // Part 1: the manifest, capped, then the signature over its bytes.
+    let mut field = next_field(&mut multipart, idle).await?.ok_or_else(|| {
+        ReceiverError::Validation(format!(
+            "empty upload: expected parts {PART_MANIFEST:?} then {PART_PACKAGE:?}"
+        ))
+    })?;
+    expect_name(&field, PART_MANIFEST)?;
+    let mut manifest_bytes = Vec::new();
+    while let Some(chunk) = next_chunk(&mut field, idle).await? {
+        if manifest_bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            return Err(ReceiverError::Validation(format!(
+                "manifest part is larger than {MAX_MANIFEST_BYTES} bytes"
+            )));
+        }
+        manifest_bytes.extend_from_slice(&chunk);
+    }
+    drop(field);
+    authenticate(state, parts, &Checksum::of(&manifest_bytes))?;
+    let manifest = PackageManifest::from_slice(&manifest_bytes)
+        .map_err(|e| ReceiverError::Validation(e.to_string()))?;
+    let id = manifest.package_id;
+    let limit = state.config().max_package_size;
+    if manifest.package_size > limit {
+        return Err(ReceiverError::TooLarge {
+            size: manifest.package_size,
+            limit,
+        });
+    }
+    let _in_flight = InFlight::claim(state, id)?;
+    let existing = state.store().get(id)?;
+    if let Some(existing) = &existing {
+        if existing.manifest.package_checksum != manifest.package_checksum {
+            return Err(ReceiverError::Conflict(format!(
+                "package {id} is already stored with checksum {}; a package id names one content",
+                existing.manifest.package_checksum
+            )));
+        }
+    } else {
+        let free = state.store().free_bytes();
+        let needed = manifest.package_size.saturating_add(FREE_SPACE_MARGIN);
+        if free < needed {
+            return Err(ReceiverError::InsufficientStorage(format!(
+                "not enough free space in the package directory: {needed} bytes needed, {free} free"
+            )));
+        }
+    }
+
+    // Part 2: the package, streamed.
+    let mut field = next_field(&mut multipart, idle).await?.ok_or_else(|| {
+        ReceiverError::Validation(format!("missing part {PART_PACKAGE:?} after the manifest"))
+    })?;
+    expect_name(&field, PART_PACKAGE)?;
+    let temp = match existing {
+        // An idempotent repeat is hashed to prove it is the same, but not written.
+        Some(_) => None,
+        None => Some(TempGuard::new(
+            state.store().temp_path(id, &manifest.package_checksum),
+        )),
+    };
+    let file = match &temp {
+        Some(guard) => Some(std::fs::File::create_new(guard.path())?),
+        None => None,
+    };
+    let mut writer = SpoolWriter::spawn(file);
+    let mut count: u64 = 0;
+    while let Some(chunk) = next_chunk(&mut field, idle).await? {
+        count += chunk.len() as u64;
+        if count > limit {
+            return Err(ReceiverError::TooLarge { size: count, limit });
+        }
+        if count > manifest.package_size {
+            return Err(ReceiverError::ChecksumMismatch(format!(
+                "package part is longer than the signed package_size of {} bytes",
+                manifest.package_size
+            )));
+        }
+        state.metrics().received_bytes(chunk.len() as u64);
+        writer.send(chunk).await?;
+    }
+    drop(field);
+    if next_field(&mut multipart, idle).await?.is_some() {
+        return Err(ReceiverError::Validation(format!(
+            "unexpected part after {PART_PACKAGE:?}: an upload has exactly two parts"
+        )));
+    }
+    let (checksum, written) = writer.finish().await?;
+    if written != manifest.package_size || checksum != manifest.package_checksum {
+        return Err(ReceiverError::ChecksumMismatch(format!(
+            "received {written} bytes hashing to {checksum}, but the signed manifest says {} bytes hashing to {}",
+            manifest.package_size, manifest.package_checksum
+        )));
+    }
+    let (package, outcome) = match temp {
+        Some(guard) => {
+            let stored = state.store().commit(guard.path(), &manifest)?;
+            guard.disarm();
+            (stored, StoreOutcome::Created)
+        }
+        None => {
+            let stored = state
+                .store()
+                .get(id)?
+                .ok_or_else(|| ReceiverError::NotFound(format!("package {id} vanished")))?;
+            (stored, StoreOutcome::Existing)
+        }
+    };
+    Ok(Received {
+        package,
+        outcome,
+        bytes: written,
+        duration: started.elapsed(),
+    })
+}
+
+fn expect_name(field: &multer::Field<'_>, expected: &str) -> Result<()> {
+    match field.name() {
+        Some(name) if name == expected => Ok(()),
+        other => Err(ReceiverError::Validation(format!(
+            "expected part {expected:?} here, got {:?}: parts are {PART_MANIFEST:?} then {PART_PACKAGE:?}",
+            other.unwrap_or("<unnamed>")
+        ))),
+    }
+}
+
+async fn next_field<'a>(
+    multipart: &mut multer::Multipart<'a>,
+    idle: Duration,
+) -> Result<Option<multer::Field<'a>>> {
+    match tokio::time::timeout(idle, multipart.next_field()).await {
+        Ok(result) => result.map_err(multipart_error),
+        Err(_) => Err(idle_timeout(idle)),
+    }
+}
+
+async fn next_chunk(field: &mut multer::Field<'_>, idle: Duration) -> Result<Option<Bytes>> {
+    match tokio::time::timeout(idle, field.chunk()).await {
+        Ok(result) => result.map_err(multipart_error),
+        Err(_) => Err(idle_timeout(idle)),
+    }
+}
+
+fn idle_timeout(idle: Duration) -> ReceiverError {
+    ReceiverError::Timeout(format!(
+        "no bytes received for {} s: upload abandoned",
+        idle.as_secs()
+    ))
+}
+
+fn multipart_error(e: multer::Error) -> ReceiverError {
+    ReceiverError::Validation(format!("malformed multipart body: {e}"))
+}
+
+enum Chunk {
+    Data(Bytes),
+    Finish,
+}
+
+/// Hashes and writes on a blocking thread, so that network reads and disk writes overlap.
+struct SpoolWriter {
+    tx: mpsc::Sender<Chunk>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<(Checksum, u64)>>>,
+}
+
+impl SpoolWriter {
+    fn spawn(file: Option<std::fs::File>) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Chunk>(32);
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut hasher = blake3::Hasher::new();
+            let mut out = file.map(|f| std::io::BufWriter::with_capacity(1 << 20, f));
+            let mut written = 0u64;
+            loop {
+                match rx.blocking_recv() {
+                    Some(Chunk::Data(bytes)) => {
+                        hasher.update(&bytes);
+                        if let Some(out) = out.as_mut() {
+                            out.write_all(&bytes)?;
+                        }
+                        written += bytes.len() as u64;
+                    }
+                    Some(Chunk::Finish) => break,
+                    // The request was abandoned: stop without syncing; the temp guard removes the file.
+                    None => return Err(std::io::Error::other("upload abandoned")),
+                }
+            }
+            if let Some(out) = out {
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            }
+            Ok((Checksum::from_hasher(&hasher), written))
+        });
+        Self {
+            tx,
+            handle: Some(handle),
+        }
+    }
+
+    async fn send(&mut self, bytes: Bytes) -> Result<()> {
+        if self.tx.send(Chunk::Data(bytes)).await.is_ok() {
+            return Ok(());
+        }
+        // The writer stopped early: its own error says why.
+        match self.join().await {
+            Ok(_) => Err(ReceiverError::Internal(
+                "package writer stopped early".into(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn finish(mut self) -> Result<(Checksum, u64)> {
+        let _ = self.tx.send(Chunk::Finish).await;
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(Checksum, u64)> {
+        let handle = self
+            .handle
+            .take()
+            .ok_or_else(|| ReceiverError::Internal("package writer already joined".into()))?;
+        match handle.await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
+                Err(ReceiverError::InsufficientStorage("the package directory's disk filled up while writing; the partial file was removed".into()))
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(ReceiverError::Internal(format!("package writer panicked: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The receiver's shared state: configuration, keys, nonce store, package store, metrics, limits.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use deploy_protocol::KeyRing;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use crate::auth::NonceCache;
+use crate::config::Config;
+use crate::error::{ReceiverError, Result};
+use crate::metrics::Metrics;
+use crate::store::PackageStore;
+
+/// Live nonces kept at most (each is a valid signed request inside the skew window).
+const NONCE_CAPACITY: usize = 100_000;
+
+/// Shared state of the receiver (cheap to clone).
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: Config,
+    keys: KeyRing,
+    nonces: NonceCache,
+    store: PackageStore,
+    metrics: Metrics,
+    upload_slots: Arc<Semaphore>,
+    in_flight: Mutex<HashSet<Uuid>>,
+    started: Instant,
+}
+
+impl AppState {
+    /// Builds the state: checks the keys, opens (and sweeps) the package store.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let keys = config.key_ring()?;
+        let store = PackageStore::open(&config.package_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open PACKAGE_DIR {}: {e}",
+                config.package_dir.display()
+            )
+        })?;
+        let metrics = Metrics::new()?;
+        Ok(Self(Arc::new(Inner {
+            upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
+            config,
+            keys,
+            nonces: NonceCache::new(NONCE_CAPACITY),
+            store,
+            metrics,
+            in_flight: Mutex::new(HashSet::new()),
+            started: Instant::now(),
+        })))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// The HMAC key ring.
+    pub fn keys(&self) -> &KeyRing {
+        &self.0.keys
+    }
+
+    /// The nonce store.
+    pub fn nonces(&self) -> &NonceCache {
+        &self.0.nonces
+    }
+
+    /// The package store.
+    pub fn store(&self) -> &PackageStore {
+        &self.0.store
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Seconds since start.
+    pub fn uptime_secs(&self) -> u64 {
+        self.0.started.elapsed().as_secs()
+    }
+
+    /// One of MAX_CONCURRENT_UPLOADS slots, or BUSY.
+    pub fn upload_slot(&self) -> Result<UploadSlot> {
+        let permit = self
+            .0
+            .upload_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ReceiverError::Busy {
+                message: format!(
+                    "{} uploads are already in progress (MAX_CONCURRENT_UPLOADS); retry later",
+                    self.0.config.max_concurrent_uploads
+                ),
+                retry_after_secs: 2,
+            })?;
+        self.metrics().uploads_in_flight().inc();
+        Ok(UploadSlot {
+            _permit: permit,
+            state: self.clone(),
+        })
+    }
+}
+
+/// A held upload slot; frees itself on drop.
+pub struct UploadSlot {
+    _permit: OwnedSemaphorePermit,
+    state: AppState,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        self.state.metrics().uploads_in_flight().dec();
+    }
+}
+
+/// Marks a package id as being received, so two uploads of one id never race on the store.
+pub struct InFlight {
+    state: AppState,
+    id: Uuid,
+}
+
+impl InFlight {
+    /// Claims `id`, or BUSY when another request holds it.
+    pub fn claim(state: &AppState, id: Uuid) -> Result<Self> {
+        let mut set = state
+            .0
+            .in_flight
+            .lock()
+            .map_err(|_| ReceiverError::Internal("in-flight set poisoned".into()))?;
+        if !set.insert(id) {
+            return Err(ReceiverError::Busy {
+                message: format!("package {id} is being received by another request"),
+                retry_after_secs: 5,
+            });
+        }
+        Ok(Self {
+            state: state.clone(),
+            id,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.state.0.in_flight.lock() {
+            set.remove(&self.id);
+        }
+    }
+}
