@@ -1,0 +1,248 @@
+//! The background task that delivers the outbox to Kafka in order with an idempotent producer.
+//!
+//! It keeps up to [`WINDOW`] events in flight. When one fails (broker unreachable past
+//! `message.timeout.ms`, or any other error) it stops sending, collects the results of what is
+//! still in flight, backs off, and resends from the first unacknowledged event, skipping those
+//! acknowledged meanwhile, so one process never produces an event twice; the idempotent producer
+//! removes duplicates of its own retries. A producer in a fatal state is replaced.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::outbox::{Entry, Outbox};
+use crate::stats::Counters;
+
+/// Events handed to librdkafka and not yet acknowledged, at most.
+const WINDOW: usize = 1000;
+/// Write the cursor at least this often while acknowledgements stream in.
+const CHECKPOINT_EVERY: u64 = 256;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub(crate) type KafkaProducer = FutureProducer<SinkContext>;
+
+/// Routes librdkafka's logs and errors to tracing and to `last_error`.
+pub(crate) struct SinkContext {
+    counters: Arc<Counters>,
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}");
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", %error, reason, "Kafka client error; events wait in the outbox");
+        self.counters.set_last_error(Some(format!("{error}: {reason}")));
+    }
+}
+
+/// librdkafka settings: the caller's extras first, then the ones the outbox's guarantees rest on.
+pub(crate) fn producer_config(
+    bootstrap_servers: &str,
+    client_id: &str,
+    delivery_timeout: Duration,
+    extra: &[(String, String)],
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("client.id", client_id)
+        .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string());
+    for (key, value) in extra {
+        config.set(key, value);
+    }
+    config.set("enable.idempotence", "true").set("acks", "all");
+    config
+}
+
+pub(crate) struct Delivery {
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) config: ClientConfig,
+    pub(crate) topic: String,
+}
+
+impl Delivery {
+    pub(crate) fn producer(&self) -> Result<KafkaProducer, KafkaError> {
+        self.config.create_with_context(SinkContext { counters: self.counters.clone() })
+    }
+
+    /// Runs until `stop` turns true or its sender is dropped.
+    pub(crate) async fn run(self, producer: KafkaProducer, mut stop: watch::Receiver<bool>) {
+        let mut producer = Some(producer);
+        let mut inflight: VecDeque<(u64, DeliveryFuture)> = VecDeque::new();
+        let mut sent_up_to = self.outbox.delivered();
+        let mut failing = false;
+        let mut backoff = BACKOFF_MIN;
+        let mut acks_since_checkpoint = 0;
+
+        loop {
+            let Some(active) = producer.as_ref() else {
+                match self.producer() {
+                    Ok(p) => producer = Some(p),
+                    Err(e) => {
+                        self.counters.set_last_error(Some(format!("cannot create Kafka producer: {e}")));
+                        if sleep_or_stop(&mut stop, &mut backoff).await {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            };
+
+            if !failing && inflight.len() < WINDOW {
+                for entry in self.outbox.pending_after(sent_up_to, WINDOW - inflight.len()) {
+                    match self.send(active, &entry) {
+                        Ok(future) => {
+                            inflight.push_back((entry.seq, future));
+                            sent_up_to = entry.seq;
+                        }
+                        Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+                            if !inflight.is_empty() =>
+                        {
+                            break; // room frees up as acknowledgements arrive
+                        }
+                        Err(e) => {
+                            self.failed(entry.seq, &e);
+                            failing = true;
+                            break;
+                        }
+                    }
+                }
+            }
+
+            if failing && inflight.is_empty() {
+                self.checkpoint().await;
+                if let Some((code, reason)) = active.client().fatal_error() {
+                    tracing::warn!(?code, reason, "Kafka producer hit a fatal error; replacing it");
+                    drop_producer(producer.take()).await;
+                }
+                if sleep_or_stop(&mut stop, &mut backoff).await {
+                    break;
+                }
+                failing = false;
+                sent_up_to = self.outbox.delivered();
+                continue;
+            }
+
+            tokio::select! {
+                biased;
+                () = stopped(&mut stop) => break,
+                (seq, result) = next_ack(&mut inflight) => {
+                    match result {
+                        Ok(Ok(_delivery)) => {
+                            self.outbox.mark_delivered(seq);
+                            Counters::bump(&self.counters.delivered);
+                            self.counters.set_last_error(None);
+                            backoff = BACKOFF_MIN;
+                        }
+                        Ok(Err((e, _message))) => {
+                            self.failed(seq, &e);
+                            failing = true;
+                        }
+                        Err(_canceled) => failing = true,
+                    }
+                    acks_since_checkpoint += 1;
+                    if inflight.is_empty() || acks_since_checkpoint >= CHECKPOINT_EVERY {
+                        acks_since_checkpoint = 0;
+                        self.checkpoint().await;
+                    }
+                }
+                () = self.outbox.appended(), if !failing => {}
+            }
+        }
+
+        self.checkpoint().await;
+        drop_producer(producer).await;
+    }
+
+    fn send(&self, producer: &KafkaProducer, entry: &Entry) -> Result<DeliveryFuture, KafkaError> {
+        let event = &entry.event;
+        let key = event.package_id.unwrap_or(event.event_id).to_string();
+        // It serialised when it was recorded, so this cannot fail in practice.
+        let payload = serde_json::to_vec(&**event).map_err(|e| {
+            tracing::error!(seq = entry.seq, error = %e, "cannot serialise a recorded event");
+            KafkaError::MessageProduction(RDKafkaErrorCode::InvalidMessage)
+        })?;
+        let mut record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        if let Ok(time) = OffsetDateTime::parse(&event.time, &Rfc3339) {
+            record = record.timestamp((time.unix_timestamp_nanos() / 1_000_000) as i64);
+        }
+        producer.send_result(record).map_err(|(e, _record)| e)
+    }
+
+    fn failed(&self, seq: u64, error: &KafkaError) {
+        tracing::warn!(seq, %error, "event delivery failed; it will be retried from the outbox");
+        Counters::bump(&self.counters.delivery_failures);
+        self.counters.set_last_error(Some(error.to_string()));
+    }
+
+    /// Persists the cursor and compacts the log, off the async threads.
+    async fn checkpoint(&self) {
+        let outbox = self.outbox.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            outbox.persist_cursor()?;
+            outbox.maybe_compact()
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "event outbox checkpoint failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "event outbox checkpoint panicked"),
+        }
+    }
+}
+
+/// The oldest in-flight delivery's result; pending forever when nothing is in flight.
+async fn next_ack(
+    inflight: &mut VecDeque<(u64, DeliveryFuture)>,
+) -> (u64, <DeliveryFuture as std::future::Future>::Output) {
+    match inflight.front_mut() {
+        Some((seq, future)) => {
+            let seq = *seq;
+            let result = future.await;
+            inflight.pop_front();
+            (seq, result)
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Sleeps for `backoff` (then doubles it); true when asked to stop meanwhile.
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, backoff: &mut Duration) -> bool {
+    let delay = *backoff;
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    tokio::select! {
+        () = stopped(stop) => true,
+        () = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// Dropping a producer purges its queue and joins its polling thread: keep that off the runtime.
+pub(crate) async fn drop_producer(producer: Option<KafkaProducer>) {
+    if let Some(producer) = producer {
+        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+    }
+}

@@ -1,0 +1,362 @@
+//! The durable outbox: `events.jsonl`, an append-only log of `{"seq":N,"event":{...}}` lines, and
+//! `events.cursor`, the highest sequence number the broker has acknowledged (see the crate docs
+//! for the durability argument).
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+
+use deploy_protocol::events::LifecycleEvent;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use crate::error::{EventError, Result};
+
+/// Name of the log in the state directory.
+pub const LOG_FILE: &str = "events.jsonl";
+/// Name of the "delivered up to" cursor in the state directory.
+pub const CURSOR_FILE: &str = "events.cursor";
+/// Largest event accepted, as JSON; well under Kafka's default `message.max.bytes` (1 MB), so an
+/// event that was recorded can always be delivered.
+pub const MAX_EVENT_BYTES: usize = 512 * 1024;
+
+/// Position of an event in its outbox; grows by one per event and never repeats, also across
+/// restarts and compactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(pub u64);
+
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    seq: u64,
+    event: &'a LifecycleEvent,
+}
+
+#[derive(Deserialize)]
+struct Record {
+    seq: u64,
+    event: LifecycleEvent,
+}
+
+/// One recorded event.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) seq: u64,
+    pub(crate) event: Arc<LifecycleEvent>,
+}
+
+struct LogFile {
+    file: File,
+    len: u64,
+}
+
+struct State {
+    /// What `events.jsonl` holds, oldest first.
+    entries: VecDeque<Entry>,
+    last_seq: u64,
+    /// Every entry up to here is acknowledged by the broker.
+    delivered: u64,
+    /// Acknowledged entries beyond `delivered` (other partitions may ack out of order); kept so a
+    /// retry after a failure does not send them twice.
+    acked: BTreeSet<u64>,
+    /// The value `events.cursor` holds.
+    persisted: u64,
+}
+
+/// The outbox of one state directory. Lock order: `log`, then `state`.
+pub(crate) struct Outbox {
+    dir: PathBuf,
+    log_path: PathBuf,
+    cursor_path: PathBuf,
+    retain: usize,
+    /// Without Kafka the outbox is the sink: compaction need not wait for the broker.
+    outbox_is_sink: bool,
+    log: Mutex<LogFile>,
+    state: Mutex<State>,
+    cursor_write: Mutex<()>,
+    appended: Notify,
+    delivered_tx: watch::Sender<u64>,
+    _lock: DirLock,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EventError {
+    let path = path.to_path_buf();
+    move |source| EventError::Record { action, path, source }
+}
+
+impl Outbox {
+    /// Reads the log and the cursor (repairing a torn last line) and opens the log for appending.
+    pub(crate) fn open(dir_lock: DirLock, retain: usize, outbox_is_sink: bool) -> Result<Self> {
+        let dir = dir_lock.0.clone();
+        let log_path = dir.join(LOG_FILE);
+        let cursor_path = dir.join(CURSOR_FILE);
+        let (entries, good_len) = read_log(&log_path)?;
+        let persisted = read_cursor(&cursor_path);
+
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err("open", &log_path))?;
+        let len = file.metadata().map_err(io_err("inspect", &log_path))?.len();
+        if len > good_len {
+            tracing::warn!(path = %log_path.display(), bytes = len - good_len,
+                "dropping a torn last line of the event outbox (an append interrupted by a crash)");
+            file.set_len(good_len).map_err(io_err("repair", &log_path))?;
+            file.sync_all().map_err(io_err("fsync", &log_path))?;
+        }
+        // Make the log's directory entry durable, whether it was just created or not.
+        sync_dir(&dir)?;
+
+        let last_seq = entries.back().map_or(0, |e: &Entry| e.seq).max(persisted);
+        let delivered = persisted;
+        Ok(Self {
+            log_path,
+            cursor_path,
+            retain: retain.max(1),
+            outbox_is_sink,
+            log: Mutex::new(LogFile { file, len: good_len }),
+            state: Mutex::new(State { entries, last_seq, delivered, acked: BTreeSet::new(), persisted }),
+            cursor_write: Mutex::new(()),
+            appended: Notify::new(),
+            delivered_tx: watch::Sender::new(delivered),
+            dir,
+            _lock: dir_lock,
+        })
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Appends one event and fsyncs it; when this returns `Ok` the event survives a crash.
+    pub(crate) fn append(&self, event: LifecycleEvent) -> Result<Seq> {
+        let mut log = lock(&self.log);
+        let seq = lock(&self.state).last_seq + 1;
+        let mut line = serde_json::to_vec(&RecordRef { seq, event: &event })
+            .map_err(|e| io_err("serialise an event for", &self.log_path)(e.into()))?;
+        if line.len() > MAX_EVENT_BYTES {
+            return Err(EventError::TooLarge {
+                event_id: event.event_id,
+                size: line.len(),
+                limit: MAX_EVENT_BYTES,
+            });
+        }
+        line.push(b'\n');
+        if let Err(source) = log.file.write_all(&line).and_then(|()| log.file.sync_data()) {
+            // Cut a partial line off so that the next append starts on a line boundary.
+            let _ = log.file.set_len(log.len);
+            return Err(io_err("append to", &self.log_path)(source));
+        }
+        log.len += line.len() as u64;
+        let mut state = lock(&self.state);
+        state.last_seq = seq;
+        state.entries.push_back(Entry { seq, event: Arc::new(event) });
+        drop(state);
+        drop(log);
+        self.appended.notify_one();
+        Ok(Seq(seq))
+    }
+
+    /// Resolves after an append (or at once if one happened since the last call).
+    pub(crate) async fn appended(&self) {
+        self.appended.notified().await;
+    }
+
+    /// Newest first.
+    pub(crate) fn list(&self, limit: usize) -> Vec<LifecycleEvent> {
+        let state = lock(&self.state);
+        state.entries.iter().rev().take(limit).map(|e| (*e.event).clone()).collect()
+    }
+
+    pub(crate) fn last_seq(&self) -> Seq {
+        Seq(lock(&self.state).last_seq)
+    }
+
+    pub(crate) fn delivered(&self) -> u64 {
+        lock(&self.state).delivered
+    }
+
+    pub(crate) fn subscribe_delivered(&self) -> watch::Receiver<u64> {
+        self.delivered_tx.subscribe()
+    }
+
+    /// Recorded events the broker has not acknowledged yet.
+    pub(crate) fn pending(&self) -> u64 {
+        let state = lock(&self.state);
+        let beyond = state.entries.len() - state.entries.partition_point(|e| e.seq <= state.delivered);
+        (beyond - state.acked.len()) as u64
+    }
+
+    /// Up to `limit` unacknowledged entries after `after`, in order.
+    pub(crate) fn pending_after(&self, after: u64, limit: usize) -> Vec<Entry> {
+        let state = lock(&self.state);
+        let start = state.entries.partition_point(|e| e.seq <= after);
+        state
+            .entries
+            .range(start..)
+            .filter(|e| !state.acked.contains(&e.seq))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Records the broker's acknowledgement of `seq` and moves the cursor over every entry that is
+    /// now acknowledged without a gap.
+    pub(crate) fn mark_delivered(&self, seq: u64) {
+        let mut guard = lock(&self.state);
+        let state = &mut *guard;
+        if seq <= state.delivered {
+            return;
+        }
+        state.acked.insert(seq);
+        loop {
+            let next = state.entries.partition_point(|e| e.seq <= state.delivered);
+            match state.entries.get(next) {
+                Some(e) if state.acked.remove(&e.seq) => state.delivered = e.seq,
+                _ => break,
+            }
+        }
+        self.delivered_tx.send_if_modified(|d| {
+            let changed = *d != state.delivered;
+            *d = state.delivered;
+            changed
+        });
+    }
+
+    /// Writes the cursor if it moved: write a temporary file, fsync, rename over, fsync the dir.
+    pub(crate) fn persist_cursor(&self) -> Result<()> {
+        let _writer = lock(&self.cursor_write);
+        let delivered = {
+            let state = lock(&self.state);
+            if state.delivered == state.persisted {
+                return Ok(());
+            }
+            state.delivered
+        };
+        let tmp = self.dir.join(format!("{CURSOR_FILE}.tmp"));
+        let mut file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        file.write_all(format!("{delivered}\n").as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &self.cursor_path).map_err(io_err("replace", &self.cursor_path))?;
+        sync_dir(&self.dir)?;
+        lock(&self.state).persisted = delivered;
+        Ok(())
+    }
+
+    /// Rewrites the log without its oldest entries once at least `retain` entries are both
+    /// delivered and older than the newest `retain`; returns how many were dropped. Appends wait
+    /// meanwhile (the rewrite holds at most `2 * retain` entries plus the undelivered ones).
+    pub(crate) fn maybe_compact(&self) -> Result<usize> {
+        let mut log = lock(&self.log);
+        let (drop_count, keep) = {
+            let state = lock(&self.state);
+            let beyond_retain = state.entries.len().saturating_sub(self.retain);
+            let droppable = if self.outbox_is_sink {
+                beyond_retain
+            } else {
+                beyond_retain.min(state.entries.partition_point(|e| e.seq <= state.delivered))
+            };
+            if droppable < self.retain {
+                return Ok(0);
+            }
+            (droppable, state.entries.range(droppable..).cloned().collect::<Vec<_>>())
+        };
+
+        let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
+        let mut buf = Vec::new();
+        for entry in &keep {
+            serde_json::to_writer(&mut buf, &RecordRef { seq: entry.seq, event: &entry.event })
+                .map_err(|e| io_err("serialise an event for", &tmp)(e.into()))?;
+            buf.push(b'\n');
+        }
+        // A leftover from an interrupted compaction holds nothing the log does not.
+        let _ = fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        file.write_all(&buf).and_then(|()| file.sync_all()).map_err(io_err("write", &tmp))?;
+        // The handle stays valid across the rename and becomes the new append handle, so no
+        // reopen can fail after the log has been replaced.
+        if let Err(source) = fs::rename(&tmp, &self.log_path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("replace", &self.log_path)(source));
+        }
+        sync_dir(&self.dir)?;
+        *log = LogFile { file, len: buf.len() as u64 };
+        lock(&self.state).entries.drain(..drop_count);
+        tracing::debug!(dropped = drop_count, kept = keep.len(), "compacted the event outbox");
+        Ok(drop_count)
+    }
+}
+
+/// Entries of the log and the length of its well-formed prefix of complete lines.
+fn read_log(path: &Path) -> Result<(VecDeque<Entry>, u64)> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err("read", path)(e)),
+    };
+    let mut entries: VecDeque<Entry> = VecDeque::new();
+    let mut good_len = 0;
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        if line.last() != Some(&b'\n') {
+            break; // torn tail: its append never returned Ok
+        }
+        good_len += line.len();
+        let line = &line[..line.len() - 1];
+        match serde_json::from_slice::<Record>(line) {
+            Ok(r) if entries.back().is_none_or(|last| r.seq > last.seq) => {
+                entries.push_back(Entry { seq: r.seq, event: Arc::new(r.event) });
+            }
+            Ok(r) => tracing::error!(path = %path.display(), seq = r.seq, "skipping an out-of-order outbox line"),
+            Err(e) if !line.is_empty() => {
+                tracing::error!(path = %path.display(), error = %e, "skipping a corrupt outbox line");
+            }
+            Err(_) => {}
+        }
+    }
+    Ok((entries, good_len as u64))
+}
+
+/// A missing or unreadable cursor means "nothing delivered": the worst case is a redelivery,
+/// which consumers absorb by deduplicating on `event_id`.
+fn read_cursor(path: &Path) -> u64 {
+    match fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
+            tracing::error!(path = %path.display(), "unreadable outbox cursor; redelivering the retained events");
+            0
+        }),
+        Err(_) => 0,
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", dir))
+}
+
+static OPEN_DIRS: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
+
+/// Marks a state directory as in use by one outbox of this process (two writers would interleave
+/// sequence numbers); released when the outbox is dropped.
+pub(crate) struct DirLock(PathBuf);
+
+impl DirLock {
+    pub(crate) fn try_acquire(dir: &Path) -> Option<Self> {
+        lock(&OPEN_DIRS).insert(dir.to_path_buf()).then(|| Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        lock(&OPEN_DIRS).remove(&self.0);
+    }
+}

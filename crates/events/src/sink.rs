@@ -1,0 +1,236 @@
+//! [`EventSink`]: the handle a service holds to record lifecycle events and read them back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploy_protocol::events::{EventType, LifecycleEvent, DEFAULT_TOPIC};
+use tokio::sync::{watch, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::builder::EventBuilder;
+use crate::delivery::{producer_config, Delivery};
+use crate::error::{EventError, Result};
+use crate::outbox::{DirLock, Outbox, Seq};
+use crate::stats::{Counters, EventStats};
+
+/// How many of the newest events the outbox keeps after delivery, by default.
+pub const DEFAULT_RETAIN: usize = 10_000;
+/// How long librdkafka tries to deliver an event before reporting a failure (it is then retried
+/// from the outbox), by default.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `open` waits for a sink on the same directory, dropped a moment ago, to finish.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
+/// Where events are recorded and where they go.
+#[derive(Debug, Clone)]
+pub struct EventConfig {
+    /// The service's state directory; the outbox lives in `events.jsonl` and `events.cursor`.
+    pub state_dir: PathBuf,
+    /// Kafka bootstrap servers (`KAFKA_BOOTSTRAP_SERVERS`); `None` or empty: the outbox is the sink.
+    pub bootstrap_servers: Option<String>,
+    /// Topic (`KAFKA_TOPIC`).
+    pub topic: String,
+    /// `deploy-sender` or `deploy-receiver`; filled into every event and used as Kafka client id.
+    pub source_service: &'static str,
+    /// How many of the newest events to keep for [`EventSink::list`] once delivered.
+    pub retain: usize,
+    /// librdkafka's `message.timeout.ms`: after this a delivery counts as failed and is retried.
+    pub delivery_timeout: Duration,
+    /// Extra librdkafka properties (e.g. `security.protocol`); `enable.idempotence` and `acks`
+    /// cannot be overridden.
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+impl EventConfig {
+    /// Outbox-only configuration with the default topic and limits.
+    pub fn new(state_dir: impl Into<PathBuf>, source_service: &'static str) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            bootstrap_servers: None,
+            topic: DEFAULT_TOPIC.to_owned(),
+            source_service,
+            retain: DEFAULT_RETAIN,
+            delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+            kafka_properties: Vec::new(),
+        }
+    }
+}
+
+/// Records lifecycle events durably and delivers them to Kafka in the background. Cheap to
+/// clone; the background task stops on [`EventSink::shutdown`] or when the last clone is dropped.
+#[derive(Clone)]
+pub struct EventSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    outbox: Arc<Outbox>,
+    counters: Arc<Counters>,
+    source_service: &'static str,
+    destination: String,
+    kafka: bool,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink").field("destination", &self.inner.destination).finish()
+    }
+}
+
+impl EventSink {
+    /// Opens (or creates) the outbox in `config.state_dir`, and starts delivering what it holds
+    /// beyond its cursor. Must run inside a tokio runtime.
+    pub async fn open(config: EventConfig) -> Result<Self> {
+        if config.topic.trim().is_empty() {
+            return Err(EventError::Config("the Kafka topic is empty".into()));
+        }
+        let bootstrap = config.bootstrap_servers.filter(|s| !s.trim().is_empty());
+        let dir = &config.state_dir;
+        tokio::fs::create_dir_all(dir).await.map_err(|source| record_err("create", dir, source))?;
+        let dir = tokio::fs::canonicalize(dir).await.map_err(|source| record_err("resolve", dir, source))?;
+        let dir_lock = acquire(&dir).await?;
+        let (retain, outbox_is_sink) = (config.retain, bootstrap.is_none());
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(dir_lock, retain, outbox_is_sink))
+            .await
+            .map_err(|e| EventError::Worker(e.to_string()))??;
+        let outbox = Arc::new(outbox);
+        let counters = Arc::new(Counters::default());
+        let (stop, stop_rx) = watch::channel(false);
+
+        let (destination, task) = match bootstrap {
+            Some(servers) => {
+                let delivery = Delivery {
+                    outbox: outbox.clone(),
+                    counters: counters.clone(),
+                    config: producer_config(
+                        &servers,
+                        config.source_service,
+                        config.delivery_timeout,
+                        &config.kafka_properties,
+                    ),
+                    topic: config.topic.clone(),
+                };
+                let producer = delivery.producer()?;
+                (format!("kafka://{servers}/{}", config.topic), tokio::spawn(delivery.run(producer, stop_rx)))
+            }
+            None => (
+                format!("outbox:{}", outbox.log_path().display()),
+                tokio::spawn(compact_loop(outbox.clone(), stop_rx)),
+            ),
+        };
+        tracing::info!(%destination, pending = outbox.pending(), "lifecycle events go to {destination}");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                kafka: !outbox_is_sink,
+                outbox,
+                counters,
+                source_service: config.source_service,
+                destination,
+                stop,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// Starts an event of this type with a fresh id, the current time and this service's name.
+    pub fn event(&self, event_type: EventType) -> EventBuilder {
+        EventBuilder::new(self.clone(), event_type, self.inner.source_service)
+    }
+
+    /// Records the event durably (appended and fsynced) and returns its position; never waits for
+    /// Kafka. Fails only when the event cannot be recorded (disk error, or larger than
+    /// [`crate::MAX_EVENT_BYTES`]). Still records after `shutdown`, for delivery at the next start.
+    pub async fn publish(&self, event: LifecycleEvent) -> Result<Seq> {
+        let outbox = self.inner.outbox.clone();
+        let seq = tokio::task::spawn_blocking(move || outbox.append(event))
+            .await
+            .map_err(|e| EventError::Worker(e.to_string()))??;
+        Counters::bump(&self.inner.counters.recorded);
+        Ok(seq)
+    }
+
+    /// Up to `limit` of the retained events, newest first.
+    pub fn list(&self, limit: usize) -> Vec<LifecycleEvent> {
+        self.inner.outbox.list(limit)
+    }
+
+    /// Where events go: `kafka://HOSTS/TOPIC` or `outbox:/path/events.jsonl`.
+    pub fn destination(&self) -> String {
+        self.inner.destination.clone()
+    }
+
+    /// The counters, for metrics and health.
+    pub fn stats(&self) -> EventStats {
+        let pending = if self.inner.kafka { self.inner.outbox.pending() } else { 0 };
+        self.inner.counters.snapshot(pending)
+    }
+
+    /// Waits until the broker has acknowledged every event up to `seq` (at once without Kafka).
+    pub async fn wait_delivered(&self, seq: Seq, timeout: Duration) -> Result<()> {
+        if !self.inner.kafka {
+            return Ok(());
+        }
+        let mut delivered = self.inner.outbox.subscribe_delivered();
+        let reached = tokio::time::timeout(timeout, delivered.wait_for(|d| *d >= seq.0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if reached {
+            Ok(())
+        } else {
+            Err(EventError::Timeout { waited: timeout, pending: self.inner.outbox.pending() })
+        }
+    }
+
+    /// Waits until everything recorded so far is delivered: for tests and graceful shutdown.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        self.wait_delivered(self.inner.outbox.last_seq(), timeout).await
+    }
+
+    /// Stops the background task (without waiting for deliveries: call `flush` first for that)
+    /// and writes the cursor. Undelivered events stay in the outbox for the next start.
+    pub async fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+        if let Some(task) = self.inner.task.lock().await.take() {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "event delivery task failed");
+            }
+        }
+    }
+}
+
+/// Without Kafka there is nothing to deliver, only the log to keep bounded.
+async fn compact_loop(outbox: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            () = outbox.appended() => {}
+        }
+        let worker = outbox.clone();
+        match tokio::task::spawn_blocking(move || worker.maybe_compact()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "event outbox compaction failed; will retry"),
+            Err(e) => tracing::error!(error = %e, "event outbox compaction panicked"),
+        }
+    }
+}
+
+/// A sink on the same directory that was just dropped releases it once its task has ended.
+async fn acquire(dir: &Path) -> Result<DirLock> {
+    let deadline = tokio::time::Instant::now() + REOPEN_WAIT;
+    loop {
+        if let Some(lock) = DirLock::try_acquire(dir) {
+            return Ok(lock);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(EventError::AlreadyOpen(dir.to_path_buf()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn record_err(action: &'static str, path: &Path, source: std::io::Error) -> EventError {
+    EventError::Record { action, path: path.to_path_buf(), source }
+}
