@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod docker;
 pub mod error;
 pub mod metrics;
 pub mod routes;

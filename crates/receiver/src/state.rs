@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::auth::NonceCache;
 use crate::config::Config;
+use crate::docker::DockerHandle;
 use crate::error::{ReceiverError, Result};
 use crate::metrics::Metrics;
 use crate::store::PackageStore;
@@ -27,6 +28,7 @@ struct Inner {
     nonces: NonceCache,
     store: PackageStore,
     metrics: Metrics,
+    docker: DockerHandle,
     upload_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<Uuid>>,
     started: Instant,
@@ -50,6 +52,7 @@ impl AppState {
             nonces: NonceCache::new(NONCE_CAPACITY),
             store,
             metrics,
+            docker: DockerHandle::new(),
             in_flight: Mutex::new(HashSet::new()),
             started: Instant::now(),
         })))
@@ -78,6 +81,11 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// The Docker engine.
+    pub fn docker(&self) -> &DockerHandle {
+        &self.0.docker
     }
 
     /// Seconds since start.

@@ -10,16 +10,22 @@ use crate::state::AppState;
 #[utoipa::path(get, path = "/health", tag = "service",
     responses((status = 200, description = "The receiver is serving", body = HealthResponse)))]
 pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
+    let docker_version = state.docker().version().await;
     Json(HealthResponse {
-        status: "healthy".into(),
+        status: if docker_version.is_some() {
+            "healthy"
+        } else {
+            "degraded"
+        }
+        .into(),
         service: "deploy-receiver".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         protocol_version: deploy_protocol::PROTOCOL_VERSION.into(),
         mode: "standalone".into(),
         uptime_secs: state.uptime_secs(),
         free_bytes: state.store().free_bytes(),
-        docker_available: false,
-        docker_version: None,
+        docker_available: docker_version.is_some(),
+        docker_version,
         events: None,
         warnings: crate::warnings(state.config()),
     })

@@ -1,0 +1,104 @@
+//! The Docker engine connection. The receiver starts and serves without Docker; the first call
+//! that needs it negotiates the API version (the engine may be older than bollard's default) and
+//! calls made while Docker is unreachable answer DOCKER_UNAVAILABLE.
+
+use std::time::Duration;
+
+use bollard::Docker;
+use tokio::sync::RwLock;
+
+use crate::error::{ReceiverError, Result};
+
+/// Long enough for a multi-GiB `docker load`; the stages have their own deadlines.
+const DOCKER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a ping may take before Docker counts as unreachable.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A lazily negotiated Docker client.
+#[derive(Debug)]
+pub struct DockerHandle {
+    negotiated: RwLock<Option<Docker>>,
+}
+
+impl DockerHandle {
+    /// A handle that connects on first use, to `DOCKER_HOST` (default the local unix socket).
+    pub fn new() -> Self {
+        Self {
+            negotiated: RwLock::new(None),
+        }
+    }
+
+    /// Where Docker is looked for, for messages.
+    pub fn host() -> String {
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+    }
+
+    /// The negotiated client, or DOCKER_UNAVAILABLE with what to check.
+    pub async fn client(&self) -> Result<Docker> {
+        if let Some(docker) = self.negotiated.read().await.as_ref() {
+            return Ok(docker.clone());
+        }
+        let mut slot = self.negotiated.write().await;
+        if let Some(docker) = slot.as_ref() {
+            return Ok(docker.clone());
+        }
+        let unavailable = |e: String| {
+            ReceiverError::DockerUnavailable(format!(
+                "Docker is not reachable at {}: {e} (is the engine running and the socket mounted and readable by this user?)",
+                Self::host()
+            ))
+        };
+        let docker = Docker::connect_with_defaults()
+            .map_err(|e| unavailable(e.to_string()))?
+            .with_timeout(DOCKER_TIMEOUT);
+        let docker = tokio::time::timeout(PING_TIMEOUT, docker.negotiate_version())
+            .await
+            .map_err(|_| unavailable("no answer within 3 s".into()))?
+            .map_err(|e| unavailable(e.to_string()))?;
+        *slot = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// The engine version when Docker answers a ping now, `None` otherwise. A failed ping drops
+    /// the negotiated client so the next call negotiates again (the engine may have been upgraded).
+    pub async fn version(&self) -> Option<String> {
+        let docker = self.client().await.ok()?;
+        match tokio::time::timeout(PING_TIMEOUT, docker.version()).await {
+            Ok(Ok(v)) => Some(v.version.unwrap_or_else(|| "unknown".into())),
+            _ => {
+                *self.negotiated.write().await = None;
+                None
+            }
+        }
+    }
+}
+
+impl Default for DockerHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Maps a bollard error from a call that needed the engine: connection-level failures are
+/// DOCKER_UNAVAILABLE, anything the engine answered goes through `otherwise`.
+pub fn map_err(
+    e: bollard::errors::Error,
+    otherwise: impl FnOnce(String) -> ReceiverError,
+) -> ReceiverError {
+    use bollard::errors::Error as E;
+    match e {
+        E::HyperResponseError { .. }
+        | E::IOError { .. }
+        | E::RequestTimeoutError
+        | E::SocketNotFoundError(_) => ReceiverError::DockerUnavailable(format!(
+            "Docker at {} failed mid-call: {e}",
+            DockerHandle::host()
+        )),
+        E::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => ReceiverError::NotFound(message),
+        E::DockerResponseServerError { message, .. } => otherwise(message),
+        other => otherwise(other.to_string()),
+    }
+}
