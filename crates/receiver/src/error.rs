@@ -45,7 +45,7 @@ pub enum ReceiverError {
     Conflict(String),
     /// Over MAX_PACKAGE_SIZE.
     #[error(
-        "package of {size} bytes exceeds this receiver's limit of {limit} bytes (MAX_PACKAGE_SIZE)"
+        "package of at least {size} bytes exceeds the limit of {limit} bytes that applies to it (MAX_PACKAGE_SIZE, or its signed package_size)"
     )]
     TooLarge {
         /// Declared or counted size.

@@ -120,10 +120,12 @@ pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> R
             return Err(ReceiverError::TooLarge { size: count, limit });
         }
         if count > manifest.package_size {
-            return Err(ReceiverError::ChecksumMismatch(format!(
-                "package part is longer than the signed package_size of {} bytes",
-                manifest.package_size
-            )));
+            // The upload was admitted (size limit, free space) for its declared size: a longer
+            // body is over the limit that applies to it.
+            return Err(ReceiverError::TooLarge {
+                size: count,
+                limit: manifest.package_size,
+            });
         }
         state.metrics().received_bytes(chunk.len() as u64);
         writer.send(chunk).await?;
