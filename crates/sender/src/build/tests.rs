@@ -1,0 +1,110 @@
+use std::fs;
+
+use super::*;
+
+fn entries(tar: &[u8]) -> Vec<String> {
+    let mut archive = tar::Archive::new(tar);
+    let mut names: Vec<String> = archive
+        .entries()
+        .expect("entries")
+        .map(|e| {
+            e.expect("entry")
+                .path()
+                .expect("path")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .map(|n| n.trim_end_matches('/').to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn context_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, text).expect("write");
+    }
+    dir
+}
+
+#[test]
+fn dockerignore_patterns_are_anchored_at_the_context_root() {
+    let dir = context_with(&[
+        ("Dockerfile", "FROM scratch\n"),
+        (
+            ".dockerignore",
+            "# comment\nsecret.txt\nlogs\n*.tmp\n!keep.tmp\nDockerfile\n",
+        ),
+        ("secret.txt", "x"),
+        ("sub/secret.txt", "kept: the pattern is anchored"),
+        ("logs/a.log", "x"),
+        ("a.tmp", "x"),
+        ("keep.tmp", "x"),
+        ("app/main.sh", "x"),
+    ]);
+    let ctx = collect_context(dir.path(), &dir.path().join("Dockerfile")).expect("context");
+    assert_eq!(ctx.dockerfile, "Dockerfile");
+    assert_eq!(
+        entries(&ctx.tar),
+        [
+            ".dockerignore",
+            "Dockerfile",
+            "app",
+            "app/main.sh",
+            "keep.tmp",
+            "sub",
+            "sub/secret.txt"
+        ]
+    );
+}
+
+#[test]
+fn a_dockerfile_in_a_subdirectory_is_named_relative_to_the_context() {
+    let dir = context_with(&[("docker/web.Dockerfile", "FROM scratch\n"), ("a", "x")]);
+    let ctx =
+        collect_context(dir.path(), &dir.path().join("docker/web.Dockerfile")).expect("context");
+    assert_eq!(ctx.dockerfile, "docker/web.Dockerfile");
+}
+
+#[test]
+fn a_dockerfile_outside_the_context_is_refused() {
+    let outer = context_with(&[("Dockerfile", "FROM scratch\n"), ("ctx/a", "x")]);
+    let context = outer.path().join("ctx");
+    for dockerfile in [
+        outer.path().join("Dockerfile"),
+        context.join("../Dockerfile"),
+    ] {
+        let err = collect_context(&context, &dockerfile).expect_err("outside");
+        assert_eq!(err.code(), deploy_protocol::ErrorCode::ValidationError);
+        assert!(
+            err.to_string().contains("outside the build context"),
+            "{err}"
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symlinked_dockerfile_pointing_outside_is_refused() {
+    let outer = context_with(&[("Dockerfile", "FROM scratch\n"), ("ctx/a", "x")]);
+    let context = outer.path().join("ctx");
+    std::os::unix::fs::symlink(outer.path().join("Dockerfile"), context.join("Dockerfile"))
+        .expect("symlink");
+    let err = collect_context(&context, &context.join("Dockerfile")).expect_err("escapes");
+    assert_eq!(err.code(), deploy_protocol::ErrorCode::ValidationError);
+}
+
+#[test]
+fn a_missing_context_or_dockerfile_is_a_validation_error() {
+    let dir = context_with(&[("a", "x")]);
+    for (context, dockerfile) in [
+        (dir.path().join("nope"), dir.path().join("a")),
+        (dir.path().to_path_buf(), dir.path().join("Dockerfile")),
+    ] {
+        let err = collect_context(&context, &dockerfile).expect_err("missing");
+        assert_eq!(err.code(), deploy_protocol::ErrorCode::ValidationError);
+    }
+}

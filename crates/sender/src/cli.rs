@@ -1,0 +1,180 @@
+//! The command line: `deploy-sender transfer` and `deploy-sender package`. Every flag is also an
+//! environment variable; the doc comments are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser, Subcommand};
+use deploy_protocol::Compression;
+use uuid::Uuid;
+
+use crate::config::{ReceiverConfig, StoreConfig};
+
+/// Builds and packages Docker images and streams them to deploy-receiver, without a registry.
+#[derive(Debug, Parser)]
+#[command(name = "deploy-sender", version, about)]
+pub struct Cli {
+    /// Log filter in `tracing` syntax (e.g. `info`, `deploy_sender=debug`); logs go to stderr.
+    #[arg(long, env = "RUST_LOG", default_value = "warn", global = true)]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream a package file to a receiver (`POST /deployment/upload`).
+    Transfer(TransferArgs),
+    /// Build an image (or take an existing one) and store it as a compressed package.
+    Package(PackageArgs),
+}
+
+/// `deploy-sender transfer`.
+#[derive(Debug, clap::Args)]
+pub struct TransferArgs {
+    /// Package file to send (a compressed `docker save` archive).
+    #[arg(long, env = "DEPLOY_PACKAGE_FILE")]
+    pub file: PathBuf,
+    /// Receiver and key.
+    #[command(flatten)]
+    pub receiver: ReceiverConfig,
+    /// Package id to announce (default: a new UUID).
+    #[arg(long, env = "DEPLOY_PACKAGE_ID")]
+    pub package_id: Option<Uuid>,
+    /// Compression of the file: gzip, zstd or none (default: from the extension, .tar.gz/.tgz
+    /// gzip, .tar.zst zstd, .tar none).
+    #[arg(long, env = "DEPLOY_COMPRESSION")]
+    pub compression: Option<Compression>,
+    /// Image tag the archive may set when loaded, `name:tag` (repeatable).
+    #[arg(long = "tag", env = "DEPLOY_IMAGE_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Correlation id to send (echoed in the receiver's logs and events).
+    #[arg(long, env = "DEPLOY_CORRELATION_ID")]
+    pub correlation_id: Option<String>,
+    /// Print the receiver's JSON answer instead of a summary.
+    #[arg(long, env = "DEPLOY_JSON")]
+    pub json: bool,
+}
+
+/// `deploy-sender package`.
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["dockerfile", "image"])))]
+pub struct PackageArgs {
+    /// Dockerfile to build (must lie inside --context).
+    #[arg(long, env = "DEPLOY_DOCKERFILE", requires_all = ["context", "tag"])]
+    pub dockerfile: Option<PathBuf>,
+    /// Build context directory (its root .dockerignore is honoured).
+    #[arg(long, env = "DEPLOY_BUILD_CONTEXT", requires = "dockerfile")]
+    pub context: Option<PathBuf>,
+    /// Tag for the built image, `name:tag`.
+    #[arg(long, env = "DEPLOY_IMAGE_TAG", requires = "dockerfile")]
+    pub tag: Option<String>,
+    /// Build argument `KEY=VALUE` (repeatable).
+    #[arg(long = "build-arg", env = "DEPLOY_BUILD_ARG", value_parser = parse_key_value, requires = "dockerfile")]
+    pub build_args: Vec<(String, String)>,
+    /// Package an existing local image instead of building: `name:tag` or an image id.
+    #[arg(long, env = "DEPLOY_IMAGE")]
+    pub image: Option<String>,
+    /// Container the package is for (default: the image name's last component).
+    #[arg(long, env = "DEPLOY_CONTAINER_NAME")]
+    pub container_name: Option<String>,
+    /// Package id (default: a new UUID).
+    #[arg(long, env = "DEPLOY_PACKAGE_ID")]
+    pub package_id: Option<Uuid>,
+    /// Compression: zstd, gzip or none.
+    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
+    pub compression: Compression,
+    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
+    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
+    pub level: Option<i32>,
+    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
+    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
+    pub zstd_workers: Option<u32>,
+    /// Package store.
+    #[command(flatten)]
+    pub store: StoreConfig,
+    /// Print the result as JSON.
+    #[arg(long, env = "DEPLOY_JSON")]
+    pub json: bool,
+}
+
+/// Parses `KEY=VALUE` (the value may contain `=`).
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn package_needs_exactly_one_source() {
+        assert!(Cli::try_parse_from(["deploy-sender", "package"]).is_err());
+        assert!(Cli::try_parse_from([
+            "deploy-sender",
+            "package",
+            "--image",
+            "a:b",
+            "--dockerfile",
+            "D",
+            "--context",
+            ".",
+            "--tag",
+            "a:b"
+        ])
+        .is_err());
+        let cli = Cli::try_parse_from([
+            "deploy-sender",
+            "package",
+            "--dockerfile",
+            "D",
+            "--context",
+            ".",
+            "--tag",
+            "web:v1",
+            "--build-arg",
+            "A=b=c",
+            "--compression",
+            "gzip",
+            "--level",
+            "6",
+        ])
+        .expect("valid");
+        let Command::Package(args) = cli.command else {
+            panic!("package")
+        };
+        assert_eq!(args.build_args, [("A".to_owned(), "b=c".to_owned())]);
+        assert_eq!(args.compression, Compression::Gzip);
+    }
+
+    #[test]
+    fn transfer_takes_repeated_tags() {
+        let cli = Cli::try_parse_from([
+            "deploy-sender",
+            "transfer",
+            "--file",
+            "p.tar.zst",
+            "--to",
+            "http://127.0.0.1:1",
+            "--tag",
+            "a:1",
+            "--tag",
+            "b:2",
+        ])
+        .expect("valid");
+        let Command::Transfer(args) = cli.command else {
+            panic!("transfer")
+        };
+        assert_eq!(args.tags, ["a:1", "b:2"]);
+    }
+}

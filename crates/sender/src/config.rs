@@ -1,0 +1,125 @@
+//! Settings shared by the CLI and the (future) REST service: where packages live and which
+//! receiver to talk to with which key. Every field is a flag and an environment variable.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::package::DEFAULT_MAX_PACKAGE_SIZE;
+use crate::upload::ReceiverTarget;
+use crate::SenderError;
+
+/// The package store.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct StoreConfig {
+    /// Directory where packages and their metadata are kept.
+    #[arg(long, env = "PACKAGE_DIR", default_value = "./packages")]
+    pub package_dir: PathBuf,
+    /// Largest package (compressed) to write, e.g. `5GiB`, `500MB` or a number of bytes.
+    #[arg(long, env = "MAX_PACKAGE_SIZE", default_value = "5GiB", value_parser = parse_size)]
+    pub max_package_size: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            package_dir: PathBuf::from("./packages"),
+            max_package_size: DEFAULT_MAX_PACKAGE_SIZE,
+        }
+    }
+}
+
+/// A byte size: a plain number of bytes, or a number with a unit (`KB`, `MiB`, `GiB`...).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(n);
+    }
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size ({e}): use e.g. 5GiB, 500MB or 1048576"))
+}
+
+/// The receiver to send to and the key to sign with.
+#[derive(Clone, PartialEq, Eq, clap::Args)]
+pub struct ReceiverConfig {
+    /// Receiver base URL, e.g. `http://192.168.86.200:8001`.
+    #[arg(long = "to", env = "DEFAULT_RECEIVER_URL")]
+    pub to: Option<String>,
+    /// Id of the shared HMAC key the receiver knows this sender by.
+    #[arg(long, env = "DEPLOY_HMAC_KEY_ID", default_value = "default")]
+    pub key_id: String,
+    /// Shared HMAC secret (prefer the environment variable: flags show in process lists).
+    #[arg(long, env = "DEPLOY_HMAC_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Seconds to wait for a connection to the receiver.
+    #[arg(long, env = "DEPLOY_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
+    pub connect_timeout_secs: u64,
+}
+
+impl fmt::Debug for ReceiverConfig {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverConfig")
+            .field("to", &self.to)
+            .field("key_id", &self.key_id)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .finish()
+    }
+}
+
+impl ReceiverConfig {
+    /// The target, or `VALIDATION_ERROR` naming what is missing.
+    pub fn target(&self) -> Result<ReceiverTarget, SenderError> {
+        let url = self
+            .to
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                SenderError::Validation(
+                    "no receiver: pass --to URL or set DEFAULT_RECEIVER_URL".into(),
+                )
+            })?;
+        let secret = self.secret.as_deref().unwrap_or_default();
+        ReceiverTarget::new(url, &self.key_id, secret.as_bytes())
+    }
+
+    /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large
+    /// and a full deployment waits for health checks).
+    pub fn http_client(&self) -> Result<reqwest::Client, SenderError> {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(self.connect_timeout_secs))
+            .user_agent(concat!("deploy-sender/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| SenderError::Internal(format!("cannot create the HTTP client: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_size("1048576"), Ok(1_048_576));
+        assert_eq!(parse_size("5GiB"), Ok(5 * 1024 * 1024 * 1024));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let config = ReceiverConfig {
+            to: None,
+            key_id: "default".into(),
+            secret: Some("hunter2".into()),
+            connect_timeout_secs: 10,
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(
+            config.target().expect_err("no url").code(),
+            deploy_protocol::ErrorCode::ValidationError
+        );
+    }
+}

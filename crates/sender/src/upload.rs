@@ -1,0 +1,359 @@
+//! The upload client: streams a package file from disk to a receiver as the signed two-part
+//! multipart request of protocol v1 (`manifest`, then `package`), never holding it in memory.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
+use deploy_protocol::multipart::{
+    MANIFEST_CONTENT_TYPE, PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE,
+};
+use deploy_protocol::{Checksum, Compression, ErrorBody, PackageManifest, SignatureHeaders};
+use futures::TryStreamExt;
+use reqwest::multipart::{Form, Part};
+use reqwest::Url;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::SenderError;
+
+/// Where to send packages and the shared key to sign with.
+#[derive(Clone)]
+pub struct ReceiverTarget {
+    /// Base URL of the receiver, e.g. `http://192.168.86.200:8001` (may carry a path prefix).
+    pub base_url: Url,
+    /// Id of the shared key (`X-Deploy-Key-Id`).
+    pub key_id: String,
+    /// The shared secret.
+    pub secret: Vec<u8>,
+}
+
+impl fmt::Debug for ReceiverTarget {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReceiverTarget")
+            .field("base_url", &self.base_url.as_str())
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceiverTarget {
+    /// Parses and checks a base URL (http or https, no query or fragment).
+    pub fn new(base_url: &str, key_id: &str, secret: &[u8]) -> Result<Self, SenderError> {
+        let url = Url::parse(base_url).map_err(|e| {
+            SenderError::Validation(format!(
+                "receiver URL {base_url:?} is not a URL ({e}): use e.g. http://192.168.86.200:8001"
+            ))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(SenderError::Validation(format!(
+                "receiver URL {base_url:?} must be http:// or https:// with a host"
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(SenderError::Validation(format!(
+                "receiver URL {base_url:?} must not carry a query or fragment"
+            )));
+        }
+        if secret.is_empty() {
+            return Err(SenderError::Validation(
+                "no HMAC secret: set DEPLOY_HMAC_SECRET or pass --secret".into(),
+            ));
+        }
+        Ok(Self {
+            base_url: url,
+            key_id: key_id.to_owned(),
+            secret: secret.to_vec(),
+        })
+    }
+
+    /// The full URL of a receiver endpoint, keeping any path prefix of the base URL.
+    pub fn endpoint_url(&self, endpoint: Endpoint) -> Url {
+        let mut url = self.base_url.clone();
+        let path = format!(
+            "{}{}",
+            self.base_url.path().trim_end_matches('/'),
+            endpoint.path()
+        );
+        url.set_path(&path);
+        url
+    }
+}
+
+/// Which receiver endpoint to upload to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /deployment/upload`: store and verify only.
+    Upload,
+    /// `POST /deployment/full`: upload, verify, load, deploy and health-check.
+    Full,
+}
+
+impl Endpoint {
+    /// The endpoint's path below the receiver's base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Upload => "/deployment/upload",
+            Endpoint::Full => "/deployment/full",
+        }
+    }
+}
+
+/// What a successful upload reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadOutcome {
+    /// The receiver's JSON answer (an `UploadResponse`, or a deployment record for `Full`).
+    pub response: serde_json::Value,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// Package bytes sent.
+    pub bytes: u64,
+    /// Time from the start of the request to the receiver's complete answer.
+    #[serde(rename = "duration_ms", serialize_with = "as_millis")]
+    pub duration: Duration,
+    /// `bytes` per second over `duration`, in MB/s (10^6 bytes per second).
+    pub throughput_mbps: f64,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// MB/s (10^6 bytes per second); zero for a zero duration.
+pub fn throughput_mbps(bytes: u64, duration: Duration) -> f64 {
+    let secs = duration.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / secs / 1e6
+    } else {
+        0.0
+    }
+}
+
+/// Uploads the package at `path`, described by `manifest`, to `target`.
+///
+/// `progress` is called with the number of package bytes handed to the connection so far.
+/// Connection failures are `REMOTE_UNREACHABLE`; an error answer from the receiver carries its
+/// code and message through; anything else that breaks the transfer is `TRANSFER_FAILED`.
+pub async fn upload_package(
+    client: &reqwest::Client,
+    target: &ReceiverTarget,
+    path: &Path,
+    manifest: &PackageManifest,
+    endpoint: Endpoint,
+    correlation_id: Option<&str>,
+    progress: impl Fn(u64) + Send + Sync + 'static,
+) -> Result<UploadOutcome, SenderError> {
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| SenderError::io(format!("cannot open package {}", path.display()), e))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| SenderError::io(format!("cannot stat package {}", path.display()), e))?
+        .len();
+    if len != manifest.package_size {
+        return Err(SenderError::Validation(format!(
+            "package {} is {len} bytes but its manifest says {}: rebuild the manifest",
+            path.display(),
+            manifest.package_size
+        )));
+    }
+
+    let manifest_bytes = manifest.to_bytes();
+    let url = target.endpoint_url(endpoint);
+    let headers = SignatureHeaders::sign(
+        &target.key_id,
+        &target.secret,
+        "POST",
+        url.path(),
+        &Checksum::of(&manifest_bytes),
+        unix_now(),
+        envelope::new_nonce(),
+    );
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&sent);
+    let body =
+        tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |chunk| {
+            let done =
+                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            progress(done);
+        });
+    let internal = |e: reqwest::Error| SenderError::Internal(format!("cannot build request: {e}"));
+    let form = Form::new()
+        .part(
+            PART_MANIFEST,
+            Part::bytes(manifest_bytes)
+                .mime_str(MANIFEST_CONTENT_TYPE)
+                .map_err(internal)?,
+        )
+        .part(
+            PART_PACKAGE,
+            Part::stream_with_length(reqwest::Body::wrap_stream(body), len)
+                .file_name(package_file_name(manifest))
+                .mime_str(PACKAGE_CONTENT_TYPE)
+                .map_err(internal)?,
+        );
+
+    let mut request = client.post(url.clone()).multipart(form);
+    for (name, value) in headers.to_pairs() {
+        request = request.header(name, value);
+    }
+    if let Some(id) = correlation_id {
+        request = request.header(HEADER_CORRELATION_ID, id);
+    }
+
+    let started = Instant::now();
+    tracing::info!(url = %url, package_id = %manifest.package_id, bytes = len, "upload started");
+    let response = request
+        .send()
+        .await
+        .map_err(|e| classify_send_error(&url, e))?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| {
+        SenderError::TransferFailed(format!(
+            "reading the answer of {url} failed after status {status}: {e}"
+        ))
+    })?;
+    let duration = started.elapsed();
+
+    if !status.is_success() {
+        return Err(remote_error(&url, status.as_u16(), &body));
+    }
+    let response: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        SenderError::TransferFailed(format!(
+            "{url} answered {status} but not with JSON ({e}): is it a deploy-receiver?"
+        ))
+    })?;
+    let bytes = sent.load(Ordering::Relaxed);
+    Ok(UploadOutcome {
+        response,
+        status: status.as_u16(),
+        bytes,
+        duration,
+        throughput_mbps: throughput_mbps(bytes, duration),
+    })
+}
+
+fn package_file_name(manifest: &PackageManifest) -> String {
+    format!(
+        "{}.{}",
+        manifest.package_id,
+        manifest.compression.extension()
+    )
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
+    if e.is_connect() || e.is_timeout() {
+        SenderError::RemoteUnreachable {
+            url: url.to_string(),
+            detail: error_chain(&e),
+        }
+    } else {
+        SenderError::TransferFailed(format!("upload to {url} failed: {}", error_chain(&e)))
+    }
+}
+
+/// The receiver's `{"error": {...}}` passed through, or `TRANSFER_FAILED` for any other answer.
+fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => SenderError::Remote {
+            status,
+            code: error.code,
+            message: error.message,
+        },
+        Err(_) => SenderError::TransferFailed(format!(
+            "{url} answered {status} without a protocol error body: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+    }
+}
+
+/// The error and its sources joined by `: ` (reqwest's own message hides the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// BLAKE3 and size of a file, read in 1 MiB blocks on a blocking thread.
+pub async fn hash_file(path: &Path) -> Result<(Checksum, u64), SenderError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&owned)
+            .map_err(|e| SenderError::io(format!("cannot open {}", owned.display()), e))?;
+        let mut hasher = blake3::Hasher::new();
+        let reader = std::io::BufReader::with_capacity(1024 * 1024, file);
+        hasher
+            .update_reader(reader)
+            .map_err(|e| SenderError::io(format!("cannot read {}", owned.display()), e))?;
+        Ok((Checksum::from_hasher(&hasher), hasher.count()))
+    })
+    .await
+    .map_err(|e| SenderError::Internal(format!("hashing task failed: {e}")))?
+}
+
+/// The compression a package file name implies: `.tar.gz`/`.tgz` gzip, `.tar.zst` zstd, `.tar` none.
+pub fn compression_from_path(path: &Path) -> Option<Compression> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        Some(Compression::Gzip)
+    } else if name.ends_with(".tar.zst") || name.ends_with(".tzst") {
+        Some(Compression::Zstd)
+    } else if name.ends_with(".tar") {
+        Some(Compression::None)
+    } else {
+        None
+    }
+}
+
+/// A manifest for an arbitrary package file: hashes it and fills in the required fields.
+pub async fn manifest_for_file(
+    path: &Path,
+    package_id: Option<Uuid>,
+    compression: Compression,
+    image_tags: Vec<String>,
+) -> Result<PackageManifest, SenderError> {
+    let (checksum, size) = hash_file(path).await?;
+    if size == 0 {
+        return Err(SenderError::Validation(format!(
+            "package {} is empty",
+            path.display()
+        )));
+    }
+    let manifest = PackageManifest {
+        package_id: package_id.unwrap_or_else(Uuid::new_v4),
+        package_checksum: checksum,
+        package_size: size,
+        compression,
+        image_id: None,
+        image_tags,
+        container_name: None,
+        created_at: Some(crate::store::now_rfc3339()),
+        original_size: None,
+        deployment: None,
+    };
+    manifest
+        .validate()
+        .map_err(|e| SenderError::Validation(e.to_string()))?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests;
