@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command: prerequisites, formatting, lints, then every test (unit, integration
+# and end-to-end against the real Docker engine and a loopback Kafka-protocol broker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/prereqs.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo nextest run --workspace --no-fail-fast "$@"
