@@ -52,6 +52,13 @@ pub struct Config {
     #[arg(long, env = "MAX_PACKAGE_SIZE", default_value = "5GiB", value_parser = parse_size)]
     pub max_package_size: u64,
 
+    /// Largest decompressed `docker save` archive a package may unpack to when loaded, in bytes
+    /// or with a unit. The default is 4 x the default MAX_PACKAGE_SIZE, room for images that
+    /// compress well; a package that unpacks to more is refused as a possible decompression bomb
+    /// before Docker keeps any of it.
+    #[arg(long, env = "MAX_IMAGE_SIZE", default_value = "20GiB", value_parser = parse_size)]
+    pub max_image_size: u64,
+
     /// Allowed difference between a request's timestamp and this host's clock, in seconds.
     #[arg(long, env = "HMAC_MAX_SKEW_SECS", default_value_t = deploy_protocol::envelope::DEFAULT_MAX_SKEW_SECS)]
     pub hmac_max_skew_secs: u64,

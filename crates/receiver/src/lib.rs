@@ -1,10 +1,12 @@
 //! `deploy-receiver`: the daemon on the target host. It authenticates uploads (IP allowlist, HMAC),
 //! streams and verifies packages into its store, and (with Docker) loads and runs them.
 
+pub mod archive;
 pub mod auth;
 pub mod config;
 pub mod docker;
 pub mod error;
+pub mod load;
 pub mod metrics;
 pub mod routes;
 pub mod spool;

@@ -13,6 +13,7 @@ use crate::auth;
 use crate::state::AppState;
 
 pub mod health;
+pub mod load;
 pub mod metrics;
 pub mod receive;
 pub mod upload;
@@ -69,6 +70,7 @@ pub fn router(state: AppState) -> Router {
     let signed = OpenApiRouter::new()
         .routes(routes!(upload::create))
         .routes(routes!(receive::create))
+        .routes(routes!(load::create))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::allowlist,

@@ -1,0 +1,236 @@
+//! Loading a stored package into Docker: the package file is decompressed on the fly, checked by
+//! the archive gate (see [`crate::archive`]) and streamed into `docker load`, one load at a time.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_compression::tokio::bufread::{GzipDecoder, ZstdDecoder};
+use async_compression::zstd::DParameter;
+use bollard::image::ImportImageOptions;
+use bollard::models::BuildInfo;
+use bytes::{Bytes, BytesMut};
+use deploy_protocol::api::LoadResponse;
+use deploy_protocol::Compression;
+use futures::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+
+use crate::archive::{ArchiveError, ArchiveSummary, Gate, Policy};
+use crate::error::{ReceiverError, Result};
+use crate::state::AppState;
+use crate::store::StoredPackage;
+
+/// Largest zstd window accepted, as a power of two (128 MiB: zstd's own default limit, pinned
+/// here so that a tiny frame cannot ask for gigabytes of decoder memory). Packages made with
+/// `zstd --long` beyond 27 are refused.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+/// Compressed bytes read from the package file at once.
+const READ_BUFFER: usize = 256 * 1024;
+/// Decompressed bytes read into the gate at once.
+const CHUNK: usize = 256 * 1024;
+
+/// One image load at a time per process (one process serves one engine): concurrent loads
+/// compete for the engine's disk and CPU, and later ones simply wait their turn.
+static LOAD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What the gate concluded, shared between the request body (polled by the HTTP client) and
+/// the load call.
+type Verdict = Arc<Mutex<Option<std::result::Result<ArchiveSummary, ArchiveError>>>>;
+
+/// Loads `package` into Docker after checking its archive in the same pass; waits for any load
+/// in progress first. A refused or corrupt archive is LOAD_FAILED and leaves the engine as it was.
+pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<LoadResponse> {
+    let id = package.manifest.package_id;
+    let _turn = LOAD_LOCK.lock().await;
+    let started = Instant::now();
+    let docker = state.docker().client().await?;
+    let file = tokio::fs::File::open(&package.path).await?;
+    let policy = Policy {
+        allowed_tags: package.manifest.image_tags.clone(),
+        max_bytes: state.config().max_image_size,
+    };
+    let verdict = Verdict::default();
+    let compression = package.manifest.compression;
+    let body = gated_body(
+        decompress(file, compression),
+        compression,
+        Gate::new(policy),
+        verdict.clone(),
+    );
+    let output = read_output(docker.import_image_stream(
+        ImportImageOptions { quiet: true },
+        body,
+        None,
+    ))
+    .await;
+    let verdict = verdict
+        .lock()
+        .map_err(|_| ReceiverError::Internal("load verdict poisoned".into()))?
+        .take();
+    let (summary, loaded) = match (verdict, output) {
+        (Some(Err(refusal)), _) => {
+            return Err(ReceiverError::LoadFailed(format!(
+                "package {id} was not loaded: {refusal}"
+            )))
+        }
+        (_, Err(e)) => return Err(load_error(id, e)),
+        (None, Ok(_)) => {
+            return Err(ReceiverError::LoadFailed(format!(
+                "Docker ended the load of package {id} before the archive was read to its end"
+            )))
+        }
+        (Some(Ok(summary)), Ok(loaded)) => (summary, loaded),
+    };
+    let image_id = match (loaded.image_ids.first(), loaded.tags.first()) {
+        (Some(image_id), _) => image_id.clone(),
+        (None, Some(tag)) => docker
+            .inspect_image(tag)
+            .await
+            .map_err(|e| load_error(id, e))?
+            .id
+            .ok_or_else(|| {
+                ReceiverError::LoadFailed(format!("Docker reports no id for the loaded {tag}"))
+            })?,
+        (None, None) => {
+            return Err(ReceiverError::LoadFailed(format!(
+                "Docker reported no loaded image for package {id}"
+            )))
+        }
+    };
+    let duration = started.elapsed();
+    state.metrics().stage("load", duration.as_secs_f64());
+    tracing::info!(package_id = %id, image_id = %image_id, tags = ?loaded.tags, bytes = summary.bytes, elapsed_ms = duration.as_millis() as u64, "image loaded");
+    Ok(LoadResponse {
+        package_id: id,
+        image_id,
+        image_tags: loaded.tags,
+        duration_ms: duration.as_millis() as u64,
+    })
+}
+
+/// The package bytes, decompressed as the manifest says.
+fn decompress(file: tokio::fs::File, compression: Compression) -> Pin<Box<dyn AsyncRead + Send>> {
+    let buffered = BufReader::with_capacity(READ_BUFFER, file);
+    match compression {
+        Compression::Gzip => {
+            let mut decoder = GzipDecoder::new(buffered);
+            decoder.multiple_members(true);
+            Box::pin(decoder)
+        }
+        Compression::Zstd => {
+            let mut decoder = ZstdDecoder::with_params(
+                buffered,
+                &[DParameter::window_log_max(ZSTD_WINDOW_LOG_MAX)],
+            );
+            decoder.multiple_members(true);
+            Box::pin(decoder)
+        }
+        Compression::None => Box::pin(buffered),
+    }
+}
+
+struct BodyState {
+    reader: Pin<Box<dyn AsyncRead + Send>>,
+    compression: Compression,
+    gate: Gate,
+    verdict: Verdict,
+    buf: BytesMut,
+}
+
+impl BodyState {
+    fn decide(&self, verdict: std::result::Result<ArchiveSummary, ArchiveError>) {
+        if let Ok(mut slot) = self.verdict.lock() {
+            *slot = Some(verdict);
+        }
+    }
+}
+
+/// The request body of `docker load`: what the gate lets through, then either the held-back
+/// tail (all checks passed) or the gate's poison (refused). The stream is pulled by the HTTP
+/// client; if the request is abandoned midway, the connection closes inside the chunked body
+/// and Docker sees a broken upload, not a complete archive.
+fn gated_body(
+    reader: Pin<Box<dyn AsyncRead + Send>>,
+    compression: Compression,
+    gate: Gate,
+    verdict: Verdict,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    let start = BodyState {
+        reader,
+        compression,
+        gate,
+        verdict,
+        buf: BytesMut::new(),
+    };
+    futures::stream::unfold(Some(start), |body| async move {
+        let mut body = body?;
+        loop {
+            body.buf.reserve(CHUNK);
+            let step = match body.reader.read_buf(&mut body.buf).await {
+                Ok(0) => match body.gate.finish() {
+                    Ok((rest, summary)) => {
+                        body.decide(Ok(summary));
+                        return (!rest.is_empty()).then_some((rest, None));
+                    }
+                    Err(e) => Err(e),
+                },
+                Ok(_) => {
+                    let chunk = body.buf.split();
+                    body.gate.push(&chunk)
+                }
+                Err(e) => Err(ArchiveError::Corrupt(match body.compression {
+                    Compression::None => format!("the package cannot be read: {e}"),
+                    other => format!("the package is not a valid {other} stream: {e}"),
+                })),
+            };
+            match step {
+                Ok(out) if out.is_empty() => continue,
+                Ok(out) => return Some((out, Some(body))),
+                Err(refusal) => {
+                    let poison = body.gate.poison();
+                    body.decide(Err(refusal));
+                    return (!poison.is_empty()).then_some((poison, None));
+                }
+            }
+        }
+    })
+}
+
+/// What `docker load` printed.
+#[derive(Debug, Default)]
+struct Loaded {
+    tags: Vec<String>,
+    image_ids: Vec<String>,
+}
+
+async fn read_output(
+    output: impl Stream<Item = std::result::Result<BuildInfo, bollard::errors::Error>>,
+) -> std::result::Result<Loaded, bollard::errors::Error> {
+    let mut output = std::pin::pin!(output);
+    let mut loaded = Loaded::default();
+    while let Some(info) = output.next().await {
+        let info = info?;
+        if let Some(message) = info.error_detail.and_then(|d| d.message) {
+            return Err(bollard::errors::Error::DockerStreamError { error: message });
+        }
+        for line in info.stream.iter().flat_map(|s| s.lines()) {
+            if let Some(image_id) = line.strip_prefix("Loaded image ID: ") {
+                loaded.image_ids.push(image_id.trim().to_owned());
+            } else if let Some(tag) = line.strip_prefix("Loaded image: ") {
+                loaded.tags.push(tag.trim().to_owned());
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+fn load_error(id: uuid::Uuid, e: bollard::errors::Error) -> ReceiverError {
+    match e {
+        bollard::errors::Error::DockerStreamError { error } => {
+            ReceiverError::LoadFailed(format!("Docker could not load package {id}: {error}"))
+        }
+        e => crate::docker::map_err(e, |m| {
+            ReceiverError::LoadFailed(format!("Docker could not load package {id}: {m}"))
+        }),
+    }
+}
