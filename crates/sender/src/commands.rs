@@ -30,10 +30,12 @@ async fn transfer(args: TransferArgs) -> Result<(), SenderError> {
         .or_else(|| compression_from_path(&args.file))
     {
         Some(c) => c,
-        None => return Err(SenderError::Validation(format!(
+        None => {
+            return Err(SenderError::Validation(format!(
             "cannot tell the compression of {} from its name: pass --compression gzip|zstd|none",
             args.file.display()
-        ))),
+        )))
+        }
     };
     let manifest = manifest_for_file(&args.file, args.package_id, compression, args.tags).await?;
     let bar = bytes_bar(Some(manifest.package_size), "upload");
