@@ -23,8 +23,6 @@ use crate::stats::Counters;
 
 /// Events handed to librdkafka and not yet acknowledged, at most.
 const WINDOW: usize = 1000;
-/// Write the cursor at least this often while acknowledgements stream in.
-const CHECKPOINT_EVERY: u64 = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -65,7 +63,10 @@ pub(crate) fn producer_config(
     config
         .set("bootstrap.servers", bootstrap_servers)
         .set("client.id", client_id)
-        .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string());
+        .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string())
+        // Lifecycle events are few and someone may be waiting on them; bursts still batch,
+        // since messages queue up while a request is in flight.
+        .set("linger.ms", "1");
     for (key, value) in extra {
         config.set(key, value);
     }
@@ -92,7 +93,6 @@ impl Delivery {
         let mut sent_up_to = self.outbox.delivered();
         let mut failing = false;
         let mut backoff = BACKOFF_MIN;
-        let mut acks_since_checkpoint = 0;
 
         loop {
             let Some(active) = producer.as_ref() else {
@@ -130,7 +130,6 @@ impl Delivery {
             }
 
             if failing && inflight.is_empty() {
-                self.checkpoint().await;
                 if let Some((code, reason)) = active.client().fatal_error() {
                     tracing::warn!(?code, reason, "Kafka producer hit a fatal error; replacing it");
                     drop_producer(producer.take()).await;
@@ -149,8 +148,10 @@ impl Delivery {
                 (seq, result) = next_ack(&mut inflight) => {
                     match result {
                         Ok(Ok(_delivery)) => {
-                            self.outbox.mark_delivered(seq);
+                            // Count before the cursor moves, so a `flush` that returned
+                            // sees the counter complete.
                             Counters::bump(&self.counters.delivered);
+                            self.outbox.mark_delivered(seq);
                             self.counters.set_last_error(None);
                             backoff = BACKOFF_MIN;
                         }
@@ -160,17 +161,12 @@ impl Delivery {
                         }
                         Err(_canceled) => failing = true,
                     }
-                    acks_since_checkpoint += 1;
-                    if inflight.is_empty() || acks_since_checkpoint >= CHECKPOINT_EVERY {
-                        acks_since_checkpoint = 0;
-                        self.checkpoint().await;
-                    }
                 }
                 () = self.outbox.appended(), if !failing => {}
             }
         }
 
-        self.checkpoint().await;
+        crate::housekeeping::checkpoint(&self.outbox).await;
         drop_producer(producer).await;
     }
 
@@ -195,20 +191,6 @@ impl Delivery {
         self.counters.set_last_error(Some(error.to_string()));
     }
 
-    /// Persists the cursor and compacts the log, off the async threads.
-    async fn checkpoint(&self) {
-        let outbox = self.outbox.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            outbox.persist_cursor()?;
-            outbox.maybe_compact()
-        })
-        .await;
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "event outbox checkpoint failed; will retry"),
-            Err(e) => tracing::error!(error = %e, "event outbox checkpoint panicked"),
-        }
-    }
 }
 
 /// The oldest in-flight delivery's result; pending forever when nothing is in flight.
@@ -226,7 +208,7 @@ async fn next_ack(
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 

@@ -41,6 +41,7 @@
 mod builder;
 mod delivery;
 mod error;
+mod housekeeping;
 mod outbox;
 mod sink;
 mod stats;

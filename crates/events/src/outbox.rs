@@ -76,6 +76,7 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     cursor_write: Mutex<()>,
     appended: Notify,
+    checkpoint_wanted: Notify,
     delivered_tx: watch::Sender<u64>,
     _lock: DirLock,
 }
@@ -124,6 +125,7 @@ impl Outbox {
             state: Mutex::new(State { entries, last_seq, delivered, acked: BTreeSet::new(), persisted }),
             cursor_write: Mutex::new(()),
             appended: Notify::new(),
+            checkpoint_wanted: Notify::new(),
             delivered_tx: watch::Sender::new(delivered),
             dir,
             _lock: dir_lock,
@@ -160,7 +162,22 @@ impl Outbox {
         drop(state);
         drop(log);
         self.appended.notify_one();
+        if self.outbox_is_sink {
+            self.checkpoint_wanted.notify_one(); // only compaction to do
+        }
         Ok(Seq(seq))
+    }
+
+    /// Resolves when the cursor moved or the log grew since the last checkpoint; several
+    /// requests during one checkpoint coalesce into one more.
+    pub(crate) async fn checkpoint_wanted(&self) {
+        self.checkpoint_wanted.notified().await;
+    }
+
+    /// Persists the cursor, then compacts if due. Blocking.
+    pub(crate) fn checkpoint(&self) -> Result<()> {
+        self.persist_cursor()?;
+        self.maybe_compact().map(drop)
     }
 
     /// Resolves after an append (or at once if one happened since the last call).
@@ -222,11 +239,14 @@ impl Outbox {
                 _ => break,
             }
         }
-        self.delivered_tx.send_if_modified(|d| {
+        let moved = self.delivered_tx.send_if_modified(|d| {
             let changed = *d != state.delivered;
             *d = state.delivered;
             changed
         });
+        if moved {
+            self.checkpoint_wanted.notify_one();
+        }
     }
 
     /// Writes the cursor if it moved: write a temporary file, fsync, rename over, fsync the dir.

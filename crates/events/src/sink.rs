@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use crate::builder::EventBuilder;
 use crate::delivery::{producer_config, Delivery};
 use crate::error::{EventError, Result};
+use crate::housekeeping;
 use crate::outbox::{DirLock, Outbox, Seq};
 use crate::stats::{Counters, EventStats};
 
@@ -71,7 +72,8 @@ struct Inner {
     destination: String,
     kafka: bool,
     stop: watch::Sender<bool>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// Delivery (with Kafka), then housekeeping.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -100,7 +102,8 @@ impl EventSink {
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = watch::channel(false);
 
-        let (destination, task) = match bootstrap {
+        let mut tasks = vec![tokio::spawn(housekeeping::run(outbox.clone(), stop_rx.clone()))];
+        let destination = match bootstrap {
             Some(servers) => {
                 let delivery = Delivery {
                     outbox: outbox.clone(),
@@ -114,12 +117,11 @@ impl EventSink {
                     topic: config.topic.clone(),
                 };
                 let producer = delivery.producer()?;
-                (format!("kafka://{servers}/{}", config.topic), tokio::spawn(delivery.run(producer, stop_rx)))
+                // It writes the cursor once more as it stops, after its last acknowledgement.
+                tasks.insert(0, tokio::spawn(delivery.run(producer, stop_rx)));
+                format!("kafka://{servers}/{}", config.topic)
             }
-            None => (
-                format!("outbox:{}", outbox.log_path().display()),
-                tokio::spawn(compact_loop(outbox.clone(), stop_rx)),
-            ),
+            None => format!("outbox:{}", outbox.log_path().display()),
         };
         tracing::info!(%destination, pending = outbox.pending(), "lifecycle events go to {destination}");
         Ok(Self {
@@ -130,7 +132,7 @@ impl EventSink {
                 source_service: config.source_service,
                 destination,
                 stop,
-                task: Mutex::new(Some(task)),
+                tasks: Mutex::new(tasks),
             }),
         })
     }
@@ -193,26 +195,11 @@ impl EventSink {
     /// and writes the cursor. Undelivered events stay in the outbox for the next start.
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
-        if let Some(task) = self.inner.task.lock().await.take() {
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().await);
+        for task in tasks {
             if let Err(e) = task.await {
-                tracing::error!(error = %e, "event delivery task failed");
+                tracing::error!(error = %e, "event sink task failed");
             }
-        }
-    }
-}
-
-/// Without Kafka there is nothing to deliver, only the log to keep bounded.
-async fn compact_loop(outbox: Arc<Outbox>, mut stop: watch::Receiver<bool>) {
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
-            () = outbox.appended() => {}
-        }
-        let worker = outbox.clone();
-        match tokio::task::spawn_blocking(move || worker.maybe_compact()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "event outbox compaction failed; will retry"),
-            Err(e) => tracing::error!(error = %e, "event outbox compaction panicked"),
         }
     }
 }
