@@ -4,8 +4,11 @@
 pub mod archive;
 pub mod auth;
 pub mod config;
+pub mod deploy;
 pub mod docker;
 pub mod error;
+pub mod health;
+pub mod journal;
 pub mod load;
 pub mod metrics;
 pub mod routes;
@@ -38,6 +41,7 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    tokio::spawn(deploy::reconcile::run(state.clone()));
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -1,17 +1,18 @@
 //! The receiver's shared state: configuration, keys, nonce store, package store, metrics, limits.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use deploy_protocol::KeyRing;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::auth::NonceCache;
 use crate::config::Config;
 use crate::docker::DockerHandle;
 use crate::error::{ReceiverError, Result};
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::store::PackageStore;
 
@@ -31,6 +32,8 @@ struct Inner {
     docker: DockerHandle,
     upload_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<Uuid>>,
+    journal: Journal,
+    container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     started: Instant,
 }
 
@@ -45,6 +48,10 @@ impl AppState {
             )
         })?;
         let metrics = Metrics::new()?;
+        let journal_dir = config.state_dir().join("deployments");
+        let journal = Journal::open(&journal_dir).map_err(|e| {
+            anyhow::anyhow!("cannot open the deployment journal {}: {e}", journal_dir.display())
+        })?;
         Ok(Self(Arc::new(Inner {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
             config,
@@ -54,6 +61,8 @@ impl AppState {
             metrics,
             docker: DockerHandle::new(),
             in_flight: Mutex::new(HashSet::new()),
+            journal,
+            container_locks: Mutex::new(HashMap::new()),
             started: Instant::now(),
         })))
     }
@@ -86,6 +95,27 @@ impl AppState {
     /// The Docker engine.
     pub fn docker(&self) -> &DockerHandle {
         &self.0.docker
+    }
+
+    /// The deployment journal.
+    pub fn journal(&self) -> &Journal {
+        &self.0.journal
+    }
+
+    /// Waits for the turn to deploy to container `name`: one deployment per name at a time, in
+    /// arrival order (tokio's mutex is fair).
+    pub async fn container_lock(&self, name: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .0
+                .container_locks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Only the map holds an idle lock: nobody holds or waits for it, so it can go.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry(name.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     /// Seconds since start.

@@ -12,7 +12,11 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::auth;
 use crate::state::AppState;
 
+pub mod deploy;
+pub mod deployments;
+pub mod full;
 pub mod health;
+pub mod health_check;
 pub mod load;
 pub mod metrics;
 pub mod receive;
@@ -71,6 +75,11 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(upload::create))
         .routes(routes!(receive::create))
         .routes(routes!(load::create))
+        .routes(routes!(deploy::create))
+        .routes(routes!(health_check::create))
+        .routes(routes!(full::create))
+        .routes(routes!(deployments::list))
+        .routes(routes!(deployments::get))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::allowlist,

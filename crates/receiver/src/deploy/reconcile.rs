@@ -1,0 +1,194 @@
+//! Start-up reconciliation: deployments the journal still shows IN_PROGRESS were cut off by a
+//! stop of the receiver. Each is finished when its new container is running and healthy, and
+//! rolled back otherwise, so that the name ends with exactly one container (never two, never none
+//! when there was one before).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bollard::container::{ListContainersOptions, RenameContainerOptions};
+use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
+use bollard::Docker;
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
+use deploy_protocol::{ErrorCode, ErrorDetail};
+
+use super::{find_container, remove_container, Deployment, LABEL_DEPLOYMENT_ID};
+use crate::docker::map_err;
+use crate::error::{ReceiverError, Result};
+use crate::state::AppState;
+
+/// Reconciles the deployments left over from before this start, retrying (with backoff, up to a
+/// minute apart) while Docker is unreachable. Meant to be spawned when the receiver starts serving.
+pub async fn run(state: AppState) {
+    let mut delay = Duration::from_secs(2);
+    loop {
+        match reconcile_all(&state).await {
+            Ok(0) => return,
+            Ok(n) => {
+                tracing::info!(
+                    reconciled = n,
+                    "finished deployments interrupted by the last stop"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_secs = delay.as_secs(), "cannot reconcile interrupted deployments yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// Reconciles every leftover IN_PROGRESS deployment; returns how many were settled.
+pub async fn reconcile_all(state: &AppState) -> Result<usize> {
+    let leftovers = state.journal().leftovers();
+    if leftovers.is_empty() {
+        return Ok(0);
+    }
+    let docker = state.docker().client().await?;
+    let mut settled = 0;
+    for id in leftovers {
+        let Some(record) = state.journal().get(id)? else {
+            continue;
+        };
+        if record.status != DeploymentStatus::InProgress {
+            continue;
+        }
+        let _turn = state.container_lock(&record.container_name).await;
+        let record = reconcile_one(state, &docker, record).await?;
+        tracing::warn!(deployment_id = %record.deployment_id, container = %record.container_name, status = ?record.status, "reconciled a deployment interrupted by a stop of the receiver");
+        settled += 1;
+    }
+    Ok(settled)
+}
+
+async fn reconcile_one(
+    state: &AppState,
+    docker: &Docker,
+    record: DeploymentRecord,
+) -> Result<DeploymentRecord> {
+    let name = record.container_name.clone();
+    let new = new_container(docker, &record).await?;
+    let previous = match &record.previous_container_id {
+        Some(id) => find_container(docker, id).await?,
+        None => None,
+    };
+    let previous_existed = record.previous_container_id.is_some();
+    let started = Instant::now();
+    let mut d = Deployment::resume(state, record);
+
+    if let Some(new) = &new {
+        let new_id = new.id.clone().unwrap_or_default();
+        // Healthy: finish. Previous already removed: cleanup had begun after the health check
+        // passed, and removing the new one would leave nothing.
+        if is_healthy(new) || (previous_existed && previous.is_none()) {
+            let mut notes = vec![
+                "the receiver stopped during this deployment; the new container was healthy"
+                    .to_owned(),
+            ];
+            if let Some(p) = &previous {
+                let pid = p.id.clone().unwrap_or_default();
+                remove_container(docker, &pid).await?;
+                notes.push(format!(
+                    "removed the previous container {}",
+                    super::short(&pid)
+                ));
+            }
+            if !is_running(new) {
+                docker
+                    .start_container::<String>(&new_id, None)
+                    .await
+                    .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
+                notes.push("started the new container again".into());
+            }
+            d.stage(
+                Stage::Cleanup,
+                StageOutcome::Ok,
+                started.elapsed(),
+                Some(notes.join("; ")),
+            );
+            return Ok(d.finish(DeploymentStatus::Succeeded, None).await);
+        }
+        remove_container(docker, &new_id).await?;
+    }
+    let detail = match &previous {
+        Some(p) => {
+            let pid = p.id.clone().unwrap_or_default();
+            if p.name.as_deref() != Some(format!("/{name}").as_str()) {
+                docker
+                    .rename_container(&pid, RenameContainerOptions { name: name.clone() })
+                    .await
+                    .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
+            }
+            if !is_running(p) {
+                docker
+                    .start_container::<String>(&pid, None)
+                    .await
+                    .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
+            }
+            format!(
+                "restored the previous container {} as {name}",
+                super::short(&pid)
+            )
+        }
+        None => "removed the unfinished new container; there was no previous one to restore".into(),
+    };
+    d.stage(
+        Stage::Rollback,
+        StageOutcome::Ok,
+        started.elapsed(),
+        Some(detail.clone()),
+    );
+    let status = if previous.is_some() {
+        state.metrics().rollback();
+        DeploymentStatus::RolledBack
+    } else {
+        DeploymentStatus::Failed
+    };
+    let error = ErrorDetail {
+        code: ErrorCode::DeployFailed,
+        message: format!("the receiver stopped before this deployment finished and the new container was not healthy: {detail}"),
+        correlation_id: d.record().correlation_id.clone(),
+    };
+    Ok(d.finish_with(status, Some(error)).await)
+}
+
+/// The container this deployment created, found by its label (its id may not have been
+/// journaled before the stop).
+async fn new_container(
+    docker: &Docker,
+    record: &DeploymentRecord,
+) -> Result<Option<ContainerInspectResponse>> {
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{LABEL_DEPLOYMENT_ID}={}", record.deployment_id)],
+    )]);
+    let listed = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| map_err(e, ReceiverError::Internal))?;
+    match listed.into_iter().find_map(|c| c.id) {
+        Some(id) => find_container(docker, &id).await,
+        None => Ok(None),
+    }
+}
+
+fn is_running(c: &ContainerInspectResponse) -> bool {
+    let state = c.state.as_ref();
+    state.and_then(|s| s.running).unwrap_or(false)
+        && !state.and_then(|s| s.restarting).unwrap_or(false)
+}
+
+fn is_healthy(c: &ContainerInspectResponse) -> bool {
+    let health = c
+        .state
+        .as_ref()
+        .and_then(|s| s.health.as_ref())
+        .and_then(|h| h.status);
+    is_running(c) && health == Some(HealthStatusEnum::HEALTHY)
+}

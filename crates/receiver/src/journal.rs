@@ -1,0 +1,209 @@
+//! The deployment journal: one JSON file per deployment under `STATE_DIR/deployments/`, rewritten
+//! atomically (temp file, fsync, rename, directory fsync) at start and at every status change, so
+//! a receiver killed mid-deploy finds what it was doing when it starts again.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::{ReceiverError, Result};
+
+/// Prefix of files being written.
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Durable deployment records, cached in memory (records are small; the directory is the truth).
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+    records: Arc<Mutex<HashMap<Uuid, DeploymentRecord>>>,
+    leftovers: Arc<Vec<Uuid>>,
+}
+
+impl Journal {
+    /// Opens (creating) `dir`, drops temp files of interrupted writes and reads every record.
+    /// Unreadable records are logged and skipped rather than stopping the receiver.
+    pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)?;
+        let mut records = HashMap::new();
+        for entry in fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if name.starts_with(TEMP_PREFIX) {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| {
+                serde_json::from_slice::<DeploymentRecord>(&b).map_err(|e| e.to_string())
+            }) {
+                Ok(record) => {
+                    records.insert(record.deployment_id, record);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping unreadable deployment record")
+                }
+            }
+        }
+        let mut leftovers: Vec<&DeploymentRecord> = records
+            .values()
+            .filter(|r| r.status == DeploymentStatus::InProgress)
+            .collect();
+        leftovers.sort_by_cached_key(|r| started_at(r));
+        let leftovers = leftovers.iter().map(|r| r.deployment_id).collect();
+        Ok(Self {
+            dir,
+            records: Arc::new(Mutex::new(records)),
+            leftovers: Arc::new(leftovers),
+        })
+    }
+
+    /// The journal directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `record` durably, then updates the cache.
+    pub async fn save(&self, record: &DeploymentRecord) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(record).map_err(|e| {
+            ReceiverError::Internal(format!("serialising a deployment record: {e}"))
+        })?;
+        let dir = self.dir.clone();
+        let id = record.deployment_id;
+        tokio::task::spawn_blocking(move || write_atomically(&dir, id, &bytes))
+            .await
+            .map_err(|e| ReceiverError::Internal(format!("journal writer failed: {e}")))??;
+        self.lock()?.insert(id, record.clone());
+        Ok(())
+    }
+
+    /// One record.
+    pub fn get(&self, id: Uuid) -> Result<Option<DeploymentRecord>> {
+        Ok(self.lock()?.get(&id).cloned())
+    }
+
+    /// The newest `limit` records, newest first.
+    pub fn list(&self, limit: usize) -> Result<Vec<DeploymentRecord>> {
+        let mut all = self.all()?;
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Every record, newest first.
+    pub fn all(&self) -> Result<Vec<DeploymentRecord>> {
+        let mut all: Vec<DeploymentRecord> = self.lock()?.values().cloned().collect();
+        all.sort_by_cached_key(|r| std::cmp::Reverse((started_at(r), r.deployment_id)));
+        Ok(all)
+    }
+
+    /// Deployments that were IN_PROGRESS when the journal was opened, oldest first: a previous
+    /// run of the receiver stopped in the middle of them.
+    pub fn leftovers(&self) -> Vec<Uuid> {
+        self.leftovers.to_vec()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, DeploymentRecord>>> {
+        self.records
+            .lock()
+            .map_err(|_| ReceiverError::Internal("deployment journal poisoned".into()))
+    }
+}
+
+fn started_at(record: &DeploymentRecord) -> i128 {
+    OffsetDateTime::parse(&record.started_at, &Rfc3339)
+        .map(OffsetDateTime::unix_timestamp_nanos)
+        .unwrap_or(0)
+}
+
+fn write_atomically(dir: &Path, id: Uuid, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = dir.join(format!("{TEMP_PREFIX}{id}-{}", Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut file = fs::File::create_new(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&temp, dir.join(format!("{id}.json")))?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Now, as RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(started_at: &str, status: DeploymentStatus) -> DeploymentRecord {
+        DeploymentRecord {
+            deployment_id: Uuid::new_v4(),
+            status,
+            container_name: "web".into(),
+            image: "web:v1".into(),
+            image_id: None,
+            package_id: None,
+            package_checksum: None,
+            container_id: None,
+            previous_container_id: None,
+            correlation_id: None,
+            started_at: started_at.into(),
+            finished_at: None,
+            stages: vec![],
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_reopening_and_list_newest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        let old = record("2025-01-01T00:00:00Z", DeploymentStatus::Succeeded);
+        let mid = record("2025-01-01T00:00:00.5Z", DeploymentStatus::InProgress);
+        let new = record("2025-01-02T00:00:00Z", DeploymentStatus::RolledBack);
+        for r in [&mid, &new, &old] {
+            journal.save(r).await.expect("save");
+        }
+        fs::write(dir.path().join(".tmp-leftover"), b"{").expect("write");
+        fs::write(dir.path().join("garbage.json"), b"{").expect("write");
+        let reopened = Journal::open(dir.path()).expect("reopen");
+        let ids: Vec<_> = reopened
+            .list(10)
+            .expect("list")
+            .into_iter()
+            .map(|r| r.deployment_id)
+            .collect();
+        assert_eq!(
+            ids,
+            [new.deployment_id, mid.deployment_id, old.deployment_id]
+        );
+        assert_eq!(reopened.list(1).expect("list").len(), 1);
+        assert_eq!(
+            reopened.get(mid.deployment_id).expect("get"),
+            Some(mid.clone())
+        );
+        assert_eq!(reopened.leftovers(), [mid.deployment_id]);
+        assert!(
+            journal.leftovers().is_empty(),
+            "records written by this run are not leftovers"
+        );
+        assert!(!dir.path().join(".tmp-leftover").exists());
+    }
+}

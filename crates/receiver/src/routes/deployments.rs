@@ -1,0 +1,72 @@
+//! `GET /deployments` and `GET /deployments/{id}`: the deployment journal. Signed like every
+//! other call: it tells what runs on this host.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use deploy_protocol::api::{DeploymentList, DeploymentRecord};
+use deploy_protocol::ErrorBody;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+use crate::auth::Signed;
+use crate::error::{ReceiverError, Result};
+use crate::state::AppState;
+
+/// Records returned when no limit is given.
+const DEFAULT_LIMIT: usize = 50;
+/// Most records one request returns.
+const MAX_LIMIT: usize = 1000;
+
+/// Query of `GET /deployments`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// How many records, newest first (default 50, at most 1000).
+    limit: Option<usize>,
+}
+
+/// Recent deployments, newest first.
+#[utoipa::path(get, path = "/deployments", tag = "deployment",
+    params(ListParams, crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "Newest first", body = DeploymentList),
+        (status = 400, description = "VALIDATION_ERROR: bad limit", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+    ))]
+pub async fn list(
+    State(state): State<AppState>,
+    query: std::result::Result<Query<ListParams>, QueryRejection>,
+    Signed(()): Signed<()>,
+) -> Result<Json<DeploymentList>> {
+    let Query(params) = query.map_err(|e| ReceiverError::Validation(e.body_text()))?;
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    Ok(Json(DeploymentList {
+        deployments: state.journal().list(limit)?,
+    }))
+}
+
+/// One deployment's record, with its stages and error.
+#[utoipa::path(get, path = "/deployments/{id}", tag = "deployment",
+    params(("id" = Uuid, Path, description = "Deployment id"), crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "The record", body = DeploymentRecord),
+        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND", body = ErrorBody),
+    ))]
+pub async fn get(
+    State(state): State<AppState>,
+    id: std::result::Result<Path<Uuid>, PathRejection>,
+    Signed(()): Signed<()>,
+) -> Result<Json<DeploymentRecord>> {
+    let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
+    state.journal().get(id)?.map(Json).ok_or_else(|| {
+        ReceiverError::NotFound(format!("no deployment {id} in this receiver's journal"))
+    })
+}

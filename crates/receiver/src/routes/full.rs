@@ -1,0 +1,46 @@
+//! `POST /deployment/full`: upload, verify, load, deploy and health-check in one streamed request.
+
+use axum::extract::{Request, State};
+use axum::Json;
+use deploy_protocol::api::DeploymentRecord;
+use deploy_protocol::ErrorBody;
+
+use crate::deploy;
+use crate::error::Result;
+use crate::routes::upload::UploadForm;
+use crate::spool;
+use crate::state::AppState;
+
+/// The whole pipeline: parts `manifest` (with the `deployment` spec) then `package`, streamed and
+/// verified like an upload, loaded, deployed, health-checked, and rolled back to the previous
+/// container on failure. The body is the deployment record with every stage's duration.
+#[utoipa::path(post, path = "/deployment/full", tag = "deployment",
+    params(crate::routes::SignatureHeaderParams),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "SUCCEEDED", body = DeploymentRecord),
+        (status = 400, description = "VALIDATION_ERROR: wrong parts, no `deployment` in the manifest, bad spec", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN, or POLICY_DENIED (nothing was changed)", body = ErrorBody),
+        (status = 408, description = "TIMEOUT: the client stopped sending", body = ErrorBody),
+        (status = 409, description = "CONFLICT: the package id is stored with another checksum", body = ErrorBody),
+        (status = 413, description = "PACKAGE_TOO_LARGE", body = ErrorBody),
+        (status = 422, description = "CHECKSUM_MISMATCH (error body); LOAD_FAILED or HEALTH_CHECK_FAILED (the record, ROLLED_BACK or FAILED, with `error`)", body = DeploymentRecord),
+        (status = 429, description = "BUSY: too many uploads; see Retry-After", body = ErrorBody),
+        (status = 500, description = "DEPLOY_FAILED: Docker refused to create or start the container; the record with `error`", body = DeploymentRecord),
+        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+        (status = 507, description = "INSUFFICIENT_STORAGE", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<DeploymentRecord>> {
+    let (parts, body) = request.into_parts();
+    let received = spool::receive_multipart(&state, &parts, body).await;
+    match &received {
+        Ok(_) => state.metrics().upload("ok"),
+        Err(e) => state.metrics().upload(e.code().as_str()),
+    }
+    Ok(Json(deploy::deploy_package(&state, received?).await?))
+}
