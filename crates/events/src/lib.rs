@@ -7,6 +7,24 @@
 //! Without bootstrap servers the outbox is the sink: events are recorded and [`EventSink::list`]
 //! reads them back.
 //!
+//! ```no_run
+//! # async fn example(package_id: uuid::Uuid) -> Result<(), deploy_events::EventError> {
+//! use deploy_events::{EventConfig, EventSink, EventType};
+//! use std::time::Duration;
+//!
+//! let config = EventConfig {
+//!     bootstrap_servers: Some("localhost:9092".into()), // None: the outbox is the sink
+//!     ..EventConfig::new("/var/lib/deploy-sender", "deploy-sender")
+//! };
+//! let sink = EventSink::open(config).await?; // clone it into the AppState
+//! sink.event(EventType::BuildStarted).package_id(package_id).correlation_id("c-1").publish().await?;
+//! let _recent = sink.list(50); // GET /api/v1/events
+//! let _health = (sink.destination(), sink.stats()); // /health, /metrics
+//! let _ = sink.flush(Duration::from_secs(5)).await; // graceful shutdown: deliver what is left
+//! sink.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
 //! # Outbox format
 //!
 //! In the state directory:
@@ -52,3 +70,22 @@ pub use error::{EventError, Result};
 pub use outbox::{Seq, CURSOR_FILE, LOG_FILE, MAX_EVENT_BYTES};
 pub use sink::{EventConfig, EventSink, DEFAULT_DELIVERY_TIMEOUT, DEFAULT_RETAIN};
 pub use stats::EventStats;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>(_: &T) {}
+
+    /// The sink lives in axum state and its futures run in handlers: all must be `Send`.
+    /// Checked by compiling, never run.
+    #[allow(dead_code)]
+    fn sink_and_its_futures_are_send(sink: &EventSink) {
+        send_sync(sink);
+        send_sync(&sink.publish(sink.event(EventType::BuildStarted).build()));
+        send_sync(&sink.event(EventType::BuildStarted).publish());
+        send_sync(&sink.flush(std::time::Duration::ZERO));
+        send_sync(&sink.shutdown());
+        send_sync(&EventSink::open(EventConfig::new("/", "x")));
+    }
+}

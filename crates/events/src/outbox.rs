@@ -111,8 +111,12 @@ impl Outbox {
             file.set_len(good_len).map_err(io_err("repair", &log_path))?;
             file.sync_all().map_err(io_err("fsync", &log_path))?;
         }
-        // Make the log's directory entry durable, whether it was just created or not.
+        // Make the log's directory entry durable, whether it was just created or not, and the
+        // directory's own (best effort: the parent may not be ours to open).
         sync_dir(&dir)?;
+        if let Some(parent) = dir.parent() {
+            let _ = sync_dir(parent);
+        }
 
         let last_seq = entries.back().map_or(0, |e: &Entry| e.seq).max(persisted);
         let delivered = persisted;
@@ -207,7 +211,7 @@ impl Outbox {
     pub(crate) fn pending(&self) -> u64 {
         let state = lock(&self.state);
         let beyond = state.entries.len() - state.entries.partition_point(|e| e.seq <= state.delivered);
-        (beyond - state.acked.len()) as u64
+        beyond.saturating_sub(state.acked.len()) as u64
     }
 
     /// Up to `limit` unacknowledged entries after `after`, in order.

@@ -123,7 +123,7 @@ impl EventSink {
             }
             None => format!("outbox:{}", outbox.log_path().display()),
         };
-        tracing::info!(%destination, pending = outbox.pending(), "lifecycle events go to {destination}");
+        tracing::info!(%destination, pending = outbox.pending(), "event sink open");
         Ok(Self {
             inner: Arc::new(Inner {
                 kafka: !outbox_is_sink,
