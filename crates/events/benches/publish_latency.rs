@@ -30,7 +30,11 @@ fn report(what: &str, samples: &mut [Duration]) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let cluster = MockCluster::new(1).unwrap();
         let base = std::env::var_os("EVENTS_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
@@ -58,10 +62,15 @@ fn main() {
             let started = Instant::now();
             let seq = sink.publish(event(i)).await.unwrap();
             publish.push(started.elapsed());
-            sink.wait_delivered(seq, Duration::from_secs(30)).await.unwrap();
+            sink.wait_delivered(seq, Duration::from_secs(30))
+                .await
+                .unwrap();
             acked.push(started.elapsed());
         }
-        println!("{EVENTS} events one at a time, outbox in {}", dir.path().display());
+        println!(
+            "{EVENTS} events one at a time, outbox in {}",
+            dir.path().display()
+        );
         report("(a) publish() returns", &mut publish);
         report("(b) broker acknowledged (end to end)", &mut acked);
 

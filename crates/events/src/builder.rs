@@ -26,7 +26,9 @@ impl EventBuilder {
                 event_id: Uuid::new_v4(),
                 event_type,
                 // Only years outside 0..=9999 fail to format.
-                time: now.format(&Rfc3339).unwrap_or_else(|_| now.unix_timestamp().to_string()),
+                time: now
+                    .format(&Rfc3339)
+                    .unwrap_or_else(|_| now.unix_timestamp().to_string()),
                 correlation_id: None,
                 package_id: None,
                 container_name: None,

@@ -48,7 +48,8 @@ impl ClientContext for SinkContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", %error, reason, "Kafka client error; events wait in the outbox");
-        self.counters.set_last_error(Some(format!("{error}: {reason}")));
+        self.counters
+            .set_last_error(Some(format!("{error}: {reason}")));
     }
 }
 
@@ -63,7 +64,10 @@ pub(crate) fn producer_config(
     config
         .set("bootstrap.servers", bootstrap_servers)
         .set("client.id", client_id)
-        .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string())
+        .set(
+            "message.timeout.ms",
+            delivery_timeout.as_millis().max(1).to_string(),
+        )
         // Lifecycle events are few and someone may be waiting on them; bursts still batch,
         // since messages queue up while a request is in flight.
         .set("linger.ms", "1");
@@ -83,7 +87,9 @@ pub(crate) struct Delivery {
 
 impl Delivery {
     pub(crate) fn producer(&self) -> Result<KafkaProducer, KafkaError> {
-        self.config.create_with_context(SinkContext { counters: self.counters.clone() })
+        self.config.create_with_context(SinkContext {
+            counters: self.counters.clone(),
+        })
     }
 
     /// Runs until `stop` turns true or its sender is dropped.
@@ -99,7 +105,8 @@ impl Delivery {
                 match self.producer() {
                     Ok(p) => producer = Some(p),
                     Err(e) => {
-                        self.counters.set_last_error(Some(format!("cannot create Kafka producer: {e}")));
+                        self.counters
+                            .set_last_error(Some(format!("cannot create Kafka producer: {e}")));
                         if sleep_or_stop(&mut stop, &mut backoff).await {
                             break;
                         }
@@ -109,7 +116,10 @@ impl Delivery {
             };
 
             if !failing && inflight.len() < WINDOW {
-                for entry in self.outbox.pending_after(sent_up_to, WINDOW - inflight.len()) {
+                for entry in self
+                    .outbox
+                    .pending_after(sent_up_to, WINDOW - inflight.len())
+                {
                     match self.send(active, &entry) {
                         Ok(future) => {
                             inflight.push_back((entry.seq, future));
@@ -131,7 +141,11 @@ impl Delivery {
 
             if failing && inflight.is_empty() {
                 if let Some((code, reason)) = active.client().fatal_error() {
-                    tracing::warn!(?code, reason, "Kafka producer hit a fatal error; replacing it");
+                    tracing::warn!(
+                        ?code,
+                        reason,
+                        "Kafka producer hit a fatal error; replacing it"
+                    );
                     drop_producer(producer.take()).await;
                 }
                 if sleep_or_stop(&mut stop, &mut backoff).await {
@@ -190,7 +204,6 @@ impl Delivery {
         Counters::bump(&self.counters.delivery_failures);
         self.counters.set_last_error(Some(error.to_string()));
     }
-
 }
 
 /// The oldest in-flight delivery's result; pending forever when nothing is in flight.

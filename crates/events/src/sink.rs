@@ -78,7 +78,9 @@ struct Inner {
 
 impl std::fmt::Debug for EventSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventSink").field("destination", &self.inner.destination).finish()
+        f.debug_struct("EventSink")
+            .field("destination", &self.inner.destination)
+            .finish()
     }
 }
 
@@ -91,18 +93,26 @@ impl EventSink {
         }
         let bootstrap = config.bootstrap_servers.filter(|s| !s.trim().is_empty());
         let dir = &config.state_dir;
-        tokio::fs::create_dir_all(dir).await.map_err(|source| record_err("create", dir, source))?;
-        let dir = tokio::fs::canonicalize(dir).await.map_err(|source| record_err("resolve", dir, source))?;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|source| record_err("create", dir, source))?;
+        let dir = tokio::fs::canonicalize(dir)
+            .await
+            .map_err(|source| record_err("resolve", dir, source))?;
         let dir_lock = acquire(&dir).await?;
         let (retain, outbox_is_sink) = (config.retain, bootstrap.is_none());
-        let outbox = tokio::task::spawn_blocking(move || Outbox::open(dir_lock, retain, outbox_is_sink))
-            .await
-            .map_err(|e| EventError::Worker(e.to_string()))??;
+        let outbox =
+            tokio::task::spawn_blocking(move || Outbox::open(dir_lock, retain, outbox_is_sink))
+                .await
+                .map_err(|e| EventError::Worker(e.to_string()))??;
         let outbox = Arc::new(outbox);
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = watch::channel(false);
 
-        let mut tasks = vec![tokio::spawn(housekeeping::run(outbox.clone(), stop_rx.clone()))];
+        let mut tasks = vec![tokio::spawn(housekeeping::run(
+            outbox.clone(),
+            stop_rx.clone(),
+        ))];
         let destination = match bootstrap {
             Some(servers) => {
                 let delivery = Delivery {
@@ -166,7 +176,11 @@ impl EventSink {
 
     /// The counters, for metrics and health.
     pub fn stats(&self) -> EventStats {
-        let pending = if self.inner.kafka { self.inner.outbox.pending() } else { 0 };
+        let pending = if self.inner.kafka {
+            self.inner.outbox.pending()
+        } else {
+            0
+        };
         self.inner.counters.snapshot(pending)
     }
 
@@ -182,13 +196,17 @@ impl EventSink {
         if reached {
             Ok(())
         } else {
-            Err(EventError::Timeout { waited: timeout, pending: self.inner.outbox.pending() })
+            Err(EventError::Timeout {
+                waited: timeout,
+                pending: self.inner.outbox.pending(),
+            })
         }
     }
 
     /// Waits until everything recorded so far is delivered: for tests and graceful shutdown.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        self.wait_delivered(self.inner.outbox.last_seq(), timeout).await
+        self.wait_delivered(self.inner.outbox.last_seq(), timeout)
+            .await
     }
 
     /// Stops the background task (without waiting for deliveries: call `flush` first for that)
@@ -219,5 +237,9 @@ async fn acquire(dir: &Path) -> Result<DirLock> {
 }
 
 fn record_err(action: &'static str, path: &Path, source: std::io::Error) -> EventError {
-    EventError::Record { action, path: path.to_path_buf(), source }
+    EventError::Record {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }

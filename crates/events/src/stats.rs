@@ -32,7 +32,10 @@ impl Counters {
     }
 
     pub(crate) fn set_last_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = error;
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 
     pub(crate) fn snapshot(&self, pending: u64) -> EventStats {

@@ -21,7 +21,10 @@ async fn publish_n(sink: &EventSink, n: usize, packages: &[Option<Uuid>]) -> Vec
             .correlation_id(format!("corr-{i}"))
             .payload(serde_json::json!({ "n": i }));
         if let Some(package) = packages[i % packages.len()] {
-            builder = builder.package_id(package).container_name("web").image_tag("web:1.0.0");
+            builder = builder
+                .package_id(package)
+                .container_name("web")
+                .image_tag("web:1.0.0");
         }
         let event = builder.build();
         sink.publish(event.clone()).await.unwrap();
@@ -36,7 +39,9 @@ async fn published_events_reach_the_topic_in_order_keyed_by_package_id() {
     cluster.create_topic(TOPIC, 1, 1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
-    let sink = EventSink::open(kafka_config(dir.path(), &bootstrap)).await.unwrap();
+    let sink = EventSink::open(kafka_config(dir.path(), &bootstrap))
+        .await
+        .unwrap();
     assert_eq!(sink.destination(), format!("kafka://{bootstrap}/{TOPIC}"));
 
     let package = Uuid::new_v4();
@@ -44,7 +49,11 @@ async fn published_events_reach_the_topic_in_order_keyed_by_package_id() {
     sink.flush(WAIT).await.unwrap();
 
     let received = read_topic(&bootstrap, TOPIC, 20, WAIT);
-    assert_eq!(message_count(&bootstrap, TOPIC), 20, "no duplicates on the broker");
+    assert_eq!(
+        message_count(&bootstrap, TOPIC),
+        20,
+        "no duplicates on the broker"
+    );
     for (sent, got) in sent.iter().zip(&received) {
         assert_eq!(&got.event, sent, "same events in the same order");
         let key = sent.package_id.unwrap_or(sent.event_id).to_string();
@@ -56,7 +65,10 @@ async fn published_events_reach_the_topic_in_order_keyed_by_package_id() {
     }
 
     let stats = sink.stats();
-    assert_eq!((stats.recorded, stats.delivered, stats.pending), (20, 20, 0));
+    assert_eq!(
+        (stats.recorded, stats.delivered, stats.pending),
+        (20, 20, 0)
+    );
     sink.shutdown().await;
     let cursor = std::fs::read_to_string(dir.path().join(CURSOR_FILE)).unwrap();
     assert_eq!(cursor.trim(), "20");
@@ -85,27 +97,45 @@ async fn events_published_while_the_broker_is_down_arrive_exactly_once_when_it_r
     );
 
     // Deliveries time out and are retried from the outbox while the broker is down.
-    wait_until("a delivery failed", WAIT, || sink.stats().delivery_failures > 0).await;
+    wait_until("a delivery failed", WAIT, || {
+        sink.stats().delivery_failures > 0
+    })
+    .await;
     let stats = sink.stats();
-    assert_eq!((stats.recorded, stats.delivered, stats.pending), (50, 0, 50));
+    assert_eq!(
+        (stats.recorded, stats.delivered, stats.pending),
+        (50, 0, 50)
+    );
     assert!(stats.last_error.is_some());
 
     cluster.broker_up(-1).unwrap();
     sink.flush(WAIT).await.unwrap();
 
     let received = read_topic(&bootstrap, TOPIC, 50, WAIT);
-    assert_eq!(message_count(&bootstrap, TOPIC), 50, "no duplicates on the broker");
+    assert_eq!(
+        message_count(&bootstrap, TOPIC),
+        50,
+        "no duplicates on the broker"
+    );
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
     for got in &received {
         *seen.entry(got.event.event_id).or_default() += 1;
     }
     for event in &sent {
-        assert_eq!(seen.get(&event.event_id), Some(&1), "event {} exactly once", event.event_id);
+        assert_eq!(
+            seen.get(&event.event_id),
+            Some(&1),
+            "event {} exactly once",
+            event.event_id
+        );
     }
     // Per key (one partition each) the order is the publish order.
     for package in packages.iter().flatten() {
-        let sent_ids: Vec<_> =
-            sent.iter().filter(|e| e.package_id == Some(*package)).map(|e| e.event_id).collect();
+        let sent_ids: Vec<_> = sent
+            .iter()
+            .filter(|e| e.package_id == Some(*package))
+            .map(|e| e.event_id)
+            .collect();
         let got_ids: Vec<_> = received
             .iter()
             .filter(|r| r.event.package_id == Some(*package))
@@ -114,7 +144,10 @@ async fn events_published_while_the_broker_is_down_arrive_exactly_once_when_it_r
         assert_eq!(got_ids, sent_ids);
     }
     let stats = sink.stats();
-    assert_eq!((stats.delivered, stats.pending, stats.last_error), (50, 0, None));
+    assert_eq!(
+        (stats.delivered, stats.pending, stats.last_error),
+        (50, 0, None)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,18 +158,26 @@ async fn events_of_a_sink_dropped_before_delivery_are_delivered_by_the_next_one(
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
 
-    let first = EventSink::open(kafka_config(dir.path(), &bootstrap)).await.unwrap();
+    let first = EventSink::open(kafka_config(dir.path(), &bootstrap))
+        .await
+        .unwrap();
     let sent = publish_n(&first, 10, &[Some(Uuid::new_v4()), Some(Uuid::new_v4())]).await;
     assert_eq!(first.stats().pending, 10);
     drop(first);
 
     cluster.broker_up(-1).unwrap();
-    let second = EventSink::open(kafka_config(dir.path(), &bootstrap)).await.unwrap();
+    let second = EventSink::open(kafka_config(dir.path(), &bootstrap))
+        .await
+        .unwrap();
     assert_eq!(second.list(100).len(), 10, "the outbox was re-read");
     second.flush(WAIT).await.unwrap();
 
     let received = read_topic(&bootstrap, TOPIC, 10, WAIT);
-    assert_eq!(message_count(&bootstrap, TOPIC), 10, "no duplicates on the broker");
+    assert_eq!(
+        message_count(&bootstrap, TOPIC),
+        10,
+        "no duplicates on the broker"
+    );
     let mut got: Vec<_> = received.iter().map(|r| r.event.event_id).collect();
     let mut want: Vec<_> = sent.iter().map(|e| e.event_id).collect();
     got.sort();
@@ -151,15 +192,23 @@ async fn delivered_events_are_not_sent_again_after_a_restart() {
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
 
-    let first = EventSink::open(kafka_config(dir.path(), &bootstrap)).await.unwrap();
+    let first = EventSink::open(kafka_config(dir.path(), &bootstrap))
+        .await
+        .unwrap();
     publish_n(&first, 5, &[None]).await;
     first.flush(WAIT).await.unwrap();
     first.shutdown().await;
     drop(first);
 
-    let second = EventSink::open(kafka_config(dir.path(), &bootstrap)).await.unwrap();
+    let second = EventSink::open(kafka_config(dir.path(), &bootstrap))
+        .await
+        .unwrap();
     assert_eq!(second.stats().pending, 0);
-    let seq = second.event(EventType::BuildStarted).publish().await.unwrap();
+    let seq = second
+        .event(EventType::BuildStarted)
+        .publish()
+        .await
+        .unwrap();
     assert_eq!(seq.0, 6, "sequence numbers continue across restarts");
     second.flush(WAIT).await.unwrap();
 
@@ -172,7 +221,10 @@ async fn delivered_events_beyond_the_retention_are_compacted_away() {
     let cluster = MockCluster::new(1).unwrap();
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().unwrap();
-    let config = deploy_events::EventConfig { retain: 10, ..kafka_config(dir.path(), &bootstrap) };
+    let config = deploy_events::EventConfig {
+        retain: 10,
+        ..kafka_config(dir.path(), &bootstrap)
+    };
     let sink = EventSink::open(config).await.unwrap();
 
     let sent = publish_n(&sink, 100, &[None]).await;
@@ -186,6 +238,9 @@ async fn delivered_events_beyond_the_retention_are_compacted_away() {
     let listed = sink.list(100);
     assert!((10..20).contains(&listed.len()), "kept {}", listed.len());
     let newest: Vec<_> = sent.iter().rev().take(listed.len()).cloned().collect();
-    assert_eq!(listed, newest, "the newest events are kept, listed newest first");
+    assert_eq!(
+        listed, newest,
+        "the newest events are kept, listed newest first"
+    );
     assert_eq!(message_count(&bootstrap, TOPIC), 100);
 }

@@ -13,19 +13,29 @@ use uuid::Uuid;
 #[tokio::test]
 async fn without_bootstrap_servers_events_are_recorded_and_listed_newest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let sink = EventSink::open(EventConfig::new(dir.path(), "deploy-receiver")).await.unwrap();
+    let sink = EventSink::open(EventConfig::new(dir.path(), "deploy-receiver"))
+        .await
+        .unwrap();
     let log = dir.path().canonicalize().unwrap().join(LOG_FILE);
     assert_eq!(sink.destination(), format!("outbox:{}", log.display()));
 
     let package = Uuid::new_v4();
     for event_type in [EventType::DeploymentStarted, EventType::DeploymentCompleted] {
-        sink.event(event_type).package_id(package).correlation_id("c-1").publish().await.unwrap();
+        sink.event(event_type)
+            .package_id(package)
+            .correlation_id("c-1")
+            .publish()
+            .await
+            .unwrap();
     }
     sink.flush(Duration::from_secs(1)).await.unwrap();
 
     let listed = sink.list(10);
     let types: Vec<_> = listed.iter().map(|e| e.event_type).collect();
-    assert_eq!(types, [EventType::DeploymentCompleted, EventType::DeploymentStarted]);
+    assert_eq!(
+        types,
+        [EventType::DeploymentCompleted, EventType::DeploymentStarted]
+    );
     assert!(listed.iter().all(|e| e.source_service == "deploy-receiver"
         && e.package_id == Some(package)
         && e.correlation_id.as_deref() == Some("c-1")));
@@ -36,7 +46,9 @@ async fn without_bootstrap_servers_events_are_recorded_and_listed_newest_first()
     // Durable: a new sink on the same directory lists the same events.
     sink.shutdown().await;
     drop(sink);
-    let reopened = EventSink::open(EventConfig::new(dir.path(), "deploy-receiver")).await.unwrap();
+    let reopened = EventSink::open(EventConfig::new(dir.path(), "deploy-receiver"))
+        .await
+        .unwrap();
     assert_eq!(reopened.list(10), listed);
 }
 
@@ -54,7 +66,10 @@ async fn an_empty_bootstrap_setting_means_the_outbox_is_the_sink() {
 #[tokio::test]
 async fn without_kafka_the_log_keeps_only_the_newest_events() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EventConfig { retain: 5, ..EventConfig::new(dir.path(), "deploy-sender") };
+    let config = EventConfig {
+        retain: 5,
+        ..EventConfig::new(dir.path(), "deploy-sender")
+    };
     let sink = EventSink::open(config.clone()).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..40 {
@@ -75,7 +90,11 @@ async fn without_kafka_the_log_keeps_only_the_newest_events() {
     sink.shutdown().await;
     drop(sink);
     let reopened = EventSink::open(config).await.unwrap();
-    let seq = reopened.event(EventType::BuildCompleted).publish().await.unwrap();
+    let seq = reopened
+        .event(EventType::BuildCompleted)
+        .publish()
+        .await
+        .unwrap();
     assert_eq!(seq.0, 41, "sequence numbers survive compaction and restart");
 }
 
@@ -89,13 +108,20 @@ async fn a_torn_last_line_from_a_crash_is_cut_off_on_open() {
     }
     sink.shutdown().await;
     drop(sink);
-    let mut log = std::fs::OpenOptions::new().append(true).open(dir.path().join(LOG_FILE)).unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join(LOG_FILE))
+        .unwrap();
     log.write_all(br#"{"seq":4,"event":{"event_id":"#).unwrap();
     drop(log);
 
     let sink = EventSink::open(config).await.unwrap();
     assert_eq!(sink.list(10).len(), 3);
-    let seq = sink.event(EventType::BuildCompleted).publish().await.unwrap();
+    let seq = sink
+        .event(EventType::BuildCompleted)
+        .publish()
+        .await
+        .unwrap();
     assert_eq!(seq.0, 4);
     let text = std::fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
     for line in text.lines() {
@@ -107,10 +133,19 @@ async fn a_torn_last_line_from_a_crash_is_cut_off_on_open() {
 #[tokio::test]
 async fn an_event_too_large_for_kafka_is_refused_and_not_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let sink = EventSink::open(EventConfig::new(dir.path(), "deploy-sender")).await.unwrap();
+    let sink = EventSink::open(EventConfig::new(dir.path(), "deploy-sender"))
+        .await
+        .unwrap();
     let huge = "x".repeat(MAX_EVENT_BYTES);
-    let result = sink.event(EventType::BuildFailed).payload(serde_json::json!({ "log": huge })).publish().await;
-    assert!(matches!(result, Err(EventError::TooLarge { .. })), "{result:?}");
+    let result = sink
+        .event(EventType::BuildFailed)
+        .payload(serde_json::json!({ "log": huge }))
+        .publish()
+        .await;
+    assert!(
+        matches!(result, Err(EventError::TooLarge { .. })),
+        "{result:?}"
+    );
     assert!(sink.list(10).is_empty());
     assert_eq!(sink.stats().recorded, 0);
 }
@@ -118,8 +153,13 @@ async fn an_event_too_large_for_kafka_is_refused_and_not_recorded() {
 #[tokio::test]
 async fn a_second_sink_on_the_same_directory_is_refused_while_the_first_is_open() {
     let dir = tempfile::tempdir().unwrap();
-    let _first = EventSink::open(EventConfig::new(dir.path(), "deploy-sender")).await.unwrap();
+    let _first = EventSink::open(EventConfig::new(dir.path(), "deploy-sender"))
+        .await
+        .unwrap();
     // Waits 5 s for the first to go away, then gives up.
     let second = EventSink::open(EventConfig::new(dir.path(), "deploy-sender")).await;
-    assert!(matches!(second, Err(EventError::AlreadyOpen(_))), "{second:?}");
+    assert!(
+        matches!(second, Err(EventError::AlreadyOpen(_))),
+        "{second:?}"
+    );
 }

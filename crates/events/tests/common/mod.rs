@@ -44,20 +44,35 @@ fn consumer(bootstrap: &str) -> BaseConsumer {
 }
 
 /// Reads `topic` from the beginning of every partition until `expected` messages arrived.
-pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Received> {
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Received> {
     let consumer = consumer(bootstrap);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).expect("metadata");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .expect("metadata");
     let mut assignment = TopicPartitionList::new();
     for partition in metadata.topics()[0].partitions() {
-        assignment.add_partition_offset(topic, partition.id(), Offset::Beginning).unwrap();
+        assignment
+            .add_partition_offset(topic, partition.id(), Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&assignment).expect("assign");
 
     let deadline = Instant::now() + timeout;
     let mut received = Vec::new();
     while received.len() < expected {
-        assert!(Instant::now() < deadline, "only {} of {expected} messages arrived", received.len());
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {expected} messages arrived",
+            received.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         let message = message.expect("consume");
         let key = String::from_utf8(message.key().expect("key").to_vec()).unwrap();
         let payload = message.payload().expect("value");
@@ -76,12 +91,16 @@ pub fn read_topic(bootstrap: &str, topic: &str, expected: usize, timeout: Durati
 pub fn message_count(bootstrap: &str, topic: &str) -> i64 {
     let consumer = consumer(bootstrap);
     let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout).expect("metadata");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .expect("metadata");
     metadata.topics()[0]
         .partitions()
         .iter()
         .map(|p| {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout).expect("watermarks");
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), timeout)
+                .expect("watermarks");
             high - low
         })
         .sum()
@@ -91,12 +110,18 @@ pub fn message_count(bootstrap: &str, topic: &str) -> i64 {
 pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Lines of the outbox log.
 pub fn log_lines(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join(deploy_events::LOG_FILE)).unwrap().lines().count()
+    std::fs::read_to_string(dir.join(deploy_events::LOG_FILE))
+        .unwrap()
+        .lines()
+        .count()
 }

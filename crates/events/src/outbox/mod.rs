@@ -2,17 +2,21 @@
 //! `events.cursor`, the highest sequence number the broker has acknowledged (see the crate docs
 //! for the durability argument).
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use deploy_protocol::events::LifecycleEvent;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use crate::error::{EventError, Result};
+pub(crate) use dir_lock::DirLock;
+use files::{io_err, read_cursor, read_log, sync_dir, RecordRef};
+
+mod dir_lock;
+mod files;
 
 /// Name of the log in the state directory.
 pub const LOG_FILE: &str = "events.jsonl";
@@ -26,18 +30,6 @@ pub const MAX_EVENT_BYTES: usize = 512 * 1024;
 /// restarts and compactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Seq(pub u64);
-
-#[derive(Serialize)]
-struct RecordRef<'a> {
-    seq: u64,
-    event: &'a LifecycleEvent,
-}
-
-#[derive(Deserialize)]
-struct Record {
-    seq: u64,
-    event: LifecycleEvent,
-}
 
 /// One recorded event.
 #[derive(Debug, Clone)]
@@ -85,11 +77,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EventError {
-    let path = path.to_path_buf();
-    move |source| EventError::Record { action, path, source }
-}
-
 impl Outbox {
     /// Reads the log and the cursor (repairing a torn last line) and opens the log for appending.
     pub(crate) fn open(dir_lock: DirLock, retain: usize, outbox_is_sink: bool) -> Result<Self> {
@@ -108,7 +95,8 @@ impl Outbox {
         if len > good_len {
             tracing::warn!(path = %log_path.display(), bytes = len - good_len,
                 "dropping a torn last line of the event outbox (an append interrupted by a crash)");
-            file.set_len(good_len).map_err(io_err("repair", &log_path))?;
+            file.set_len(good_len)
+                .map_err(io_err("repair", &log_path))?;
             file.sync_all().map_err(io_err("fsync", &log_path))?;
         }
         // Make the log's directory entry durable, whether it was just created or not, and the
@@ -125,8 +113,17 @@ impl Outbox {
             cursor_path,
             retain: retain.max(1),
             outbox_is_sink,
-            log: Mutex::new(LogFile { file, len: good_len }),
-            state: Mutex::new(State { entries, last_seq, delivered, acked: BTreeSet::new(), persisted }),
+            log: Mutex::new(LogFile {
+                file,
+                len: good_len,
+            }),
+            state: Mutex::new(State {
+                entries,
+                last_seq,
+                delivered,
+                acked: BTreeSet::new(),
+                persisted,
+            }),
             cursor_write: Mutex::new(()),
             appended: Notify::new(),
             checkpoint_wanted: Notify::new(),
@@ -154,7 +151,11 @@ impl Outbox {
             });
         }
         line.push(b'\n');
-        if let Err(source) = log.file.write_all(&line).and_then(|()| log.file.sync_data()) {
+        if let Err(source) = log
+            .file
+            .write_all(&line)
+            .and_then(|()| log.file.sync_data())
+        {
             // Cut a partial line off so that the next append starts on a line boundary.
             let _ = log.file.set_len(log.len);
             return Err(io_err("append to", &self.log_path)(source));
@@ -162,7 +163,10 @@ impl Outbox {
         log.len += line.len() as u64;
         let mut state = lock(&self.state);
         state.last_seq = seq;
-        state.entries.push_back(Entry { seq, event: Arc::new(event) });
+        state.entries.push_back(Entry {
+            seq,
+            event: Arc::new(event),
+        });
         drop(state);
         drop(log);
         self.appended.notify_one();
@@ -192,7 +196,13 @@ impl Outbox {
     /// Newest first.
     pub(crate) fn list(&self, limit: usize) -> Vec<LifecycleEvent> {
         let state = lock(&self.state);
-        state.entries.iter().rev().take(limit).map(|e| (*e.event).clone()).collect()
+        state
+            .entries
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|e| (*e.event).clone())
+            .collect()
     }
 
     pub(crate) fn last_seq(&self) -> Seq {
@@ -210,7 +220,8 @@ impl Outbox {
     /// Recorded events the broker has not acknowledged yet.
     pub(crate) fn pending(&self) -> u64 {
         let state = lock(&self.state);
-        let beyond = state.entries.len() - state.entries.partition_point(|e| e.seq <= state.delivered);
+        let beyond =
+            state.entries.len() - state.entries.partition_point(|e| e.seq <= state.delivered);
         beyond.saturating_sub(state.acked.len()) as u64
     }
 
@@ -290,14 +301,27 @@ impl Outbox {
             if droppable < self.retain {
                 return Ok(0);
             }
-            (droppable, state.entries.range(droppable..).cloned().collect::<Vec<_>>())
+            (
+                droppable,
+                state
+                    .entries
+                    .range(droppable..)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
         };
 
         let tmp = self.dir.join(format!("{LOG_FILE}.tmp"));
         let mut buf = Vec::new();
         for entry in &keep {
-            serde_json::to_writer(&mut buf, &RecordRef { seq: entry.seq, event: &entry.event })
-                .map_err(|e| io_err("serialise an event for", &tmp)(e.into()))?;
+            serde_json::to_writer(
+                &mut buf,
+                &RecordRef {
+                    seq: entry.seq,
+                    event: &entry.event,
+                },
+            )
+            .map_err(|e| io_err("serialise an event for", &tmp)(e.into()))?;
             buf.push(b'\n');
         }
         // A leftover from an interrupted compaction holds nothing the log does not.
@@ -307,7 +331,9 @@ impl Outbox {
             .append(true)
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
-        file.write_all(&buf).and_then(|()| file.sync_all()).map_err(io_err("write", &tmp))?;
+        file.write_all(&buf)
+            .and_then(|()| file.sync_all())
+            .map_err(io_err("write", &tmp))?;
         // The handle stays valid across the rename and becomes the new append handle, so no
         // reopen can fail after the log has been replaced.
         if let Err(source) = fs::rename(&tmp, &self.log_path) {
@@ -315,72 +341,16 @@ impl Outbox {
             return Err(io_err("replace", &self.log_path)(source));
         }
         sync_dir(&self.dir)?;
-        *log = LogFile { file, len: buf.len() as u64 };
+        *log = LogFile {
+            file,
+            len: buf.len() as u64,
+        };
         lock(&self.state).entries.drain(..drop_count);
-        tracing::debug!(dropped = drop_count, kept = keep.len(), "compacted the event outbox");
+        tracing::debug!(
+            dropped = drop_count,
+            kept = keep.len(),
+            "compacted the event outbox"
+        );
         Ok(drop_count)
-    }
-}
-
-/// Entries of the log and the length of its well-formed prefix of complete lines.
-fn read_log(path: &Path) -> Result<(VecDeque<Entry>, u64)> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_err("read", path)(e)),
-    };
-    let mut entries: VecDeque<Entry> = VecDeque::new();
-    let mut good_len = 0;
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
-        if line.last() != Some(&b'\n') {
-            break; // torn tail: its append never returned Ok
-        }
-        good_len += line.len();
-        let line = &line[..line.len() - 1];
-        match serde_json::from_slice::<Record>(line) {
-            Ok(r) if entries.back().is_none_or(|last| r.seq > last.seq) => {
-                entries.push_back(Entry { seq: r.seq, event: Arc::new(r.event) });
-            }
-            Ok(r) => tracing::error!(path = %path.display(), seq = r.seq, "skipping an out-of-order outbox line"),
-            Err(e) if !line.is_empty() => {
-                tracing::error!(path = %path.display(), error = %e, "skipping a corrupt outbox line");
-            }
-            Err(_) => {}
-        }
-    }
-    Ok((entries, good_len as u64))
-}
-
-/// A missing or unreadable cursor means "nothing delivered": the worst case is a redelivery,
-/// which consumers absorb by deduplicating on `event_id`.
-fn read_cursor(path: &Path) -> u64 {
-    match fs::read_to_string(path) {
-        Ok(text) => text.trim().parse().unwrap_or_else(|_| {
-            tracing::error!(path = %path.display(), "unreadable outbox cursor; redelivering the retained events");
-            0
-        }),
-        Err(_) => 0,
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", dir))
-}
-
-static OPEN_DIRS: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(Default::default);
-
-/// Marks a state directory as in use by one outbox of this process (two writers would interleave
-/// sequence numbers); released when the outbox is dropped.
-pub(crate) struct DirLock(PathBuf);
-
-impl DirLock {
-    pub(crate) fn try_acquire(dir: &Path) -> Option<Self> {
-        lock(&OPEN_DIRS).insert(dir.to_path_buf()).then(|| Self(dir.to_path_buf()))
-    }
-}
-
-impl Drop for DirLock {
-    fn drop(&mut self) {
-        lock(&OPEN_DIRS).remove(&self.0);
     }
 }
