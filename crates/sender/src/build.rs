@@ -90,6 +90,7 @@ pub async fn build_image(
     let mut tail: VecDeque<String> = VecDeque::with_capacity(LOG_TAIL_LINES);
     let mut push = |line: &str, progress: &dyn Progress| {
         for line in line.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+            tracing::debug!(target: "deploy_sender::build", "{line}");
             progress.message(Stage::Build, line);
             if tail.len() == LOG_TAIL_LINES {
                 tail.pop_front();

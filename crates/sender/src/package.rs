@@ -302,6 +302,13 @@ async fn export_to_file(
 mod tests {
     use super::*;
 
+    /// The REST service will `tokio::spawn` packaging jobs: their futures must be `Send`.
+    #[allow(dead_code)]
+    fn package_future_is_send(docker: &Docker, store: &PackageStore, request: &PackageRequest) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&package_image(docker, store, request, &crate::NoProgress));
+    }
+
     #[test]
     fn default_tag_and_container_name() {
         assert_eq!(with_default_tag("busybox"), "busybox:latest");

@@ -166,7 +166,7 @@ async fn built_image_is_packaged_with_zstd_and_gzip_as_docker_save_archives() {
         let path = Path::new(&info.package_path);
         assert_eq!(info.compression, compression);
         assert!(path.to_string_lossy().ends_with(compression.extension()));
-        assert_eq!(info.image_tags, [tag.clone()]);
+        assert_eq!(info.image_tags, std::slice::from_ref(&tag));
         assert!(info.image_id.starts_with("sha256:"));
         assert_eq!(
             info.container_name.as_deref(),
@@ -182,12 +182,12 @@ async fn built_image_is_packaged_with_zstd_and_gzip_as_docker_save_archives() {
         );
         let tar = decompress(path, compression);
         assert_eq!(info.original_size, tar.len() as u64);
-        assert_eq!(archive_tags(&tar), [tag.clone()]);
+        assert_eq!(archive_tags(&tar), std::slice::from_ref(&tag));
         assert!(info.compression_ratio > 0.0 && info.compression_ratio < 1.0);
 
         let manifest = info.manifest();
         manifest.validate().expect("a valid upload manifest");
-        assert_eq!(manifest.image_tags, [tag.clone()]);
+        assert_eq!(manifest.image_tags, std::slice::from_ref(&tag));
         ids.push(info.package_id);
     }
 
@@ -244,7 +244,7 @@ async fn an_existing_image_is_packaged_by_tag_and_by_id() {
     assert_eq!(info.container_name.as_deref(), Some("web"));
     assert_eq!(info.compression_level, None);
     let tar = decompress(Path::new(&info.package_path), Compression::None);
-    assert_eq!(archive_tags(&tar), [tag.clone()]);
+    assert_eq!(archive_tags(&tar), std::slice::from_ref(&tag));
     assert!(
         seen.lock()
             .expect("lock")

@@ -1,3 +1,5 @@
+//! Context collection: .dockerignore semantics and the Dockerfile confinement check.
+
 use std::fs;
 
 use super::*;

@@ -272,6 +272,25 @@ async fn a_file_that_changed_since_its_manifest_is_refused_before_sending() {
     assert_eq!(err.code(), ErrorCode::ValidationError);
 }
 
+/// The REST service will `tokio::spawn` uploads: the future must be `Send`.
+#[allow(dead_code)]
+fn upload_future_is_send(
+    client: &reqwest::Client,
+    target: &ReceiverTarget,
+    manifest: &PackageManifest,
+) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&upload_package(
+        client,
+        target,
+        Path::new("p"),
+        manifest,
+        Endpoint::Upload,
+        None,
+        |_| {},
+    ));
+}
+
 #[test]
 fn compression_is_guessed_from_the_extension() {
     assert_eq!(
