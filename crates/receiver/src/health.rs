@@ -365,10 +365,13 @@ pub async fn check(
         ));
     }
     let docker = state.docker().client().await?;
-    let report = wait(&docker, name, spec).await.map_err(|e| match e {
-        ReceiverError::NotFound(_) => {
-            ReceiverError::NotFound(format!("no container named {name} on this host"))
-        }
+    let not_found = || ReceiverError::NotFound(format!("no container named {name} on this host"));
+    let container = crate::deploy::container_named(&docker, name)
+        .await?
+        .and_then(|c| c.id)
+        .ok_or_else(not_found)?;
+    let report = wait(&docker, &container, spec).await.map_err(|e| match e {
+        ReceiverError::NotFound(_) => not_found(),
         other => other,
     })?;
     if !report.healthy {

@@ -681,6 +681,33 @@ async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_w
         (StatusCode::NOT_FOUND, json!("NOT_FOUND")),
         "{body}"
     );
+    // The journal is signed like everything else, and every route is documented.
+    let unsigned = http()
+        .get(format!("{}/deployments", receiver.base))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+    let doc: Value = http()
+        .get(format!("{}/openapi.json", receiver.base))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    for path in [
+        "/deployment/deploy",
+        "/deployment/health-check",
+        "/deployment/full",
+        "/deployments",
+        "/deployments/{id}",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} is in the OpenAPI document"
+        );
+    }
     let (status, body) = receiver
         .get(&format!("/deployments/{}", Uuid::new_v4()))
         .await;
@@ -865,5 +892,65 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
         .get(deployment_id)
         .expect("journal")
         .is_some());
+    receiver.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_deploys_to_one_name_take_turns() {
+    let docker = docker().await;
+    let name = unique_name();
+    let mut cleanup = Cleanup::new(&name);
+    let (a, b) = (format!("{name}:a"), format!("{name}:b"));
+    build_image(
+        &docker,
+        &mut cleanup,
+        &a,
+        ImageSpec {
+            page: "a",
+            healthcheck: Some(HEALTHY),
+        },
+    )
+    .await;
+    build_image(
+        &docker,
+        &mut cleanup,
+        &b,
+        ImageSpec {
+            page: "b",
+            healthcheck: Some(HEALTHY),
+        },
+    )
+    .await;
+    let dir = temp_dir();
+    let receiver = Receiver::start(dir.path()).await;
+    let request = |image: &str| {
+        let mut spec = web_spec(&name);
+        spec.image = Some(image.to_owned());
+        json!({ "deployment": spec })
+    };
+    let (to_a, to_b) = (request(&a), request(&b));
+    let (first, second) = tokio::join!(
+        receiver.post("/deployment/deploy", &to_a),
+        receiver.post("/deployment/deploy", &to_b),
+    );
+    for (status, body) in [&first, &second] {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        assert_eq!(record(body).status, DeploymentStatus::Succeeded);
+    }
+    let (first, second) = (record(&first.1), record(&second.1));
+    let last = if first.previous_container_id == second.container_id {
+        &first
+    } else {
+        &second
+    };
+    let containers = containers_named(&docker, std::slice::from_ref(&name)).await;
+    assert_eq!(containers.len(), 1, "one container after two deployments");
+    assert_eq!(
+        Some(&containers[0]),
+        last.container_id.as_ref(),
+        "the later deployment runs"
+    );
+    let expected = if last.image == a { "a" } else { "b" };
+    assert_eq!(page(&docker, &name).await, expected);
     receiver.stop().await;
 }

@@ -63,6 +63,19 @@ pub async fn reconcile_all(state: &AppState) -> Result<usize> {
     Ok(settled)
 }
 
+/// Settles the leftover deployments of container `name`; the caller holds the name's lock.
+pub(super) async fn settle(state: &AppState, docker: &Docker, name: &str) -> Result<()> {
+    for id in state.journal().leftovers() {
+        let Some(record) = state.journal().get(id)? else {
+            continue;
+        };
+        if record.status == DeploymentStatus::InProgress && record.container_name == name {
+            reconcile_one(state, docker, record).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn reconcile_one(
     state: &AppState,
     docker: &Docker,

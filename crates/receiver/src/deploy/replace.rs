@@ -1,0 +1,322 @@
+//! Replacing a container: set the old one aside, start the new one, health-check it, then clean
+//! up or roll back.
+
+use std::time::Instant;
+
+use bollard::container::{CreateContainerOptions, RenameContainerOptions, StopContainerOptions};
+use bollard::Docker;
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
+use deploy_protocol::{DeploymentSpec, ErrorDetail, HealthCheckSpec, PortProtocol};
+
+use super::{
+    aside_name, container_named, prune, reconcile, remove_container, short, spec, Deployment,
+};
+use crate::docker::map_err;
+use crate::error::{correlation_id, ReceiverError, Result};
+use crate::health;
+
+/// Seconds the old container gets to stop before it is killed.
+const STOP_TIMEOUT_SECS: i64 = 10;
+
+/// The container that was running under the name, while it is set aside.
+#[derive(Debug)]
+struct Previous {
+    id: String,
+    was_running: bool,
+    renamed: bool,
+}
+
+/// Replaces the container named in `spec` (if any) by a new one, health-checks it, and either
+/// cleans up or rolls back. Never fails: the outcome is in the returned record. Called with the
+/// name's lock held.
+pub(super) async fn replace(
+    mut d: Deployment,
+    docker: &Docker,
+    spec: &DeploymentSpec,
+    image: &str,
+) -> DeploymentRecord {
+    let started = Instant::now();
+    // A deployment of this name that a previous run left half done is settled first.
+    let state = d.state().clone();
+    if let Err(e) = reconcile::settle(&state, docker, &spec.container_name).await {
+        d.stage(
+            Stage::Start,
+            StageOutcome::Failed,
+            started.elapsed(),
+            Some(format!(
+                "an interrupted deployment of this name could not be settled first: {e}"
+            )),
+        );
+        return d.finish(DeploymentStatus::Failed, Some(&e)).await;
+    }
+    let mut previous = None;
+    let new_id = match start_new(&mut d, docker, spec, image, &mut previous).await {
+        Ok(id) => {
+            let detail = match &previous {
+                Some(p) => format!(
+                    "started {} in place of {}, set aside as {}",
+                    short(&id),
+                    short(&p.id),
+                    aside_name(&spec.container_name, &p.id)
+                ),
+                None => format!("started {}", short(&id)),
+            };
+            d.stage(
+                Stage::Start,
+                StageOutcome::Ok,
+                started.elapsed(),
+                Some(detail),
+            );
+            id
+        }
+        Err(e) => {
+            d.stage(
+                Stage::Start,
+                StageOutcome::Failed,
+                started.elapsed(),
+                Some(e.to_string()),
+            );
+            let new_id = d.record.container_id.clone();
+            return rollback(d, docker, &spec.container_name, new_id, previous, e).await;
+        }
+    };
+
+    let started = Instant::now();
+    let check = health_spec(spec);
+    let failure = match health::wait(docker, &new_id, &check).await {
+        Ok(report) if report.healthy => {
+            d.stage(
+                Stage::Health,
+                StageOutcome::Ok,
+                started.elapsed(),
+                Some(format!(
+                    "{} check: {}",
+                    report.kind,
+                    report.output.unwrap_or_else(|| "healthy".into())
+                )),
+            );
+            None
+        }
+        Ok(report) => {
+            let output = report.output.unwrap_or_else(|| "no output".into());
+            d.stage(
+                Stage::Health,
+                StageOutcome::Failed,
+                started.elapsed(),
+                Some(format!("{} check: {output}", report.kind)),
+            );
+            Some(ReceiverError::HealthCheckFailed(format!(
+                "container {} did not become healthy ({} check): {output}",
+                spec.container_name, report.kind
+            )))
+        }
+        Err(e) => {
+            d.stage(
+                Stage::Health,
+                StageOutcome::Failed,
+                started.elapsed(),
+                Some(e.to_string()),
+            );
+            Some(e)
+        }
+    };
+    if let Some(e) = failure {
+        return rollback(d, docker, &spec.container_name, Some(new_id), previous, e).await;
+    }
+
+    let started = Instant::now();
+    let mut notes = Vec::new();
+    let mut outcome = StageOutcome::Ok;
+    if let Some(p) = &previous {
+        match remove_container(docker, &p.id).await {
+            Ok(()) => notes.push(format!("removed the previous container {}", short(&p.id))),
+            Err(e) => {
+                outcome = StageOutcome::Failed;
+                notes.push(format!(
+                    "could not remove the previous container {}: {e}",
+                    short(&p.id)
+                ));
+            }
+        }
+    }
+    match prune::prune_images(d.state(), docker, &spec.container_name).await {
+        Ok(removed) if removed.is_empty() => {}
+        Ok(removed) => notes.push(format!("pruned images {}", removed.join(", "))),
+        Err(e) => notes.push(format!("image pruning skipped: {e}")),
+    }
+    d.stage(
+        Stage::Cleanup,
+        outcome,
+        started.elapsed(),
+        (!notes.is_empty()).then(|| notes.join("; ")),
+    );
+    d.finish(DeploymentStatus::Succeeded, None).await
+}
+
+/// Sets the old container aside (stopped, renamed), creates and starts the new one. The journal
+/// knows each container before it is touched.
+async fn start_new(
+    d: &mut Deployment,
+    docker: &Docker,
+    spec: &DeploymentSpec,
+    image: &str,
+    previous: &mut Option<Previous>,
+) -> Result<String> {
+    let name = &spec.container_name;
+    let deploy_err = |e| map_err(e, ReceiverError::DeployFailed);
+    if let Some(old) = container_named(docker, name).await? {
+        let id = old.id.clone().unwrap_or_default();
+        let was_running = old.state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        d.record.previous_container_id = Some(id.clone());
+        d.save().await;
+        *previous = Some(Previous {
+            id: id.clone(),
+            was_running,
+            renamed: false,
+        });
+        docker
+            .stop_container(
+                &id,
+                Some(StopContainerOptions {
+                    t: STOP_TIMEOUT_SECS,
+                }),
+            )
+            .await
+            .map_err(deploy_err)?;
+        docker
+            .rename_container(
+                &id,
+                RenameContainerOptions {
+                    name: aside_name(name, &id),
+                },
+            )
+            .await
+            .map_err(deploy_err)?;
+        if let Some(p) = previous.as_mut() {
+            p.renamed = true;
+        }
+    }
+    let config = spec::container_config(spec, image, d.labels())?;
+    let created = docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: name.clone(),
+                platform: None,
+            }),
+            config,
+        )
+        .await
+        .map_err(deploy_err)?;
+    d.record.container_id = Some(created.id.clone());
+    d.save().await;
+    docker
+        .start_container::<String>(&created.id, None)
+        .await
+        .map_err(deploy_err)?;
+    Ok(created.id)
+}
+
+/// Removes the new container and brings the previous one back under its name.
+async fn rollback(
+    mut d: Deployment,
+    docker: &Docker,
+    name: &str,
+    new_id: Option<String>,
+    previous: Option<Previous>,
+    error: ReceiverError,
+) -> DeploymentRecord {
+    let started = Instant::now();
+    let mut problems = Vec::new();
+    if let Some(id) = &new_id {
+        if let Err(e) = remove_container(docker, id).await {
+            problems.push(format!(
+                "could not remove the new container {}: {e}",
+                short(id)
+            ));
+        }
+    }
+    if let Some(p) = &previous {
+        if let Err(e) = restore(docker, name, p).await {
+            problems.push(format!(
+                "could not restore the previous container {}: {e}",
+                short(&p.id)
+            ));
+        }
+    }
+    let restored = previous.is_some() && problems.is_empty();
+    let detail = match (&previous, restored) {
+        (Some(p), true) => format!("restored the previous container {} as {name}", short(&p.id)),
+        (None, _) if problems.is_empty() => {
+            "removed the new container; there was no previous one to restore".into()
+        }
+        _ => problems.join("; "),
+    };
+    let outcome = if problems.is_empty() {
+        StageOutcome::Ok
+    } else {
+        StageOutcome::Failed
+    };
+    d.stage(
+        Stage::Rollback,
+        outcome,
+        started.elapsed(),
+        Some(detail.clone()),
+    );
+    let status = if restored {
+        d.state().metrics().rollback();
+        DeploymentStatus::RolledBack
+    } else {
+        DeploymentStatus::Failed
+    };
+    let message = if previous.is_some() {
+        format!("{error}; {detail}")
+    } else {
+        error.to_string()
+    };
+    d.finish_with(
+        status,
+        Some(ErrorDetail {
+            code: error.code(),
+            message,
+            correlation_id: correlation_id(),
+        }),
+    )
+    .await
+}
+
+/// Puts a set-aside container back under `name` and starts it if it was running.
+async fn restore(docker: &Docker, name: &str, previous: &Previous) -> Result<()> {
+    let err = |e| map_err(e, ReceiverError::DeployFailed);
+    if previous.renamed {
+        docker
+            .rename_container(
+                &previous.id,
+                RenameContainerOptions {
+                    name: name.to_owned(),
+                },
+            )
+            .await
+            .map_err(err)?;
+    }
+    if previous.was_running {
+        docker
+            .start_container::<String>(&previous.id, None)
+            .await
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The health check of a deployment: an `http` check without a port probes the first published
+/// TCP port.
+fn health_spec(spec: &DeploymentSpec) -> HealthCheckSpec {
+    let mut check = spec.health_check.clone();
+    if check.port.is_none() {
+        check.port = spec
+            .ports
+            .iter()
+            .find(|p| p.protocol == PortProtocol::Tcp)
+            .map(|p| p.container_port);
+    }
+    check
+}
