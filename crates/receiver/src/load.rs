@@ -57,12 +57,9 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
         Gate::new(policy),
         verdict.clone(),
     );
-    let output = read_output(docker.import_image_stream(
-        ImportImageOptions { quiet: true },
-        body,
-        None,
-    ))
-    .await;
+    let output =
+        read_output(docker.import_image_stream(ImportImageOptions { quiet: true }, body, None))
+            .await;
     let verdict = verdict
         .lock()
         .map_err(|_| ReceiverError::Internal("load verdict poisoned".into()))?
