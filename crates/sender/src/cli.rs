@@ -28,14 +28,59 @@ pub enum Command {
     Transfer(TransferArgs),
     /// Build an image (or take an existing one) and store it as a compressed package.
     Package(PackageArgs),
+    /// List, show, verify or delete stored packages.
+    #[command(subcommand)]
+    Packages(PackagesCommand),
+}
+
+/// `deploy-sender packages ...`.
+#[derive(Debug, Subcommand)]
+pub enum PackagesCommand {
+    /// List stored packages, newest first.
+    List(StoreArgs),
+    /// Show one package's metadata as JSON.
+    Show(PackageIdArgs),
+    /// Re-hash a package and compare with its recorded checksum.
+    Verify(PackageIdArgs),
+    /// Delete a package and its metadata.
+    Delete(PackageIdArgs),
+}
+
+/// The store to look in.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// Package store directory.
+    #[arg(long, env = "PACKAGE_DIR", default_value = "./packages")]
+    pub package_dir: PathBuf,
+    /// Print JSON.
+    #[arg(long, env = "DEPLOY_JSON")]
+    pub json: bool,
+}
+
+/// One stored package.
+#[derive(Debug, clap::Args)]
+pub struct PackageIdArgs {
+    /// Package id.
+    #[arg(env = "DEPLOY_PACKAGE_ID")]
+    pub package_id: Uuid,
+    /// The store.
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 /// `deploy-sender transfer`.
 #[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["file", "stored"])))]
 pub struct TransferArgs {
     /// Package file to send (a compressed `docker save` archive).
     #[arg(long, env = "DEPLOY_PACKAGE_FILE")]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
+    /// Send a package from the store instead, by id (its recorded manifest and tags are used).
+    #[arg(long, env = "DEPLOY_STORED_PACKAGE", conflicts_with_all = ["package_id", "compression", "tags"])]
+    pub stored: Option<Uuid>,
+    /// Package store directory, for --stored.
+    #[arg(long, env = "PACKAGE_DIR", default_value = "./packages")]
+    pub package_dir: PathBuf,
     /// Receiver and key.
     #[command(flatten)]
     pub receiver: ReceiverConfig,
@@ -176,5 +221,23 @@ mod tests {
             panic!("transfer")
         };
         assert_eq!(args.tags, ["a:1", "b:2"]);
+        let id = "643f58f6-4f40-4ecf-921f-0001187a7fd6";
+        let both = [
+            "deploy-sender",
+            "transfer",
+            "--file",
+            "p.tar",
+            "--stored",
+            id,
+        ];
+        assert!(
+            Cli::try_parse_from(both).is_err(),
+            "a file or a stored package, not both"
+        );
+        let cli = Cli::try_parse_from(["deploy-sender", "packages", "verify", id]).expect("valid");
+        assert!(matches!(
+            cli.command,
+            Command::Packages(PackagesCommand::Verify(_))
+        ));
     }
 }

@@ -1,16 +1,13 @@
 //! What each subcommand does: call the library, draw progress on a terminal, print the result.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::path::PathBuf;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-
-use crate::cli::{Cli, Command, PackageArgs, TransferArgs};
+use crate::cli::{Cli, Command, PackageArgs, PackagesCommand, TransferArgs};
 use crate::package::{package_image, ImageSource, PackageRequest};
-use crate::progress::{Progress, ProgressEvent, Stage};
 use crate::sink::{default_zstd_workers, CompressionOptions};
 use crate::store::{PackageInfo, PackageStore};
+use crate::terminal::{bytes_bar, TerminalProgress};
 use crate::upload::{compression_from_path, manifest_for_file, upload_package, Endpoint};
 use crate::{BuildSpec, SenderError};
 
@@ -19,25 +16,38 @@ pub async fn run(cli: Cli) -> Result<(), SenderError> {
     match cli.command {
         Command::Transfer(args) => transfer(args).await,
         Command::Package(args) => package(args).await,
+        Command::Packages(command) => packages(command).await,
     }
 }
 
 async fn transfer(args: TransferArgs) -> Result<(), SenderError> {
     let target = args.receiver.target()?;
     let client = args.receiver.http_client()?;
-    let compression = match args
-        .compression
-        .or_else(|| compression_from_path(&args.file))
-    {
-        Some(c) => c,
-        None => {
-            return Err(SenderError::Validation(format!(
-            "cannot tell the compression of {} from its name: pass --compression gzip|zstd|none",
-            args.file.display()
-        )))
+    let (path, manifest) = match (args.file, args.stored) {
+        (_, Some(id)) => {
+            let info = PackageStore::open(&args.package_dir).await?.get(id).await?;
+            (PathBuf::from(&info.package_path), info.manifest())
+        }
+        (Some(file), None) => {
+            let compression = args
+                .compression
+                .or_else(|| compression_from_path(&file))
+                .ok_or_else(|| {
+                    SenderError::Validation(format!(
+                        "cannot tell the compression of {} from its name: pass --compression",
+                        file.display()
+                    ))
+                })?;
+            let manifest =
+                manifest_for_file(&file, args.package_id, compression, args.tags).await?;
+            (file, manifest)
+        }
+        (None, None) => {
+            return Err(SenderError::Validation(
+                "pass --file PATH or --stored PACKAGE_ID".into(),
+            ))
         }
     };
-    let manifest = manifest_for_file(&args.file, args.package_id, compression, args.tags).await?;
     let bar = bytes_bar(Some(manifest.package_size), "upload");
     let on_progress = {
         let bar = bar.clone();
@@ -46,7 +56,7 @@ async fn transfer(args: TransferArgs) -> Result<(), SenderError> {
     let result = upload_package(
         &client,
         &target,
-        &args.file,
+        &path,
         &manifest,
         Endpoint::Upload,
         args.correlation_id.as_deref(),
@@ -66,8 +76,8 @@ async fn transfer(args: TransferArgs) -> Result<(), SenderError> {
             target.endpoint_url(Endpoint::Upload)
         );
         println!(
-            "package {} ({compression}), BLAKE3 {}",
-            manifest.package_id, manifest.package_checksum
+            "package {} ({}), BLAKE3 {}",
+            manifest.package_id, manifest.compression, manifest.package_checksum
         );
     }
     Ok(())
@@ -113,6 +123,50 @@ async fn package(args: PackageArgs) -> Result<(), SenderError> {
     Ok(())
 }
 
+async fn packages(command: PackagesCommand) -> Result<(), SenderError> {
+    match command {
+        PackagesCommand::List(args) => {
+            let list = PackageStore::open(&args.package_dir).await?.list().await?;
+            if args.json {
+                print_json(&list);
+                return Ok(());
+            }
+            for info in &list {
+                println!(
+                    "{}  {:>10.2} MB  {:<5}  {}  {}",
+                    info.package_id,
+                    info.package_size_mb,
+                    info.compression,
+                    info.created_at,
+                    info.image_tags.join(",")
+                );
+            }
+        }
+        PackagesCommand::Show(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            print_json(&store.get(args.package_id).await?);
+        }
+        PackagesCommand::Verify(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            let info = store.verify(args.package_id).await?;
+            if args.store.json {
+                print_json(&info);
+            } else {
+                println!(
+                    "package {} verified: BLAKE3 {}",
+                    info.package_id, info.package_checksum
+                );
+            }
+        }
+        PackagesCommand::Delete(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            store.delete(args.package_id).await?;
+            println!("package {} deleted", args.package_id);
+        }
+    }
+    Ok(())
+}
+
 fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string_pretty(value) {
         Ok(text) => println!("{text}"),
@@ -140,87 +194,4 @@ fn print_package(info: &PackageInfo) {
         "time      build {} ms, export {} ms",
         info.build_duration_ms, info.export_duration_ms
     );
-}
-
-/// A byte bar on stderr when it is a terminal, hidden otherwise.
-fn bytes_bar(total: Option<u64>, label: &str) -> ProgressBar {
-    let target = if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = match total {
-        Some(t) => ProgressBar::with_draw_target(Some(t), target).with_style(
-            ProgressStyle::with_template(
-                "{prefix:>7} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        ),
-        None => ProgressBar::with_draw_target(None, target).with_style(
-            ProgressStyle::with_template("{prefix:>7} {spinner} {bytes} {wide_msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        ),
-    };
-    bar.set_prefix(label.to_owned());
-    bar
-}
-
-/// Draws one bar per stage as the pipeline reports.
-#[derive(Default)]
-struct TerminalProgress {
-    current: Mutex<Option<(Stage, ProgressBar)>>,
-}
-
-impl TerminalProgress {
-    fn clear(&self) {
-        if let Ok(mut current) = self.current.lock() {
-            if let Some((_, bar)) = current.take() {
-                bar.finish_and_clear();
-            }
-        }
-    }
-}
-
-impl Progress for TerminalProgress {
-    fn report(&self, event: ProgressEvent<'_>) {
-        let Ok(mut current) = self.current.lock() else {
-            return;
-        };
-        if current.as_ref().map(|(s, _)| *s) != Some(event.stage) {
-            if let Some((_, bar)) = current.take() {
-                bar.finish_and_clear();
-            }
-            let total = if event.stage == Stage::Build {
-                None
-            } else {
-                event.total
-            };
-            let bar = bytes_bar(total, event.stage.as_str());
-            if event.stage == Stage::Build {
-                bar.set_style(
-                    ProgressStyle::with_template("{prefix:>7} {spinner} {wide_msg}")
-                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-                );
-            }
-            *current = Some((event.stage, bar));
-        }
-        let Some((_, bar)) = current.as_ref() else {
-            return;
-        };
-        if let Some(message) = event.message {
-            bar.set_message(message.to_owned());
-            bar.tick();
-        } else if event.stage != Stage::Build {
-            if let Some(total) = event.total {
-                if bar.length() != Some(total.max(event.done)) {
-                    bar.set_length(total.max(event.done));
-                }
-            }
-            bar.set_position(event.done);
-        }
-        if event.finished {
-            bar.finish_and_clear();
-        }
-    }
 }

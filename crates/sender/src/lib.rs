@@ -13,6 +13,7 @@ pub mod package;
 pub mod progress;
 pub mod sink;
 pub mod store;
+mod terminal;
 pub mod upload;
 
 pub use build::{BuildSpec, BuiltImage};

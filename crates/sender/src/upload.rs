@@ -280,16 +280,20 @@ fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
     }
 }
 
-/// The error and its sources joined by `: ` (reqwest's own message hides the cause).
+/// The causes of an error joined by `: ` (reqwest's own message only repeats the URL), or the
+/// error itself when it has no cause.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
+    let mut causes = Vec::new();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        causes.push(s.to_string());
         source = s.source();
     }
-    out
+    if causes.is_empty() {
+        e.to_string()
+    } else {
+        causes.join(": ")
+    }
 }
 
 /// BLAKE3 and size of a file, read in 1 MiB blocks on a blocking thread.
