@@ -269,6 +269,36 @@ mod tests {
         assert_eq!(err.code(), deploy_protocol::ErrorCode::PackageTooLarge);
     }
 
+    #[tokio::test]
+    async fn a_limit_hit_inside_the_compressor_is_still_package_too_large() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let noise: Vec<u8> = (0..256 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for (compression, workers) in [
+            (Compression::Zstd, 2),
+            (Compression::Zstd, 0),
+            (Compression::Gzip, 0),
+        ] {
+            let options = CompressionOptions {
+                compression,
+                level: None,
+                zstd_workers: workers,
+            };
+            let (mut sink, _) = sink_into(dir.path(), options, 1000).await;
+            let result = match sink.write(&noise).await {
+                Ok(()) => sink.finish().await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            let err = result.expect_err("over the limit");
+            assert_eq!(
+                err.code(),
+                deploy_protocol::ErrorCode::PackageTooLarge,
+                "{compression}/{workers}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn levels_are_checked_per_algorithm() {
         let opts = |compression, level| CompressionOptions {

@@ -66,11 +66,18 @@ impl Drop for ImageGuard {
     }
 }
 
-/// A build context holding the static busybox and this Dockerfile.
+/// A build context holding the static busybox and this Dockerfile. A unique label after `FROM`
+/// keeps tests from sharing build-cache images, so one test's cleanup cannot delete an image
+/// another test is building on.
 fn busybox_context(dockerfile: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
-    std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
+    let (from, rest) = dockerfile.split_once('\n').expect("a FROM line");
+    let unique = format!(
+        "{from}\nLABEL deploy-sender-test={}\n{rest}",
+        Uuid::new_v4()
+    );
+    std::fs::write(dir.path().join("Dockerfile"), unique).expect("Dockerfile");
     dir
 }
 
