@@ -2,12 +2,15 @@
 # Installs and starts what the tests and the demo need on a fresh Debian machine (as root), or
 # says exactly what is missing. Idempotent.
 set -euo pipefail
+demo_only=${1:-}
 
 need_apt=()
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' || need_apt+=(busybox-static)
 command -v file >/dev/null || need_apt+=(file)
 command -v zstd >/dev/null || need_apt+=(zstd)
-command -v promtool >/dev/null || need_apt+=(prometheus)
+if [ "$demo_only" != "--demo" ]; then
+  command -v promtool >/dev/null || need_apt+=(prometheus)
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
