@@ -207,16 +207,19 @@ async fn host_port(docker: &Docker, name: &str) -> u16 {
         .expect("numeric port")
 }
 
+/// The page the container serves. A container just (re)started may not listen yet: connection
+/// errors are retried for a while.
 async fn page(docker: &Docker, name: &str) -> String {
     let url = format!("http://127.0.0.1:{}/", host_port(docker, name).await);
-    http()
-        .get(&url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-        .text()
-        .await
-        .expect("page body")
+    let mut last = String::new();
+    for _ in 0..100 {
+        match http().get(&url).send().await {
+            Ok(response) => return response.text().await.expect("page body"),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("GET {url}: {last}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -808,70 +811,9 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
     assert_eq!(status, StatusCode::OK, "{body}");
     receiver.stop().await;
 
-    // What a receiver killed mid-deploy leaves: the old container stopped and set aside, the new
-    // one started, the journal saying IN_PROGRESS.
-    let old_id = inspect(&docker, &name).await.id.expect("id");
-    docker
-        .stop_container(&old_id, Some(StopContainerOptions { t: 1 }))
-        .await
-        .expect("stop");
-    let aside = deploy_receiver::deploy::aside_name(&name, &old_id);
-    docker
-        .rename_container(
-            &old_id,
-            RenameContainerOptions {
-                name: aside.clone(),
-            },
-        )
-        .await
-        .expect("rename");
-    let deployment_id = Uuid::new_v4();
-    let config = ContainerConfig {
-        image: Some(bad.clone()),
-        labels: Some(HashMap::from([
-            ("io.deploy.managed".to_owned(), "true".to_owned()),
-            (
-                "io.deploy.deployment_id".to_owned(),
-                deployment_id.to_string(),
-            ),
-        ])),
-        ..Default::default()
-    };
-    let new_id = docker
-        .create_container(
-            Some(CreateContainerOptions {
-                name: name.clone(),
-                platform: None,
-            }),
-            config,
-        )
-        .await
-        .expect("create")
-        .id;
-    docker
-        .start_container::<String>(&new_id, None)
-        .await
-        .expect("start");
-    let interrupted = json!({
-        "deployment_id": deployment_id, "status": "IN_PROGRESS", "container_name": name,
-        "image": bad, "container_id": new_id, "previous_container_id": old_id,
-        "started_at": "2025-01-01T00:00:00Z", "stages": []
-    });
-    std::fs::write(
-        state_dir(dir.path()).join(format!("{deployment_id}.json")),
-        interrupted.to_string(),
-    )
-    .expect("journal");
-
+    let (deployment_id, old_id, _) = interrupt_deployment(&docker, dir.path(), &name, &bad).await;
     let receiver = Receiver::start(dir.path()).await;
-    let reconciled = loop {
-        let (status, body) = receiver.get(&format!("/deployments/{deployment_id}")).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        if body["status"] != json!("IN_PROGRESS") {
-            break record(&body);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let reconciled = settled(&receiver, deployment_id).await;
     assert_eq!(
         reconciled.status,
         DeploymentStatus::RolledBack,
@@ -952,5 +894,160 @@ async fn concurrent_deploys_to_one_name_take_turns() {
     );
     let expected = if last.image == a { "a" } else { "b" };
     assert_eq!(page(&docker, &name).await, expected);
+    receiver.stop().await;
+}
+
+/// Leaves what a receiver killed mid-deploy leaves: the container named `name` stopped and set
+/// aside, a new one from `image` started under the name, the journal saying IN_PROGRESS.
+/// Returns the deployment id, the old and the new container id.
+async fn interrupt_deployment(
+    docker: &Docker,
+    dir: &Path,
+    name: &str,
+    image: &str,
+) -> (Uuid, String, String) {
+    let old_id = inspect(docker, name).await.id.expect("id");
+    docker
+        .stop_container(&old_id, Some(StopContainerOptions { t: 1 }))
+        .await
+        .expect("stop");
+    let aside = deploy_receiver::deploy::aside_name(name, &old_id);
+    docker
+        .rename_container(&old_id, RenameContainerOptions { name: aside })
+        .await
+        .expect("rename");
+    let deployment_id = Uuid::new_v4();
+    let config = ContainerConfig {
+        image: Some(image.to_owned()),
+        labels: Some(HashMap::from([
+            ("io.deploy.managed".to_owned(), "true".to_owned()),
+            (
+                "io.deploy.deployment_id".to_owned(),
+                deployment_id.to_string(),
+            ),
+        ])),
+        exposed_ports: Some(HashMap::from([("80/tcp".to_owned(), HashMap::new())])),
+        host_config: Some(bollard::models::HostConfig {
+            port_bindings: Some(HashMap::from([(
+                "80/tcp".to_owned(),
+                Some(vec![bollard::models::PortBinding {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(String::new()),
+                }]),
+            )])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let new_id = docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: name.to_owned(),
+                platform: None,
+            }),
+            config,
+        )
+        .await
+        .expect("create")
+        .id;
+    docker
+        .start_container::<String>(&new_id, None)
+        .await
+        .expect("start");
+    let interrupted = json!({
+        "deployment_id": deployment_id, "status": "IN_PROGRESS", "container_name": name,
+        "image": image, "container_id": new_id, "previous_container_id": old_id,
+        "started_at": "2025-01-01T00:00:00Z", "stages": []
+    });
+    std::fs::write(
+        state_dir(dir).join(format!("{deployment_id}.json")),
+        interrupted.to_string(),
+    )
+    .expect("journal");
+    (deployment_id, old_id, new_id)
+}
+
+/// The record once start-up reconciliation has settled it.
+async fn settled(receiver: &Receiver, id: Uuid) -> DeploymentRecord {
+    for _ in 0..600 {
+        let (status, body) = receiver.get(&format!("/deployments/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["status"] != json!("IN_PROGRESS") {
+            return record(&body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("deployment {id} was never reconciled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy() {
+    let docker = docker().await;
+    let name = unique_name();
+    let mut cleanup = Cleanup::new(&name);
+    let (v1, v2) = (format!("{name}:v1"), format!("{name}:v2"));
+    build_image(
+        &docker,
+        &mut cleanup,
+        &v1,
+        ImageSpec {
+            page: "v1",
+            healthcheck: Some(HEALTHY),
+        },
+    )
+    .await;
+    build_image(
+        &docker,
+        &mut cleanup,
+        &v2,
+        ImageSpec {
+            page: "v2",
+            healthcheck: Some(HEALTHY),
+        },
+    )
+    .await;
+    let dir = temp_dir();
+    let receiver = Receiver::start(dir.path()).await;
+    let mut spec = web_spec(&name);
+    spec.image = Some(v1.clone());
+    let (status, body) = receiver
+        .post("/deployment/deploy", &json!({"deployment": spec}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    receiver.stop().await;
+
+    let (deployment_id, old_id, new_id) =
+        interrupt_deployment(&docker, dir.path(), &name, &v2).await;
+    let mut healthy = false;
+    for _ in 0..300 {
+        let health = inspect(&docker, &new_id)
+            .await
+            .state
+            .and_then(|s| s.health)
+            .and_then(|h| h.status);
+        if health == Some(bollard::models::HealthStatusEnum::HEALTHY) {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(healthy, "the v2 container never became healthy");
+
+    let receiver = Receiver::start(dir.path()).await;
+    let reconciled = settled(&receiver, deployment_id).await;
+    assert_eq!(
+        reconciled.status,
+        DeploymentStatus::Succeeded,
+        "{reconciled:?}"
+    );
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name)).await,
+        [new_id]
+    );
+    assert!(
+        docker.inspect_container(&old_id, None).await.is_err(),
+        "the v1 container is gone"
+    );
+    assert_eq!(page(&docker, &name).await, "v2");
     receiver.stop().await;
 }

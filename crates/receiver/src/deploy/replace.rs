@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use bollard::container::{CreateContainerOptions, RenameContainerOptions, StopContainerOptions};
+use bollard::container::{
+    CreateContainerOptions, ListContainersOptions, RenameContainerOptions, StopContainerOptions,
+};
 use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::{DeploymentSpec, ErrorDetail, HealthCheckSpec, PortProtocol};
@@ -139,6 +141,23 @@ pub(super) async fn replace(
             }
         }
     }
+    match stale_asides(docker, &spec.container_name).await {
+        Ok(stale) => {
+            for id in stale {
+                match remove_container(docker, &id).await {
+                    Ok(()) => notes.push(format!(
+                        "removed the stale set-aside container {}",
+                        short(&id)
+                    )),
+                    Err(e) => notes.push(format!(
+                        "could not remove the stale set-aside container {}: {e}",
+                        short(&id)
+                    )),
+                }
+            }
+        }
+        Err(e) => notes.push(format!("stale set-aside containers not checked: {e}")),
+    }
     match prune::prune_images(d.state(), docker, &spec.container_name).await {
         Ok(removed) if removed.is_empty() => {}
         Ok(removed) => notes.push(format!("pruned images {}", removed.join(", "))),
@@ -151,6 +170,25 @@ pub(super) async fn replace(
         (!notes.is_empty()).then(|| notes.join("; ")),
     );
     d.finish(DeploymentStatus::Succeeded, None).await
+}
+
+/// Stopped containers set aside for `name` by earlier deployments whose cleanup or rollback did
+/// not finish; once a new container is healthy they are no longer needed.
+async fn stale_asides(docker: &Docker, name: &str) -> Result<Vec<String>> {
+    let prefix = format!("/{name}.previous-");
+    let all = docker
+        .list_containers(Some(ListContainersOptions::<String> {
+            all: true,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| map_err(e, ReceiverError::Internal))?;
+    Ok(all
+        .into_iter()
+        .filter(|c| c.state.as_deref() != Some("running"))
+        .filter(|c| c.names.iter().flatten().any(|n| n.starts_with(&prefix)))
+        .filter_map(|c| c.id)
+        .collect())
 }
 
 /// Sets the old container aside (stopped, renamed), creates and starts the new one. The journal
