@@ -106,6 +106,12 @@ pub struct Config {
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+
+    /// Instead of serving: GET this health URL of a running receiver, exit 0 when it answers
+    /// 200 with status `healthy`, else 1. For container HEALTHCHECKs (the image has no curl);
+    /// deliberately no environment variable, which would stop the daemon from ever starting.
+    #[arg(long, value_name = "URL")]
+    pub probe: Option<String>,
 }
 
 /// Why the configuration cannot be used.

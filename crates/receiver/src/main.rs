@@ -7,6 +7,9 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(url) = &config.probe {
+        return probe(url).await;
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if config.log_format == "json" {
         tracing_subscriber::fmt()
@@ -28,6 +31,25 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, package_dir = %state.store().dir().display(), "deploy-receiver listening");
     serve(listener, state, shutdown_signal()).await?;
     tracing::info!("deploy-receiver stopped");
+    Ok(())
+}
+
+/// `--probe URL`: one health request, for a HEALTHCHECK; the error (exit 1) says what was seen.
+async fn probe(url: &str) -> anyhow::Result<()> {
+    let response = reqwest::Client::new()
+        .get(url)
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success() && body["status"] == "healthy",
+        "{url} answered {status}, status {}, docker_available {}",
+        body["status"],
+        body["docker_available"]
+    );
+    println!("{url}: healthy");
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub enum Command {
     /// List, show, verify or delete stored packages.
     #[command(subcommand)]
     Packages(PackagesCommand),
+    /// Check a receiver end to end (reachable, key, clock, Docker, disk) and say what to fix.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// `deploy-sender packages ...`.

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod docker;
+pub mod doctor;
 pub mod error;
 pub mod package;
 pub mod progress;
