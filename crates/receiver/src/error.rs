@@ -139,6 +139,8 @@ impl IntoResponse for ReceiverError {
             }
             _ => (status, Json(self.body())).into_response(),
         };
+        // For the error counter (`metrics::count_errors`), which sees every response.
+        response.extensions_mut().insert(code);
         if let ReceiverError::Busy {
             retry_after_secs, ..
         } = self

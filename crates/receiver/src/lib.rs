@@ -7,6 +7,7 @@ pub mod config;
 pub mod deploy;
 pub mod docker;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod journal;
 pub mod load;

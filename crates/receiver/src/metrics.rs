@@ -1,9 +1,20 @@
-//! Prometheus metrics of the receiver, served at `GET /metrics` in the text format.
+//! Prometheus metrics of the receiver, served at `GET /metrics` in the text format. Names follow
+//! the Prometheus conventions: `deploy_receiver_` prefix, `_total` counters, `_seconds` and
+//! `_bytes` units, low-cardinality labels (stage, status, error code; never ids).
 
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use deploy_events::EventStats;
+use deploy_protocol::ErrorCode;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
+
+use crate::state::AppState;
 
 /// Every metric the receiver exports. Cheap to clone (the collectors are shared).
 #[derive(Clone)]
@@ -13,10 +24,17 @@ pub struct Metrics {
     received_bytes: IntCounter,
     auth_refused: IntCounterVec,
     stage_seconds: HistogramVec,
+    stages: IntCounterVec,
     deployments: IntCounterVec,
     rollbacks: IntCounter,
     errors: IntCounterVec,
     uploads_in_flight: IntGauge,
+    event_record_failures: IntCounter,
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> prometheus::Result<C> {
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn counter_vec(
@@ -25,72 +43,93 @@ fn counter_vec(
     help: &str,
     labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    registry.register(Box::new(c.clone()))?;
-    Ok(c)
+    register(registry, IntCounterVec::new(Opts::new(name, help), labels)?)
 }
 
 impl Metrics {
     /// Registers all metrics in a fresh registry.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let received_bytes = IntCounter::new(
-            "deploy_receiver_received_bytes_total",
-            "Package bytes received",
-        )?;
-        registry.register(Box::new(received_bytes.clone()))?;
-        let rollbacks = IntCounter::new(
-            "deploy_receiver_rollbacks_total",
-            "Deployments rolled back to the previous container",
-        )?;
-        registry.register(Box::new(rollbacks.clone()))?;
-        let uploads_in_flight = IntGauge::new(
-            "deploy_receiver_uploads_in_flight",
-            "Uploads being received now",
-        )?;
-        registry.register(Box::new(uploads_in_flight.clone()))?;
-        let stage_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "deploy_receiver_stage_duration_seconds",
-                "Duration of pipeline stages",
-            )
-            .buckets(vec![
-                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            ]),
-            &["stage"],
-        )?;
-        registry.register(Box::new(stage_seconds.clone()))?;
+        let r = &registry;
         Ok(Self {
             uploads: counter_vec(
-                &registry,
+                r,
                 "deploy_receiver_uploads_total",
-                "Uploads by result (ok or error code)",
+                "Package uploads (/deployment/upload and /deployment/full) by result: ok or the error code",
                 &["result"],
             )?,
+            received_bytes: register(
+                r,
+                IntCounter::new(
+                    "deploy_receiver_received_bytes_total",
+                    "Package bytes received by uploads",
+                )?,
+            )?,
             auth_refused: counter_vec(
-                &registry,
+                r,
                 "deploy_receiver_auth_refused_total",
-                "Requests refused by the allowlist or the signature check",
+                "Requests refused by the allowlist or the signature check, by reason",
                 &["reason"],
             )?,
+            stage_seconds: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "deploy_receiver_stage_duration_seconds",
+                        "Duration of pipeline stages (upload, verify, load, start, health, rollback, cleanup), of deployments and of standalone uploads and loads",
+                    )
+                    .buckets(vec![
+                        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                    ]),
+                    &["stage"],
+                )?,
+            )?,
+            stages: counter_vec(
+                r,
+                "deploy_receiver_stages_total",
+                "Finished stages of deployments by stage and outcome (ok, failed, skipped)",
+                &["stage", "outcome"],
+            )?,
             deployments: counter_vec(
-                &registry,
+                r,
                 "deploy_receiver_deployments_total",
-                "Finished deployments by status",
+                "Finished deployments by status (succeeded, rolled_back, failed)",
                 &["status"],
             )?,
+            rollbacks: register(
+                r,
+                IntCounter::new(
+                    "deploy_receiver_rollbacks_total",
+                    "Deployments rolled back to the previous container",
+                )?,
+            )?,
             errors: counter_vec(
-                &registry,
+                r,
                 "deploy_receiver_errors_total",
-                "Error responses by code",
+                "Error responses by error code",
                 &["code"],
             )?,
+            uploads_in_flight: register(
+                r,
+                IntGauge::new(
+                    "deploy_receiver_uploads_in_flight",
+                    "Uploads being received now",
+                )?,
+            )?,
+            event_record_failures: register(
+                r,
+                IntCounter::new(
+                    "deploy_receiver_event_record_failures_total",
+                    "Lifecycle events that could not be recorded in the outbox (lost; the deployment went on)",
+                )?,
+            )?,
             registry,
-            received_bytes,
-            stage_seconds,
-            rollbacks,
-            uploads_in_flight,
         })
+    }
+
+    /// Adds a collector (e.g. [`EventStatsCollector`]) to this registry.
+    pub fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
     }
 
     /// Counts an upload's outcome.
@@ -115,6 +154,11 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// Counts a finished stage by outcome (`ok`, `failed`).
+    pub fn stage_finished(&self, stage: &str, outcome: &str) {
+        self.stages.with_label_values(&[stage, outcome]).inc();
+    }
+
     /// Counts a finished deployment.
     pub fn deployment(&self, status: &str) {
         self.deployments.with_label_values(&[status]).inc();
@@ -130,6 +174,11 @@ impl Metrics {
         self.errors.with_label_values(&[code]).inc();
     }
 
+    /// Counts a lifecycle event that could not be recorded.
+    pub fn event_record_failure(&self) {
+        self.event_record_failures.inc();
+    }
+
     /// The in-flight uploads gauge.
     pub fn uploads_in_flight(&self) -> &IntGauge {
         &self.uploads_in_flight
@@ -141,5 +190,118 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Middleware: counts every error response by its code. The one place that sees them all:
+/// [`crate::error::ReceiverError`]'s `IntoResponse` puts the code in the response's extensions,
+/// whichever handler, extractor or middleware the error came from.
+pub async fn count_errors(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if let Some(code) = response.extensions().get::<ErrorCode>() {
+        state.metrics().error(code.as_str());
+    }
+    response
+}
+
+/// Exports the event sink's counters, read at scrape time: events recorded, delivered to Kafka,
+/// failed delivery attempts, and events waiting for the broker.
+pub struct EventStatsCollector {
+    stats: Box<dyn Fn() -> EventStats + Send + Sync>,
+    recorded: IntCounter,
+    delivered: IntCounter,
+    delivery_failures: IntCounter,
+    pending: IntGauge,
+}
+
+impl EventStatsCollector {
+    /// A collector reading `stats` at every scrape.
+    pub fn new(stats: impl Fn() -> EventStats + Send + Sync + 'static) -> prometheus::Result<Self> {
+        Ok(Self {
+            stats: Box::new(stats),
+            recorded: IntCounter::new(
+                "deploy_receiver_events_recorded_total",
+                "Lifecycle events durably recorded in the outbox",
+            )?,
+            delivered: IntCounter::new(
+                "deploy_receiver_events_delivered_total",
+                "Lifecycle events acknowledged by Kafka",
+            )?,
+            delivery_failures: IntCounter::new(
+                "deploy_receiver_event_delivery_failures_total",
+                "Failed attempts to deliver an event to Kafka (each is retried from the outbox)",
+            )?,
+            pending: IntGauge::new(
+                "deploy_receiver_events_pending",
+                "Recorded lifecycle events not yet acknowledged by Kafka",
+            )?,
+        })
+    }
+}
+
+impl Collector for EventStatsCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        [
+            self.recorded.desc(),
+            self.delivered.desc(),
+            self.delivery_failures.desc(),
+            self.pending.desc(),
+        ]
+        .concat()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let stats = (self.stats)();
+        // The sink's counters only grow: catch ours up to them.
+        for (counter, value) in [
+            (&self.recorded, stats.recorded),
+            (&self.delivered, stats.delivered),
+            (&self.delivery_failures, stats.delivery_failures),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+        self.pending
+            .set(i64::try_from(stats.pending).unwrap_or(i64::MAX));
+        [
+            self.recorded.collect(),
+            self.delivered.collect(),
+            self.delivery_failures.collect(),
+            self.pending.collect(),
+        ]
+        .concat()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_stats_are_read_at_scrape_time() {
+        let metrics = Metrics::new().expect("metrics");
+        let stats = std::sync::Arc::new(std::sync::Mutex::new(EventStats::default()));
+        let source = stats.clone();
+        let collector =
+            EventStatsCollector::new(move || source.lock().expect("stats").clone()).expect("c");
+        metrics.register(Box::new(collector)).expect("register");
+        assert!(metrics
+            .render()
+            .contains("deploy_receiver_events_recorded_total 0"));
+        *stats.lock().expect("stats") = EventStats {
+            recorded: 5,
+            delivered: 3,
+            delivery_failures: 1,
+            pending: 2,
+            last_error: None,
+        };
+        let text = metrics.render();
+        for line in [
+            "deploy_receiver_events_recorded_total 5",
+            "deploy_receiver_events_delivered_total 3",
+            "deploy_receiver_event_delivery_failures_total 1",
+            "deploy_receiver_events_pending 2",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The receiver's shared state: configuration, keys, nonce store, package store, metrics, limits.
+//! The receiver's shared state: configuration, keys, nonce store, package store, metrics, events,
+//! limits.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,6 +13,7 @@ use crate::auth::NonceCache;
 use crate::config::Config;
 use crate::docker::DockerHandle;
 use crate::error::{ReceiverError, Result};
+use crate::events::Events;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::store::PackageStore;
@@ -29,6 +31,7 @@ struct Inner {
     nonces: NonceCache,
     store: PackageStore,
     metrics: Metrics,
+    events: Events,
     docker: DockerHandle,
     upload_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<Uuid>>,
@@ -48,6 +51,13 @@ impl AppState {
             )
         })?;
         let metrics = Metrics::new()?;
+        let events = Events::new(&config, metrics.clone())?;
+        // Opened now when there is a runtime, so that events left by the last run go out at once
+        // and a broken outbox is reported at start; otherwise at the first event.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let events = events.clone();
+            runtime.spawn(async move { events.sink().await.map(|_| ()) });
+        }
         let journal_dir = config.state_dir().join("deployments");
         let journal = Journal::open(&journal_dir).map_err(|e| {
             anyhow::anyhow!("cannot open the deployment journal {}: {e}", journal_dir.display())
@@ -59,6 +69,7 @@ impl AppState {
             nonces: NonceCache::new(NONCE_CAPACITY),
             store,
             metrics,
+            events,
             docker: DockerHandle::new(),
             in_flight: Mutex::new(HashSet::new()),
             journal,
@@ -90,6 +101,11 @@ impl AppState {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
+    }
+
+    /// The lifecycle events.
+    pub fn events(&self) -> &Events {
+        &self.0.events
     }
 
     /// The Docker engine.

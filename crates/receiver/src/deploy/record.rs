@@ -66,6 +66,7 @@ impl Deployment {
         };
         state.journal().save(&record).await?;
         tracing::info!(deployment_id = %record.deployment_id, container = %record.container_name, image, "deployment started");
+        state.events().deployment(&record).await;
         Ok(Self {
             state: state.clone(),
             record,
@@ -119,6 +120,14 @@ impl Deployment {
                 .metrics()
                 .stage(stage_label(stage), duration.as_secs_f64());
         }
+        let outcome_label = match outcome {
+            StageOutcome::Ok => "ok",
+            StageOutcome::Failed => "failed",
+            StageOutcome::Skipped => "skipped",
+        };
+        self.state
+            .metrics()
+            .stage_finished(stage_label(stage), outcome_label);
         tracing::info!(deployment_id = %self.record.deployment_id, stage = stage_label(stage), ?outcome, duration_ms = duration.as_millis() as u64, detail = detail.as_deref().unwrap_or(""), "stage finished");
         self.record.stages.push(StageReport {
             stage,
@@ -160,6 +169,7 @@ impl Deployment {
         self.record.finished_at = Some(now_rfc3339());
         self.save().await;
         self.state.metrics().deployment(status_label(status));
+        self.state.events().deployment(&self.record).await;
         match &self.record.error {
             None => {
                 tracing::info!(deployment_id = %self.record.deployment_id, status = status_label(status), "deployment finished")

@@ -6,11 +6,19 @@ use deploy_protocol::api::HealthResponse;
 
 use crate::state::AppState;
 
-/// Service health.
+/// Service health: Docker reachability, free space, and where lifecycle events go.
 #[utoipa::path(get, path = "/health", tag = "service",
-    responses((status = 200, description = "The receiver is serving", body = HealthResponse)))]
+    responses((status = 200, description = "The receiver is serving; `status` is `degraded` when Docker is unreachable. `events` is where lifecycle events go (`kafka://HOSTS/TOPIC` or `outbox:PATH`)", body = HealthResponse)))]
 pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
     let docker_version = state.docker().version().await;
+    let mut warnings = crate::warnings(state.config());
+    let events = match state.events().destination().await {
+        Ok(destination) => Some(destination),
+        Err(e) => {
+            warnings.push(format!("lifecycle events are not being recorded: {e}"));
+            None
+        }
+    };
     Json(HealthResponse {
         status: if docker_version.is_some() {
             "healthy"
@@ -26,7 +34,7 @@ pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
         free_bytes: state.store().free_bytes(),
         docker_available: docker_version.is_some(),
         docker_version,
-        events: None,
-        warnings: crate::warnings(state.config()),
+        events,
+        warnings,
     })
 }
