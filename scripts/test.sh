@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/prereqs.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+deploy/check-compose.sh
 cargo nextest run --workspace --no-fail-fast "$@"
