@@ -71,6 +71,18 @@ pub struct Config {
     #[arg(long, env = "UPLOAD_IDLE_TIMEOUT_SECS", default_value_t = 30)]
     pub upload_idle_timeout_secs: u64,
 
+    /// Slowest accepted upload, in bytes per second (`64KiB`): an upload must finish within
+    /// UPLOAD_IDLE_TIMEOUT_SECS + package_size / UPLOAD_MIN_RATE, so a client trickling a byte
+    /// now and then cannot hold an upload slot for hours. Its unsigned manifest part must arrive
+    /// within UPLOAD_IDLE_TIMEOUT_SECS in all.
+    #[arg(long, env = "UPLOAD_MIN_RATE", default_value = "64KiB", value_parser = parse_size)]
+    pub upload_min_rate: u64,
+
+    /// Seconds a connection may take to send a request's headers before it is closed (against
+    /// slow-header clients holding connections open).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 15)]
+    pub header_read_timeout_secs: u64,
+
     /// Images kept per container name for rollback (older ones are pruned).
     #[arg(long, env = "IMAGE_HISTORY", default_value_t = 3)]
     pub image_history: usize,

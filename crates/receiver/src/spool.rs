@@ -48,16 +48,19 @@ pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> R
     let _slot = state.upload_slot()?;
     let mut multipart = multer::Multipart::new(body.into_data_stream(), boundary);
     let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
+    // Until the signature is checked, the whole (at most 64 KiB) manifest must come within one
+    // idle period: an unauthenticated client cannot hold the upload slot by trickling it.
+    let mut pace = Pace::new(idle, started + idle, "the manifest part");
 
     // Part 1: the manifest, capped, then the signature over its bytes.
-    let mut field = next_field(&mut multipart, idle).await?.ok_or_else(|| {
+    let mut field = next_field(&mut multipart, &pace).await?.ok_or_else(|| {
         ReceiverError::Validation(format!(
             "empty upload: expected parts {PART_MANIFEST:?} then {PART_PACKAGE:?}"
         ))
     })?;
     expect_name(&field, PART_MANIFEST)?;
     let mut manifest_bytes = Vec::new();
-    while let Some(chunk) = next_chunk(&mut field, idle).await? {
+    while let Some(chunk) = next_chunk(&mut field, &pace).await? {
         if manifest_bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
             return Err(ReceiverError::Validation(format!(
                 "manifest part is larger than {MAX_MANIFEST_BYTES} bytes"
@@ -96,8 +99,11 @@ pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> R
         }
     }
 
-    // Part 2: the package, streamed.
-    let mut field = next_field(&mut multipart, idle).await?.ok_or_else(|| {
+    // Part 2: the package, streamed, at no less than UPLOAD_MIN_RATE on average.
+    let min_rate = state.config().upload_min_rate.max(1);
+    let allowed = Duration::from_secs(manifest.package_size / min_rate + 1);
+    pace = Pace::new(idle, Instant::now() + idle + allowed, "the upload");
+    let mut field = next_field(&mut multipart, &pace).await?.ok_or_else(|| {
         ReceiverError::Validation(format!("missing part {PART_PACKAGE:?} after the manifest"))
     })?;
     expect_name(&field, PART_PACKAGE)?;
@@ -114,7 +120,7 @@ pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> R
     };
     let mut writer = SpoolWriter::spawn(file);
     let mut count: u64 = 0;
-    while let Some(chunk) = next_chunk(&mut field, idle).await? {
+    while let Some(chunk) = next_chunk(&mut field, &pace).await? {
         count += chunk.len() as u64;
         if count > limit {
             return Err(ReceiverError::TooLarge { size: count, limit });
@@ -131,7 +137,7 @@ pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> R
         writer.send(chunk).await?;
     }
     drop(field);
-    if next_field(&mut multipart, idle).await?.is_some() {
+    if next_field(&mut multipart, &pace).await?.is_some() {
         return Err(ReceiverError::Validation(format!(
             "unexpected part after {PART_PACKAGE:?}: an upload has exactly two parts"
         )));
@@ -175,28 +181,51 @@ fn expect_name(field: &multer::Field<'_>, expected: &str) -> Result<()> {
     }
 }
 
+/// How long the next read may take: an idle limit between bytes, and a deadline for the phase.
+struct Pace {
+    idle: Duration,
+    deadline: Instant,
+    what: &'static str,
+}
+
+impl Pace {
+    fn new(idle: Duration, deadline: Instant, what: &'static str) -> Self {
+        Self {
+            idle,
+            deadline,
+            what,
+        }
+    }
+
+    /// Runs `read` until the idle limit or the deadline, whichever comes first.
+    async fn limit<T>(&self, read: impl std::future::Future<Output = T>) -> Result<T> {
+        let now = Instant::now();
+        let left = self.deadline.saturating_duration_since(now);
+        match tokio::time::timeout(self.idle.min(left), read).await {
+            Ok(value) => Ok(value),
+            Err(_) if Instant::now() >= self.deadline => Err(ReceiverError::Timeout(format!(
+                "{} took too long (slower than UPLOAD_MIN_RATE allows): upload abandoned",
+                self.what
+            ))),
+            Err(_) => Err(ReceiverError::Timeout(format!(
+                "no bytes received for {} s: upload abandoned",
+                self.idle.as_secs()
+            ))),
+        }
+    }
+}
+
 async fn next_field<'a>(
     multipart: &mut multer::Multipart<'a>,
-    idle: Duration,
+    pace: &Pace,
 ) -> Result<Option<multer::Field<'a>>> {
-    match tokio::time::timeout(idle, multipart.next_field()).await {
-        Ok(result) => result.map_err(multipart_error),
-        Err(_) => Err(idle_timeout(idle)),
-    }
+    pace.limit(multipart.next_field())
+        .await?
+        .map_err(multipart_error)
 }
 
-async fn next_chunk(field: &mut multer::Field<'_>, idle: Duration) -> Result<Option<Bytes>> {
-    match tokio::time::timeout(idle, field.chunk()).await {
-        Ok(result) => result.map_err(multipart_error),
-        Err(_) => Err(idle_timeout(idle)),
-    }
-}
-
-fn idle_timeout(idle: Duration) -> ReceiverError {
-    ReceiverError::Timeout(format!(
-        "no bytes received for {} s: upload abandoned",
-        idle.as_secs()
-    ))
+async fn next_chunk(field: &mut multer::Field<'_>, pace: &Pace) -> Result<Option<Bytes>> {
+    pace.limit(field.chunk()).await?.map_err(multipart_error)
 }
 
 fn multipart_error(e: multer::Error) -> ReceiverError {

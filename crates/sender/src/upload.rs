@@ -12,6 +12,7 @@ use deploy_protocol::multipart::{
     MANIFEST_CONTENT_TYPE, PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE,
 };
 use deploy_protocol::{Checksum, Compression, ErrorBody, PackageManifest, SignatureHeaders};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::TryStreamExt;
 use reqwest::multipart::{Form, Part};
 use reqwest::Url;
@@ -133,9 +134,52 @@ pub fn throughput_mbps(bytes: u64, duration: Duration) -> f64 {
     }
 }
 
-/// Uploads the package at `path`, described by `manifest`, to `target`.
+/// When and how often an upload that failed for a transient reason is tried again.
 ///
-/// `progress` is called with the number of package bytes handed to the connection so far.
+/// Transient: the receiver could not be reached (connection refused, reset, DNS), or it answered
+/// `429 BUSY` or `503` (honouring `Retry-After`), or `408 TIMEOUT`. Never retried: any other
+/// answer, in particular 401, 403, 409, 413 and 422, which a repeat cannot change. For
+/// `/deployment/full` a transfer that broke after it started is not retried either (the
+/// receiver may have deployed); for a plain upload it is, since uploads are idempotent.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: never retry).
+    pub max_attempts: usize,
+    /// First backoff delay; it doubles up to `max_delay`, with random jitter.
+    pub min_delay: Duration,
+    /// Longest backoff delay.
+    pub max_delay: Duration,
+    /// Longest `Retry-After` honoured; a receiver asking for more ends the retries.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 4 attempts, 0.5 s, 1 s, 2 s apart (plus jitter), `Retry-After` up to 60 s.
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// A single attempt.
+    pub fn none() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+}
+
+/// Uploads the package at `path`, described by `manifest`, to `target`, retrying transient
+/// failures with the default [`RetryPolicy`].
+///
+/// `progress` is called with the number of package bytes handed to the connection so far (it
+/// starts again from zero on a retry).
 /// Connection failures are `REMOTE_UNREACHABLE`; an error answer from the receiver carries its
 /// code and message through; anything else that breaks the transfer is `TRANSFER_FAILED`.
 pub async fn upload_package(
@@ -147,6 +191,131 @@ pub async fn upload_package(
     correlation_id: Option<&str>,
     progress: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<UploadOutcome, SenderError> {
+    upload_package_with_retry(
+        client,
+        target,
+        path,
+        manifest,
+        endpoint,
+        correlation_id,
+        progress,
+        &RetryPolicy::default(),
+    )
+    .await
+}
+
+/// [`upload_package`] with an explicit retry policy. Each attempt is signed afresh (new
+/// timestamp and nonce) and streams the file from its start.
+#[allow(clippy::too_many_arguments)]
+pub async fn upload_package_with_retry(
+    client: &reqwest::Client,
+    target: &ReceiverTarget,
+    path: &Path,
+    manifest: &PackageManifest,
+    endpoint: Endpoint,
+    correlation_id: Option<&str>,
+    progress: impl Fn(u64) + Send + Sync + 'static,
+    policy: &RetryPolicy,
+) -> Result<UploadOutcome, SenderError> {
+    let progress: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(progress);
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(policy.min_delay)
+        .with_max_delay(policy.max_delay)
+        .with_max_times(policy.max_attempts.saturating_sub(1))
+        .with_jitter()
+        .build();
+    let mut attempt = 1;
+    loop {
+        let failure = match upload_once(
+            client,
+            target,
+            path,
+            manifest,
+            endpoint,
+            correlation_id,
+            Arc::clone(&progress),
+        )
+        .await
+        {
+            Ok(outcome) => return Ok(outcome),
+            Err(failure) => failure,
+        };
+        if !failure.is_transient(endpoint) {
+            return Err(failure.error);
+        }
+        let Some(backoff_delay) = backoff.next() else {
+            return Err(failure.error);
+        };
+        let delay = match failure.retry_after {
+            Some(asked) if asked > policy.max_retry_after => return Err(failure.error),
+            Some(asked) => asked.max(backoff_delay),
+            None => backoff_delay,
+        };
+        tracing::warn!(
+            attempt,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            error = %failure.error,
+            "upload failed; retrying"
+        );
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
+/// Why one attempt failed, and what that says about trying again.
+struct Failure {
+    error: SenderError,
+    stage: Stage,
+    retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before sending: bad file, bad manifest. Never retried.
+    Local,
+    /// No connection could be made: the receiver did nothing.
+    Connect,
+    /// The connection broke or timed out during the exchange.
+    Broken,
+    /// The receiver answered with this status.
+    Answer(u16),
+}
+
+impl Failure {
+    fn local(error: SenderError) -> Self {
+        Self {
+            error,
+            stage: Stage::Local,
+            retry_after: None,
+        }
+    }
+
+    fn is_transient(&self, endpoint: Endpoint) -> bool {
+        match self.stage {
+            Stage::Local => false,
+            Stage::Connect => true,
+            // A plain upload is idempotent; a full deployment may have run.
+            Stage::Broken => endpoint == Endpoint::Upload,
+            Stage::Answer(status) => matches!(status, 408 | 429 | 503),
+        }
+    }
+}
+
+impl From<SenderError> for Failure {
+    fn from(error: SenderError) -> Self {
+        Self::local(error)
+    }
+}
+
+async fn upload_once(
+    client: &reqwest::Client,
+    target: &ReceiverTarget,
+    path: &Path,
+    manifest: &PackageManifest,
+    endpoint: Endpoint,
+    correlation_id: Option<&str>,
+    progress: Arc<dyn Fn(u64) + Send + Sync>,
+) -> Result<UploadOutcome, Failure> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| SenderError::io(format!("cannot open package {}", path.display()), e))?;
@@ -160,7 +329,8 @@ pub async fn upload_package(
             "package {} is {len} bytes but its manifest says {}: rebuild the manifest",
             path.display(),
             manifest.package_size
-        )));
+        ))
+        .into());
     }
 
     let manifest_bytes = manifest.to_bytes();
@@ -209,25 +379,42 @@ pub async fn upload_package(
 
     let started = Instant::now();
     tracing::info!(url = %url, package_id = %manifest.package_id, bytes = len, "upload started");
-    let response = request
-        .send()
-        .await
-        .map_err(|e| classify_send_error(&url, e))?;
+    let response = request.send().await.map_err(|e| Failure {
+        stage: if e.is_connect() {
+            Stage::Connect
+        } else {
+            Stage::Broken
+        },
+        error: classify_send_error(&url, e),
+        retry_after: None,
+    })?;
     let status = response.status();
-    let body = response.bytes().await.map_err(|e| {
-        SenderError::TransferFailed(format!(
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = response.bytes().await.map_err(|e| Failure {
+        error: SenderError::TransferFailed(format!(
             "reading the answer of {url} failed after status {status}: {e}"
-        ))
+        )),
+        stage: Stage::Broken,
+        retry_after: None,
     })?;
     let duration = started.elapsed();
 
     if !status.is_success() {
-        return Err(remote_error(&url, status.as_u16(), &body));
+        return Err(Failure {
+            error: remote_error(&url, status.as_u16(), &body),
+            stage: Stage::Answer(status.as_u16()),
+            retry_after,
+        });
     }
     let response: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        SenderError::TransferFailed(format!(
+        Failure::local(SenderError::TransferFailed(format!(
             "{url} answered {status} but not with JSON ({e}): is it a deploy-receiver?"
-        ))
+        )))
     })?;
     let bytes = sent.load(Ordering::Relaxed);
     Ok(UploadOutcome {
