@@ -41,7 +41,8 @@ pub fn app(state: AppState) -> Router {
     routes::router(state).layer(middleware::from_fn(request_context))
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight.
+/// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight and
+/// gives Kafka a moment (at most `events::SHUTDOWN_FLUSH`) for the lifecycle events not yet taken.
 ///
 /// This is `axum::serve` with a header read timeout (HEADER_READ_TIMEOUT_SECS), which axum's
 /// server cannot set: without it a client sending its headers a byte at a time would hold a
@@ -53,6 +54,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     tokio::spawn(deploy::reconcile::run(state.clone()));
     let header_timeout = Duration::from_secs(state.config().header_read_timeout_secs.max(1));
+    let events = state.events().clone();
     let app = app(state);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -89,6 +91,7 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+    events.close(events::SHUTDOWN_FLUSH).await;
     Ok(())
 }
 

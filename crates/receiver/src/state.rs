@@ -60,7 +60,10 @@ impl AppState {
         }
         let journal_dir = config.state_dir().join("deployments");
         let journal = Journal::open(&journal_dir).map_err(|e| {
-            anyhow::anyhow!("cannot open the deployment journal {}: {e}", journal_dir.display())
+            anyhow::anyhow!(
+                "cannot open the deployment journal {}: {e}",
+                journal_dir.display()
+            )
         })?;
         Ok(Self(Arc::new(Inner {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),

@@ -9,8 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bollard::container::{
-    Config as ContainerConfig, CreateContainerOptions, RenameContainerOptions,
-    StopContainerOptions,
+    Config as ContainerConfig, CreateContainerOptions, RenameContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use common::*;

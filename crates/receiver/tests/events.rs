@@ -3,7 +3,6 @@
 //! loopback) by a real consumer.
 
 mod common;
-#[allow(clippy::unwrap_used)]
 #[path = "../../events/tests/common/mod.rs"]
 mod kafka;
 
@@ -39,14 +38,22 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Asserts that `got` is the event of `record` with `event_type`, as Kafka delivered it.
-fn assert_event(got: &kafka::Received, event_type: EventType, record: &DeploymentRecord, tag: &str) {
+fn assert_event(
+    got: &kafka::Received,
+    event_type: EventType,
+    record: &DeploymentRecord,
+    tag: &str,
+) {
     let event = &got.event;
     assert_eq!(event.event_type, event_type, "{:?}", got.value);
     let package_id = record.package_id.expect("package id");
     assert_eq!(got.key, package_id.to_string(), "keyed by package id");
     assert_eq!(event.package_id, Some(package_id));
     assert_eq!(event.source_service, "deploy-receiver");
-    assert_eq!(event.container_name.as_deref(), Some(record.container_name.as_str()));
+    assert_eq!(
+        event.container_name.as_deref(),
+        Some(record.container_name.as_str())
+    );
     assert_eq!(event.image_tag.as_deref(), Some(tag));
     assert!(event.correlation_id.is_some());
     assert_eq!(event.correlation_id, record.correlation_id);
@@ -136,7 +143,10 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
     let payload = &got[3].value["payload"];
     assert_eq!(payload["status"], "ROLLED_BACK");
     assert_eq!(payload["error_code"], "HEALTH_CHECK_FAILED");
-    assert!(payload["stage_durations_ms"]["rollback"].is_u64(), "{payload}");
+    assert!(
+        payload["stage_durations_ms"]["rollback"].is_u64(),
+        "{payload}"
+    );
 
     let mut text = metrics(&receiver).await;
     for _ in 0..100 {
@@ -151,11 +161,17 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
     assert_eq!(metric(&text, "deploy_receiver_events_pending"), 0.0);
     assert_eq!(metric(&text, "deploy_receiver_rollbacks_total"), 1.0);
     assert_eq!(
-        metric(&text, r#"deploy_receiver_deployments_total{status="succeeded"}"#),
+        metric(
+            &text,
+            r#"deploy_receiver_deployments_total{status="succeeded"}"#
+        ),
         1.0
     );
     assert_eq!(
-        metric(&text, r#"deploy_receiver_deployments_total{status="rolled_back"}"#),
+        metric(
+            &text,
+            r#"deploy_receiver_deployments_total{status="rolled_back"}"#
+        ),
         1.0
     );
     assert_eq!(
@@ -197,14 +213,21 @@ async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_b
     let package = save_image(&docker, &tag).await;
     let started = Instant::now();
     let (status, body) = receiver.full(&[&tag], package, &web_spec(&name)).await;
-    assert_eq!(status, StatusCode::OK, "the deploy does not need the broker: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the deploy does not need the broker: {body}"
+    );
     let deployed = record(&body);
     let took = started.elapsed();
     let text = metrics(&receiver).await;
     assert_eq!(metric(&text, "deploy_receiver_events_recorded_total"), 2.0);
     assert_eq!(metric(&text, "deploy_receiver_events_delivered_total"), 0.0);
     assert_eq!(metric(&text, "deploy_receiver_events_pending"), 2.0);
-    assert_eq!(metric(&text, "deploy_receiver_event_record_failures_total"), 0.0);
+    assert_eq!(
+        metric(&text, "deploy_receiver_event_record_failures_total"),
+        0.0
+    );
 
     cluster.broker_up(-1).expect("broker up");
     let got = kafka::read_topic(&bootstrap, DEFAULT_TOPIC, 2, WAIT);

@@ -128,15 +128,22 @@ async fn every_operation_documents_its_headers_and_error_responses() {
     for (method, path) in documented_operations(&doc) {
         let op = &doc["paths"][&path][method.to_lowercase()];
         let what = format!("{method} {path}");
-        assert!(op["summary"].is_string() || op["description"].is_string(), "{what}: no description");
+        assert!(
+            op["summary"].is_string() || op["description"].is_string(),
+            "{what}: no description"
+        );
         let responses = op["responses"].as_object().expect("responses");
         assert!(
-            responses.keys().any(|s| s.starts_with('2') || s.starts_with('3')),
+            responses
+                .keys()
+                .any(|s| s.starts_with('2') || s.starts_with('3')),
             "{what}: no success response"
         );
         for (status, response) in responses {
             assert!(
-                response["description"].as_str().is_some_and(|d| !d.is_empty()),
+                response["description"]
+                    .as_str()
+                    .is_some_and(|d| !d.is_empty()),
                 "{what} {status}: no description"
             );
             if status.starts_with('4') || status.starts_with('5') {
@@ -167,12 +174,21 @@ async fn every_operation_documents_its_headers_and_error_responses() {
                 "X-Deploy-Signature",
                 "X-Correlation-Id",
             ] {
-                assert!(headers.contains(header), "{what}: header {header} not documented");
+                assert!(
+                    headers.contains(header),
+                    "{what}: header {header} not documented"
+                );
             }
         }
     }
     let schemas = doc["components"]["schemas"].as_object().expect("schemas");
-    for schema in ["ErrorBody", "ErrorCode", "PackageManifest", "DeploymentRecord", "HealthResponse"] {
+    for schema in [
+        "ErrorBody",
+        "ErrorCode",
+        "PackageManifest",
+        "DeploymentRecord",
+        "HealthResponse",
+    ] {
         assert!(schemas.contains_key(schema), "schema {schema}");
     }
 }
@@ -412,6 +428,9 @@ async fn health_says_where_events_go() {
         c.kafka_topic = "deploys".into();
     })
     .await;
-    assert_eq!(health(&receiver).await["events"], "kafka://127.0.0.1:9/deploys");
+    assert_eq!(
+        health(&receiver).await["events"],
+        "kafka://127.0.0.1:9/deploys"
+    );
     receiver.stop().await;
 }

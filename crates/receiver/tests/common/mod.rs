@@ -417,4 +417,3 @@ pub fn temp_dir() -> tempfile::TempDir {
 pub fn state_dir(dir: &Path) -> PathBuf {
     dir.join("packages").join(".state").join("deployments")
 }
-
