@@ -31,6 +31,8 @@ pub enum Command {
     /// List, show, verify or delete stored packages.
     #[command(subcommand)]
     Packages(PackagesCommand),
+    /// Run the REST service (`/api/v1`, `/health`, `/metrics`, `/docs`).
+    Serve(Box<crate::server::ServeConfig>),
     /// Check a receiver end to end (reachable, key, clock, Docker, disk) and say what to fix.
     Doctor(crate::doctor::DoctorArgs),
 }

@@ -17,6 +17,7 @@ pub async fn run(cli: Cli) -> Result<(), SenderError> {
         Command::Transfer(args) => transfer(args).await,
         Command::Package(args) => package(args).await,
         Command::Packages(command) => packages(command).await,
+        Command::Serve(config) => crate::server::run(*config).await,
         Command::Doctor(args) => crate::doctor::run(args).await,
     }
 }

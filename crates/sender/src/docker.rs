@@ -57,6 +57,7 @@ pub(crate) fn docker_error(what: &str, e: DockerError) -> SenderError {
             message,
         } => SenderError::NotFound(format!("{what}: {message}")),
         DockerError::HyperResponseError { .. }
+        | DockerError::HyperLegacyError { .. }
         | DockerError::IOError { .. }
         | DockerError::RequestTimeoutError
         | DockerError::SocketNotFoundError(_) => SenderError::DockerUnavailable(format!(

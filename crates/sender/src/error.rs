@@ -1,6 +1,7 @@
 //! The one error type of `deploy-sender`: every failure carries a stable [`ErrorCode`] and a
 //! message that says what went wrong and what to do about it.
 
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
 use deploy_protocol::ErrorCode;
 
 /// Everything that can go wrong in the sender's library.
@@ -56,6 +57,10 @@ pub enum SenderError {
         /// The receiver's message, verbatim.
         message: String,
     },
+    /// The receiver ran the deployment and it did not succeed: the record says which stage failed
+    /// and why (its `error`), and whether the previous container was restored (its `status`).
+    #[error("{}", deployment_message(.0))]
+    Deployment(Box<DeploymentRecord>),
     /// A local file operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -82,6 +87,23 @@ fn format_tail(tail: &[String]) -> String {
     }
 }
 
+fn deployment_message(record: &DeploymentRecord) -> String {
+    let why = record
+        .error
+        .as_ref()
+        .map_or("the receiver gave no reason", |e| e.message.as_str());
+    let status = match record.status {
+        DeploymentStatus::RolledBack => "ROLLED_BACK, the previous container runs again",
+        DeploymentStatus::Failed => "FAILED",
+        DeploymentStatus::InProgress => "IN_PROGRESS",
+        DeploymentStatus::Succeeded => "SUCCEEDED",
+    };
+    format!(
+        "{why} (deployment {} of {}: {status})",
+        record.deployment_id, record.container_name
+    )
+}
+
 impl SenderError {
     /// The stable code of this error.
     pub fn code(&self) -> ErrorCode {
@@ -96,6 +118,10 @@ impl SenderError {
             SenderError::RemoteUnreachable { .. } => ErrorCode::RemoteUnreachable,
             SenderError::TransferFailed(_) => ErrorCode::TransferFailed,
             SenderError::Remote { code, .. } => *code,
+            SenderError::Deployment(record) => record
+                .error
+                .as_ref()
+                .map_or(ErrorCode::DeployFailed, |e| e.code),
             SenderError::Io { .. } | SenderError::Internal(_) => ErrorCode::InternalError,
         }
     }

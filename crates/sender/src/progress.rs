@@ -17,6 +17,8 @@ pub enum Stage {
     Verify,
     /// Streaming a package to a receiver (bytes sent).
     Upload,
+    /// The receiver loading, starting and health-checking a deployment (no byte counts).
+    Deploy,
 }
 
 impl Stage {
@@ -28,6 +30,7 @@ impl Stage {
             Stage::Export => "export",
             Stage::Verify => "verify",
             Stage::Upload => "upload",
+            Stage::Deploy => "deploy",
         }
     }
 }

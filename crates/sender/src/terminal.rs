@@ -56,17 +56,18 @@ impl Progress for TerminalProgress {
             if let Some((_, bar)) = current.take() {
                 bar.finish_and_clear();
             }
-            let total = if event.stage == Stage::Build {
-                None
-            } else {
-                event.total
-            };
+            let counts_bytes = !matches!(event.stage, Stage::Build | Stage::Deploy);
+            let total = if counts_bytes { event.total } else { None };
             let bar = bytes_bar(total, event.stage.as_str());
-            if event.stage == Stage::Build {
+            if !counts_bytes {
                 bar.set_style(
                     ProgressStyle::with_template("{prefix:>7} {spinner} {wide_msg}")
                         .unwrap_or_else(|_| ProgressStyle::default_spinner()),
                 );
+            }
+            if event.stage == Stage::Deploy {
+                // Nothing reports while the receiver works: keep the spinner turning.
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
             }
             *current = Some((event.stage, bar));
         }
@@ -76,7 +77,7 @@ impl Progress for TerminalProgress {
         if let Some(message) = event.message {
             bar.set_message(message.to_owned());
             bar.tick();
-        } else if event.stage != Stage::Build {
+        } else if !matches!(event.stage, Stage::Build | Stage::Deploy) {
             if let Some(total) = event.total {
                 if bar.length() != Some(total.max(event.done)) {
                     bar.set_length(total.max(event.done));

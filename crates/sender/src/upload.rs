@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use deploy_protocol::api::DeploymentRecord;
 use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
 use deploy_protocol::multipart::{
     MANIFEST_CONTENT_TYPE, PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE,
@@ -453,7 +454,14 @@ fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
 }
 
 /// The receiver's `{"error": {...}}` passed through, or `TRANSFER_FAILED` for any other answer.
+/// `/deployment/full` answers a deployment that ran and failed with its record (whose `error`
+/// carries the code): that is kept whole, so the caller can show every stage.
 fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
+    if let Ok(record) = serde_json::from_slice::<DeploymentRecord>(body) {
+        if record.error.is_some() {
+            return SenderError::Deployment(Box::new(record));
+        }
+    }
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(ErrorBody { error }) => SenderError::Remote {
             status,

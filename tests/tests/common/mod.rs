@@ -1,7 +1,10 @@
 //! Shared harness for the end-to-end tests: the real receiver on an ephemeral loopback port, a
-//! signed-request builder for hand-made (also deliberately malformed) requests, test files.
+//! signed-request builder for hand-made (also deliberately malformed) requests, test files, and
+//! the real Docker engine ([`docker`]).
 
 #![allow(dead_code)] // each test binary uses a different subset
+
+pub mod docker;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

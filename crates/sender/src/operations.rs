@@ -1,0 +1,668 @@
+//! The service's operations, the seed's `package_container`, `transfer_package` and
+//! `publish_transfer_event`: the library pipeline plus lifecycle events and metrics. Shared by
+//! the resource routes and `POST /api/v1/execute`; nothing here knows HTTP.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use deploy_events::EventType;
+use deploy_protocol::{Checksum, Compression, DeploymentSpec, ErrorBody, ErrorDetail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::events::Subject;
+use crate::jobs::Job;
+use crate::metrics::OK;
+use crate::package::{package_image, ImageSource, PackageRequest};
+use crate::progress::Progress;
+use crate::sink::{default_zstd_workers, CompressionOptions};
+use crate::state::AppState;
+use crate::store::PackageInfo;
+use crate::upload::{upload_package, Endpoint, ReceiverTarget};
+use crate::{BuildSpec, SenderError};
+
+fn yes() -> bool {
+    true
+}
+
+/// `package_container`: build an image from a Dockerfile (or take an existing one) and store it
+/// as a compressed, hashed package.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PackageInput {
+    /// Container the package is for; with a bare `image_tag` it also names the image
+    /// (`container_name:image_tag`).
+    #[serde(default)]
+    pub container_name: Option<String>,
+    /// Tag of the image to build: `name:tag`, or just `tag` (then the name is `container_name`).
+    #[serde(default)]
+    pub image_tag: Option<String>,
+    /// Dockerfile on this host, relative to `build_context` unless absolute (default `Dockerfile`).
+    #[serde(default)]
+    pub dockerfile_path: Option<String>,
+    /// Build context directory on this host.
+    #[serde(default)]
+    pub build_context: Option<String>,
+    /// `--build-arg` values.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// Package this existing local image (`name:tag` or an id) instead of building one.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// `zstd` (default), `gzip` or `none`.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+    /// gzip 1-9 (default 1), zstd 1-19 (default 3).
+    #[serde(default)]
+    pub compression_level: Option<i32>,
+    /// Re-hash the stored package and compare with the checksum computed while writing it.
+    #[serde(default = "yes")]
+    pub verify_checksum: bool,
+    /// Package id (default: a new UUID).
+    #[serde(default)]
+    pub package_id: Option<Uuid>,
+}
+
+/// A stored package as `package_container` reports it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PackageOutput {
+    /// The package.
+    #[serde(flatten)]
+    pub package: PackageInfo,
+    /// Whether the stored file was re-hashed and matched (`verify_checksum`).
+    pub checksum_verified: bool,
+}
+
+/// A checked packaging request, ready to run.
+#[derive(Debug, Clone)]
+pub struct PackagePlan {
+    request: PackageRequest,
+    verify: bool,
+    subject: Subject,
+}
+
+impl PackageInput {
+    /// Checks the input and turns it into a plan (`VALIDATION_ERROR` naming what is wrong).
+    pub fn plan(
+        self,
+        zstd_workers: Option<u32>,
+        max_package_size: u64,
+    ) -> Result<PackagePlan, SenderError> {
+        let building = self.build_context.is_some() || self.dockerfile_path.is_some();
+        let source = match (self.image.filter(|i| !i.trim().is_empty()), building) {
+            (Some(_), true) => {
+                return Err(SenderError::Validation(
+                    "pass either `image` (package an existing image) or `build_context` and \
+                     `dockerfile_path` (build one), not both"
+                        .into(),
+                ))
+            }
+            (Some(image), false) => ImageSource::Existing(image),
+            (None, _) => {
+                let context = self.build_context.ok_or_else(|| {
+                    SenderError::Validation(
+                        "nothing to package: pass `build_context` (and `dockerfile_path`, \
+                         `image_tag`) to build an image, or `image` to package an existing one"
+                            .into(),
+                    )
+                })?;
+                let context = PathBuf::from(context);
+                let dockerfile =
+                    PathBuf::from(self.dockerfile_path.as_deref().unwrap_or("Dockerfile"));
+                let dockerfile = if dockerfile.is_absolute() {
+                    dockerfile
+                } else {
+                    context.join(dockerfile)
+                };
+                let tag =
+                    match (self.image_tag.as_deref(), self.container_name.as_deref()) {
+                        (Some(tag), _) if tag.contains(':') || tag.contains('/') => tag.to_owned(),
+                        (Some(tag), Some(name)) => format!("{name}:{tag}"),
+                        (None, Some(name)) => format!("{name}:latest"),
+                        (Some(_), None) | (None, None) => return Err(SenderError::Validation(
+                            "a build needs `image_tag` as `name:tag`, or `container_name` (and a \
+                             bare `image_tag`) to name the image"
+                                .into(),
+                        )),
+                    };
+                ImageSource::Build(BuildSpec {
+                    dockerfile,
+                    context,
+                    build_args: self.build_args,
+                    tag,
+                })
+            }
+        };
+        let image_tag = match &source {
+            ImageSource::Build(spec) => spec.tag.clone(),
+            ImageSource::Existing(image) => image.clone(),
+        };
+        let compression = CompressionOptions {
+            compression: self.compression.unwrap_or(Compression::Zstd),
+            level: self.compression_level,
+            zstd_workers: zstd_workers.unwrap_or_else(default_zstd_workers),
+        };
+        compression.effective_level()?;
+        let package_id = self.package_id.unwrap_or_else(Uuid::new_v4);
+        Ok(PackagePlan {
+            subject: Subject {
+                package_id: Some(package_id),
+                correlation_id: None,
+                container_name: self.container_name.clone(),
+                image_tag: Some(image_tag),
+            },
+            request: PackageRequest {
+                source,
+                container_name: self.container_name,
+                package_id: Some(package_id),
+                compression,
+                max_package_size,
+            },
+            verify: self.verify_checksum,
+        })
+    }
+}
+
+/// Runs a packaging plan, with BUILD_STARTED, then BUILD_COMPLETED or BUILD_FAILED.
+pub async fn package(
+    state: AppState,
+    plan: PackagePlan,
+    correlation_id: Option<String>,
+    progress: Arc<Job>,
+) -> Result<PackageOutput, SenderError> {
+    let subject = Subject {
+        correlation_id,
+        ..plan.subject.clone()
+    };
+    let building = matches!(plan.request.source, ImageSource::Build(_));
+    let events = state.events();
+    events
+        .emit(
+            EventType::BuildStarted,
+            &subject,
+            json!({ "source": if building { "dockerfile" } else { "image" },
+                    "compression": plan.request.compression.compression }),
+        )
+        .await;
+    let result = run_package(&state, &plan, progress).await;
+    match &result {
+        Ok(out) => {
+            let info = &out.package;
+            state.metrics().build(OK);
+            if building {
+                state
+                    .metrics()
+                    .stage("build", info.build_duration_ms as f64 / 1e3);
+            }
+            state
+                .metrics()
+                .stage("export", info.export_duration_ms as f64 / 1e3);
+            let subject = Subject {
+                container_name: info.container_name.clone(),
+                ..subject
+            };
+            events
+                .emit(
+                    EventType::BuildCompleted,
+                    &subject,
+                    json!({ "image_id": info.image_id, "package_size": info.package_size,
+                            "package_size_mb": info.package_size_mb,
+                            "package_checksum": info.package_checksum,
+                            "compression": info.compression,
+                            "build_duration_ms": info.build_duration_ms,
+                            "export_duration_ms": info.export_duration_ms }),
+                )
+                .await;
+        }
+        Err(e) => {
+            state.metrics().build(e.code().as_str());
+            events
+                .emit(EventType::BuildFailed, &subject, error_payload(e))
+                .await;
+        }
+    }
+    result
+}
+
+async fn run_package(
+    state: &AppState,
+    plan: &PackagePlan,
+    progress: Arc<Job>,
+) -> Result<PackageOutput, SenderError> {
+    let docker = state.docker().await?;
+    let (store, request) = (state.store().clone(), plan.request.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let reporter = progress.clone();
+    // gzip (and zstd without workers) compress inside `poll_write`: the whole pipeline runs on a
+    // blocking-pool thread so that it never holds up the runtime's workers serving requests.
+    let info = tokio::task::spawn_blocking(move || {
+        runtime.block_on(async move {
+            package_image(
+                &docker,
+                &store,
+                &request,
+                reporter.as_ref() as &dyn Progress,
+            )
+            .await
+        })
+    })
+    .await
+    .map_err(|e| SenderError::Internal(format!("the packaging task failed: {e}")))??;
+    let checksum_verified = if plan.verify {
+        state.store().verify(info.package_id).await?;
+        true
+    } else {
+        false
+    };
+    Ok(PackageOutput {
+        package: info,
+        checksum_verified,
+    })
+}
+
+/// `transfer_package`: send a stored package to one or more receivers, optionally deploying it.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct TransferInput {
+    /// The stored package.
+    pub package_id: Uuid,
+    /// Receiver base URLs, e.g. `http://192.168.86.200:8001` (default: DEFAULT_RECEIVER_URL).
+    #[serde(default)]
+    pub receivers: Vec<String>,
+    /// One receiver, as the seed named it; added to `receivers`.
+    #[serde(default)]
+    pub remote_receiver_url: Option<String>,
+    /// Deploy on the receivers (`/deployment/full`: load, run, health-check, roll back on
+    /// failure); without it the package is only uploaded and verified.
+    #[serde(default)]
+    pub deployment: Option<DeploymentSpec>,
+    /// Re-hash the stored package before sending it.
+    #[serde(default = "yes")]
+    pub verify_checksum: bool,
+    /// The checksum the caller expects the stored package to have.
+    #[serde(default)]
+    pub package_checksum: Option<Checksum>,
+}
+
+/// One receiver's outcome.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ReceiverOutcome {
+    /// The receiver's base URL.
+    pub receiver: String,
+    /// Whether the upload (and the deployment, when asked for) succeeded.
+    pub success: bool,
+    /// The receiver's deployment id, when a deployment ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_deployment_id: Option<Uuid>,
+    /// Package bytes sent.
+    pub bytes: u64,
+    /// Time until the receiver's complete answer, milliseconds.
+    pub duration_ms: u64,
+    /// MB/s (10^6 bytes per second).
+    pub throughput_mbps: f64,
+    /// The receiver's answer: its upload response or deployment record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub response: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// What `transfer_package` reports.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TransferReport {
+    /// The package sent.
+    pub package_id: Uuid,
+    /// Whether every receiver succeeded.
+    pub transfer_success: bool,
+    /// `upload` or `full` (with deployment).
+    pub endpoint: String,
+    /// The first receiver's deployment id, when a deployment ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_deployment_id: Option<Uuid>,
+    /// Bytes sent to all receivers.
+    pub total_bytes: u64,
+    /// Wall time of the whole transfer, milliseconds.
+    pub duration_ms: u64,
+    /// `total_bytes` over the wall time, MB/s.
+    pub transfer_throughput_mbps: f64,
+    /// Per receiver, in the order given.
+    pub receivers: Vec<ReceiverOutcome>,
+}
+
+/// A checked transfer request, ready to run.
+#[derive(Debug, Clone)]
+pub struct TransferPlan {
+    info: PackageInfo,
+    targets: Vec<ReceiverTarget>,
+    deployment: Option<DeploymentSpec>,
+    verify: bool,
+}
+
+impl TransferInput {
+    /// Checks the input against the store and the configuration.
+    pub async fn plan(self, state: &AppState) -> Result<TransferPlan, SenderError> {
+        let info = state.store().get(self.package_id).await?;
+        if let Some(expected) = self.package_checksum {
+            if expected != info.package_checksum {
+                return Err(SenderError::ChecksumMismatch(format!(
+                    "package {} has BLAKE3 {}, not the expected {expected}",
+                    info.package_id, info.package_checksum
+                )));
+            }
+        }
+        let mut urls: Vec<String> = self.receivers;
+        urls.extend(self.remote_receiver_url);
+        if urls.is_empty() {
+            urls.extend(state.config().receiver.to.clone().filter(|u| !u.is_empty()));
+        }
+        if urls.is_empty() {
+            return Err(SenderError::Validation(
+                "no receiver: pass `receivers` or set DEFAULT_RECEIVER_URL".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        urls.retain(|u| seen.insert(u.clone()));
+        let receiver = &state.config().receiver;
+        let secret = receiver.secret.as_deref().unwrap_or_default();
+        let targets = urls
+            .iter()
+            .map(|url| ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(spec) = &self.deployment {
+            if spec.container_name.trim().is_empty() {
+                return Err(SenderError::Validation(
+                    "deployment.container_name is required".into(),
+                ));
+            }
+        }
+        Ok(TransferPlan {
+            info,
+            targets,
+            deployment: self.deployment,
+            verify: self.verify_checksum,
+        })
+    }
+}
+
+/// Runs a transfer plan: every receiver at once, at most MAX_CONCURRENT_TRANSFERS uploads in the
+/// whole service. When every receiver failed the first failure is the error; otherwise the
+/// report tells each receiver's outcome.
+pub async fn transfer(
+    state: AppState,
+    plan: TransferPlan,
+    correlation_id: Option<String>,
+    job: Arc<Job>,
+) -> Result<TransferReport, SenderError> {
+    if plan.verify {
+        state.store().verify(plan.info.package_id).await?;
+    }
+    let started = Instant::now();
+    let endpoint = if plan.deployment.is_some() {
+        Endpoint::Full
+    } else {
+        Endpoint::Upload
+    };
+    let mut manifest = plan.info.manifest();
+    manifest.deployment = plan.deployment.clone();
+    let subject = Subject {
+        package_id: Some(plan.info.package_id),
+        correlation_id,
+        container_name: plan
+            .deployment
+            .as_ref()
+            .map(|d| d.container_name.clone())
+            .or_else(|| plan.info.container_name.clone()),
+        image_tag: plan.info.image_tags.first().cloned(),
+    };
+    let sends = plan.targets.iter().map(|target| {
+        send_one(
+            &state, &plan.info, &manifest, target, endpoint, &subject, &job,
+        )
+    });
+    let results = futures::future::join_all(sends).await;
+    let duration = started.elapsed();
+
+    let mut outcomes = Vec::with_capacity(results.len());
+    let mut first_error = None;
+    for (outcome, error) in results {
+        if first_error.is_none() {
+            first_error = error;
+        }
+        outcomes.push(outcome);
+    }
+    if outcomes.iter().all(|o| !o.success) {
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+    }
+    let total_bytes = outcomes.iter().map(|o| o.bytes).sum();
+    Ok(TransferReport {
+        package_id: plan.info.package_id,
+        transfer_success: outcomes.iter().all(|o| o.success),
+        endpoint: endpoint_name(endpoint).into(),
+        remote_deployment_id: outcomes.iter().find_map(|o| o.remote_deployment_id),
+        total_bytes,
+        duration_ms: millis(duration),
+        transfer_throughput_mbps: round2(crate::upload::throughput_mbps(total_bytes, duration)),
+        receivers: outcomes,
+    })
+}
+
+fn endpoint_name(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Upload => "upload",
+        Endpoint::Full => "full",
+    }
+}
+
+/// Decrements the in-flight gauge however the transfer ends.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn send_one(
+    state: &AppState,
+    info: &PackageInfo,
+    manifest: &deploy_protocol::PackageManifest,
+    target: &ReceiverTarget,
+    endpoint: Endpoint,
+    subject: &Subject,
+    job: &Arc<Job>,
+) -> (ReceiverOutcome, Option<SenderError>) {
+    let receiver = target.base_url.to_string();
+    let _slot = state.transfer_slots().acquire().await;
+    state.metrics().transfers_in_flight().inc();
+    let _in_flight = InFlight(state.metrics().transfers_in_flight());
+    let events = state.events();
+    events
+        .emit(
+            EventType::TransferStarted,
+            subject,
+            json!({ "receiver": receiver, "endpoint": endpoint_name(endpoint),
+                    "package_size": info.package_size }),
+        )
+        .await;
+    let progress = {
+        let (job, receiver, total) = (job.clone(), receiver.clone(), info.package_size);
+        move |sent| job.upload_progress(&receiver, sent, total)
+    };
+    let started = Instant::now();
+    let result = upload_package(
+        state.http(),
+        target,
+        std::path::Path::new(&info.package_path),
+        manifest,
+        endpoint,
+        subject.correlation_id.as_deref(),
+        progress,
+    )
+    .await;
+    let mut outcome = ReceiverOutcome {
+        receiver: receiver.clone(),
+        success: false,
+        remote_deployment_id: None,
+        bytes: 0,
+        duration_ms: millis(started.elapsed()),
+        throughput_mbps: 0.0,
+        response: None,
+        error: None,
+    };
+    match result {
+        Ok(out) => {
+            state.metrics().transfer(OK);
+            state.metrics().sent_bytes(out.bytes);
+            state.metrics().stage("upload", out.duration.as_secs_f64());
+            outcome.success = true;
+            outcome.bytes = out.bytes;
+            outcome.duration_ms = millis(out.duration);
+            outcome.throughput_mbps = round2(out.throughput_mbps);
+            outcome.remote_deployment_id = out
+                .response
+                .get("deployment_id")
+                .and_then(|v| v.as_str())
+                .and_then(|s| Uuid::parse_str(s).ok());
+            outcome.response = Some(out.response);
+            events
+                .emit(
+                    EventType::TransferCompleted,
+                    subject,
+                    json!({ "receiver": receiver, "bytes": outcome.bytes,
+                            "duration_ms": outcome.duration_ms,
+                            "throughput_mbps": outcome.throughput_mbps,
+                            "remote_deployment_id": outcome.remote_deployment_id }),
+                )
+                .await;
+            (outcome, None)
+        }
+        Err(e) => {
+            state.metrics().transfer(e.code().as_str());
+            outcome.error =
+                Some(ErrorBody::new(e.code(), e.to_string(), subject.correlation_id.clone()).error);
+            if let SenderError::Deployment(record) = &e {
+                // The package reached the receiver and was verified; the deployment failed.
+                outcome.bytes = info.package_size;
+                outcome.remote_deployment_id = Some(record.deployment_id);
+                outcome.response = serde_json::to_value(record.as_ref()).ok();
+                events
+                    .emit(
+                        EventType::TransferCompleted,
+                        subject,
+                        json!({ "receiver": receiver, "bytes": outcome.bytes,
+                                "duration_ms": outcome.duration_ms,
+                                "remote_deployment_id": record.deployment_id }),
+                    )
+                    .await;
+                let mut payload = error_payload(&e);
+                payload["receiver"] = json!(receiver);
+                payload["deployment_id"] = json!(record.deployment_id);
+                payload["status"] = json!(record.status);
+                events
+                    .emit(EventType::DeploymentFailed, subject, payload)
+                    .await;
+            } else {
+                let mut payload = error_payload(&e);
+                payload["receiver"] = json!(receiver);
+                events
+                    .emit(EventType::TransferFailed, subject, payload)
+                    .await;
+            }
+            (outcome, Some(e))
+        }
+    }
+}
+
+fn error_payload(e: &SenderError) -> serde_json::Value {
+    json!({ "code": e.code(), "message": e.to_string() })
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// `publish_transfer_event`: record a lifecycle event (delivered to Kafka when configured).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EventInput {
+    /// Kind of event.
+    pub event_type: EventType,
+    /// Event-specific data (the seed's `event_payload` is accepted too).
+    #[serde(default, alias = "event_payload")]
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    /// Correlation id (default: the request's).
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    /// Package id; the Kafka message key.
+    #[serde(default)]
+    pub package_id: Option<Uuid>,
+    /// Container name.
+    #[serde(default)]
+    pub container_name: Option<String>,
+    /// Image tag.
+    #[serde(default)]
+    pub image_tag: Option<String>,
+}
+
+/// What `publish_transfer_event` reports.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PublishedEvent {
+    /// Always true: the event is durably recorded (Kafka delivery follows in the background).
+    pub event_published: bool,
+    /// The event's id.
+    pub event_id: Uuid,
+    /// Its position in the outbox.
+    pub sequence: u64,
+    /// The Kafka topic.
+    pub topic: String,
+    /// Where events go: `kafka://HOSTS/TOPIC` or `outbox:PATH`.
+    pub destination: String,
+}
+
+/// Records `input` as an event from this service.
+pub async fn publish(
+    state: &AppState,
+    input: EventInput,
+    correlation_id: Option<String>,
+) -> Result<PublishedEvent, deploy_events::EventError> {
+    let sink = state.events().sink();
+    let mut builder = sink.event(input.event_type).payload(input.payload);
+    if let Some(id) = input.correlation_id.or(correlation_id) {
+        builder = builder.correlation_id(id);
+    }
+    if let Some(id) = input.package_id {
+        builder = builder.package_id(id);
+    }
+    if let Some(name) = input.container_name {
+        builder = builder.container_name(name);
+    }
+    if let Some(tag) = input.image_tag {
+        builder = builder.image_tag(tag);
+    }
+    let event = builder.build();
+    let event_id = event.event_id;
+    match sink.publish(event).await {
+        Ok(seq) => Ok(PublishedEvent {
+            event_published: true,
+            event_id,
+            sequence: seq.0,
+            topic: state.config().kafka_topic.clone(),
+            destination: sink.destination(),
+        }),
+        Err(e) => {
+            state.events().count_failure();
+            Err(e)
+        }
+    }
+}
