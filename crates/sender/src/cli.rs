@@ -9,6 +9,9 @@ use uuid::Uuid;
 
 use crate::config::{ReceiverConfig, StoreConfig};
 
+mod deploy;
+pub use deploy::{parse_health, parse_restart, DeployArgs, HealthArg};
+
 /// Builds and packages Docker images and streams them to deploy-receiver, without a registry.
 #[derive(Debug, Parser)]
 #[command(name = "deploy-sender", version, about)]
@@ -24,6 +27,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Build (or take) an image, send it to a receiver and run it there, healthy or rolled back.
+    Deploy(DeployArgs),
     /// Stream a package file to a receiver (`POST /deployment/upload`).
     Transfer(TransferArgs),
     /// Build an image (or take an existing one) and store it as a compressed package.

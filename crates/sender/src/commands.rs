@@ -11,9 +11,12 @@ use crate::terminal::{bytes_bar, TerminalProgress};
 use crate::upload::{compression_from_path, manifest_for_file, upload_package, Endpoint};
 use crate::{BuildSpec, SenderError};
 
+mod deploy;
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), SenderError> {
     match cli.command {
+        Command::Deploy(args) => deploy::run(args).await,
         Command::Transfer(args) => transfer(args).await,
         Command::Package(args) => package(args).await,
         Command::Packages(command) => packages(command).await,

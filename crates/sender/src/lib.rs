@@ -7,6 +7,7 @@ pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod deploy;
 pub mod docker;
 pub mod doctor;
 pub mod error;
@@ -25,6 +26,7 @@ mod terminal;
 pub mod upload;
 
 pub use build::{BuildSpec, BuiltImage};
+pub use deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
 pub use error::SenderError;
 pub use package::{package_image, ImageSource, PackageRequest};
 pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
