@@ -154,3 +154,26 @@ fn docker_compose_file_validates() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn receiver_warns_about_example_values_in_every_key_it_holds() {
+    let mut config = deploy_receiver::Config::for_dir("/nonexistent", "");
+    config.hmac_keys = Some(format!(
+        "old={SECRET},new=change-me-run-openssl-rand-hex-32"
+    ));
+    let warnings = deploy_receiver::warnings(&config);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("DEPLOY_HMAC_KEYS") && w.contains("new") && !w.contains("old")),
+        "{warnings:?}"
+    );
+    assert!(
+        !warnings.iter().any(|w| w.contains("DEPLOY_HMAC_SECRET ")),
+        "no DEPLOY_HMAC_SECRET is set: {warnings:?}"
+    );
+    config.hmac_keys = Some(format!("old={SECRET}"));
+    assert!(!deploy_receiver::warnings(&config)
+        .iter()
+        .any(|w| w.contains("DEPLOY_HMAC")));
+}

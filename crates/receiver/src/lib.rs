@@ -103,16 +103,29 @@ pub fn warnings(config: &Config) -> Vec<String> {
     }
     if config.bind.ip().is_unspecified() {
         out.push(
-            "bound to all interfaces without TLS: put a TLS reverse proxy in front (see README)"
+            "bound to all interfaces without TLS: put a TLS reverse proxy in front (docs/OPERATIONS.md)"
                 .into(),
         );
     }
-    let weak = config
+    // The example files (.env.example, deploy/config/*.env.example) hold `change-me-...` values.
+    let weak = |s: &str| s.len() < 32 || s.contains("change-me") || s.contains("example");
+    if config
         .hmac_secret
         .as_deref()
-        .is_some_and(|s| s.len() < 32 || s.contains("change-me") || s.contains("example"));
-    if weak {
+        .is_some_and(|s| !s.is_empty() && weak(s))
+    {
         out.push("DEPLOY_HMAC_SECRET is short or an example value: use 32+ random bytes (openssl rand -hex 32)".into());
+    }
+    let weak_ids: Vec<&str> = (config.hmac_keys.as_deref().unwrap_or_default().split(','))
+        .filter_map(|entry| entry.split_once('='))
+        .filter(|(_, secret)| weak(secret.trim()))
+        .map(|(id, _)| id.trim())
+        .collect();
+    if !weak_ids.is_empty() {
+        out.push(format!(
+            "DEPLOY_HMAC_KEYS: key {} is short or an example value: use 32+ random bytes (openssl rand -hex 32)",
+            weak_ids.join(", ")
+        ));
     }
     out
 }
