@@ -43,14 +43,17 @@ printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$context/rootfs/etc/n
 for image in $images; do
   binary="$target_dir/$triple/release/deploy-$image"
   [[ -x "$binary" ]] || { echo "error: $binary is missing: run without SKIP_CARGO" >&2; exit 1; }
-  # A dynamic binary would start nowhere FROM scratch: refuse it here, not at run time.
-  if ldd "$binary" >/dev/null 2>&1; then
+  # A dynamic binary would start nowhere FROM scratch: refuse it here, not at run time. (A
+  # static-pie has a dynamic section but no program interpreter and no NEEDED libraries.)
+  if readelf -lW "$binary" | grep -q 'program interpreter' || readelf -dW "$binary" | grep -q '(NEEDED)'; then
     echo "error: $binary is dynamically linked:" >&2
-    ldd "$binary" >&2
+    ldd "$binary" >&2 || true
     exit 1
   fi
-  install -m 0755 "$binary" "$context/deploy-$image"
-  echo "==> docker build deploy-$image:$tag ($(du -h "$binary" | cut -f1) static binary)"
+  # Debug line tables are for local backtraces; the image gets the binary without them.
+  strip --strip-debug -o "$context/deploy-$image" "$binary"
+  chmod 0755 "$context/deploy-$image"
+  echo "==> docker build deploy-$image:$tag ($(du -h "$context/deploy-$image" | cut -f1) static binary)"
   DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build --pull=false \
     -f "deploy/$image.scratch.Dockerfile" \
     -t "deploy-$image:$tag" -t "deploy-$image:latest" \

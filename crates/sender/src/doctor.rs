@@ -435,8 +435,15 @@ fn print_report(report: &Report) {
             println!("         {:<9} fix: {fix}", "");
         }
     }
-    if report.ok {
+    let warnings = report
+        .checks
+        .iter()
+        .filter(|c| c.status == Status::Warn)
+        .count();
+    if report.ok && warnings == 0 {
         println!("all checks passed");
+    } else if report.ok {
+        println!("no check failed; {warnings} warning(s) worth fixing");
     }
 }
 
