@@ -44,11 +44,21 @@ impl Default for CompressionOptions {
     }
 }
 
-/// One zstd worker per available core.
+/// zstd job size when compressing with workers: 2 MiB. zstd's own choice at level 3 is 8 MiB
+/// (four windows), and a multi-threaded encoder holds input and output buffers for a few jobs
+/// per worker: `bench/bench.py` measured a peak RSS of 66 MiB packaging a 100 MiB image with 2
+/// workers and 116 MiB for incompressible data; 2 MiB jobs keep it near 5 MiB per worker, for
+/// packages about 0.3 % larger (docs/PERFORMANCE.md).
+pub const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
+/// Most zstd workers chosen by default, so that memory stays bounded on large hosts.
+pub const MAX_DEFAULT_ZSTD_WORKERS: u32 = 4;
+
+/// One zstd worker per available core, at most [`MAX_DEFAULT_ZSTD_WORKERS`].
 pub fn default_zstd_workers() -> u32 {
     std::thread::available_parallelism()
         .map(|n| u32::try_from(n.get()).unwrap_or(1))
         .unwrap_or(1)
+        .min(MAX_DEFAULT_ZSTD_WORKERS)
 }
 
 impl CompressionOptions {
@@ -152,7 +162,10 @@ impl PackageSink {
             }
             (Compression::Zstd, Some(l)) => {
                 let params: &[CParameter] = if options.zstd_workers > 0 {
-                    &[CParameter::nb_workers(options.zstd_workers)]
+                    &[
+                        CParameter::nb_workers(options.zstd_workers),
+                        CParameter::job_size(ZSTD_JOB_SIZE),
+                    ]
                 } else {
                     &[]
                 };
