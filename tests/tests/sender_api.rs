@@ -941,3 +941,85 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
         4.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
+    let docker = common::docker::docker().await;
+    let host = common::docker::HostGuard::new();
+    let receiver = spawn_receiver(|_| {}).await;
+    let url = receiver.url.clone();
+    let sender = spawn_sender(|c| c.receiver.to = Some(url)).await;
+    let package = |health_port: u16, tag: &str| {
+        let context = common::docker::busybox_context(
+            &common::docker::httpd_dockerfile(health_port),
+            "hello from the sender API",
+        );
+        let input = json!({"image_tag": host.image(tag), "build_context": context.path()});
+        (context, input)
+    };
+    let deployment = json!({
+        "container_name": host.name,
+        "ports": [{"container_port": 80, "host_ip": "127.0.0.1"}],
+        "health_check": {"kind": "docker", "deadline_secs": 60.0},
+    });
+
+    let (_good_context, good_input) = package(80, "good");
+    let good = sender.post("/api/v1/packages", good_input).await;
+    assert_eq!(good.status, 201, "{}", good.text);
+    let deployed = sender
+        .post(
+            "/api/v1/transfers",
+            json!({"package_id": good.body["package_id"], "deployment": deployment}),
+        )
+        .await;
+    assert_eq!(deployed.status, 200, "{}", deployed.text);
+    assert_eq!(deployed.body["endpoint"], "full");
+    let outcome = &deployed.body["receivers"][0];
+    assert_eq!(outcome["response"]["status"], "SUCCEEDED", "{outcome}");
+    assert_eq!(
+        deployed.body["remote_deployment_id"],
+        outcome["response"]["deployment_id"]
+    );
+    let port = common::docker::published_port(&docker, &host.name).await;
+    let page = reqwest::get(format!("http://127.0.0.1:{port}/"))
+        .await
+        .expect("the deployed container serves")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(page, "hello from the sender API");
+
+    // An image that never becomes healthy: the receiver rolls back, the sender says so.
+    let (_bad_context, bad_input) = package(81, "bad");
+    let bad = sender.post("/api/v1/packages", bad_input).await;
+    assert_eq!(bad.status, 201, "{}", bad.text);
+    let failed = sender
+        .post(
+            "/api/v1/transfers",
+            json!({"package_id": bad.body["package_id"], "deployment": deployment}),
+        )
+        .await;
+    assert_eq!(
+        (failed.status, failed.code()),
+        (422, "HEALTH_CHECK_FAILED"),
+        "{}",
+        failed.text
+    );
+    let events = sender.get("/api/v1/events?limit=2").await;
+    let newest = &events.body["events"][0];
+    assert_eq!(newest["event_type"], "DEPLOYMENT_FAILED", "{}", events.text);
+    assert_eq!(newest["payload"]["code"], "HEALTH_CHECK_FAILED");
+    assert_eq!(newest["payload"]["status"], "ROLLED_BACK");
+    assert_eq!(events.body["events"][1]["event_type"], "TRANSFER_COMPLETED");
+    let bad_spec = sender
+        .post(
+            "/api/v1/transfers",
+            json!({"package_id": good.body["package_id"],
+                   "deployment": {"container_name": "no spaces allowed"}}),
+        )
+        .await;
+    assert_eq!(
+        (bad_spec.status, bad_spec.code()),
+        (400, "VALIDATION_ERROR")
+    );
+}

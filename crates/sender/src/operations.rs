@@ -373,11 +373,15 @@ impl TransferInput {
             .map(|url| ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(spec) = &self.deployment {
-            if spec.container_name.trim().is_empty() {
-                return Err(SenderError::Validation(
-                    "deployment.container_name is required".into(),
-                ));
-            }
+            // Refuse a bad spec before any byte is sent (the image defaults as it will on send).
+            let mut check = spec.clone();
+            check.image = check
+                .image
+                .or_else(|| info.image_tags.first().cloned())
+                .or_else(|| Some(info.image_id.clone()));
+            check
+                .validate()
+                .map_err(|e| SenderError::Validation(format!("deployment: {e}")))?;
         }
         Ok(TransferPlan {
             info,
@@ -490,21 +494,8 @@ async fn send_one(
                     "package_size": info.package_size }),
         )
         .await;
-    let progress = {
-        let (job, receiver, total) = (job.clone(), receiver.clone(), info.package_size);
-        move |sent| job.upload_progress(&receiver, sent, total)
-    };
     let started = Instant::now();
-    let result = upload_package(
-        state.http(),
-        target,
-        std::path::Path::new(&info.package_path),
-        manifest,
-        endpoint,
-        subject.correlation_id.as_deref(),
-        progress,
-    )
-    .await;
+    let result = send(state, info, manifest, target, endpoint, subject, job).await;
     let mut outcome = ReceiverOutcome {
         receiver: receiver.clone(),
         success: false,
@@ -523,7 +514,8 @@ async fn send_one(
             outcome.success = true;
             outcome.bytes = out.bytes;
             outcome.duration_ms = millis(out.duration);
-            outcome.throughput_mbps = round2(out.throughput_mbps);
+            outcome.throughput_mbps =
+                round2(crate::upload::throughput_mbps(out.bytes, out.duration));
             outcome.remote_deployment_id = out
                 .response
                 .get("deployment_id")
@@ -577,6 +569,59 @@ async fn send_one(
             (outcome, Some(e))
         }
     }
+}
+
+/// What a receiver answered to a successful transfer.
+struct Sent {
+    bytes: u64,
+    duration: std::time::Duration,
+    response: serde_json::Value,
+}
+
+/// Uploads to `target`, or with a deployment hands over to [`crate::deploy_package`] (the
+/// library's `/deployment/full` client, shared with `deploy-sender deploy`).
+async fn send(
+    state: &AppState,
+    info: &PackageInfo,
+    manifest: &deploy_protocol::PackageManifest,
+    target: &ReceiverTarget,
+    endpoint: Endpoint,
+    subject: &Subject,
+    job: &Arc<Job>,
+) -> Result<Sent, SenderError> {
+    let correlation_id = subject.correlation_id.as_deref();
+    if let (Endpoint::Full, Some(spec)) = (endpoint, &manifest.deployment) {
+        let started = Instant::now();
+        let progress: Arc<dyn Progress> = job.clone();
+        let (stats, record) =
+            crate::deploy_package(state.http(), target, info, spec, correlation_id, progress)
+                .await?;
+        return Ok(Sent {
+            bytes: stats.bytes,
+            duration: started.elapsed(),
+            response: serde_json::to_value(&record)
+                .map_err(|e| SenderError::Internal(format!("cannot serialise the record: {e}")))?,
+        });
+    }
+    let progress = {
+        let (job, receiver, total) = (job.clone(), target.base_url.to_string(), info.package_size);
+        move |sent| job.upload_progress(&receiver, sent, total)
+    };
+    let out = upload_package(
+        state.http(),
+        target,
+        std::path::Path::new(&info.package_path),
+        manifest,
+        endpoint,
+        correlation_id,
+        progress,
+    )
+    .await?;
+    Ok(Sent {
+        bytes: out.bytes,
+        duration: out.duration,
+        response: out.response,
+    })
 }
 
 fn error_payload(e: &SenderError) -> serde_json::Value {
