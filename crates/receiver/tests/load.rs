@@ -200,7 +200,7 @@ impl Run {
     /// Builds a FROM-scratch busybox image tagged `tag`; returns its id.
     async fn build(&self, tag: &str) -> String {
         let dockerfile = format!(
-            "FROM scratch\nCOPY busybox /bin/busybox\nLABEL {LABEL}={} name={tag}\nCMD [\"/bin/busybox\", \"true\"]\n",
+            "FROM scratch\nCOPY rootfs/ /\nLABEL {LABEL}={} name={tag}\nCMD [\"/bin/busybox\", \"true\"]\n",
             self.id
         );
         let mut context = tar::Builder::new(Vec::new());
@@ -212,8 +212,22 @@ impl Run {
             .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
             .expect("dockerfile");
         context
-            .append_path_with_name("/bin/busybox", "busybox")
+            .append_path_with_name("/bin/busybox", "rootfs/bin/busybox")
             .expect("the static busybox at /bin/busybox");
+        // One layer holding busybox and this image's own id: no other image (of this or a
+        // parallel test) shares it, so `docker load` must read it from the archive rather than
+        // skip it as a layer the engine already has.
+        let mut id_header = tar::Header::new_gnu();
+        id_header.set_size(tag.len() as u64);
+        id_header.set_mode(0o644);
+        id_header.set_cksum();
+        context
+            .append_data(
+                &mut id_header,
+                "rootfs/etc/deploy-test-image",
+                tag.as_bytes(),
+            )
+            .expect("id file");
         let context = context.into_inner().expect("context");
         let options = BuildImageOptions {
             t: tag.to_owned(),
