@@ -4,9 +4,25 @@ use clap::Parser;
 use deploy_receiver::{serve, AppState, Config};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// List-valued settings for which an empty value (as a compose or env file often leaves it) means
+/// "not set" rather than "one empty entry".
+const LIST_VARIABLES: [&str; 3] = ["ALLOWED_NETWORKS", "TRUSTED_PROXIES", "DEPLOY_HMAC_KEYS"];
+
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts any thread: the environment is only safe to change single-threaded.
+    for name in LIST_VARIABLES {
+        if std::env::var(name).is_ok_and(|v| v.trim().is_empty()) {
+            std::env::remove_var(name);
+        }
+    }
     let config = Config::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(url) = &config.probe {
         return probe(url).await;
     }
