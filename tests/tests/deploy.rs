@@ -184,7 +184,10 @@ async fn v2_replaces_v1_and_an_unhealthy_v3_is_rolled_back_to_v2() {
     assert_eq!(v2.previous_container_id, v1.container_id);
     assert_eq!(rig.get().await, "v2");
     let v2_id = v2.container_id.clone().expect("a container id");
-    assert_eq!(rig.containers_named_exactly().await, [v2_id.clone()]);
+    assert_eq!(
+        rig.containers_named_exactly().await,
+        std::slice::from_ref(&v2_id)
+    );
 
     // v3's HEALTHCHECK probes a port nobody listens on.
     let failure = rig.deploy("v3", 81).await.expect_err("v3 is unhealthy");

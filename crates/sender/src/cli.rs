@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build (or take) an image, send it to a receiver and run it there, healthy or rolled back.
-    Deploy(DeployArgs),
+    Deploy(Box<DeployArgs>),
     /// Stream a package file to a receiver (`POST /deployment/upload`).
     Transfer(TransferArgs),
     /// Build an image (or take an existing one) and store it as a compressed package.

@@ -16,7 +16,7 @@ mod deploy;
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), SenderError> {
     match cli.command {
-        Command::Deploy(args) => deploy::run(args).await,
+        Command::Deploy(args) => deploy::run(*args).await,
         Command::Transfer(args) => transfer(args).await,
         Command::Package(args) => package(args).await,
         Command::Packages(command) => packages(command).await,

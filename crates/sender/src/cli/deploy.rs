@@ -195,7 +195,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<DeployArgs, clap::Error> {
         let cli = Cli::try_parse_from([&["deploy-sender", "deploy"], args].concat())?;
         match cli.command {
-            Command::Deploy(args) => Ok(args),
+            Command::Deploy(args) => Ok(*args),
             other => panic!("parsed as {other:?}"),
         }
     }
