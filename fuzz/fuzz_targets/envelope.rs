@@ -54,7 +54,8 @@ fuzz_target!(|data: &[u8]| {
 
     // Round trip: sign the fields as a client would, and verify as the receiver does.
     if let Ok(ts) = timestamp.parse::<i64>() {
-        let signed = SignatureHeaders::sign(&key_id, SECRET, &method, &path, &digest, ts, nonce.clone());
+        let signed =
+            SignatureHeaders::sign(&key_id, SECRET, &method, &path, &digest, ts, nonce.clone());
         let reparsed = SignatureHeaders::parse(|name| match name {
             HEADER_KEY_ID => Some(signed.key_id.as_str()),
             HEADER_TIMESTAMP => Some(timestamp.as_str()),

@@ -23,16 +23,20 @@ const BOUNDARY: &str = "fuzz-boundary-4f2a";
 
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    state: Mutex<(AppState, tempfile::TempDir)>,
+    // The router is built once per state: building it (OpenAPI document, docs page) per input
+    // would cost more than the request.
+    state: Mutex<(AppState, axum::Router, tempfile::TempDir)>,
     runs: AtomicU64,
 }
 
-fn fresh_state() -> (AppState, tempfile::TempDir) {
+fn fresh_state() -> (AppState, axum::Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::for_dir(dir.path().join("packages"), SECRET);
     config.max_package_size = 1 << 20;
     config.allowed_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
-    (AppState::new(config).expect("state"), dir)
+    let state = AppState::new(config).expect("state");
+    let app = deploy_receiver::app(state.clone());
+    (state, app, dir)
 }
 
 fn harness() -> &'static Harness {
@@ -105,7 +109,9 @@ fuzz_target!(|data: &[u8]| {
             (manifest, body)
         }
         1 => {
-            let split = rest.len().min(usize::from(rest.first().copied().unwrap_or(0)) * 4);
+            let split = rest
+                .len()
+                .min(usize::from(rest.first().copied().unwrap_or(0)) * 4);
             let (manifest, package) = rest.split_at(split);
             (manifest.to_vec(), multipart(manifest, package))
         }
@@ -117,7 +123,10 @@ fuzz_target!(|data: &[u8]| {
         let mut guard = h.state.lock().expect("lock");
         *guard = h.runtime.block_on(async { fresh_state() });
     }
-    let state = h.state.lock().expect("lock").0.clone();
+    let (state, app) = {
+        let guard = h.state.lock().expect("lock");
+        (guard.0.clone(), guard.1.clone())
+    };
     let headers = SignatureHeaders::sign(
         "default",
         SECRET.as_bytes(),
@@ -135,12 +144,13 @@ fuzz_target!(|data: &[u8]| {
         .body(Body::from(body))
         .expect("request");
     for (name, value) in headers.to_pairs() {
-        request.headers_mut().insert(name, value.parse().expect("header value"));
+        request
+            .headers_mut()
+            .insert(name, value.parse().expect("header value"));
     }
     request
         .extensions_mut()
         .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
-    let app = deploy_receiver::app(state.clone());
     let status = h.runtime.block_on(async move {
         let response = app.oneshot(request).await.expect("infallible");
         let status = response.status();

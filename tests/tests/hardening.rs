@@ -22,7 +22,11 @@ fn target(url: &str, secret: &[u8]) -> ReceiverTarget {
 }
 
 /// The raw head of a signed multipart upload of `body_len` bytes.
-fn upload_head(addr: SocketAddr, headers: &deploy_protocol::SignatureHeaders, body_len: usize) -> String {
+fn upload_head(
+    addr: SocketAddr,
+    headers: &deploy_protocol::SignatureHeaders,
+    body_len: usize,
+) -> String {
     let mut head = format!(
         "POST /deployment/upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {body_len}\r\n"
     );
@@ -284,7 +288,11 @@ async fn dribble(mut stream: TcpStream, byte: u8, every: Duration) -> Duration {
 async fn serve_on(
     listener: tokio::net::TcpListener,
     tune: impl FnOnce(&mut Config),
-) -> (AppState, tempfile::TempDir, tokio::sync::oneshot::Sender<()>) {
+) -> (
+    AppState,
+    tempfile::TempDir,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let dir = tempfile::tempdir().expect("tmp");
     let mut config = Config::for_dir(dir.path().join("packages"), SECRET);
     tune(&mut config);
@@ -309,7 +317,10 @@ async fn upload_small(url: &str) -> (u16, serde_json::Value) {
             Part::manifest(manifest.clone()),
             Part::package(bytes),
         ]));
-    for (name, value) in Signing::new("/deployment/upload").headers(&manifest).to_pairs() {
+    for (name, value) in Signing::new("/deployment/upload")
+        .headers(&manifest)
+        .to_pairs()
+    {
         request = request.header(name, value);
     }
     let response = request.send().await.expect("send");
@@ -386,7 +397,11 @@ async fn the_sender_retries_until_a_briefly_unavailable_receiver_starts() {
     .expect("succeeds once the receiver is up");
     assert_eq!(outcome.response["outcome"], "created");
     let (state, _dir, _stop) = starter.await.expect("starter");
-    assert!(state.store().get(manifest.package_id).expect("get").is_some());
+    assert!(state
+        .store()
+        .get(manifest.package_id)
+        .expect("get")
+        .is_some());
     eprintln!(
         "sender retry: receiver down for 1.5 s, upload stored after {:.1} s",
         started.elapsed().as_secs_f64()
@@ -423,8 +438,11 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     .await
     .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::Unauthorized, "{err}");
-    let attempts =
-        metric(&receiver.url, "deploy_receiver_auth_refused_total{reason=\"bad_signature\"}").await;
+    let attempts = metric(
+        &receiver.url,
+        "deploy_receiver_auth_refused_total{reason=\"bad_signature\"}",
+    )
+    .await;
     assert_eq!(attempts, 1.0, "401 must be a single attempt");
     // 422: bytes that differ from the manifest (a retry would send the same bytes).
     let mut tampered = manifest.clone();

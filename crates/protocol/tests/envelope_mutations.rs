@@ -168,7 +168,9 @@ fn field_mutations(seen: &Seen) -> Vec<(&'static str, Seen)> {
         f(&mut m);
         m
     };
-    for method in ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "post", "POST "] {
+    for method in [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "post", "POST ",
+    ] {
         if method != seen.method {
             out.push(("method", with(&|m| m.method = method.into())));
         }
@@ -200,15 +202,15 @@ fn field_mutations(seen: &Seen) -> Vec<(&'static str, Seen)> {
     // The signed content (a JSON body, or the manifest part): one bit of every byte flipped,
     // then truncated, extended, emptied.
     for i in 0..seen.content.len() {
-        out.push((
-            "content",
-            with(&|m| m.content[i] ^= 1 << (i % 8) as u8),
-        ));
+        out.push(("content", with(&|m| m.content[i] ^= 1 << (i % 8) as u8)));
     }
     if !seen.content.is_empty() {
-        out.push(("content", with(&|m| {
-            m.content.pop();
-        })));
+        out.push((
+            "content",
+            with(&|m| {
+                m.content.pop();
+            }),
+        ));
         out.push(("content", with(&|m| m.content.clear())));
     }
     out.push(("content", with(&|m| m.content.push(0))));
@@ -334,6 +336,9 @@ fn field_mutations_reach_the_mac_not_just_the_form_checks() {
     ] {
         let (tried, by_mac) = by_field.get(field).copied().unwrap_or_default();
         assert!(tried > 0, "no {field} mutation");
-        assert!(by_mac > 0, "no {field} mutation reached the MAC: {by_field:?}");
+        assert!(
+            by_mac > 0,
+            "no {field} mutation reached the MAC: {by_field:?}"
+        );
     }
 }

@@ -176,7 +176,10 @@ async fn upload(addr: SocketAddr, package: &[u8]) -> (PackageManifest, u16, serd
 async fn try_upload(
     addr: SocketAddr,
     package: &[u8],
-) -> (PackageManifest, Result<(u16, serde_json::Value), reqwest::Error>) {
+) -> (
+    PackageManifest,
+    Result<(u16, serde_json::Value), reqwest::Error>,
+) {
     let (manifest, head, body) = signed_upload(addr, package);
     let mut request = reqwest::Client::new()
         .post(format!("http://{addr}/deployment/upload"))
@@ -231,7 +234,10 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn temp_files(dir: &Path) -> usize {
-    names(dir).iter().filter(|n| n.starts_with(".upload-")).count()
+    names(dir)
+        .iter()
+        .filter(|n| n.starts_with(".upload-"))
+        .count()
 }
 
 /// The store's invariant: no temp file, every package has its manifest and hashes to it.
@@ -248,7 +254,11 @@ fn assert_store_consistent(dir: &Path) -> usize {
             )
             .expect("manifest parses");
             let bytes = std::fs::read(dir.join(name)).expect("package");
-            assert_eq!(bytes.len() as u64, manifest.package_size, "{name}: partial file");
+            assert_eq!(
+                bytes.len() as u64,
+                manifest.package_size,
+                "{name}: partial file"
+            );
             assert_eq!(Checksum::of(&bytes), manifest.package_checksum, "{name}");
             complete += 1;
         } else if let Some(id) = name.strip_suffix(".manifest.json") {
@@ -358,8 +368,15 @@ async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_st
         idle_rss
     );
     assert_eq!(stored + busy + cut, 50);
-    assert_eq!(ok_answers, stored, "every upload the daemon accepted reached its client");
-    assert_eq!(busy_answers, busy + cut, "every other upload was refused BUSY");
+    assert_eq!(
+        ok_answers, stored,
+        "every upload the daemon accepted reached its client"
+    );
+    assert_eq!(
+        busy_answers,
+        busy + cut,
+        "every other upload was refused BUSY"
+    );
     assert!(stored >= 4, "at least one batch must get through");
     assert_eq!(health_failed, 0);
     assert_eq!(assert_store_consistent(&packages), stored);
@@ -390,7 +407,11 @@ async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_st
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    assert!(retry_after.is_some_and(|s| s > 0), "{:?}", response.headers());
+    assert!(
+        retry_after.is_some_and(|s| s > 0),
+        "{:?}",
+        response.headers()
+    );
     drop(held);
 }
 
@@ -449,7 +470,9 @@ async fn sigkill_at_24_points_of_an_upload_leaves_no_partial_file_after_restart(
     // And the restarted receiver still takes uploads.
     let (manifest, status, body) = upload(daemon.addr, &package).await;
     assert_eq!(status, 200, "{body}");
-    assert!(packages.join(format!("{}.pkg", manifest.package_id)).is_file());
+    assert!(packages
+        .join(format!("{}.pkg", manifest.package_id))
+        .is_file());
     let total = assert_store_consistent(&packages);
     eprintln!(
         "SIGKILL: {} kills at points from mid-headers to after the last byte; {left_temp} left \
@@ -520,7 +543,10 @@ async fn a_full_disk_is_refused_up_front_and_a_disk_filling_up_mid_write_is_a_cl
     let (_, head, body) = signed_upload(daemon.addr, &package);
     let mut stream = TcpStream::connect(daemon.addr).await.expect("connect");
     stream.write_all(head.as_bytes()).await.expect("head");
-    stream.write_all(&body[..8 << 20]).await.expect("first 8 MiB");
+    stream
+        .write_all(&body[..8 << 20])
+        .await
+        .expect("first 8 MiB");
     let deadline = Instant::now() + Duration::from_secs(10);
     while temp_files(&packages) == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -555,7 +581,12 @@ async fn a_full_disk_is_refused_up_front_and_a_disk_filling_up_mid_write_is_a_cl
 
 #[tokio::test]
 async fn a_sender_process_killed_mid_upload_leaves_nothing_and_the_receiver_keeps_serving() {
-    if Command::new("curl").arg("--version").stdout(Stdio::null()).status().is_err() {
+    if Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
         eprintln!("sender killed: SKIPPED, no curl here");
         return;
     }
@@ -566,9 +597,16 @@ async fn a_sender_process_killed_mid_upload_leaves_nothing_and_the_receiver_keep
     let body_path = dir.path().join("body.bin");
     std::fs::write(&body_path, &body).expect("body");
     let mut curl = Command::new("curl");
-    curl.args(["-s", "-o", "/dev/null", "--limit-rate", "2M", "--data-binary"])
-        .arg(format!("@{}", body_path.display()))
-        .arg(format!("{}/deployment/upload", daemon.url));
+    curl.args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "--limit-rate",
+        "2M",
+        "--data-binary",
+    ])
+    .arg(format!("@{}", body_path.display()))
+    .arg(format!("{}/deployment/upload", daemon.url));
     for line in head.lines().skip(1) {
         if let Some((k, v)) = line.split_once(": ") {
             if !k.eq_ignore_ascii_case("host") && !k.eq_ignore_ascii_case("content-length") {
@@ -576,7 +614,11 @@ async fn a_sender_process_killed_mid_upload_leaves_nothing_and_the_receiver_keep
             }
         }
     }
-    let mut sender = curl.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("curl");
+    let mut sender = curl
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("curl");
     let deadline = Instant::now() + Duration::from_secs(10);
     while temp_files(&packages) == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use deploy_protocol::api::DeploymentRecord;
 use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
 use deploy_protocol::multipart::{
     MANIFEST_CONTENT_TYPE, PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE,
 };
 use deploy_protocol::{Checksum, Compression, ErrorBody, PackageManifest, SignatureHeaders};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::TryStreamExt;
 use reqwest::multipart::{Form, Part};
 use reqwest::Url;
