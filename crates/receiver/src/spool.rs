@@ -3,14 +3,16 @@
 //! and a byte count on a blocking writer thread, then is fsynced and renamed into the store.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
 use axum::http::request::Parts;
 use bytes::Bytes;
 use deploy_protocol::api::StoreOutcome;
 use deploy_protocol::multipart::{MAX_MANIFEST_BYTES, PART_MANIFEST, PART_PACKAGE};
 use deploy_protocol::{Checksum, PackageManifest};
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::auth::authenticate;
@@ -35,7 +37,64 @@ pub struct Received {
 }
 
 /// Receives one `manifest` + `package` multipart upload.
+///
+/// On a refusal the rest of the body is read and discarded in the background (at most
+/// [`DRAIN_LIMIT`] bytes for [`DRAIN_TIME`]) while the answer goes out: a client still sending
+/// then reads the `429`, `401` or `413` instead of a connection reset, and can tell a refusal
+/// it must not repeat from a fault it may retry.
 pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> Result<Received> {
+    let shared = SharedBody(Arc::new(Mutex::new(Some(body.into_data_stream()))));
+    let result = receive(state, parts, SharedBody(Arc::clone(&shared.0))).await;
+    if result.is_err() {
+        shared.drain_in_background();
+    }
+    result
+}
+
+/// Most body bytes read and discarded after a refusal.
+pub const DRAIN_LIMIT: u64 = 64 << 20;
+/// Longest time spent discarding them.
+pub const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// The request body, shared between the multipart reader and, after a refusal, the drain.
+struct SharedBody(Arc<Mutex<Option<BodyDataStream>>>);
+
+impl futures::Stream for SharedBody {
+    type Item = std::result::Result<Bytes, axum::Error>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.0.lock() {
+            Ok(mut body) => match body.as_mut() {
+                Some(stream) => stream.poll_next_unpin(cx),
+                None => std::task::Poll::Ready(None),
+            },
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl SharedBody {
+    fn drain_in_background(&self) {
+        let Some(mut stream) = self.0.lock().ok().and_then(|mut b| b.take()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+            let mut drained = 0u64;
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
+                drained += chunk.len() as u64;
+                if drained > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Received> {
     let started = Instant::now();
     let content_type = parts
         .headers
@@ -46,7 +105,7 @@ pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> R
         ReceiverError::Validation("expected a multipart/form-data body with a boundary".into())
     })?;
     let _slot = state.upload_slot()?;
-    let mut multipart = multer::Multipart::new(body.into_data_stream(), boundary);
+    let mut multipart = multer::Multipart::new(body, boundary);
     let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
     // Until the signature is checked, the whole (at most 64 KiB) manifest must come within one
     // idle period: an unauthenticated client cannot hold the upload slot by trickling it.

@@ -137,11 +137,11 @@ pub fn throughput_mbps(bytes: u64, duration: Duration) -> f64 {
 
 /// When and how often an upload that failed for a transient reason is tried again.
 ///
-/// Transient: the receiver could not be reached (connection refused, reset, DNS), or it answered
-/// `429 BUSY` or `503` (honouring `Retry-After`), or `408 TIMEOUT`. Never retried: any other
-/// answer, in particular 401, 403, 409, 413 and 422, which a repeat cannot change. For
-/// `/deployment/full` a transfer that broke after it started is not retried either (the
-/// receiver may have deployed); for a plain upload it is, since uploads are idempotent.
+/// Transient: no connection could be made (refused, DNS), or the receiver answered `429 BUSY` or
+/// `503` (honouring `Retry-After`), or `408 TIMEOUT`. Never retried: any other answer, in
+/// particular 401, 403, 409, 413 and 422, which a repeat cannot change; nor a connection that
+/// broke during the exchange, since that may have been one of those answers cut short (or, for
+/// `/deployment/full`, a deployment that ran).
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (1: never retry).
@@ -241,7 +241,7 @@ pub async fn upload_package_with_retry(
             Ok(outcome) => return Ok(outcome),
             Err(failure) => failure,
         };
-        if !failure.is_transient(endpoint) {
+        if !failure.is_transient() {
             return Err(failure.error);
         }
         let Some(backoff_delay) = backoff.next() else {
@@ -291,12 +291,11 @@ impl Failure {
         }
     }
 
-    fn is_transient(&self, endpoint: Endpoint) -> bool {
+    fn is_transient(&self) -> bool {
         match self.stage {
             Stage::Local => false,
             Stage::Connect => true,
-            // A plain upload is idempotent; a full deployment may have run.
-            Stage::Broken => endpoint == Endpoint::Upload,
+            Stage::Broken => false,
             Stage::Answer(status) => matches!(status, 408 | 429 | 503),
         }
     }
