@@ -44,6 +44,7 @@ KEY_ID = "default"
 E2E_CONTAINER = "deploy-bench-e2e"
 BURST_CONTAINER = "deploy-bench-burst"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ONE_SHOT = False  # --burst-one-shot
 
 # ---------------------------------------------------------------------------------------------
 # Measuring processes
@@ -577,23 +578,32 @@ def burst(work, count):
     shutil.rmtree(sender_pkg, ignore_errors=True)
     env = sender_env(sender_pkg)
     per_deploy, sender_rss, sender_cpu = [], 0.0, 0.0
+    # One `deploy-sender deploy --image` per deploy (package + /deployment/full) where the CLI
+    # has it, else the stages one by one.
+    one_shot = ONE_SHOT and run([Bins.sender, "deploy", "--help"], check=False).rc == 0
     rss_after_first = None
     started = time.perf_counter()
     try:
         for i, tag in enumerate(tags):
             t0 = time.perf_counter()
-            p = run([Bins.sender, "package", "--image", tag, "--json"], env=env)
-            info = json.loads(p.out)
-            t = run([Bins.sender, "transfer", "--stored", info["package_id"], "--to", url,
-                     "--json"], env=env)
-            signed_post(url, "/deployment/load", {"package_id": info["package_id"]})
-            record, _ = signed_post(url, "/deployment/deploy",
-                                    deploy_spec(BURST_CONTAINER, tag, info["package_id"]))
-            if record.get("status") != "SUCCEEDED":
-                raise RuntimeError(f"deploy {i} did not succeed: {record}")
+            if one_shot:
+                d = run([Bins.sender, "deploy", "--image", tag, "--name", BURST_CONTAINER,
+                         "--health", "docker", "--to", url, "--json"], env=env)
+                steps = [d]
+            else:
+                p = run([Bins.sender, "package", "--image", tag, "--json"], env=env)
+                info = json.loads(p.out)
+                t = run([Bins.sender, "transfer", "--stored", info["package_id"], "--to", url,
+                         "--json"], env=env)
+                signed_post(url, "/deployment/load", {"package_id": info["package_id"]})
+                record, _ = signed_post(url, "/deployment/deploy",
+                                        deploy_spec(BURST_CONTAINER, tag, info["package_id"]))
+                if record.get("status") != "SUCCEEDED":
+                    raise RuntimeError(f"deploy {i} did not succeed: {record}")
+                steps = [p, t]
             per_deploy.append(time.perf_counter() - t0)
-            sender_rss = max(sender_rss, p.rss_mib, t.rss_mib)
-            sender_cpu += p.cpu + t.cpu
+            sender_rss = max([sender_rss] + [m.rss_mib for m in steps])
+            sender_cpu += sum(m.cpu for m in steps)
             if i == 0:
                 rss_after_first = receiver.vm("VmRSS") / 1024
         total = time.perf_counter() - started
@@ -605,7 +615,7 @@ def burst(work, count):
         shutil.rmtree(pkg, ignore_errors=True)
         for tag in tags:
             run(["docker", "rmi", "-f", tag], check=False)
-    return {"count": count, "total_s": total, "per_hour": count * 3600 / total,
+    return {"count": count, "one_shot": one_shot, "total_s": total, "per_hour": count * 3600 / total,
             "median_s": statistics.median(per_deploy), "max_s": max(per_deploy),
             "sender_rss_mib": sender_rss, "sender_cpu_s": sender_cpu,
             "receiver_rss_mib": served.rss_mib, "receiver_cpu_s": served.cpu,
@@ -682,16 +692,20 @@ def report(results, machine, args):
         p(f"### Concurrent transfers: {c['size'] / MIB:.0f} MiB package (compression none), "
           f"MAX_CONCURRENT_UPLOADS={c['max_uploads']}")
         p("")
-        p("| transfers at once | succeeded | upload window s | aggregate MB/s (receiver side) | "
+        p("| receiver | transfers at once | succeeded | upload window s | aggregate MB/s (receiver side) | "
           "aggregate MB/s (wall, incl. CLI start and pre-hash) | receiver peak RSS MiB |")
-        p("|---|---|---|---|---|---|")
-        for n in sorted({r["n"] for r in c["rounds"]}):
-            rs = [r for r in c["rounds"] if r["n"] == n]
-            p(f"| {n} | {min(r['ok'] for r in rs)}/{n} | {fmt(med(rs, 'upload_window_s'))} | "
-              f"{fmt(med(rs, 'aggregate_mbps'), '.0f')} | {fmt(med(rs, 'wall_mbps'), '.0f')} | "
-              f"{fmt(med(rs, 'receiver_rss_mib'), '.1f')} |")
-        one = med([r for r in c["rounds"] if r["n"] == 1], "aggregate_mbps")
-        five = med([r for r in c["rounds"] if r["n"] == c["n"]], "aggregate_mbps")
+        p("|---|---|---|---|---|---|---|")
+        receivers = sorted({r["receiver"] for r in c["rounds"]}, key=lambda b: b != str(Bins.receiver))
+        for binary in receivers:
+            for n in sorted({r["n"] for r in c["rounds"]}):
+                rs = [r for r in c["rounds"] if r["n"] == n and r["receiver"] == binary]
+                p(f"| {Path(binary).name} | {n} | {min(r['ok'] for r in rs)}/{n} | "
+                  f"{fmt(med(rs, 'upload_window_s'))} | "
+                  f"{fmt(med(rs, 'aggregate_mbps'), '.0f')} | {fmt(med(rs, 'wall_mbps'), '.0f')} | "
+                  f"{fmt(med(rs, 'receiver_rss_mib'), '.1f')} |")
+        main_rounds = [r for r in c["rounds"] if r["receiver"] == str(Bins.receiver)]
+        one = med([r for r in main_rounds if r["n"] == 1], "aggregate_mbps")
+        five = med([r for r in main_rounds if r["n"] == c["n"]], "aggregate_mbps")
         disk = med(c["disk"], "mbps")
         p("")
         p(f"{c['n']} at once / one alone (aggregate, receiver side): {fmt(five / one if one else None)}. "
@@ -704,7 +718,9 @@ def report(results, machine, args):
     if results.get("burst"):
         b = results["burst"]
         p("")
-        p(f"### Burst: {b['count']} deploys of a tiny image (new version and package each time)")
+        how = ("`deploy-sender deploy --image TAG --health docker` each" if b.get("one_shot")
+               else "package, transfer, load, deploy each")
+        p(f"### Burst: {b['count']} deploys of a tiny image (new version and package each time; {how})")
         p("")
         p(f"{b['count']} deploys in {b['total_s']:.1f} s: **{b['per_hour']:.0f} deploys/hour** "
           f"(median {b['median_s']:.2f} s, slowest {b['max_s']:.2f} s per deploy). Sender peak RSS "
@@ -749,6 +765,10 @@ def main():
     ap.add_argument("--max-uploads", type=int, default=None,
                     help="receiver MAX_CONCURRENT_UPLOADS for the concurrency part "
                          "(default: the --concurrent count, so none is refused BUSY)")
+    ap.add_argument("--ab-receiver", help="another deploy-receiver binary to alternate with "
+                    "target/release's in the concurrency part (before/after a change)")
+    ap.add_argument("--burst-one-shot", action="store_true",
+                    help="burst: one `deploy-sender deploy --image` per deploy instead of the stages")
     ap.add_argument("--work", default=str(REPO / "target/bench"), help="scratch directory")
     ap.add_argument("--no-build", action="store_true", help="use target/release binaries as they are")
     ap.add_argument("--json", help="also write all raw results to this file")
@@ -758,6 +778,8 @@ def main():
     sizes = [int(s) for s in (args.sizes or ("100" if args.quick else "100,1024")).split(",")]
     args.burst = args.burst or (20 if args.quick else 50)
     parts = set(args.only.split(","))
+    global ONE_SHOT
+    ONE_SHOT = args.burst_one_shot
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
@@ -805,6 +827,7 @@ def main():
                     f.write(os.urandom(MIB))
         max_uploads = args.max_uploads or args.concurrent
         rounds, disk = [], []
+        binaries = [Bins.receiver] + ([Path(args.ab_receiver)] if args.ab_receiver else [])
         for i in range(args.runs):
             for n in (1, 0, args.concurrent):
                 if n == 0:
@@ -812,10 +835,15 @@ def main():
                     print(f"  run {i + 1}/{args.runs}: disk write+fsync "
                           f"{disk[-1]['mbps']:.0f} MB/s", flush=True)
                     continue
-                r = concurrent_round(work, package, n, size, max_uploads)
-                rounds.append(r)
-                print(f"  run {i + 1}/{args.runs}: {n} at once: {r['ok']}/{n} ok, "
-                      f"{r['aggregate_mbps']:.0f} MB/s aggregate", flush=True)
+                for binary in binaries:
+                    Bins.receiver = binary
+                    r = concurrent_round(work, package, n, size, max_uploads)
+                    r["receiver"] = str(binary)
+                    rounds.append(r)
+                    print(f"  run {i + 1}/{args.runs}: {n} at once: {r['ok']}/{n} ok, "
+                          f"{r['aggregate_mbps']:.0f} MB/s aggregate, receiver peak RSS "
+                          f"{r['receiver_rss_mib']:.1f} MiB ({binary.name})", flush=True)
+        Bins.receiver = binaries[0]
         results["concurrent"] = {"size": size, "n": args.concurrent, "max_uploads": max_uploads,
                                  "rounds": rounds, "disk": disk}
     if "burst" in parts:
