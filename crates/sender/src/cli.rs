@@ -8,6 +8,7 @@ use deploy_protocol::Compression;
 use uuid::Uuid;
 
 use crate::config::{ReceiverConfig, StoreConfig};
+use crate::SenderError;
 
 mod deploy;
 pub use deploy::{parse_health, parse_restart, DeployArgs, HealthArg};
@@ -111,25 +112,53 @@ pub struct TransferArgs {
     pub json: bool,
 }
 
-/// `deploy-sender package`.
+/// Where the image comes from: a Dockerfile to build, or an image already on the build host.
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["dockerfile", "image"])))]
-pub struct PackageArgs {
+#[command(group(ArgGroup::new("image_source").required(true).args(["dockerfile", "image"])))]
+pub struct ImageSourceArgs {
     /// Dockerfile to build (must lie inside --context).
     #[arg(long, env = "DEPLOY_DOCKERFILE", requires_all = ["context", "tag"])]
     pub dockerfile: Option<PathBuf>,
     /// Build context directory (its root .dockerignore is honoured).
     #[arg(long, env = "DEPLOY_BUILD_CONTEXT", requires = "dockerfile")]
     pub context: Option<PathBuf>,
-    /// Tag for the built image, `name:tag`.
+    /// Tag for the built image, `name:tag` (the image a receiver runs).
     #[arg(long, env = "DEPLOY_IMAGE_TAG", requires = "dockerfile")]
     pub tag: Option<String>,
     /// Build argument `KEY=VALUE` (repeatable).
     #[arg(long = "build-arg", env = "DEPLOY_BUILD_ARG", value_parser = parse_key_value, requires = "dockerfile")]
     pub build_args: Vec<(String, String)>,
-    /// Package an existing local image instead of building: `name:tag` or an image id.
+    /// Use an existing local image instead of building: `name:tag` or an image id.
     #[arg(long, env = "DEPLOY_IMAGE")]
     pub image: Option<String>,
+}
+
+impl ImageSourceArgs {
+    /// The library's description of the image source.
+    pub fn source(&self) -> Result<crate::ImageSource, SenderError> {
+        match (&self.image, &self.dockerfile, &self.context, &self.tag) {
+            (Some(image), ..) => Ok(crate::ImageSource::Existing(image.clone())),
+            (None, Some(dockerfile), Some(context), Some(tag)) => {
+                Ok(crate::ImageSource::Build(crate::BuildSpec {
+                    dockerfile: dockerfile.clone(),
+                    context: context.clone(),
+                    build_args: self.build_args.iter().cloned().collect(),
+                    tag: tag.clone(),
+                }))
+            }
+            _ => Err(SenderError::Validation(
+                "pass --image REF, or --dockerfile, --context and --tag".into(),
+            )),
+        }
+    }
+}
+
+/// `deploy-sender package`.
+#[derive(Debug, clap::Args)]
+pub struct PackageArgs {
+    /// The image to package.
+    #[command(flatten)]
+    pub source: ImageSourceArgs,
     /// Container the package is for (default: the image name's last component).
     #[arg(long, env = "DEPLOY_CONTAINER_NAME")]
     pub container_name: Option<String>,
@@ -207,7 +236,7 @@ mod tests {
         let Command::Package(args) = cli.command else {
             panic!("package")
         };
-        assert_eq!(args.build_args, [("A".to_owned(), "b=c".to_owned())]);
+        assert_eq!(args.source.build_args, [("A".to_owned(), "b=c".to_owned())]);
         assert_eq!(args.compression, Compression::Gzip);
     }
 

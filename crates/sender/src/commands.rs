@@ -1,15 +1,14 @@
 //! What each subcommand does: call the library, draw progress on a terminal, print the result.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::cli::{Cli, Command, PackageArgs, PackagesCommand, TransferArgs};
-use crate::package::{package_image, ImageSource, PackageRequest};
+use crate::package::{package_image, PackageRequest};
 use crate::sink::{default_zstd_workers, CompressionOptions};
 use crate::store::{PackageInfo, PackageStore};
 use crate::terminal::{bytes_bar, TerminalProgress};
 use crate::upload::{compression_from_path, manifest_for_file, upload_package, Endpoint};
-use crate::{BuildSpec, SenderError};
+use crate::SenderError;
 
 mod deploy;
 
@@ -89,20 +88,7 @@ async fn transfer(args: TransferArgs) -> Result<(), SenderError> {
 }
 
 async fn package(args: PackageArgs) -> Result<(), SenderError> {
-    let source = match (args.image, args.dockerfile, args.context, args.tag) {
-        (Some(image), ..) => ImageSource::Existing(image),
-        (None, Some(dockerfile), Some(context), Some(tag)) => ImageSource::Build(BuildSpec {
-            dockerfile,
-            context,
-            build_args: args.build_args.into_iter().collect::<BTreeMap<_, _>>(),
-            tag,
-        }),
-        _ => {
-            return Err(SenderError::Validation(
-                "pass --image REF, or --dockerfile, --context and --tag".into(),
-            ))
-        }
-    };
+    let source = args.source.source()?;
     let request = PackageRequest {
         source,
         container_name: args.container_name,

@@ -1,40 +1,25 @@
 //! `deploy-sender deploy`: its flags, and how they become a [`DeployRequest`].
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use clap::ArgGroup;
 use deploy_protocol::{
     Compression, DeploymentSpec, HealthCheckKind, HealthCheckSpec, PortMapping, RestartPolicy,
 };
 
-use super::parse_key_value;
+use super::{parse_key_value, ImageSourceArgs};
 use crate::config::{ReceiverConfig, StoreConfig};
 use crate::deploy::DeployRequest;
 use crate::package::{default_container_name, ImageSource, PackageRequest};
 use crate::sink::{default_zstd_workers, CompressionOptions};
-use crate::{BuildSpec, SenderError};
+use crate::SenderError;
 
 /// `deploy-sender deploy`: build (or take) an image, package it, send it to a receiver's
 /// `/deployment/full`, and wait until the new container is healthy or rolled back.
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("source").required(true).args(["dockerfile", "image"])))]
 pub struct DeployArgs {
-    /// Dockerfile to build (must lie inside --context).
-    #[arg(long, env = "DEPLOY_DOCKERFILE", requires_all = ["context", "tag"])]
-    pub dockerfile: Option<PathBuf>,
-    /// Build context directory (its root .dockerignore is honoured).
-    #[arg(long, env = "DEPLOY_BUILD_CONTEXT", requires = "dockerfile")]
-    pub context: Option<PathBuf>,
-    /// Tag for the built image, `name:tag`: the image the receiver runs.
-    #[arg(long, env = "DEPLOY_IMAGE_TAG", requires = "dockerfile")]
-    pub tag: Option<String>,
-    /// Build argument `KEY=VALUE` (repeatable).
-    #[arg(long = "build-arg", env = "DEPLOY_BUILD_ARG", value_parser = parse_key_value, requires = "dockerfile")]
-    pub build_args: Vec<(String, String)>,
-    /// Deploy an existing local image instead of building: `name:tag` or an image id.
-    #[arg(long, env = "DEPLOY_IMAGE")]
-    pub image: Option<String>,
+    /// The image to deploy.
+    #[command(flatten)]
+    pub source: ImageSourceArgs,
     /// Container name on the receiver; a container of that name is replaced (default: the image
     /// name's last component, `registry/team/web:v1` -> `web`).
     #[arg(long, env = "DEPLOY_CONTAINER_NAME")]
@@ -135,20 +120,7 @@ pub fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
 impl DeployArgs {
     /// The library request these flags describe.
     pub fn request(&self) -> Result<DeployRequest, SenderError> {
-        let source = match (&self.image, &self.dockerfile, &self.context, &self.tag) {
-            (Some(image), ..) => ImageSource::Existing(image.clone()),
-            (None, Some(dockerfile), Some(context), Some(tag)) => ImageSource::Build(BuildSpec {
-                dockerfile: dockerfile.clone(),
-                context: context.clone(),
-                build_args: self.build_args.iter().cloned().collect(),
-                tag: tag.clone(),
-            }),
-            _ => {
-                return Err(SenderError::Validation(
-                    "pass --image REF, or --dockerfile, --context and --tag".into(),
-                ))
-            }
-        };
+        let source = self.source.source()?;
         let container_name = match (&self.name, &source) {
             (Some(name), _) => name.clone(),
             (None, ImageSource::Build(spec)) => default_container_name(&spec.tag),
