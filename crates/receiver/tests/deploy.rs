@@ -32,36 +32,9 @@ async fn full_deploys_v1_replaces_it_with_v2_and_rolls_a_failing_v3_back_to_v2()
         format!("{name}:v2"),
         format!("{name}:v3"),
     );
-    build_image(
-        &docker,
-        &mut cleanup,
-        &v1,
-        ImageSpec {
-            page: "v1",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
-    build_image(
-        &docker,
-        &mut cleanup,
-        &v2,
-        ImageSpec {
-            page: "v2",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
-    build_image(
-        &docker,
-        &mut cleanup,
-        &v3,
-        ImageSpec {
-            page: "v3",
-            healthcheck: Some(ALWAYS_FAILS),
-        },
-    )
-    .await;
+    build_image(&docker, &mut cleanup, &v1, ImageSpec::healthy("v1")).await;
+    build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
+    build_image(&docker, &mut cleanup, &v3, ImageSpec::failing("v3")).await;
     let dir = temp_dir();
     let receiver = Receiver::start(dir.path()).await;
     let spec = web_spec(&name);
@@ -397,26 +370,8 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
     let mut cleanup = Cleanup::new(&name);
     let good = format!("{name}:good");
     let bad = format!("{name}:bad");
-    build_image(
-        &docker,
-        &mut cleanup,
-        &good,
-        ImageSpec {
-            page: "good",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
-    build_image(
-        &docker,
-        &mut cleanup,
-        &bad,
-        ImageSpec {
-            page: "bad",
-            healthcheck: Some(ALWAYS_FAILS),
-        },
-    )
-    .await;
+    build_image(&docker, &mut cleanup, &good, ImageSpec::healthy("good")).await;
+    build_image(&docker, &mut cleanup, &bad, ImageSpec::failing("bad")).await;
     let dir = temp_dir();
     let receiver = Receiver::start(dir.path()).await;
     let mut spec = web_spec(&name);
@@ -459,26 +414,8 @@ async fn concurrent_deploys_to_one_name_take_turns() {
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
     let (a, b) = (format!("{name}:a"), format!("{name}:b"));
-    build_image(
-        &docker,
-        &mut cleanup,
-        &a,
-        ImageSpec {
-            page: "a",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
-    build_image(
-        &docker,
-        &mut cleanup,
-        &b,
-        ImageSpec {
-            page: "b",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
+    build_image(&docker, &mut cleanup, &a, ImageSpec::healthy("a")).await;
+    build_image(&docker, &mut cleanup, &b, ImageSpec::healthy("b")).await;
     let dir = temp_dir();
     let receiver = Receiver::start(dir.path()).await;
     let request = |image: &str| {
@@ -602,26 +539,8 @@ async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
     let (v1, v2) = (format!("{name}:v1"), format!("{name}:v2"));
-    build_image(
-        &docker,
-        &mut cleanup,
-        &v1,
-        ImageSpec {
-            page: "v1",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
-    build_image(
-        &docker,
-        &mut cleanup,
-        &v2,
-        ImageSpec {
-            page: "v2",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
+    build_image(&docker, &mut cleanup, &v1, ImageSpec::healthy("v1")).await;
+    build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
     let dir = temp_dir();
     let receiver = Receiver::start(dir.path()).await;
     let mut spec = web_spec(&name);

@@ -66,26 +66,8 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
     let (good, bad) = (format!("{name}:good"), format!("{name}:bad"));
-    build_image(
-        &docker,
-        &mut cleanup,
-        &good,
-        ImageSpec {
-            page: "good",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
-    build_image(
-        &docker,
-        &mut cleanup,
-        &bad,
-        ImageSpec {
-            page: "bad",
-            healthcheck: Some(ALWAYS_FAILS),
-        },
-    )
-    .await;
+    build_image(&docker, &mut cleanup, &good, ImageSpec::healthy("good")).await;
+    build_image(&docker, &mut cleanup, &bad, ImageSpec::failing("bad")).await;
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(DEFAULT_TOPIC, 1, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
@@ -190,16 +172,7 @@ async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_b
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
     let tag = format!("{name}:v1");
-    build_image(
-        &docker,
-        &mut cleanup,
-        &tag,
-        ImageSpec {
-            page: "v1",
-            healthcheck: Some(HEALTHY),
-        },
-    )
-    .await;
+    build_image(&docker, &mut cleanup, &tag, ImageSpec::healthy("v1")).await;
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(DEFAULT_TOPIC, 1, 1).expect("topic");
     cluster.broker_down(-1).expect("broker down");

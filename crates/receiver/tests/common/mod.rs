@@ -125,6 +125,24 @@ pub struct ImageSpec<'a> {
 pub const HEALTHY: &str = r#"["/bin/busybox","wget","-q","-O","/dev/null","http://127.0.0.1:80/"]"#;
 pub const ALWAYS_FAILS: &str = r#"["/bin/busybox","false"]"#;
 
+impl<'a> ImageSpec<'a> {
+    /// Serves `page`, with a HEALTHCHECK that passes once httpd answers.
+    pub fn healthy(page: &'a str) -> Self {
+        Self {
+            page,
+            healthcheck: Some(HEALTHY),
+        }
+    }
+
+    /// Serves `page`, with a HEALTHCHECK that always fails.
+    pub fn failing(page: &'a str) -> Self {
+        Self {
+            page,
+            healthcheck: Some(ALWAYS_FAILS),
+        }
+    }
+}
+
 /// Builds `tag` FROM scratch: busybox httpd serving `page` on port 80.
 pub async fn build_image(docker: &Docker, cleanup: &mut Cleanup, tag: &str, spec: ImageSpec<'_>) {
     cleanup.images.push(tag.to_owned());
