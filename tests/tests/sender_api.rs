@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{spawn_receiver, SECRET};
@@ -103,54 +102,6 @@ impl Sender {
 
 // ---- Docker test images -------------------------------------------------------------------
 
-async fn require_docker() {
-    if let Err(e) = deploy_sender::docker::connect().await {
-        panic!("these tests need a Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}");
-    }
-}
-
-/// Removes every image tag it handed out when dropped, on success and on panic alike.
-#[derive(Default)]
-struct ImageGuard {
-    tags: Mutex<Vec<String>>,
-}
-
-impl ImageGuard {
-    fn tag(&self) -> String {
-        let tag = format!("deploy-sender-api-test/{}:v1", Uuid::new_v4().simple());
-        self.tags.lock().expect("lock").push(tag.clone());
-        tag
-    }
-}
-
-impl Drop for ImageGuard {
-    fn drop(&mut self) {
-        let tags = std::mem::take(&mut *self.tags.lock().unwrap_or_else(|e| e.into_inner()));
-        // Drop cannot await and may run inside the test's runtime: clean up on a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let Ok(docker) = deploy_sender::docker::connect().await else {
-                    return;
-                };
-                for tag in tags {
-                    let options = bollard::image::RemoveImageOptions {
-                        force: true,
-                        noprune: false,
-                    };
-                    let _ = docker.remove_image(&tag, Some(options), None).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
-    }
-}
-
 /// A build context with the static busybox and a Dockerfile whose unique label keeps tests from
 /// sharing build-cache images (one test's cleanup must not delete another's base).
 fn busybox_context() -> tempfile::TempDir {
@@ -180,11 +131,11 @@ fn build_input(context: &tempfile::TempDir, tag: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_are_built_listed_shown_and_deleted() {
-    require_docker().await;
-    let images = ImageGuard::default();
+    common::docker::docker().await;
+    let images = common::docker::HostGuard::new();
     let sender = spawn_sender(|_| {}).await;
     let context = busybox_context();
-    let tag = images.tag();
+    let tag = images.image("v1");
 
     let created = sender
         .post("/api/v1/packages", build_input(&context, &tag))
@@ -295,11 +246,11 @@ async fn read_sse(url: &str) -> Vec<(String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_packaging_streams_progress_until_the_job_finishes() {
-    require_docker().await;
-    let images = ImageGuard::default();
+    common::docker::docker().await;
+    let images = common::docker::HostGuard::new();
     let sender = spawn_sender(|_| {}).await;
     let context = busybox_context();
-    let tag = images.tag();
+    let tag = images.image("v1");
 
     let accepted = call(
         "POST",
@@ -362,13 +313,13 @@ async fn async_packaging_streams_progress_until_the_job_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_to_a_real_receiver_stores_the_package_there() {
-    require_docker().await;
-    let images = ImageGuard::default();
+    common::docker::docker().await;
+    let images = common::docker::HostGuard::new();
     let receiver = spawn_receiver(|_| {}).await;
     let url = receiver.url.clone();
     let sender = spawn_sender(|c| c.receiver.to = Some(url)).await;
     let context = busybox_context();
-    let tag = images.tag();
+    let tag = images.image("v1");
     let package = sender
         .post("/api/v1/packages", build_input(&context, &tag))
         .await;
@@ -433,12 +384,12 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execute_envelope_runs_each_operation() {
-    require_docker().await;
-    let images = ImageGuard::default();
+    common::docker::docker().await;
+    let images = common::docker::HostGuard::new();
     let receiver = spawn_receiver(|_| {}).await;
     let sender = spawn_sender(|_| {}).await;
     let context = busybox_context();
-    let tag = images.tag();
+    let tag = images.image("v1");
 
     let packaged = sender
         .post(
@@ -654,8 +605,8 @@ fn sample(text: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_counters_move_after_work() {
-    require_docker().await;
-    let images = ImageGuard::default();
+    common::docker::docker().await;
+    let images = common::docker::HostGuard::new();
     let sender = spawn_sender(|_| {}).await;
     let before = sender.get("/metrics").await;
     assert!(before.headers["content-type"]
@@ -668,7 +619,7 @@ async fn prometheus_counters_move_after_work() {
     );
 
     let context = busybox_context();
-    let tag = images.tag();
+    let tag = images.image("v1");
     let built = sender
         .post("/api/v1/packages", build_input(&context, &tag))
         .await;
@@ -855,8 +806,8 @@ fn read_topic(bootstrap: &str, topic: &str, key: &str, expected: usize) -> Vec<V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
-    require_docker().await;
-    let images = ImageGuard::default();
+    common::docker::docker().await;
+    let images = common::docker::HostGuard::new();
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     let topic = "sender.lifecycle.test";
     cluster.create_topic(topic, 1, 1).expect("topic");
@@ -876,7 +827,7 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     );
 
     let context = busybox_context();
-    let tag = images.tag();
+    let tag = images.image("v1");
     let correlation = [("X-Correlation-Id", "kafka-corr-1")];
     let package = call(
         "POST",
