@@ -91,6 +91,65 @@ async fn a_replay_raced_twenty_times_in_parallel_is_accepted_exactly_once() {
     assert_eq!(receiver.state.nonces().len(), 1);
 }
 
+/// The nonce store outlives the process: a request captured before a restart of the receiver
+/// (inside the skew window) is refused after it, with the package directory and state kept.
+#[tokio::test]
+async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let packages = dir.path().join("packages");
+    let bytes = vec![7u8; 32 << 10];
+    let manifest = manifest_for(&bytes).to_bytes();
+    let headers = Signing::new("/deployment/upload").headers(&manifest);
+    let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
+    let send = |url: String| {
+        let body = body.clone();
+        let headers = headers.clone();
+        async move {
+            let mut request = reqwest::Client::new()
+                .post(format!("{url}/deployment/upload"))
+                .header(
+                    "content-type",
+                    format!("multipart/form-data; boundary={BOUNDARY}"),
+                )
+                .body(body);
+            for (name, value) in headers.to_pairs() {
+                request = request.header(name, value);
+            }
+            let response = request.send().await.expect("send");
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.unwrap_or_default();
+            (status, body)
+        }
+    };
+    let first = spawn_receiver_in(packages.clone(), |_| {}).await;
+    let (status, body) = send(first.url.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    first.stop().await;
+
+    let second = spawn_receiver_in(packages.clone(), |_| {}).await;
+    assert_eq!(second.state.nonces().len(), 1, "the nonce was read back");
+    let (status, body) = send(second.url.clone()).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(code(&body), "UNAUTHORIZED", "{body}");
+    assert!(
+        body.to_string().contains("nonce"),
+        "refused as a replay: {body}"
+    );
+    // A fresh request still goes through.
+    let fresh = vec![8u8; 1024];
+    let manifest = manifest_for(&fresh).to_bytes();
+    let (status, body) = send_multipart(
+        &second,
+        "/deployment/upload",
+        &Signing::new("/deployment/upload"),
+        &manifest,
+        &[Part::manifest(manifest.clone()), Part::package(fresh)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    eprintln!("replay after restart: refused (401, nonce already used); fresh request 200");
+}
+
 #[tokio::test]
 async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
     let receiver = spawn_receiver(|_| {}).await;

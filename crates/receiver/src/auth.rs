@@ -1,9 +1,7 @@
 //! Who may talk to the receiver: the IP allowlist (applied before any body byte is read), the HMAC
-//! envelope with a replay-proof nonce store, and extractors that give handlers only verified input.
+//! envelope with the replay-proof nonce store (`crate::nonces`), and extractors that give handlers only verified input.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 
 use axum::extract::{ConnectInfo, FromRequest, OriginalUri, Request, State};
 use axum::http::request::Parts;
@@ -18,63 +16,6 @@ use crate::state::AppState;
 
 /// Largest JSON body of a signed request.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
-
-/// Nonces seen inside the skew window. Only nonces of requests whose signature verified are
-/// stored, so unauthenticated traffic can neither fill it nor evict entries.
-#[derive(Debug)]
-pub struct NonceCache {
-    seen: Mutex<HashMap<String, i64>>,
-    capacity: usize,
-}
-
-impl NonceCache {
-    /// A cache holding at most `capacity` live nonces.
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            seen: Mutex::new(HashMap::new()),
-            capacity,
-        }
-    }
-
-    /// Records `nonce` until `expires_at` (Unix seconds); refuses one already recorded. Check and
-    /// insert happen under one lock, so of parallel replays exactly one wins.
-    pub fn check_and_insert(
-        &self,
-        nonce: &str,
-        expires_at: i64,
-        now: i64,
-    ) -> Result<(), ReceiverError> {
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| ReceiverError::Internal("nonce store poisoned".into()))?;
-        if seen.get(nonce).is_some_and(|&exp| exp >= now) {
-            return Err(AuthError::ReplayedNonce.into());
-        }
-        if seen.len() >= self.capacity {
-            seen.retain(|_, exp| *exp >= now);
-            if seen.len() >= self.capacity {
-                // Fail closed: forgetting live nonces would re-open replays.
-                return Err(ReceiverError::Busy {
-                    message: "too many signed requests inside the replay window".into(),
-                    retry_after_secs: 5,
-                });
-            }
-        }
-        seen.insert(nonce.to_owned(), expires_at);
-        Ok(())
-    }
-
-    /// Live entries (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.seen.lock().map(|s| s.len()).unwrap_or(0)
-    }
-
-    /// Whether empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Current Unix time in seconds.
 pub fn unix_now() -> i64 {
@@ -229,20 +170,5 @@ mod tests {
             "192.0.2.7".parse::<IpAddr>().expect("ip")
         );
         assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
-    }
-
-    #[test]
-    fn nonce_cache_refuses_replays_and_fails_closed_when_full() {
-        let cache = NonceCache::new(2);
-        assert!(cache.check_and_insert("a", 100, 10).is_ok());
-        assert!(cache.check_and_insert("a", 100, 10).is_err());
-        assert!(cache.check_and_insert("b", 100, 10).is_ok());
-        assert!(matches!(
-            cache.check_and_insert("c", 100, 10),
-            Err(ReceiverError::Busy { .. })
-        ));
-        // once "a" and "b" have expired there is room again
-        assert!(cache.check_and_insert("c", 300, 200).is_ok());
-        assert!(cache.check_and_insert("a", 300, 200).is_ok());
     }
 }

@@ -23,7 +23,8 @@ pub struct Config {
     )]
     pub package_dir: PathBuf,
 
-    /// Directory for the deployment journal and the event outbox [default: <PACKAGE_DIR>/.state].
+    /// Directory for the deployment journal, the event outbox and the nonce log
+    /// [default: <PACKAGE_DIR>/.state].
     #[arg(long, env = "STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 

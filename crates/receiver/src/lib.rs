@@ -12,6 +12,7 @@ pub mod health;
 pub mod journal;
 pub mod load;
 pub mod metrics;
+pub mod nonces;
 pub mod routes;
 pub mod spool;
 pub mod state;

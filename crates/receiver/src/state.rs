@@ -9,13 +9,13 @@ use deploy_protocol::KeyRing;
 use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use crate::auth::NonceCache;
 use crate::config::Config;
 use crate::docker::DockerHandle;
 use crate::error::{ReceiverError, Result};
 use crate::events::Events;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
+use crate::nonces::{NonceCache, NONCE_LOG};
 use crate::store::PackageStore;
 
 /// Live nonces kept at most (each is a valid signed request inside the skew window).
@@ -65,11 +65,17 @@ impl AppState {
                 journal_dir.display()
             )
         })?;
+        let nonce_log = config.state_dir().join(NONCE_LOG);
+        let nonces = std::fs::create_dir_all(config.state_dir())
+            .and_then(|()| NonceCache::open(&nonce_log, NONCE_CAPACITY, crate::auth::unix_now()))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot open the nonce log {}: {e}", nonce_log.display())
+            })?;
         Ok(Self(Arc::new(Inner {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
             config,
             keys,
-            nonces: NonceCache::new(NONCE_CAPACITY),
+            nonces,
             store,
             metrics,
             events,
