@@ -7,4 +7,5 @@ scripts/prereqs.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 deploy/check-compose.sh
+scripts/fuzz-smoke.sh
 cargo nextest run --workspace --no-fail-fast "$@"
