@@ -759,7 +759,7 @@ def main():
     ap.add_argument("--sizes", default=None, help="usr image sizes in MiB (default 100,1024; --quick 100)")
     ap.add_argument("--only", default="e2e,concurrent,burst,kafka",
                     help="comma-separated parts: e2e, concurrent, burst, kafka")
-    ap.add_argument("--burst", type=int, help="small deploys in the burst (default 50; --quick 20)")
+    ap.add_argument("--burst", type=int, help="small deploys in the burst (default 100; --quick 20)")
     ap.add_argument("--concurrent", type=int, default=5, help="transfers at once (default 5)")
     ap.add_argument("--concurrent-mib", type=int, default=200, help="package size for it (MiB)")
     ap.add_argument("--max-uploads", type=int, default=None,
@@ -776,7 +776,7 @@ def main():
     args = ap.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)
     sizes = [int(s) for s in (args.sizes or ("100" if args.quick else "100,1024")).split(",")]
-    args.burst = args.burst or (20 if args.quick else 50)
+    args.burst = args.burst or (20 if args.quick else 100)
     parts = set(args.only.split(","))
     global ONE_SHOT
     ONE_SHOT = args.burst_one_shot
