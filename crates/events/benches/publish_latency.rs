@@ -1,8 +1,10 @@
 //! Publish latency against librdkafka's mock cluster: `cargo bench -p deploy-events`.
 //!
-//! Prints p50/p99 of (a) `publish()` returning (event appended and fsynced) and (b) the broker's
-//! acknowledgement, one event at a time; then the same `publish()` figures for a burst while the
-//! background task delivers, and how long the burst took to drain. The outbox lives in
+//! Prints p50/p99 of (a) `publish()` returning (event appended and fsynced, or acknowledged by the
+//! broker if that came first) and (b) the broker's acknowledgement, one event at a time; then the
+//! same `publish()` figures for a burst while the background task delivers, how long the burst
+//! took to drain, and for 8 publishers at once; last, without Kafka, where `publish()` is the disk
+//! sync alone (one at a time, and 8 publishers sharing syncs). The outbox lives in
 //! `EVENTS_BENCH_DIR` (default: the system temp dir): point it at the disk the service will use,
 //! since fsync cost is the whole of (a).
 #![allow(clippy::unwrap_used)]
@@ -13,6 +15,8 @@ use deploy_events::{EventConfig, EventSink, EventType};
 use rdkafka::mocking::MockCluster;
 
 const EVENTS: usize = 2_000;
+/// Concurrent publishers in the third and last parts.
+const PUBLISHERS: usize = 8;
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples.sort();
@@ -37,8 +41,7 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let cluster = MockCluster::new(1).unwrap();
-        let base = std::env::var_os("EVENTS_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
-        let dir = tempfile::tempdir_in(base).unwrap();
+        let dir = tempfile::tempdir_in(base_dir()).unwrap();
         let config = EventConfig {
             bootstrap_servers: Some(cluster.bootstrap_servers()),
             ..EventConfig::new(dir.path(), "deploy-sender")
@@ -90,8 +93,69 @@ fn main() {
             published.as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64() * 1e3
         );
+        let mut together = concurrent(&sink, event).await;
+        sink.flush(Duration::from_secs(60)).await.unwrap();
+        println!(
+            "{PUBLISHERS} publishers at once, {} events each one at a time",
+            EVENTS / PUBLISHERS
+        );
+        report("(a) publish() returns", &mut together);
         let stats = sink.stats();
         println!("stats: {stats:?}");
         sink.shutdown().await;
+
+        // Without Kafka `publish()` is the disk sync alone: nothing can return it earlier.
+        let dir = tempfile::tempdir_in(base_dir()).unwrap();
+        let sink = EventSink::open(EventConfig::new(dir.path(), "deploy-sender"))
+            .await
+            .unwrap();
+        let mut alone = Vec::with_capacity(EVENTS);
+        for i in 0..EVENTS {
+            let started = Instant::now();
+            sink.publish(event(i)).await.unwrap();
+            alone.push(started.elapsed());
+        }
+        let mut together = concurrent(&sink, event).await;
+        println!("without Kafka (the outbox is the sink): the disk's append + fdatasync");
+        report("(a) publish() returns, one at a time", &mut alone);
+        report(
+            &format!("(a) publish() returns, {PUBLISHERS} publishers at once"),
+            &mut together,
+        );
+        sink.shutdown().await;
     });
+}
+
+fn base_dir() -> std::path::PathBuf {
+    std::env::var_os("EVENTS_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into)
+}
+
+/// `PUBLISHERS` tasks each publishing `EVENTS / PUBLISHERS` events one at a time; every
+/// `publish()` latency.
+async fn concurrent(
+    sink: &EventSink,
+    event: impl Fn(usize) -> deploy_events::LifecycleEvent,
+) -> Vec<Duration> {
+    let tasks: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let sink = sink.clone();
+            let events: Vec<_> = (0..EVENTS / PUBLISHERS)
+                .map(|i| event(p * EVENTS + i))
+                .collect();
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(events.len());
+                for event in events {
+                    let started = Instant::now();
+                    sink.publish(event).await.unwrap();
+                    samples.push(started.elapsed());
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(EVENTS);
+    for task in tasks {
+        samples.extend(task.await.unwrap());
+    }
+    samples
 }

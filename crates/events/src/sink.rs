@@ -152,14 +152,34 @@ impl EventSink {
         EventBuilder::new(self.clone(), event_type, self.inner.source_service)
     }
 
-    /// Records the event durably (appended and fsynced) and returns its position; never waits for
-    /// Kafka. Fails only when the event cannot be recorded (disk error, or larger than
-    /// [`crate::MAX_EVENT_BYTES`]). Still records after `shutdown`, for delivery at the next start.
+    /// Records the event durably and returns its position; never waits for Kafka to be
+    /// reachable. Returns once the event is appended and `fdatasync`ed, or, with Kafka, once the
+    /// broker has acknowledged it (`acks=all`), whichever comes first: the producer sends it while
+    /// it is being written, so a slow disk sync does not hold up a caller whose event is already
+    /// safe on the broker (the write still completes in the background). Concurrent publishers
+    /// share one write and sync. Fails only when the event cannot be recorded (disk error, or
+    /// larger than [`crate::MAX_EVENT_BYTES`]) and the broker has not acknowledged it. Still
+    /// records after `shutdown`, for delivery at the next start.
     pub async fn publish(&self, event: LifecycleEvent) -> Result<Seq> {
         let outbox = self.inner.outbox.clone();
-        let seq = tokio::task::spawn_blocking(move || outbox.append(event))
-            .await
-            .map_err(|e| EventError::Worker(e.to_string()))??;
+        let seq = outbox.record(event)?;
+        let commit = tokio::task::spawn_blocking(move || outbox.commit(seq));
+        let committed = if self.inner.kafka {
+            let mut delivered = self.inner.outbox.subscribe_delivered();
+            tokio::select! {
+                biased;
+                result = commit => result,
+                // The broker has it; the write goes on without us.
+                Ok(_) = delivered.wait_for(|d| *d >= seq.0) => Ok(Ok(())),
+            }
+        } else {
+            commit.await
+        };
+        match committed.map_err(|e| EventError::Worker(e.to_string()))? {
+            Ok(()) => {}
+            Err(_) if self.inner.kafka && self.inner.outbox.delivered() >= seq.0 => {}
+            Err(e) => return Err(e),
+        }
         Counters::bump(&self.inner.counters.recorded);
         Ok(seq)
     }
@@ -209,10 +229,13 @@ impl EventSink {
             .await
     }
 
-    /// Stops the background task (without waiting for deliveries: call `flush` first for that)
-    /// and writes the cursor. Undelivered events stay in the outbox for the next start.
+    /// Stops the background task (without waiting for deliveries: call `flush` first for that),
+    /// finishes writing recorded events, and writes the cursor. Undelivered events stay in the outbox for the next start.
     pub async fn shutdown(&self) {
         self.inner.stop.send_replace(true);
+        // A publish that returned on the broker's acknowledgement may still be writing its event.
+        let outbox = self.inner.outbox.clone();
+        let _ = tokio::task::spawn_blocking(move || outbox.commit_queued()).await;
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().await);
         for task in tasks {
             if let Err(e) = task.await {

@@ -163,3 +163,52 @@ async fn a_second_sink_on_the_same_directory_is_refused_while_the_first_is_open(
         "{second:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_each_get_their_own_durable_line_in_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EventConfig::new(dir.path(), "deploy-sender");
+    let sink = EventSink::open(config.clone()).await.unwrap();
+    let publishers: Vec<_> = (0..8)
+        .map(|_| {
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let mut published = Vec::new();
+                for _ in 0..25 {
+                    let event = sink.event(EventType::BuildStarted).build();
+                    let seq = sink.publish(event.clone()).await.unwrap();
+                    published.push((seq.0, event.event_id));
+                }
+                published
+            })
+        })
+        .collect();
+    let mut published = Vec::new();
+    for publisher in publishers {
+        let mine = publisher.await.unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0].0 < w[1].0),
+            "one publisher's events are in its order"
+        );
+        published.extend(mine);
+    }
+    published.sort();
+    let seqs: Vec<_> = published.iter().map(|(seq, _)| *seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=200).collect::<Vec<_>>(),
+        "each its own sequence number"
+    );
+
+    // What the file holds right after the publishes returned, without a shutdown: the guarantee.
+    let text = std::fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+    let on_disk: Vec<(u64, Uuid)> = text
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let id = v["event"]["event_id"].as_str().unwrap().parse().unwrap();
+            (v["seq"].as_u64().unwrap(), id)
+        })
+        .collect();
+    assert_eq!(on_disk, published, "every event once, in sequence order");
+}

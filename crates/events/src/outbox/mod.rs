@@ -2,19 +2,20 @@
 //! `events.cursor`, the highest sequence number the broker has acknowledged (see the crate docs
 //! for the durability argument).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use deploy_protocol::events::LifecycleEvent;
 use tokio::sync::{watch, Notify};
 
-use crate::error::{EventError, Result};
+use crate::error::Result;
 pub(crate) use dir_lock::DirLock;
 use files::{io_err, read_cursor, read_log, sync_dir, RecordRef};
 
+mod commit;
 mod dir_lock;
 mod files;
 
@@ -41,12 +42,20 @@ pub(crate) struct Entry {
 struct LogFile {
     file: File,
     len: u64,
+    /// Every event up to here is in the file and synced, or failed to be written (see
+    /// `State::failed`).
+    written: u64,
 }
 
 struct State {
-    /// What `events.jsonl` holds, oldest first.
+    /// What `events.jsonl` holds, oldest first, followed by the events recorded but not yet
+    /// written (beyond `LogFile::written`).
     entries: VecDeque<Entry>,
     last_seq: u64,
+    /// The lines of the events beyond `LogFile::written`, in order, waiting for the next commit.
+    unwritten: Vec<u8>,
+    /// Events whose batch could not be written, until their own `commit` call reports it.
+    failed: HashMap<u64, (io::ErrorKind, Arc<str>)>,
     /// Every entry up to here is acknowledged by the broker.
     delivered: u64,
     /// Acknowledged entries beyond `delivered` (other partitions may ack out of order); kept so a
@@ -116,10 +125,13 @@ impl Outbox {
             log: Mutex::new(LogFile {
                 file,
                 len: good_len,
+                written: last_seq,
             }),
             state: Mutex::new(State {
                 entries,
                 last_seq,
+                unwritten: Vec::new(),
+                failed: HashMap::new(),
                 delivered,
                 acked: BTreeSet::new(),
                 persisted,
@@ -135,45 +147,6 @@ impl Outbox {
 
     pub(crate) fn log_path(&self) -> &Path {
         &self.log_path
-    }
-
-    /// Appends one event and fsyncs it; when this returns `Ok` the event survives a crash.
-    pub(crate) fn append(&self, event: LifecycleEvent) -> Result<Seq> {
-        let mut log = lock(&self.log);
-        let seq = lock(&self.state).last_seq + 1;
-        let mut line = serde_json::to_vec(&RecordRef { seq, event: &event })
-            .map_err(|e| io_err("serialise an event for", &self.log_path)(e.into()))?;
-        if line.len() > MAX_EVENT_BYTES {
-            return Err(EventError::TooLarge {
-                event_id: event.event_id,
-                size: line.len(),
-                limit: MAX_EVENT_BYTES,
-            });
-        }
-        line.push(b'\n');
-        if let Err(source) = log
-            .file
-            .write_all(&line)
-            .and_then(|()| log.file.sync_data())
-        {
-            // Cut a partial line off so that the next append starts on a line boundary.
-            let _ = log.file.set_len(log.len);
-            return Err(io_err("append to", &self.log_path)(source));
-        }
-        log.len += line.len() as u64;
-        let mut state = lock(&self.state);
-        state.last_seq = seq;
-        state.entries.push_back(Entry {
-            seq,
-            event: Arc::new(event),
-        });
-        drop(state);
-        drop(log);
-        self.appended.notify_one();
-        if self.outbox_is_sink {
-            self.checkpoint_wanted.notify_one(); // only compaction to do
-        }
-        Ok(Seq(seq))
     }
 
     /// Resolves when the cursor moved or the log grew since the last checkpoint; several
@@ -205,8 +178,10 @@ impl Outbox {
             .collect()
     }
 
+    /// The newest event still recorded (a failed write forgets its events).
     pub(crate) fn last_seq(&self) -> Seq {
-        Seq(lock(&self.state).last_seq)
+        let state = lock(&self.state);
+        Seq(state.entries.back().map_or(state.delivered, |e| e.seq))
     }
 
     pub(crate) fn delivered(&self) -> u64 {
@@ -243,7 +218,9 @@ impl Outbox {
     pub(crate) fn mark_delivered(&self, seq: u64) {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
-        if seq <= state.delivered {
+        // An event forgotten after a failed write is no longer waited for.
+        let known = state.entries.binary_search_by_key(&seq, |e| e.seq).is_ok();
+        if seq <= state.delivered || !known {
             return;
         }
         state.acked.insert(seq);
@@ -286,18 +263,22 @@ impl Outbox {
     }
 
     /// Rewrites the log without its oldest entries once at least `retain` entries are both
-    /// delivered and older than the newest `retain`; returns how many were dropped. Appends wait
+    /// delivered and older than the newest `retain`; returns how many were dropped. Commits wait
     /// meanwhile (the rewrite holds at most `2 * retain` entries plus the undelivered ones).
     pub(crate) fn maybe_compact(&self) -> Result<usize> {
         let mut log = lock(&self.log);
         let (drop_count, keep) = {
             let state = lock(&self.state);
+            // Only what the file holds: recorded events not yet committed stay queued and are
+            // appended to the new file by their commit.
+            let in_file = state.entries.partition_point(|e| e.seq <= log.written);
             let beyond_retain = state.entries.len().saturating_sub(self.retain);
             let droppable = if self.outbox_is_sink {
                 beyond_retain
             } else {
                 beyond_retain.min(state.entries.partition_point(|e| e.seq <= state.delivered))
-            };
+            }
+            .min(in_file);
             if droppable < self.retain {
                 return Ok(0);
             }
@@ -305,7 +286,7 @@ impl Outbox {
                 droppable,
                 state
                     .entries
-                    .range(droppable..)
+                    .range(droppable..in_file)
                     .cloned()
                     .collect::<Vec<_>>(),
             )
@@ -344,6 +325,7 @@ impl Outbox {
         *log = LogFile {
             file,
             len: buf.len() as u64,
+            written: log.written,
         };
         lock(&self.state).entries.drain(..drop_count);
         tracing::debug!(
