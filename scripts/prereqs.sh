@@ -10,6 +10,9 @@ command -v file >/dev/null || need_apt+=(file)
 command -v zstd >/dev/null || need_apt+=(zstd)
 if [ "$demo_only" != "--demo" ]; then
   command -v promtool >/dev/null || need_apt+=(prometheus)
+  # the TLS test runs deploy/proxy/nginx.conf in front of a receiver, with certificates from openssl
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+  command -v openssl >/dev/null || need_apt+=(openssl)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -13,6 +13,7 @@ fn receiver_config(url: &str, secret: &str) -> ReceiverConfig {
         key_id: KEY_ID.into(),
         secret: Some(secret.to_owned()),
         connect_timeout_secs: 5,
+        ..ReceiverConfig::default()
     }
 }
 

@@ -55,6 +55,10 @@ pub struct ReceiverConfig {
     /// Seconds to wait for a connection to the receiver.
     #[arg(long, env = "DEPLOY_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
     pub connect_timeout_secs: u64,
+    /// PEM file of CA certificate(s) to trust for an `https://` receiver, in addition to the
+    /// system's (e.g. the private CA that signed the TLS proxy's certificate).
+    #[arg(long, env = "DEPLOY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl fmt::Debug for ReceiverConfig {
@@ -65,7 +69,21 @@ impl fmt::Debug for ReceiverConfig {
             .field("key_id", &self.key_id)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("ca_cert", &self.ca_cert)
             .finish()
+    }
+}
+
+impl Default for ReceiverConfig {
+    /// No receiver, key id `default`, no secret, 10 s connect timeout, system CAs only.
+    fn default() -> Self {
+        Self {
+            to: None,
+            key_id: "default".into(),
+            secret: None,
+            connect_timeout_secs: 10,
+            ca_cert: None,
+        }
     }
 }
 
@@ -86,14 +104,38 @@ impl ReceiverConfig {
     }
 
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large
-    /// and a full deployment waits for health checks).
+    /// and a full deployment waits for health checks). `https://` receivers are verified against
+    /// the system's CA certificates and those of `ca_cert`.
     pub fn http_client(&self) -> Result<reqwest::Client, SenderError> {
-        reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(self.connect_timeout_secs))
-            .user_agent(concat!("deploy-sender/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("deploy-sender/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &self.ca_cert {
+            for certificate in read_ca_certs(path)? {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        builder
             .build()
             .map_err(|e| SenderError::Internal(format!("cannot create the HTTP client: {e}")))
     }
+}
+
+/// The certificates of a PEM file, or `VALIDATION_ERROR` naming the file and what is wrong.
+fn read_ca_certs(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, SenderError> {
+    let invalid = |why: String| {
+        SenderError::Validation(format!(
+            "DEPLOY_CA_CERT / --ca-cert {}: {why}",
+            path.display()
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| invalid(format!("not PEM certificates: {e}")))?;
+    if certificates.is_empty() {
+        return Err(invalid("holds no PEM certificate".into()));
+    }
+    Ok(certificates)
 }
 
 #[cfg(test)]
@@ -111,15 +153,29 @@ mod tests {
     #[test]
     fn debug_never_shows_the_secret() {
         let config = ReceiverConfig {
-            to: None,
-            key_id: "default".into(),
             secret: Some("hunter2".into()),
-            connect_timeout_secs: 10,
+            ..ReceiverConfig::default()
         };
         assert!(!format!("{config:?}").contains("hunter2"));
         assert_eq!(
             config.target().expect_err("no url").code(),
             deploy_protocol::ErrorCode::ValidationError
         );
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_a_validation_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").expect("write");
+        for path in [empty, dir.path().join("missing.pem")] {
+            let config = ReceiverConfig {
+                ca_cert: Some(path.clone()),
+                ..ReceiverConfig::default()
+            };
+            let err = config.http_client().expect_err("refused");
+            assert_eq!(err.code(), deploy_protocol::ErrorCode::ValidationError);
+            assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        }
     }
 }

@@ -65,12 +65,7 @@ impl ServeConfig {
                 package_dir: package_dir.into(),
                 ..StoreConfig::default()
             },
-            receiver: ReceiverConfig {
-                to: None,
-                key_id: "default".into(),
-                secret: None,
-                connect_timeout_secs: 10,
-            },
+            receiver: ReceiverConfig::default(),
             state_dir: None,
             kafka_bootstrap_servers: None,
             kafka_topic: deploy_protocol::events::DEFAULT_TOPIC.into(),

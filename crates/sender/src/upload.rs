@@ -276,6 +276,9 @@ enum Stage {
     Local,
     /// No connection could be made: the receiver did nothing.
     Connect,
+    /// The TLS handshake was refused (a certificate not trusted or not for this host, no common
+    /// protocol): trying again cannot change it.
+    Tls,
     /// The connection broke or timed out during the exchange.
     Broken,
     /// The receiver answered with this status.
@@ -295,6 +298,7 @@ impl Failure {
         match self.stage {
             Stage::Local => false,
             Stage::Connect => true,
+            Stage::Tls => false,
             Stage::Broken => false,
             Stage::Answer(status) => matches!(status, 408 | 429 | 503),
         }
@@ -380,7 +384,9 @@ async fn upload_once(
     let started = Instant::now();
     tracing::info!(url = %url, package_id = %manifest.package_id, bytes = len, "upload started");
     let response = request.send().await.map_err(|e| Failure {
-        stage: if e.is_connect() {
+        stage: if e.is_connect() && is_tls_refusal(&e) {
+            Stage::Tls
+        } else if e.is_connect() {
             Stage::Connect
         } else {
             Stage::Broken
@@ -442,7 +448,16 @@ fn unix_now() -> i64 {
 }
 
 fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
-    if e.is_connect() || e.is_timeout() {
+    if e.is_connect() && is_tls_refusal(&e) {
+        SenderError::RemoteUnreachable {
+            url: url.to_string(),
+            detail: format!(
+                "TLS handshake refused: {} (for a private CA, pass its certificate with --ca-cert \
+                 or DEPLOY_CA_CERT; not retried)",
+                error_chain(&e)
+            ),
+        }
+    } else if e.is_connect() || e.is_timeout() {
         SenderError::RemoteUnreachable {
             url: url.to_string(),
             detail: error_chain(&e),
@@ -450,6 +465,31 @@ fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
     } else {
         SenderError::TransferFailed(format!("upload to {url} failed: {}", error_chain(&e)))
     }
+}
+
+/// Whether a connect error is a TLS handshake refusal: rustls reports those as an `io::Error` of
+/// kind `InvalidData` (a refused connection is `ConnectionRefused`, a timeout `TimedOut`), which
+/// the connector wraps in another `io::Error` (whose `source()` skips the inner one, so the
+/// wrapped errors are walked with `get_ref`).
+fn is_tls_refusal(e: &reqwest::Error) -> bool {
+    fn invalid_data(io: &std::io::Error) -> bool {
+        io.kind() == std::io::ErrorKind::InvalidData
+            || io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+                .is_some_and(invalid_data)
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(invalid_data)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The receiver's `{"error": {...}}` passed through, or `TRANSFER_FAILED` for any other answer.
