@@ -81,18 +81,23 @@ impl Default for DockerHandle {
 
 /// Maps a bollard error from a call that needed the engine: connection-level failures are
 /// DOCKER_UNAVAILABLE, anything the engine answered goes through `otherwise`.
+///
+/// A connection refused or lost mid-request surfaces as hyper's legacy client error (bollard
+/// wraps every transport failure of `request()` in it), not as an I/O error.
 pub fn map_err(
     e: bollard::errors::Error,
     otherwise: impl FnOnce(String) -> ReceiverError,
 ) -> ReceiverError {
     use bollard::errors::Error as E;
     match e {
-        E::HyperResponseError { .. }
+        E::HyperLegacyError { .. }
+        | E::HyperResponseError { .. }
         | E::IOError { .. }
         | E::RequestTimeoutError
         | E::SocketNotFoundError(_) => ReceiverError::DockerUnavailable(format!(
-            "Docker at {} failed mid-call: {e}",
-            DockerHandle::host()
+            "Docker at {} failed mid-call: {} (is the engine running and its socket reachable?)",
+            DockerHandle::host(),
+            causes(&e)
         )),
         E::DockerResponseServerError {
             status_code: 404,
@@ -101,4 +106,20 @@ pub fn map_err(
         E::DockerResponseServerError { message, .. } => otherwise(message),
         other => otherwise(other.to_string()),
     }
+}
+
+/// An error and its causes, `: `-joined: hyper's own message ("client error (SendRequest)") only
+/// says which call failed, its cause says why ("connection closed before message completed").
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
