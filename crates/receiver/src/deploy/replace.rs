@@ -18,7 +18,7 @@ use crate::error::{correlation_id, ReceiverError, Result};
 use crate::health;
 
 /// Seconds the old container gets to stop before it is killed.
-const STOP_TIMEOUT_SECS: i64 = 10;
+pub(super) const STOP_TIMEOUT_SECS: i64 = 10;
 
 /// The container that was running under the name, while it is set aside.
 #[derive(Debug)]
