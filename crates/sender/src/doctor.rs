@@ -8,6 +8,7 @@ use reqwest::Url;
 use serde::Serialize;
 
 use crate::config::{parse_size, ReceiverConfig};
+use crate::error::error_chain;
 use crate::upload::ReceiverTarget;
 use crate::SenderError;
 
@@ -471,18 +472,6 @@ fn unix_now_f64() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// An error with its causes (reqwest's own message hides "connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 fn human(bytes: u64) -> String {

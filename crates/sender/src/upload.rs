@@ -20,6 +20,7 @@ use reqwest::Url;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::error::error_chain;
 use crate::SenderError;
 
 /// Where to send packages and the shared key to sign with.
@@ -511,22 +512,6 @@ fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
             "{url} answered {status} without a protocol error body: {}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
         )),
-    }
-}
-
-/// The causes of an error joined by `: ` (reqwest's own message only repeats the URL), or the
-/// error itself when it has no cause.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut causes = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        causes.push(s.to_string());
-        source = s.source();
-    }
-    if causes.is_empty() {
-        e.to_string()
-    } else {
-        causes.join(": ")
     }
 }
 
