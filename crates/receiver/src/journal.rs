@@ -23,7 +23,7 @@ const TEMP_PREFIX: &str = ".tmp-";
 pub struct Journal {
     dir: PathBuf,
     records: Arc<Mutex<HashMap<Uuid, DeploymentRecord>>>,
-    leftovers: Arc<Vec<Uuid>>,
+    leftovers: Arc<Mutex<Vec<Uuid>>>,
 }
 
 impl Journal {
@@ -65,7 +65,7 @@ impl Journal {
         Ok(Self {
             dir,
             records: Arc::new(Mutex::new(records)),
-            leftovers: Arc::new(leftovers),
+            leftovers: Arc::new(Mutex::new(leftovers)),
         })
     }
 
@@ -107,10 +107,26 @@ impl Journal {
         Ok(all)
     }
 
-    /// Deployments that were IN_PROGRESS when the journal was opened, oldest first: a previous
-    /// run of the receiver stopped in the middle of them.
+    /// Deployments that no request is carrying on, to be settled by reconciliation: those that
+    /// were IN_PROGRESS when the journal was opened (a previous run of the receiver stopped in the
+    /// middle of them), oldest first, then those [`Journal::leave`] added.
     pub fn leftovers(&self) -> Vec<Uuid> {
-        self.leftovers.to_vec()
+        self.leftovers
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Adds a deployment of this run to the leftovers: its request gave up on it half done
+    /// (Docker went away before its rollback was finished).
+    pub fn leave(&self, id: Uuid) {
+        let mut leftovers = self
+            .leftovers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !leftovers.contains(&id) {
+            leftovers.push(id);
+        }
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<Uuid, DeploymentRecord>>> {
@@ -203,6 +219,13 @@ mod tests {
         assert!(
             journal.leftovers().is_empty(),
             "records written by this run are not leftovers"
+        );
+        journal.leave(new.deployment_id);
+        journal.leave(new.deployment_id);
+        assert_eq!(
+            journal.leftovers(),
+            [new.deployment_id],
+            "unless their request left them"
         );
         assert!(!dir.path().join(".tmp-leftover").exists());
     }

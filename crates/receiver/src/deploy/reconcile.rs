@@ -15,6 +15,7 @@ use deploy_protocol::{ErrorCode, ErrorDetail};
 use futures::StreamExt;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::replace::STOP_TIMEOUT_SECS;
 use super::{find_container, remove_container, Deployment, LABEL_DEPLOYMENT_ID};
@@ -89,6 +90,43 @@ pub(super) async fn settle(state: &AppState, docker: &Docker, name: &str) -> Res
     Ok(())
 }
 
+/// Settles deployment `id` of this run, which its request left half done when Docker went away
+/// (see [`super::replace`]), once Docker answers again: retried with backoff, 1 s doubling up to
+/// a minute apart. The next deployment of the same name settles it first too.
+pub(super) fn settle_later(state: AppState, id: Uuid) {
+    state.journal().leave(id);
+    tokio::spawn(async move {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(delay).await;
+            match settle_id(&state, id).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(deployment_id = %id, error = %e, retry_in_secs = delay.as_secs(), "cannot settle a deployment that lost Docker yet");
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    });
+}
+
+async fn settle_id(state: &AppState, id: Uuid) -> Result<()> {
+    let Some(record) = state.journal().get(id)? else {
+        return Ok(());
+    };
+    let docker = state.docker().client().await?;
+    let _turn = state.container_lock(&record.container_name).await;
+    match state.journal().get(id)? {
+        Some(record) if record.status == DeploymentStatus::InProgress => {
+            let record = reconcile_one(state, &docker, record).await?;
+            tracing::warn!(deployment_id = %id, container = %record.container_name, status = ?record.status, "settled a deployment that had lost Docker");
+            Ok(())
+        }
+        // Settled meanwhile, by the next deployment of the name.
+        _ => Ok(()),
+    }
+}
+
 async fn reconcile_one(
     state: &AppState,
     docker: &Docker,
@@ -101,18 +139,26 @@ async fn reconcile_one(
         None => None,
     };
     let previous_existed = record.previous_container_id.is_some();
+    // A deployment of this run that lost Docker mid-rollback already carries that error.
+    let lost_docker = record.error.clone();
     let started = Instant::now();
     let mut d = Deployment::resume(state, record);
 
+    let mut notes = Vec::new();
     if let Some(new) = &new {
         let new_id = new.id.clone().unwrap_or_default();
         // Healthy: finish. Previous already removed: cleanup had begun after the health check
         // passed, and removing the new one would leave nothing.
         if is_healthy(new) || (previous_existed && previous.is_none()) {
-            let mut notes = vec![
-                "the receiver stopped during this deployment; the new container was healthy"
-                    .to_owned(),
-            ];
+            notes.push(
+                match lost_docker {
+                    Some(_) => "Docker answered again and the new container was healthy",
+                    None => {
+                        "the receiver stopped during this deployment; the new container was healthy"
+                    }
+                }
+                .to_owned(),
+            );
             if let Some(p) = &previous {
                 let pid = p.id.clone().unwrap_or_default();
                 remove_container(docker, &pid).await?;
@@ -128,6 +174,8 @@ async fn reconcile_one(
                     .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
                 notes.push("started the new container again".into());
             }
+            d.record.container_id = Some(new_id);
+            d.record.error = None;
             d.stage(
                 Stage::Cleanup,
                 StageOutcome::Ok,
@@ -137,8 +185,12 @@ async fn reconcile_one(
             return Ok(d.finish(DeploymentStatus::Succeeded, None).await);
         }
         remove_container(docker, &new_id).await?;
+        notes.push(format!(
+            "removed the new container {}, not healthy yet",
+            super::short(&new_id)
+        ));
     }
-    let detail = match &previous {
+    match &previous {
         Some(p) => {
             let pid = p.id.clone().unwrap_or_default();
             if p.name.as_deref() != Some(format!("/{name}").as_str()) {
@@ -153,13 +205,24 @@ async fn reconcile_one(
                     .await
                     .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
             }
-            format!(
+            notes.push(format!(
                 "restored the previous container {} as {name}",
                 super::short(&pid)
-            )
+            ));
         }
-        None => "removed the unfinished new container; there was no previous one to restore".into(),
-    };
+        None if previous_existed => notes.push(format!(
+            "the previous container {} no longer exists",
+            super::short(
+                d.record()
+                    .previous_container_id
+                    .as_deref()
+                    .unwrap_or_default()
+            )
+        )),
+        None if new.is_none() => notes.push("no container had been changed yet".into()),
+        None => notes.push("there was no previous container to restore".into()),
+    }
+    let detail = notes.join("; ");
     d.stage(
         Stage::Rollback,
         StageOutcome::Ok,
@@ -172,10 +235,16 @@ async fn reconcile_one(
     } else {
         DeploymentStatus::Failed
     };
-    let error = ErrorDetail {
-        code: ErrorCode::DeployFailed,
-        message: format!("the receiver stopped before this deployment finished and the new container was not healthy: {detail}"),
-        correlation_id: d.record().correlation_id.clone(),
+    let error = match lost_docker {
+        Some(e) => ErrorDetail {
+            message: format!("{}; once Docker answered again: {detail}", e.message),
+            ..e
+        },
+        None => ErrorDetail {
+            code: ErrorCode::DeployFailed,
+            message: format!("the receiver stopped before this deployment finished: {detail}"),
+            correlation_id: d.record().correlation_id.clone(),
+        },
     };
     Ok(d.finish_with(status, Some(error)).await)
 }

@@ -8,7 +8,7 @@ use bollard::container::{
 };
 use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
-use deploy_protocol::{DeploymentSpec, ErrorDetail, HealthCheckSpec, PortProtocol};
+use deploy_protocol::{DeploymentSpec, ErrorCode, ErrorDetail, HealthCheckSpec, PortProtocol};
 
 use super::{
     aside_name, container_named, prune, reconcile, remove_container, short, spec, Deployment,
@@ -265,8 +265,10 @@ async fn rollback(
 ) -> DeploymentRecord {
     let started = Instant::now();
     let mut problems = Vec::new();
+    let mut docker_lost = false;
     if let Some(id) = &new_id {
         if let Err(e) = remove_container(docker, id).await {
+            docker_lost |= matches!(e, ReceiverError::DockerUnavailable(_));
             problems.push(format!(
                 "could not remove the new container {}: {e}",
                 short(id)
@@ -275,11 +277,15 @@ async fn rollback(
     }
     if let Some(p) = &previous {
         if let Err(e) = restore(docker, name, p).await {
+            docker_lost |= matches!(e, ReceiverError::DockerUnavailable(_));
             problems.push(format!(
                 "could not restore the previous container {}: {e}",
                 short(&p.id)
             ));
         }
+    }
+    if docker_lost {
+        return roll_back_later(d, problems, error, started).await;
     }
     let restored = previous.is_some() && problems.is_empty();
     let detail = match (&previous, restored) {
@@ -320,6 +326,38 @@ async fn rollback(
         }),
     )
     .await
+}
+
+/// Docker went away before the rollback was done: the deployment stays IN_PROGRESS, carrying the
+/// error, and is settled like one cut off by a stop of the receiver as soon as Docker answers
+/// again (the answer to this request is 503 DOCKER_UNAVAILABLE with this record). Finishing it
+/// FAILED instead would leave the old container stopped and set aside until someone deploys again.
+async fn roll_back_later(
+    mut d: Deployment,
+    problems: Vec<String>,
+    error: ReceiverError,
+    started: Instant,
+) -> DeploymentRecord {
+    let id = d.record.deployment_id;
+    let detail = format!(
+        "{}; the receiver rolls back as soon as Docker answers again (GET /deployments/{id})",
+        problems.join("; ")
+    );
+    d.stage(
+        Stage::Rollback,
+        StageOutcome::Failed,
+        started.elapsed(),
+        Some(detail.clone()),
+    );
+    d.record.error = Some(ErrorDetail {
+        code: ErrorCode::DockerUnavailable,
+        message: format!("{error}; {detail}"),
+        correlation_id: correlation_id(),
+    });
+    d.save().await;
+    tracing::warn!(deployment_id = %id, error = %error, "Docker went away before the rollback was done; retrying it in the background");
+    reconcile::settle_later(d.state().clone(), id);
+    d.record
 }
 
 /// Puts a set-aside container back under `name` and starts it if it was running.

@@ -24,7 +24,7 @@ use crate::state::AppState;
         (status = 404, description = "NOT_FOUND: the image is not loaded", body = ErrorBody),
         (status = 422, description = "HEALTH_CHECK_FAILED: the record (status ROLLED_BACK or FAILED) with `error`", body = DeploymentRecord),
         (status = 500, description = "DEPLOY_FAILED: Docker refused to create or start the container; the record with `error`", body = DeploymentRecord),
-        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+        (status = 503, description = "DOCKER_UNAVAILABLE: Docker is not reachable (error body), or went away mid-deployment (the record with `error`; IN_PROGRESS while its rollback waits for Docker, which the receiver then finishes by itself: see GET /deployments/{id})", body = ErrorBody),
     ))]
 pub async fn create(
     State(state): State<AppState>,

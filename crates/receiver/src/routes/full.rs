@@ -29,7 +29,7 @@ use crate::state::AppState;
         (status = 422, description = "CHECKSUM_MISMATCH (error body); LOAD_FAILED or HEALTH_CHECK_FAILED (the record, ROLLED_BACK or FAILED, with `error`)", body = DeploymentRecord),
         (status = 429, description = "BUSY: too many uploads; see Retry-After", body = ErrorBody),
         (status = 500, description = "DEPLOY_FAILED: Docker refused to create or start the container; the record with `error`", body = DeploymentRecord),
-        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+        (status = 503, description = "DOCKER_UNAVAILABLE: Docker is not reachable (error body), or went away mid-deployment (the record with `error`; IN_PROGRESS while its rollback waits for Docker, which the receiver then finishes by itself: see GET /deployments/{id})", body = ErrorBody),
         (status = 507, description = "INSUFFICIENT_STORAGE", body = ErrorBody),
     ))]
 pub async fn create(
