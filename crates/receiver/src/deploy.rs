@@ -8,6 +8,7 @@ pub mod reconcile;
 mod record;
 mod replace;
 pub mod spec;
+mod stopping;
 
 pub use record::Deployment;
 
