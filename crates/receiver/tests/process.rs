@@ -4,103 +4,27 @@
 //! killed mid-upload. Loopback only. Figures are printed with `--nocapture`
 //! (`cargo test -p deploy-receiver --test process -- --nocapture --test-threads 1`).
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Daemon, SECRET};
 use deploy_protocol::{Checksum, Compression, PackageManifest, SignatureHeaders};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const SECRET: &str = "process-test-secret-0123456789abcdef0123";
 const BOUNDARY: &str = "process-test-boundary-93ac";
 
-/// A running `deploy-receiver` child; killed (SIGKILL) on drop.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    url: String,
-}
-
-impl Daemon {
-    /// Starts the binary on `package_dir` with extra environment, and waits for it to listen.
-    fn start(package_dir: &Path, state_dir: &Path, env: &[(&str, String)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_deploy-receiver"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RECEIVER_BIND", "127.0.0.1:0")
-            .env("PACKAGE_DIR", package_dir)
-            .env("STATE_DIR", state_dir)
-            .env("DEPLOY_HMAC_SECRET", SECRET)
-            .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            // no Docker for these tests: the receiver must not need it to take uploads
-            .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("spawn deploy-receiver");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if !sent {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                        if let Some(addr) = v["fields"]["addr"].as_str() {
-                            let _ = tx.send(addr.to_owned());
-                            sent = true;
-                        }
-                    }
-                }
-                // keep draining so the child never blocks on a full pipe
-            }
-        });
-        let addr: SocketAddr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("deploy-receiver announced its address")
-            .parse()
-            .expect("addr");
-        Self {
-            child,
-            addr,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Peak resident set size (VmHWM) in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .expect("VmHWM")
-    }
-
-    fn sigkill(mut self) {
-        let _ = self.child.kill(); // SIGKILL on Unix
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// These tests need no Docker: the receiver must not need it to take uploads.
+fn start_daemon(package_dir: &Path, state_dir: &Path) -> Daemon {
+    Daemon::start(
+        package_dir,
+        state_dir,
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock".to_owned())],
+    )
 }
 
 fn manifest_for(bytes: &[u8]) -> PackageManifest {
@@ -283,12 +207,12 @@ fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_stays_up() {
     let (_dir, packages, state) = dirs();
-    let daemon = Daemon::start(&packages, &state, &[]);
+    let daemon = start_daemon(&packages, &state);
     let idle_rss = daemon.peak_rss_kib();
     let addr = daemon.addr;
     let package = test_bytes(8 << 20, 1);
 
-    let health_url = format!("{}/health", daemon.url);
+    let health_url = format!("{}/health", daemon.base);
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let prober = tokio::spawn(async move {
         let client = reqwest::Client::new();
@@ -349,12 +273,12 @@ async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_st
     }
     let peak = daemon.peak_rss_kib();
     let busy_answers = metric(
-        &daemon.url,
+        &daemon.base,
         "deploy_receiver_uploads_total{result=\"BUSY\"}",
     )
     .await as usize;
     let ok_answers =
-        metric(&daemon.url, "deploy_receiver_uploads_total{result=\"ok\"}").await as usize;
+        metric(&daemon.base, "deploy_receiver_uploads_total{result=\"ok\"}").await as usize;
     eprintln!(
         "50 concurrent 8 MiB uploads (MAX_CONCURRENT_UPLOADS=4): {stored} stored intact, \
          {busy_answers} refused BUSY by the daemon ({busy} clients read the 429, {cut} saw the \
@@ -392,7 +316,7 @@ async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_st
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let response = reqwest::Client::new()
-        .post(format!("{}/deployment/upload", daemon.url))
+        .post(format!("{}/deployment/upload", daemon.base))
         .header(
             "content-type",
             format!("multipart/form-data; boundary={BOUNDARY}"),
@@ -419,7 +343,7 @@ async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_st
 async fn sigkill_at_24_points_of_an_upload_leaves_no_partial_file_after_restart() {
     let (_dir, packages, state) = dirs();
     let package = test_bytes(8 << 20, 2);
-    let mut daemon = Daemon::start(&packages, &state, &[]);
+    let mut daemon = start_daemon(&packages, &state);
     let (_, _, sample_body) = signed_upload(daemon.addr, &package);
     let body_len = sample_body.len();
     // Kill points: in the headers, inside the manifest, then through the package to the last
@@ -460,9 +384,9 @@ async fn sigkill_at_24_points_of_an_upload_leaves_no_partial_file_after_restart(
         daemon.sigkill();
         drop(stream);
         // Restart on the same directory: the sweep must leave a consistent store.
-        daemon = Daemon::start(&packages, &state, &[]);
+        daemon = start_daemon(&packages, &state);
         committed = assert_store_consistent(&packages);
-        let health = reqwest::get(format!("{}/health", daemon.url))
+        let health = reqwest::get(format!("{}/health", daemon.base))
             .await
             .expect("health");
         assert_eq!(health.status(), 200);
@@ -518,7 +442,7 @@ async fn a_full_disk_is_refused_up_front_and_a_disk_filling_up_mid_write_is_a_cl
     };
     let (_dir, _, state) = dirs();
     let packages = fs.path().to_path_buf();
-    let daemon = Daemon::start(&packages, &state, &[]);
+    let daemon = start_daemon(&packages, &state);
 
     // Declared beyond free space (48 MiB fs, 40 MiB + 16 MiB margin): refused before the body.
     // Only the head and the first 64 KiB are sent: the answer must not need the rest.
@@ -589,7 +513,7 @@ async fn a_sender_process_killed_mid_upload_leaves_nothing_and_the_receiver_keep
         "this test kills a curl upload mid-stream: install curl"
     );
     let (dir, packages, state) = dirs();
-    let daemon = Daemon::start(&packages, &state, &[]);
+    let daemon = start_daemon(&packages, &state);
     let package = test_bytes(16 << 20, 6);
     let (_, head, body) = signed_upload(daemon.addr, &package);
     let body_path = dir.path().join("body.bin");
@@ -604,7 +528,7 @@ async fn a_sender_process_killed_mid_upload_leaves_nothing_and_the_receiver_keep
         "--data-binary",
     ])
     .arg(format!("@{}", body_path.display()))
-    .arg(format!("{}/deployment/upload", daemon.url));
+    .arg(format!("{}/deployment/upload", daemon.base));
     for line in head.lines().skip(1) {
         if let Some((k, v)) = line.split_once(": ") {
             if !k.eq_ignore_ascii_case("host") && !k.eq_ignore_ascii_case("content-length") {

@@ -145,6 +145,17 @@ impl<'a> ImageSpec<'a> {
 
 /// Builds `tag` FROM scratch: busybox httpd serving `page` on port 80.
 pub async fn build_image(docker: &Docker, cleanup: &mut Cleanup, tag: &str, spec: ImageSpec<'_>) {
+    build_image_with(docker, cleanup, tag, spec, "").await;
+}
+
+/// As [`build_image`], with `extra` Dockerfile lines at the end (a later `CMD` replaces httpd's).
+pub async fn build_image_with(
+    docker: &Docker,
+    cleanup: &mut Cleanup,
+    tag: &str,
+    spec: ImageSpec<'_>,
+    extra: &str,
+) {
     cleanup.images.push(tag.to_owned());
     let mut dockerfile = String::from("FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n");
     if let Some(test) = spec.healthcheck {
@@ -153,6 +164,8 @@ pub async fn build_image(docker: &Docker, cleanup: &mut Cleanup, tag: &str, spec
         ));
     }
     dockerfile.push_str(r#"CMD ["/bin/busybox","httpd","-f","-p","80","-h","/www"]"#);
+    dockerfile.push('\n');
+    dockerfile.push_str(extra);
     let mut context = tar::Builder::new(Vec::new());
     let mut add = |path: &str, bytes: &[u8], mode: u32| {
         let mut header = tar::Header::new_gnu();
@@ -239,11 +252,26 @@ pub async fn page(docker: &Docker, name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // The receiver and signed requests
 
-pub struct Receiver {
+/// Signed requests to a receiver at `base` (in process or a child process).
+#[derive(Clone)]
+pub struct Api {
     pub base: String,
+}
+
+/// A receiver served in this process.
+pub struct Receiver {
+    api: Api,
     pub state: AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::ops::Deref for Receiver {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Receiver {
@@ -264,7 +292,7 @@ impl Receiver {
             let _ = rx.await;
         }));
         Self {
-            base,
+            api: Api { base },
             state,
             shutdown: Some(tx),
             task,
@@ -277,7 +305,9 @@ impl Receiver {
         }
         let _ = (&mut self.task).await;
     }
+}
 
+impl Api {
     pub async fn send(
         &self,
         method: Method,
@@ -286,6 +316,20 @@ impl Receiver {
         content_type: &str,
         signed: &[u8],
     ) -> (StatusCode, Value) {
+        self.try_send(method, path, body, content_type, signed)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// As [`Api::send`], with a failed exchange (a receiver killed mid-request) as an error.
+    pub async fn try_send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        signed: &[u8],
+    ) -> reqwest::Result<(StatusCode, Value)> {
         let headers = SignatureHeaders::sign(
             KEY_ID,
             SECRET.as_bytes(),
@@ -304,14 +348,11 @@ impl Receiver {
         for (name, value) in headers.to_pairs() {
             request = request.header(name, value);
         }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let response = request.send().await?;
         let status = response.status();
-        let text = response.text().await.expect("response body");
+        let text = response.text().await?;
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, value)
+        Ok((status, value))
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
@@ -337,11 +378,23 @@ impl Receiver {
         package: Vec<u8>,
         deployment: &DeploymentSpec,
     ) -> (StatusCode, Value) {
+        self.try_full(tags, package, deployment)
+            .await
+            .unwrap_or_else(|e| panic!("/deployment/full: {e}"))
+    }
+
+    /// As [`Api::full`], with a failed exchange as an error.
+    pub async fn try_full(
+        &self,
+        tags: &[&str],
+        package: Vec<u8>,
+        deployment: &DeploymentSpec,
+    ) -> reqwest::Result<(StatusCode, Value)> {
         let mut manifest = manifest_for(&package);
         manifest.image_tags = tags.iter().map(|t| (*t).to_owned()).collect();
         manifest.container_name = Some(deployment.container_name.clone());
         manifest.deployment = Some(deployment.clone());
-        self.multipart("/deployment/full", &manifest.to_bytes(), package)
+        self.try_multipart("/deployment/full", &manifest.to_bytes(), package)
             .await
     }
 
@@ -359,6 +412,18 @@ impl Receiver {
         manifest: &[u8],
         package: Vec<u8>,
     ) -> (StatusCode, Value) {
+        self.try_multipart(path, manifest, package)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// As [`Api::multipart`], with a failed exchange as an error.
+    pub async fn try_multipart(
+        &self,
+        path: &str,
+        manifest: &[u8],
+        package: Vec<u8>,
+    ) -> reqwest::Result<(StatusCode, Value)> {
         let boundary = format!("deploy-test-{}", Uuid::new_v4().simple());
         let mut body = Vec::new();
         body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"manifest\"\r\nContent-Type: application/json\r\n\r\n").as_bytes());
@@ -367,8 +432,124 @@ impl Receiver {
         body.extend_from_slice(&package);
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let content_type = format!("multipart/form-data; boundary={boundary}");
-        self.send(Method::POST, path, body, &content_type, manifest)
+        self.try_send(Method::POST, path, body, &content_type, manifest)
             .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary as a child process
+
+/// A running `deploy-receiver` child process (the binary built by this package), signed with
+/// [`SECRET`]; killed (SIGKILL) on drop. Its JSON log lines are kept for failure messages.
+pub struct Daemon {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    api: Api,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl Daemon {
+    /// Starts the binary on `package_dir` and `state_dir` with a clean environment plus `env`
+    /// (no `DOCKER_HOST` unless given: the default socket), and waits for it to listen.
+    pub fn start(package_dir: &Path, state_dir: &Path, env: &[(&str, String)]) -> Self {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_deploy-receiver"));
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RECEIVER_BIND", "127.0.0.1:0")
+            .env("PACKAGE_DIR", package_dir)
+            .env("STATE_DIR", state_dir)
+            .env("DEPLOY_HMAC_SECRET", SECRET)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn deploy-receiver");
+        let stdout = child.stdout.take().expect("stdout");
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            // Keeps draining, so the child never blocks on a full pipe.
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if let Some(addr) = v["fields"]["addr"].as_str() {
+                            let _ = tx.send(addr.to_owned());
+                            sent = true;
+                        }
+                    }
+                }
+                if let Ok(mut logs) = kept.lock() {
+                    logs.push(line);
+                }
+            }
+        });
+        let addr: std::net::SocketAddr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("deploy-receiver announced its address")
+            .parse()
+            .expect("addr");
+        Self {
+            child,
+            addr,
+            api: Api {
+                base: format!("http://{addr}"),
+            },
+            logs,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmHWM")
+    }
+
+    /// The log lines written so far whose text contains `needle` (all when empty).
+    pub fn logs(&self, needle: &str) -> Vec<String> {
+        self.logs
+            .lock()
+            .map(|l| l.iter().filter(|l| l.contains(needle)).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn sigkill(mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,996 @@
+//! Faults in the middle of deployments, against the real `deploy-receiver` binary (a child
+//! process) and the real Docker engine:
+//!
+//! - the receiver killed with SIGKILL at 25 points of deploys (upload, load, the stop, rename,
+//!   create and start of containers, the health check, cleanup, rollback) and restarted on the
+//!   same directories: one running container, a journal that agrees with Docker, no partial file;
+//! - Docker's socket cut in the middle of an image load and between a container's create and its
+//!   start. The cut is a real fault on a real connection to the real engine, not a mock: the
+//!   receiver's `DOCKER_HOST` is a Unix-socket proxy in this test ([`DockerProxy`]) that forwards
+//!   every byte to `/var/run/docker.sock` until it drops all its connections and stops accepting.
+//!
+//! Figures are printed on stderr: `cargo nextest run -p deploy-receiver --test faults --no-capture`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bollard::container::ListContainersOptions;
+use bollard::Docker;
+use common::*;
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Dockerfile lines for a container that shuts down like a real service, with `secs` of work
+/// after SIGTERM. (busybox httpd as PID 1 ignores SIGTERM: every stop would wait out Docker's
+/// 10 s timeout.)
+fn graceful_stop(secs: f64) -> String {
+    format!(
+        r#"CMD ["/bin/busybox","sh","-c","trap '/bin/busybox sleep {secs}; exit 0' TERM; /bin/busybox httpd -f -p 80 -h /www & wait"]"#
+    )
+}
+
+/// The real engine.
+const ENGINE_SOCKET: &str = "/var/run/docker.sock";
+
+/// How long the SIGKILL test's containers take to stop.
+const STOP_SECS: f64 = 1.0;
+
+// ---------------------------------------------------------------------------------------------
+// SIGKILL during deploys
+
+/// What the deploy under test is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Target {
+    /// The other healthy version: the deploy completes unless cut short.
+    Healthy,
+    /// A version whose health check always fails: the deploy rolls back.
+    Failing,
+}
+
+/// When the receiver is killed.
+#[derive(Clone, Copy, Debug)]
+enum When {
+    /// This fraction of an undisturbed deploy's duration after the request starts.
+    After(f64),
+    /// As soon as the test sees this (polling Docker and the journal's files every few ms).
+    Seen(Sign),
+}
+
+/// What the test watches for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sign {
+    /// The journal holds the new deployment: the package is stored, its load starts.
+    Begun,
+    /// The journal names the container to replace: its stop is asked for next.
+    PreviousNamed,
+    /// The old container is renamed aside.
+    SetAside,
+    /// A new container exists.
+    Created,
+    /// The new container runs.
+    Started,
+    /// Docker reports the new container healthy.
+    Healthy,
+    /// Docker reports it unhealthy (or it is already gone again).
+    Unhealthy,
+    /// The old container is gone: cleanup after a passed health check.
+    OldRemoved,
+    /// The new container is gone again: rollback, before the old one is back.
+    NewRemoved,
+    /// The old container has its name back: rollback, before it is started.
+    RenamedBack,
+}
+
+/// A container of the deployment's name (or set aside from it), as `docker ps -a` lists it.
+#[derive(Clone, Debug)]
+struct Listed {
+    id: String,
+    name: String,
+    state: String,
+    status: String,
+}
+
+impl Listed {
+    fn running(&self) -> bool {
+        self.state == "running"
+    }
+}
+
+/// Docker and the journal as the test sees them at one moment.
+struct View {
+    /// The deployment under test, as its journal file says (written atomically by the receiver).
+    record: Option<DeploymentRecord>,
+    /// The container that ran before the deploy.
+    old: Option<Listed>,
+    /// Any other container of the name.
+    new: Option<Listed>,
+    count: usize,
+    running: usize,
+}
+
+async fn listed(docker: &Docker, name: &str) -> Vec<Listed> {
+    let filters = HashMap::from([("name".to_owned(), vec![name.to_owned()])]);
+    let all = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters,
+            ..Default::default()
+        }))
+        .await
+        .expect("docker ps");
+    all.into_iter()
+        .filter_map(|c| {
+            let names = c.names.unwrap_or_default();
+            let own = names
+                .iter()
+                .find(|n| *n == &format!("/{name}") || n.starts_with(&format!("/{name}.")))?;
+            Some(Listed {
+                id: c.id?,
+                name: own.clone(),
+                state: c.state.unwrap_or_default(),
+                status: c.status.unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Journal records on disk that are not in `known`.
+fn new_records(journal: &Path, known: &HashSet<Uuid>) -> Vec<DeploymentRecord> {
+    let Ok(entries) = std::fs::read_dir(journal) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id: Uuid = name.strip_suffix(".json")?.parse().ok()?;
+            if known.contains(&id) {
+                return None;
+            }
+            serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()
+        })
+        .collect()
+}
+
+async fn view(
+    docker: &Docker,
+    name: &str,
+    old_id: &str,
+    journal: &Path,
+    known: &HashSet<Uuid>,
+) -> View {
+    let all = listed(docker, name).await;
+    View {
+        record: new_records(journal, known).into_iter().next(),
+        old: all.iter().find(|c| c.id == old_id).cloned(),
+        new: all.iter().find(|c| c.id != old_id).cloned(),
+        count: all.len(),
+        running: all.iter().filter(|c| c.running()).count(),
+    }
+}
+
+/// Remembers what was seen before, for signs that are a change.
+#[derive(Default)]
+struct History {
+    new_seen: bool,
+    aside_seen: bool,
+}
+
+fn shows(sign: Sign, v: &View, h: &History, name: &str) -> bool {
+    let aside = |c: &Listed| c.name.starts_with(&format!("/{name}.previous-"));
+    let new_gone = h.new_seen && v.new.is_none();
+    match sign {
+        Sign::Begun => v.record.is_some(),
+        Sign::PreviousNamed => v
+            .record
+            .as_ref()
+            .is_some_and(|r| r.previous_container_id.is_some()),
+        Sign::SetAside => v.old.as_ref().is_some_and(aside),
+        Sign::Created => v.new.is_some(),
+        Sign::Started => v.new.as_ref().is_some_and(Listed::running) || new_gone,
+        Sign::Healthy => v
+            .new
+            .as_ref()
+            .is_some_and(|c| c.status.contains("(healthy)")),
+        Sign::Unhealthy => {
+            v.new
+                .as_ref()
+                .is_some_and(|c| c.status.contains("(unhealthy)"))
+                || new_gone
+        }
+        Sign::OldRemoved => v.record.is_some() && v.old.is_none(),
+        Sign::NewRemoved => new_gone,
+        Sign::RenamedBack => h.aside_seen && v.old.as_ref().is_some_and(|c| !aside(c)),
+    }
+}
+
+/// Where the deploy was when the receiver died, from what it left (the receiver is dead, so
+/// only Docker operations already asked for still move).
+fn phase(v: &View, name: &str) -> &'static str {
+    let Some(r) = &v.record else {
+        return "upload";
+    };
+    if r.status != DeploymentStatus::InProgress {
+        return "after finishing";
+    }
+    if r.image_id.is_none() {
+        return "load";
+    }
+    let old_aside = v
+        .old
+        .as_ref()
+        .is_some_and(|c| c.name.starts_with(&format!("/{name}.previous-")));
+    match (&v.old, &v.new) {
+        _ if r.previous_container_id.is_none() => "after load",
+        (Some(old), None) if r.container_id.is_none() && !old_aside => {
+            if old.running() {
+                "stop"
+            } else {
+                "rename"
+            }
+        }
+        (_, None) if r.container_id.is_none() => "create",
+        (_, Some(new)) if !new.running() => "start",
+        (_, Some(new)) if new.status.contains("(healthy)") => "cleanup",
+        (_, Some(new)) if new.status.contains("(unhealthy)") => "rollback",
+        (_, Some(_)) => "health check",
+        (None, None) => "cleanup",
+        (Some(_), None) => "rollback",
+    }
+}
+
+/// The store after a restart: no temp file, every package whole with its manifest beside it.
+fn assert_store_clean(packages: &Path) {
+    let mut names: Vec<String> = std::fs::read_dir(packages)
+        .expect("package dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in &names {
+        if let Some(id) = name.strip_suffix(".pkg") {
+            let manifest = deploy_protocol::PackageManifest::from_slice(
+                &std::fs::read(packages.join(format!("{id}.manifest.json")))
+                    .unwrap_or_else(|e| panic!("{name} has no manifest: {e}; store: {names:?}")),
+            )
+            .expect("manifest");
+            let size = std::fs::metadata(packages.join(name)).expect("pkg").len();
+            assert_eq!(size, manifest.package_size, "{name} is partial");
+        } else if let Some(id) = name.strip_suffix(".manifest.json") {
+            assert!(
+                names.contains(&format!("{id}.pkg")),
+                "manifest without package: {name}"
+            );
+        } else {
+            panic!("temp or stray file in the store after the restart: {name}; store: {names:?}");
+        }
+    }
+}
+
+fn assert_journal_clean(journal: &Path) {
+    for entry in std::fs::read_dir(journal)
+        .expect("journal dir")
+        .filter_map(Result::ok)
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(name.ends_with(".json"), "stray file in the journal: {name}");
+    }
+}
+
+/// Every record of the journal, through the API, once none is IN_PROGRESS (start-up
+/// reconciliation has run).
+async fn settled_journal(daemon: &Daemon) -> Vec<DeploymentRecord> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = daemon.get("/deployments?limit=1000").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let records: Vec<DeploymentRecord> =
+            serde_json::from_value(body["deployments"].clone()).expect("records");
+        if records
+            .iter()
+            .all(|r| r.status != DeploymentStatus::InProgress)
+        {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still IN_PROGRESS 60 s after the restart: {records:#?}\nlog:\n{}",
+            daemon.logs("").join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn label(c: &bollard::models::ContainerInspectResponse, key: &str) -> Option<String> {
+    c.config.as_ref()?.labels.as_ref()?.get(key).cloned()
+}
+
+#[derive(Default)]
+struct Tally {
+    phases: Vec<&'static str>,
+    completed: usize,
+    rolled_back: usize,
+    failed_untouched: usize,
+    not_begun: usize,
+    two_at_kill: usize,
+    none_running_at_kill: usize,
+    slowest_settle: Duration,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_journal_that_agrees() {
+    let docker = docker().await;
+    let name = unique_name();
+    let mut cleanup = Cleanup::new(&name);
+    let (a, b, f) = (
+        format!("{name}:a"),
+        format!("{name}:b"),
+        format!("{name}:failing"),
+    );
+    // Longer than a restart of the receiver takes: a kill during a stop is still in it then.
+    let stop = graceful_stop(STOP_SECS);
+    build_image_with(&docker, &mut cleanup, &a, ImageSpec::healthy("a"), &stop).await;
+    build_image_with(&docker, &mut cleanup, &b, ImageSpec::healthy("b"), &stop).await;
+    build_image_with(&docker, &mut cleanup, &f, ImageSpec::failing("f"), &stop).await;
+    let pages = HashMap::from([(a.clone(), "a"), (b.clone(), "b"), (f.clone(), "f")]);
+    let mut saved = HashMap::new();
+    for tag in [&a, &b, &f] {
+        saved.insert(tag.clone(), save_image(&docker, tag).await);
+    }
+    let dir = temp_dir();
+    let packages = dir.path().join("packages");
+    let state = dir.path().join("state");
+    let journal = state.join("deployments");
+    let spec = web_spec(&name);
+    let mut daemon = Daemon::start(&packages, &state, &[]);
+
+    // Version 1, then one undisturbed deploy of each kind, timed.
+    let (status, body) = daemon.full(&[&a], saved[&a].clone(), &spec).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let started = Instant::now();
+    let (status, body) = daemon.full(&[&b], saved[&b].clone(), &spec).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let healthy_deploy = started.elapsed();
+    let started = Instant::now();
+    let (status, body) = daemon.full(&[&f], saved[&f].clone(), &spec).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(record(&body).status, DeploymentStatus::RolledBack);
+    let failing_deploy = started.elapsed();
+    let mut current = b.clone();
+
+    let mut plan: Vec<(Target, When)> = Vec::new();
+    for k in 0..=10 {
+        plan.push((Target::Healthy, When::After(f64::from(k) / 10.0)));
+    }
+    for sign in [
+        Sign::Begun,
+        Sign::PreviousNamed,
+        Sign::SetAside,
+        Sign::Created,
+        Sign::Started,
+        Sign::Healthy,
+        Sign::OldRemoved,
+    ] {
+        plan.push((Target::Healthy, When::Seen(sign)));
+    }
+    for fraction in [0.5, 0.7, 0.9] {
+        plan.push((Target::Failing, When::After(fraction)));
+    }
+    for sign in [
+        Sign::Started,
+        Sign::Unhealthy,
+        Sign::NewRemoved,
+        Sign::RenamedBack,
+    ] {
+        plan.push((Target::Failing, When::Seen(sign)));
+    }
+    assert!(plan.len() >= 20);
+
+    let mut tally = Tally::default();
+    for (i, (target, when)) in plan.iter().copied().enumerate() {
+        let image = match target {
+            Target::Failing => f.clone(),
+            Target::Healthy if current == a => b.clone(),
+            Target::Healthy => a.clone(),
+        };
+        let old = inspect(&docker, &name).await;
+        let old_id = old.id.clone().expect("id");
+        let old_deployment = label(&old, "io.deploy.deployment_id").expect("label");
+        let known: HashSet<Uuid> = new_records(&journal, &HashSet::new())
+            .iter()
+            .map(|r| r.deployment_id)
+            .collect();
+
+        let api = Api::clone(&daemon);
+        let (tag, package, deploy_spec) = (image.clone(), saved[&image].clone(), spec.clone());
+        let started = Instant::now();
+        let request =
+            tokio::spawn(async move { api.try_full(&[&tag], package, &deploy_spec).await });
+        match when {
+            When::After(fraction) => {
+                let whole = match target {
+                    Target::Healthy => healthy_deploy,
+                    Target::Failing => failing_deploy,
+                };
+                tokio::time::sleep_until((started + whole.mul_f64(fraction)).into()).await;
+            }
+            When::Seen(sign) => {
+                let mut history = History::default();
+                let deadline = started + Duration::from_secs(60);
+                loop {
+                    let v = view(&docker, &name, &old_id, &journal, &known).await;
+                    if shows(sign, &v, &history, &name) || request.is_finished() {
+                        break;
+                    }
+                    history.new_seen |= v.new.is_some();
+                    history.aside_seen |= v
+                        .old
+                        .as_ref()
+                        .is_some_and(|c| c.name.starts_with(&format!("/{name}.previous-")));
+                    assert!(Instant::now() < deadline, "{sign:?} never seen");
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+        }
+        let kill_at = started.elapsed();
+        daemon.sigkill();
+        request.abort();
+        let at_kill = view(&docker, &name, &old_id, &journal, &known).await;
+        let phase = phase(&at_kill, &name);
+        tally.phases.push(phase);
+        tally.two_at_kill += usize::from(at_kill.count >= 2);
+        tally.none_running_at_kill += usize::from(at_kill.running == 0);
+
+        // Restart on the same directories; start-up reconciliation settles the deploy.
+        let restarted = Instant::now();
+        daemon = Daemon::start(&packages, &state, &[]);
+        let records = settled_journal(&daemon).await;
+        let settle = restarted.elapsed();
+        tally.slowest_settle = tally.slowest_settle.max(settle);
+        let context = format!(
+            "kill {i} ({target:?}, {when:?}) at {} ms, phase {phase}",
+            kill_at.as_millis()
+        );
+
+        // Exactly one container of the name, running; what it runs agrees with the journal.
+        let containers = listed(&docker, &name).await;
+        assert_eq!(containers.len(), 1, "{context}: {containers:?}");
+        assert!(containers[0].running(), "{context}: {containers:?}");
+        assert_eq!(containers[0].name, format!("/{name}"), "{context}");
+        let running = inspect(&docker, &name).await;
+        let running_deployment: Uuid = label(&running, "io.deploy.deployment_id")
+            .expect("label")
+            .parse()
+            .expect("uuid");
+        // Newest first.
+        let newest_success = records
+            .iter()
+            .find(|r| r.container_name == name && r.status == DeploymentStatus::Succeeded)
+            .expect("a succeeded deployment");
+        assert_eq!(
+            newest_success.deployment_id, running_deployment,
+            "{context}: the newest SUCCEEDED deployment is the one running"
+        );
+        assert_eq!(newest_success.container_id, running.id, "{context}");
+        if let Some(image_id) = &newest_success.image_id {
+            assert_eq!(running.image.as_ref(), Some(image_id), "{context}");
+        }
+        assert_eq!(
+            page(&docker, &name).await,
+            pages[&newest_success.image],
+            "{context}"
+        );
+
+        // The interrupted deployment completed or was undone.
+        let attempt = records.iter().find(|r| !known.contains(&r.deployment_id));
+        match attempt {
+            None => {
+                tally.not_begun += 1;
+                assert_eq!(running_deployment.to_string(), old_deployment, "{context}");
+            }
+            Some(r) if r.deployment_id == running_deployment => {
+                assert_eq!(r.status, DeploymentStatus::Succeeded, "{context}");
+                assert_eq!(target, Target::Healthy, "{context}: a failing version runs");
+                tally.completed += 1;
+            }
+            Some(r) => {
+                assert_eq!(running_deployment.to_string(), old_deployment, "{context}");
+                assert_eq!(running.id.as_deref(), Some(old_id.as_str()), "{context}");
+                match r.status {
+                    DeploymentStatus::RolledBack => tally.rolled_back += 1,
+                    DeploymentStatus::Failed => {
+                        assert!(
+                            r.previous_container_id.is_none() && r.container_id.is_none(),
+                            "{context}: FAILED after touching containers: {r:#?}"
+                        );
+                        tally.failed_untouched += 1;
+                    }
+                    other => panic!("{context}: {other:?} {r:#?}"),
+                }
+            }
+        }
+        current = newest_success.image.clone();
+
+        // And it stays so: a stop that Docker was still carrying out for the dead receiver has
+        // ended by now.
+        tokio::time::sleep_until(
+            (started + kill_at + Duration::from_secs_f64(STOP_SECS + 1.0)).into(),
+        )
+        .await;
+        let later = listed(&docker, &name).await;
+        assert_eq!(
+            later
+                .iter()
+                .map(|c| (&c.id, c.running()))
+                .collect::<Vec<_>>(),
+            [(&containers[0].id, true)],
+            "{context}: {STOP_SECS} s later: {later:?}"
+        );
+
+        assert_store_clean(&packages);
+        assert_journal_clean(&journal);
+        let health = http()
+            .get(format!("{}/health", daemon.base))
+            .send()
+            .await
+            .expect("health");
+        assert_eq!(health.status(), StatusCode::OK, "{context}");
+        eprintln!(
+            "  kill {i:2}: {target:?} {when:?} at {} ms, phase {phase}: {} container(s), {} running at the kill -> {} (settled {} ms after the restart{})",
+            kill_at.as_millis(),
+            at_kill.count,
+            at_kill.running,
+            match attempt {
+                None => "not begun".to_owned(),
+                Some(r) => format!("{:?}", r.status),
+            },
+            settle.as_millis(),
+            attempt
+                .and_then(|r| r.stages.last())
+                .and_then(|s| s.detail.as_deref())
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default(),
+        );
+    }
+
+    // And the restarted receiver deploys as before.
+    let next = if current == a { &b } else { &a };
+    let (status, body) = daemon.full(&[next], saved[next].clone(), &spec).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(page(&docker, &name).await, pages[next]);
+
+    let mut by_phase: Vec<(&str, usize)> = Vec::new();
+    for p in &tally.phases {
+        match by_phase.iter_mut().find(|(q, _)| q == p) {
+            Some((_, n)) => *n += 1,
+            None => by_phase.push((p, 1)),
+        }
+    }
+    let points = by_phase
+        .iter()
+        .map(|(p, n)| format!("{p} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    eprintln!(
+        "SIGKILL during deploys: {} kills at points {points}; outcomes: {} completed, {} rolled \
+         back ({} restored the previous container, {} failed before touching a container, {} \
+         killed before the deployment began), 0 with two containers, 0 with none; at the kills \
+         {} had two containers and {} none running; undisturbed deploys {:.1} s (healthy) and \
+         {:.1} s (rolled back); restart to settled journal at most {:.1} s",
+        plan.len(),
+        tally.completed,
+        tally.rolled_back + tally.failed_untouched + tally.not_begun,
+        tally.rolled_back,
+        tally.failed_untouched,
+        tally.not_begun,
+        tally.two_at_kill,
+        tally.none_running_at_kill,
+        healthy_deploy.as_secs_f64(),
+        failing_deploy.as_secs_f64(),
+        tally.slowest_settle.as_secs_f64(),
+    );
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Docker cut off mid-operation
+
+/// When the proxy cuts the engine off.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Rule {
+    /// Forward everything.
+    #[default]
+    Pass,
+    /// Cut once this many bytes of a `docker load` request have gone through.
+    MidLoad(u64),
+    /// Cut when a container start is asked for after a container create, before the engine
+    /// sees it.
+    BeforeStart,
+}
+
+#[derive(Default)]
+struct Shared {
+    rule: Rule,
+    create_seen: bool,
+    cut: Option<String>,
+}
+
+/// A Unix-socket proxy in front of the real engine, for the receiver's `DOCKER_HOST`: each
+/// connection is forwarded to `/var/run/docker.sock`, byte for byte, until a [`Rule`] fires.
+/// Then every connection is dropped and the socket stops accepting (connects are refused), as
+/// when the engine goes away; [`DockerProxy::restore`] listens again.
+struct DockerProxy {
+    path: PathBuf,
+    shared: Arc<Mutex<Shared>>,
+    token: CancellationToken,
+}
+
+impl DockerProxy {
+    fn start(path: PathBuf) -> Self {
+        let mut proxy = Self {
+            path,
+            shared: Arc::default(),
+            token: CancellationToken::new(),
+        };
+        proxy.listen();
+        proxy
+    }
+
+    fn docker_host(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    fn listen(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let listener = UnixListener::bind(&self.path).expect("bind the proxy socket");
+        self.token = CancellationToken::new();
+        let (shared, token) = (self.shared.clone(), self.token.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // Dropping the listener: the socket file stays, connects are refused.
+                    () = token.cancelled() => return,
+                    accepted = listener.accept() => {
+                        if let Ok((client, _)) = accepted {
+                            tokio::spawn(forward(client, shared.clone(), token.clone()));
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn arm(&self, rule: Rule) {
+        let mut shared = self.shared.lock().expect("proxy");
+        *shared = Shared {
+            rule,
+            ..Shared::default()
+        };
+    }
+
+    /// Why the proxy cut, if it did.
+    fn cut_reason(&self) -> Option<String> {
+        self.shared.lock().expect("proxy").cut.clone()
+    }
+
+    fn restore(&mut self) {
+        assert!(self.token.is_cancelled(), "the proxy was not cut");
+        self.listen();
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// One client connection, forwarded to the engine until the proxy is cut.
+async fn forward(client: UnixStream, shared: Arc<Mutex<Shared>>, token: CancellationToken) {
+    let Ok(engine) = UnixStream::connect(ENGINE_SOCKET).await else {
+        return;
+    };
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_engine, mut to_engine) = engine.into_split();
+    let upstream = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut conn = Connection::default();
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let (pass, cut) = conn.decide(&shared, &buf[..n]);
+            if to_engine.write_all(&buf[..pass]).await.is_err() {
+                return;
+            }
+            if let Some(why) = cut {
+                shared.lock().expect("proxy").cut = Some(why);
+                token.cancel();
+                return;
+            }
+        }
+    };
+    let downstream = tokio::io::copy(&mut from_engine, &mut to_client);
+    tokio::select! {
+        () = token.cancelled() => {}
+        () = upstream => {}
+        _ = downstream => {}
+    }
+}
+
+/// What one connection has carried so far.
+#[derive(Default)]
+struct Connection {
+    tail: Vec<u8>,
+    loading: bool,
+    load_bytes: u64,
+}
+
+impl Connection {
+    /// How much of `chunk` (client to engine) goes through, and whether to cut after it.
+    fn decide(&mut self, shared: &Mutex<Shared>, chunk: &[u8]) -> (usize, Option<String>) {
+        let mut hay = std::mem::take(&mut self.tail);
+        hay.extend_from_slice(chunk);
+        self.tail = hay[hay.len().saturating_sub(64)..].to_vec();
+        let mut shared = shared.lock().expect("proxy");
+        match shared.rule {
+            Rule::Pass => (chunk.len(), None),
+            Rule::MidLoad(limit) => {
+                self.loading |= contains(&hay, b"/images/load");
+                if !self.loading {
+                    return (chunk.len(), None);
+                }
+                let before = self.load_bytes;
+                self.load_bytes += chunk.len() as u64;
+                if self.load_bytes < limit {
+                    return (chunk.len(), None);
+                }
+                shared.rule = Rule::Pass;
+                (
+                    usize::try_from(limit - before).expect("fits"),
+                    Some(format!("after {limit} bytes of the docker load request")),
+                )
+            }
+            Rule::BeforeStart => {
+                if shared.create_seen && chunk.starts_with(b"POST ") && contains(chunk, b"/start") {
+                    shared.rule = Rule::Pass;
+                    return (
+                        0,
+                        Some("before the start of the container just created".to_owned()),
+                    );
+                }
+                shared.create_seen |= contains(&hay, b"/containers/create");
+                (chunk.len(), None)
+            }
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `/health` answers 200 (degraded: Docker unreachable) while the engine is cut off.
+async fn assert_serving_degraded(daemon: &Daemon) {
+    let response = http()
+        .get(format!("{}/health", daemon.base))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["docker_available"], json!(false), "{body}");
+}
+
+async fn deployment(daemon: &Daemon, id: Uuid) -> DeploymentRecord {
+    let (status, body) = daemon.get(&format!("/deployments/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    record(&body)
+}
+
+/// Two healthy versions, the first deployed through the proxy; returns the second's tag and
+/// package and the first one's container id.
+async fn deployed_v1(
+    docker: &Docker,
+    cleanup: &mut Cleanup,
+    daemon: &Daemon,
+    name: &str,
+) -> (String, Vec<u8>, String) {
+    let (v1, v2) = (format!("{name}:v1"), format!("{name}:v2"));
+    let stop = graceful_stop(0.5);
+    build_image_with(docker, cleanup, &v1, ImageSpec::healthy("v1"), &stop).await;
+    build_image_with(docker, cleanup, &v2, ImageSpec::healthy("v2"), &stop).await;
+    let package = save_image(docker, &v2).await;
+    // Not in the engine until a load of it goes through.
+    docker
+        .remove_image(&v2, None, None)
+        .await
+        .expect("remove v2");
+    let (status, body) = daemon
+        .full(&[&v1], save_image(docker, &v1).await, &web_spec(name))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let old = inspect(docker, name).await.id.expect("id");
+    (v2, package, old)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_the_next_deploy_succeeds(
+) {
+    let docker = docker().await;
+    let name = unique_name();
+    let mut cleanup = Cleanup::new(&name);
+    let dir = temp_dir();
+    let mut proxy = DockerProxy::start(dir.path().join("docker.sock"));
+    let daemon = Daemon::start(
+        &dir.path().join("packages"),
+        &dir.path().join("state"),
+        &[("DOCKER_HOST", proxy.docker_host())],
+    );
+    let (v2, package, old) = deployed_v1(&docker, &mut cleanup, &daemon, &name).await;
+
+    let half = package.len() as u64 / 2;
+    proxy.arm(Rule::MidLoad(half));
+    let started = Instant::now();
+    let (status, body) = daemon.full(&[&v2], package.clone(), &web_spec(&name)).await;
+    let answered = started.elapsed();
+    let cut = proxy.cut_reason().expect("the proxy cut the load");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], json!("DOCKER_UNAVAILABLE"), "{body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains(&proxy.docker_host()), "{message}");
+    let failed = record(&body);
+    assert_eq!(failed.status, DeploymentStatus::Failed, "{body}");
+
+    // Engine still cut off: the receiver serves, and no container changed.
+    assert_serving_degraded(&daemon).await;
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name)).await,
+        std::slice::from_ref(&old)
+    );
+    assert!(inspect(&docker, &name).await.state.and_then(|s| s.running) == Some(true));
+    assert!(!image_exists(&docker, &v2).await, "nothing was loaded");
+    assert_eq!(
+        deployment(&daemon, failed.deployment_id).await.status,
+        DeploymentStatus::Failed
+    );
+
+    // The engine is back: the stored package loads and deploys.
+    proxy.restore();
+    let package_id = failed.package_id.expect("package id");
+    let (status, body) = daemon
+        .post("/deployment/load", &json!({ "package_id": package_id }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut spec = web_spec(&name);
+    spec.image = Some(v2.clone());
+    let (status, body) = daemon
+        .post(
+            "/deployment/deploy",
+            &json!({ "deployment": spec, "package_id": package_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(page(&docker, &name).await, "v2");
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name))
+            .await
+            .len(),
+        1
+    );
+    eprintln!(
+        "Docker cut mid-load ({cut} of {} bytes): 503 DOCKER_UNAVAILABLE after {} ms (\"{message}\"), \
+         record FAILED, the v1 container untouched and running, nothing loaded, /health 200 \
+         (degraded); socket restored: the stored package loaded and deployed, 200",
+        package.len(),
+        answered.as_millis(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_cut_between_create_and_start_is_503_and_rolled_back_once_docker_is_back() {
+    let docker = docker().await;
+    let name = unique_name();
+    let mut cleanup = Cleanup::new(&name);
+    let dir = temp_dir();
+    let mut proxy = DockerProxy::start(dir.path().join("docker.sock"));
+    let daemon = Daemon::start(
+        &dir.path().join("packages"),
+        &dir.path().join("state"),
+        &[("DOCKER_HOST", proxy.docker_host())],
+    );
+    let (v2, package, old) = deployed_v1(&docker, &mut cleanup, &daemon, &name).await;
+
+    proxy.arm(Rule::BeforeStart);
+    let started = Instant::now();
+    let (status, body) = daemon.full(&[&v2], package.clone(), &web_spec(&name)).await;
+    let answered = started.elapsed();
+    let cut = proxy.cut_reason().expect("the proxy cut before the start");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], json!("DOCKER_UNAVAILABLE"), "{body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains(&proxy.docker_host()), "{message}");
+    assert!(
+        message.contains("rolls back as soon as Docker answers again"),
+        "{message}"
+    );
+    let interrupted = record(&body);
+    assert_eq!(interrupted.status, DeploymentStatus::InProgress, "{body}");
+
+    // While the engine is away the receiver serves, and the deployment waits to be undone.
+    assert_serving_degraded(&daemon).await;
+    let left = listed(&docker, &name).await;
+    assert_eq!(
+        left.len(),
+        2,
+        "the old container set aside, the new one created: {left:?}"
+    );
+    assert_eq!(
+        deployment(&daemon, interrupted.deployment_id).await.status,
+        DeploymentStatus::InProgress
+    );
+
+    // The engine is back: the deployment is rolled back without another request.
+    proxy.restore();
+    let restored = Instant::now();
+    let settled = loop {
+        let r = deployment(&daemon, interrupted.deployment_id).await;
+        if r.status != DeploymentStatus::InProgress {
+            break r;
+        }
+        assert!(
+            restored.elapsed() < Duration::from_secs(60),
+            "still IN_PROGRESS a minute after Docker came back\nlog:\n{}",
+            daemon.logs("").join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let converged = restored.elapsed();
+    assert_eq!(settled.status, DeploymentStatus::RolledBack, "{settled:#?}");
+    assert_eq!(
+        settled.error.as_ref().map(|e| e.code),
+        Some(deploy_protocol::ErrorCode::DockerUnavailable)
+    );
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name)).await,
+        std::slice::from_ref(&old)
+    );
+    assert_eq!(page(&docker, &name).await, "v1");
+
+    // And the next deployment goes through.
+    let (status, body) = daemon.full(&[&v2], package, &web_spec(&name)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(page(&docker, &name).await, "v2");
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name))
+            .await
+            .len(),
+        1
+    );
+    eprintln!(
+        "Docker cut between create and start ({cut}): 503 DOCKER_UNAVAILABLE after {} ms \
+         (\"{}; ...\"), deployment IN_PROGRESS while the engine was away, /health 200 \
+         (degraded); socket restored: rolled back to the v1 container {:.1} s later without \
+         another request; next deploy 200",
+        answered.as_millis(),
+        message.split("; ").next().unwrap_or_default(),
+        converged.as_secs_f64(),
+    );
+}
