@@ -84,9 +84,16 @@ pub struct Config {
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 15)]
     pub header_read_timeout_secs: u64,
 
-    /// Images kept per container name for rollback (older ones are pruned).
+    /// Versions kept per container name for rollback: the images and packages of its last N
+    /// successful deployments (older ones, and those of rolled-back deployments, are removed
+    /// after each successful deployment of that name).
     #[arg(long, env = "IMAGE_HISTORY", default_value_t = 3)]
     pub image_history: usize,
+
+    /// Finished deployment records kept in the journal (besides the IMAGE_HISTORY ones each name
+    /// keeps, and any in progress); older ones are deleted after each successful deployment.
+    #[arg(long, env = "JOURNAL_HISTORY", default_value_t = 1000)]
+    pub journal_history: usize,
 
     /// Let deployment specs ask for privileged mode.
     #[arg(long, env = "ALLOW_PRIVILEGED")]

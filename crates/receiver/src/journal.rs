@@ -107,6 +107,44 @@ impl Journal {
         Ok(all)
     }
 
+    /// Deletes the oldest finished records beyond the newest `keep_newest`, sparing those for
+    /// which `spare` is true (and every record in progress). Returns how many were deleted.
+    pub async fn prune(
+        &self,
+        keep_newest: usize,
+        spare: impl Fn(&DeploymentRecord) -> bool,
+    ) -> Result<usize> {
+        let doomed: Vec<Uuid> = self
+            .all()?
+            .iter()
+            .filter(|r| r.status != DeploymentStatus::InProgress && !spare(r))
+            .skip(keep_newest)
+            .map(|r| r.deployment_id)
+            .collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let dir = self.dir.clone();
+        let ids = doomed.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            for id in ids {
+                match fs::remove_file(dir.join(format!("{id}.json"))) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| ReceiverError::Internal(format!("journal pruning failed: {e}")))??;
+        let mut records = self.lock()?;
+        for id in &doomed {
+            records.remove(id);
+        }
+        Ok(doomed.len())
+    }
+
     /// Deployments that no request is carrying on, to be settled by reconciliation: those that
     /// were IN_PROGRESS when the journal was opened (a previous run of the receiver stopped in the
     /// middle of them), oldest first, then those [`Journal::leave`] added.
@@ -185,6 +223,47 @@ mod tests {
             stages: vec![],
             error: None,
         }
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_newest_the_spared_and_those_in_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::open(dir.path()).expect("open");
+        let mut ids = Vec::new();
+        for (i, status) in [
+            DeploymentStatus::Succeeded,
+            DeploymentStatus::InProgress,
+            DeploymentStatus::RolledBack,
+            DeploymentStatus::Succeeded,
+            DeploymentStatus::Failed,
+            DeploymentStatus::Succeeded,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let r = record(&format!("2026-01-01T00:00:0{i}Z"), status);
+            ids.push(r.deployment_id);
+            journal.save(&r).await.expect("save");
+        }
+        // Spare the oldest; keep the 2 newest finished others; the one in progress stays.
+        let spared = ids[0];
+        let deleted = journal
+            .prune(2, |r| r.deployment_id == spared)
+            .await
+            .expect("prune");
+        assert_eq!(deleted, 2, "ids[2] and ids[3] go");
+        let reopened = Journal::open(dir.path()).expect("reopen");
+        let mut left: Vec<Uuid> = reopened
+            .all()
+            .expect("all")
+            .iter()
+            .map(|r| r.deployment_id)
+            .collect();
+        left.sort();
+        let mut expected = vec![ids[0], ids[1], ids[4], ids[5]];
+        expected.sort();
+        assert_eq!(left, expected);
+        assert_eq!(journal.all().expect("all").len(), 4, "the cache agrees");
     }
 
     #[tokio::test]

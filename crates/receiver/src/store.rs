@@ -116,6 +116,21 @@ impl PackageStore {
         })
     }
 
+    /// Deletes a stored package: its manifest first (so a crash in between leaves an orphan that
+    /// the next start sweeps), then its bytes. Returns whether there was one.
+    pub fn remove(&self, id: Uuid) -> std::io::Result<bool> {
+        let existed = match fs::remove_file(self.manifest_path(id)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        match fs::remove_file(self.package_path(id)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(existed),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Removes temp files and package files without a manifest. Returns how many went.
     pub fn sweep(&self) -> std::io::Result<usize> {
         let mut removed = 0;

@@ -23,7 +23,7 @@ use uuid::Uuid;
 // Tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_deploys_v1_replaces_it_with_v2_and_rolls_a_failing_v3_back_to_v2() {
+async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prunes_the_history() {
     let docker = docker().await;
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
@@ -162,13 +162,74 @@ async fn full_deploys_v1_replaces_it_with_v2_and_rolls_a_failing_v3_back_to_v2()
         [json!(third.deployment_id), json!(second.deployment_id)]
     );
     receiver.stop().await;
-    let receiver = Receiver::start(dir.path()).await;
+    // Restarted with a shorter history: 2 versions per name, 1 other journal record.
+    let receiver = Receiver::start_with(dir.path(), |c| {
+        c.image_history = 2;
+        c.journal_history = 1;
+    })
+    .await;
     for expected in [&first, &second, &third] {
         let (status, body) = receiver
             .get(&format!("/deployments/{}", expected.deployment_id))
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(&record(&body), expected);
+    }
+
+    // v4 succeeds, and the history is pruned: v4 and v2 are the 2 kept versions (images and
+    // packages); v1 and the rolled-back v3 lose theirs; of the other records the newest (v3's)
+    // stays and v1's is deleted.
+    let v4 = format!("{name}:v4");
+    build_image(&docker, &mut cleanup, &v4, ImageSpec::healthy("v4")).await;
+    let (status, body) = receiver
+        .full(&[&v4], save_image(&docker, &v4).await, &spec)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let fourth = record(&body);
+    assert_eq!(page(&docker, &name).await, "v4");
+    let cleanup_detail = fourth
+        .stages
+        .last()
+        .and_then(|s| s.detail.clone())
+        .unwrap_or_default();
+    assert!(
+        cleanup_detail.contains("deleted packages") && cleanup_detail.contains("journal"),
+        "the cleanup stage says what it pruned: {cleanup_detail}"
+    );
+    for (tag, kept) in [(&v1, false), (&v2, true), (&v3, false), (&v4, true)] {
+        assert_eq!(image_exists(&docker, tag).await, kept, "image {tag}");
+    }
+    let store = receiver.state.store();
+    for (deployment, kept) in [
+        (&first, false),
+        (&second, true),
+        (&third, false),
+        (&fourth, true),
+    ] {
+        let package = deployment.package_id.expect("package id");
+        assert_eq!(
+            store.get(package).expect("store").is_some(),
+            kept,
+            "package of {}",
+            deployment.image
+        );
+        assert_eq!(store.package_path(package).exists(), kept);
+    }
+    for (deployment, kept) in [
+        (&first, false),
+        (&second, true),
+        (&third, true),
+        (&fourth, true),
+    ] {
+        let (status, _) = receiver
+            .get(&format!("/deployments/{}", deployment.deployment_id))
+            .await;
+        let expected = if kept {
+            StatusCode::OK
+        } else {
+            StatusCode::NOT_FOUND
+        };
+        assert_eq!(status, expected, "record of {}", deployment.image);
     }
     receiver.stop().await;
 }

@@ -1,6 +1,8 @@
-//! Image history: the images of the last IMAGE_HISTORY successful deployments of a container name
-//! are kept (for rollback); older images that this receiver loaded for that name are removed once
-//! no container uses them and no other name still keeps them.
+//! Version history: the images and packages of the last IMAGE_HISTORY successful deployments of
+//! a container name are kept (for rollback and redeploys); older images that this receiver loaded
+//! for that name are removed once no container uses them and no other name still keeps them, with
+//! the packages they were loaded from. The journal keeps JOURNAL_HISTORY finished records besides
+//! those. Pruning runs after each successful deployment, for its name, and never fails it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -8,16 +10,70 @@ use bollard::container::ListContainersOptions;
 use bollard::image::RemoveImageOptions;
 use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use uuid::Uuid;
 
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
 
-/// Removes the images of `name`'s older deployments; returns the ids removed. A failed removal is
-/// logged and skipped: pruning never fails a deployment.
-pub async fn prune_images(state: &AppState, docker: &Docker, name: &str) -> Result<Vec<String>> {
+/// What one pruning pass removed.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Image ids removed.
+    pub images: Vec<String>,
+    /// Packages deleted from the store.
+    pub packages: Vec<Uuid>,
+    /// Journal records deleted.
+    pub records: usize,
+}
+
+impl Pruned {
+    /// A line for the cleanup stage's detail, or None when nothing went.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if !self.images.is_empty() {
+            parts.push(format!("pruned images {}", self.images.join(", ")));
+        }
+        if !self.packages.is_empty() {
+            let ids: Vec<String> = self.packages.iter().map(Uuid::to_string).collect();
+            parts.push(format!("deleted packages {}", ids.join(", ")));
+        }
+        if self.records > 0 {
+            parts.push(format!("deleted {} old journal records", self.records));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+/// Removes `name`'s older images and packages, then old journal records, once deployment
+/// `current` of `name` has succeeded (it counts as one of the kept versions, though its record is
+/// only marked SUCCEEDED after this). A failed removal is logged and skipped.
+pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid) -> Result<Pruned> {
     let records = state.journal().all()?;
-    let candidates = candidates(&records, name, state.config().image_history.max(1));
+    let kept = Kept::of(&records, state.config().image_history.max(1), Some(current));
+    let mut pruned = Pruned {
+        images: prune_images(docker, &kept.image_candidates(&records, name)).await?,
+        ..Pruned::default()
+    };
+    for id in kept.package_candidates(&records, name) {
+        match state.store().remove(id) {
+            Ok(true) => pruned.packages.push(id),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(package_id = %id, error = %e, "could not delete an old package")
+            }
+        }
+    }
+    pruned.records = state
+        .journal()
+        .prune(state.config().journal_history, |r| {
+            kept.deployments.contains(&r.deployment_id)
+        })
+        .await?;
+    Ok(pruned)
+}
+
+async fn prune_images(docker: &Docker, candidates: &[String]) -> Result<Vec<String>> {
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
@@ -30,13 +86,13 @@ pub async fn prune_images(state: &AppState, docker: &Docker, name: &str) -> Resu
         .map_err(|e| map_err(e, ReceiverError::Internal))?;
     let in_use: HashSet<String> = containers.into_iter().filter_map(|c| c.image_id).collect();
     let mut removed = Vec::new();
-    for image in candidates.into_iter().filter(|i| !in_use.contains(i)) {
+    for image in candidates.iter().filter(|i| !in_use.contains(*i)) {
         let options = RemoveImageOptions {
             force: true,
             noprune: false,
         };
-        match docker.remove_image(&image, Some(options), None).await {
-            Ok(_) => removed.push(image),
+        match docker.remove_image(image, Some(options), None).await {
+            Ok(_) => removed.push(image.clone()),
             Err(e) => match map_err(e, ReceiverError::Internal) {
                 ReceiverError::NotFound(_) => {}
                 other => tracing::warn!(image, error = %other, "could not prune an old image"),
@@ -46,43 +102,90 @@ pub async fn prune_images(state: &AppState, docker: &Docker, name: &str) -> Resu
     Ok(removed)
 }
 
-/// Image ids loaded (from packages) for `name` that no container name keeps any more. `records`
-/// are newest first.
-fn candidates(records: &[DeploymentRecord], name: &str, history: usize) -> Vec<String> {
-    let mut kept_per_name: HashMap<&str, Vec<&str>> = HashMap::new();
-    let mut kept: HashSet<&str> = HashSet::new();
-    for r in records {
-        let Some(image) = r.image_id.as_deref() else {
-            continue;
+/// What the history keeps, over all names: the deployments in progress and the last `history`
+/// successful ones (distinct images) of each name, with their images and packages.
+struct Kept<'a> {
+    deployments: HashSet<Uuid>,
+    images: HashSet<&'a str>,
+    packages: HashSet<Uuid>,
+}
+
+impl<'a> Kept<'a> {
+    /// `records` are newest first; `succeeded` is a deployment to count as SUCCEEDED whatever
+    /// its record says yet.
+    fn of(records: &'a [DeploymentRecord], history: usize, succeeded: Option<Uuid>) -> Self {
+        let mut per_name: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut kept = Kept {
+            deployments: HashSet::new(),
+            images: HashSet::new(),
+            packages: HashSet::new(),
         };
-        match r.status {
-            DeploymentStatus::InProgress => {
-                kept.insert(image);
+        for r in records {
+            let status = if Some(r.deployment_id) == succeeded {
+                DeploymentStatus::Succeeded
+            } else {
+                r.status
+            };
+            let keep = match status {
+                DeploymentStatus::InProgress => true,
+                DeploymentStatus::Succeeded => match r.image_id.as_deref() {
+                    Some(image) => {
+                        let list = per_name.entry(&r.container_name).or_default();
+                        if list.len() < history && !list.contains(&image) {
+                            list.push(image);
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    None => false,
+                },
+                DeploymentStatus::RolledBack | DeploymentStatus::Failed => false,
+            };
+            if keep {
+                kept.deployments.insert(r.deployment_id);
+                kept.images.extend(r.image_id.as_deref());
+                kept.packages.extend(r.package_id);
             }
-            DeploymentStatus::Succeeded => {
-                let list = kept_per_name.entry(&r.container_name).or_default();
-                if list.len() < history && !list.contains(&image) {
-                    list.push(image);
-                    kept.insert(image);
-                }
+        }
+        kept
+    }
+
+    /// Image ids loaded (from packages) for `name` that no container name keeps any more.
+    fn image_candidates(&self, records: &[DeploymentRecord], name: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in records {
+            let Some(image) = r.image_id.as_deref() else {
+                continue;
+            };
+            if r.container_name == name
+                && r.package_id.is_some()
+                && !self.images.contains(image)
+                && !out.iter().any(|o| o == image)
+            {
+                out.push(image.to_owned());
             }
-            DeploymentStatus::RolledBack | DeploymentStatus::Failed => {}
         }
+        out
     }
-    let mut out: Vec<String> = Vec::new();
-    for r in records {
-        let Some(image) = r.image_id.as_deref() else {
-            continue;
-        };
-        if r.container_name == name
-            && r.package_id.is_some()
-            && !kept.contains(image)
-            && !out.iter().any(|o| o == image)
-        {
-            out.push(image.to_owned());
+
+    /// Packages that finished deployments of `name` came from, that nothing kept refers to.
+    fn package_candidates(&self, records: &[DeploymentRecord], name: &str) -> Vec<Uuid> {
+        let mut out = Vec::new();
+        for r in records {
+            let Some(package) = r.package_id else {
+                continue;
+            };
+            if r.container_name == name
+                && !self.deployments.contains(&r.deployment_id)
+                && !self.packages.contains(&package)
+                && !out.contains(&package)
+            {
+                out.push(package);
+            }
         }
+        out
     }
-    out
 }
 
 #[cfg(test)]
@@ -121,8 +224,45 @@ mod tests {
             record("web", "i1", Succeeded),
             record("web", "i0", Succeeded),
         ];
-        assert_eq!(candidates(&records, "web", 3), ["i4", "i0"]);
-        assert_eq!(candidates(&records, "api", 3), Vec::<String>::new());
-        assert_eq!(candidates(&records, "web", 1), ["i4", "i3", "i2", "i0"]);
+        let kept = Kept::of(&records, 3, None);
+        assert_eq!(kept.image_candidates(&records, "web"), ["i4", "i0"]);
+        assert_eq!(kept.image_candidates(&records, "api"), Vec::<String>::new());
+        let kept = Kept::of(&records, 1, None);
+        assert_eq!(
+            kept.image_candidates(&records, "web"),
+            ["i4", "i3", "i2", "i0"]
+        );
+    }
+
+    #[test]
+    fn packages_go_with_the_deployments_the_history_no_longer_keeps() {
+        use DeploymentStatus::*;
+        let mut records = vec![
+            record("web", "i4", InProgress),
+            record("web", "i3", RolledBack),
+            record("web", "i2", Succeeded),
+            record("web", "i1", Succeeded),
+            record("api", "i0", Succeeded),
+            record("web", "i0", Succeeded),
+        ];
+        // A redeploy of i1's package: the package is kept because a kept deployment uses it.
+        records[3].package_id = records[5].package_id;
+        let ids: Vec<Uuid> = records.iter().filter_map(|r| r.package_id).collect();
+        let kept = Kept::of(&records, 2, None);
+        assert_eq!(
+            kept.package_candidates(&records, "web"),
+            [ids[1]],
+            "only the rolled-back deployment's package: i2 and i1 are kept, i0's package is i1's"
+        );
+        assert!(kept.deployments.contains(&records[0].deployment_id));
+        // Once the deployment in progress counts as succeeded it is one of the 2 kept versions,
+        // so i1 (and the package it shares with i0) go too.
+        let kept = Kept::of(&records, 2, Some(records[0].deployment_id));
+        assert_eq!(kept.package_candidates(&records, "web"), [ids[1], ids[3]]);
+        assert!(!kept.deployments.contains(&records[1].deployment_id));
+        assert!(
+            kept.deployments.contains(&records[4].deployment_id),
+            "api keeps its own"
+        );
     }
 }

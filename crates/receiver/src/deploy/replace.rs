@@ -158,10 +158,16 @@ pub(super) async fn replace(
         }
         Err(e) => notes.push(format!("stale set-aside containers not checked: {e}")),
     }
-    match prune::prune_images(d.state(), docker, &spec.container_name).await {
-        Ok(removed) if removed.is_empty() => {}
-        Ok(removed) => notes.push(format!("pruned images {}", removed.join(", "))),
-        Err(e) => notes.push(format!("image pruning skipped: {e}")),
+    match prune::prune(
+        d.state(),
+        docker,
+        &spec.container_name,
+        d.record.deployment_id,
+    )
+    .await
+    {
+        Ok(pruned) => notes.extend(pruned.describe()),
+        Err(e) => notes.push(format!("pruning skipped: {e}")),
     }
     d.stage(
         Stage::Cleanup,
