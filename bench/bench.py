@@ -765,8 +765,10 @@ def main():
     ap.add_argument("--max-uploads", type=int, default=None,
                     help="receiver MAX_CONCURRENT_UPLOADS for the concurrency part "
                          "(default: the --concurrent count, so none is refused BUSY)")
+    ap.add_argument("--receiver", help="the deploy-receiver binary (default target/release's; "
+                    "with --no-build, e.g. a saved copy or a wrapper script that sets the environment)")
     ap.add_argument("--ab-receiver", help="another deploy-receiver binary to alternate with "
-                    "target/release's in the concurrency part (before/after a change)")
+                    "--receiver in the concurrency part (before/after a change)")
     ap.add_argument("--burst-one-shot", action="store_true",
                     help="burst: one `deploy-sender deploy --image` per deploy instead of the stages")
     ap.add_argument("--work", default=str(REPO / "target/bench"), help="scratch directory")
@@ -782,6 +784,8 @@ def main():
     ONE_SHOT = args.burst_one_shot
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.receiver:
+        Bins.receiver = Path(args.receiver).resolve()
 
     for tool in ("docker", "curl", "gzip", "gunzip", "/usr/bin/time"):
         if not shutil.which(tool):
