@@ -1,6 +1,7 @@
 //! Streamed upload: the multipart body is read part by part, the signed manifest is verified
 //! before one byte of the package is read, and the package flows to a temp file through BLAKE3
-//! and a byte count on a blocking writer thread, then is fsynced and renamed into the store.
+//! and a byte count on a blocking writer thread (its writeback to disk started along the way),
+//! then is fsynced and renamed into the store.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -307,6 +308,7 @@ impl SpoolWriter {
         let (tx, mut rx) = mpsc::channel::<Chunk>(32);
         let handle = tokio::task::spawn_blocking(move || {
             let mut hasher = blake3::Hasher::new();
+            let mut writeback = Writeback::spawn(file.as_ref())?;
             let mut out = file.map(|f| std::io::BufWriter::with_capacity(1 << 20, f));
             let mut written = 0u64;
             loop {
@@ -315,6 +317,8 @@ impl SpoolWriter {
                         hasher.update(&bytes);
                         if let Some(out) = out.as_mut() {
                             out.write_all(&bytes)?;
+                            let in_file = written + bytes.len() as u64 - out.buffer().len() as u64;
+                            writeback.advance(in_file);
                         }
                         written += bytes.len() as u64;
                     }
@@ -323,6 +327,7 @@ impl SpoolWriter {
                     None => return Err(std::io::Error::other("upload abandoned")),
                 }
             }
+            writeback.finish()?;
             if let Some(out) = out {
                 out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             }
@@ -364,6 +369,80 @@ impl SpoolWriter {
             }
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(ReceiverError::Internal(format!("package writer panicked: {e}"))),
+        }
+    }
+}
+
+/// Keeps the disk writing while the upload goes on: every [`WRITEBACK_STEP`] bytes that reached
+/// the page cache, a helper thread `fdatasync`s a second handle of the file. The writer never
+/// waits for it (a step that comes while a sync runs is left to the next one), and the final
+/// fsync finds little left to write, instead of the whole package.
+struct Writeback {
+    poke: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    started_to: u64,
+}
+
+/// How many newly written bytes start a background sync. (8 MiB was slower with five uploads at
+/// once than none at all: see docs/PERFORMANCE.md.)
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+impl Writeback {
+    fn spawn(file: Option<&std::fs::File>) -> std::io::Result<Self> {
+        let (mut poke, mut thread) = (None, None);
+        if let Some(file) = file {
+            let file = file.try_clone()?;
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            thread = Some(
+                std::thread::Builder::new()
+                    .name("spool-writeback".into())
+                    .spawn(move || {
+                        while rx.recv().is_ok() {
+                            file.sync_data()?;
+                        }
+                        Ok(())
+                    })?,
+            );
+            poke = Some(tx);
+        }
+        Ok(Self {
+            poke,
+            thread,
+            started_to: 0,
+        })
+    }
+
+    /// `in_file`: bytes of the file that reached the page cache.
+    fn advance(&mut self, in_file: u64) {
+        if in_file.saturating_sub(self.started_to) < WRITEBACK_STEP {
+            return;
+        }
+        if let Some(poke) = &self.poke {
+            if poke.try_send(()).is_ok() {
+                self.started_to = in_file;
+            }
+        }
+    }
+
+    /// Waits for the helper and returns its error, if any. The handles share one open file
+    /// description, and the kernel reports a writeback error once per description: one the
+    /// helper saw would not come out of the final fsync again.
+    fn finish(mut self) -> std::io::Result<()> {
+        self.poke = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(std::io::Error::other("the writeback thread panicked")),
+        }
+    }
+}
+
+impl Drop for Writeback {
+    /// An abandoned upload: stop the helper after its current sync.
+    fn drop(&mut self) {
+        self.poke = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
