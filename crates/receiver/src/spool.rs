@@ -44,8 +44,8 @@ pub struct Received {
 /// then reads the `429`, `401` or `413` instead of a connection reset, and can tell a refusal
 /// it must not repeat from a fault it may retry.
 pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> Result<Received> {
-    let shared = SharedBody(Arc::new(Mutex::new(Some(body.into_data_stream()))));
-    let result = receive(state, parts, SharedBody(Arc::clone(&shared.0))).await;
+    let shared = SharedBody::new(Arc::new(Mutex::new(Some(body.into_data_stream()))));
+    let result = receive(state, parts, SharedBody::new(Arc::clone(&shared.body))).await;
     if result.is_err() {
         shared.drain_in_background();
     }
@@ -57,29 +57,55 @@ pub const DRAIN_LIMIT: u64 = 64 << 20;
 /// Longest time spent discarding them.
 pub const DRAIN_TIME: Duration = Duration::from_secs(10);
 
+/// Most body bytes handed to the multipart reader in one go. It copies everything the connection
+/// has ready into one buffer before it yields a chunk: after the writer queue was full for a
+/// while that is the whole socket buffer (several MiB), and each queued chunk would hold that
+/// much. Past this it is told to come back (woken at once), so a chunk stays about this size.
+const GATHER_LIMIT: usize = 1 << 20;
+
 /// The request body, shared between the multipart reader and, after a refusal, the drain.
-struct SharedBody(Arc<Mutex<Option<BodyDataStream>>>);
+struct SharedBody {
+    body: Arc<Mutex<Option<BodyDataStream>>>,
+    /// Bytes yielded since the body last had nothing ready.
+    gathered: usize,
+}
 
 impl futures::Stream for SharedBody {
     type Item = std::result::Result<Bytes, axum::Error>;
 
     fn poll_next(
-        self: std::pin::Pin<&mut Self>,
+        mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        match self.0.lock() {
+        use std::task::Poll;
+        if self.gathered >= GATHER_LIMIT {
+            self.gathered = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let polled = match self.body.lock() {
             Ok(mut body) => match body.as_mut() {
                 Some(stream) => stream.poll_next_unpin(cx),
-                None => std::task::Poll::Ready(None),
+                None => Poll::Ready(None),
             },
-            Err(_) => std::task::Poll::Ready(None),
+            Err(_) => Poll::Ready(None),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(chunk))) => self.gathered += chunk.len(),
+            Poll::Pending => self.gathered = 0,
+            Poll::Ready(_) => {}
         }
+        polled
     }
 }
 
 impl SharedBody {
+    fn new(body: Arc<Mutex<Option<BodyDataStream>>>) -> Self {
+        Self { body, gathered: 0 }
+    }
+
     fn drain_in_background(&self) {
-        let Some(mut stream) = self.0.lock().ok().and_then(|mut b| b.take()) else {
+        let Some(mut stream) = self.body.lock().ok().and_then(|mut b| b.take()) else {
             return;
         };
         tokio::spawn(async move {
@@ -297,6 +323,11 @@ enum Chunk {
     Finish,
 }
 
+/// Chunks (each about [`GATHER_LIMIT`]) waiting for the writer, at most: enough for the network
+/// to run ahead of a disk that stalls for a moment, little enough that five uploads at once fit
+/// the memory target.
+const QUEUE_CHUNKS: usize = 4;
+
 /// Hashes and writes on a blocking thread, so that network reads and disk writes overlap.
 struct SpoolWriter {
     tx: mpsc::Sender<Chunk>,
@@ -305,7 +336,7 @@ struct SpoolWriter {
 
 impl SpoolWriter {
     fn spawn(file: Option<std::fs::File>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Chunk>(32);
+        let (tx, mut rx) = mpsc::channel::<Chunk>(QUEUE_CHUNKS);
         let handle = tokio::task::spawn_blocking(move || {
             let mut hasher = blake3::Hasher::new();
             let mut writeback = Writeback::spawn(file.as_ref())?;
@@ -444,5 +475,48 @@ impl Drop for Writeback {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    struct CountWakes(AtomicUsize);
+
+    impl futures::task::ArcWake for CountWakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_multipart_reader_is_handed_about_a_mebibyte_at_a_time_even_when_more_is_ready() {
+        const PIECE: usize = 256 << 10;
+        let ready = (0..10).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![7u8; PIECE])));
+        let body = Body::from_stream(futures::stream::iter(ready)).into_data_stream();
+        let mut shared = SharedBody::new(Arc::new(Mutex::new(Some(body))));
+        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let mut bursts = vec![0usize];
+        loop {
+            match shared.poll_next_unpin(&mut cx) {
+                Poll::Ready(Some(chunk)) => *bursts.last_mut().unwrap() += chunk.unwrap().len(),
+                Poll::Ready(None) => break,
+                Poll::Pending => bursts.push(0),
+            }
+        }
+        assert_eq!(bursts, [GATHER_LIMIT, GATHER_LIMIT, 2 * PIECE]);
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            2,
+            "woken at once each time, so nothing waits for the network"
+        );
     }
 }
