@@ -43,11 +43,11 @@
 //! - `publish` returns `Ok` only after the whole line is written and `fdatasync` returned, or,
 //!   with Kafka, after the broker acknowledged the event with `acks=all`, whichever comes first.
 //!   The event is handed to the producer as soon as it has its `seq`, so delivery runs alongside
-//!   the write instead of after it; a slow sync (this disk's p99 is about 5 ms) then delays no
-//!   caller whose event the broker already holds, and the write still finishes in the background
-//!   (`shutdown` waits for it). Either way the event is safe: on the disk, to be delivered after a
-//!   crash, or on the broker. A crash before either can leave only a torn last line without its
-//!   newline, which `open` cuts off (that publish never succeeded).
+//!   the write instead of after it; a slow sync (on a shared disk its p99 can be 5 ms and more)
+//!   then delays no caller whose event the broker already holds, and the write still finishes in
+//!   the background (`shutdown` waits for it). Either way the event is safe: on the disk, to be
+//!   delivered after a crash, or on the broker. A crash before either can leave only a torn last
+//!   line without its newline, which `open` cuts off (that publish never succeeded).
 //! - A failed write is truncated away at once and its events are forgotten; each of their
 //!   publishers gets the error unless the broker had already acknowledged its event. (One
 //!   already handed to the producer may still reach the broker: an error means "not recorded",
