@@ -181,6 +181,19 @@ async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prun
     // stays and v1's is deleted.
     let v4 = format!("{name}:v4");
     build_image(&docker, &mut cleanup, &v4, ImageSpec::healthy("v4")).await;
+    // Someone else's tag on v1's image (identical content gets the same id): it must survive.
+    let other = format!("{name}-other:v1");
+    docker
+        .tag_image(
+            &v1,
+            Some(bollard::image::TagImageOptions {
+                repo: format!("{name}-other"),
+                tag: "v1".to_owned(),
+            }),
+        )
+        .await
+        .expect("tag");
+    cleanup.images.push(other.clone());
     let (status, body) = receiver
         .full(&[&v4], save_image(&docker, &v4).await, &spec)
         .await;
@@ -199,6 +212,10 @@ async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prun
     for (tag, kept) in [(&v1, false), (&v2, true), (&v3, false), (&v4, true)] {
         assert_eq!(image_exists(&docker, tag).await, kept, "image {tag}");
     }
+    assert!(
+        image_exists(&docker, &other).await,
+        "only the receiver's tag was taken off v1's image"
+    );
     let store = receiver.state.store();
     for (deployment, kept) in [
         (&first, false),

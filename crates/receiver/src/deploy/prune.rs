@@ -73,7 +73,11 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
     Ok(pruned)
 }
 
-async fn prune_images(docker: &Docker, candidates: &[String]) -> Result<Vec<String>> {
+/// Removes the candidate images that no container uses. Only the tags this receiver's
+/// deployments used are taken away (each only while it still names that image), and an image is
+/// deleted only once no tag is left on it: an identical image that someone else tagged (the same
+/// content built or loaded under another name gets the same id) is left alone.
+async fn prune_images(docker: &Docker, candidates: &[Candidate]) -> Result<Vec<String>> {
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
@@ -86,20 +90,70 @@ async fn prune_images(docker: &Docker, candidates: &[String]) -> Result<Vec<Stri
         .map_err(|e| map_err(e, ReceiverError::Internal))?;
     let in_use: HashSet<String> = containers.into_iter().filter_map(|c| c.image_id).collect();
     let mut removed = Vec::new();
-    for image in candidates.iter().filter(|i| !in_use.contains(*i)) {
-        let options = RemoveImageOptions {
-            force: true,
-            noprune: false,
-        };
-        match docker.remove_image(image, Some(options), None).await {
-            Ok(_) => removed.push(image.clone()),
-            Err(e) => match map_err(e, ReceiverError::Internal) {
-                ReceiverError::NotFound(_) => {}
-                other => tracing::warn!(image, error = %other, "could not prune an old image"),
-            },
+    for candidate in candidates.iter().filter(|c| !in_use.contains(&c.id)) {
+        match prune_image(docker, candidate).await {
+            Ok(true) => removed.push(candidate.id.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(image = candidate.id, error = %e, "could not prune an old image")
+            }
         }
     }
     Ok(removed)
+}
+
+/// Untags `candidate`'s tags that still name it, then deletes it if no tag is left. Returns
+/// whether it was deleted.
+async fn prune_image(docker: &Docker, candidate: &Candidate) -> Result<bool> {
+    let no_force = || {
+        Some(RemoveImageOptions {
+            force: false,
+            noprune: false,
+        })
+    };
+    let gone = |e: &ReceiverError| matches!(e, ReceiverError::NotFound(_));
+    for tag in &candidate.tags {
+        let names_it = match docker.inspect_image(tag).await {
+            Ok(image) => image.id.as_deref() == Some(candidate.id.as_str()),
+            Err(e) => match map_err(e, ReceiverError::Internal) {
+                e if gone(&e) => false,
+                e => return Err(e),
+            },
+        };
+        if names_it {
+            match docker.remove_image(tag, no_force(), None).await {
+                Ok(_) => {}
+                Err(e) => match map_err(e, ReceiverError::Internal) {
+                    e if gone(&e) => {}
+                    e => return Err(e),
+                },
+            }
+        }
+    }
+    let tags_left = match docker.inspect_image(&candidate.id).await {
+        Ok(image) => image.repo_tags.map_or(0, |t| t.len()),
+        Err(e) => match map_err(e, ReceiverError::Internal) {
+            e if gone(&e) => return Ok(true),
+            e => return Err(e),
+        },
+    };
+    if tags_left > 0 {
+        return Ok(false);
+    }
+    match docker.remove_image(&candidate.id, no_force(), None).await {
+        Ok(_) => Ok(true),
+        Err(e) => match map_err(e, ReceiverError::Internal) {
+            e if gone(&e) => Ok(true),
+            e => Err(e),
+        },
+    }
+}
+
+/// An image id to prune, with the image references deployments of the name ran it as.
+#[derive(Debug, PartialEq, Eq)]
+struct Candidate {
+    id: String,
+    tags: Vec<String>,
 }
 
 /// What the history keeps, over all names: the deployments in progress and the last `history`
@@ -151,19 +205,26 @@ impl<'a> Kept<'a> {
         kept
     }
 
-    /// Image ids loaded (from packages) for `name` that no container name keeps any more.
-    fn image_candidates(&self, records: &[DeploymentRecord], name: &str) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
+    /// Image ids loaded (from packages) for `name` that no container name keeps any more, with
+    /// the references `name`'s deployments ran them as.
+    fn image_candidates(&self, records: &[DeploymentRecord], name: &str) -> Vec<Candidate> {
+        let mut out: Vec<Candidate> = Vec::new();
         for r in records {
             let Some(image) = r.image_id.as_deref() else {
                 continue;
             };
-            if r.container_name == name
-                && r.package_id.is_some()
-                && !self.images.contains(image)
-                && !out.iter().any(|o| o == image)
-            {
-                out.push(image.to_owned());
+            if r.container_name != name || r.package_id.is_none() || self.images.contains(image) {
+                continue;
+            }
+            let tag = (r.image != image).then(|| r.image.clone());
+            match out.iter_mut().find(|c| c.id == image) {
+                Some(candidate) => candidate
+                    .tags
+                    .extend(tag.filter(|t| !candidate.tags.contains(t))),
+                None => out.push(Candidate {
+                    id: image.to_owned(),
+                    tags: tag.into_iter().collect(),
+                }),
             }
         }
         out
@@ -197,7 +258,7 @@ mod tests {
             deployment_id: uuid::Uuid::new_v4(),
             status,
             container_name: name.into(),
-            image: image.into(),
+            image: format!("{name}:{image}"),
             image_id: Some(image.into()),
             package_id: Some(uuid::Uuid::new_v4()),
             package_checksum: None,
@@ -224,13 +285,25 @@ mod tests {
             record("web", "i1", Succeeded),
             record("web", "i0", Succeeded),
         ];
+        let ids = |candidates: Vec<Candidate>| -> Vec<String> {
+            candidates.into_iter().map(|c| c.id).collect()
+        };
         let kept = Kept::of(&records, 3, None);
-        assert_eq!(kept.image_candidates(&records, "web"), ["i4", "i0"]);
-        assert_eq!(kept.image_candidates(&records, "api"), Vec::<String>::new());
+        assert_eq!(ids(kept.image_candidates(&records, "web")), ["i4", "i0"]);
+        assert!(kept.image_candidates(&records, "api").is_empty());
         let kept = Kept::of(&records, 1, None);
         assert_eq!(
-            kept.image_candidates(&records, "web"),
+            ids(kept.image_candidates(&records, "web")),
             ["i4", "i3", "i2", "i0"]
+        );
+        // The references each was run as come along (i3 ran twice, as the same tag).
+        let candidates = kept.image_candidates(&records, "web");
+        assert_eq!(
+            candidates[1],
+            Candidate {
+                id: "i3".into(),
+                tags: vec!["web:i3".into()]
+            }
         );
     }
 
