@@ -21,6 +21,8 @@ use crate::state::AppState;
 pub struct Pruned {
     /// Image ids removed.
     pub images: Vec<String>,
+    /// Tags taken off images (that others still tag or use, or that went with them).
+    pub untagged: Vec<String>,
     /// Packages deleted from the store.
     pub packages: Vec<Uuid>,
     /// Journal records deleted.
@@ -31,6 +33,9 @@ impl Pruned {
     /// A line for the cleanup stage's detail, or None when nothing went.
     pub fn describe(&self) -> Option<String> {
         let mut parts = Vec::new();
+        if !self.untagged.is_empty() {
+            parts.push(format!("untagged {}", self.untagged.join(", ")));
+        }
         if !self.images.is_empty() {
             parts.push(format!("pruned images {}", self.images.join(", ")));
         }
@@ -51,10 +56,8 @@ impl Pruned {
 pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid) -> Result<Pruned> {
     let records = state.journal().all()?;
     let kept = Kept::of(&records, state.config().image_history.max(1), Some(current));
-    let mut pruned = Pruned {
-        images: prune_images(docker, &kept.image_candidates(&records, name)).await?,
-        ..Pruned::default()
-    };
+    let mut pruned = Pruned::default();
+    prune_images(docker, &kept.image_candidates(&records, name), &mut pruned).await?;
     for id in kept.package_candidates(&records, name) {
         match state.store().remove(id) {
             Ok(true) => pruned.packages.push(id),
@@ -73,13 +76,17 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
     Ok(pruned)
 }
 
-/// Removes the candidate images that no container uses. Only the tags this receiver's
-/// deployments used are taken away (each only while it still names that image), and an image is
-/// deleted only once no tag is left on it: an identical image that someone else tagged (the same
+/// Prunes the candidate images. Only the tags this receiver's deployments used are taken away
+/// (each only while it still names that image), and an image is deleted only once no tag is left
+/// on it and no container uses it: an identical image that someone else tagged or runs (the same
 /// content built or loaded under another name gets the same id) is left alone.
-async fn prune_images(docker: &Docker, candidates: &[Candidate]) -> Result<Vec<String>> {
+async fn prune_images(
+    docker: &Docker,
+    candidates: &[Candidate],
+    pruned: &mut Pruned,
+) -> Result<()> {
     if candidates.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let containers = docker
         .list_containers(Some(ListContainersOptions::<String> {
@@ -89,22 +96,22 @@ async fn prune_images(docker: &Docker, candidates: &[Candidate]) -> Result<Vec<S
         .await
         .map_err(|e| map_err(e, ReceiverError::Internal))?;
     let in_use: HashSet<String> = containers.into_iter().filter_map(|c| c.image_id).collect();
-    let mut removed = Vec::new();
-    for candidate in candidates.iter().filter(|c| !in_use.contains(&c.id)) {
-        match prune_image(docker, candidate).await {
-            Ok(true) => removed.push(candidate.id.clone()),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(image = candidate.id, error = %e, "could not prune an old image")
-            }
+    for candidate in candidates {
+        if let Err(e) = prune_image(docker, candidate, &in_use, pruned).await {
+            tracing::warn!(image = candidate.id, error = %e, "could not prune an old image");
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
-/// Untags `candidate`'s tags that still name it, then deletes it if no tag is left. Returns
-/// whether it was deleted.
-async fn prune_image(docker: &Docker, candidate: &Candidate) -> Result<bool> {
+/// Untags `candidate`'s tags that still name it, then deletes it if no tag is left and no
+/// container uses it.
+async fn prune_image(
+    docker: &Docker,
+    candidate: &Candidate,
+    in_use: &HashSet<String>,
+    pruned: &mut Pruned,
+) -> Result<()> {
     let no_force = || {
         Some(RemoveImageOptions {
             force: false,
@@ -112,6 +119,7 @@ async fn prune_image(docker: &Docker, candidate: &Candidate) -> Result<bool> {
         })
     };
     let gone = |e: &ReceiverError| matches!(e, ReceiverError::NotFound(_));
+    let mut tags_left = None;
     for tag in &candidate.tags {
         let names_it = match docker.inspect_image(tag).await {
             Ok(image) => image.id.as_deref() == Some(candidate.id.as_str()),
@@ -120,33 +128,49 @@ async fn prune_image(docker: &Docker, candidate: &Candidate) -> Result<bool> {
                 e => return Err(e),
             },
         };
-        if names_it {
-            match docker.remove_image(tag, no_force(), None).await {
-                Ok(_) => {}
-                Err(e) => match map_err(e, ReceiverError::Internal) {
-                    e if gone(&e) => {}
-                    e => return Err(e),
-                },
+        if !names_it {
+            continue;
+        }
+        // Its last tag, on an image a container uses, stays: Docker would refuse anyway.
+        if in_use.contains(&candidate.id) {
+            let tags = match docker.inspect_image(&candidate.id).await {
+                Ok(image) => image.repo_tags.map_or(0, |t| t.len()),
+                Err(_) => 0,
+            };
+            if tags <= 1 {
+                tags_left = Some(tags);
+                continue;
             }
         }
+        match docker.remove_image(tag, no_force(), None).await {
+            Ok(_) => pruned.untagged.push(tag.clone()),
+            Err(e) => match map_err(e, ReceiverError::Internal) {
+                e if gone(&e) => {}
+                e => return Err(e),
+            },
+        }
+    }
+    if in_use.contains(&candidate.id) || tags_left.is_some_and(|n| n > 0) {
+        return Ok(());
     }
     let tags_left = match docker.inspect_image(&candidate.id).await {
         Ok(image) => image.repo_tags.map_or(0, |t| t.len()),
         Err(e) => match map_err(e, ReceiverError::Internal) {
-            e if gone(&e) => return Ok(true),
+            e if gone(&e) => return Ok(()),
             e => return Err(e),
         },
     };
     if tags_left > 0 {
-        return Ok(false);
+        return Ok(());
     }
     match docker.remove_image(&candidate.id, no_force(), None).await {
-        Ok(_) => Ok(true),
+        Ok(_) => pruned.images.push(candidate.id.clone()),
         Err(e) => match map_err(e, ReceiverError::Internal) {
-            e if gone(&e) => Ok(true),
-            e => Err(e),
+            e if gone(&e) => {}
+            e => return Err(e),
         },
     }
+    Ok(())
 }
 
 /// An image id to prune, with the image references deployments of the name ran it as.
