@@ -112,65 +112,65 @@ async fn prune_image(
     in_use: &HashSet<String>,
     pruned: &mut Pruned,
 ) -> Result<()> {
-    let no_force = || {
-        Some(RemoveImageOptions {
-            force: false,
-            noprune: false,
-        })
-    };
-    let gone = |e: &ReceiverError| matches!(e, ReceiverError::NotFound(_));
-    let mut tags_left = None;
+    let used = in_use.contains(&candidate.id);
     for tag in &candidate.tags {
-        let names_it = match docker.inspect_image(tag).await {
-            Ok(image) => image.id.as_deref() == Some(candidate.id.as_str()),
-            Err(e) => match map_err(e, ReceiverError::Internal) {
-                e if gone(&e) => false,
-                e => return Err(e),
-            },
-        };
-        if !names_it {
+        // Only while the tag still names this image (a tag like `web:latest` moves on).
+        if inspect(docker, tag)
+            .await?
+            .is_none_or(|(id, _)| id != candidate.id)
+        {
             continue;
         }
-        // Its last tag, on an image a container uses, stays: Docker would refuse anyway.
-        if in_use.contains(&candidate.id) {
-            let tags = match docker.inspect_image(&candidate.id).await {
-                Ok(image) => image.repo_tags.map_or(0, |t| t.len()),
-                Err(_) => 0,
-            };
-            if tags <= 1 {
-                tags_left = Some(tags);
-                continue;
-            }
+        // The last tag of an image a container uses stays: Docker refuses to take it off.
+        if used
+            && inspect(docker, &candidate.id)
+                .await?
+                .is_some_and(|(_, tags)| tags <= 1)
+        {
+            continue;
         }
-        match docker.remove_image(tag, no_force(), None).await {
-            Ok(_) => pruned.untagged.push(tag.clone()),
-            Err(e) => match map_err(e, ReceiverError::Internal) {
-                e if gone(&e) => {}
-                e => return Err(e),
-            },
+        if remove_reference(docker, tag).await? {
+            pruned.untagged.push(tag.clone());
         }
     }
-    if in_use.contains(&candidate.id) || tags_left.is_some_and(|n| n > 0) {
-        return Ok(());
-    }
-    let tags_left = match docker.inspect_image(&candidate.id).await {
-        Ok(image) => image.repo_tags.map_or(0, |t| t.len()),
-        Err(e) => match map_err(e, ReceiverError::Internal) {
-            e if gone(&e) => return Ok(()),
-            e => return Err(e),
-        },
-    };
-    if tags_left > 0 {
-        return Ok(());
-    }
-    match docker.remove_image(&candidate.id, no_force(), None).await {
-        Ok(_) => pruned.images.push(candidate.id.clone()),
-        Err(e) => match map_err(e, ReceiverError::Internal) {
-            e if gone(&e) => {}
-            e => return Err(e),
-        },
+    if !used
+        && inspect(docker, &candidate.id)
+            .await?
+            .is_some_and(|(_, tags)| tags == 0)
+        && remove_reference(docker, &candidate.id).await?
+    {
+        pruned.images.push(candidate.id.clone());
     }
     Ok(())
+}
+
+/// The image id `reference` names and how many tags that image has; None if there is none.
+async fn inspect(docker: &Docker, reference: &str) -> Result<Option<(String, usize)>> {
+    match docker.inspect_image(reference).await {
+        Ok(image) => Ok(Some((
+            image.id.unwrap_or_default(),
+            image.repo_tags.map_or(0, |t| t.len()),
+        ))),
+        Err(e) => match map_err(e, ReceiverError::Internal) {
+            ReceiverError::NotFound(_) => Ok(None),
+            e => Err(e),
+        },
+    }
+}
+
+/// Removes an image reference (a tag, or an image by id) without force; false if it was gone.
+async fn remove_reference(docker: &Docker, reference: &str) -> Result<bool> {
+    let options = RemoveImageOptions {
+        force: false,
+        noprune: false,
+    };
+    match docker.remove_image(reference, Some(options), None).await {
+        Ok(_) => Ok(true),
+        Err(e) => match map_err(e, ReceiverError::Internal) {
+            ReceiverError::NotFound(_) => Ok(false),
+            e => Err(e),
+        },
+    }
 }
 
 /// An image id to prune, with the image references deployments of the name ran it as.
