@@ -3,6 +3,8 @@
 //! `docker save`, and cleanup guards that remove what a test created even when it fails.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod docker_proxy;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
