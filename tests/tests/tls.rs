@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use deploy_protocol::ErrorCode;
+use deploy_protocol::PackageManifest;
 use deploy_sender::config::ReceiverConfig;
-use deploy_sender::upload::{manifest_for_file, upload_package, Endpoint};
+use deploy_sender::upload::{
+    manifest_for_file, upload_package, Endpoint, ReceiverTarget, UploadOutcome,
+};
+use deploy_sender::SenderError;
 
 /// Runs a command, panicking with its output when it fails.
 fn run(program: &str, args: &[&str], dir: &Path) {
@@ -200,6 +204,25 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// `POST /deployment/upload` of a package file, with the default retry policy.
+async fn upload(
+    client: &reqwest::Client,
+    target: &ReceiverTarget,
+    path: &Path,
+    manifest: &PackageManifest,
+) -> Result<UploadOutcome, SenderError> {
+    upload_package(
+        client,
+        target,
+        path,
+        manifest,
+        Endpoint::Upload,
+        None,
+        |_| {},
+    )
+    .await
+}
+
 fn receiver_config(url: &str, ca_cert: Option<PathBuf>) -> ReceiverConfig {
     ReceiverConfig {
         to: Some(url.to_owned()),
@@ -236,17 +259,9 @@ async fn the_sender_uploads_through_the_shipped_nginx_tls_proxy_and_refuses_an_u
     let config = receiver_config(&nginx.url, Some(dir.path().join("ca.crt")));
     let client = config.http_client().expect("client");
     let target = config.target().expect("target");
-    let outcome = upload_package(
-        &client,
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect("upload through the TLS proxy");
+    let outcome = upload(&client, &target, &path, &manifest)
+        .await
+        .expect("upload through the TLS proxy");
     assert_eq!(outcome.status, 200);
     assert_eq!(
         outcome.response["checksum_verified"], true,
@@ -281,29 +296,18 @@ async fn the_sender_uploads_through_the_shipped_nginx_tls_proxy_and_refuses_an_u
         manifest_for_file(&small, None, deploy_protocol::Compression::None, vec![])
             .await
             .expect("manifest");
-    let spoofed = upload_package(
-        &spoofer,
-        &target,
-        &small,
-        &small_manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect("the proxy must set, not append to, X-Forwarded-For");
+    let spoofed = upload(&spoofer, &target, &small, &small_manifest)
+        .await
+        .expect("the proxy must set, not append to, X-Forwarded-For");
     assert_eq!(spoofed.status, 200);
 
     // Without the CA the certificate is not trusted: refused before anything is sent.
     let untrusting = receiver_config(&nginx.url, None);
-    let err = upload_package(
+    let err = upload(
         &untrusting.http_client().expect("client"),
         &untrusting.target().expect("target"),
         &path,
         &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
     )
     .await
     .expect_err("an untrusted certificate is refused");
