@@ -643,19 +643,37 @@ async fn deployed_v1(
     (v2, package, old)
 }
 
+/// A receiver child process whose `DOCKER_HOST` is a [`DockerProxy`] to the real engine.
+struct Proxied {
+    dir: tempfile::TempDir,
+    proxy: DockerProxy,
+    daemon: Daemon,
+}
+
+impl Proxied {
+    fn start() -> Self {
+        let dir = temp_dir();
+        let proxy = DockerProxy::start(dir.path().join("docker.sock"));
+        let daemon = Daemon::start(
+            &dir.path().join("packages"),
+            &dir.path().join("state"),
+            &[("DOCKER_HOST", proxy.docker_host())],
+        );
+        Self { dir, proxy, daemon }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_the_next_deploy_succeeds(
 ) {
     let docker = docker().await;
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
-    let dir = temp_dir();
-    let mut proxy = DockerProxy::start(dir.path().join("docker.sock"));
-    let daemon = Daemon::start(
-        &dir.path().join("packages"),
-        &dir.path().join("state"),
-        &[("DOCKER_HOST", proxy.docker_host())],
-    );
+    let Proxied {
+        dir: _dir,
+        mut proxy,
+        daemon,
+    } = Proxied::start();
     let (v2, package, old) = deployed_v1(&docker, &mut cleanup, &daemon, &name).await;
 
     let half = package.len() as u64 / 2;
@@ -724,13 +742,11 @@ async fn docker_cut_between_create_and_start_is_503_and_rolled_back_once_docker_
     let docker = docker().await;
     let name = unique_name();
     let mut cleanup = Cleanup::new(&name);
-    let dir = temp_dir();
-    let mut proxy = DockerProxy::start(dir.path().join("docker.sock"));
-    let daemon = Daemon::start(
-        &dir.path().join("packages"),
-        &dir.path().join("state"),
-        &[("DOCKER_HOST", proxy.docker_host())],
-    );
+    let Proxied {
+        dir: _dir,
+        mut proxy,
+        daemon,
+    } = Proxied::start();
     let (v2, package, old) = deployed_v1(&docker, &mut cleanup, &daemon, &name).await;
 
     proxy.arm(Rule::BeforeStart);
