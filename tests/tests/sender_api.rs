@@ -317,7 +317,7 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let images = common::docker::HostGuard::new();
     let receiver = spawn_receiver(|_| {}).await;
     let url = receiver.url.clone();
-    let sender = spawn_sender(|c| c.receiver.to = Some(url)).await;
+    let sender = spawn_sender(|c| c.receiver.to = vec![url]).await;
     let context = busybox_context();
     let tag = images.image("v1");
     let package = sender
@@ -817,7 +817,7 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     let sender = spawn_sender(|c| {
         c.kafka_bootstrap_servers = Some(servers);
         c.kafka_topic = topic.into();
-        c.receiver.to = Some(url);
+        c.receiver.to = vec![url];
     })
     .await;
     let health = sender.get("/health").await;
@@ -897,7 +897,7 @@ async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
     let host = common::docker::HostGuard::new();
     let receiver = spawn_receiver(|_| {}).await;
     let url = receiver.url.clone();
-    let sender = spawn_sender(|c| c.receiver.to = Some(url)).await;
+    let sender = spawn_sender(|c| c.receiver.to = vec![url]).await;
     let package = |health_port: u16, tag: &str| {
         let context = common::docker::busybox_context(
             &common::docker::httpd_dockerfile(health_port),

@@ -247,6 +247,45 @@ pub struct DeploymentRecord {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
+    /// The spec that was run (with `image` set), so that a later rollback can run it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<DeploymentSpec>,
+    /// When this deployment re-ran an earlier one to roll back deployment `rollback_of`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<Uuid>,
+}
+
+/// `POST /deployments/{id}/rollback`: what the receiver did to undo a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RollbackOutcome {
+    /// The deployment that preceded it for the same container name runs again, healthy
+    /// (`deployment` is the record of that re-run).
+    Restored,
+    /// It was the first deployment of its name: its container was removed.
+    Removed,
+    /// It never took effect (it was rolled back or failed by itself): nothing to undo.
+    NotApplied,
+}
+
+/// `POST /deployments/{id}/rollback` answer. Repeating the call answers the same outcome
+/// (`repeated` is then true) without touching a container again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RollbackResponse {
+    /// The deployment that was undone.
+    pub rolled_back: Uuid,
+    /// What was done.
+    pub outcome: RollbackOutcome,
+    /// True when an earlier call had already done it.
+    pub repeated: bool,
+    /// The image that runs under the name now (`RESTORED`), or that ran before (`NOT_APPLIED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The record of the re-run deployment (`RESTORED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentRecord>,
 }
 
 /// `GET /deployments`.

@@ -7,10 +7,12 @@ mod prune;
 pub mod reconcile;
 mod record;
 mod replace;
+mod rollback;
 pub mod spec;
 mod stopping;
 
 pub use record::Deployment;
+pub use rollback::roll_back;
 
 use std::time::{Duration, Instant};
 

@@ -165,6 +165,7 @@ fn payload(record: &DeploymentRecord) -> serde_json::Value {
         "package_checksum": record.package_checksum,
         "container_id": record.container_id,
         "previous_container_id": record.previous_container_id,
+        "rollback_of": record.rollback_of,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "stage_durations_ms": stage_durations_ms,
@@ -213,6 +214,8 @@ mod tests {
                 message: "not healthy".into(),
                 correlation_id: None,
             }),
+            spec: None,
+            rollback_of: None,
         }
     }
 

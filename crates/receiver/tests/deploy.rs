@@ -664,3 +664,113 @@ async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy
     assert_eq!(page(&docker, &name).await, "v2");
     receiver.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_reruns_the_previous_release_removes_a_first_one_and_answers_the_same_when_repeated(
+) {
+    let docker = docker().await;
+    let name = format!("{}-fleet", unique_name());
+    let first_only = format!("{name}-first");
+    let mut cleanup = Cleanup::new(&name);
+    cleanup.names.push(first_only.clone());
+    let (v1, v2) = (format!("{name}:v1"), format!("{name}:v2"));
+    build_image(&docker, &mut cleanup, &v1, ImageSpec::healthy("v1")).await;
+    build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
+    let dir = temp_dir();
+    let receiver = Receiver::start(dir.path()).await;
+    let spec = web_spec(&name);
+
+    let (status, body) = receiver
+        .full(&[&v1], save_image(&docker, &v1).await, &spec)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let first = record(&body);
+    let (status, body) = receiver
+        .full(&[&v2], save_image(&docker, &v2).await, &spec)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let second = record(&body);
+    assert_eq!(page(&docker, &name).await, "v2");
+
+    // Rolling back v2 runs v1 again (by image id, with its spec and health check).
+    let path = format!("/deployments/{}/rollback", second.deployment_id);
+    let (status, body) = receiver.post(&path, &json!(null)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], json!("RESTORED"), "{body}");
+    assert_eq!(body["repeated"], json!(false));
+    let rerun = record(&body["deployment"]);
+    assert_eq!(rerun.rollback_of, Some(second.deployment_id));
+    assert_eq!(rerun.status, DeploymentStatus::Succeeded);
+    assert_eq!(rerun.image_id, first.image_id, "v1's image, by id");
+    assert_eq!(page(&docker, &name).await, "v1");
+    let restored = inspect(&docker, &name).await.id;
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name))
+            .await
+            .len(),
+        1,
+        "v2's container is gone"
+    );
+
+    // Asked again: the same answer, nothing touched.
+    let (status, body) = receiver.send(reqwest::Method::POST, &path, Vec::new(), "", b"").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["outcome"].clone(), body["repeated"].clone()),
+        (json!("RESTORED"), json!(true)),
+        "{body}"
+    );
+    assert_eq!(record(&body["deployment"]).deployment_id, rerun.deployment_id);
+    assert_eq!(inspect(&docker, &name).await.id, restored);
+
+    // v1's own deployment no longer runs: refused, nothing touched.
+    let (status, body) = receiver
+        .post(
+            &format!("/deployments/{}/rollback", first.deployment_id),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("CONFLICT")),
+        "{body}"
+    );
+    assert_eq!(inspect(&docker, &name).await.id, restored);
+
+    // The first deployment of a name: rolling it back removes its container.
+    let (status, body) = receiver
+        .full(
+            &[&v1],
+            save_image(&docker, &v1).await,
+            &web_spec(&first_only),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let only = record(&body);
+    let path = format!("/deployments/{}/rollback", only.deployment_id);
+    for repeated in [false, true] {
+        let (status, body) = receiver.post(&path, &json!(null)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            (body["outcome"].clone(), body["repeated"].clone()),
+            (json!("REMOVED"), json!(repeated)),
+            "{body}"
+        );
+        assert!(containers_named(&docker, std::slice::from_ref(&first_only))
+            .await
+            .is_empty());
+    }
+
+    let (status, body) = receiver
+        .post(
+            &format!("/deployments/{}/rollback", Uuid::new_v4()),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("NOT_FOUND")),
+        "{body}"
+    );
+    receiver.stop().await;
+}

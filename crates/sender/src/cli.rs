@@ -11,7 +11,9 @@ use crate::config::{ReceiverConfig, StoreConfig};
 use crate::SenderError;
 
 mod deploy;
+mod rollout;
 pub use deploy::{parse_health, parse_restart, DeployArgs, HealthArg};
+pub use rollout::{parse_hosts, RolloutArgs};
 
 /// Builds and packages Docker images and streams them to deploy-receiver, without a registry.
 #[derive(Debug, Parser)]

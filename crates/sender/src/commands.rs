@@ -11,16 +11,27 @@ use crate::upload::{compression_from_path, manifest_for_file, upload_package, En
 use crate::SenderError;
 
 mod deploy;
+mod rollout;
 
-/// Runs a parsed command line.
-pub async fn run(cli: Cli) -> Result<(), SenderError> {
+/// Runs a parsed command line; the process exit code on success (0, or where a rollout left the
+/// fleet: see [`FleetState::exit_code`](crate::rollout::FleetState::exit_code)).
+pub async fn run(cli: Cli) -> Result<u8, SenderError> {
     match cli.command {
-        Command::Deploy(args) => deploy::run(*args).await,
-        Command::Transfer(args) => transfer(args).await,
-        Command::Package(args) => package(args).await,
-        Command::Packages(command) => packages(command).await,
-        Command::Serve(config) => crate::server::run(*config).await,
-        Command::Doctor(args) => crate::doctor::run(args).await,
+        Command::Deploy(args) => {
+            let mut args = *args;
+            args.receiver.to = args.rollout.urls(&args.receiver.to)?;
+            if args.receiver.to.len() > 1 {
+                let urls = args.receiver.to.clone();
+                rollout::run(args, urls).await
+            } else {
+                deploy::run(args).await.map(|()| 0)
+            }
+        }
+        Command::Transfer(args) => transfer(args).await.map(|()| 0),
+        Command::Package(args) => package(args).await.map(|()| 0),
+        Command::Packages(command) => packages(command).await.map(|()| 0),
+        Command::Serve(config) => crate::server::run(*config).await.map(|()| 0),
+        Command::Doctor(args) => crate::doctor::run(args).await.map(|()| 0),
     }
 }
 

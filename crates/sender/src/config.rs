@@ -43,9 +43,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// The receiver to send to and the key to sign with.
 #[derive(Clone, PartialEq, Eq, clap::Args)]
 pub struct ReceiverConfig {
-    /// Receiver base URL, e.g. `http://192.168.86.200:8001`.
-    #[arg(long = "to", env = "DEFAULT_RECEIVER_URL")]
-    pub to: Option<String>,
+    /// Receiver base URL, e.g. `http://192.168.86.200:8001`; for `deploy`, several (repeat
+    /// `--to`, or separate with commas) roll the release out to each.
+    #[arg(long = "to", env = "DEFAULT_RECEIVER_URL", value_delimiter = ',')]
+    pub to: Vec<String>,
     /// Id of the shared HMAC key the receiver knows this sender by.
     #[arg(long, env = "DEPLOY_HMAC_KEY_ID", default_value = "default")]
     pub key_id: String,
@@ -78,7 +79,7 @@ impl Default for ReceiverConfig {
     /// No receiver, key id `default`, no secret, 10 s connect timeout, system CAs only.
     fn default() -> Self {
         Self {
-            to: None,
+            to: Vec::new(),
             key_id: "default".into(),
             secret: None,
             connect_timeout_secs: 10,
@@ -88,17 +89,22 @@ impl Default for ReceiverConfig {
 }
 
 impl ReceiverConfig {
-    /// The target, or `VALIDATION_ERROR` naming what is missing.
+    /// The first receiver URL given, if any.
+    pub fn url(&self) -> Option<&str> {
+        self.to.iter().map(String::as_str).find(|u| !u.is_empty())
+    }
+
+    /// The one target, or `VALIDATION_ERROR` naming what is missing (or that there are several).
     pub fn target(&self) -> Result<ReceiverTarget, SenderError> {
-        let url = self
-            .to
-            .as_deref()
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| {
-                SenderError::Validation(
-                    "no receiver: pass --to URL or set DEFAULT_RECEIVER_URL".into(),
-                )
-            })?;
+        let url = self.url().ok_or_else(|| {
+            SenderError::Validation("no receiver: pass --to URL or set DEFAULT_RECEIVER_URL".into())
+        })?;
+        if self.to.iter().filter(|u| !u.is_empty()).count() > 1 {
+            return Err(SenderError::Validation(format!(
+                "this command sends to one receiver, and {} were given: only `deploy` rolls out to several",
+                self.to.len()
+            )));
+        }
         let secret = self.secret.as_deref().unwrap_or_default();
         ReceiverTarget::new(url, &self.key_id, secret.as_bytes())
     }

@@ -106,7 +106,7 @@ impl Report {
 
 /// Runs every check against the receiver in `config`. Never errors: what goes wrong is a check.
 pub async fn diagnose(config: &ReceiverConfig, min_free: u64) -> Report {
-    let url = config.to.clone().unwrap_or_default();
+    let url = config.url().unwrap_or_default().to_owned();
     let mut report = Report {
         receiver: url.clone(),
         ok: false,

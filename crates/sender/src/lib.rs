@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod operations;
 pub mod package;
 pub mod progress;
+pub mod rollout;
 pub mod routes;
 pub mod server;
 pub mod sink;

@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     deploy_sender::init_tracing(&cli.log);
     match deploy_sender::commands::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {}: {e}", e.code());
             ExitCode::FAILURE

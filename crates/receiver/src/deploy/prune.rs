@@ -293,6 +293,8 @@ mod tests {
             finished_at: None,
             stages: vec![],
             error: None,
+            spec: None,
+            rollback_of: None,
         }
     }
 

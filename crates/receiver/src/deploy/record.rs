@@ -63,6 +63,11 @@ impl Deployment {
             finished_at: None,
             stages: Vec::new(),
             error: None,
+            spec: Some(DeploymentSpec {
+                image: Some(image.to_owned()),
+                ..spec.clone()
+            }),
+            rollback_of: None,
         };
         state.journal().save(&record).await?;
         tracing::info!(deployment_id = %record.deployment_id, container = %record.container_name, image, "deployment started");

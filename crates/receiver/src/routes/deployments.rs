@@ -1,10 +1,10 @@
 //! `GET /deployments` and `GET /deployments/{id}`: the deployment journal. Signed like every
-//! other call: it tells what runs on this host.
+//! other call: it tells what runs on this host. `POST /deployments/{id}/rollback` undoes one.
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use deploy_protocol::api::{DeploymentList, DeploymentRecord};
+use deploy_protocol::api::{DeploymentList, DeploymentRecord, RollbackResponse};
 use deploy_protocol::ErrorBody;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -69,4 +69,31 @@ pub async fn get(
     state.journal().get(id)?.map(Json).ok_or_else(|| {
         ReceiverError::NotFound(format!("no deployment {id} in this receiver's journal"))
     })
+}
+
+/// Roll back a deployment: the deployment that preceded it for the same container name runs
+/// again (from its image, kept by IMAGE_HISTORY) and must become healthy; when it was the first
+/// of its name, its container is removed. Idempotent: asked again, the same outcome with
+/// `repeated: true`, nothing touched. The body is empty (signed as such).
+#[utoipa::path(post, path = "/deployments/{id}/rollback", tag = "deployment",
+    params(("id" = Uuid, Path, description = "Deployment id"), crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "RESTORED, REMOVED or NOT_APPLIED (it never took effect)", body = RollbackResponse),
+        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such deployment, or the previous image is no longer on this host", body = ErrorBody),
+        (status = 409, description = "CONFLICT: still in progress, replaced by a later deployment, or the previous deployment was recorded without its spec", body = ErrorBody),
+        (status = 422, description = "HEALTH_CHECK_FAILED: the previous release did not become healthy again; the rolled-back deployment runs on (the re-run's record with `error`)", body = DeploymentRecord),
+        (status = 500, description = "DEPLOY_FAILED: the record of the re-run with `error`", body = DeploymentRecord),
+        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+    ))]
+pub async fn rollback(
+    State(state): State<AppState>,
+    id: std::result::Result<Path<Uuid>, PathRejection>,
+    Signed(()): Signed<()>,
+) -> Result<Json<RollbackResponse>> {
+    let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
+    Ok(Json(crate::deploy::roll_back(&state, id).await?))
 }

@@ -115,6 +115,7 @@ pub fn table() -> Vec<(Access, UtoipaMethodRouter<AppState>)> {
         (Signed, routes!(full::create)),
         (Signed, routes!(deployments::list)),
         (Signed, routes!(deployments::get)),
+        (Signed, routes!(deployments::rollback)),
     ]
 }
 

@@ -6,7 +6,7 @@ use deploy_protocol::{
     Compression, DeploymentSpec, HealthCheckKind, HealthCheckSpec, PortMapping, RestartPolicy,
 };
 
-use super::{parse_key_value, ImageSourceArgs};
+use super::{parse_key_value, ImageSourceArgs, RolloutArgs};
 use crate::config::{ReceiverConfig, StoreConfig};
 use crate::deploy::DeployRequest;
 use crate::package::{default_container_name, ImageSource, PackageRequest};
@@ -63,6 +63,9 @@ pub struct DeployArgs {
     /// Receiver and key (`--to` defaults to DEFAULT_RECEIVER_URL).
     #[command(flatten)]
     pub receiver: ReceiverConfig,
+    /// With several receivers: canary, batches, failures tolerated, rollback.
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
     /// Correlation id to send (echoed in the receiver's logs, events and record).
     #[arg(long, env = "DEPLOY_CORRELATION_ID")]
     pub correlation_id: Option<String>,

@@ -114,7 +114,7 @@ impl TransferInput {
         let mut urls: Vec<String> = self.receivers;
         urls.extend(self.remote_receiver_url);
         if urls.is_empty() {
-            urls.extend(state.config().receiver.to.clone().filter(|u| !u.is_empty()));
+            urls.extend(state.config().receiver.url().map(str::to_owned));
         }
         if urls.is_empty() {
             return Err(SenderError::Validation(

@@ -64,6 +64,6 @@ pub async fn get(State(state): State<AppState>) -> Json<SenderHealth> {
         events: state.events().sink().destination(),
         events_pending: stats.pending,
         events_last_error: stats.last_error,
-        default_receiver: state.config().receiver.to.clone().filter(|u| !u.is_empty()),
+        default_receiver: state.config().receiver.url().map(str::to_owned),
     })
 }

@@ -1,0 +1,19 @@
+//! Fleet rollouts: one release to many receivers, canary first, then health-gated batches; when
+//! it fails beyond what is tolerated, every host it moved is rolled back at once.
+//!
+//! [`plan`] orders the hosts, [`run`](run::run) drives them through caller-given functions that
+//! deploy to one host and roll one host back, and [`report`] says what became of each host and of
+//! the fleet. Nothing here knows HTTP routes or terminals; the CLI and the REST service wire it.
+
+pub mod plan;
+pub mod report;
+pub mod receivers;
+pub mod run;
+
+pub use plan::{BatchSize, Phase, Plan};
+pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
+pub use receivers::{roll_out, Release};
+pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! What a rollout did to each host, and where that leaves the fleet.
+
+use deploy_protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::plan::Phase;
+
+/// What became of one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HostOutcome {
+    /// Not reached yet (only while the rollout runs).
+    Pending,
+    /// Being deployed to, or being rolled back.
+    InProgress,
+    /// Runs the new release, healthy.
+    Deployed,
+    /// The deployment failed here; the receiver kept (or restored) what ran before, or could not
+    /// be asked (unreachable, timed out: see the error).
+    Failed,
+    /// Moved to the new release, then rolled back by the rollout: runs what it ran before.
+    RolledBack,
+    /// Moved to the new release; rolling it back failed, so it may still run the new one.
+    RollbackFailed,
+    /// Never touched: the rollout stopped before reaching it.
+    NotReached,
+}
+
+/// An error as the table shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostError {
+    /// The stable code (the receiver's when it answered with one).
+    pub code: ErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// One host's line of the final table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostReport {
+    /// The receiver's base URL.
+    pub host: String,
+    /// Canary or which batch.
+    pub phase: Phase,
+    /// Where it stands.
+    pub outcome: HostOutcome,
+    /// The image the container ran before the rollout, when known (none: there was none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_before: Option<String>,
+    /// The image it runs after the rollout, as far as the rollout knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_after: Option<String>,
+    /// The receiver's id of the deployment the rollout made there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<Uuid>,
+    /// Why the deployment failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<HostError>,
+    /// Why rolling it back failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_error: Option<HostError>,
+    /// Package bytes sent to it.
+    pub bytes: u64,
+    /// The deployment, from the first byte sent to the receiver's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_ms: Option<u64>,
+    /// The rollback, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_ms: Option<u64>,
+}
+
+/// Where the fleet ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FleetState {
+    /// Every host runs the new release.
+    NewRelease,
+    /// No host runs the new release: the rollout failed and was undone (or never moved a host).
+    OldRelease,
+    /// Some hosts run the new release and some do not (tolerated failures, `--no-rollback`, or a
+    /// rollback that itself failed).
+    Mixed,
+}
+
+impl FleetState {
+    /// The process exit code of `deploy-sender deploy` for this state: 0 new release, 3 old
+    /// release, 4 mixed (1 stays for errors before any host was touched, 2 for usage errors).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            FleetState::NewRelease => 0,
+            FleetState::OldRelease => 3,
+            FleetState::Mixed => 4,
+        }
+    }
+
+    /// Judges a finished rollout by its hosts.
+    pub fn of(hosts: &[HostReport]) -> Self {
+        let new = hosts
+            .iter()
+            .filter(|h| matches!(h.outcome, HostOutcome::Deployed | HostOutcome::RollbackFailed))
+            .count();
+        match new {
+            0 => FleetState::OldRelease,
+            n if n == hosts.len() => FleetState::NewRelease,
+            _ => FleetState::Mixed,
+        }
+    }
+}
+
+/// How the rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RolloutStatus {
+    /// Still running.
+    Running,
+    /// Every planned step ran (with at most `max_failures` failed hosts).
+    Completed,
+    /// Stopped by failures; the hosts it moved were rolled back.
+    RolledBack,
+    /// Stopped by failures (or an abort) and not fully undone: `--no-rollback`, or a rollback
+    /// that failed.
+    Failed,
+    /// Aborted on request; the hosts it moved were rolled back.
+    Aborted,
+}
+
+/// The whole rollout, as the final table and the REST resource show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RolloutReport {
+    /// How it ended (or `RUNNING`).
+    pub status: RolloutStatus,
+    /// Where the fleet stands (meaningful once finished).
+    pub fleet: FleetState,
+    /// Why it stopped, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Steps that finished (canary included).
+    pub steps_completed: usize,
+    /// Steps planned.
+    pub steps_planned: usize,
+    /// Every host, in the order given.
+    pub hosts: Vec<HostReport>,
+    /// Wall time of the rollout, rollback included.
+    pub duration_ms: u64,
+}
+
+impl RolloutReport {
+    /// The final table, one line per host, for a terminal.
+    pub fn table(&self) -> String {
+        let mut rows = vec![[
+            "HOST".to_owned(),
+            "PHASE".to_owned(),
+            "BEFORE".to_owned(),
+            "AFTER".to_owned(),
+            "OUTCOME".to_owned(),
+            "BYTES".to_owned(),
+            "DEPLOY".to_owned(),
+            "ROLLBACK".to_owned(),
+            "ERROR".to_owned(),
+        ]];
+        for h in &self.hosts {
+            let error = [&h.error, &h.rollback_error]
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; rollback: ");
+            rows.push([
+                h.host.clone(),
+                h.phase.to_string(),
+                h.version_before.clone().unwrap_or_else(|| "-".into()),
+                h.version_after.clone().unwrap_or_else(|| "-".into()),
+                serde_json::to_value(h.outcome)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                h.bytes.to_string(),
+                secs(h.deploy_ms),
+                secs(h.rollback_ms),
+                error,
+            ]);
+        }
+        let mut widths = [0usize; 9];
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for row in &rows {
+            let mut line = String::new();
+            for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+                if i + 1 == row.len() {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(&format!("{cell:<w$}  "));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn secs(ms: Option<u64>) -> String {
+    ms.map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}

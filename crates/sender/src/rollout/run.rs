@@ -1,0 +1,401 @@
+//! Running a plan: each step's hosts deployed at once (at most `max_concurrent` at a time), each
+//! with a deadline; a step must end with no failed canary and no more than `max_failures` failed
+//! hosts in all before the next starts. Stopped, every host the rollout moved is rolled back at
+//! once. The deployment to one host and its rollback are the caller's functions, so the engine
+//! decides the order and the gates and nothing else.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use deploy_protocol::ErrorCode;
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::plan::{BatchSize, Phase, Plan};
+use super::report::{
+    FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus,
+};
+
+/// How to roll out.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    /// Canary hosts (default: one when there are three hosts or more).
+    pub canary: Option<usize>,
+    /// Hosts per batch after the canary.
+    pub batch: BatchSize,
+    /// Failed hosts tolerated before the rollout stops (a failed canary always stops it).
+    pub max_failures: usize,
+    /// Roll back the hosts the rollout moved when it stops.
+    pub rollback: bool,
+    /// Longest wait for one host's deployment (transfer, load, start, health check).
+    pub host_timeout: Duration,
+    /// Longest wait for one host's rollback.
+    pub rollback_timeout: Duration,
+    /// Hosts deployed to at the same time.
+    pub max_concurrent: usize,
+}
+
+impl Default for RolloutOptions {
+    /// Default canary, batches of 25 %, no failure tolerated, rollback on, 10 min per host,
+    /// 5 min per rollback, 5 hosts at a time.
+    fn default() -> Self {
+        Self {
+            canary: None,
+            batch: BatchSize::default(),
+            max_failures: 0,
+            rollback: true,
+            host_timeout: Duration::from_secs(600),
+            rollback_timeout: Duration::from_secs(300),
+            max_concurrent: 5,
+        }
+    }
+}
+
+/// A host that now runs the new release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// The receiver's deployment id (what a rollback undoes).
+    pub deployment_id: Uuid,
+    /// The image it ran before, when known.
+    pub version_before: Option<String>,
+    /// The image it runs now.
+    pub version_after: String,
+    /// Package bytes sent.
+    pub bytes: u64,
+}
+
+/// A host whose deployment failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotMoved {
+    /// Why.
+    pub error: HostError,
+    /// The image it ran before (and, the receiver having rolled back, still runs), when known.
+    pub version_before: Option<String>,
+    /// Package bytes sent before it failed.
+    pub bytes: u64,
+}
+
+/// What happens during a rollout; every event carries the report as it stands after it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RolloutEvent {
+    /// The plan is made; nothing has moved yet.
+    Started {
+        /// The report (every host PENDING).
+        report: RolloutReport,
+    },
+    /// A host changed state.
+    Host {
+        /// Its index in the report.
+        index: usize,
+        /// The report.
+        report: RolloutReport,
+    },
+    /// A step ended and its gate passed.
+    StepCompleted {
+        /// Which step.
+        phase: Phase,
+        /// The report.
+        report: RolloutReport,
+    },
+    /// The rollout stopped; the moved hosts are being rolled back.
+    RollingBack {
+        /// Why it stopped.
+        reason: String,
+        /// The report.
+        report: RolloutReport,
+    },
+    /// The rollout is over.
+    Finished {
+        /// The final report.
+        report: RolloutReport,
+    },
+}
+
+/// The report under construction, shared by the host futures.
+struct Ledger<'a> {
+    report: Mutex<RolloutReport>,
+    started: Instant,
+    on_event: &'a (dyn Fn(RolloutEvent) + Send + Sync),
+}
+
+impl Ledger<'_> {
+    fn snapshot(&self) -> RolloutReport {
+        let mut report = self.report.lock().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        report.duration_ms = millis(self.started.elapsed());
+        report
+    }
+
+    fn update<T>(&self, change: impl FnOnce(&mut RolloutReport) -> T) -> T {
+        let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut report)
+    }
+
+    fn host(&self, index: usize, change: impl FnOnce(&mut HostReport)) {
+        self.update(|r| {
+            if let Some(h) = r.hosts.get_mut(index) {
+                change(h);
+            }
+        });
+        (self.on_event)(RolloutEvent::Host {
+            index,
+            report: self.snapshot(),
+        });
+    }
+}
+
+/// Rolls a release out to `hosts` (receiver URLs, in order): `deploy(i)` deploys it to host `i`,
+/// `rollback(i, deployment_id)` undoes that deployment there and answers the image the host runs
+/// afterwards. `abort` stops the rollout between hosts (hosts being deployed to finish first) and
+/// rolls back. Refuses only an impossible plan; everything else is in the report.
+pub async fn run<D, DF, R, RF>(
+    hosts: &[String],
+    options: &RolloutOptions,
+    deploy: D,
+    rollback: R,
+    abort: CancellationToken,
+    on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
+) -> Result<RolloutReport, String>
+where
+    D: Fn(usize) -> DF,
+    DF: Future<Output = Result<Moved, NotMoved>>,
+    R: Fn(usize, Uuid) -> RF,
+    RF: Future<Output = Result<Option<String>, HostError>>,
+{
+    let plan = Plan::new(hosts.len(), options.canary, options.batch)?;
+    let phases = plan.phases(hosts.len());
+    let ledger = Ledger {
+        report: Mutex::new(RolloutReport {
+            status: RolloutStatus::Running,
+            fleet: FleetState::OldRelease,
+            reason: None,
+            steps_completed: 0,
+            steps_planned: plan.steps.len(),
+            hosts: hosts
+                .iter()
+                .zip(phases)
+                .map(|(host, phase)| HostReport {
+                    host: host.clone(),
+                    phase,
+                    outcome: HostOutcome::Pending,
+                    version_before: None,
+                    version_after: None,
+                    deployment_id: None,
+                    error: None,
+                    rollback_error: None,
+                    bytes: 0,
+                    deploy_ms: None,
+                    rollback_ms: None,
+                })
+                .collect(),
+            duration_ms: 0,
+        }),
+        started: Instant::now(),
+        on_event,
+    };
+    on_event(RolloutEvent::Started {
+        report: ledger.snapshot(),
+    });
+
+    let mut stop: Option<(String, bool)> = None;
+    for (phase, members) in &plan.steps {
+        if abort.is_cancelled() {
+            stop = Some(("aborted on request".into(), true));
+            break;
+        }
+        let concurrency = options.max_concurrent.max(1);
+        let mut done = stream::iter(members.iter().copied())
+            .map(|i| deploy_one(&ledger, i, &deploy, options.host_timeout, &abort))
+            .buffer_unordered(concurrency);
+        while done.next().await.is_some() {}
+        drop(done);
+
+        let (failed_here, failed_total) = ledger.update(|r| {
+            let failed = |h: &&HostReport| h.outcome == HostOutcome::Failed;
+            let here: Vec<String> = members
+                .iter()
+                .filter_map(|&i| r.hosts.get(i))
+                .filter(failed)
+                .map(|h| h.host.clone())
+                .collect();
+            (here, r.hosts.iter().filter(failed).count())
+        });
+        if *phase == Phase::Canary && !failed_here.is_empty() {
+            stop = Some((
+                format!("canary {} failed: no other host was touched", failed_here.join(", ")),
+                false,
+            ));
+            break;
+        }
+        if failed_total > options.max_failures {
+            stop = Some((
+                format!(
+                    "{failed_total} host(s) failed ({}), more than --max-failures {}",
+                    failed_here.join(", "),
+                    options.max_failures
+                ),
+                false,
+            ));
+            break;
+        }
+        if abort.is_cancelled() {
+            stop = Some(("aborted on request".into(), true));
+            break;
+        }
+        ledger.update(|r| r.steps_completed += 1);
+        on_event(RolloutEvent::StepCompleted {
+            phase: *phase,
+            report: ledger.snapshot(),
+        });
+    }
+
+    let status = match stop {
+        None => RolloutStatus::Completed,
+        Some((reason, aborted)) => {
+            ledger.update(|r| r.reason = Some(reason.clone()));
+            let mut undone = true;
+            if options.rollback {
+                on_event(RolloutEvent::RollingBack {
+                    reason,
+                    report: ledger.snapshot(),
+                });
+                undone = roll_back_moved(&ledger, &rollback, options.rollback_timeout).await;
+            } else {
+                ledger.update(|r| {
+                    let kept = r.hosts.iter().any(|h| h.outcome == HostOutcome::Deployed);
+                    undone = !kept;
+                    if kept {
+                        r.reason = r.reason.take().map(|reason| {
+                            format!("{reason}; moved hosts left on the new release (--no-rollback)")
+                        });
+                    }
+                });
+            }
+            match (undone, aborted) {
+                (false, _) => RolloutStatus::Failed,
+                (true, true) => RolloutStatus::Aborted,
+                (true, false) => RolloutStatus::RolledBack,
+            }
+        }
+    };
+    ledger.update(|r| {
+        for h in &mut r.hosts {
+            if h.outcome == HostOutcome::Pending {
+                h.outcome = HostOutcome::NotReached;
+            }
+        }
+        r.status = status;
+        r.fleet = FleetState::of(&r.hosts);
+    });
+    let report = ledger.snapshot();
+    on_event(RolloutEvent::Finished {
+        report: report.clone(),
+    });
+    Ok(report)
+}
+
+/// Deploys to host `i` under its deadline and records the outcome; a host not yet started when
+/// the rollout is aborted stays PENDING.
+async fn deploy_one<D, DF>(
+    ledger: &Ledger<'_>,
+    i: usize,
+    deploy: &D,
+    deadline: Duration,
+    abort: &CancellationToken,
+) where
+    D: Fn(usize) -> DF,
+    DF: Future<Output = Result<Moved, NotMoved>>,
+{
+    if abort.is_cancelled() {
+        return;
+    }
+    ledger.host(i, |h| h.outcome = HostOutcome::InProgress);
+    let started = Instant::now();
+    let result = tokio::time::timeout(deadline, deploy(i)).await;
+    let elapsed = Some(millis(started.elapsed()));
+    ledger.host(i, |h| {
+        h.deploy_ms = elapsed;
+        match result {
+            Ok(Ok(moved)) => {
+                h.outcome = HostOutcome::Deployed;
+                h.deployment_id = Some(moved.deployment_id);
+                h.version_before = moved.version_before;
+                h.version_after = Some(moved.version_after);
+                h.bytes = moved.bytes;
+            }
+            Ok(Err(failed)) => {
+                h.outcome = HostOutcome::Failed;
+                h.version_after = failed.version_before.clone();
+                h.version_before = failed.version_before;
+                h.bytes = failed.bytes;
+                h.error = Some(failed.error);
+            }
+            Err(_) => {
+                h.outcome = HostOutcome::Failed;
+                h.error = Some(HostError {
+                    code: ErrorCode::Timeout,
+                    message: format!(
+                        "no answer within {} s: the receiver may have gone away; what the host runs is unknown",
+                        deadline.as_secs()
+                    ),
+                });
+            }
+        }
+    });
+}
+
+/// Rolls back every DEPLOYED host at once; true when all of them were.
+async fn roll_back_moved<R, RF>(ledger: &Ledger<'_>, rollback: &R, deadline: Duration) -> bool
+where
+    R: Fn(usize, Uuid) -> RF,
+    RF: Future<Output = Result<Option<String>, HostError>>,
+{
+    let moved: Vec<(usize, Uuid)> = ledger.update(|r| {
+        r.hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.outcome == HostOutcome::Deployed)
+            .filter_map(|(i, h)| h.deployment_id.map(|id| (i, id)))
+            .collect()
+    });
+    let results = futures::future::join_all(moved.into_iter().map(|(i, id)| async move {
+        ledger.host(i, |h| h.outcome = HostOutcome::InProgress);
+        let started = Instant::now();
+        let result = tokio::time::timeout(deadline, rollback(i, id)).await;
+        let elapsed = Some(millis(started.elapsed()));
+        let ok = matches!(result, Ok(Ok(_)));
+        ledger.host(i, |h| {
+            h.rollback_ms = elapsed;
+            match result {
+                Ok(Ok(now)) => {
+                    h.outcome = HostOutcome::RolledBack;
+                    h.version_after = now;
+                }
+                Ok(Err(e)) => {
+                    h.outcome = HostOutcome::RollbackFailed;
+                    h.rollback_error = Some(e);
+                }
+                Err(_) => {
+                    h.outcome = HostOutcome::RollbackFailed;
+                    h.rollback_error = Some(HostError {
+                        code: ErrorCode::Timeout,
+                        message: format!(
+                            "no answer to the rollback within {} s: the host may still run the new release",
+                            deadline.as_secs()
+                        ),
+                    });
+                }
+            }
+        });
+        ok
+    }))
+    .await;
+    results.into_iter().all(|ok| ok)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

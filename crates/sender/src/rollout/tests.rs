@@ -1,0 +1,300 @@
+//! The engine's decisions, with plain async functions standing for the hosts (the end-to-end
+//! tests in `tests/rollout.rs` run it against real receivers and engines).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deploy_protocol::ErrorCode;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::*;
+
+fn hosts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("http://host{i}")).collect()
+}
+
+fn id(i: usize) -> Uuid {
+    Uuid::from_u128(i as u128 + 1)
+}
+
+/// Hosts where `bad` fail; records the order of deploy starts and rollbacks.
+#[derive(Default)]
+struct Fleet {
+    bad: BTreeSet<usize>,
+    broken_rollback: BTreeSet<usize>,
+    started: Mutex<Vec<usize>>,
+    rolled_back: Mutex<BTreeSet<usize>>,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+impl Fleet {
+    fn failing(bad: &[usize]) -> Arc<Self> {
+        Arc::new(Self {
+            bad: bad.iter().copied().collect(),
+            ..Self::default()
+        })
+    }
+
+    async fn deploy(&self, i: usize) -> Result<Moved, NotMoved> {
+        self.started.lock().unwrap().push(i);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.bad.contains(&i) {
+            return Err(NotMoved {
+                error: HostError {
+                    code: ErrorCode::HealthCheckFailed,
+                    message: "unhealthy".into(),
+                },
+                version_before: Some("app:v1".into()),
+                bytes: 10,
+            });
+        }
+        Ok(Moved {
+            deployment_id: id(i),
+            version_before: Some("app:v1".into()),
+            version_after: "app:v2".into(),
+            bytes: 100,
+        })
+    }
+
+    async fn rollback(&self, i: usize, deployment: Uuid) -> Result<Option<String>, HostError> {
+        assert_eq!(deployment, id(i), "the rollback names the host's own deployment");
+        self.rolled_back.lock().unwrap().insert(i);
+        if self.broken_rollback.contains(&i) {
+            return Err(HostError {
+                code: ErrorCode::HealthCheckFailed,
+                message: "old release unhealthy".into(),
+            });
+        }
+        Ok(Some("app:v1".into()))
+    }
+
+    fn started(&self) -> Vec<usize> {
+        self.started.lock().unwrap().clone()
+    }
+
+    fn rolled_back(&self) -> Vec<usize> {
+        self.rolled_back.lock().unwrap().iter().copied().collect()
+    }
+}
+
+async fn roll_out(fleet: &Arc<Fleet>, n: usize, options: RolloutOptions) -> RolloutReport {
+    roll_out_with(fleet, n, options, CancellationToken::new(), &|_| {}).await
+}
+
+async fn roll_out_with(
+    fleet: &Arc<Fleet>,
+    n: usize,
+    options: RolloutOptions,
+    abort: CancellationToken,
+    on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
+) -> RolloutReport {
+    run(
+        &hosts(n),
+        &options,
+        |i| {
+            let fleet = Arc::clone(fleet);
+            async move { fleet.deploy(i).await }
+        },
+        |i, d| {
+            let fleet = Arc::clone(fleet);
+            async move { fleet.rollback(i, d).await }
+        },
+        abort,
+        on_event,
+    )
+    .await
+    .expect("a possible plan")
+}
+
+fn outcomes(report: &RolloutReport) -> Vec<HostOutcome> {
+    report.hosts.iter().map(|h| h.outcome).collect()
+}
+
+fn half() -> RolloutOptions {
+    RolloutOptions {
+        batch: BatchSize::Percent(50),
+        ..RolloutOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_healthy_release_reaches_every_host_canary_first() {
+    let fleet = Fleet::failing(&[]);
+    let report = roll_out(&fleet, 4, half()).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [Deployed; 4]);
+    assert_eq!(report.status, RolloutStatus::Completed);
+    assert_eq!(report.fleet, FleetState::NewRelease);
+    assert_eq!(report.fleet.exit_code(), 0);
+    assert_eq!(report.steps_completed, 3);
+    assert_eq!(fleet.started()[0], 0, "the canary goes first");
+    assert!(fleet.rolled_back().is_empty());
+    assert_eq!(report.hosts[2].version_after.as_deref(), Some("app:v2"));
+    assert!(report.table().contains("http://host3"), "{}", report.table());
+}
+
+#[tokio::test]
+async fn a_failed_canary_stops_the_rollout_before_any_other_host() {
+    let fleet = Fleet::failing(&[0]);
+    let report = roll_out(&fleet, 4, half()).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [Failed, NotReached, NotReached, NotReached]);
+    assert_eq!(fleet.started(), [0]);
+    assert!(fleet.rolled_back().is_empty(), "the canary was not moved");
+    assert_eq!(report.status, RolloutStatus::RolledBack);
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    assert_eq!(report.fleet.exit_code(), 3);
+    assert!(report.reason.as_deref().unwrap_or("").contains("canary"));
+    let failed = &report.hosts[0];
+    assert_eq!(failed.error.as_ref().map(|e| e.code), Some(ErrorCode::HealthCheckFailed));
+}
+
+#[tokio::test]
+async fn a_failure_in_a_batch_rolls_back_the_moved_hosts_and_leaves_the_rest_alone() {
+    let fleet = Fleet::failing(&[2]);
+    let report = roll_out(&fleet, 4, half()).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [RolledBack, RolledBack, Failed, NotReached]);
+    assert_eq!(fleet.rolled_back(), [0, 1]);
+    assert!(!fleet.started().contains(&3));
+    assert_eq!(report.status, RolloutStatus::RolledBack);
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    assert_eq!(report.hosts[0].version_after.as_deref(), Some("app:v1"));
+    assert!(report.hosts[0].rollback_ms.is_some());
+}
+
+#[tokio::test]
+async fn failures_up_to_max_failures_are_tolerated() {
+    let fleet = Fleet::failing(&[2]);
+    let options = RolloutOptions {
+        max_failures: 1,
+        ..half()
+    };
+    let report = roll_out(&fleet, 4, options).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [Deployed, Deployed, Failed, Deployed]);
+    assert_eq!(report.status, RolloutStatus::Completed);
+    assert_eq!(report.fleet, FleetState::Mixed);
+    assert_eq!(report.fleet.exit_code(), 4);
+}
+
+#[tokio::test]
+async fn no_rollback_leaves_the_moved_hosts_on_the_new_release() {
+    let fleet = Fleet::failing(&[2]);
+    let options = RolloutOptions {
+        rollback: false,
+        ..half()
+    };
+    let report = roll_out(&fleet, 4, options).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [Deployed, Deployed, Failed, NotReached]);
+    assert!(fleet.rolled_back().is_empty());
+    assert_eq!(report.status, RolloutStatus::Failed);
+    assert_eq!(report.fleet, FleetState::Mixed);
+}
+
+#[tokio::test]
+async fn a_rollback_that_fails_leaves_a_mixed_fleet() {
+    let fleet = Arc::new(Fleet {
+        bad: [2].into(),
+        broken_rollback: [1].into(),
+        ..Fleet::default()
+    });
+    let report = roll_out(&fleet, 4, half()).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [RolledBack, RollbackFailed, Failed, NotReached]);
+    assert_eq!(report.status, RolloutStatus::Failed);
+    assert_eq!(report.fleet, FleetState::Mixed);
+    assert!(report.table().contains("old release unhealthy"));
+}
+
+#[tokio::test]
+async fn a_host_that_never_answers_fails_at_its_deadline() {
+    let fleet = Fleet::failing(&[]);
+    let options = RolloutOptions {
+        host_timeout: Duration::from_millis(200),
+        ..half()
+    };
+    let report = run(
+        &hosts(4),
+        &options,
+        |i| {
+            let fleet = Arc::clone(&fleet);
+            async move {
+                if i == 1 {
+                    std::future::pending::<()>().await;
+                }
+                fleet.deploy(i).await
+            }
+        },
+        |i, d| {
+            let fleet = Arc::clone(&fleet);
+            async move { fleet.rollback(i, d).await }
+        },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("plan");
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [RolledBack, Failed, RolledBack, NotReached]);
+    assert_eq!(report.hosts[1].error.as_ref().map(|e| e.code), Some(ErrorCode::Timeout));
+}
+
+#[tokio::test]
+async fn an_abort_stops_between_hosts_and_rolls_back() {
+    let fleet = Fleet::failing(&[]);
+    let abort = CancellationToken::new();
+    let trigger = abort.clone();
+    let events = Mutex::new(Vec::new());
+    let on_event = move |e: RolloutEvent| {
+        if let RolloutEvent::StepCompleted { phase: Phase::Canary, .. } = e {
+            trigger.cancel();
+        }
+        events.lock().unwrap().push(format!("{e:?}").len());
+    };
+    let report = roll_out_with(&fleet, 4, half(), abort, &on_event).await;
+    use HostOutcome::*;
+    assert_eq!(outcomes(&report), [RolledBack, NotReached, NotReached, NotReached]);
+    assert_eq!(report.status, RolloutStatus::Aborted);
+    assert_eq!(report.fleet, FleetState::OldRelease);
+}
+
+#[tokio::test]
+async fn hosts_of_a_batch_deploy_at_once_up_to_the_limit() {
+    let fleet = Fleet::failing(&[]);
+    let options = RolloutOptions {
+        canary: Some(0),
+        batch: BatchSize::Hosts(6),
+        max_concurrent: 2,
+        ..RolloutOptions::default()
+    };
+    let report = roll_out(&fleet, 6, options).await;
+    assert_eq!(report.fleet, FleetState::NewRelease);
+    assert_eq!(fleet.most_in_flight.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn events_tell_start_steps_and_end() {
+    let fleet = Fleet::failing(&[]);
+    let seen = Mutex::new(Vec::new());
+    let on_event = |e: RolloutEvent| {
+        let name = match e {
+            RolloutEvent::Started { .. } => "started",
+            RolloutEvent::Host { .. } => return,
+            RolloutEvent::StepCompleted { .. } => "step",
+            RolloutEvent::RollingBack { .. } => "rolling_back",
+            RolloutEvent::Finished { .. } => "finished",
+        };
+        seen.lock().unwrap().push(name);
+    };
+    roll_out_with(&fleet, 3, half(), CancellationToken::new(), &on_event).await;
+    assert_eq!(*seen.lock().unwrap(), ["started", "step", "step", "finished"]);
+}
