@@ -9,7 +9,7 @@ use deploy_sender::doctor::{self, DoctorArgs, Report, Status};
 
 fn receiver_config(url: &str, secret: &str) -> ReceiverConfig {
     ReceiverConfig {
-        to: Some(url.to_owned()),
+        to: vec![url.to_owned()],
         key_id: KEY_ID.into(),
         secret: Some(secret.to_owned()),
         connect_timeout_secs: 5,

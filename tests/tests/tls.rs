@@ -225,7 +225,7 @@ async fn upload(
 
 fn receiver_config(url: &str, ca_cert: Option<PathBuf>) -> ReceiverConfig {
     ReceiverConfig {
-        to: Some(url.to_owned()),
+        to: vec![url.to_owned()],
         key_id: KEY_ID.into(),
         secret: Some(SECRET.to_owned()),
         connect_timeout_secs: 5,

@@ -23,6 +23,10 @@ pub struct Config {
     )]
     pub package_dir: PathBuf,
 
+    /// The Docker engine: `unix:///var/run/docker.sock` (the default) or `tcp://HOST:PORT`.
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+
     /// Directory for the deployment journal, the event outbox and the nonce log
     /// [default: <PACKAGE_DIR>/.state].
     #[arg(long, env = "STATE_DIR")]

@@ -17,20 +17,35 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// A lazily negotiated Docker client.
 #[derive(Debug)]
 pub struct DockerHandle {
+    host: Option<String>,
     negotiated: RwLock<Option<Docker>>,
 }
 
 impl DockerHandle {
-    /// A handle that connects on first use, to `DOCKER_HOST` (default the local unix socket).
-    pub fn new() -> Self {
+    /// A handle that connects on first use, to `host` (`unix://PATH` or `tcp://HOST:PORT`), or
+    /// without one to `DOCKER_HOST` (default the local unix socket).
+    pub fn new(host: Option<String>) -> Self {
         Self {
+            host: host.filter(|h| !h.is_empty()),
             negotiated: RwLock::new(None),
         }
     }
 
     /// Where Docker is looked for, for messages.
-    pub fn host() -> String {
-        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+    pub fn host(&self) -> String {
+        self.host.clone().unwrap_or_else(|| {
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+        })
+    }
+
+    fn connect(&self) -> std::result::Result<Docker, bollard::errors::Error> {
+        match self.host.as_deref() {
+            Some(host) if host.starts_with("unix://") => {
+                Docker::connect_with_unix(host, 120, bollard::API_DEFAULT_VERSION)
+            }
+            Some(host) => Docker::connect_with_http(host, 120, bollard::API_DEFAULT_VERSION),
+            None => Docker::connect_with_defaults(),
+        }
     }
 
     /// The negotiated client, or DOCKER_UNAVAILABLE with what to check.
@@ -45,10 +60,11 @@ impl DockerHandle {
         let unavailable = |e: String| {
             ReceiverError::DockerUnavailable(format!(
                 "Docker is not reachable at {}: {e} (is the engine running and the socket mounted and readable by this user?)",
-                Self::host()
+                self.host()
             ))
         };
-        let docker = Docker::connect_with_defaults()
+        let docker = self
+            .connect()
             .map_err(|e| unavailable(e.to_string()))?
             .with_timeout(DOCKER_TIMEOUT);
         let docker = tokio::time::timeout(PING_TIMEOUT, docker.negotiate_version())
@@ -74,8 +90,9 @@ impl DockerHandle {
 }
 
 impl Default for DockerHandle {
+    /// The engine of `DOCKER_HOST`.
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
     }
 }
 
@@ -95,8 +112,7 @@ pub fn map_err(
         | E::IOError { .. }
         | E::RequestTimeoutError
         | E::SocketNotFoundError(_) => ReceiverError::DockerUnavailable(format!(
-            "Docker at {} failed mid-call: {} (is the engine running and its socket reachable?)",
-            DockerHandle::host(),
+            "Docker failed mid-call: {} (is the engine running and its socket reachable?)",
             causes(&e)
         )),
         E::DockerResponseServerError {

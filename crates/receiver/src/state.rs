@@ -71,6 +71,7 @@ impl AppState {
             .map_err(|e| {
                 anyhow::anyhow!("cannot open the nonce log {}: {e}", nonce_log.display())
             })?;
+        let docker = DockerHandle::new(config.docker_host.clone());
         Ok(Self(Arc::new(Inner {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
             config,
@@ -79,7 +80,7 @@ impl AppState {
             store,
             metrics,
             events,
-            docker: DockerHandle::new(),
+            docker,
             in_flight: Mutex::new(HashSet::new()),
             journal,
             container_locks: Mutex::new(HashMap::new()),

@@ -62,6 +62,15 @@ pub async fn spawn_receiver_in(package_dir: PathBuf, tune: impl FnOnce(&mut Conf
 }
 
 impl Receiver {
+    /// Stops accepting connections at once, as a receiver killed would: the port refuses from
+    /// now on (requests already under way are left to finish).
+    pub fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.shutdown.take();
+    }
+
     /// Stops serving and waits for the server task.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -1,0 +1,307 @@
+//! Fleet rollouts against real hosts: four extra Docker engines, each in its own network namespace
+//! (deploy-testkit's `TestHost`), each with its own real receiver on loopback, and the sender's
+//! rollout moving images built `FROM scratch` on the main engine. After every rollout, what runs
+//! on each host is read from that host's own engine.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bollard::Docker;
+use common::docker::{busybox_context, docker, httpd_dockerfile, HostGuard};
+use common::{spawn_receiver, Receiver, KEY_ID, SECRET};
+use deploy_protocol::{
+    DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, RestartPolicy,
+};
+use deploy_sender::rollout::{
+    roll_out, BatchSize, FleetState, HostOutcome, Phase, Release, RolloutEvent, RolloutOptions,
+    RolloutReport, RolloutStatus,
+};
+use deploy_sender::{
+    package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
+    ReceiverTarget,
+};
+use deploy_testkit::hosts::{main_bridge_exists, TestHost};
+use tokio_util::sync::CancellationToken;
+
+/// Four hosts, each an engine and a receiver.
+struct Fleet {
+    hosts: Vec<TestHost>,
+    engines: Vec<Docker>,
+    receivers: Vec<Option<Receiver>>,
+    targets: Vec<ReceiverTarget>,
+}
+
+impl Fleet {
+    async fn start(n: usize) -> Self {
+        let hosts = tokio::task::spawn_blocking(move || {
+            let starting: Vec<_> = (0..n)
+                .map(|i| std::thread::spawn(move || TestHost::start(&format!("fl{i}"))))
+                .collect();
+            starting
+                .into_iter()
+                .map(|t| t.join().expect("a test host"))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("test hosts");
+        let mut engines = Vec::new();
+        let mut receivers = Vec::new();
+        let mut targets = Vec::new();
+        for host in &hosts {
+            engines.push(
+                Docker::connect_with_unix(&host.docker_host(), 120, bollard::API_DEFAULT_VERSION)
+                    .expect("the test host's engine"),
+            );
+            let docker_host = host.docker_host();
+            let receiver = spawn_receiver(|c| c.docker_host = Some(docker_host)).await;
+            targets.push(
+                ReceiverTarget::new(&receiver.url, KEY_ID, SECRET.as_bytes()).expect("target"),
+            );
+            receivers.push(Some(receiver));
+        }
+        Self {
+            hosts,
+            engines,
+            receivers,
+            targets,
+        }
+    }
+
+    /// `(container id, image id)` of `name` on each host's engine, `None` where none runs.
+    async fn running(&self, name: &str) -> Vec<Option<(String, String)>> {
+        let mut out = Vec::new();
+        for engine in &self.engines {
+            out.push(match engine.inspect_container(name, None).await {
+                Ok(c) if c.state.as_ref().and_then(|s| s.running) == Some(true) => {
+                    Some((c.id.unwrap_or_default(), c.image.unwrap_or_default()))
+                }
+                _ => None,
+            });
+        }
+        out
+    }
+
+    /// Whether each host's engine holds `image_id`.
+    async fn holds(&self, image_id: &str) -> Vec<bool> {
+        let mut out = Vec::new();
+        for engine in &self.engines {
+            out.push(engine.inspect_image(image_id).await.is_ok());
+        }
+        out
+    }
+}
+
+fn spec(name: &str) -> DeploymentSpec {
+    DeploymentSpec {
+        container_name: name.to_owned(),
+        restart_policy: RestartPolicy::No,
+        health_check: HealthCheckSpec {
+            kind: HealthCheckKind::Docker,
+            deadline_secs: 30.0,
+            ..HealthCheckSpec::default()
+        },
+        ..DeploymentSpec::default()
+    }
+}
+
+async fn package(
+    docker: &Docker,
+    store: &PackageStore,
+    guard: &HostGuard,
+    version: &str,
+    health_port: u16,
+) -> PackageInfo {
+    let context = busybox_context(&httpd_dockerfile(health_port), version);
+    let request = PackageRequest::new(ImageSource::Build(BuildSpec {
+        dockerfile: context.path().join("Dockerfile"),
+        context: context.path().to_path_buf(),
+        build_args: Default::default(),
+        tag: guard.image(version),
+    }));
+    package_image(docker, store, &request, &NoProgress)
+        .await
+        .expect("package")
+}
+
+fn options() -> RolloutOptions {
+    RolloutOptions {
+        canary: Some(1),
+        batch: BatchSize::Percent(50),
+        host_timeout: Duration::from_secs(180),
+        rollback_timeout: Duration::from_secs(120),
+        ..RolloutOptions::default()
+    }
+}
+
+async fn rollout(
+    fleet: &Fleet,
+    package: &PackageInfo,
+    spec: DeploymentSpec,
+    on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
+) -> RolloutReport {
+    let release = Release {
+        package: package.clone(),
+        spec,
+        correlation_id: Some("rollout-e2e-fleet".into()),
+    };
+    roll_out(
+        &reqwest::Client::new(),
+        &fleet.targets,
+        &release,
+        &options(),
+        CancellationToken::new(),
+        on_event,
+    )
+    .await
+    .expect("a rollout")
+}
+
+fn outcomes(report: &RolloutReport) -> Vec<HostOutcome> {
+    report.hosts.iter().map(|h| h.outcome).collect()
+}
+
+fn images(running: &[Option<(String, String)>]) -> Vec<Option<&str>> {
+    running
+        .iter()
+        .map(|r| r.as_ref().map(|(_, image)| image.as_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_moved() {
+    let docker = docker().await;
+    let guard = HostGuard {
+        name: format!("deploy-e2e-fleet-{}", uuid::Uuid::new_v4().simple()),
+    };
+    let name = guard.name.clone();
+    let store_dir = tempfile::tempdir().expect("store dir");
+    let store = PackageStore::open(store_dir.path()).await.expect("store");
+    let v1 = package(&docker, &store, &guard, "v1", 80).await;
+    let v2 = package(&docker, &store, &guard, "v2", 80).await;
+    let unhealthy = package(&docker, &store, &guard, "v3", 81).await;
+    let mut fleet = Fleet::start(4).await;
+    use HostOutcome::*;
+
+    // A healthy release reaches every host, the canary first.
+    let report = rollout(&fleet, &v1, spec(&name), &|_| {}).await;
+    assert_eq!(outcomes(&report), [Deployed; 4], "{}", report.table());
+    assert_eq!(
+        (report.status, report.fleet),
+        (RolloutStatus::Completed, FleetState::NewRelease)
+    );
+    assert_eq!(report.hosts[0].phase, Phase::Canary);
+    assert!(report.hosts.iter().all(|h| h.bytes == v1.package_size));
+    let on_v1 = fleet.running(&name).await;
+    assert_eq!(images(&on_v1), [Some(v1.image_id.as_str()); 4]);
+
+    // An unhealthy release stops at the canary (rolled back there by its receiver); no other
+    // host is touched: not even the image reaches them.
+    let report = rollout(&fleet, &unhealthy, spec(&name), &|_| {}).await;
+    assert_eq!(
+        outcomes(&report),
+        [Failed, NotReached, NotReached, NotReached],
+        "{}",
+        report.table()
+    );
+    assert_eq!(
+        report.hosts[0].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::HealthCheckFailed)
+    );
+    assert_eq!(
+        (report.status, report.fleet),
+        (RolloutStatus::RolledBack, FleetState::OldRelease)
+    );
+    let now = fleet.running(&name).await;
+    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4]);
+    assert_eq!(now[1..], on_v1[1..], "the same containers run on hosts 2-4");
+    assert_eq!(
+        fleet.holds(&unhealthy.image_id).await[1..],
+        [false, false, false]
+    );
+
+    // A release whose new published port is taken on the third host alone: that host fails,
+    // the canary and the second host (already moved) are rolled back to v1, the fourth is never
+    // reached.
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut listener = fleet.hosts[2]
+        .command_in_netns("/bin/busybox")
+        .args(["nc", "-l", "-p", &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("a listener in the third host's namespace");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut with_port = spec(&name);
+    with_port.ports = vec![PortMapping {
+        container_port: 80,
+        host_port: Some(port),
+        protocol: Default::default(),
+        host_ip: None,
+    }];
+    let report = rollout(&fleet, &v2, with_port.clone(), &|_| {}).await;
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert_eq!(
+        outcomes(&report),
+        [RolledBack, RolledBack, Failed, NotReached],
+        "{}",
+        report.table()
+    );
+    assert_eq!(
+        report.hosts[2].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::DeployFailed)
+    );
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    for h in &report.hosts[..2] {
+        assert_eq!(h.version_before.as_deref(), Some(guard.image("v1").as_str()));
+        assert!(h.rollback_ms.is_some());
+    }
+    let now = fleet.running(&name).await;
+    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4], "{}", report.table());
+    assert_eq!(now[3], on_v1[3], "the fourth host was not touched");
+    assert_eq!(fleet.holds(&v2.image_id).await, [true, true, true, false]);
+
+    // A receiver that goes away mid-rollout (the fourth, once the canary is healthy) is a failed
+    // host, and the hosts moved by then are rolled back.
+    let victim = Mutex::new(fleet.receivers[3].take());
+    let kill_after_canary = |event: RolloutEvent| {
+        if let RolloutEvent::StepCompleted {
+            phase: Phase::Canary,
+            ..
+        } = event
+        {
+            if let Some(mut receiver) = victim.lock().expect("victim").take() {
+                receiver.kill();
+            }
+        }
+    };
+    let report = rollout(&fleet, &v2, with_port, &kill_after_canary).await;
+    assert_eq!(
+        outcomes(&report),
+        [RolledBack, RolledBack, RolledBack, Failed],
+        "{}",
+        report.table()
+    );
+    assert_eq!(
+        report.hosts[3].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::RemoteUnreachable)
+    );
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    let now = fleet.running(&name).await;
+    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4], "{}", report.table());
+
+    for receiver in fleet.receivers.iter_mut().filter_map(Option::take) {
+        receiver.stop().await;
+    }
+    let hosts: HashMap<usize, TestHost> = fleet.hosts.drain(..).enumerate().collect();
+    tokio::task::spawn_blocking(move || drop(hosts))
+        .await
+        .expect("hosts stopped");
+    assert!(
+        main_bridge_exists(),
+        "the main engine's docker0 survives four extra engines"
+    );
+}
