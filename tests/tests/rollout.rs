@@ -20,9 +20,10 @@ use deploy_sender::rollout::{
     RolloutReport, RolloutStatus,
 };
 use deploy_sender::{
-    package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
-    ReceiverTarget,
+    package_image, AppState as SenderState, BuildSpec, ImageSource, NoProgress, PackageInfo,
+    PackageRequest, PackageStore, ReceiverTarget, ServeConfig,
 };
+use serde_json::{json, Value};
 use deploy_testkit::hosts::{main_bridge_exists, TestHost};
 use tokio_util::sync::CancellationToken;
 
@@ -263,6 +264,118 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4], "{}", report.table());
     assert_eq!(now[3], on_v1[3], "the fourth host was not touched");
     assert_eq!(fleet.holds(&v2.image_id).await, [true, true, true, false]);
+
+    // Abort through the REST API once the canary is healthy on the new release: the rollout stops, the
+    // hosts it moved are rolled back, the last batch is never started; the SSE stream ends with
+    // the final view and the ROLLOUT_* events are in the outbox.
+    let service_dir = tempfile::tempdir().expect("service dir");
+    let mut config = ServeConfig::for_dir(service_dir.path().join("packages"));
+    config.receiver.secret = Some(SECRET.into());
+    let sender = SenderState::new(config).await.expect("sender state");
+    let v2_stored = package(&docker, sender.store(), &guard, "v2", 80).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
+    let (stop_sender, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(deploy_sender::serve(listener, sender.clone(), async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{api}/rollouts"))
+        .json(&json!({
+            "package_id": v2_stored.package_id,
+            "receivers": fleet.targets.iter().map(|t| t.base_url.to_string()).collect::<Vec<_>>(),
+            "deployment": spec(&name),
+            "canary": 1,
+            "batch": "50%",
+        }))
+        .send()
+        .await
+        .expect("POST /rollouts")
+        .json()
+        .await
+        .expect("a rollout view");
+    let id = started["rollout_id"].as_str().expect("rollout id").to_owned();
+    let events = tokio::spawn({
+        let url = format!("{api}/rollouts/{id}/events");
+        async move {
+            reqwest::get(url)
+                .await
+                .expect("GET events")
+                .text()
+                .await
+                .expect("the event stream")
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let view: Value = http
+            .get(format!("{api}/rollouts/{id}"))
+            .send()
+            .await
+            .expect("GET rollout")
+            .json()
+            .await
+            .expect("view");
+        if view["report"]["steps_completed"] == json!(1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the canary never deployed: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = http
+        .delete(format!("{api}/rollouts/{id}"))
+        .send()
+        .await
+        .expect("DELETE rollout");
+    assert_eq!(answer.status(), reqwest::StatusCode::ACCEPTED);
+    let stream = tokio::time::timeout(Duration::from_secs(300), events)
+        .await
+        .expect("the event stream ends")
+        .expect("events task");
+    let last = stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .last()
+        .expect("a data line");
+    let last: Value = serde_json::from_str(last.trim()).expect("json");
+    assert!(stream.contains("event: finished"), "{stream}");
+    assert_eq!(last["report"]["status"], json!("ABORTED"), "{last}");
+    assert_eq!(last["report"]["fleet"], json!("OLD_RELEASE"), "{last}");
+    assert_eq!(last["report"]["hosts"][0]["outcome"], json!("ROLLED_BACK"));
+    assert_eq!(last["report"]["hosts"][3]["outcome"], json!("NOT_REACHED"));
+    let again = http
+        .delete(format!("{api}/rollouts/{id}"))
+        .send()
+        .await
+        .expect("DELETE again");
+    assert_eq!(again.status(), reqwest::StatusCode::CONFLICT);
+    let now = fleet.running(&name).await;
+    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4], "{last}");
+    assert_eq!(now[3], on_v1[3], "the fourth host was not touched");
+    let outbox: Value = http
+        .get(format!("{api}/events?limit=50"))
+        .send()
+        .await
+        .expect("GET events")
+        .json()
+        .await
+        .expect("event list");
+    let types: Vec<&str> = outbox["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["event_type"].as_str())
+        .filter(|t| t.starts_with("ROLLOUT_"))
+        .collect();
+    assert_eq!(
+        types,
+        ["ROLLOUT_ROLLED_BACK", "ROLLOUT_BATCH_COMPLETED", "ROLLOUT_STARTED"],
+        "newest first"
+    );
+    let _ = stop_sender.send(());
 
     // A receiver that goes away mid-rollout (the fourth, once the canary is healthy) is a failed
     // host, and the hosts moved by then are rolled back.

@@ -31,6 +31,17 @@ pub enum EventType {
     DeploymentFailed,
     /// Receiver: the new container failed and the previous one was restored.
     DeploymentRolledBack,
+    /// Sender: a fleet rollout started (payload: hosts and plan).
+    RolloutStarted,
+    /// Sender: a rollout step (canary or batch) ended healthy.
+    RolloutBatchCompleted,
+    /// Sender: every step of a rollout ran.
+    RolloutCompleted,
+    /// Sender: a rollout stopped and the hosts it moved were rolled back.
+    RolloutRolledBack,
+    /// Sender: a rollout stopped and the fleet is not back where it was (no rollback asked, or a
+    /// rollback failed).
+    RolloutFailed,
 }
 
 /// One event.

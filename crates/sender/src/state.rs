@@ -26,6 +26,7 @@ struct Inner {
     events: Lifecycle,
     metrics: Metrics,
     jobs: Jobs,
+    rollouts: crate::operations::Rollouts,
     transfer_slots: Arc<Semaphore>,
     started: Instant,
 }
@@ -47,6 +48,7 @@ impl AppState {
             http: config.receiver.http_client()?,
             transfer_slots: Arc::new(Semaphore::new(config.max_concurrent_transfers.max(1))),
             jobs: Jobs::new(config.job_history),
+            rollouts: Default::default(),
             config,
             store,
             docker: Mutex::new(None),
@@ -108,6 +110,11 @@ impl AppState {
     /// Jobs.
     pub fn jobs(&self) -> &Jobs {
         &self.0.jobs
+    }
+
+    /// Fleet rollouts of this run.
+    pub fn rollouts(&self) -> &crate::operations::Rollouts {
+        &self.0.rollouts
     }
 
     /// The MAX_CONCURRENT_TRANSFERS slots.

@@ -4,10 +4,12 @@
 
 mod events;
 mod package;
+mod rollout;
 mod transfer;
 
 pub use events::{publish, EventInput, PublishedEvent};
 pub use package::{package, PackageInput, PackageOutput, PackagePlan};
+pub use rollout::{start as start_rollout, RolloutInput, RolloutView, Rollouts};
 pub use transfer::{transfer, ReceiverOutcome, TransferInput, TransferPlan, TransferReport};
 
 use serde_json::json;

@@ -4,7 +4,7 @@ use deploy_protocol::ErrorCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::plan::Phase;
+use super::plan::{Phase, Plan};
 
 /// What became of one host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -146,6 +146,35 @@ pub struct RolloutReport {
 }
 
 impl RolloutReport {
+    /// The report before anything moved: every host PENDING in its planned phase.
+    pub fn planned(hosts: &[String], plan: &Plan) -> Self {
+        Self {
+            status: RolloutStatus::Running,
+            fleet: FleetState::OldRelease,
+            reason: None,
+            steps_completed: 0,
+            steps_planned: plan.steps.len(),
+            hosts: hosts
+                .iter()
+                .zip(plan.phases(hosts.len()))
+                .map(|(host, phase)| HostReport {
+                    host: host.clone(),
+                    phase,
+                    outcome: HostOutcome::Pending,
+                    version_before: None,
+                    version_after: None,
+                    deployment_id: None,
+                    error: None,
+                    rollback_error: None,
+                    bytes: 0,
+                    deploy_ms: None,
+                    rollback_ms: None,
+                })
+                .collect(),
+            duration_ms: 0,
+        }
+    }
+
     /// The final table, one line per host, for a terminal.
     pub fn table(&self) -> String {
         let mut rows = vec![[

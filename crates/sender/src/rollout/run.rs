@@ -15,9 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::plan::{BatchSize, Phase, Plan};
-use super::report::{
-    FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus,
-};
+use super::report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 
 /// How to roll out.
 #[derive(Debug, Clone)]
@@ -166,33 +164,8 @@ where
     RF: Future<Output = Result<Option<String>, HostError>>,
 {
     let plan = Plan::new(hosts.len(), options.canary, options.batch)?;
-    let phases = plan.phases(hosts.len());
     let ledger = Ledger {
-        report: Mutex::new(RolloutReport {
-            status: RolloutStatus::Running,
-            fleet: FleetState::OldRelease,
-            reason: None,
-            steps_completed: 0,
-            steps_planned: plan.steps.len(),
-            hosts: hosts
-                .iter()
-                .zip(phases)
-                .map(|(host, phase)| HostReport {
-                    host: host.clone(),
-                    phase,
-                    outcome: HostOutcome::Pending,
-                    version_before: None,
-                    version_after: None,
-                    deployment_id: None,
-                    error: None,
-                    rollback_error: None,
-                    bytes: 0,
-                    deploy_ms: None,
-                    rollback_ms: None,
-                })
-                .collect(),
-            duration_ms: 0,
-        }),
+        report: Mutex::new(RolloutReport::planned(hosts, &plan)),
         started: Instant::now(),
         on_event,
     };

@@ -24,6 +24,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod packages;
+pub mod rollouts;
 pub mod transfers;
 
 struct BearerScheme;
@@ -48,6 +49,7 @@ impl Modify for BearerScheme {
         (name = "packages", description = "Build and store packages (package_container)"),
         (name = "transfers", description = "Send packages to receivers, optionally deploying them (transfer_package)"),
         (name = "events", description = "Lifecycle events (publish_transfer_event) and the outbox"),
+        (name = "rollouts", description = "Fleet rollouts: canary, health-gated batches, fleet-wide rollback"),
         (name = "jobs", description = "Asynchronous packaging and transfers"),
         (name = "operations", description = "The seed's operation envelope and get_metrics"),
         (name = "service", description = "Health, metrics and docs"),
@@ -69,6 +71,9 @@ pub fn router_and_document(state: AppState) -> (Router<AppState>, utoipa::openap
         .routes(routes!(packages::create, packages::list))
         .routes(routes!(packages::get, packages::delete))
         .routes(routes!(transfers::create))
+        .routes(routes!(rollouts::create))
+        .routes(routes!(rollouts::get, rollouts::delete))
+        .routes(routes!(rollouts::events))
         .routes(routes!(events::create, events::list))
         .routes(routes!(jobs::get))
         .routes(routes!(jobs::events))
