@@ -23,8 +23,8 @@ use deploy_sender::{
     package_image, AppState as SenderState, BuildSpec, ImageSource, NoProgress, PackageInfo,
     PackageRequest, PackageStore, ReceiverTarget, ServeConfig,
 };
-use serde_json::{json, Value};
 use deploy_testkit::hosts::{main_bridge_exists, TestHost};
+use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 /// Four hosts, each an engine and a receiver.
@@ -257,11 +257,19 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     );
     assert_eq!(report.fleet, FleetState::OldRelease);
     for h in &report.hosts[..2] {
-        assert_eq!(h.version_before.as_deref(), Some(guard.image("v1").as_str()));
+        assert_eq!(
+            h.version_before.as_deref(),
+            Some(guard.image("v1").as_str())
+        );
         assert!(h.rollback_ms.is_some());
     }
     let now = fleet.running(&name).await;
-    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4], "{}", report.table());
+    assert_eq!(
+        images(&now),
+        [Some(v1.image_id.as_str()); 4],
+        "{}",
+        report.table()
+    );
     assert_eq!(now[3], on_v1[3], "the fourth host was not touched");
     assert_eq!(fleet.holds(&v2.image_id).await, [true, true, true, false]);
 
@@ -297,7 +305,10 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         .json()
         .await
         .expect("a rollout view");
-    let id = started["rollout_id"].as_str().expect("rollout id").to_owned();
+    let id = started["rollout_id"]
+        .as_str()
+        .expect("rollout id")
+        .to_owned();
     let events = tokio::spawn({
         let url = format!("{api}/rollouts/{id}/events");
         async move {
@@ -322,7 +333,10 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         if view["report"]["steps_completed"] == json!(1) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the canary never deployed: {view}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the canary never deployed: {view}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let answer = http
@@ -338,7 +352,7 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     let last = stream
         .lines()
         .filter_map(|l| l.strip_prefix("data:"))
-        .last()
+        .next_back()
         .expect("a data line");
     let last: Value = serde_json::from_str(last.trim()).expect("json");
     assert!(stream.contains("event: finished"), "{stream}");
@@ -372,7 +386,11 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         .collect();
     assert_eq!(
         types,
-        ["ROLLOUT_ROLLED_BACK", "ROLLOUT_BATCH_COMPLETED", "ROLLOUT_STARTED"],
+        [
+            "ROLLOUT_ROLLED_BACK",
+            "ROLLOUT_BATCH_COMPLETED",
+            "ROLLOUT_STARTED"
+        ],
         "newest first"
     );
     let _ = stop_sender.send(());
@@ -404,7 +422,12 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     );
     assert_eq!(report.fleet, FleetState::OldRelease);
     let now = fleet.running(&name).await;
-    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4], "{}", report.table());
+    assert_eq!(
+        images(&now),
+        [Some(v1.image_id.as_str()); 4],
+        "{}",
+        report.table()
+    );
 
     for receiver in fleet.receivers.iter_mut().filter_map(Option::take) {
         receiver.stop().await;

@@ -713,14 +713,19 @@ async fn rollback_reruns_the_previous_release_removes_a_first_one_and_answers_th
     );
 
     // Asked again: the same answer, nothing touched.
-    let (status, body) = receiver.send(reqwest::Method::POST, &path, Vec::new(), "", b"").await;
+    let (status, body) = receiver
+        .send(reqwest::Method::POST, &path, Vec::new(), "", b"")
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         (body["outcome"].clone(), body["repeated"].clone()),
         (json!("RESTORED"), json!(true)),
         "{body}"
     );
-    assert_eq!(record(&body["deployment"]).deployment_id, rerun.deployment_id);
+    assert_eq!(
+        record(&body["deployment"]).deployment_id,
+        rerun.deployment_id
+    );
     assert_eq!(inspect(&docker, &name).await.id, restored);
 
     // v1's own deployment no longer runs: refused, nothing touched.

@@ -4,13 +4,11 @@
 //! none, the container goes. Asked again, the answer is the same and nothing is touched.
 
 use bollard::Docker;
-use deploy_protocol::api::{
-    DeploymentRecord, DeploymentStatus, RollbackOutcome, RollbackResponse,
-};
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, RollbackOutcome, RollbackResponse};
 use uuid::Uuid;
 
-use super::{container_named, inspect_image, outcome, remove_container, replace, Deployment};
 use super::LABEL_DEPLOYMENT_ID;
+use super::{container_named, inspect_image, outcome, remove_container, replace, Deployment};
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
 
@@ -106,10 +104,7 @@ fn predecessor<'a>(
 }
 
 /// The container running under `name` (id) and the deployment that made it, if any.
-async fn running_deployment(
-    docker: &Docker,
-    name: &str,
-) -> Result<Option<(String, Option<Uuid>)>> {
+async fn running_deployment(docker: &Docker, name: &str) -> Result<Option<(String, Option<Uuid>)>> {
     Ok(container_named(docker, name).await?.map(|c| {
         let deployment = c
             .config

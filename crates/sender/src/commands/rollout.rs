@@ -125,7 +125,9 @@ fn print_event(event: RolloutEvent) {
                 ),
                 HostOutcome::RolledBack => format!(
                     "rolled back to {}",
-                    h.version_after.as_deref().unwrap_or("nothing (container removed)")
+                    h.version_after
+                        .as_deref()
+                        .unwrap_or("nothing (container removed)")
                 ),
                 HostOutcome::RollbackFailed => format!(
                     "ROLLBACK FAILED: {}",

@@ -141,8 +141,8 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         .map_err(|e| SenderError::Validation(format!("deployment: {e}")))?;
 
     let id = Uuid::new_v4();
-    let correlation_id = crate::routes::error::correlation_id()
-        .unwrap_or_else(|| format!("rollout-{id}"));
+    let correlation_id =
+        crate::routes::error::correlation_id().unwrap_or_else(|| format!("rollout-{id}"));
     let release = Release {
         package: package.clone(),
         spec: input.deployment,

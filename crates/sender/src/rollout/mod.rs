@@ -6,13 +6,13 @@
 //! the fleet. Nothing here knows HTTP routes or terminals; the CLI and the REST service wire it.
 
 pub mod plan;
-pub mod report;
 pub mod receivers;
+pub mod report;
 pub mod run;
 
 pub use plan::{BatchSize, Phase, Plan};
-pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use receivers::{roll_out, Release};
+pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
 
 #[cfg(test)]

@@ -36,7 +36,9 @@ impl FromStr for BatchSize {
 
     /// `N` (hosts) or `P%` (of the fleet).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("{s:?} is not a batch size: use a number of hosts (2) or a percentage of the fleet (25%)");
+        let bad = || {
+            format!("{s:?} is not a batch size: use a number of hosts (2) or a percentage of the fleet (25%)")
+        };
         match s.trim().strip_suffix('%') {
             Some(p) => match p.trim().parse::<u8>() {
                 Ok(p) if (1..=100).contains(&p) => Ok(BatchSize::Percent(p)),
@@ -60,8 +62,7 @@ impl fmt::Display for BatchSize {
 }
 
 /// Which step of the rollout a host belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[derive(utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "kind", content = "number")]
 pub enum Phase {
     /// The canary: must all be healthy before anything else moves.
@@ -96,7 +97,9 @@ impl Plan {
     /// [`default_canary`]), then batches of `batch`.
     pub fn new(hosts: usize, canary: Option<usize>, batch: BatchSize) -> Result<Self, String> {
         if hosts == 0 {
-            return Err("no hosts to roll out to: give --to URL (repeatable) or --hosts FILE".into());
+            return Err(
+                "no hosts to roll out to: give --to URL (repeatable) or --hosts FILE".into(),
+            );
         }
         let canary = canary.unwrap_or_else(|| default_canary(hosts));
         if canary > hosts {
@@ -153,28 +156,31 @@ mod tests {
     #[test]
     fn three_hosts_or_more_get_one_canary_by_default() {
         use Phase::*;
-        assert_eq!(shape(&Plan::new(1, None, BatchSize::default()).unwrap()), [(Batch(1), 1)]);
         assert_eq!(
-            shape(&Plan::new(2, None, BatchSize::default()).unwrap()),
+            shape(&Plan::new(1, None, BatchSize::default()).expect("plan")),
+            [(Batch(1), 1)]
+        );
+        assert_eq!(
+            shape(&Plan::new(2, None, BatchSize::default()).expect("plan")),
             [(Batch(1), 1), (Batch(2), 1)]
         );
         assert_eq!(
-            shape(&Plan::new(4, None, BatchSize::Percent(50)).unwrap()),
+            shape(&Plan::new(4, None, BatchSize::Percent(50)).expect("plan")),
             [(Canary, 1), (Batch(1), 2), (Batch(2), 1)]
         );
         assert_eq!(
-            shape(&Plan::new(8, Some(1), BatchSize::Percent(50)).unwrap()),
+            shape(&Plan::new(8, Some(1), BatchSize::Percent(50)).expect("plan")),
             [(Canary, 1), (Batch(1), 4), (Batch(2), 3)]
         );
         assert_eq!(
-            shape(&Plan::new(5, Some(0), BatchSize::Hosts(5)).unwrap()),
+            shape(&Plan::new(5, Some(0), BatchSize::Hosts(5)).expect("plan")),
             [(Batch(1), 5)]
         );
     }
 
     #[test]
     fn every_host_is_planned_once_in_the_order_given() {
-        let plan = Plan::new(10, Some(2), BatchSize::Hosts(3)).unwrap();
+        let plan = Plan::new(10, Some(2), BatchSize::Hosts(3)).expect("plan");
         let order: Vec<usize> = plan.steps.iter().flat_map(|(_, h)| h.clone()).collect();
         assert_eq!(order, (0..10).collect::<Vec<_>>());
         assert_eq!(plan.phases(10)[1], Phase::Canary);

@@ -80,13 +80,18 @@ pub async fn roll_out(
         }
     };
     let rollback = |i: usize, deployment: Uuid| async move {
-        roll_back(client, &targets[i], deployment, release.correlation_id.as_deref())
-            .await
-            .map(|r| r.image)
-            .map_err(|e| HostError {
-                code: e.code(),
-                message: e.to_string(),
-            })
+        roll_back(
+            client,
+            &targets[i],
+            deployment,
+            release.correlation_id.as_deref(),
+        )
+        .await
+        .map(|r| r.image)
+        .map_err(|e| HostError {
+            code: e.code(),
+            message: e.to_string(),
+        })
     };
     run(&hosts, options, deploy, rollback, abort, on_event)
         .await
@@ -99,9 +104,16 @@ pub async fn running_image(
     target: &ReceiverTarget,
     name: &str,
 ) -> Option<String> {
-    let (status, body) = signed(client, target, reqwest::Method::GET, "/deployments", Some("limit=1000"), None)
-        .await
-        .ok()?;
+    let (status, body) = signed(
+        client,
+        target,
+        reqwest::Method::GET,
+        "/deployments",
+        Some("limit=1000"),
+        None,
+    )
+    .await
+    .ok()?;
     if status != 200 {
         return None;
     }
@@ -120,7 +132,15 @@ pub async fn roll_back(
     correlation_id: Option<&str>,
 ) -> Result<RollbackResponse, SenderError> {
     let path = format!("/deployments/{deployment}/rollback");
-    let (status, body) = signed(client, target, reqwest::Method::POST, &path, None, correlation_id).await?;
+    let (status, body) = signed(
+        client,
+        target,
+        reqwest::Method::POST,
+        &path,
+        None,
+        correlation_id,
+    )
+    .await?;
     if status == 200 {
         return serde_json::from_slice(&body).map_err(|e| {
             SenderError::TransferFailed(format!(
@@ -163,7 +183,10 @@ async fn signed(
     correlation_id: Option<&str>,
 ) -> Result<(u16, bytes::Bytes), SenderError> {
     let mut url = target.base_url.clone();
-    url.set_path(&format!("{}{path}", target.base_url.path().trim_end_matches('/')));
+    url.set_path(&format!(
+        "{}{path}",
+        target.base_url.path().trim_end_matches('/')
+    ));
     url.set_query(query);
     let signed_path = match query {
         Some(q) => format!("{}?{q}", url.path()),

@@ -98,7 +98,12 @@ impl FleetState {
     pub fn of(hosts: &[HostReport]) -> Self {
         let new = hosts
             .iter()
-            .filter(|h| matches!(h.outcome, HostOutcome::Deployed | HostOutcome::RollbackFailed))
+            .filter(|h| {
+                matches!(
+                    h.outcome,
+                    HostOutcome::Deployed | HostOutcome::RollbackFailed
+                )
+            })
             .count();
         match new {
             0 => FleetState::OldRelease,

@@ -122,7 +122,11 @@ struct Ledger<'a> {
 
 impl Ledger<'_> {
     fn snapshot(&self) -> RolloutReport {
-        let mut report = self.report.lock().map(|r| r.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        let mut report = self
+            .report
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
         report.duration_ms = millis(self.started.elapsed());
         report
     }
@@ -198,7 +202,10 @@ where
         });
         if *phase == Phase::Canary && !failed_here.is_empty() {
             stop = Some((
-                format!("canary {} failed: no other host was touched", failed_here.join(", ")),
+                format!(
+                    "canary {} failed: no other host was touched",
+                    failed_here.join(", ")
+                ),
                 false,
             ));
             break;

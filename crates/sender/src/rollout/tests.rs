@@ -40,7 +40,7 @@ impl Fleet {
     }
 
     async fn deploy(&self, i: usize) -> Result<Moved, NotMoved> {
-        self.started.lock().unwrap().push(i);
+        self.started.lock().expect("lock").push(i);
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -64,8 +64,12 @@ impl Fleet {
     }
 
     async fn rollback(&self, i: usize, deployment: Uuid) -> Result<Option<String>, HostError> {
-        assert_eq!(deployment, id(i), "the rollback names the host's own deployment");
-        self.rolled_back.lock().unwrap().insert(i);
+        assert_eq!(
+            deployment,
+            id(i),
+            "the rollback names the host's own deployment"
+        );
+        self.rolled_back.lock().expect("lock").insert(i);
         if self.broken_rollback.contains(&i) {
             return Err(HostError {
                 code: ErrorCode::HealthCheckFailed,
@@ -76,11 +80,16 @@ impl Fleet {
     }
 
     fn started(&self) -> Vec<usize> {
-        self.started.lock().unwrap().clone()
+        self.started.lock().expect("lock").clone()
     }
 
     fn rolled_back(&self) -> Vec<usize> {
-        self.rolled_back.lock().unwrap().iter().copied().collect()
+        self.rolled_back
+            .lock()
+            .expect("lock")
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -137,7 +146,11 @@ async fn a_healthy_release_reaches_every_host_canary_first() {
     assert_eq!(fleet.started()[0], 0, "the canary goes first");
     assert!(fleet.rolled_back().is_empty());
     assert_eq!(report.hosts[2].version_after.as_deref(), Some("app:v2"));
-    assert!(report.table().contains("http://host3"), "{}", report.table());
+    assert!(
+        report.table().contains("http://host3"),
+        "{}",
+        report.table()
+    );
 }
 
 #[tokio::test]
@@ -145,7 +158,10 @@ async fn a_failed_canary_stops_the_rollout_before_any_other_host() {
     let fleet = Fleet::failing(&[0]);
     let report = roll_out(&fleet, 4, half()).await;
     use HostOutcome::*;
-    assert_eq!(outcomes(&report), [Failed, NotReached, NotReached, NotReached]);
+    assert_eq!(
+        outcomes(&report),
+        [Failed, NotReached, NotReached, NotReached]
+    );
     assert_eq!(fleet.started(), [0]);
     assert!(fleet.rolled_back().is_empty(), "the canary was not moved");
     assert_eq!(report.status, RolloutStatus::RolledBack);
@@ -153,7 +169,10 @@ async fn a_failed_canary_stops_the_rollout_before_any_other_host() {
     assert_eq!(report.fleet.exit_code(), 3);
     assert!(report.reason.as_deref().unwrap_or("").contains("canary"));
     let failed = &report.hosts[0];
-    assert_eq!(failed.error.as_ref().map(|e| e.code), Some(ErrorCode::HealthCheckFailed));
+    assert_eq!(
+        failed.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::HealthCheckFailed)
+    );
 }
 
 #[tokio::test]
@@ -161,7 +180,10 @@ async fn a_failure_in_a_batch_rolls_back_the_moved_hosts_and_leaves_the_rest_alo
     let fleet = Fleet::failing(&[2]);
     let report = roll_out(&fleet, 4, half()).await;
     use HostOutcome::*;
-    assert_eq!(outcomes(&report), [RolledBack, RolledBack, Failed, NotReached]);
+    assert_eq!(
+        outcomes(&report),
+        [RolledBack, RolledBack, Failed, NotReached]
+    );
     assert_eq!(fleet.rolled_back(), [0, 1]);
     assert!(!fleet.started().contains(&3));
     assert_eq!(report.status, RolloutStatus::RolledBack);
@@ -209,7 +231,10 @@ async fn a_rollback_that_fails_leaves_a_mixed_fleet() {
     });
     let report = roll_out(&fleet, 4, half()).await;
     use HostOutcome::*;
-    assert_eq!(outcomes(&report), [RolledBack, RollbackFailed, Failed, NotReached]);
+    assert_eq!(
+        outcomes(&report),
+        [RolledBack, RollbackFailed, Failed, NotReached]
+    );
     assert_eq!(report.status, RolloutStatus::Failed);
     assert_eq!(report.fleet, FleetState::Mixed);
     assert!(report.table().contains("old release unhealthy"));
@@ -244,8 +269,14 @@ async fn a_host_that_never_answers_fails_at_its_deadline() {
     .await
     .expect("plan");
     use HostOutcome::*;
-    assert_eq!(outcomes(&report), [RolledBack, Failed, RolledBack, NotReached]);
-    assert_eq!(report.hosts[1].error.as_ref().map(|e| e.code), Some(ErrorCode::Timeout));
+    assert_eq!(
+        outcomes(&report),
+        [RolledBack, Failed, RolledBack, NotReached]
+    );
+    assert_eq!(
+        report.hosts[1].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::Timeout)
+    );
 }
 
 #[tokio::test]
@@ -255,14 +286,21 @@ async fn an_abort_stops_between_hosts_and_rolls_back() {
     let trigger = abort.clone();
     let events = Mutex::new(Vec::new());
     let on_event = move |e: RolloutEvent| {
-        if let RolloutEvent::StepCompleted { phase: Phase::Canary, .. } = e {
+        if let RolloutEvent::StepCompleted {
+            phase: Phase::Canary,
+            ..
+        } = e
+        {
             trigger.cancel();
         }
-        events.lock().unwrap().push(format!("{e:?}").len());
+        events.lock().expect("lock").push(format!("{e:?}").len());
     };
     let report = roll_out_with(&fleet, 4, half(), abort, &on_event).await;
     use HostOutcome::*;
-    assert_eq!(outcomes(&report), [RolledBack, NotReached, NotReached, NotReached]);
+    assert_eq!(
+        outcomes(&report),
+        [RolledBack, NotReached, NotReached, NotReached]
+    );
     assert_eq!(report.status, RolloutStatus::Aborted);
     assert_eq!(report.fleet, FleetState::OldRelease);
 }
@@ -293,8 +331,11 @@ async fn events_tell_start_steps_and_end() {
             RolloutEvent::RollingBack { .. } => "rolling_back",
             RolloutEvent::Finished { .. } => "finished",
         };
-        seen.lock().unwrap().push(name);
+        seen.lock().expect("lock").push(name);
     };
     roll_out_with(&fleet, 3, half(), CancellationToken::new(), &on_event).await;
-    assert_eq!(*seen.lock().unwrap(), ["started", "step", "step", "finished"]);
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        ["started", "step", "step", "finished"]
+    );
 }
