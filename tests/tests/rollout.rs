@@ -243,6 +243,7 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         host_ip: None,
     }];
     let report = rollout(&fleet, &v2, with_port.clone(), &|_| {}).await;
+    eprintln!("{}", report.table());
     let _ = listener.kill();
     let _ = listener.wait();
     assert_eq!(

@@ -280,7 +280,8 @@ pub struct RollbackResponse {
     pub outcome: RollbackOutcome,
     /// True when an earlier call had already done it.
     pub repeated: bool,
-    /// The image that runs under the name now (`RESTORED`), or that ran before (`NOT_APPLIED`).
+    /// The image that runs under the name now, as the earlier deployment named it (`RESTORED`),
+    /// or that ran before (`NOT_APPLIED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The record of the re-run deployment (`RESTORED`).

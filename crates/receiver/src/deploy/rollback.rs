@@ -51,7 +51,7 @@ pub async fn roll_back(state: &AppState, id: Uuid) -> Result<RollbackResponse> {
         return Ok(respond(
             RollbackOutcome::Restored,
             false,
-            Some(record.image.clone()),
+            Some(previous.image.clone()),
             Some(record),
         ));
     }
@@ -66,7 +66,7 @@ pub async fn roll_back(state: &AppState, id: Uuid) -> Result<RollbackResponse> {
         return Ok(respond(
             RollbackOutcome::Restored,
             true,
-            Some(earlier.image.clone()),
+            predecessor.map(|p| p.image),
             Some(earlier.clone()),
         ));
     }

@@ -20,8 +20,8 @@ use crate::store::PackageInfo;
 use crate::upload::ReceiverTarget;
 use crate::SenderError;
 
-/// Longest wait for a small signed request (the journal, a rollback's answer is bounded by the
-/// rollout's own deadline).
+/// Longest wait for the journal query before a deployment (a rollback, which health-checks the
+/// earlier release, is bounded by the rollout's own rollback deadline instead).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What to roll out: a stored package and the spec to run from it.
@@ -111,6 +111,7 @@ pub async fn running_image(
         "/deployments",
         Some("limit=1000"),
         None,
+        Some(QUERY_TIMEOUT),
     )
     .await
     .ok()?;
@@ -139,6 +140,7 @@ pub async fn roll_back(
         &path,
         None,
         correlation_id,
+        None,
     )
     .await?;
     if status == 200 {
@@ -181,6 +183,7 @@ async fn signed(
     path: &str,
     query: Option<&str>,
     correlation_id: Option<&str>,
+    timeout: Option<Duration>,
 ) -> Result<(u16, bytes::Bytes), SenderError> {
     let mut url = target.base_url.clone();
     url.set_path(&format!(
@@ -201,7 +204,10 @@ async fn signed(
         unix_now(),
         envelope::new_nonce(),
     );
-    let mut request = client.request(method, url.clone()).timeout(QUERY_TIMEOUT);
+    let mut request = client.request(method, url.clone());
+    if let Some(timeout) = timeout {
+        request = request.timeout(timeout);
+    }
     if let Some(id) = correlation_id {
         request = request.header(HEADER_CORRELATION_ID, id);
     }
