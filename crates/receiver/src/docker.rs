@@ -14,6 +14,20 @@ const DOCKER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a ping may take before Docker counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The engine set by configuration, for messages of calls that have no handle at hand (the
+/// process runs one receiver; tests that run several in one process may see another's).
+static CONFIGURED_HOST: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// The configured engine, else `DOCKER_HOST`, else the local socket.
+fn shown_host() -> String {
+    CONFIGURED_HOST
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .or_else(|| std::env::var("DOCKER_HOST").ok())
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
+}
+
 /// A lazily negotiated Docker client.
 #[derive(Debug)]
 pub struct DockerHandle {
@@ -25,17 +39,21 @@ impl DockerHandle {
     /// A handle that connects on first use, to `host` (`unix://PATH` or `tcp://HOST:PORT`), or
     /// without one to `DOCKER_HOST` (default the local unix socket).
     pub fn new(host: Option<String>) -> Self {
+        let host = host.filter(|h| !h.is_empty());
+        if let Some(h) = &host {
+            *CONFIGURED_HOST
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(h.clone());
+        }
         Self {
-            host: host.filter(|h| !h.is_empty()),
+            host,
             negotiated: RwLock::new(None),
         }
     }
 
     /// Where Docker is looked for, for messages.
     pub fn host(&self) -> String {
-        self.host.clone().unwrap_or_else(|| {
-            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
-        })
+        self.host.clone().unwrap_or_else(shown_host)
     }
 
     fn connect(&self) -> std::result::Result<Docker, bollard::errors::Error> {
@@ -112,7 +130,8 @@ pub fn map_err(
         | E::IOError { .. }
         | E::RequestTimeoutError
         | E::SocketNotFoundError(_) => ReceiverError::DockerUnavailable(format!(
-            "Docker failed mid-call: {} (is the engine running and its socket reachable?)",
+            "Docker at {} failed mid-call: {} (is the engine running and its socket reachable?)",
+            shown_host(),
             causes(&e)
         )),
         E::DockerResponseServerError {
