@@ -57,7 +57,7 @@ async fn a_replay_raced_twenty_times_in_parallel_is_accepted_exactly_once() {
     let receiver = spawn_receiver(|c| c.max_concurrent_uploads = 32).await;
     let bytes = vec![9u8; 64 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let signing = Signing::new("/deployment/upload");
+    let signing = Signing::to(&receiver, "/deployment/upload");
     let headers = signing.headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
     let client = reqwest::Client::new();
@@ -99,7 +99,12 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     let packages = dir.path().join("packages");
     let bytes = vec![7u8; 32 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let headers = Signing::new("/deployment/upload").headers(&manifest);
+    // Both runs answer to one configured authority, as behind a proxy: the request is the same.
+    let signing = Signing {
+        authority: "deploy.test".into(),
+        ..Signing::new("/deployment/upload")
+    };
+    let headers = signing.headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
     let send = |url: String| {
         let body = body.clone();
@@ -107,6 +112,7 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
         async move {
             let mut request = reqwest::Client::new()
                 .post(format!("{url}/deployment/upload"))
+                .header("host", "deploy.test")
                 .header(
                     "content-type",
                     format!("multipart/form-data; boundary={BOUNDARY}"),
@@ -121,12 +127,15 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
             (status, body)
         }
     };
-    let first = spawn_receiver_in(packages.clone(), |_| {}).await;
+    let proxied = |c: &mut deploy_receiver::Config| {
+        c.receiver_authorities = vec!["deploy.test".into()];
+    };
+    let first = spawn_receiver_in(packages.clone(), proxied).await;
     let (status, body) = send(first.url.clone()).await;
     assert_eq!(status, 200, "{body}");
     first.stop().await;
 
-    let second = spawn_receiver_in(packages.clone(), |_| {}).await;
+    let second = spawn_receiver_in(packages.clone(), proxied).await;
     assert_eq!(second.state.nonces().len(), 1, "the nonce was read back");
     let (status, body) = send(second.url.clone()).await;
     assert_eq!(status, 401, "{body}");
@@ -159,14 +168,14 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
     let mut refused = 0;
     for round in 0..100 {
         // five kinds of bad envelope, each with a fresh, well-formed nonce
-        let mut wrong_secret = Signing::new("/deployment/upload");
+        let mut wrong_secret = Signing::to(&receiver, "/deployment/upload");
         wrong_secret.secret = b"attacker-guess".to_vec();
-        let mut unknown_key = Signing::new("/deployment/upload");
+        let mut unknown_key = Signing::to(&receiver, "/deployment/upload");
         unknown_key.key_id = format!("k{round}");
-        let mut stale = Signing::new("/deployment/upload");
+        let mut stale = Signing::to(&receiver, "/deployment/upload");
         stale.timestamp -= 3600;
-        let wrong_path = Signing::new("/deployment/full");
-        let mut wrong_method = Signing::new("/deployment/upload");
+        let wrong_path = Signing::to(&receiver, "/deployment/full");
+        let mut wrong_method = Signing::to(&receiver, "/deployment/upload");
         wrong_method.method = "PUT".into();
         for signing in [wrong_secret, unknown_key, stale, wrong_path, wrong_method] {
             let mut request = client
@@ -188,7 +197,7 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
         }
         // and a signed JSON request with a bad signature
         let (status, _) = {
-            let mut signing = Signing::new("/deployments");
+            let mut signing = Signing::to(&receiver, "/deployments");
             signing.method = "GET".into();
             signing.secret = b"attacker-guess".to_vec();
             let mut request = client.get(format!("{}/deployments", receiver.url));
@@ -233,7 +242,11 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
     for _ in 0..3 {
         dribblers.push(tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
-            let headers = Signing::new("/deployment/upload").headers(b"{}");
+            let headers = Signing {
+                authority: addr.to_string(),
+                ..Signing::new("/deployment/upload")
+            }
+            .headers(b"{}");
             let mut head = upload_head(addr, &headers, 1 << 20);
             head.push_str(&format!(
                 "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{{"
@@ -249,7 +262,11 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
             let bytes = vec![0u8; 1 << 20];
             let manifest = manifest_for(&bytes).to_bytes();
             let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
-            let headers = Signing::new("/deployment/upload").headers(&manifest);
+            let headers = Signing {
+                authority: addr.to_string(),
+                ..Signing::new("/deployment/upload")
+            }
+            .headers(&manifest);
             let head = upload_head(addr, &headers, body.len());
             stream.write_all(head.as_bytes()).await.expect("write");
             let start = body.len() - (1 << 20);
@@ -376,7 +393,11 @@ async fn upload_small(url: &str) -> (u16, serde_json::Value) {
             Part::manifest(manifest.clone()),
             Part::package(bytes),
         ]));
-    for (name, value) in Signing::new("/deployment/upload")
+    let signing = Signing {
+        authority: url.trim_start_matches("http://").to_owned(),
+        ..Signing::new("/deployment/upload")
+    };
+    for (name, value) in signing
         .headers(&manifest)
         .to_pairs()
     {
@@ -396,7 +417,7 @@ async fn ipv4_mapped_peers_on_a_dual_stack_socket_match_ipv4_networks() {
         };
         let port = listener.local_addr().expect("addr").port();
         let (_state, _dir, _stop) = serve_on(listener, |c| {
-            c.allowed_networks = vec![networks.parse().expect("cidr")];
+            c.allowed_networks = Some(deploy_receiver::config::parse_networks(networks).expect("cidr"));
         })
         .await;
         // Connect over IPv4: the dual-stack socket sees the peer as ::ffff:127.0.0.1.

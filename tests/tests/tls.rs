@@ -243,7 +243,7 @@ async fn the_sender_uploads_through_the_shipped_nginx_tls_proxy_and_refuses_an_u
     // replacing would turn into a 403.
     let receiver = spawn_receiver(|c| {
         c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
-        c.allowed_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+        c.allowed_networks = Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"));
     })
     .await;
     let nginx = Nginx::start(dir.path(), &receiver.url);

@@ -74,6 +74,7 @@ fn signed(r: &Receiver, path: &str, content: &[u8]) -> reqwest::RequestBuilder {
     let headers = SignatureHeaders::sign(
         KEY_ID,
         SECRET.as_bytes(),
+        Some(r.url.trim_start_matches("http://")),
         "POST",
         path,
         &Checksum::of(content),

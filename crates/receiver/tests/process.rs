@@ -55,16 +55,19 @@ fn signed_upload(addr: SocketAddr, package: &[u8]) -> (PackageManifest, String, 
     let manifest = manifest_for(package);
     let manifest_bytes = manifest.to_bytes();
     let mut body = Vec::with_capacity(package.len() + 1024);
-    for (name, bytes) in [("manifest", &manifest_bytes[..]), ("package", package)] {
+    for (name, bytes, content_type) in [
+        ("manifest", &manifest_bytes[..], "application/json"),
+        ("package", package, "application/octet-stream"),
+    ] {
         body.extend_from_slice(
-            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n")
                 .as_bytes(),
         );
         body.extend_from_slice(bytes);
         body.extend_from_slice(b"\r\n");
     }
     body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    let headers = signature(&manifest_bytes);
+    let headers = signature(&addr.to_string(), &manifest_bytes);
     let mut head = format!(
         "POST /deployment/upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n",
         body.len()
@@ -76,10 +79,11 @@ fn signed_upload(addr: SocketAddr, package: &[u8]) -> (PackageManifest, String, 
     (manifest, head, body)
 }
 
-fn signature(manifest_bytes: &[u8]) -> SignatureHeaders {
+fn signature(authority: &str, manifest_bytes: &[u8]) -> SignatureHeaders {
     SignatureHeaders::sign(
         "default",
         SECRET.as_bytes(),
+        Some(authority),
         "POST",
         "/deployment/upload",
         &Checksum::of(manifest_bytes),

@@ -335,6 +335,7 @@ async fn check_key(client: &reqwest::Client, target: &ReceiverTarget, report: &m
     let headers = SignatureHeaders::sign(
         &target.key_id,
         &target.secret,
+        Some(&crate::upload::authority(&url)),
         "GET",
         &path_and_query,
         &Checksum::of(b""),

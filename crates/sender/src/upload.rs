@@ -343,6 +343,7 @@ async fn upload_once(
     let headers = SignatureHeaders::sign(
         &target.key_id,
         &target.secret,
+        Some(&authority(&url)),
         "POST",
         url.path(),
         &Checksum::of(&manifest_bytes),
@@ -576,6 +577,16 @@ pub async fn manifest_for_file(
         .validate()
         .map_err(|e| SenderError::Validation(e.to_string()))?;
     Ok(manifest)
+}
+
+/// The authority a request to `url` is signed for: `host[:port]` exactly as the HTTP client puts
+/// it in the `Host` header (the port only when it is not the scheme's default).
+pub fn authority(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -62,8 +62,18 @@ pub async fn spawn_receiver_in(package_dir: PathBuf, tune: impl FnOnce(&mut Conf
 }
 
 impl Receiver {
+    /// The authority requests to it are signed for (`127.0.0.1:<port>`).
+    pub fn authority(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
     /// Stops serving and waits for the server task.
     pub async fn stop(mut self) {
+        self.stop_in_place().await;
+    }
+
+    /// As [`Receiver::stop`], keeping the value (its directory stays until it is dropped).
+    pub async fn stop_in_place(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -181,7 +191,11 @@ pub fn multipart_body(parts: &[Part]) -> Vec<u8> {
 }
 
 /// How to sign a hand-made request; every field can be bent to test a refusal.
+#[derive(Clone)]
 pub struct Signing {
+    /// The authority signed (`host:port`); [`send_multipart`] and [`send_json`] fill in the
+    /// receiver's when it is empty.
+    pub authority: String,
     pub key_id: String,
     pub secret: Vec<u8>,
     pub method: String,
@@ -194,6 +208,7 @@ impl Signing {
     /// Correct signing for `path`.
     pub fn new(path: &str) -> Self {
         Self {
+            authority: String::new(),
             key_id: KEY_ID.into(),
             secret: SECRET.as_bytes().to_vec(),
             method: "POST".into(),
@@ -203,11 +218,20 @@ impl Signing {
         }
     }
 
+    /// Correct signing for `path` on `receiver`.
+    pub fn to(receiver: &Receiver, path: &str) -> Self {
+        Self {
+            authority: receiver.authority().to_owned(),
+            ..Self::new(path)
+        }
+    }
+
     /// The headers for `content` (the manifest bytes or JSON body).
     pub fn headers(&self, content: &[u8]) -> SignatureHeaders {
         SignatureHeaders::sign(
             &self.key_id,
             &self.secret,
+            Some(&self.authority),
             &self.method,
             &self.path,
             &Checksum::of(content),
@@ -225,6 +249,10 @@ pub async fn send_multipart(
     signed_manifest: &[u8],
     parts: &[Part],
 ) -> (u16, serde_json::Value) {
+    let mut signing = signing.clone();
+    if signing.authority.is_empty() {
+        signing.authority = receiver.authority().to_owned();
+    }
     let headers = signing.headers(signed_manifest);
     let mut request = reqwest::Client::new()
         .post(format!("{}{url_path}", receiver.url))
@@ -252,7 +280,7 @@ pub async fn send_json(
     path: &str,
     body: &[u8],
 ) -> (u16, serde_json::Value) {
-    let mut signing = Signing::new(path);
+    let mut signing = Signing::to(receiver, path);
     signing.method = method.into();
     let headers = signing.headers(body);
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
