@@ -57,8 +57,16 @@ fuzz_target!(|data: &[u8]| {
 
     // Round trip: sign the fields as a client would, and verify as the receiver does.
     if let Ok(ts) = timestamp.parse::<i64>() {
-        let signed =
-            SignatureHeaders::sign(&key_id, SECRET, Some(AUTHORITY), &method, &path, &digest, ts, nonce.clone());
+        let signed = SignatureHeaders::sign(
+            &key_id,
+            SECRET,
+            Some(AUTHORITY),
+            &method,
+            &path,
+            &digest,
+            ts,
+            nonce.clone(),
+        );
         let reparsed = SignatureHeaders::parse(|name| match name {
             HEADER_KEY_ID => Some(signed.key_id.as_str()),
             HEADER_TIMESTAMP => Some(timestamp.as_str()),
@@ -67,9 +75,13 @@ fuzz_target!(|data: &[u8]| {
             _ => None,
         });
         if let Ok(h) = reparsed {
-            assert!(h.verify(&ring, Some(AUTHORITY), &method, &path, &digest, ts, 0).is_ok());
+            assert!(h
+                .verify(&ring, Some(AUTHORITY), &method, &path, &digest, ts, 0)
+                .is_ok());
             let other = Checksum::of(format!("{content}x").as_bytes());
-            assert!(h.verify(&ring, Some(AUTHORITY), &method, &path, &other, ts, 0).is_err());
+            assert!(h
+                .verify(&ring, Some(AUTHORITY), &method, &path, &other, ts, 0)
+                .is_err());
         }
     }
 });

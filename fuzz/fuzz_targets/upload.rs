@@ -35,7 +35,8 @@ fn fresh_state() -> (AppState, axum::Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::for_dir(dir.path().join("packages"), SECRET);
     config.max_package_size = 1 << 20;
-    config.allowed_networks = Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"));
+    config.allowed_networks =
+        Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"));
     let state = AppState::new(config).expect("state");
     let app = deploy_receiver::app(state.clone());
     (state, app, dir)

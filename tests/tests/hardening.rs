@@ -397,10 +397,7 @@ async fn upload_small(url: &str) -> (u16, serde_json::Value) {
         authority: url.trim_start_matches("http://").to_owned(),
         ..Signing::new("/deployment/upload")
     };
-    for (name, value) in signing
-        .headers(&manifest)
-        .to_pairs()
-    {
+    for (name, value) in signing.headers(&manifest).to_pairs() {
         request = request.header(name, value);
     }
     let response = request.send().await.expect("send");
@@ -417,7 +414,8 @@ async fn ipv4_mapped_peers_on_a_dual_stack_socket_match_ipv4_networks() {
         };
         let port = listener.local_addr().expect("addr").port();
         let (_state, _dir, _stop) = serve_on(listener, |c| {
-            c.allowed_networks = Some(deploy_receiver::config::parse_networks(networks).expect("cidr"));
+            c.allowed_networks =
+                Some(deploy_receiver::config::parse_networks(networks).expect("cidr"));
         })
         .await;
         // Connect over IPv4: the dual-stack socket sees the peer as ::ffff:127.0.0.1.

@@ -69,7 +69,10 @@ fn signed_head(addr: SocketAddr, path: &str, headers: &SignatureHeaders, len: us
 /// A whole signed upload of `bytes` as raw HTTP, signed for `authority`.
 fn signed_upload(addr: SocketAddr, authority: &str, bytes: &[u8]) -> Vec<u8> {
     let manifest = manifest_for(bytes).to_bytes();
-    let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes.to_vec())]);
+    let body = multipart_body(&[
+        Part::manifest(manifest.clone()),
+        Part::package(bytes.to_vec()),
+    ]);
     let headers = Signing {
         authority: authority.into(),
         ..Signing::new("/deployment/upload")
@@ -115,9 +118,13 @@ async fn clients_without_a_key_cannot_hold_the_upload_slots() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
-    let (status, body) = exchange(addr, &signed_upload(addr, receiver.authority(), &[5u8; 4096]), WAIT)
-        .await
-        .expect("an answer");
+    let (status, body) = exchange(
+        addr,
+        &signed_upload(addr, receiver.authority(), &[5u8; 4096]),
+        WAIT,
+    )
+    .await
+    .expect("an answer");
     eprintln!(
         "figure: signed upload with 4 unsigned holders (MAX_CONCURRENT_UPLOADS=1): {status} in {} ms",
         started.elapsed().as_millis()
@@ -150,15 +157,18 @@ async fn bytes_before_the_manifest_are_bounded_before_authentication() {
         stream.write_all(request.as_bytes()).await.expect("head");
         let started = Instant::now();
         let _ = stream.write_all(&body).await;
-        let (status, text) = answer(&mut stream, WAIT)
-            .await
-            .unwrap_or_else(|| panic!("{what}: no answer within {WAIT:?}: the body is being buffered"));
+        let (status, text) = answer(&mut stream, WAIT).await.unwrap_or_else(|| {
+            panic!("{what}: no answer within {WAIT:?}: the body is being buffered")
+        });
         eprintln!(
             "figure: {what} of 1 MiB without a manifest: {status} after {} ms (bound {bound} bytes)",
             started.elapsed().as_millis()
         );
         assert_eq!(status, 400, "{what}: {text}");
-        assert!(text.contains("before the end of the manifest part"), "{what}: {text}");
+        assert!(
+            text.contains("before the end of the manifest part"),
+            "{what}: {text}"
+        );
     }
 }
 
@@ -179,7 +189,11 @@ async fn a_json_body_that_stops_coming_is_cut_off() {
         "figure: JSON body stalled after 1 of 100 bytes: {status} after {} ms (UPLOAD_IDLE_TIMEOUT_SECS=1)",
         started.elapsed().as_millis()
     );
-    assert_eq!((status, code_of(&body).as_str()), (408, "TIMEOUT"), "{body}");
+    assert_eq!(
+        (status, code_of(&body).as_str()),
+        (408, "TIMEOUT"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -226,9 +240,13 @@ async fn health_answers_while_unauthenticated_connections_fill_the_limit() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    let (status, _) = exchange(addr, format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(), WAIT)
-        .await
-        .expect("/health answered");
+    let (status, _) = exchange(
+        addr,
+        format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+        WAIT,
+    )
+    .await
+    .expect("/health answered");
     eprintln!(
         "figure: /health with 40 half-open connections over MAX_CONNECTIONS=16: {status} in {} ms",
         started.elapsed().as_millis()
@@ -277,11 +295,18 @@ async fn every_forwarded_for_line_is_read_in_order() {
             request.push_str(&format!("X-Forwarded-For: {line}\r\n"));
         }
         request.push_str("\r\n");
-        exchange(addr, request.as_bytes(), WAIT).await.expect("answer").0
+        exchange(addr, request.as_bytes(), WAIT)
+            .await
+            .expect("answer")
+            .0
     };
     // The client wrote the first line; the proxy appended the second with the real address.
     assert_eq!(send(vec!["10.1.1.1", "192.0.2.7"]).await, 403);
-    assert_eq!(send(vec!["192.0.2.7", "10.1.1.1"]).await, 401, "allowed, then unsigned");
+    assert_eq!(
+        send(vec!["192.0.2.7", "10.1.1.1"]).await,
+        401,
+        "allowed, then unsigned"
+    );
     assert_eq!(send(vec!["10.1.1.1, 192.0.2.7"]).await, 403);
     assert_eq!(send(vec!["10.1.1.1", "not-an-address"]).await, 403);
 }
@@ -295,7 +320,10 @@ async fn the_timestamp_is_verified_as_sent() {
     for prefix in ["+", "0", "00", " 0"] {
         let bytes = [3u8; 100];
         let manifest = manifest_for(&bytes).to_bytes();
-        let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes.to_vec())]);
+        let body = multipart_body(&[
+            Part::manifest(manifest.clone()),
+            Part::package(bytes.to_vec()),
+        ]);
         let headers = Signing::to(&receiver, "/deployment/upload").headers(&manifest);
         let mut request = signed_head(addr, "/deployment/upload", &headers, body.len());
         request = request.replace(
@@ -306,7 +334,11 @@ async fn the_timestamp_is_verified_as_sent() {
         let mut request = request.into_bytes();
         request.extend_from_slice(&body);
         let (status, text) = exchange(addr, &request, WAIT).await.expect("answer");
-        assert_eq!((status, code_of(&text).as_str()), (401, "UNAUTHORIZED"), "{prefix:?}: {text}");
+        assert_eq!(
+            (status, code_of(&text).as_str()),
+            (401, "UNAUTHORIZED"),
+            "{prefix:?}: {text}"
+        );
     }
     assert!(receiver.files().is_empty(), "{:?}", receiver.files());
 }
@@ -321,11 +353,19 @@ async fn a_request_signed_for_one_receiver_is_refused_by_every_other() {
     // Captured on its way to A, replayed to B (another port on the same host) first.
     let for_a = signed_upload(a.addr, a.authority(), &bytes);
     let (status, text) = exchange(b.addr, &for_a, WAIT).await.expect("answer");
-    assert_eq!((status, code_of(&text).as_str()), (401, "UNAUTHORIZED"), "{text}");
+    assert_eq!(
+        (status, code_of(&text).as_str()),
+        (401, "UNAUTHORIZED"),
+        "{text}"
+    );
     assert!(text.contains("not this receiver"), "{text}");
     // With B's Host header, the signature (over A's authority) does not match.
     let retargeted = String::from_utf8_lossy(&for_a)
-        .replacen(&format!("Host: {}", a.addr), &format!("Host: {}", b.addr), 1)
+        .replacen(
+            &format!("Host: {}", a.addr),
+            &format!("Host: {}", b.addr),
+            1,
+        )
         .into_bytes();
     let (status, text) = exchange(b.addr, &retargeted, WAIT).await.expect("answer");
     assert_eq!(status, 401, "{text}");
@@ -336,9 +376,16 @@ async fn a_request_signed_for_one_receiver_is_refused_by_every_other() {
     // A name of the host (localhost) with A's port is A too; another port is not.
     let localhost = format!("localhost:{}", a.addr.port());
     let request = String::from_utf8_lossy(&signed_upload(a.addr, &localhost, &bytes))
-        .replacen(&format!("Host: {}", a.addr), &format!("Host: {localhost}"), 1)
+        .replacen(
+            &format!("Host: {}", a.addr),
+            &format!("Host: {localhost}"),
+            1,
+        )
         .into_bytes();
-    assert_eq!(exchange(a.addr, &request, WAIT).await.expect("answer").0, 200);
+    assert_eq!(
+        exchange(a.addr, &request, WAIT).await.expect("answer").0,
+        200
+    );
 }
 
 #[tokio::test]
@@ -346,7 +393,10 @@ async fn the_unbound_form_is_refused_unless_enabled() {
     let bytes = [9u8; 500];
     let unbound = |r: &Receiver| {
         let manifest = manifest_for(&bytes).to_bytes();
-        let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes.to_vec())]);
+        let body = multipart_body(&[
+            Part::manifest(manifest.clone()),
+            Part::package(bytes.to_vec()),
+        ]);
         let headers = SignatureHeaders::sign(
             KEY_ID,
             SECRET.as_bytes(),
@@ -364,10 +414,14 @@ async fn the_unbound_form_is_refused_unless_enabled() {
         request
     };
     let strict = spawn_receiver(|_| {}).await;
-    let (status, text) = exchange(strict.addr, &unbound(&strict), WAIT).await.expect("answer");
+    let (status, text) = exchange(strict.addr, &unbound(&strict), WAIT)
+        .await
+        .expect("answer");
     assert_eq!(status, 401, "{text}");
     let lenient = spawn_receiver(|c| c.accept_unbound_signatures = true).await;
-    let (status, text) = exchange(lenient.addr, &unbound(&lenient), WAIT).await.expect("answer");
+    let (status, text) = exchange(lenient.addr, &unbound(&lenient), WAIT)
+        .await
+        .expect("answer");
     assert_eq!(status, 200, "{text}");
 }
 
@@ -376,12 +430,19 @@ async fn host_header_tricks_are_refused() {
     let receiver = spawn_receiver(|_| {}).await;
     let addr = receiver.addr;
     let bytes = [1u8; 100];
-    let request = String::from_utf8_lossy(&signed_upload(addr, receiver.authority(), &bytes)).into_owned();
+    let request =
+        String::from_utf8_lossy(&signed_upload(addr, receiver.authority(), &bytes)).into_owned();
     let host = format!("Host: {addr}\r\n");
     for (what, changed) in [
-        ("two Host lines", request.replacen(&host, &format!("{host}{host}"), 1)),
+        (
+            "two Host lines",
+            request.replacen(&host, &format!("{host}{host}"), 1),
+        ),
         ("no Host", request.replacen(&host, "", 1)),
-        ("user info", request.replacen(&host, &format!("Host: u@{addr}\r\n"), 1)),
+        (
+            "user info",
+            request.replacen(&host, &format!("Host: u@{addr}\r\n"), 1),
+        ),
         (
             "absolute target naming another authority",
             request.replacen(
@@ -390,8 +451,14 @@ async fn host_header_tricks_are_refused() {
                 1,
             ),
         ),
-        ("port with a leading zero", request.replacen(&host, &format!("Host: 127.0.0.1:0{}\r\n", addr.port()), 1)),
-        ("trailing dot", request.replacen(&host, &format!("Host: 127.0.0.1.:{}\r\n", addr.port()), 1)),
+        (
+            "port with a leading zero",
+            request.replacen(&host, &format!("Host: 127.0.0.1:0{}\r\n", addr.port()), 1),
+        ),
+        (
+            "trailing dot",
+            request.replacen(&host, &format!("Host: 127.0.0.1.:{}\r\n", addr.port()), 1),
+        ),
     ] {
         let (status, text) = exchange(addr, changed.as_bytes(), WAIT)
             .await
@@ -434,7 +501,8 @@ async fn a_second_envelope_header_line_is_refused() {
     let receiver = spawn_receiver(|_| {}).await;
     let addr = receiver.addr;
     let bytes = [4u8; 100];
-    let request = String::from_utf8_lossy(&signed_upload(addr, receiver.authority(), &bytes)).into_owned();
+    let request =
+        String::from_utf8_lossy(&signed_upload(addr, receiver.authority(), &bytes)).into_owned();
     for name in [
         "x-deploy-signature",
         "x-deploy-key-id",
@@ -448,7 +516,9 @@ async fn a_second_envelope_header_line_is_refused() {
             .unwrap_or_else(|| panic!("{name} in the request"))
             .to_owned();
         let doubled = request.replacen(&line, &format!("{line}\r\n{line}"), 1);
-        let (status, text) = exchange(addr, doubled.as_bytes(), WAIT).await.expect("answer");
+        let (status, text) = exchange(addr, doubled.as_bytes(), WAIT)
+            .await
+            .expect("answer");
         assert!(matches!(status, 400 | 401), "{name} twice: {status} {text}");
     }
     assert!(receiver.files().is_empty(), "{:?}", receiver.files());
@@ -463,7 +533,10 @@ async fn part_content_types_and_created_at_are_checked() {
         (
             "manifest as text/plain",
             vec![
-                Part { content_type: "text/plain", ..Part::manifest(manifest.clone()) },
+                Part {
+                    content_type: "text/plain",
+                    ..Part::manifest(manifest.clone())
+                },
                 Part::package(bytes.clone()),
             ],
         ),
@@ -471,7 +544,10 @@ async fn part_content_types_and_created_at_are_checked() {
             "package as text/html",
             vec![
                 Part::manifest(manifest.clone()),
-                Part { content_type: "text/html", ..Part::package(bytes.clone()) },
+                Part {
+                    content_type: "text/html",
+                    ..Part::package(bytes.clone())
+                },
             ],
         ),
     ] {
@@ -483,7 +559,11 @@ async fn part_content_types_and_created_at_are_checked() {
             &parts,
         )
         .await;
-        assert_eq!((status, code(&body)), (400, "VALIDATION_ERROR"), "{what}: {body}");
+        assert_eq!(
+            (status, code(&body)),
+            (400, "VALIDATION_ERROR"),
+            "{what}: {body}"
+        );
     }
     let mut dated = manifest_for(&bytes);
     dated.created_at = Some("yesterday\u{7}".into());
@@ -514,7 +594,11 @@ async fn control_characters_in_environment_keys_are_refused() {
             &serde_json::to_vec(&spec).expect("json"),
         )
         .await;
-        assert_eq!((status, code(&body)), (400, "VALIDATION_ERROR"), "{key:?}: {body}");
+        assert_eq!(
+            (status, code(&body)),
+            (400, "VALIDATION_ERROR"),
+            "{key:?}: {body}"
+        );
     }
 }
 
@@ -533,15 +617,17 @@ async fn packages_and_state_are_private_to_the_receiver() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let mode = |p: &std::path::Path| {
-        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
-    };
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
     let dir = &receiver.package_dir;
     assert_eq!(mode(dir), 0o700, "package directory");
     let state = dir.join(".state");
     assert_eq!(mode(&state), 0o700, "state directory");
     let mut files = 0;
-    for entry in std::fs::read_dir(dir).expect("read dir").chain(std::fs::read_dir(&state).expect("state")) {
+    for entry in std::fs::read_dir(dir)
+        .expect("read dir")
+        .chain(std::fs::read_dir(&state).expect("state"))
+    {
         let path = entry.expect("entry").path();
         if path.is_file() {
             assert_eq!(mode(&path), 0o600, "{}", path.display());
@@ -572,12 +658,19 @@ async fn a_registered_package_shares_nothing_with_its_source() {
     // Rewritten in place after the 200 (same inode, other bytes).
     {
         use std::io::{Seek, Write};
-        let mut f = std::fs::OpenOptions::new().write(true).open(&source).expect("open");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source)
+            .expect("open");
         f.seek(std::io::SeekFrom::Start(0)).expect("seek");
         f.write_all(&vec![0xa5u8; 200_000]).expect("rewrite");
     }
     let stored = receiver
         .package_dir
         .join(format!("{}.pkg", manifest.package_id));
-    assert_eq!(std::fs::read(&stored).expect("stored"), bytes, "the stored copy changed with its source");
+    assert_eq!(
+        std::fs::read(&stored).expect("stored"),
+        bytes,
+        "the stored copy changed with its source"
+    );
 }

@@ -163,7 +163,11 @@ pub fn is_valid_authority(authority: &str) -> bool {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
     };
     let port_ok = port.is_none_or(|p| {
-        !p.is_empty() && !p.starts_with('0') && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|n| n > 0)
+        !p.is_empty()
+            && !p.starts_with('0')
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
     });
     host_ok && port_ok
 }
@@ -174,7 +178,11 @@ pub fn split_authority(authority: &str) -> (&str, Option<&str>) {
         return match authority.find(']') {
             Some(end) => {
                 let (host, rest) = authority.split_at(end + 1);
-                (host, rest.strip_prefix(':').or(if rest.is_empty() { None } else { Some(rest) }))
+                (
+                    host,
+                    rest.strip_prefix(':')
+                        .or(if rest.is_empty() { None } else { Some(rest) }),
+                )
             }
             None => (authority, None),
         };
@@ -270,7 +278,8 @@ impl SignatureHeaders {
             .flatten()
             .ok_or(AuthError::InvalidHeader {
                 name: HEADER_TIMESTAMP,
-                reason: "Unix time in whole seconds, decimal digits only (no sign, no leading zero)",
+                reason:
+                    "Unix time in whole seconds, decimal digits only (no sign, no leading zero)",
             })?;
         let nonce = need(HEADER_NONCE)?;
         if !is_valid_nonce(nonce) {

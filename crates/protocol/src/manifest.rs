@@ -170,10 +170,11 @@ pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();
     let num = |range: std::ops::Range<usize>| -> Option<u32> {
         let digits = b.get(range)?;
-        digits
-            .iter()
-            .all(u8::is_ascii_digit)
-            .then(|| digits.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')))
+        digits.iter().all(u8::is_ascii_digit).then(|| {
+            digits
+                .iter()
+                .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+        })
     };
     if s.len() > 64 || b.len() < 20 {
         return false;

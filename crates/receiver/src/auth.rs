@@ -278,7 +278,10 @@ mod tests {
         let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
         let untrusted: IpAddr = "127.0.0.9".parse().expect("ip");
         let trusted = nets(&["127.0.0.1/32", "10.9.0.0/16"]);
-        assert_eq!(client_ip(untrusted, &[b"10.1.1.1"], &trusted), Some(untrusted));
+        assert_eq!(
+            client_ip(untrusted, &[b"10.1.1.1"], &trusted),
+            Some(untrusted)
+        );
         assert_eq!(
             client_ip(proxy, &[b"192.0.2.7, 10.9.0.3"], &trusted),
             ip("192.0.2.7")
@@ -292,8 +295,14 @@ mod tests {
             client_ip(proxy, &[b"10.1.1.1", b"10.9.0.3"], &trusted),
             ip("10.1.1.1")
         );
-        assert_eq!(client_ip(proxy, &[b"[2001:db8::1]"], &trusted), ip("2001:db8::1"));
-        assert_eq!(client_ip(proxy, &[b"192.0.2.7:5000"], &trusted), ip("192.0.2.7"));
+        assert_eq!(
+            client_ip(proxy, &[b"[2001:db8::1]"], &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client_ip(proxy, &[b"192.0.2.7:5000"], &trusted),
+            ip("192.0.2.7")
+        );
         assert_eq!(client_ip(proxy, &[b"garbage"], &trusted), None);
         assert_eq!(client_ip(proxy, &[b"10.1.1.1, garbage"], &trusted), None);
         assert_eq!(client_ip(proxy, &[b"\xff10.1.1.1"], &trusted), None);

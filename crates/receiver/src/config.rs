@@ -204,7 +204,10 @@ pub enum AllowedNetworks {
 pub fn parse_networks(s: &str) -> Result<AllowedNetworks, String> {
     let s = s.trim();
     if s.is_empty() {
-        return Err("empty: name the client networks as CIDRs (10.0.0.0/8,192.168.86.0/24) or say `any`".into());
+        return Err(
+            "empty: name the client networks as CIDRs (10.0.0.0/8,192.168.86.0/24) or say `any`"
+                .into(),
+        );
     }
     if s.eq_ignore_ascii_case("any") {
         return Ok(AllowedNetworks::Any);
@@ -215,7 +218,11 @@ pub fn parse_networks(s: &str) -> Result<AllowedNetworks, String> {
             entry
                 .parse::<IpNet>()
                 .or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{entry:?} is not a CIDR (10.0.0.0/8) or an address; `any` stands alone"))
+                .map_err(|_| {
+                    format!(
+                        "{entry:?} is not a CIDR (10.0.0.0/8) or an address; `any` stands alone"
+                    )
+                })
         })
         .collect::<Result<Vec<_>, _>>()
         .map(AllowedNetworks::Only)

@@ -38,7 +38,11 @@ impl BodyTimeout {
 }
 
 /// Middleware: puts the deadline on the request's body.
-pub async fn body_deadline(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn body_deadline(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     if request.body().is_end_stream() {
         return next.run(request).await;
     }

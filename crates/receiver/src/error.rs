@@ -1,7 +1,6 @@
 //! The receiver's one error type: each variant has a stable [`ErrorCode`] and renders the JSON
 //! error body. Server-side failures are logged once, here.
 
-
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;

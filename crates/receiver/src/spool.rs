@@ -220,9 +220,7 @@ async fn receive(
     })?;
     let constraints = multer::Constraints::new()
         .allowed_fields(vec![PART_MANIFEST, PART_PACKAGE])
-        .size_limit(
-            multer::SizeLimit::new().for_field(PART_MANIFEST, MAX_MANIFEST_BYTES as u64),
-        );
+        .size_limit(multer::SizeLimit::new().for_field(PART_MANIFEST, MAX_MANIFEST_BYTES as u64));
     let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
     let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
     // Until the signature is checked, the whole (at most 64 KiB) manifest must come within one
@@ -363,7 +361,9 @@ fn expect_part(field: &multer::Field<'_>, expected: &str, content_type: &str) ->
             )))
         }
     }
-    let given = field.content_type().map(|m| m.essence_str().to_ascii_lowercase());
+    let given = field
+        .content_type()
+        .map(|m| m.essence_str().to_ascii_lowercase());
     if given.as_deref() != Some(content_type) {
         return Err(ReceiverError::Validation(format!(
             "part {expected:?} must have Content-Type {content_type}, not {}",
@@ -664,7 +664,10 @@ mod tests {
             }
         };
         assert_eq!(given, MAX_BYTES_BEFORE_AUTHENTICATION);
-        assert!(refused.contains("before the end of the manifest part"), "{refused}");
+        assert!(
+            refused.contains("before the end of the manifest part"),
+            "{refused}"
+        );
         // Authenticated: the held rest comes, then the remaining chunks.
         budget.lift();
         let mut rest = 0;

@@ -80,7 +80,10 @@ impl AppState {
             })?;
         let images_file = config.state_dir().join(IMAGES_FILE);
         let images = LoadedImages::open(&images_file).map_err(|e| {
-            anyhow::anyhow!("cannot read the loaded-image list {}: {e}", images_file.display())
+            anyhow::anyhow!(
+                "cannot read the loaded-image list {}: {e}",
+                images_file.display()
+            )
         })?;
         Ok(Self(Arc::new(Inner {
             images,

@@ -206,11 +206,19 @@ impl PackageStore {
             return Err(ImportError::Mismatch { checksum, size });
         }
         if let Some(existing) = self.get(id)? {
-            return Ok(Imported { package: existing, size, existed: true });
+            return Ok(Imported {
+                package: existing,
+                size,
+                existed: true,
+            });
         }
         let package = self.commit(temp.path(), manifest)?;
         temp.disarm();
-        Ok(Imported { package, size, existed: false })
+        Ok(Imported {
+            package,
+            size,
+            existed: false,
+        })
     }
 
     /// Deletes a stored package: its manifest first (so a crash in between leaves an orphan that

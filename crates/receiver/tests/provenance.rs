@@ -17,7 +17,11 @@ fn name() -> String {
 }
 
 async fn image_id(docker: &Docker, reference: &str) -> Option<String> {
-    docker.inspect_image(reference).await.ok().and_then(|i| i.id)
+    docker
+        .inspect_image(reference)
+        .await
+        .ok()
+        .and_then(|i| i.id)
 }
 
 /// Uploads `package` with `tags` in its manifest; returns its id.
@@ -113,16 +117,30 @@ async fn an_image_the_host_had_is_never_run_retagged_or_pruned() {
             &json!({ "deployment": spec, "package_id": uuid::Uuid::new_v4() }),
         )
         .await;
-    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "POLICY_DENIED"), "{body}");
-    assert!(containers_named(&docker, std::slice::from_ref(&name)).await.is_empty());
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "POLICY_DENIED"),
+        "{body}"
+    );
+    assert!(containers_named(&docker, std::slice::from_ref(&name))
+        .await
+        .is_empty());
 
     // A package that declares the host's tag: loaded, the tag put back, refused.
     let id = upload_tagged(&receiver, &[&host], evil).await;
     let (status, body) = receiver
         .post("/deployment/load", &json!({ "package_id": id }))
         .await;
-    assert_eq!((status, code(&body)), (StatusCode::FORBIDDEN, "POLICY_DENIED"), "{body}");
-    assert_eq!(image_id(&docker, &host).await, Some(host_id.clone()), "the tag moved");
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "POLICY_DENIED"),
+        "{body}"
+    );
+    assert_eq!(
+        image_id(&docker, &host).await,
+        Some(host_id.clone()),
+        "the tag moved"
+    );
 
     // Two real deployments of the name, history 1: cleanup prunes, the host image stays.
     for version in ["v1", "v2"] {
@@ -132,7 +150,11 @@ async fn an_image_the_host_had_is_never_run_retagged_or_pruned() {
         let (status, body) = receiver.full(&[&tag], package, &web_spec(&name)).await;
         assert_eq!(status, StatusCode::OK, "{version}: {body}");
     }
-    assert_eq!(image_id(&docker, &host).await, Some(host_id), "the host image was pruned");
+    assert_eq!(
+        image_id(&docker, &host).await,
+        Some(host_id),
+        "the host image was pruned"
+    );
     receiver.stop().await;
 }
 
@@ -165,11 +187,24 @@ async fn a_container_the_receiver_did_not_create_is_left_alone_unless_adopted() 
     let dir = temp_dir();
     let receiver = Receiver::start(dir.path()).await;
     let package = save_image(&docker, &tag).await;
-    let (status, body) = receiver.full(&[&tag], package.clone(), &web_spec(&name)).await;
-    assert_eq!((status, code(&body)), (StatusCode::CONFLICT, "CONFLICT"), "{body}");
-    assert!(body.to_string().contains(&name), "the refusal names it: {body}");
+    let (status, body) = receiver
+        .full(&[&tag], package.clone(), &web_spec(&name))
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "CONFLICT"),
+        "{body}"
+    );
+    assert!(
+        body.to_string().contains(&name),
+        "the refusal names it: {body}"
+    );
     let still = inspect(&docker, &theirs).await;
-    assert_eq!(still.state.and_then(|s| s.running), Some(true), "it was stopped");
+    assert_eq!(
+        still.state.and_then(|s| s.running),
+        Some(true),
+        "it was stopped"
+    );
 
     let mut adopt = web_spec(&name);
     adopt.adopt_existing = true;

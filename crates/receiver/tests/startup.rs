@@ -53,7 +53,11 @@ fn an_unset_empty_or_blank_allowlist_is_a_start_up_error() {
 }
 
 /// Starts the binary; returns the child and its address.
-fn start(prefix: &str, env: &[(&str, &str)], dir: &std::path::Path) -> (std::process::Child, String) {
+fn start(
+    prefix: &str,
+    env: &[(&str, &str)],
+    dir: &std::path::Path,
+) -> (std::process::Child, String) {
     let mut child = command(prefix, env, dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -112,7 +116,9 @@ async fn health_answers_with_more_slow_clients_than_descriptors() {
     let started = Instant::now();
     let mut health = TcpStream::connect(&addr).await.expect("connect");
     health
-        .write_all(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("write");
     let mut answer = Vec::new();

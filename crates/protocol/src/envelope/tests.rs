@@ -137,20 +137,33 @@ fn a_signature_is_bound_to_its_authority() {
         )
     };
     assert_eq!(verify(Some(AUTHORITY)), Ok(()));
-    assert_eq!(verify(Some("192.168.86.200:8002")), Err(AuthError::BadSignature));
-    assert_eq!(verify(Some("192.168.86.201:8001")), Err(AuthError::BadSignature));
+    assert_eq!(
+        verify(Some("192.168.86.200:8002")),
+        Err(AuthError::BadSignature)
+    );
+    assert_eq!(
+        verify(Some("192.168.86.201:8001")),
+        Err(AuthError::BadSignature)
+    );
     assert_eq!(verify(Some("192.168.86.200")), Err(AuthError::BadSignature));
     assert_eq!(verify(None), Err(AuthError::BadSignature));
 }
 
 #[test]
 fn authority_forms() {
-    for good in ["a", "deploy.example.com", "10.0.0.1:8001", "[::1]:8001", "[fe80::1]", "h_1:65535"] {
+    for good in [
+        "a",
+        "deploy.example.com",
+        "10.0.0.1:8001",
+        "[::1]:8001",
+        "[fe80::1]",
+        "h_1:65535",
+    ] {
         assert!(is_valid_authority(good), "{good}");
     }
     for bad in [
-        "", ":8001", "a:", "a:0", "a:65536", "a:+1", "a:80:80", "u@h", "h/x", "h h", "::1", "[::1", "[x]:1",
-        "[::1]x", "h\t", "h:008001",
+        "", ":8001", "a:", "a:0", "a:65536", "a:+1", "a:80:80", "u@h", "h/x", "h h", "::1", "[::1",
+        "[x]:1", "[::1]x", "h\t", "h:008001",
     ] {
         assert!(!is_valid_authority(bad), "{bad}");
     }
@@ -161,7 +174,17 @@ fn timestamps_are_canonical() {
     for good in ["0", "1", "1761393600"] {
         assert!(is_canonical_timestamp(good), "{good}");
     }
-    for bad in ["", "+1761393600", "01761393600", "-5", " 1", "1761393600 ", "1e9", "0x10", "1_000"] {
+    for bad in [
+        "",
+        "+1761393600",
+        "01761393600",
+        "-5",
+        " 1",
+        "1761393600 ",
+        "1e9",
+        "0x10",
+        "1_000",
+    ] {
         assert!(!is_canonical_timestamp(bad), "{bad}");
     }
 }
@@ -189,11 +212,27 @@ fn verify_refuses_each_altered_field() {
     let digest = Checksum::of(MANIFEST.as_bytes());
     let r = ring();
     assert_eq!(
-        h.verify(&r, Some(AUTHORITY), "PUT", "/deployment/upload", &digest, TIMESTAMP, 300),
+        h.verify(
+            &r,
+            Some(AUTHORITY),
+            "PUT",
+            "/deployment/upload",
+            &digest,
+            TIMESTAMP,
+            300
+        ),
         Err(AuthError::BadSignature)
     );
     assert_eq!(
-        h.verify(&r, Some(AUTHORITY), "POST", "/deployment/full", &digest, TIMESTAMP, 300),
+        h.verify(
+            &r,
+            Some(AUTHORITY),
+            "POST",
+            "/deployment/full",
+            &digest,
+            TIMESTAMP,
+            300
+        ),
         Err(AuthError::BadSignature)
     );
     assert_eq!(
@@ -223,13 +262,29 @@ fn verify_refuses_each_altered_field() {
     let mut other = h.clone();
     other.nonce = "0123456789abcdefABCDEF_x".into();
     assert_eq!(
-        other.verify(&r, Some(AUTHORITY), "POST", "/deployment/upload", &digest, TIMESTAMP, 300),
+        other.verify(
+            &r,
+            Some(AUTHORITY),
+            "POST",
+            "/deployment/upload",
+            &digest,
+            TIMESTAMP,
+            300
+        ),
         Err(AuthError::BadSignature)
     );
     let mut other = h.clone();
     other.timestamp += 1;
     assert_eq!(
-        other.verify(&r, Some(AUTHORITY), "POST", "/deployment/upload", &digest, TIMESTAMP, 300),
+        other.verify(
+            &r,
+            Some(AUTHORITY),
+            "POST",
+            "/deployment/upload",
+            &digest,
+            TIMESTAMP,
+            300
+        ),
         Err(AuthError::BadSignature)
     );
 }
@@ -304,7 +359,15 @@ fn key_rotation_accepts_either_id() {
             NONCE.into(),
         );
         assert_eq!(
-            h.verify(&r, Some(AUTHORITY), "GET", "/deployments", &digest, TIMESTAMP, 300),
+            h.verify(
+                &r,
+                Some(AUTHORITY),
+                "GET",
+                "/deployments",
+                &digest,
+                TIMESTAMP,
+                300
+            ),
             Ok(())
         );
     }
@@ -322,13 +385,29 @@ fn skew_boundary_is_inclusive_at_max_and_refused_beyond() {
     let h = upload_headers();
     for now in [TIMESTAMP - 300, TIMESTAMP + 300] {
         assert_eq!(
-            h.verify(&ring(), Some(AUTHORITY), "POST", "/deployment/upload", &digest, now, 300),
+            h.verify(
+                &ring(),
+                Some(AUTHORITY),
+                "POST",
+                "/deployment/upload",
+                &digest,
+                now,
+                300
+            ),
             Ok(())
         );
     }
     for now in [TIMESTAMP - 301, TIMESTAMP + 301] {
         assert!(matches!(
-            h.verify(&ring(), Some(AUTHORITY), "POST", "/deployment/upload", &digest, now, 300),
+            h.verify(
+                &ring(),
+                Some(AUTHORITY),
+                "POST",
+                "/deployment/upload",
+                &digest,
+                now,
+                300
+            ),
             Err(AuthError::TimestampSkew { .. })
         ));
     }

@@ -8,9 +8,7 @@ use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::{DeploymentSpec, ErrorCode, ErrorDetail, HealthCheckSpec, PortProtocol};
 
-use super::containers::{
-    aside_name, container_named, remove_container, short, STOP_TIMEOUT_SECS,
-};
+use super::containers::{aside_name, container_named, remove_container, short, STOP_TIMEOUT_SECS};
 use super::record::Timed;
 use super::{health, policy, prune, reconcile, Deployment, LABEL_MANAGED};
 use crate::docker::map_err;
@@ -56,12 +54,14 @@ pub(super) async fn replace(
 async fn settle_first(d: &mut Deployment, docker: &Docker, name: &str) -> Result<()> {
     let timed = Deployment::time(Stage::Start);
     let state = d.state().clone();
-    reconcile::settle(&state, docker, name).await.inspect_err(|e| {
-        timed.failed(
-            d,
-            format!("an interrupted deployment of this name could not be settled first: {e}"),
-        );
-    })
+    reconcile::settle(&state, docker, name)
+        .await
+        .inspect_err(|e| {
+            timed.failed(
+                d,
+                format!("an interrupted deployment of this name could not be settled first: {e}"),
+            );
+        })
 }
 
 /// The start phase: the old container set aside, the new one created and started.
