@@ -106,38 +106,35 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     };
     let headers = signing.headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
-    let send = |url: String| {
-        let body = body.clone();
-        let headers = headers.clone();
-        async move {
-            let mut request = reqwest::Client::new()
-                .post(format!("{url}/deployment/upload"))
-                .header("host", "deploy.test")
-                .header(
-                    "content-type",
-                    format!("multipart/form-data; boundary={BOUNDARY}"),
-                )
-                .body(body);
-            for (name, value) in headers.to_pairs() {
-                request = request.header(name, value);
-            }
-            let response = request.send().await.expect("send");
-            let status = response.status().as_u16();
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            (status, body)
+    let send = |url: String, headers: deploy_protocol::SignatureHeaders, body: Vec<u8>| async move {
+        let mut request = reqwest::Client::new()
+            .post(format!("{url}/deployment/upload"))
+            .header("host", "deploy.test")
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body);
+        for (name, value) in headers.to_pairs() {
+            request = request.header(name, value);
         }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        (status, body)
     };
     let proxied = |c: &mut deploy_receiver::Config| {
         c.receiver_authorities = vec!["deploy.test".into()];
     };
     let first = spawn_receiver_in(packages.clone(), proxied).await;
-    let (status, body) = send(first.url.clone()).await;
-    assert_eq!(status, 200, "{body}");
+    let (status, answer) = send(first.url.clone(), headers.clone(), body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
     first.stop().await;
 
     let second = spawn_receiver_in(packages.clone(), proxied).await;
     assert_eq!(second.state.nonces().len(), 1, "the nonce was read back");
-    let (status, body) = send(second.url.clone()).await;
+    let (status, answer) = send(second.url.clone(), headers.clone(), body.clone()).await;
+    let body = answer;
     assert_eq!(status, 401, "{body}");
     assert_eq!(code(&body), "UNAUTHORIZED", "{body}");
     assert!(
@@ -147,12 +144,14 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     // A fresh request still goes through.
     let fresh = vec![8u8; 1024];
     let manifest = manifest_for(&fresh).to_bytes();
-    let (status, body) = send_multipart(
-        &second,
-        "/deployment/upload",
-        &Signing::new("/deployment/upload"),
-        &manifest,
-        &[Part::manifest(manifest.clone()), Part::package(fresh)],
+    let fresh_signing = Signing {
+        authority: "deploy.test".into(),
+        ..Signing::new("/deployment/upload")
+    };
+    let (status, body) = send(
+        second.url.clone(),
+        fresh_signing.headers(&manifest),
+        multipart_body(&[Part::manifest(manifest.clone()), Part::package(fresh)]),
     )
     .await;
     assert_eq!(status, 200, "{body}");

@@ -88,7 +88,7 @@ fn signed_upload(addr: SocketAddr, authority: &str, bytes: &[u8]) -> Vec<u8> {
 fn code_of(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v["code"].as_str().map(str::to_owned))
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
         .unwrap_or_default()
 }
 

@@ -317,6 +317,7 @@ impl SignatureHeaders {
     /// key id known, timestamp within `max_skew_secs` of
     /// `now`, signature matching in constant time. The caller checks the nonce for replay after
     /// this succeeds, so that unauthenticated requests cannot fill its nonce store.
+    #[allow(clippy::too_many_arguments)]
     pub fn verify(
         &self,
         ring: &KeyRing,

@@ -70,7 +70,7 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
             compression,
             hashed,
             size: package.manifest.package_size,
-            checksum: package.manifest.package_checksum.clone(),
+            checksum: package.manifest.package_checksum,
         },
         Gate::new(policy),
         verdict.clone(),

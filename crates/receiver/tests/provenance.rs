@@ -76,7 +76,7 @@ async fn a_package_changed_on_disk_after_verification_is_not_loaded() {
         "{body}"
     );
     assert!(
-        body["message"]
+        body["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("changed after it was verified")),
         "{body}"
