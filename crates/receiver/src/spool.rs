@@ -91,7 +91,12 @@ struct SharedBody {
     budget: Budget,
     /// What a chunk held beyond the budget, yielded once the budget is lifted.
     held: Option<Bytes>,
+    /// Polls answered "nothing now" because the budget was spent.
+    starved: u32,
 }
+
+/// Polls of a spent budget before the body is refused (see [`SharedBody`]'s `poll_next`).
+const STARVED_POLLS: u32 = 64;
 
 /// The bound on what is read before authentication: the multipart reader buffers what it is
 /// given while it looks for a boundary, so it is given at most
@@ -143,7 +148,16 @@ impl futures::Stream for SharedBody {
         }
         let left = self.budget.left();
         if left == 0 {
-            return Poll::Ready(Some(Err(axum::Error::new(OverBudget))));
+            // `multer` reads greedily until the stream has nothing ready: "nothing now" (woken at
+            // once) lets it parse what it holds, which for an honest client completes the
+            // manifest, after which the budget is lifted. Still asking after that many turns, it
+            // is looking for a boundary or a header end that is not within the bound.
+            self.starved += 1;
+            if self.starved > STARVED_POLLS {
+                return Poll::Ready(Some(Err(axum::Error::new(OverBudget))));
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         let polled = match self.held.take() {
             Some(held) => Poll::Ready(Some(Ok(held))),
@@ -182,6 +196,7 @@ impl SharedBody {
             gathered: 0,
             budget,
             held: None,
+            starved: 0,
         }
     }
 
@@ -656,13 +671,19 @@ mod tests {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut given = 0;
+        let mut starved = 0;
         let refused = loop {
             match shared.poll_next_unpin(&mut cx) {
                 Poll::Ready(Some(Ok(chunk))) => given += chunk.len(),
                 Poll::Ready(Some(Err(e))) => break e.to_string(),
+                Poll::Pending => starved += 1,
                 other => panic!("{other:?}"),
             }
         };
+        assert_eq!(
+            starved, STARVED_POLLS,
+            "told 'nothing now' before the refusal"
+        );
         assert_eq!(given, MAX_BYTES_BEFORE_AUTHENTICATION);
         assert!(
             refused.contains("before the end of the manifest part"),
