@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deploy_protocol::api::{DeploymentRecord, StageOutcome};
+use deploy_protocol::display::short;
 use deploy_protocol::{
     Compression, DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping,
     PortProtocol, RestartPolicy,
@@ -327,10 +328,6 @@ fn reach(spec: &DeploymentSpec, receiver_host: &str) -> Vec<String> {
             }
         })
         .collect()
-}
-
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use crate::client::ReceiverTarget;
 use crate::config::{parse_size, ReceiverConfig};
-use crate::error::error_chain;
 use crate::SenderError;
+use deploy_protocol::display::error_chain;
 
 /// Clock difference worth a warning: signatures still pass, but the margin is shrinking.
 const SKEW_WARN_SECS: i64 = 30;

@@ -5,11 +5,12 @@ use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use deploy_protocol::api::DeploymentRecord;
-use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
+use deploy_protocol::display::{error_chain, millis};
+use deploy_protocol::envelope::{self, unix_now, HEADER_CORRELATION_ID};
 use deploy_protocol::multipart::{
     MANIFEST_CONTENT_TYPE, PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE,
 };
@@ -19,7 +20,6 @@ use reqwest::multipart::{Form, Part};
 use reqwest::Url;
 use serde::Serialize;
 
-use crate::error::error_chain;
 use crate::SenderError;
 
 /// Where to send packages and the shared key to sign with.
@@ -122,7 +122,7 @@ pub struct UploadOutcome {
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    s.serialize_u64(millis(*d))
 }
 
 /// MB/s (10^6 bytes per second); zero for a zero duration.
@@ -254,7 +254,7 @@ pub async fn upload_package_with_retry(
         };
         tracing::warn!(
             attempt,
-            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            retry_in_ms = millis(delay),
             error = %failure.error,
             "upload failed; retrying"
         );
@@ -438,13 +438,6 @@ fn package_file_name(manifest: &PackageManifest) -> String {
         manifest.package_id,
         manifest.compression.extension()
     )
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {

@@ -4,10 +4,10 @@
 //! The CLI (`deploy-sender deploy`) and the REST service both call [`deploy`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::display::millis;
 use deploy_protocol::{DeploymentSpec, ErrorCode};
 use serde::Serialize;
 
@@ -195,10 +195,6 @@ pub async fn deploy_package(
         },
         record,
     ))
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

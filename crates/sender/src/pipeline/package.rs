@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
+use deploy_protocol::display::millis;
 use deploy_protocol::manifest::{is_valid_container_name, is_valid_image_reference};
 use deploy_protocol::{Compression, PackageManifest};
 use futures::StreamExt;
@@ -208,10 +209,6 @@ pub fn with_default_tag(reference: &str) -> String {
 pub fn default_container_name(tag: &str) -> String {
     let name = tag.rsplit_once(':').map_or(tag, |(n, _)| n);
     name.rsplit('/').next().unwrap_or(name).to_owned()
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A package file written and renamed into place.

@@ -26,7 +26,7 @@ pub use state::AppState;
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    routes::router(state).layer(axum::middleware::from_fn(middleware::request_context))
+    routes::router(state).layer(axum::middleware::from_fn(deploy_http::request_context))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight and

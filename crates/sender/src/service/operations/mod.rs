@@ -10,6 +10,7 @@ pub use events::{publish, EventInput, PublishedEvent};
 pub use package::{package, PackageInput, PackageOutput};
 pub use transfer::{transfer, TransferInput, TransferReport};
 
+use deploy_protocol::display::millis;
 use serde_json::json;
 
 use crate::SenderError;
@@ -21,10 +22,6 @@ fn yes() -> bool {
 
 fn error_payload(e: &SenderError) -> serde_json::Value {
     json!({ "code": e.code(), "message": e.to_string() })
-}
-
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn round2(x: f64) -> f64 {

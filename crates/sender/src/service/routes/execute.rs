@@ -9,9 +9,7 @@ use deploy_protocol::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::service::error::{
-    correlation_id, is_valid_correlation_id, ApiError, ApiJson, ApiQuery, ApiResult, CORRELATION_ID,
-};
+use crate::service::error::{correlation_id, ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::service::metrics::MetricsSummary;
 use crate::service::operations::{self, EventInput, PackageOutput, PublishedEvent, TransferReport};
 use crate::service::routes::{packages, transfers, wants_async, AsyncParams, JobAccepted};
@@ -77,7 +75,7 @@ pub async fn create(
 ) -> ApiResult<Response> {
     let run_async = wants_async(&headers, &params);
     let correlation = match envelope.correlation_id {
-        Some(id) if is_valid_correlation_id(&id) => id,
+        Some(id) if deploy_protocol::envelope::is_valid_correlation_id(&id) => id,
         Some(_) => {
             return Err(ApiError::validation(
                 "correlation_id must be 1 to 128 visible ASCII characters",
@@ -87,13 +85,12 @@ pub async fn create(
     };
     let operation = envelope.operation;
     let input = envelope.input;
-    let mut response = CORRELATION_ID
-        .scope(correlation.clone(), async move {
-            dispatch(state, operation, input, run_async)
-                .await
-                .unwrap_or_else(IntoResponse::into_response)
-        })
-        .await;
+    let mut response = deploy_http::with_correlation_id(correlation.clone(), async move {
+        dispatch(state, operation, input, run_async)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
+    })
+    .await;
     if let Ok(value) = correlation.parse() {
         response
             .headers_mut()
