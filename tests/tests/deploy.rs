@@ -17,7 +17,7 @@ use deploy_protocol::{
     DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, PortProtocol,
 };
 use deploy_sender::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
-use deploy_sender::{hash_file, ReceiverTarget};
+use deploy_sender::{hash_file, ReceiverClient, ReceiverTarget};
 use deploy_sender::{
     package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
 };
@@ -54,8 +54,8 @@ impl Rig {
         }
     }
 
-    fn target(&self) -> ReceiverTarget {
-        target(&self.receiver)
+    fn client(&self) -> ReceiverClient {
+        ReceiverClient::new(self.client.clone(), target(&self.receiver))
     }
 
     /// The test's container: busybox httpd on a loopback port Docker picks, Docker health check.
@@ -78,8 +78,7 @@ impl Rig {
         deploy(
             &self.docker,
             &self.store,
-            &self.client,
-            &self.target(),
+            &self.client(),
             &request,
             Arc::new(NoProgress),
         )
@@ -265,8 +264,7 @@ async fn package_file(rig: &Rig, package: &PackageInfo, bytes: &[u8], name: &str
 
 async fn send(rig: &Rig, package: &PackageInfo) -> deploy_sender::SenderError {
     deploy_package(
-        &rig.client,
-        &rig.target(),
+        &rig.client(),
         package,
         &rig.spec(),
         None,
@@ -290,8 +288,7 @@ async fn build_error_is_build_failed_with_the_log_tail() {
     let failure = deploy(
         &rig.docker,
         &rig.store,
-        &rig.client,
-        &rig.target(),
+        &rig.client(),
         &request,
         Arc::new(NoProgress),
     )
@@ -384,8 +381,7 @@ async fn child_process_deploys_with_docker_unreachable() {
     let failure = deploy(
         &lazy,
         &store,
-        &client,
-        &target(&receiver),
+        &ReceiverClient::new(client.clone(), target(&receiver)),
         &request,
         Arc::new(NoProgress),
     )
@@ -396,8 +392,7 @@ async fn child_process_deploys_with_docker_unreachable() {
     // The receiver's /full: the package arrives and is verified, then the engine is missing.
     let package = store.get(package_id).await.expect("the parent's package");
     let err = deploy_package(
-        &client,
-        &target(&receiver),
+        &ReceiverClient::new(client.clone(), target(&receiver)),
         &package,
         &spec(&name),
         None,

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use deploy_protocol::ErrorCode;
 use deploy_receiver::{AppState, Config};
-use deploy_sender::{
-    manifest_for_file, upload_package_with_retry, Endpoint, ReceiverTarget, RetryPolicy,
-};
+use deploy_sender::{manifest_for_file, ReceiverClient, ReceiverTarget, RetryPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -275,16 +273,13 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
         max_attempts: 6,
         ..RetryPolicy::default()
     };
-    let outcome = upload_package_with_retry(
-        &reqwest::Client::new(),
-        &target(&receiver.url, SECRET.as_bytes()),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
+    let outcome = ReceiverClient::new(
+        reqwest::Client::new(),
+        target(&receiver.url, SECRET.as_bytes()),
     )
+    .upload(&path, &manifest)
+    .retry(policy.clone())
+    .send()
     .await
     .expect("the normal upload succeeds");
     assert_eq!(outcome.response["checksum_verified"], true);
@@ -442,16 +437,13 @@ async fn the_sender_retries_until_a_briefly_unavailable_receiver_starts() {
         ..RetryPolicy::default()
     };
     let started = Instant::now();
-    let outcome = upload_package_with_retry(
-        &reqwest::Client::new(),
-        &target(&format!("http://127.0.0.1:{port}"), SECRET.as_bytes()),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
+    let outcome = ReceiverClient::new(
+        reqwest::Client::new(),
+        target(&format!("http://127.0.0.1:{port}"), SECRET.as_bytes()),
     )
+    .upload(&path, &manifest)
+    .retry(policy.clone())
+    .send()
     .await
     .expect("succeeds once the receiver is up");
     assert_eq!(outcome.response["outcome"], "created");
@@ -484,18 +476,12 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     let client = reqwest::Client::new();
     // 401: a wrong secret.
     let started = Instant::now();
-    let err = upload_package_with_retry(
-        &client,
-        &target(&receiver.url, b"wrong-secret"),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(client.clone(), target(&receiver.url, b"wrong-secret"))
+        .upload(&path, &manifest)
+        .retry(policy.clone())
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::Unauthorized, "{err}");
     let attempts = metric(
         &receiver.url,
@@ -506,18 +492,12 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     // 422: bytes that differ from the manifest (a retry would send the same bytes).
     let mut tampered = manifest.clone();
     tampered.package_checksum = deploy_protocol::Checksum::of(b"other");
-    let err = upload_package_with_retry(
-        &client,
-        &target(&receiver.url, SECRET.as_bytes()),
-        &path,
-        &tampered,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(client.clone(), target(&receiver.url, SECRET.as_bytes()))
+        .upload(&path, &tampered)
+        .retry(policy.clone())
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::ChecksumMismatch, "{err}");
     let mismatches = metric(
         &receiver.url,
@@ -531,18 +511,12 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     let big_manifest = manifest_for_file(&big, None, deploy_protocol::Compression::None, vec![])
         .await
         .expect("manifest");
-    let err = upload_package_with_retry(
-        &client,
-        &target(&receiver.url, SECRET.as_bytes()),
-        &big,
-        &big_manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(client.clone(), target(&receiver.url, SECRET.as_bytes()))
+        .upload(&big, &big_manifest)
+        .retry(policy.clone())
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::PackageTooLarge, "{err}");
     let too_large = metric(
         &receiver.url,

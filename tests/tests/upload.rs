@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use deploy_protocol::ErrorCode;
-use deploy_sender::{manifest_for_file, upload_package, Endpoint, ReceiverTarget};
+use deploy_sender::{manifest_for_file, ReceiverClient, ReceiverTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn target(receiver: &Receiver) -> ReceiverTarget {
@@ -33,17 +33,12 @@ async fn upload_of_64_mib_stores_bytes_identical_to_the_source() {
     let manifest = manifest_for_file(&path, None, deploy_protocol::Compression::None, vec![])
         .await
         .expect("manifest");
-    let outcome = upload_package(
-        &reqwest::Client::new(),
-        &target(&receiver),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        Some("corr-64"),
-        |_| {},
-    )
-    .await
-    .expect("upload succeeds");
+    let outcome = ReceiverClient::new(reqwest::Client::new(), target(&receiver))
+        .upload(&path, &manifest)
+        .correlation_id(Some("corr-64"))
+        .send()
+        .await
+        .expect("upload succeeds");
     assert_eq!(outcome.status, 200);
     assert_eq!(outcome.bytes, 64 << 20);
     assert_eq!(outcome.response["checksum_verified"], true);
@@ -75,17 +70,11 @@ async fn flipped_byte_is_checksum_mismatch_and_leaves_nothing_on_disk() {
     let mut bytes = std::fs::read(&path).expect("read");
     bytes[1234567] ^= 0x01;
     std::fs::write(&path, bytes).expect("write");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target(&receiver),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("tampered package refused");
+    let err = ReceiverClient::new(reqwest::Client::new(), target(&receiver))
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("tampered package refused");
     assert_eq!(err.code(), ErrorCode::ChecksumMismatch, "{err}");
     assert_eq!(wait_until_empty(&receiver).await, Vec::<String>::new());
 }
@@ -466,17 +455,11 @@ async fn unreachable_receiver_is_remote_unreachable() {
         SECRET.as_bytes(),
     )
     .expect("target");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("nobody listens");
+    let err = ReceiverClient::new(reqwest::Client::new(), target.clone())
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("nobody listens");
     assert_eq!(err.code(), ErrorCode::RemoteUnreachable, "{err}");
 }
 

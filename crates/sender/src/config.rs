@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::ReceiverTarget;
+use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::DEFAULT_MAX_PACKAGE_SIZE;
 use crate::SenderError;
 
@@ -102,6 +102,11 @@ impl ReceiverConfig {
             })?;
         let secret = self.secret.as_deref().unwrap_or_default();
         ReceiverTarget::new(url, &self.key_id, secret.as_bytes())
+    }
+
+    /// The client for the receiver and key these settings name.
+    pub fn client(&self) -> Result<ReceiverClient, SenderError> {
+        Ok(ReceiverClient::new(self.http_client()?, self.target()?))
     }
 
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large

@@ -170,19 +170,18 @@ impl DeployArgs {
 
 pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let request = args.request()?;
-    let target = args.receiver.target()?;
-    let client = args.receiver.http_client()?;
+    let client = args.receiver.client()?;
     let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
     let bars = Arc::new(TerminalProgress::default());
-    let result = deploy(&docker, &store, &client, &target, &request, bars.clone()).await;
+    let result = deploy(&docker, &store, &client, &request, bars.clone()).await;
     bars.clear();
     match result {
         Ok(outcome) => {
             if args.json {
                 print_json(&outcome);
             } else {
-                print_success(&outcome, &request.deployment, &target);
+                print_success(&outcome, &request.deployment, client.target());
             }
             Ok(())
         }

@@ -6,15 +6,14 @@
 use std::sync::Arc;
 
 use bollard::Docker;
-use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
-use deploy_protocol::display::millis;
+use deploy_protocol::api::DeploymentRecord;
 use deploy_protocol::{DeploymentSpec, ErrorCode};
 use serde::Serialize;
 
 use super::package::{package_image, PackageRequest};
 use super::progress::{Progress, ProgressExt, Stage};
 use super::store::{PackageInfo, PackageStore};
-use crate::client::{upload_package, Endpoint, ReceiverTarget};
+use crate::client::{ReceiverClient, TransferStats};
 use crate::SenderError;
 
 /// A deployment job: what to package and what to run from it.
@@ -26,15 +25,6 @@ pub struct DeployRequest {
     pub deployment: DeploymentSpec,
     /// Correlation id sent to the receiver (echoed in its logs, events and the record).
     pub correlation_id: Option<String>,
-}
-
-/// The transfer as the sender saw it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TransferStats {
-    /// Package bytes sent.
-    pub bytes: u64,
-    /// From the start of the request to the receiver's answer: upload *and* the whole deployment.
-    pub request_duration_ms: u64,
 }
 
 /// A deployment that succeeded: the package that was sent and the receiver's record of it.
@@ -88,8 +78,7 @@ impl From<DeployFailure> for SenderError {
 pub async fn deploy(
     docker: &Docker,
     store: &PackageStore,
-    client: &reqwest::Client,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     request: &DeployRequest,
     progress: Arc<dyn Progress>,
 ) -> Result<DeployOutcome, DeployFailure> {
@@ -110,7 +99,6 @@ pub async fn deploy(
         .map_err(|e| fail(None, e))?;
     match deploy_package(
         client,
-        target,
         &package,
         &request.deployment,
         request.correlation_id.as_deref(),
@@ -127,13 +115,12 @@ pub async fn deploy(
     }
 }
 
-/// Streams a stored package to `target`'s `/deployment/full` with `spec` in its manifest and
+/// Streams a stored package to the receiver's `/deployment/full` with `spec` in its manifest and
 /// returns the receiver's record of a successful deployment. A deployment that ran and failed is
 /// [`SenderError::Deployment`] (the record, with the receiver's code); a refusal before it ran is
 /// [`SenderError::Remote`].
 pub async fn deploy_package(
-    client: &reqwest::Client,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     package: &PackageInfo,
     spec: &DeploymentSpec,
     correlation_id: Option<&str>,
@@ -166,35 +153,16 @@ pub async fn deploy_package(
             reporter.message(Stage::Deploy, "receiver: verify, load, start, health check");
         }
     };
-    let result = upload_package(
-        client,
-        target,
-        std::path::Path::new(&package.package_path),
-        &manifest,
-        Endpoint::Full,
-        correlation_id,
-        on_sent,
-    )
-    .await;
+    let result = client
+        .deploy(
+            std::path::Path::new(&package.package_path),
+            &manifest,
+            correlation_id,
+            on_sent,
+        )
+        .await;
     progress.finish(Stage::Deploy, 0);
-    let outcome = result?;
-    let record: DeploymentRecord = serde_json::from_value(outcome.response).map_err(|e| {
-        SenderError::TransferFailed(format!(
-            "{} answered {} without a deployment record ({e}): is it a deploy-receiver of protocol v1?",
-            target.endpoint_url(Endpoint::Full),
-            outcome.status
-        ))
-    })?;
-    if record.status != DeploymentStatus::Succeeded {
-        return Err(SenderError::Deployment(Box::new(record)));
-    }
-    Ok((
-        TransferStats {
-            bytes: outcome.bytes,
-            request_duration_ms: millis(outcome.duration),
-        },
-        record,
-    ))
+    result
 }
 
 #[cfg(test)]
@@ -206,8 +174,7 @@ mod tests {
     fn deploy_future_is_send(
         docker: &Docker,
         store: &PackageStore,
-        client: &reqwest::Client,
-        target: &ReceiverTarget,
+        client: &ReceiverClient,
         request: &DeployRequest,
     ) {
         fn is_send<T: Send>(_: &T) {}
@@ -215,7 +182,6 @@ mod tests {
             docker,
             store,
             client,
-            target,
             request,
             Arc::new(crate::NoProgress),
         ));

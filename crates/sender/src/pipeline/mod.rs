@@ -20,9 +20,7 @@ mod store;
 
 pub use build::{build_image, BuildSpec, BuiltImage, LOG_TAIL_LINES};
 pub use compress::{default_zstd_workers, CompressionOptions};
-pub use deploy::{
-    deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest, TransferStats,
-};
+pub use deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
 pub use docker::connect as connect_docker;
 pub use package::{
     compression_from_path, default_container_name, manifest_for_file, package_image, ImageSource,

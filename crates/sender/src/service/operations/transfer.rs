@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::client::{upload_package, Endpoint, ReceiverTarget};
+use crate::client::{Endpoint, ReceiverClient, ReceiverTarget};
 use crate::pipeline::PackageInfo;
 use crate::pipeline::Progress;
 use crate::service::events::Subject;
@@ -94,7 +94,7 @@ pub struct TransferReport {
 #[derive(Debug, Clone)]
 pub struct TransferPlan {
     info: PackageInfo,
-    targets: Vec<ReceiverTarget>,
+    receivers: Vec<ReceiverClient>,
     deployment: Option<DeploymentSpec>,
     verify: bool,
 }
@@ -125,9 +125,12 @@ impl TransferInput {
         urls.retain(|u| seen.insert(u.clone()));
         let receiver = &state.config().receiver;
         let secret = receiver.secret.as_deref().unwrap_or_default();
-        let targets = urls
+        let receivers = urls
             .iter()
-            .map(|url| ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()))
+            .map(|url| {
+                ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
+                    .map(|target| ReceiverClient::new(state.http().clone(), target))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(spec) = &self.deployment {
             // Refuse a bad spec before any byte is sent (the image defaults as it will on send).
@@ -142,7 +145,7 @@ impl TransferInput {
         }
         Ok(TransferPlan {
             info,
-            targets,
+            receivers,
             deployment: self.deployment,
             verify: self.verify_checksum,
         })
@@ -179,9 +182,9 @@ pub async fn transfer(
             .or_else(|| plan.info.container_name.clone()),
         image_tag: plan.info.image_tags.first().cloned(),
     };
-    let sends = plan.targets.iter().map(|target| {
+    let sends = plan.receivers.iter().map(|client| {
         send_one(
-            &state, &plan.info, &manifest, target, endpoint, &subject, &job,
+            &state, &plan.info, &manifest, client, endpoint, &subject, &job,
         )
     });
     let results = futures::future::join_all(sends).await;
@@ -233,12 +236,12 @@ async fn send_one(
     state: &AppState,
     info: &PackageInfo,
     manifest: &deploy_protocol::PackageManifest,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     endpoint: Endpoint,
     subject: &Subject,
     job: &Arc<Job>,
 ) -> (ReceiverOutcome, Option<SenderError>) {
-    let receiver = target.base_url.to_string();
+    let receiver = client.target().base_url.to_string();
     let _slot = state.transfer_slots().acquire().await;
     state.metrics().transfers_in_flight().inc();
     let _in_flight = InFlight(state.metrics().transfers_in_flight());
@@ -252,7 +255,7 @@ async fn send_one(
         )
         .await;
     let started = Instant::now();
-    let result = send(state, info, manifest, target, endpoint, subject, job).await;
+    let result = send(info, manifest, client, endpoint, subject, job).await;
     let mut outcome = ReceiverOutcome {
         receiver: receiver.clone(),
         success: false,
@@ -335,13 +338,12 @@ struct Sent {
     response: serde_json::Value,
 }
 
-/// Uploads to `target`, or with a deployment hands over to [`crate::pipeline::deploy_package`] (the
+/// Uploads to the receiver, or with a deployment hands over to [`crate::pipeline::deploy_package`] (the
 /// library's `/deployment/full` client, shared with `deploy-sender deploy`).
 async fn send(
-    state: &AppState,
     info: &PackageInfo,
     manifest: &deploy_protocol::PackageManifest,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     endpoint: Endpoint,
     subject: &Subject,
     job: &Arc<Job>,
@@ -350,15 +352,8 @@ async fn send(
     if let (Endpoint::Full, Some(spec)) = (endpoint, &manifest.deployment) {
         let started = Instant::now();
         let progress: Arc<dyn Progress> = job.clone();
-        let (stats, record) = crate::pipeline::deploy_package(
-            state.http(),
-            target,
-            info,
-            spec,
-            correlation_id,
-            progress,
-        )
-        .await?;
+        let (stats, record) =
+            crate::pipeline::deploy_package(client, info, spec, correlation_id, progress).await?;
         return Ok(Sent {
             bytes: stats.bytes,
             duration: started.elapsed(),
@@ -367,19 +362,20 @@ async fn send(
         });
     }
     let progress = {
-        let (job, receiver, total) = (job.clone(), target.base_url.to_string(), info.package_size);
+        let (job, receiver, total) = (
+            job.clone(),
+            client.target().base_url.to_string(),
+            info.package_size,
+        );
         move |sent| job.upload_progress(&receiver, sent, total)
     };
-    let out = upload_package(
-        state.http(),
-        target,
-        std::path::Path::new(&info.package_path),
-        manifest,
-        endpoint,
-        correlation_id,
-        progress,
-    )
-    .await?;
+    let out = client
+        .upload(std::path::Path::new(&info.package_path), manifest)
+        .to(endpoint)
+        .correlation_id(correlation_id)
+        .on_progress(progress)
+        .send()
+        .await?;
     Ok(Sent {
         bytes: out.bytes,
         duration: out.duration,
