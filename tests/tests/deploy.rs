@@ -10,14 +10,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bollard::Docker;
+use clap::Parser;
 use common::docker::{busybox_context, docker, httpd_dockerfile, published_port, HostGuard};
 use common::*;
 use deploy_protocol::api::{DeploymentStatus, Stage, StageOutcome};
+use deploy_protocol::events::EventType;
 use deploy_protocol::{
     DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, PortProtocol,
 };
 use deploy_sender::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
-use deploy_sender::{hash_file, ReceiverClient, ReceiverTarget};
+use deploy_sender::{hash_file, Lifecycle, ReceiverClient, ReceiverTarget};
 use deploy_sender::{
     package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
 };
@@ -37,6 +39,7 @@ struct Rig {
     store: PackageStore,
     store_dir: tempfile::TempDir,
     client: reqwest::Client,
+    events: Lifecycle,
     host: HostGuard,
 }
 
@@ -46,6 +49,7 @@ impl Rig {
         let store_dir = tempfile::tempdir().expect("tempdir");
         Self {
             store: PackageStore::open(store_dir.path()).await.expect("store"),
+            events: open_events(store_dir.path()).await,
             store_dir,
             receiver: spawn_receiver(|_| {}).await,
             client: reqwest::Client::new(),
@@ -81,6 +85,7 @@ impl Rig {
             &self.client(),
             &request,
             Arc::new(NoProgress),
+            &self.events,
         )
         .await
     }
@@ -128,6 +133,17 @@ fn spec(container_name: &str) -> DeploymentSpec {
         },
         ..DeploymentSpec::default()
     }
+}
+
+/// The sender's event outbox for a package store (no Kafka), as `deploy-sender` opens it.
+async fn open_events(package_dir: &Path) -> Lifecycle {
+    Lifecycle::open(
+        package_dir.join(".state"),
+        None,
+        deploy_protocol::events::DEFAULT_TOPIC.into(),
+    )
+    .await
+    .expect("event outbox")
 }
 
 fn build_source(context: &Path, tag: &str) -> ImageSource {
@@ -291,6 +307,7 @@ async fn build_error_is_build_failed_with_the_log_tail() {
         &rig.client(),
         &request,
         Arc::new(NoProgress),
+        &rig.events,
     )
     .await
     .expect_err("the build fails");
@@ -384,6 +401,7 @@ async fn child_process_deploys_with_docker_unreachable() {
         &ReceiverClient::new(client.clone(), target(&receiver)),
         &request,
         Arc::new(NoProgress),
+        &open_events(store.dir()).await,
     )
     .await
     .expect_err("no engine to build with");
@@ -402,4 +420,84 @@ async fn child_process_deploys_with_docker_unreachable() {
     .expect_err("no engine to load into");
     assert_eq!(err.code(), ErrorCode::DockerUnavailable, "{err}");
     println!("child checked DOCKER_UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn the_cli_deploy_records_build_and_transfer_events_like_the_service() {
+    let rig = Rig::new().await;
+    let context = busybox_context(&httpd_dockerfile(80), "cli");
+    let state_dir = rig.store_dir.path().join("cli-state");
+    let dockerfile = context.path().join("Dockerfile");
+    let tag = rig.host.image("cli");
+    let args = [
+        "deploy-sender",
+        "deploy",
+        "--dockerfile",
+        path_str(&dockerfile),
+        "--context",
+        path_str(context.path()),
+        "--tag",
+        &tag,
+        "--name",
+        &rig.host.name,
+        "--health",
+        "docker",
+        "--to",
+        &rig.receiver.url,
+        "--key-id",
+        KEY_ID,
+        "--secret",
+        SECRET,
+        "--package-dir",
+        path_str(rig.store_dir.path()),
+        "--state-dir",
+        path_str(&state_dir),
+        "--correlation-id",
+        "e2e-cli",
+        "--json",
+    ];
+    let cli = deploy_sender::cli::Cli::try_parse_from(args).expect("valid flags");
+    deploy_sender::cli::run(cli).await.expect("the CLI deploys");
+
+    let outbox = deploy_events::EventSink::open(deploy_events::EventConfig::new(
+        &state_dir,
+        "deploy-sender",
+    ))
+    .await
+    .expect("the CLI's outbox");
+    let mut events = outbox.list(100);
+    events.reverse();
+    let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
+    assert_eq!(
+        types,
+        [
+            EventType::BuildStarted,
+            EventType::BuildCompleted,
+            EventType::TransferStarted,
+            EventType::TransferCompleted,
+        ],
+        "{events:#?}"
+    );
+    for event in &events {
+        assert_eq!(
+            event.correlation_id.as_deref(),
+            Some("e2e-cli"),
+            "{event:?}"
+        );
+        assert_eq!(
+            event.container_name.as_deref(),
+            Some(rig.host.name.as_str())
+        );
+        assert_eq!(event.package_id, events[0].package_id);
+    }
+    let stored = rig.store.list().await.expect("the store");
+    assert_eq!(events[0].package_id, Some(stored[0].package_id));
+    assert_eq!(
+        events[3].payload["receiver"],
+        format!("{}/", rig.receiver.url)
+    );
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
 }

@@ -820,8 +820,8 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     let receiver = spawn_receiver(|_| {}).await;
     let (servers, url) = (bootstrap.clone(), receiver.url.clone());
     let sender = spawn_sender(|c| {
-        c.kafka_bootstrap_servers = Some(servers);
-        c.kafka_topic = topic.into();
+        c.events.kafka_bootstrap_servers = Some(servers);
+        c.events.kafka_topic = topic.into();
         c.receiver.to = Some(url);
     })
     .await;

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::image::{parse_key_value, ImageSourceArgs};
 use super::terminal::{print_json, TerminalProgress};
 use crate::client::ReceiverTarget;
-use crate::config::{ReceiverConfig, StoreConfig};
+use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
     default_container_name, default_zstd_workers, deploy, CompressionOptions, DeployFailure,
     DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
@@ -70,6 +70,9 @@ pub(crate) struct DeployArgs {
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
+    /// Lifecycle events (BUILD_*, TRANSFER_*, DEPLOYMENT_FAILED), as `serve` records them.
+    #[command(flatten)]
+    pub(crate) events: EventsConfig,
     /// Receiver and key (`--to` defaults to DEFAULT_RECEIVER_URL).
     #[command(flatten)]
     pub(crate) receiver: ReceiverConfig,
@@ -173,9 +176,11 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let client = args.receiver.client()?;
     let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
+    let events = args.events.open(&args.store.package_dir).await?;
     let bars = Arc::new(TerminalProgress::default());
-    let result = deploy(&docker, &store, &client, &request, bars.clone()).await;
+    let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
     bars.clear();
+    events.close().await;
     match result {
         Ok(outcome) => {
             if args.json {

@@ -13,6 +13,9 @@ use serde::Serialize;
 use super::package::{package_image, PackageRequest};
 use super::progress::{Progress, ProgressExt, Stage};
 use super::store::{PackageInfo, PackageStore};
+use uuid::Uuid;
+
+use super::events::{Lifecycle, Subject};
 use crate::client::{ReceiverClient, TransferStats};
 use crate::SenderError;
 
@@ -81,6 +84,7 @@ pub async fn deploy(
     client: &ReceiverClient,
     request: &DeployRequest,
     progress: Arc<dyn Progress>,
+    events: &Lifecycle,
 ) -> Result<DeployOutcome, DeployFailure> {
     let fail = |package, error| DeployFailure { package, error };
     // Refuse a bad spec before spending a build on it (the image is filled in after packaging).
@@ -94,24 +98,65 @@ pub async fn deploy(
     package_request.container_name = package_request
         .container_name
         .or_else(|| Some(request.deployment.container_name.clone()));
-    let package = package_image(docker, store, &package_request, &*progress)
-        .await
-        .map_err(|e| fail(None, e))?;
-    match deploy_package(
+    // The id is chosen here so that every event of this deployment carries it.
+    let package_id = *package_request.package_id.get_or_insert_with(Uuid::new_v4);
+    let subject = Subject {
+        package_id: Some(package_id),
+        correlation_id: request.correlation_id.clone(),
+        container_name: Some(request.deployment.container_name.clone()),
+        image_tag: Some(package_request.source.reference().to_owned()),
+    };
+    events.build_started(&subject, &package_request).await;
+    let packaged = package_image(docker, store, &package_request, &*progress).await;
+    events.build_finished(&subject, packaged.as_ref()).await;
+    let package = packaged.map_err(|e| fail(None, e))?;
+
+    let receiver = client.target().base_url.to_string();
+    events
+        .transfer_started(&subject, &receiver, "full", package.package_size)
+        .await;
+    let sent = deploy_package(
         client,
         &package,
         &request.deployment,
         request.correlation_id.as_deref(),
         progress,
     )
-    .await
-    {
-        Ok((transfer, deployment)) => Ok(DeployOutcome {
-            package,
-            transfer,
-            deployment,
-        }),
-        Err(error) => Err(fail(Some(package), error)),
+    .await;
+    match sent {
+        Ok((transfer, deployment)) => {
+            events
+                .transfer_completed(
+                    &subject,
+                    &receiver,
+                    &transfer,
+                    Some(deployment.deployment_id),
+                )
+                .await;
+            Ok(DeployOutcome {
+                package,
+                transfer,
+                deployment,
+            })
+        }
+        Err(error) => {
+            if let SenderError::Deployment(record) = &error {
+                // The package reached the receiver and was verified; the deployment failed.
+                let transfer = TransferStats {
+                    bytes: package.package_size,
+                    request_duration_ms: 0,
+                };
+                events
+                    .transfer_completed(&subject, &receiver, &transfer, Some(record.deployment_id))
+                    .await;
+                events
+                    .deployment_failed(&subject, &receiver, &error, record)
+                    .await;
+            } else {
+                events.transfer_failed(&subject, &receiver, &error).await;
+            }
+            Err(fail(Some(package), error))
+        }
     }
 }
 
@@ -169,13 +214,14 @@ pub async fn deploy_package(
 mod tests {
     use super::*;
 
-    /// The REST service will `tokio::spawn` deployments: the future must be `Send`.
+    /// Deployments run on spawned tasks: the future must be `Send`.
     #[allow(dead_code)]
     fn deploy_future_is_send(
         docker: &Docker,
         store: &PackageStore,
         client: &ReceiverClient,
         request: &DeployRequest,
+        events: &Lifecycle,
     ) {
         fn is_send<T: Send>(_: &T) {}
         is_send(&deploy(
@@ -184,6 +230,7 @@ mod tests {
             client,
             request,
             Arc::new(crate::NoProgress),
+            events,
         ));
     }
 

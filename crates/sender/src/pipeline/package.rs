@@ -35,6 +35,16 @@ pub enum ImageSource {
     Existing(String),
 }
 
+impl ImageSource {
+    /// The image reference: the tag to build, or the existing image.
+    pub fn reference(&self) -> &str {
+        match self {
+            ImageSource::Build(spec) => &spec.tag,
+            ImageSource::Existing(image) => image,
+        }
+    }
+}
+
 /// A packaging job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackageRequest {

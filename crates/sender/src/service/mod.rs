@@ -14,7 +14,6 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 mod error;
-mod events;
 mod jobs;
 mod metrics;
 mod middleware;

@@ -72,7 +72,7 @@ pub async fn publish(
             event_published: true,
             event_id,
             sequence: seq.0,
-            topic: state.config().kafka_topic.clone(),
+            topic: state.config().events.kafka_topic.clone(),
             destination: sink.destination(),
         }),
         Err(e) => {

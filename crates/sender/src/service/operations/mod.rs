@@ -11,17 +11,10 @@ pub use package::{package, PackageInput, PackageOutput};
 pub use transfer::{transfer, TransferInput, TransferReport};
 
 use deploy_protocol::display::millis;
-use serde_json::json;
-
-use crate::SenderError;
 
 /// serde default for the `verify_checksum` flags.
 fn yes() -> bool {
     true
-}
-
-fn error_payload(e: &SenderError) -> serde_json::Value {
-    json!({ "code": e.code(), "message": e.to_string() })
 }
 
 fn round2(x: f64) -> f64 {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::client::{Endpoint, ReceiverClient, ReceiverTarget};
 use crate::pipeline::PackageInfo;
 use crate::pipeline::Progress;
-use crate::service::events::Subject;
+use crate::pipeline::Subject;
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
 use crate::service::state::AppState;
@@ -247,11 +247,11 @@ async fn send_one(
     let _in_flight = InFlight(state.metrics().transfers_in_flight());
     let events = state.events();
     events
-        .emit(
-            EventType::TransferStarted,
+        .transfer_started(
             subject,
-            json!({ "receiver": receiver, "endpoint": endpoint_name(endpoint),
-                    "package_size": info.package_size }),
+            &receiver,
+            endpoint_name(endpoint),
+            info.package_size,
         )
         .await;
     let started = Instant::now();
@@ -312,19 +312,11 @@ async fn send_one(
                                 "remote_deployment_id": record.deployment_id }),
                     )
                     .await;
-                let mut payload = error_payload(&e);
-                payload["receiver"] = json!(receiver);
-                payload["deployment_id"] = json!(record.deployment_id);
-                payload["status"] = json!(record.status);
                 events
-                    .emit(EventType::DeploymentFailed, subject, payload)
+                    .deployment_failed(subject, &receiver, &e, record)
                     .await;
             } else {
-                let mut payload = error_payload(&e);
-                payload["receiver"] = json!(receiver);
-                events
-                    .emit(EventType::TransferFailed, subject, payload)
-                    .await;
+                events.transfer_failed(subject, &receiver, &e).await;
             }
             (outcome, Some(e))
         }
