@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use bollard::Docker;
 use clap::Parser;
-use common::docker::{busybox_context, docker, httpd_dockerfile, published_port, HostGuard};
+use common::docker::{
+    busybox_context, docker, host_guard, httpd_dockerfile, published_port, Guard,
+};
 use common::*;
 use deploy_protocol::api::{DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::events::EventType;
@@ -40,7 +42,7 @@ struct Rig {
     store_dir: tempfile::TempDir,
     client: reqwest::Client,
     events: Lifecycle,
-    host: HostGuard,
+    host: Guard,
 }
 
 impl Rig {
@@ -53,7 +55,7 @@ impl Rig {
             store_dir,
             receiver: spawn_receiver(|_| {}).await,
             client: reqwest::Client::new(),
-            host: HostGuard::new(),
+            host: host_guard(),
             docker,
         }
     }
@@ -73,7 +75,7 @@ impl Rig {
         version: &str,
         health_port: u16,
     ) -> Result<DeployOutcome, DeployFailure> {
-        let context = busybox_context(&httpd_dockerfile(health_port), version);
+        let context = busybox_context(&self.host, &httpd_dockerfile(health_port), version);
         let request = DeployRequest {
             package: PackageRequest::new(build_source(context.path(), &self.host.image(version))),
             deployment: self.spec(),
@@ -224,7 +226,7 @@ async fn corrupt_and_tampered_packages_are_refused_and_change_nothing_on_the_hos
     let v1 = rig.deploy("v1", 80).await.expect("v1 deploys").deployment;
 
     // A v2 package; its image is then removed here, so that only a load could bring it back.
-    let context = busybox_context(&httpd_dockerfile(80), "v2");
+    let context = busybox_context(&rig.host, &httpd_dockerfile(80), "v2");
     let request = PackageRequest::new(build_source(context.path(), &rig.host.image("v2")));
     let v2 = package_image(&rig.docker, &rig.store, &request, &NoProgress)
         .await
@@ -295,7 +297,7 @@ async fn build_error_is_build_failed_with_the_log_tail() {
     let rig = Rig::new().await;
     let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\n\
         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo marker-build-broke-here; exit 3\"]\n";
-    let context = busybox_context(dockerfile, "never served");
+    let context = busybox_context(&rig.host, dockerfile, "never served");
     let request = DeployRequest {
         package: PackageRequest::new(build_source(context.path(), &rig.host.image("broken"))),
         deployment: rig.spec(),
@@ -325,10 +327,10 @@ async fn build_error_is_build_failed_with_the_log_tail() {
 #[tokio::test]
 async fn docker_unreachable_is_docker_unavailable_for_packaging_and_for_the_receiver() {
     let docker = docker().await;
-    let host = HostGuard::new();
+    let host = host_guard();
     let store_dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(store_dir.path()).await.expect("store");
-    let context = busybox_context(&httpd_dockerfile(80), "v1");
+    let context = busybox_context(&host, &httpd_dockerfile(80), "v1");
     let request = PackageRequest::new(build_source(context.path(), &host.image("v1")));
     let package = package_image(&docker, &store, &request, &NoProgress)
         .await
@@ -370,7 +372,8 @@ async fn child_process_deploys_with_docker_unreachable() {
     let store = PackageStore::open(store_dir).await.expect("store");
     let receiver = spawn_receiver(|_| {}).await;
     let client = reqwest::Client::new();
-    let name = format!("deploy-e2e-{}", Uuid::new_v4().simple());
+    let host = host_guard();
+    let name = host.name.clone();
 
     // Packaging: what the CLI does first, connecting to the engine...
     let err = deploy_sender::connect_docker()
@@ -389,7 +392,7 @@ async fn child_process_deploys_with_docker_unreachable() {
         bollard::API_DEFAULT_VERSION,
     )
     .expect("a handle");
-    let context = busybox_context(&httpd_dockerfile(80), "v1");
+    let context = busybox_context(&host, &httpd_dockerfile(80), "v1");
     let request = DeployRequest {
         package: PackageRequest::new(build_source(context.path(), &format!("{name}:v1"))),
         deployment: spec(&name),
@@ -425,7 +428,7 @@ async fn child_process_deploys_with_docker_unreachable() {
 #[tokio::test]
 async fn the_cli_deploy_records_build_and_transfer_events_like_the_service() {
     let rig = Rig::new().await;
-    let context = busybox_context(&httpd_dockerfile(80), "cli");
+    let context = busybox_context(&rig.host, &httpd_dockerfile(80), "cli");
     let state_dir = rig.store_dir.path().join("cli-state");
     let dockerfile = context.path().join("Dockerfile");
     let tag = rig.host.image("cli");

@@ -55,7 +55,7 @@ async fn a_replay_raced_twenty_times_in_parallel_is_accepted_exactly_once() {
     let receiver = spawn_receiver(|c| c.max_concurrent_uploads = 32).await;
     let bytes = vec![9u8; 64 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let signing = Signing::new("/deployment/upload");
+    let signing = Signing::post("/deployment/upload");
     let headers = signing.headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
     let client = reqwest::Client::new();
@@ -97,7 +97,7 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     let packages = dir.path().join("packages");
     let bytes = vec![7u8; 32 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let headers = Signing::new("/deployment/upload").headers(&manifest);
+    let headers = Signing::post("/deployment/upload").headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
     let send = |url: String| {
         let body = body.clone();
@@ -139,7 +139,7 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     let (status, body) = send_multipart(
         &second,
         "/deployment/upload",
-        &Signing::new("/deployment/upload"),
+        &Signing::post("/deployment/upload"),
         &manifest,
         &[Part::manifest(manifest.clone()), Part::package(fresh)],
     )
@@ -157,14 +157,14 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
     let mut refused = 0;
     for round in 0..100 {
         // five kinds of bad envelope, each with a fresh, well-formed nonce
-        let mut wrong_secret = Signing::new("/deployment/upload");
+        let mut wrong_secret = Signing::post("/deployment/upload");
         wrong_secret.secret = b"attacker-guess".to_vec();
-        let mut unknown_key = Signing::new("/deployment/upload");
+        let mut unknown_key = Signing::post("/deployment/upload");
         unknown_key.key_id = format!("k{round}");
-        let mut stale = Signing::new("/deployment/upload");
+        let mut stale = Signing::post("/deployment/upload");
         stale.timestamp -= 3600;
-        let wrong_path = Signing::new("/deployment/full");
-        let mut wrong_method = Signing::new("/deployment/upload");
+        let wrong_path = Signing::post("/deployment/full");
+        let mut wrong_method = Signing::post("/deployment/upload");
         wrong_method.method = "PUT".into();
         for signing in [wrong_secret, unknown_key, stale, wrong_path, wrong_method] {
             let mut request = client
@@ -186,7 +186,7 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
         }
         // and a signed JSON request with a bad signature
         let (status, _) = {
-            let mut signing = Signing::new("/deployments");
+            let mut signing = Signing::post("/deployments");
             signing.method = "GET".into();
             signing.secret = b"attacker-guess".to_vec();
             let mut request = client.get(format!("{}/deployments", receiver.url));
@@ -231,7 +231,7 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
     for _ in 0..3 {
         dribblers.push(tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
-            let headers = Signing::new("/deployment/upload").headers(b"{}");
+            let headers = Signing::post("/deployment/upload").headers(b"{}");
             let mut head = upload_head(addr, &headers, 1 << 20);
             head.push_str(&format!(
                 "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{{"
@@ -247,7 +247,7 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
             let bytes = vec![0u8; 1 << 20];
             let manifest = manifest_for(&bytes).to_bytes();
             let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
-            let headers = Signing::new("/deployment/upload").headers(&manifest);
+            let headers = Signing::post("/deployment/upload").headers(&manifest);
             let head = upload_head(addr, &headers, body.len());
             stream.write_all(head.as_bytes()).await.expect("write");
             let start = body.len() - (1 << 20);
@@ -371,7 +371,7 @@ async fn upload_small(url: &str) -> (u16, serde_json::Value) {
             Part::manifest(manifest.clone()),
             Part::package(bytes),
         ]));
-    for (name, value) in Signing::new("/deployment/upload")
+    for (name, value) in Signing::post("/deployment/upload")
         .headers(&manifest)
         .to_pairs()
     {

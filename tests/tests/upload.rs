@@ -89,7 +89,7 @@ async fn repeated_upload_is_idempotent_and_same_id_other_content_is_conflict() {
         let (status, body) = send_multipart(
             &receiver,
             "/deployment/upload",
-            &Signing::new("/deployment/upload"),
+            &Signing::post("/deployment/upload"),
             &m,
             &[Part::manifest(m.clone()), Part::package(bytes.clone())],
         )
@@ -104,7 +104,7 @@ async fn repeated_upload_is_idempotent_and_same_id_other_content_is_conflict() {
     let (status, body) = send_multipart(
         &receiver,
         "/deployment/upload",
-        &Signing::new("/deployment/upload"),
+        &Signing::post("/deployment/upload"),
         &m2,
         &[Part::manifest(m2.clone()), Part::package(other)],
     )
@@ -135,12 +135,12 @@ async fn bad_signatures_are_401_and_store_nothing() {
     let bytes = vec![7u8; 10_000];
     let manifest = manifest_for(&bytes).to_bytes();
 
-    let mut wrong_key = Signing::new("/deployment/upload");
+    let mut wrong_key = Signing::post("/deployment/upload");
     wrong_key.secret = b"not-the-secret".to_vec();
-    let mut wrong_id = Signing::new("/deployment/upload");
+    let mut wrong_id = Signing::post("/deployment/upload");
     wrong_id.key_id = "other".into();
-    let wrong_path = Signing::new("/deployment/upload?x=1");
-    let mut wrong_method = Signing::new("/deployment/upload");
+    let wrong_path = Signing::post("/deployment/upload?x=1");
+    let mut wrong_method = Signing::post("/deployment/upload");
     wrong_method.method = "PUT".into();
     for (what, signing) in [
         ("wrong key", wrong_key),
@@ -160,7 +160,7 @@ async fn bad_signatures_are_401_and_store_nothing() {
     altered.package_size += 1;
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &manifest,
         &altered.to_bytes(),
         &bytes,
@@ -179,11 +179,11 @@ async fn replayed_nonce_is_refused() {
     let receiver = spawn_receiver(|_| {}).await;
     let bytes = vec![1u8; 1000];
     let manifest = manifest_for(&bytes).to_bytes();
-    let signing = Signing::new("/deployment/upload");
+    let signing = Signing::post("/deployment/upload");
     let replay = Signing {
         nonce: signing.nonce.clone(),
         timestamp: signing.timestamp,
-        ..Signing::new("/deployment/upload")
+        ..Signing::post("/deployment/upload")
     };
     let (status, body) = upload_with(&receiver, signing, &manifest, &manifest, &bytes).await;
     assert_eq!(status, 200, "{body}");
@@ -204,7 +204,7 @@ async fn timestamps_301_seconds_old_or_ahead_are_refused() {
     let bytes = vec![2u8; 1000];
     let manifest = manifest_for(&bytes).to_bytes();
     for offset in [-301, 301] {
-        let mut signing = Signing::new("/deployment/upload");
+        let mut signing = Signing::post("/deployment/upload");
         signing.timestamp = now() + offset;
         let (status, body) = upload_with(&receiver, signing, &manifest, &manifest, &bytes).await;
         assert_eq!(
@@ -248,7 +248,7 @@ async fn allowed_network_passes_the_allowlist() {
     let manifest = manifest_for(&bytes).to_bytes();
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &manifest,
         &manifest,
         &bytes,
@@ -264,7 +264,7 @@ async fn declared_and_actual_oversize_are_413_with_nothing_on_disk() {
     let declared = manifest_for(&big).to_bytes();
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &declared,
         &declared,
         &big,
@@ -281,7 +281,7 @@ async fn declared_and_actual_oversize_are_413_with_nothing_on_disk() {
     let small = small.to_bytes();
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &small,
         &small,
         &big,
@@ -300,7 +300,7 @@ async fn malformed_uploads_are_400_validation_error() {
     let receiver = spawn_receiver(|_| {}).await;
     let bytes = vec![5u8; 1000];
     let m = manifest_for(&bytes).to_bytes();
-    let sign = || Signing::new("/deployment/upload");
+    let sign = || Signing::post("/deployment/upload");
     let cases: Vec<(&str, Vec<u8>, Vec<Part>)> = vec![
         (
             "missing package part",
@@ -366,7 +366,7 @@ async fn upload_cut_off_mid_stream_leaves_no_file() {
     let bytes = vec![6u8; 8 << 20];
     let m = manifest_for(&bytes).to_bytes();
     let body = multipart_body(&[Part::manifest(m.clone()), Part::package(bytes)]);
-    let headers = Signing::new("/deployment/upload").headers(&m);
+    let headers = Signing::post("/deployment/upload").headers(&m);
     let mut head = format!(
         "POST /deployment/upload HTTP/1.1\r\nHost: {}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n",
         receiver.addr,
