@@ -1,4 +1,4 @@
-//! Issue 6 end to end: the receiver under attack and the sender under faults, on loopback.
+//! Hardening end to end: the receiver under attack and the sender under faults, on loopback.
 //! Replays raced in parallel, floods of bad signatures, slow-header and slow-body clients,
 //! IPv4-mapped peers on a dual-stack socket, and the sender's retry rules against the real
 //! receiver. Figures are printed with `--nocapture` (see docs/SECURITY.md).

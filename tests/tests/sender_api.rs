@@ -1,4 +1,4 @@
-//! Issue 5, sender side: the real `deploy-sender` REST service on loopback, against the real
+//! The real `deploy-sender` REST service on loopback, against the real
 //! Docker engine (images built `FROM scratch` with this machine's static busybox, removed by a
 //! guard), a real receiver where a transfer is needed, and librdkafka's mock cluster for events.
 //! Without a reachable Docker engine the Docker tests fail; they never skip.

@@ -1,4 +1,4 @@
-//! Issue 3 end to end: the real sender client streams packages to the real receiver on loopback;
+//! Uploads end to end: the real sender client streams packages to the real receiver on loopback;
 //! every refusal the protocol promises is provoked for real and leaves nothing on disk.
 
 mod common;

@@ -358,7 +358,7 @@ pub async fn manifest_for_file(
 mod tests {
     use super::*;
 
-    /// The REST service will `tokio::spawn` packaging jobs: their futures must be `Send`.
+    /// Packaging jobs run on spawned tasks: their futures must be `Send`.
     #[allow(dead_code)]
     fn package_future_is_send(docker: &Docker, store: &PackageStore, request: &PackageRequest) {
         fn is_send<T: Send>(_: &T) {}

@@ -244,7 +244,7 @@ async fn a_file_that_changed_since_its_manifest_is_refused_before_sending() {
     assert_eq!(err.code(), ErrorCode::ValidationError);
 }
 
-/// The REST service will `tokio::spawn` uploads: the future must be `Send`.
+/// Uploads run on spawned tasks: the future must be `Send`.
 #[allow(dead_code)]
 fn upload_future_is_send(client: &ReceiverClient, manifest: &PackageManifest) {
     fn is_send<T: Send>(_: &T) {}

@@ -18,7 +18,7 @@ use crate::service::metrics::OK;
 use crate::service::state::AppState;
 use crate::{BuildSpec, SenderError};
 
-use super::*;
+use super::serde_defaults::yes;
 
 /// `package_container`: build an image from a Dockerfile (or take an existing one) and store it
 /// as a compressed, hashed package.

@@ -18,7 +18,8 @@ use crate::service::metrics::OK;
 use crate::service::state::AppState;
 use crate::SenderError;
 
-use super::*;
+use super::serde_defaults::yes;
+use deploy_protocol::display::millis;
 
 /// `transfer_package`: send a stored package to one or more receivers, optionally deploying it.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -28,7 +29,7 @@ pub struct TransferInput {
     /// Receiver base URLs, e.g. `http://192.168.86.200:8001` (default: DEFAULT_RECEIVER_URL).
     #[serde(default)]
     pub receivers: Vec<String>,
-    /// One receiver, as the seed named it; added to `receivers`.
+    /// One receiver URL; added to `receivers`.
     #[serde(default)]
     pub remote_receiver_url: Option<String>,
     /// Deploy on the receivers (`/deployment/full`: load, run, health-check, roll back on
@@ -373,4 +374,8 @@ async fn send(
         duration: out.duration,
         response: out.response,
     })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }

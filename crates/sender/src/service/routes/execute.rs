@@ -1,4 +1,4 @@
-//! `POST /api/v1/execute`: the seed's operation envelope, dispatched to the resource handlers
+//! `POST /api/v1/execute`: the operation envelope (`{"operation", "input"}`), dispatched to the resource handlers
 //! (same answers, same errors).
 
 use axum::extract::State;
@@ -9,13 +9,14 @@ use deploy_protocol::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use super::respond::{wants_async, AsyncParams, JobAccepted};
+use super::{packages, transfers};
 use crate::service::error::{correlation_id, ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::service::metrics::MetricsSummary;
 use crate::service::operations::{self, EventInput, PackageOutput, PublishedEvent, TransferReport};
-use crate::service::routes::{packages, transfers, wants_async, AsyncParams, JobAccepted};
 use crate::service::state::AppState;
 
-/// The seed's operations.
+/// The operations the envelope can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
@@ -45,7 +46,7 @@ pub struct ExecuteRequest {
     pub correlation_id: Option<String>,
 }
 
-/// Run one of the seed's operations. The answer is the operation's own endpoint's answer:
+/// Run one operation by name. The answer is the operation's own endpoint's answer:
 /// `package_container` as `POST /api/v1/packages` (201, or 202 with `Prefer: respond-async`),
 /// `transfer_package` as `POST /api/v1/transfers`, `publish_transfer_event` as
 /// `POST /api/v1/events`, `get_metrics` as `GET /api/v1/metrics`.
