@@ -27,10 +27,16 @@ pub fn httpd_dockerfile(health_port: u16) -> String {
     )
 }
 
-/// `dockerfile` with the guard's label after its `FROM` line.
+/// `dockerfile` with the guard's label after its `FROM` line, and a label of its own: no two
+/// builds share build-cache layers, not even two of one guard (a layer an engine already has is
+/// skipped by `docker load`, so a shared one would hide a corrupt package).
 fn labelled(dockerfile: &str, guard: &Guard) -> String {
     let (from, rest) = dockerfile.split_once('\n').unwrap_or((dockerfile, ""));
-    format!("{from}\nLABEL {LABEL}={}\n{rest}", guard.name)
+    format!(
+        "{from}\nLABEL {LABEL}={} {LABEL}.build={}\n{rest}",
+        guard.name,
+        uuid::Uuid::new_v4().simple()
+    )
 }
 
 /// A build context directory (for builds that read one from disk, like the sender's): the static
