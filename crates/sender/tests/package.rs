@@ -122,7 +122,8 @@ async fn built_image_is_packaged_with_zstd_and_gzip_as_docker_save_archives() {
         assert!(info.image_id.starts_with("sha256:"));
         assert_eq!(
             info.container_name.as_deref(),
-            Some(tag.split(['/', ':']).nth(1).expect("name"))
+            Some(images.name.as_str()),
+            "the container name defaults to the image name"
         );
 
         let bytes = std::fs::read(path).expect("package file");
