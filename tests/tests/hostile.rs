@@ -75,7 +75,7 @@ fn signed_upload(addr: SocketAddr, authority: &str, bytes: &[u8]) -> Vec<u8> {
     ]);
     let headers = Signing {
         authority: authority.into(),
-        ..Signing::new("/deployment/upload")
+        ..Signing::post("/deployment/upload")
     }
     .headers(&manifest);
     let mut request = signed_head(addr, "/deployment/upload", &headers, body.len());
@@ -108,7 +108,7 @@ async fn clients_without_a_key_cannot_hold_the_upload_slots() {
     let mut holders = Vec::new();
     for _ in 0..4 {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let headers = Signing::to(&receiver, "/deployment/upload").headers(b"{}");
+        let headers = Signing::to(receiver.authority(), "/deployment/upload").headers(b"{}");
         let mut head = signed_head(addr, "/deployment/upload", &headers, 1 << 20);
         head.push_str(&format!(
             "\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"manifest\"\r\nContent-Type: application/json\r\n\r\n{{"
@@ -150,7 +150,7 @@ async fn bytes_before_the_manifest_are_bounded_before_authentication() {
         header_lines.extend_from_slice(b"X-Junk: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
     }
     for (what, body) in [("preamble", preamble), ("part headers", header_lines)] {
-        let headers = Signing::to(&receiver, "/deployment/upload").headers(b"{}");
+        let headers = Signing::to(receiver.authority(), "/deployment/upload").headers(b"{}");
         let mut request = signed_head(addr, "/deployment/upload", &headers, 4 << 20);
         request.push_str("\r\n");
         let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -324,7 +324,7 @@ async fn the_timestamp_is_verified_as_sent() {
             Part::manifest(manifest.clone()),
             Part::package(bytes.to_vec()),
         ]);
-        let headers = Signing::to(&receiver, "/deployment/upload").headers(&manifest);
+        let headers = Signing::to(receiver.authority(), "/deployment/upload").headers(&manifest);
         let mut request = signed_head(addr, "/deployment/upload", &headers, body.len());
         request = request.replace(
             &format!("x-deploy-timestamp: {}", headers.timestamp),
@@ -485,7 +485,7 @@ async fn full_refused_by_policy_stores_nothing() {
     let (status, body) = send_multipart(
         &receiver,
         "/deployment/full",
-        &Signing::new("/deployment/full"),
+        &Signing::post("/deployment/full"),
         &manifest,
         &[Part::manifest(manifest.clone()), Part::package(bytes)],
     )
@@ -554,7 +554,7 @@ async fn part_content_types_and_created_at_are_checked() {
         let (status, body) = send_multipart(
             &receiver,
             "/deployment/upload",
-            &Signing::new("/deployment/upload"),
+            &Signing::post("/deployment/upload"),
             &manifest,
             &parts,
         )
@@ -571,7 +571,7 @@ async fn part_content_types_and_created_at_are_checked() {
     let (status, body) = send_multipart(
         &receiver,
         "/deployment/upload",
-        &Signing::new("/deployment/upload"),
+        &Signing::post("/deployment/upload"),
         &dated,
         &[Part::manifest(dated.clone()), Part::package(bytes.clone())],
     )
@@ -611,7 +611,7 @@ async fn packages_and_state_are_private_to_the_receiver() {
     let (status, body) = send_multipart(
         &receiver,
         "/deployment/upload",
-        &Signing::new("/deployment/upload"),
+        &Signing::post("/deployment/upload"),
         &manifest,
         &[Part::manifest(manifest.clone()), Part::package(bytes)],
     )

@@ -5,6 +5,7 @@ use bollard::container::RemoveContainerOptions;
 use bollard::models::ContainerInspectResponse;
 use bollard::Docker;
 
+use deploy_protocol::display::short;
 use deploy_protocol::DeploymentSpec;
 
 use super::LABEL_MANAGED;
@@ -87,11 +88,6 @@ pub(super) async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
 /// The name an old container carries while its replacement is tried.
 pub fn aside_name(name: &str, id: &str) -> String {
     format!("{name}.previous-{}", short(id))
-}
-
-pub(super) fn short(id: &str) -> &str {
-    let id = id.strip_prefix("sha256:").unwrap_or(id);
-    &id[..id.len().min(12)]
 }
 
 /// Whether a container is running (and not restarting).

@@ -13,7 +13,9 @@ use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage};
 use deploy_protocol::{ErrorCode, ErrorDetail};
 use uuid::Uuid;
 
-use super::containers::{find_container, is_running, remove_container, short};
+use deploy_protocol::display::short;
+
+use super::containers::{find_container, is_running, remove_container};
 use super::{stopping, Deployment, LABEL_DEPLOYMENT_ID};
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};

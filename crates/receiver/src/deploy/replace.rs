@@ -8,7 +8,9 @@ use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::{DeploymentSpec, ErrorCode, ErrorDetail, HealthCheckSpec, PortProtocol};
 
-use super::containers::{aside_name, container_named, remove_container, short, STOP_TIMEOUT_SECS};
+use deploy_protocol::display::short;
+
+use super::containers::{aside_name, container_named, remove_container, STOP_TIMEOUT_SECS};
 use super::record::Timed;
 use super::{health, policy, prune, reconcile, Deployment, LABEL_MANAGED};
 use crate::docker::map_err;
