@@ -10,18 +10,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bollard::Docker;
-use common::docker::{busybox_context, docker, httpd_dockerfile, HostGuard};
+use common::docker::{busybox_context, docker, httpd_dockerfile, Guard};
 use common::{spawn_receiver, Receiver, KEY_ID, SECRET};
 use deploy_protocol::{
     DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, RestartPolicy,
 };
+use deploy_sender::config::ServeConfig;
 use deploy_sender::rollout::{
     roll_out, BatchSize, FleetState, HostOutcome, Phase, Release, RolloutEvent, RolloutOptions,
     RolloutReport, RolloutStatus,
 };
+use deploy_sender::service::AppState as SenderState;
 use deploy_sender::{
-    package_image, AppState as SenderState, BuildSpec, ImageSource, NoProgress, PackageInfo,
-    PackageRequest, PackageStore, ReceiverTarget, ServeConfig,
+    package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
+    ReceiverClient, ReceiverTarget,
 };
 use deploy_testkit::hosts::{main_bridge_exists, TestHost};
 use serde_json::{json, Value};
@@ -32,7 +34,7 @@ struct Fleet {
     hosts: Vec<TestHost>,
     engines: Vec<Docker>,
     receivers: Vec<Option<Receiver>>,
-    targets: Vec<ReceiverTarget>,
+    targets: Vec<ReceiverClient>,
 }
 
 impl Fleet {
@@ -51,16 +53,22 @@ impl Fleet {
         let mut engines = Vec::new();
         let mut receivers = Vec::new();
         let mut targets = Vec::new();
+        let http = reqwest::Client::new();
         for host in &hosts {
             engines.push(
                 Docker::connect_with_unix(&host.docker_host(), 120, bollard::API_DEFAULT_VERSION)
                     .expect("the test host's engine"),
             );
             let docker_host = host.docker_host();
-            let receiver = spawn_receiver(|c| c.docker_host = Some(docker_host)).await;
-            targets.push(
-                ReceiverTarget::new(&receiver.url, KEY_ID, SECRET.as_bytes()).expect("target"),
-            );
+            let receiver = spawn_receiver(|c| {
+                c.docker_host = Some(docker_host);
+                c.allowed_networks =
+                    Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"));
+            })
+            .await;
+            let target =
+                ReceiverTarget::new(&receiver.url, KEY_ID, SECRET.as_bytes()).expect("target");
+            targets.push(ReceiverClient::new(http.clone(), target));
             receivers.push(Some(receiver));
         }
         Self {
@@ -111,11 +119,11 @@ fn spec(name: &str) -> DeploymentSpec {
 async fn package(
     docker: &Docker,
     store: &PackageStore,
-    guard: &HostGuard,
+    guard: &Guard,
     version: &str,
     health_port: u16,
 ) -> PackageInfo {
-    let context = busybox_context(&httpd_dockerfile(health_port), version);
+    let context = busybox_context(guard, &httpd_dockerfile(health_port), version);
     let request = PackageRequest::new(ImageSource::Build(BuildSpec {
         dockerfile: context.path().join("Dockerfile"),
         context: context.path().to_path_buf(),
@@ -149,7 +157,6 @@ async fn rollout(
         correlation_id: Some("rollout-e2e-fleet".into()),
     };
     roll_out(
-        &reqwest::Client::new(),
         &fleet.targets,
         &release,
         &options(),
@@ -174,9 +181,7 @@ fn images(running: &[Option<(String, String)>]) -> Vec<Option<&str>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_moved() {
     let docker = docker().await;
-    let guard = HostGuard {
-        name: format!("deploy-e2e-fleet-{}", uuid::Uuid::new_v4().simple()),
-    };
+    let guard = Guard::new("deploy-e2e-fleet");
     let name = guard.name.clone();
     let store_dir = tempfile::tempdir().expect("store dir");
     let store = PackageStore::open(store_dir.path()).await.expect("store");
@@ -287,15 +292,19 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         .expect("bind");
     let api = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
     let (stop_sender, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(deploy_sender::serve(listener, sender.clone(), async {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(deploy_sender::service::serve(
+        listener,
+        sender.clone(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let http = reqwest::Client::new();
     let started: Value = http
         .post(format!("{api}/rollouts"))
         .json(&json!({
             "package_id": v2_stored.package_id,
-            "receivers": fleet.targets.iter().map(|t| t.base_url.to_string()).collect::<Vec<_>>(),
+            "receivers": fleet.targets.iter().map(|t| t.target().base_url.to_string()).collect::<Vec<_>>(),
             "deployment": spec(&name),
             "canary": 1,
             "batch": "50%",

@@ -1,23 +1,13 @@
 //! The receiver's one error type: each variant has a stable [`ErrorCode`] and renders the JSON
 //! error body. Server-side failures are logged once, here.
 
-use std::net::IpAddr;
-
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use deploy_protocol::api::DeploymentRecord;
 use deploy_protocol::{AuthError, ErrorBody, ErrorCode};
 
-tokio::task_local! {
-    /// The correlation id of the request being served (set by the request middleware).
-    pub static CORRELATION_ID: String;
-}
-
-/// The current request's correlation id, when inside a request.
-pub fn correlation_id() -> Option<String> {
-    CORRELATION_ID.try_with(Clone::clone).ok()
-}
+pub use deploy_http::correlation_id;
 
 /// Everything that can go wrong in the receiver.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +18,9 @@ pub enum ReceiverError {
     /// Signature, key id, timestamp or nonce refused.
     #[error("{0}")]
     Unauthorized(#[from] AuthError),
-    /// Client address outside ALLOWED_NETWORKS.
-    #[error("address {0} is not in this receiver's ALLOWED_NETWORKS")]
-    Forbidden(IpAddr),
+    /// Client address outside ALLOWED_NETWORKS (or not to be told from a forwarded chain).
+    #[error("{0}")]
+    Forbidden(String),
     /// A deployment spec asks for what the receiver's policy forbids.
     #[error("{0}")]
     PolicyDenied(String),

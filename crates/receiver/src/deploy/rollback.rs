@@ -7,8 +7,9 @@ use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, RollbackOutcome, RollbackResponse};
 use uuid::Uuid;
 
+use super::containers::{container_named, remove_container};
 use super::LABEL_DEPLOYMENT_ID;
-use super::{container_named, inspect_image, outcome, remove_container, replace, Deployment};
+use super::{check_verified, inspect_image, outcome, replace, Deployment};
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
 
@@ -117,7 +118,8 @@ async fn running_deployment(docker: &Docker, name: &str) -> Result<Option<(Strin
 }
 
 /// Runs `previous` again (its spec, its image by id) as a new deployment marked as the rollback
-/// of `undone`, with health check; when that one fails, `undone`'s container is restored by the
+/// of `undone`, with health check (like any deployment, only an image this receiver loaded from a
+/// verified package, unless ALLOW_UNVERIFIED_IMAGES); when that one fails, `undone`'s container is restored by the
 /// usual rollback and the answer is the failed record.
 async fn rerun(
     state: &AppState,
@@ -143,6 +145,7 @@ async fn rerun(
         )),
         other => other,
     })?;
+    check_verified(state, &image, &image_id)?;
     let mut deployment = Deployment::begin(state, &spec, &image, None).await?;
     deployment.record.rollback_of = Some(undone);
     deployment.record.image_id = Some(image_id);

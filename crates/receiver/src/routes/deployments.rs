@@ -82,7 +82,7 @@ pub async fn get(
         (status = 200, description = "RESTORED, REMOVED or NOT_APPLIED (it never took effect)", body = RollbackResponse),
         (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
-        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN; POLICY_DENIED: the previous image was not loaded by this receiver from a verified package (and ALLOW_UNVERIFIED_IMAGES is off)", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no such deployment, or the previous image is no longer on this host", body = ErrorBody),
         (status = 409, description = "CONFLICT: still in progress, replaced by a later deployment, or the previous deployment was recorded without its spec", body = ErrorBody),
         (status = 422, description = "HEALTH_CHECK_FAILED: the previous release did not become healthy again; the rolled-back deployment runs on (the re-run's record with `error`)", body = DeploymentRecord),
