@@ -84,9 +84,11 @@ pub struct Config {
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 15)]
     pub header_read_timeout_secs: u64,
 
-    /// Versions kept per container name for rollback: the images and packages of its last N
-    /// successful deployments (older ones, and those of rolled-back deployments, are removed
-    /// after each successful deployment of that name).
+    /// Deployments kept per container name for rollback: the images and packages of its last N
+    /// successful deployments (a redeploy of the same image counts as one), and when those all
+    /// ran one image also the newest deployment of another image, so that there is always a
+    /// version to roll back to. Older ones, and those of rolled-back deployments, are removed
+    /// after each successful deployment of that name.
     #[arg(long, env = "IMAGE_HISTORY", default_value_t = 3)]
     pub image_history: usize,
 
@@ -123,7 +125,13 @@ pub struct Config {
     #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
     pub kafka_topic: String,
 
-    /// Log format: `text` or `json`.
+    /// Docker engine to deploy to: `unix:///path/docker.sock`, `tcp://HOST:PORT` or
+    /// `http://HOST:PORT` [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+
+    /// Log format: `text` or `json`. Text is coloured only on a terminal and never when
+    /// NO_COLOR is set.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 
