@@ -1,8 +1,10 @@
 //! Version history: the images and packages of the last IMAGE_HISTORY successful deployments of
-//! a container name are kept (for rollback and redeploys); older images that this receiver loaded
-//! for that name are removed once no container uses them and no other name still keeps them, with
-//! the packages they were loaded from. The journal keeps JOURNAL_HISTORY finished records besides
-//! those. Pruning runs after each successful deployment, for its name, and never fails it.
+//! a container name are kept (for rollback and redeploys), and, when those all ran one image (the
+//! same image redeployed), also the newest successful deployment of another image, so there is
+//! always an earlier version to roll back to. Older images that this receiver loaded for that name
+//! are removed once no container uses them and no other name still keeps them, with the packages
+//! they were loaded from. The journal keeps JOURNAL_HISTORY finished records besides those.
+//! Pruning runs after each successful deployment, for its name, and never fails it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -181,7 +183,8 @@ struct Candidate {
 }
 
 /// What the history keeps, over all names: the deployments in progress and the last `history`
-/// successful ones (distinct images) of each name, with their images and packages.
+/// successful ones of each name (plus the newest of another image when those all ran one image),
+/// with their images and packages.
 struct Kept<'a> {
     deployments: HashSet<Uuid>,
     images: HashSet<&'a str>,
@@ -209,7 +212,11 @@ impl<'a> Kept<'a> {
                 DeploymentStatus::Succeeded => match r.image_id.as_deref() {
                     Some(image) => {
                         let list = per_name.entry(&r.container_name).or_default();
-                        if list.len() < history && !list.contains(&image) {
+                        // Past `history`, only a rollback target: while every kept deployment
+                        // ran the newest one's image, the first of another image is kept too.
+                        let one_image = list.iter().all(|kept| Some(kept) == list.first());
+                        let rollback_target = one_image && list.first() != Some(&image);
+                        if list.len() < history || rollback_target {
                             list.push(image);
                             true
                         } else {
@@ -312,23 +319,56 @@ mod tests {
         let ids = |candidates: Vec<Candidate>| -> Vec<String> {
             candidates.into_iter().map(|c| c.id).collect()
         };
+        // Three deployments (i5, i3, i3): i3's redeploy counts as one of them.
         let kept = Kept::of(&records, 3, None);
-        assert_eq!(ids(kept.image_candidates(&records, "web")), ["i4", "i0"]);
+        assert_eq!(
+            ids(kept.image_candidates(&records, "web")),
+            ["i4", "i2", "i0"]
+        );
         assert!(kept.image_candidates(&records, "api").is_empty());
+        let kept = Kept::of(&records, 4, None);
+        assert_eq!(ids(kept.image_candidates(&records, "web")), ["i4", "i0"]);
+        // One deployment (i5), and i3 as the version to roll back to.
         let kept = Kept::of(&records, 1, None);
         assert_eq!(
             ids(kept.image_candidates(&records, "web")),
-            ["i4", "i3", "i2", "i0"]
+            ["i4", "i2", "i0"]
         );
-        // The references each was run as come along (i3 ran twice, as the same tag).
+        // The references each was run as come along (i0 ran twice, as the same tag).
+        let mut records = records;
+        records.push(record("web", "i0", Succeeded));
+        let kept = Kept::of(&records, 1, None);
         let candidates = kept.image_candidates(&records, "web");
         assert_eq!(
-            candidates[1],
+            candidates[2],
             Candidate {
-                id: "i3".into(),
-                tags: vec!["web:i3".into()]
+                id: "i0".into(),
+                tags: vec!["web:i0".into()]
             }
         );
+    }
+
+    #[test]
+    fn redeploying_an_image_keeps_earlier_deployments_packages_and_a_rollback_target() {
+        use DeploymentStatus::*;
+        // web ran i1, then i2, then i2 again from a new package, then i2 once more.
+        let records = vec![
+            record("web", "i2", Succeeded),
+            record("web", "i2", Succeeded),
+            record("web", "i2", Succeeded),
+            record("web", "i1", Succeeded),
+        ];
+        let packages: Vec<Uuid> = records.iter().filter_map(|r| r.package_id).collect();
+        let kept = Kept::of(&records, 2, Some(records[0].deployment_id));
+        // Two deployments are kept with their packages, and i1's, the only other version.
+        assert!(kept.packages.contains(&packages[0]));
+        assert!(kept.packages.contains(&packages[1]));
+        assert!(kept.packages.contains(&packages[3]), "the rollback target");
+        assert_eq!(kept.package_candidates(&records, "web"), [packages[2]]);
+        assert!(kept.image_candidates(&records, "web").is_empty());
+        // With a history of 3 the second redeploy's package stays too.
+        let kept = Kept::of(&records, 3, None);
+        assert!(kept.package_candidates(&records, "web").is_empty());
     }
 
     #[test]
