@@ -61,6 +61,7 @@ impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        register_build_and_process(&registry)?;
         let stage_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "deploy_sender_stage_duration_seconds",
@@ -219,4 +220,24 @@ fn ok_and_failed(counter: &IntCounterVec) -> (u64, u64) {
         }
     }
     (ok, failed)
+}
+
+/// `deploy_sender_build_info{version, protocol_version} 1` (which build is running, for joins and
+/// upgrade dashboards) and the process metrics: `process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_virtual_memory_bytes`, `process_start_time_seconds` (read from /proc on Linux).
+fn register_build_and_process(registry: &Registry) -> prometheus::Result<()> {
+    let info = IntGauge::with_opts(
+        Opts::new(
+            "deploy_sender_build_info",
+            "Always 1; the labels say which build of deploy-sender is running",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"))
+        .const_label("protocol_version", deploy_protocol::PROTOCOL_VERSION),
+    )?;
+    info.set(1);
+    registry.register(Box::new(info))?;
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))
 }
