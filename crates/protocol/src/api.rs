@@ -31,6 +31,12 @@ pub struct HealthResponse {
     /// Where lifecycle events go (`kafka://...` or the local outbox path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<String>,
+    /// Lifecycle events recorded and not yet acknowledged by Kafka (0 without Kafka).
+    #[serde(default)]
+    pub events_pending: u64,
+    /// The latest Kafka delivery error, until a delivery succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_last_error: Option<String>,
     /// Configuration the operator should fix (e.g. no allowlist).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

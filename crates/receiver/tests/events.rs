@@ -30,6 +30,17 @@ async fn metrics(receiver: &Receiver) -> String {
         .expect("text")
 }
 
+async fn health(receiver: &Receiver) -> Value {
+    http()
+        .get(format!("{}/health", receiver.base))
+        .send()
+        .await
+        .expect("GET /health")
+        .json()
+        .await
+        .expect("json")
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -202,11 +213,28 @@ async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_b
         0.0
     );
 
+    // /health says events are stuck, and why, as the sender's does.
+    let mut health = health(&receiver).await;
+    let deadline = Instant::now() + WAIT;
+    while health["events_last_error"].is_null() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        health = self::health(&receiver).await;
+    }
+    assert_eq!(health["events_pending"], 2, "{health}");
+    assert!(health["events_last_error"].is_string(), "{health}");
+
     cluster.broker_up(-1).expect("broker up");
     let got = kafka::read_topic(&bootstrap, DEFAULT_TOPIC, 2, WAIT);
     assert_event(&got[0], EventType::DeploymentStarted, &deployed, &tag);
     assert_event(&got[1], EventType::DeploymentCompleted, &deployed, &tag);
     assert_eq!(kafka::message_count(&bootstrap, DEFAULT_TOPIC), 2);
+    let mut health = self::health(&receiver).await;
+    while health["events_pending"] != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        health = self::health(&receiver).await;
+    }
+    assert_eq!(health["events_pending"], 0, "{health}");
+    assert!(health["events_last_error"].is_null(), "{health}");
     eprintln!("deploy with the broker down took {took:?}");
     receiver.stop().await;
 }

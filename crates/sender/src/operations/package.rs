@@ -141,11 +141,17 @@ impl PackageInput {
         };
         compression.effective_level()?;
         let package_id = self.package_id.unwrap_or_else(Uuid::new_v4);
+        // The name the package will carry when none is given (as `package_image` picks it), so
+        // that BUILD_STARTED names the container as the events after it do.
+        let container_name = self.container_name.clone().or_else(|| {
+            (!image_tag.starts_with("sha256:"))
+                .then(|| crate::package::default_container_name(&image_tag))
+        });
         Ok(PackagePlan {
             subject: Subject {
                 package_id: Some(package_id),
                 correlation_id: None,
-                container_name: self.container_name.clone(),
+                container_name,
                 image_tag: Some(image_tag),
             },
             request: PackageRequest {
