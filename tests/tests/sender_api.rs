@@ -617,6 +617,19 @@ async fn prometheus_counters_move_after_work() {
         sample(&before.text, "deploy_sender_builds_total{result=\"ok\"}"),
         0.0
     );
+    let build_info = format!(
+        "deploy_sender_build_info{{protocol_version=\"{}\",version=\"{}\"}}",
+        deploy_protocol::PROTOCOL_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&before.text, &build_info), 1.0, "{}", before.text);
+    assert!(
+        sample(&before.text, "process_resident_memory_bytes") > 1e6,
+        "{}",
+        before.text
+    );
+    assert!(sample(&before.text, "process_open_fds") >= 3.0, "{}", before.text);
+    assert!(before.text.contains("\nprocess_cpu_seconds_total "), "{}", before.text);
 
     let context = busybox_context();
     let tag = images.image("v1");
@@ -874,6 +887,11 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
         assert_eq!(event["source_service"], "deploy-sender");
         assert_eq!(event["correlation_id"], "kafka-corr-1");
         assert_eq!(event["image_tag"], tag.as_str());
+        assert_eq!(
+            event["container_name"],
+            deploy_sender::package::default_container_name(&tag).as_str(),
+            "{event}"
+        );
     }
     assert_eq!(
         events[1]["payload"]["package_checksum"],

@@ -14,7 +14,7 @@ use crate::state::AppState;
 /// The whole pipeline: parts `manifest` (with the `deployment` spec) then `package`, streamed and
 /// verified like an upload, loaded, deployed, health-checked, and rolled back to the previous
 /// container on failure. The body is the deployment record with every stage's duration.
-#[utoipa::path(post, path = "/deployment/full", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/full", operation_id = "upload_and_deploy", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     security(("deploy_hmac" = [])),

@@ -67,13 +67,13 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 
 /// The OpenAPI 3 document of this API (this document).
-#[utoipa::path(get, path = "/openapi.json", tag = "service",
+#[utoipa::path(get, path = "/openapi.json", operation_id = "get_openapi_document", tag = "service",
     responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json", body = Object)))]
 #[allow(dead_code)] // documentation only: served by Swagger UI's router
 fn openapi_json() {}
 
 /// The interactive API page (redirects to `/docs/`; served offline, no CDN).
-#[utoipa::path(get, path = "/docs", tag = "service",
+#[utoipa::path(get, path = "/docs", operation_id = "get_api_docs_page", tag = "service",
     responses(
         (status = 200, description = "The page (at `/docs/`)", content_type = "text/html", body = String),
         (status = 303, description = "Redirect from `/docs` to `/docs/`"),

@@ -16,7 +16,7 @@ use crate::store::TempGuard;
 
 /// Validate and register a package file already in the package directory (no traversal, no
 /// symlink escape); it is hashed and stored exactly as an upload would be.
-#[utoipa::path(post, path = "/deployment/receive", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/receive", operation_id = "receive_package", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = ReceiveRequest,
     security(("deploy_hmac" = [])),

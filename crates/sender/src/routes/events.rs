@@ -17,7 +17,7 @@ const DEFAULT_LIMIT: usize = 100;
 
 /// Record a lifecycle event. It is durable when this answers; delivery to Kafka follows in the
 /// background (and survives restarts), so a Kafka outage never fails this call.
-#[utoipa::path(post, path = "/api/v1/events", tag = "events",
+#[utoipa::path(post, path = "/api/v1/events", operation_id = "publish_transfer_event", tag = "events",
     request_body = EventInput,
     security((), ("api_token" = [])),
     responses(
@@ -52,7 +52,7 @@ pub struct EventList {
 }
 
 /// Recent lifecycle events from the outbox, newest first.
-#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+#[utoipa::path(get, path = "/api/v1/events", operation_id = "list_events", tag = "events",
     params(ListParams),
     security((), ("api_token" = [])),
     responses(

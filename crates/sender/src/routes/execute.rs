@@ -51,7 +51,7 @@ pub struct ExecuteRequest {
 /// `package_container` as `POST /api/v1/packages` (201, or 202 with `Prefer: respond-async`),
 /// `transfer_package` as `POST /api/v1/transfers`, `publish_transfer_event` as
 /// `POST /api/v1/events`, `get_metrics` as `GET /api/v1/metrics`.
-#[utoipa::path(post, path = "/api/v1/execute", tag = "operations",
+#[utoipa::path(post, path = "/api/v1/execute", operation_id = "execute_operation", tag = "operations",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job (packaging and transfers)")),
     request_body = ExecuteRequest,
     security((), ("api_token" = [])),

@@ -41,7 +41,7 @@ pub struct SenderHealth {
 }
 
 /// Service health (never needs the bearer token).
-#[utoipa::path(get, path = "/health", tag = "service",
+#[utoipa::path(get, path = "/health", operation_id = "get_health", tag = "service",
     responses((status = 200, description = "The sender is serving", body = SenderHealth)))]
 pub async fn get(State(state): State<AppState>) -> Json<SenderHealth> {
     let docker_version = state.docker_version().await;

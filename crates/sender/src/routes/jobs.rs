@@ -24,7 +24,7 @@ fn find(state: &AppState, id: Uuid) -> Result<tokio::sync::watch::Receiver<JobVi
 }
 
 /// A job's state, latest progress, and result or error.
-#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", operation_id = "get_job", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id")),
     security((), ("api_token" = [])),
     responses(
@@ -44,7 +44,7 @@ pub async fn get(
 /// Follow a job as server-sent events: `progress` events (`JobProgress`: stage, bytes done and
 /// total, rate) while it runs, then one `finished` event (the `JobView` with result or error),
 /// after which the stream ends. A finished job answers its `finished` event at once.
-#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs",
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", operation_id = "stream_job_events", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id")),
     security((), ("api_token" = [])),
     responses(

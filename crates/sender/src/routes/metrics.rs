@@ -10,7 +10,7 @@ use crate::metrics::MetricsSummary;
 use crate::state::AppState;
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "service",
+#[utoipa::path(get, path = "/metrics", operation_id = "get_prometheus_metrics", tag = "service",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let events = state.events();
@@ -26,7 +26,7 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Counts of builds, transfers, bytes and events since start (`get_metrics`).
-#[utoipa::path(get, path = "/api/v1/metrics", tag = "operations",
+#[utoipa::path(get, path = "/api/v1/metrics", operation_id = "get_metrics", tag = "operations",
     security((), ("api_token" = [])),
     responses(
         (status = 200, description = "Counts since start", body = MetricsSummary),

@@ -17,7 +17,7 @@ use crate::store::PackageInfo;
 /// Build an image from a Dockerfile and context (or take an existing image), then export,
 /// compress, hash and store it. Waits until done, or with `Prefer: respond-async` (or
 /// `?async=true`) answers 202 with a job to follow.
-#[utoipa::path(post, path = "/api/v1/packages", tag = "packages",
+#[utoipa::path(post, path = "/api/v1/packages", operation_id = "package_container", tag = "packages",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job")),
     request_body = PackageInput,
     security((), ("api_token" = [])),
@@ -56,7 +56,7 @@ pub async fn start(state: AppState, input: PackageInput, run_async: bool) -> Api
 }
 
 /// Stored packages, newest first.
-#[utoipa::path(get, path = "/api/v1/packages", tag = "packages",
+#[utoipa::path(get, path = "/api/v1/packages", operation_id = "list_packages", tag = "packages",
     security((), ("api_token" = [])),
     responses(
         (status = 200, description = "Stored packages", body = Vec<PackageInfo>),
@@ -68,7 +68,7 @@ pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageIn
 }
 
 /// One stored package.
-#[utoipa::path(get, path = "/api/v1/packages/{id}", tag = "packages",
+#[utoipa::path(get, path = "/api/v1/packages/{id}", operation_id = "get_package", tag = "packages",
     params(("id" = Uuid, Path, description = "Package id")),
     security((), ("api_token" = [])),
     responses(
@@ -85,7 +85,7 @@ pub async fn get(
 }
 
 /// Delete a stored package and its metadata.
-#[utoipa::path(delete, path = "/api/v1/packages/{id}", tag = "packages",
+#[utoipa::path(delete, path = "/api/v1/packages/{id}", operation_id = "delete_package", tag = "packages",
     params(("id" = Uuid, Path, description = "Package id")),
     security((), ("api_token" = [])),
     responses(

@@ -16,7 +16,7 @@ use crate::state::AppState;
 /// loads, runs and health-checks it (`/deployment/full`). Answers each receiver's outcome; when
 /// every receiver failed, the first failure is the error. `Prefer: respond-async` (or
 /// `?async=true`) answers 202 with a job to follow.
-#[utoipa::path(post, path = "/api/v1/transfers", tag = "transfers",
+#[utoipa::path(post, path = "/api/v1/transfers", operation_id = "transfer_package", tag = "transfers",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job")),
     request_body = TransferInput,
     security((), ("api_token" = [])),
