@@ -186,3 +186,12 @@ fn probe_passes_only_for_a_healthy_deploy_receiver() {
     assert!(stderr.contains("not as a deploy-receiver"), "{stderr}");
     assert!(stderr.contains("deploy-sender"), "{stderr}");
 }
+
+#[test]
+fn help_names_docker_host() {
+    let help = run_to_exit(Command::new(BIN).arg("--help"));
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    assert!(text.contains("DOCKER_HOST"), "{text}");
+    assert!(text.contains("--docker-host"), "{text}");
+}

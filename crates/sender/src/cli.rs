@@ -20,6 +20,10 @@ pub struct Cli {
     /// Log filter in `tracing` syntax (e.g. `info`, `deploy_sender=debug`); logs go to stderr.
     #[arg(long, env = "RUST_LOG", default_value = "warn", global = true)]
     pub log: String,
+    /// Docker engine that builds and exports images: `unix:///path/docker.sock`,
+    /// `tcp://HOST:PORT` or `http://HOST:PORT` [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST", global = true)]
+    pub docker_host: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
