@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{spawn_receiver, SECRET};
-use deploy_sender::{AppState, ServeConfig};
+use deploy_sender::config::ServeConfig;
+use deploy_sender::service::AppState;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -26,7 +27,7 @@ async fn spawn_sender(dir: &Path) -> (String, oneshot::Sender<()>) {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(deploy_sender::serve(listener, state, async {
+    tokio::spawn(deploy_sender::service::serve(listener, state, async {
         let _ = rx.await;
     }));
     (url, tx)
