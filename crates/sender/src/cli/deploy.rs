@@ -176,6 +176,14 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let bars = Arc::new(TerminalProgress::default());
     let result = deploy(&docker, &store, &client, &target, &request, bars.clone()).await;
     bars.clear();
+    // Failed attempts count too: their packages are kept up to PACKAGE_HISTORY as well.
+    let made = match &result {
+        Ok(outcome) => Some(outcome.package.package_id),
+        Err(failure) => failure.package.as_ref().map(|p| p.package_id),
+    };
+    if let Some(id) = made {
+        args.store.retain(&store, id).await;
+    }
     match result {
         Ok(outcome) => {
             if args.json {

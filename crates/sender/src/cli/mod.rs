@@ -48,6 +48,73 @@ pub(crate) enum Command {
     Doctor(doctor::DoctorArgs),
 }
 
+impl Cli {
+    /// Whether the command prints JSON on stdout (`--json`).
+    pub fn json(&self) -> bool {
+        match &self.command {
+            Command::Deploy(args) => args.json,
+            Command::Transfer(args) => args.json,
+            Command::Package(args) => args.json,
+            Command::Packages(command) => command.json(),
+            Command::Serve(_) => false,
+            Command::Doctor(args) => args.json,
+        }
+    }
+
+    /// Whether Ctrl-C ends the command at once (dropping its work, which removes its temp
+    /// files). `serve` handles SIGINT and SIGTERM itself, finishing the requests in flight.
+    pub fn interruptible(&self) -> bool {
+        !matches!(self.command, Command::Serve(_))
+    }
+}
+
+/// Reports a failed command: `error: CODE: message` on stderr, and with `--json` the protocol's
+/// error body (`{"error": {"code", "message"}}`) on stdout, unless the command printed its own
+/// JSON document for the failure (`deploy`, `doctor`): exactly one document either way.
+pub fn report_error(json: bool, error: &SenderError) {
+    if json && !terminal::json_printed() {
+        terminal::print_json(&deploy_protocol::ErrorBody::new(
+            error.code(),
+            error.to_string(),
+            None,
+        ));
+    }
+    eprintln!("error: {}: {error}", error.code());
+}
+
+/// Reports a command line clap refused (exit status 2) as every other failure is reported:
+/// `error: VALIDATION_ERROR: message` on stderr with clap's usage after it, and with `--json`
+/// among the arguments the error body on stdout. `--help` and `--version` print and succeed.
+pub fn report_usage_error(error: &clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = error.print();
+        return std::process::ExitCode::SUCCESS;
+    }
+    let rendered = error.render().to_string();
+    let (message, rest) = match error.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            ("a subcommand is required".to_owned(), rendered.as_str())
+        }
+        _ => {
+            let (first, rest) = rendered.split_once('\n').unwrap_or((&rendered, ""));
+            (first.trim_start_matches("error: ").to_owned(), rest)
+        }
+    };
+    let json = std::env::args().any(|a| a == "--json")
+        || std::env::var("DEPLOY_JSON").is_ok_and(|v| matches!(v.as_str(), "1" | "true"));
+    if json {
+        terminal::print_json(&deploy_protocol::ErrorBody::new(
+            deploy_protocol::ErrorCode::ValidationError,
+            message.clone(),
+            None,
+        ));
+    }
+    eprintln!("error: VALIDATION_ERROR: {message}");
+    eprint!("{rest}");
+    std::process::ExitCode::from(2)
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), SenderError> {
     match cli.command {

@@ -61,6 +61,7 @@ pub(super) async fn run(args: PackageArgs) -> Result<(), SenderError> {
     let result = package_image(&docker, &store, &request, &bars).await;
     bars.clear();
     let info = result?;
+    args.store.retain(&store, info.package_id).await;
     if args.json {
         print_json(&info);
     } else {

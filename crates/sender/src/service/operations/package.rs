@@ -104,13 +104,9 @@ impl PackageInput {
                     )
                 })?;
                 let context = PathBuf::from(context);
+                // Relative to the build context unless absolute (resolved by the build).
                 let dockerfile =
                     PathBuf::from(self.dockerfile_path.as_deref().unwrap_or("Dockerfile"));
-                let dockerfile = if dockerfile.is_absolute() {
-                    dockerfile
-                } else {
-                    context.join(dockerfile)
-                };
                 let tag =
                     match (self.image_tag.as_deref(), self.container_name.as_deref()) {
                         (Some(tag), _) if tag.contains(':') || tag.contains('/') => tag.to_owned(),
@@ -251,6 +247,11 @@ async fn run_package(
     })
     .await
     .map_err(|e| SenderError::Internal(format!("the packaging task failed: {e}")))??;
+    state
+        .config()
+        .store
+        .retain(state.store(), info.package_id)
+        .await;
     let checksum_verified = if plan.verify {
         state.store().verify(info.package_id).await?;
         true
