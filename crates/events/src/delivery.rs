@@ -161,8 +161,7 @@ impl Delivery {
                     );
                     drop_producer(producer.take()).await;
                     failing_since = None;
-                } else if failing_since.is_some_and(|since| since.elapsed() >= self.replace_after)
-                {
+                } else if failing_since.is_some_and(|since| since.elapsed() >= self.replace_after) {
                     tracing::warn!(
                         failing_for = ?self.replace_after,
                         last_error = self.counters.last_error().as_deref().unwrap_or("none"),

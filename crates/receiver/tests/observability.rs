@@ -328,7 +328,10 @@ async fn metrics_pass_promtool_and_move_with_uploads_refusals_and_errors() {
     );
     assert_eq!(value(&before, &build_info), 1.0, "{text}");
     // The process metrics of this test process (the receiver runs in it).
-    assert!(value(&before, "process_resident_memory_bytes") > 1e6, "{text}");
+    assert!(
+        value(&before, "process_resident_memory_bytes") > 1e6,
+        "{text}"
+    );
     assert!(value(&before, "process_open_fds") >= 3.0, "{text}");
     assert!(value(&before, "process_max_fds") > 0.0, "{text}");
     assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");

@@ -104,7 +104,10 @@ fn on_a_terminal(dir: &std::path::Path, no_color: Option<&str>) -> String {
 fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
     let dir = tempfile::tempdir().expect("tempdir");
     let coloured = on_a_terminal(dir.path(), None);
-    assert!(coloured.contains(ESC), "no colour on a terminal: {coloured:?}");
+    assert!(
+        coloured.contains(ESC),
+        "no colour on a terminal: {coloured:?}"
+    );
     let plain = on_a_terminal(dir.path(), Some("1"));
     assert!(!plain.contains(ESC), "colour despite NO_COLOR: {plain:?}");
 }
@@ -117,7 +120,10 @@ fn an_address_in_use_is_named_with_what_to_do() {
     let output = run_to_exit(receiver(dir.path()).env("RECEIVER_BIND", addr.to_string()));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
     assert!(stderr.contains("RECEIVER_BIND"), "{stderr}");
     assert!(stderr.contains("Address already in use"), "{stderr}");
 }
@@ -175,7 +181,9 @@ fn probe_passes_only_for_a_healthy_deploy_receiver() {
     );
 
     // The sender's /health says `healthy` too, with its own service name.
-    let sender = another_service(r#"{"status":"healthy","service":"deploy-sender","docker_available":true}"#);
+    let sender = another_service(
+        r#"{"status":"healthy","service":"deploy-sender","docker_available":true}"#,
+    );
     let refused = run_to_exit(
         Command::new(BIN)
             .env_clear()

@@ -41,7 +41,10 @@ fn warnings_written_to_a_pipe_carry_no_colour_codes() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("skipping package"), "{stderr}");
-    assert!(!stderr.contains('\u{1b}'), "ANSI codes on a pipe: {stderr:?}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI codes on a pipe: {stderr:?}"
+    );
 }
 
 #[test]
@@ -58,7 +61,10 @@ fn serve_on_an_address_in_use_names_it_and_what_to_do() {
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
     assert!(stderr.contains("SENDER_BIND"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "said once: {stderr}");
 }
@@ -70,7 +76,10 @@ fn sender_without_docker(args: &[&str]) -> Output {
         .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
         .env_remove("DEFAULT_RECEIVER_URL")
         .env_remove("DEPLOY_JSON")
-        .env("DEPLOY_HMAC_SECRET", "cli-test-secret-0123456789abcdef0123456789")
+        .env(
+            "DEPLOY_HMAC_SECRET",
+            "cli-test-secret-0123456789abcdef0123456789",
+        )
         .output()
         .expect("run deploy-sender")
 }
@@ -112,21 +121,96 @@ fn every_command_with_json_prints_exactly_one_json_document_success_or_failure()
     std::fs::write(&file, b"bytes").expect("file");
     // (arguments, succeeds)
     let cases: Vec<(Vec<&str>, bool)> = vec![
-        (vec!["packages", "list", "--package-dir", store, "--json"], true),
-        (vec!["packages", "show", &id, "--package-dir", store, "--json"], true),
-        (vec!["packages", "verify", &id, "--package-dir", store, "--json"], true),
-        (vec!["packages", "show", &missing, "--package-dir", store, "--json"], false),
-        (vec!["packages", "verify", &missing, "--package-dir", store, "--json"], false),
-        (vec!["packages", "delete", &missing, "--package-dir", store, "--json"], false),
-        (vec!["packages", "delete", &id, "--package-dir", store, "--json"], true),
-        (vec!["transfer", "--file", &file, "--to", "http://127.0.0.1:1", "--json"], false),
-        (vec!["package", "--image", "web:v1", "--package-dir", store, "--json"], false),
         (
-            vec!["deploy", "--image", "web:v1", "--name", "web", "--to", "http://127.0.0.1:1",
-                 "--package-dir", store, "--json"],
+            vec!["packages", "list", "--package-dir", store, "--json"],
+            true,
+        ),
+        (
+            vec!["packages", "show", &id, "--package-dir", store, "--json"],
+            true,
+        ),
+        (
+            vec!["packages", "verify", &id, "--package-dir", store, "--json"],
+            true,
+        ),
+        (
+            vec![
+                "packages",
+                "show",
+                &missing,
+                "--package-dir",
+                store,
+                "--json",
+            ],
             false,
         ),
-        (vec!["doctor", "--to", "http://127.0.0.1:1", "--json"], false),
+        (
+            vec![
+                "packages",
+                "verify",
+                &missing,
+                "--package-dir",
+                store,
+                "--json",
+            ],
+            false,
+        ),
+        (
+            vec![
+                "packages",
+                "delete",
+                &missing,
+                "--package-dir",
+                store,
+                "--json",
+            ],
+            false,
+        ),
+        (
+            vec!["packages", "delete", &id, "--package-dir", store, "--json"],
+            true,
+        ),
+        (
+            vec![
+                "transfer",
+                "--file",
+                &file,
+                "--to",
+                "http://127.0.0.1:1",
+                "--json",
+            ],
+            false,
+        ),
+        (
+            vec![
+                "package",
+                "--image",
+                "web:v1",
+                "--package-dir",
+                store,
+                "--json",
+            ],
+            false,
+        ),
+        (
+            vec![
+                "deploy",
+                "--image",
+                "web:v1",
+                "--name",
+                "web",
+                "--to",
+                "http://127.0.0.1:1",
+                "--package-dir",
+                store,
+                "--json",
+            ],
+            false,
+        ),
+        (
+            vec!["doctor", "--to", "http://127.0.0.1:1", "--json"],
+            false,
+        ),
     ];
     for (args, succeeds) in cases {
         let output = sender_without_docker(&args);
@@ -191,10 +275,16 @@ fn ctrl_c_during_export_removes_the_temp_file_and_exits_130_silently() {
     std::fs::write(context.path().join("big"), random.stdout).expect("write");
     std::fs::write(
         context.path().join("Dockerfile"),
-        format!("FROM scratch\nLABEL test={}\nCOPY big /big\n", uuid::Uuid::new_v4()),
+        format!(
+            "FROM scratch\nLABEL test={}\nCOPY big /big\n",
+            uuid::Uuid::new_v4()
+        ),
     )
     .expect("Dockerfile");
-    let image = ImageGuard(format!("deploy-sender-cli-{}:big", uuid::Uuid::new_v4().simple()));
+    let image = ImageGuard(format!(
+        "deploy-sender-cli-{}:big",
+        uuid::Uuid::new_v4().simple()
+    ));
     let built = Command::new("docker")
         .args(["build", "-q", "-t", &image.0])
         .arg(context.path())
@@ -209,7 +299,15 @@ fn ctrl_c_during_export_removes_the_temp_file_and_exits_130_silently() {
 
     let store = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(BIN)
-        .args(["package", "--image", &image.0, "--compression", "gzip", "--level", "9"])
+        .args([
+            "package",
+            "--image",
+            &image.0,
+            "--compression",
+            "gzip",
+            "--level",
+            "9",
+        ])
         .arg("--package-dir")
         .arg(store.path())
         .stdout(std::process::Stdio::piped())
@@ -217,12 +315,18 @@ fn ctrl_c_during_export_removes_the_temp_file_and_exits_130_silently() {
         .spawn()
         .expect("spawn");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !temp_files(store.path()).iter().any(|n| n.starts_with(".tmp-")) {
+    while !temp_files(store.path())
+        .iter()
+        .any(|n| n.starts_with(".tmp-"))
+    {
         assert!(
             child.try_wait().expect("wait").is_none(),
             "the export ended before it could be interrupted"
         );
-        assert!(std::time::Instant::now() < deadline, "no temp file after 120 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no temp file after 120 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let kill = Command::new("kill")
@@ -232,8 +336,15 @@ fn ctrl_c_during_export_removes_the_temp_file_and_exits_130_silently() {
     assert!(kill.success());
     let output = child.wait_with_output().expect("wait");
     assert_eq!(output.status.code(), Some(130), "{output:?}");
-    assert!(output.stdout.is_empty() && output.stderr.is_empty(), "silent: {output:?}");
-    assert_eq!(temp_files(store.path()), Vec::<String>::new(), "nothing left behind");
+    assert!(
+        output.stdout.is_empty() && output.stderr.is_empty(),
+        "silent: {output:?}"
+    );
+    assert_eq!(
+        temp_files(store.path()),
+        Vec::<String>::new(),
+        "nothing left behind"
+    );
 }
 
 #[test]
@@ -253,6 +364,9 @@ fn a_bad_tag_without_a_name_is_reported_as_a_bad_tag() {
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("error: VALIDATION_ERROR: --tag \"My App:1.0\""), "{stderr}");
+    assert!(
+        stderr.contains("error: VALIDATION_ERROR: --tag \"My App:1.0\""),
+        "{stderr}"
+    );
     assert!(!stderr.contains("container"), "{stderr}");
 }

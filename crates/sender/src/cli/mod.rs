@@ -87,7 +87,10 @@ pub fn report_error(json: bool, error: &SenderError) {
 /// among the arguments the error body on stdout. `--help` and `--version` print and succeed.
 pub fn report_usage_error(error: &clap::Error) -> std::process::ExitCode {
     use clap::error::ErrorKind;
-    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
         let _ = error.print();
         return std::process::ExitCode::SUCCESS;
     }

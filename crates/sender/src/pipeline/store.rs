@@ -268,7 +268,11 @@ impl PackageStore {
             let name = info
                 .container_name
                 .clone()
-                .or_else(|| info.image_tags.first().map(|t| super::default_container_name(t)))
+                .or_else(|| {
+                    info.image_tags
+                        .first()
+                        .map(|t| super::default_container_name(t))
+                })
                 .unwrap_or_else(|| info.image_id.clone());
             let count = per_name.entry(name).or_default();
             *count += 1;

@@ -386,11 +386,15 @@ mod tests {
         assert_eq!(stages.first(), Some(&"context"), "{stages:?}");
         assert!(stages.contains(&"export"), "{stages:?}");
         assert!(
-            progress.iter().any(|p| p.stage == "export" && p.finished && p.done == 400_000_000),
+            progress
+                .iter()
+                .any(|p| p.stage == "export" && p.finished && p.done == 400_000_000),
             "the finished stage is exact: {progress:?}"
         );
         assert!(
-            progress.iter().all(|p| p.bytes_per_sec.is_finite() && p.bytes_per_sec < 1e11),
+            progress
+                .iter()
+                .all(|p| p.bytes_per_sec.is_finite() && p.bytes_per_sec < 1e11),
             "sane rates: {progress:?}"
         );
         assert_eq!(seen.last().map(|v| v.state), Some(JobState::Succeeded));

@@ -294,8 +294,9 @@ async fn upload_to(base: &str) -> SenderError {
 
 #[tokio::test]
 async fn https_to_a_plain_http_receiver_says_to_use_http_not_a_ca_certificate() {
-    let addr = spawn_raw("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        .await;
+    let addr =
+        spawn_raw("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
     let err = upload_to(&format!("https://{addr}")).await;
     let message = err.to_string();
     assert_eq!(err.code(), ErrorCode::RemoteUnreachable, "{message}");
@@ -306,8 +307,8 @@ async fn https_to_a_plain_http_receiver_says_to_use_http_not_a_ca_certificate() 
 
 #[tokio::test]
 async fn a_404_with_an_empty_body_asks_whether_it_is_a_receiver() {
-    let addr = spawn_raw("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-        .await;
+    let addr =
+        spawn_raw("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
     let err = upload_to(&format!("http://{addr}")).await;
     let message = err.to_string();
     assert_eq!(err.code(), ErrorCode::TransferFailed, "{message}");

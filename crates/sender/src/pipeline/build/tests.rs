@@ -120,6 +120,9 @@ fn a_relative_dockerfile_path_is_relative_to_the_context_wherever_the_process_ru
     // A path that exists only relative to the current directory says which rule applies.
     let err = collect_context(dir.path(), Path::new("Cargo.toml")).expect_err("not in context");
     let message = err.to_string();
-    assert!(message.contains("relative to the build context"), "{message}");
+    assert!(
+        message.contains("relative to the build context"),
+        "{message}"
+    );
     assert!(message.contains("current directory"), "{message}");
 }

@@ -57,7 +57,10 @@ async fn metadata_survives_reopen_and_verify_detects_changes() {
 async fn temp_files_are_swept_when_no_process_holds_them_whatever_their_age() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("open");
-    let (held, abandoned) = (store.temp_path(Uuid::new_v4()), store.temp_path(Uuid::new_v4()));
+    let (held, abandoned) = (
+        store.temp_path(Uuid::new_v4()),
+        store.temp_path(Uuid::new_v4()),
+    );
     std::fs::write(&held, b"partial").expect("write");
     std::fs::write(&abandoned, b"partial").expect("write");
     let lock = TempLock::try_acquire(&held)
@@ -117,7 +120,13 @@ async fn prune_keeps_the_newest_per_name_then_fits_the_budget_and_spares_the_new
         .map(|p| p.package_id)
         .collect();
     assert_eq!(deleted, [web3], "oldest first, web2 spared");
-    let left: Vec<Uuid> = store.list().await.expect("list").iter().map(|p| p.package_id).collect();
+    let left: Vec<Uuid> = store
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .map(|p| p.package_id)
+        .collect();
     assert_eq!(left, [api1, web2]);
 }
 
@@ -148,5 +157,8 @@ async fn the_same_image_packaged_the_same_way_is_found_and_a_changed_file_is_not
         .find_same("sha256:1", &tags, Compression::None, None, Some("web"))
         .await
         .expect("find");
-    assert!(changed.is_none(), "a file not of its recorded size is not reused");
+    assert!(
+        changed.is_none(),
+        "a file not of its recorded size is not reused"
+    );
 }

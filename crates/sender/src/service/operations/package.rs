@@ -140,8 +140,7 @@ impl PackageInput {
         // The name the package will carry when none is given (as `package_image` picks it), so
         // that BUILD_STARTED names the container as the events after it do.
         let container_name = self.container_name.clone().or_else(|| {
-            (!image_tag.starts_with("sha256:"))
-                .then(|| crate::default_container_name(&image_tag))
+            (!image_tag.starts_with("sha256:")).then(|| crate::default_container_name(&image_tag))
         });
         Ok(PackagePlan {
             subject: Subject {
