@@ -53,7 +53,14 @@ fn service_binaries() -> PathBuf {
     let mut build = Command::new(cargo);
     build
         .current_dir(repo_root())
-        .args(["build", "--bins", "-p", "deploy-receiver", "-p", "deploy-sender"])
+        .args([
+            "build",
+            "--bins",
+            "-p",
+            "deploy-receiver",
+            "-p",
+            "deploy-sender",
+        ])
         .arg("--target-dir")
         .arg(target);
     if dir.file_name().is_some_and(|p| p == "release") {
@@ -166,7 +173,10 @@ async fn compose_stack_from_the_shipped_images_deploys_a_dockerfile_and_comes_do
             .arg(source.path().join(entry))
             .arg(&app_dir));
     }
-    run(Command::new("chmod").arg("-R").arg("a+rX").arg(contexts.path()));
+    run(Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(contexts.path()));
     std::fs::set_permissions(contexts.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
 

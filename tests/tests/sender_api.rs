@@ -633,8 +633,16 @@ async fn prometheus_counters_move_after_work() {
         "{}",
         before.text
     );
-    assert!(sample(&before.text, "process_open_fds") >= 3.0, "{}", before.text);
-    assert!(before.text.contains("\nprocess_cpu_seconds_total "), "{}", before.text);
+    assert!(
+        sample(&before.text, "process_open_fds") >= 3.0,
+        "{}",
+        before.text
+    );
+    assert!(
+        before.text.contains("\nprocess_cpu_seconds_total "),
+        "{}",
+        before.text
+    );
 
     let context = busybox_context();
     let tag = images.image("v1");
@@ -854,7 +862,10 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
             // Without a container name: every event, BUILD_STARTED too, names the one the
             // package gets from its tag.
             let mut input = build_input(&context, &tag);
-            input.as_object_mut().expect("object").remove("container_name");
+            input
+                .as_object_mut()
+                .expect("object")
+                .remove("container_name");
             input
         }),
         &correlation,
