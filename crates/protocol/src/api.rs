@@ -126,7 +126,10 @@ pub struct DeployRequest {
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckRequest {
     /// Container to wait for.
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$"))]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+    )]
     pub container_name: String,
     /// How to check; defaults apply.
     #[serde(default)]
