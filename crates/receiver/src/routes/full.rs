@@ -19,7 +19,7 @@ use crate::state::AppState;
 #[allow(dead_code)]
 pub(crate) enum RecordOrError {
     /// The deployment ran and failed: its record, with `error`.
-    Record(DeploymentRecord),
+    Record(Box<DeploymentRecord>),
     /// It never started.
     Error(ErrorBody),
 }
