@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deploy_protocol::api::{DeploymentRecord, StageOutcome};
+use deploy_protocol::display::short;
 use deploy_protocol::{
     Compression, DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping,
     PortProtocol, RestartPolicy,
@@ -15,7 +16,7 @@ use serde::Serialize;
 use super::image::{parse_key_value, ImageSourceArgs};
 use super::terminal::{print_json, TerminalProgress};
 use crate::client::ReceiverTarget;
-use crate::config::{ReceiverConfig, StoreConfig};
+use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
     default_container_name, default_zstd_workers, deploy, CompressionOptions, DeployFailure,
     DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
@@ -69,6 +70,9 @@ pub(crate) struct DeployArgs {
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
+    /// Lifecycle events (BUILD_*, TRANSFER_*, DEPLOYMENT_FAILED), as `serve` records them.
+    #[command(flatten)]
+    pub(crate) events: EventsConfig,
     /// Receiver and key (`--to` defaults to DEFAULT_RECEIVER_URL).
     #[command(flatten)]
     pub(crate) receiver: ReceiverConfig,
@@ -169,13 +173,14 @@ impl DeployArgs {
 
 pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let request = args.request()?;
-    let target = args.receiver.target()?;
-    let client = args.receiver.http_client()?;
+    let client = args.receiver.client()?;
     let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
+    let events = args.events.open(&args.store.package_dir).await?;
     let bars = Arc::new(TerminalProgress::default());
-    let result = deploy(&docker, &store, &client, &target, &request, bars.clone()).await;
+    let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
     bars.clear();
+    events.close().await;
     // Failed attempts count too: their packages are kept up to PACKAGE_HISTORY as well.
     let made = match &result {
         Ok(outcome) => Some(outcome.package.package_id),
@@ -189,7 +194,7 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
             if args.json {
                 print_json(&outcome);
             } else {
-                print_success(&outcome, &request.deployment, &target);
+                print_success(&outcome, &request.deployment, client.target());
             }
             Ok(())
         }
@@ -335,10 +340,6 @@ fn reach(spec: &DeploymentSpec, receiver_host: &str) -> Vec<String> {
             }
         })
         .collect()
-}
-
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
 }
 
 #[cfg(test)]

@@ -14,16 +14,16 @@ mod build;
 mod compress;
 mod deploy;
 mod docker;
+mod events;
 mod package;
 mod progress;
 mod store;
 
 pub use build::{build_image, BuildSpec, BuiltImage, LOG_TAIL_LINES};
 pub use compress::{default_zstd_workers, CompressionOptions};
-pub use deploy::{
-    deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest, TransferStats,
-};
+pub use deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
 pub use docker::connect as connect_docker;
+pub use events::{error_payload, Lifecycle, Subject};
 pub use package::{
     compression_from_path, default_container_name, manifest_for_file, package_image, ImageSource,
     PackageRequest, DEFAULT_MAX_PACKAGE_SIZE,

@@ -8,8 +8,8 @@ use bollard::Docker;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::ServeConfig;
+use crate::pipeline::Lifecycle;
 use crate::pipeline::PackageStore;
-use crate::service::events::Lifecycle;
 use crate::service::jobs::Jobs;
 use crate::service::metrics::Metrics;
 use crate::SenderError;
@@ -35,12 +35,7 @@ impl AppState {
     /// service starts (and reports `docker_available: false`) without an engine.
     pub async fn new(config: ServeConfig) -> Result<Self, SenderError> {
         let store = PackageStore::open(&config.store.package_dir).await?;
-        let events = Lifecycle::open(
-            config.state_dir(),
-            config.kafka_bootstrap_servers.clone(),
-            config.kafka_topic.clone(),
-        )
-        .await?;
+        let events = config.events.open(&config.store.package_dir).await?;
         let metrics = Metrics::new()
             .map_err(|e| SenderError::Internal(format!("cannot register metrics: {e}")))?;
         Ok(Self(Arc::new(Inner {
