@@ -255,17 +255,11 @@ async fn upload_to(base: &str) -> SenderError {
     let client = crate::config::ReceiverConfig::default()
         .http_client()
         .expect("the CLI's client");
-    upload_package(
-        &client,
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("refused")
+    ReceiverClient::new(client, target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("refused")
 }
 
 #[tokio::test]
