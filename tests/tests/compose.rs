@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::docker::{busybox_context, docker, httpd_dockerfile, published_port, HostGuard};
+use common::docker::{busybox_context, docker, host_guard, httpd_dockerfile, published_port};
 use serde_json::{json, Value};
 
 fn repo_root() -> PathBuf {
@@ -158,13 +158,13 @@ async fn wait_healthy(docker: &bollard::Docker, container: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_stack_from_the_shipped_images_deploys_a_dockerfile_and_comes_down() {
     let docker = docker().await;
-    let app = HostGuard::new();
+    let app = host_guard();
     let tag = app.name.trim_start_matches("deploy-e2e-").to_owned();
     let bin_dir = service_binaries();
 
     // A build context where the compose file mounts them, readable by the sender's user.
     let contexts = tempfile::tempdir().expect("tempdir");
-    let source = busybox_context(&httpd_dockerfile(80), "served by the compose stack");
+    let source = busybox_context(&app, &httpd_dockerfile(80), "served by the compose stack");
     let app_dir = contexts.path().join("app");
     std::fs::create_dir(&app_dir).expect("app dir");
     for entry in ["Dockerfile", "busybox", "www"] {
