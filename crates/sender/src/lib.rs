@@ -13,6 +13,8 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod jobs;
+#[path = "pipeline/layers/mod.rs"]
+pub mod layers;
 pub mod metrics;
 pub mod operations;
 pub mod package;
