@@ -13,6 +13,15 @@ pub mod doctor;
 pub mod error;
 pub mod events;
 pub mod jobs;
+/// The receiver client's protocol v2 calls.
+pub mod client {
+    #[path = "blobs.rs"]
+    pub mod blobs;
+    #[path = "releases.rs"]
+    pub mod releases;
+}
+#[path = "pipeline/release.rs"]
+pub mod release;
 #[path = "pipeline/layers/mod.rs"]
 pub mod layers;
 pub mod metrics;

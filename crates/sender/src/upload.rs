@@ -448,7 +448,7 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
+pub(crate) fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
     if e.is_connect() && is_tls_refusal(&e) {
         SenderError::RemoteUnreachable {
             url: url.to_string(),
@@ -496,7 +496,7 @@ fn is_tls_refusal(e: &reqwest::Error) -> bool {
 /// The receiver's `{"error": {...}}` passed through, or `TRANSFER_FAILED` for any other answer.
 /// `/deployment/full` answers a deployment that ran and failed with its record (whose `error`
 /// carries the code): that is kept whole, so the caller can show every stage.
-fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
+pub(crate) fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
     if let Ok(record) = serde_json::from_slice::<DeploymentRecord>(body) {
         if record.error.is_some() {
             return SenderError::Deployment(Box::new(record));
