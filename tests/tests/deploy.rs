@@ -16,8 +16,8 @@ use deploy_protocol::api::{DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::{
     DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, PortProtocol,
 };
-use deploy_sender::deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
-use deploy_sender::upload::{hash_file, ReceiverTarget};
+use deploy_sender::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
+use deploy_sender::{hash_file, ReceiverTarget};
 use deploy_sender::{
     package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
 };
@@ -359,7 +359,7 @@ async fn child_process_deploys_with_docker_unreachable() {
     let name = format!("deploy-e2e-{}", Uuid::new_v4().simple());
 
     // Packaging: what the CLI does first, connecting to the engine...
-    let err = deploy_sender::docker::connect()
+    let err = deploy_sender::connect_docker()
         .await
         .expect_err("no engine");
     assert_eq!(err.code(), ErrorCode::DockerUnavailable, "{err}");

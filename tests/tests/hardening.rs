@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use deploy_protocol::ErrorCode;
 use deploy_receiver::{AppState, Config};
-use deploy_sender::upload::{
+use deploy_sender::{
     manifest_for_file, upload_package_with_retry, Endpoint, ReceiverTarget, RetryPolicy,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{spawn_receiver, SECRET};
-use deploy_sender::{AppState, ServeConfig};
+use deploy_sender::config::ServeConfig;
+use deploy_sender::service::AppState;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -44,9 +45,13 @@ async fn spawn_sender(tune: impl FnOnce(&mut ServeConfig)) -> Sender {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(deploy_sender::serve(listener, state.clone(), async {
-        let _ = rx.await;
-    }));
+    tokio::spawn(deploy_sender::service::serve(
+        listener,
+        state.clone(),
+        async {
+            let _ = rx.await;
+        },
+    ));
     Sender {
         url,
         state,

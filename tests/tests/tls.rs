@@ -14,10 +14,8 @@ use common::*;
 use deploy_protocol::ErrorCode;
 use deploy_protocol::PackageManifest;
 use deploy_sender::config::ReceiverConfig;
-use deploy_sender::upload::{
-    manifest_for_file, upload_package, Endpoint, ReceiverTarget, UploadOutcome,
-};
 use deploy_sender::SenderError;
+use deploy_sender::{manifest_for_file, upload_package, Endpoint, ReceiverTarget, UploadOutcome};
 
 /// Runs a command, panicking with its output when it fails.
 fn run(program: &str, args: &[&str], dir: &Path) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use deploy_protocol::ErrorCode;
-use deploy_sender::upload::{manifest_for_file, upload_package, Endpoint, ReceiverTarget};
+use deploy_sender::{manifest_for_file, upload_package, Endpoint, ReceiverTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn target(receiver: &Receiver) -> ReceiverTarget {

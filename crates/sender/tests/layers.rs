@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex};
 
 use bollard::Docker;
 use deploy_protocol::{Checksum, Compression};
-use deploy_sender::layers::{prepare_image, sha256_digest, LayerCache, PreparedImage};
+use deploy_sender::{prepare_image, sha256_digest, LayerCache, PreparedImage};
 use deploy_sender::{CompressionOptions, NoProgress};
 use uuid::Uuid;
 
 async fn docker() -> Docker {
-    match deploy_sender::docker::connect().await {
+    match deploy_sender::connect_docker().await {
         Ok(d) => d,
         Err(e) => {
             panic!("these tests need a Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}")

@@ -16,7 +16,7 @@ use deploy_sender::{
 use uuid::Uuid;
 
 async fn docker() -> Docker {
-    match deploy_sender::docker::connect().await {
+    match deploy_sender::connect_docker().await {
         Ok(d) => d,
         Err(e) => {
             panic!("these tests need a Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}")
@@ -50,7 +50,7 @@ impl Drop for ImageGuard {
                 return;
             };
             rt.block_on(async {
-                let Ok(docker) = deploy_sender::docker::connect().await else {
+                let Ok(docker) = deploy_sender::connect_docker().await else {
                     return;
                 };
                 for tag in tags {
@@ -228,10 +228,9 @@ async fn an_existing_image_is_packaged_by_tag_and_by_id() {
     let images = ImageGuard::default();
     let tag = images.tag();
     let context = busybox_context(HTTPD);
-    let built =
-        deploy_sender::build::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
-            .await
-            .expect("build");
+    let built = deploy_sender::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
+        .await
+        .expect("build");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("store");
 
@@ -286,7 +285,7 @@ async fn build_args_reach_the_build() {
     );
     let mut spec = build_spec(context.path(), &tag);
     spec.build_args.insert("GREETING".into(), "hello".into());
-    deploy_sender::build::build_image(&docker, &spec, &NoProgress)
+    deploy_sender::build_image(&docker, &spec, &NoProgress)
         .await
         .expect("build");
     let image = docker.inspect_image(&tag).await.expect("inspect");
@@ -318,7 +317,7 @@ async fn a_failing_build_is_build_failed_with_the_log_tail_and_stores_nothing() 
     assert!(message.contains("last"), "carries the log tail: {message}");
     match &err {
         deploy_sender::SenderError::BuildFailed { log_tail, .. } => {
-            assert!(!log_tail.is_empty() && log_tail.len() <= deploy_sender::build::LOG_TAIL_LINES)
+            assert!(!log_tail.is_empty() && log_tail.len() <= deploy_sender::LOG_TAIL_LINES)
         }
         other => panic!("{other:?}"),
     }
@@ -333,10 +332,9 @@ async fn dockerignored_files_are_not_sent_to_the_build() {
     let context = busybox_context("FROM scratch\nCOPY secret.txt /secret.txt\n");
     std::fs::write(context.path().join("secret.txt"), "do not ship").expect("secret");
     std::fs::write(context.path().join(".dockerignore"), "secret.txt\n").expect("ignore");
-    let err =
-        deploy_sender::build::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
-            .await
-            .expect_err("secret.txt is not in the context");
+    let err = deploy_sender::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
+        .await
+        .expect_err("secret.txt is not in the context");
     assert_eq!(err.code(), ErrorCode::BuildFailed);
     assert!(err.to_string().contains("secret.txt"), "{err}");
 }

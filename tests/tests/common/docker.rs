@@ -10,7 +10,7 @@ use bollard::Docker;
 
 /// The engine, or a panic saying these tests need one.
 pub async fn docker() -> Docker {
-    match deploy_sender::docker::connect().await {
+    match deploy_sender::connect_docker().await {
         Ok(d) => d,
         Err(e) => panic!(
             "these end-to-end tests need a running Docker engine (DOCKER_HOST or \
@@ -102,7 +102,7 @@ impl Drop for HostGuard {
                 return;
             };
             rt.block_on(async {
-                let Ok(docker) = deploy_sender::docker::connect().await else {
+                let Ok(docker) = deploy_sender::connect_docker().await else {
                     return;
                 };
                 for (id, _) in containers_named(&docker, &name).await {

@@ -17,7 +17,7 @@ use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::upload::{classify_send_error, remote_error, ReceiverTarget, RetryPolicy};
+use crate::client::upload::{classify_send_error, remote_error, ReceiverTarget, RetryPolicy};
 use crate::SenderError;
 
 /// The URL of `path` (a `/deployment/v2/...` path) below the target's base URL.

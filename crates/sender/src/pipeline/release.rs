@@ -17,11 +17,10 @@ use deploy_protocol::DeploymentSpec;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::client::blobs::BlobOutcome;
-use crate::client::releases::{FinishError, ReleaseCalls};
-use crate::layers::{PrepareStats, PreparedImage, PreparedLayer};
-use crate::progress::{Progress, ProgressExt, Stage};
-use crate::store::now_rfc3339;
+use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
+use crate::pipeline::layers::{PrepareStats, PreparedImage, PreparedLayer};
+use crate::pipeline::progress::{Progress, ProgressExt, Stage};
+use crate::pipeline::store::now_rfc3339;
 use crate::SenderError;
 
 /// What the receiver does with the release once every layer is there.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::store::{now_rfc3339, sync_dir, TEMP_PREFIX};
+use crate::pipeline::store::{now_rfc3339, sync_dir, TEMP_PREFIX};
 use crate::SenderError;
 
 /// Default budget of the layer cache: 20 GiB.

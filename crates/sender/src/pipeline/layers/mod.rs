@@ -21,10 +21,10 @@ pub use cache::{
 pub use chain::chain_ids;
 pub use lru::Eviction;
 
-use crate::docker::docker_error;
-use crate::package::resolve_image;
-use crate::progress::Progress;
-use crate::sink::CompressionOptions;
+use crate::pipeline::docker::docker_error;
+use crate::pipeline::package::resolve_image;
+use crate::pipeline::progress::Progress;
+use crate::pipeline::compress::CompressionOptions;
 use crate::SenderError;
 use split::{split_save, SplitPlan};
 
