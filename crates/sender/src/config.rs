@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::ReceiverTarget;
-use crate::pipeline::DEFAULT_MAX_PACKAGE_SIZE;
+use crate::pipeline::{LayerCache, DEFAULT_LAYER_CACHE_SIZE, DEFAULT_MAX_PACKAGE_SIZE};
 use crate::SenderError;
 
 /// The package store.
@@ -19,6 +19,28 @@ pub struct StoreConfig {
     /// Largest package (compressed) to write, e.g. `5GiB`, `500MB` or a number of bytes.
     #[arg(long, env = "MAX_PACKAGE_SIZE", default_value = "5GiB", value_parser = parse_size)]
     pub max_package_size: u64,
+    /// Directory of the layer cache (compressed layer blobs by diffID, image configs by id);
+    /// default `<PACKAGE_DIR>/layers`.
+    #[arg(long, env = "LAYER_CACHE_DIR")]
+    pub layer_cache_dir: Option<PathBuf>,
+    /// Budget of the layer cache, e.g. `20GiB`; the least recently used blobs go beyond it
+    /// (never those of a transfer in progress).
+    #[arg(long, env = "LAYER_CACHE_SIZE", default_value = "20GiB", value_parser = parse_size)]
+    pub layer_cache_size: u64,
+}
+
+impl StoreConfig {
+    /// The layer cache directory: `--layer-cache-dir`, or `<PACKAGE_DIR>/layers`.
+    pub fn layer_cache_dir(&self) -> PathBuf {
+        self.layer_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.package_dir.join("layers"))
+    }
+
+    /// Opens the layer cache.
+    pub async fn open_layer_cache(&self) -> Result<LayerCache, SenderError> {
+        LayerCache::open(self.layer_cache_dir(), self.layer_cache_size).await
+    }
 }
 
 impl Default for StoreConfig {
@@ -26,6 +48,8 @@ impl Default for StoreConfig {
         Self {
             package_dir: PathBuf::from("./packages"),
             max_package_size: DEFAULT_MAX_PACKAGE_SIZE,
+            layer_cache_dir: None,
+            layer_cache_size: DEFAULT_LAYER_CACHE_SIZE,
         }
     }
 }

@@ -14,16 +14,18 @@ use serde::Serialize;
 
 use super::image::{parse_key_value, ImageSourceArgs};
 use super::terminal::{print_json, TerminalProgress};
-use crate::client::ReceiverTarget;
+use crate::client::{ReceiverTarget, ReleaseCalls, RetryPolicy};
 use crate::config::{ReceiverConfig, StoreConfig};
 use crate::pipeline::{
-    default_container_name, default_zstd_workers, deploy, CompressionOptions, DeployFailure,
+    default_container_name, default_zstd_workers, deploy, deploy_release, CompressionOptions,
+    DeployFailure, LayerFate, ReleaseOutcome,
     DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
 };
 use crate::SenderError;
 
-/// `deploy-sender deploy`: build (or take) an image, package it, send it to a receiver's
-/// `/deployment/full`, and wait until the new container is healthy or rolled back.
+/// `deploy-sender deploy`: build (or take) an image, send the layers the receiver lacks as a
+/// release (or, with `--full`, the whole image as a package to `/deployment/full`), and wait
+/// until the new container is healthy or rolled back.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DeployArgs {
     /// The image to deploy.
@@ -75,6 +77,10 @@ pub(crate) struct DeployArgs {
     /// Correlation id to send (echoed in the receiver's logs, events and record).
     #[arg(long, env = "DEPLOY_CORRELATION_ID")]
     pub(crate) correlation_id: Option<String>,
+    /// Send the whole image as one v1 package to `/deployment/full` (as before protocol v2),
+    /// instead of only the layers the target lacks.
+    #[arg(long, env = "DEPLOY_FULL")]
+    pub(crate) full: bool,
     /// Print the outcome (package, transfer, deployment record) as JSON.
     #[arg(long, env = "DEPLOY_JSON")]
     pub(crate) json: bool,
@@ -171,9 +177,39 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let request = args.request()?;
     let target = args.receiver.target()?;
     let client = args.receiver.http_client()?;
-    let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
     let bars = Arc::new(TerminalProgress::default());
+    if !args.full {
+        let cache = args.store.open_layer_cache().await?;
+        let policy = RetryPolicy::default();
+        let calls = ReleaseCalls {
+            http: &client,
+            target: &target,
+            correlation_id: request.correlation_id.as_deref(),
+            policy: &policy,
+        };
+        let result = deploy_release(&docker, &cache, calls, &request, bars.clone()).await;
+        bars.clear();
+        return match result {
+            Ok(outcome) => {
+                if args.json {
+                    print_json(&outcome);
+                } else {
+                    print_release(&outcome, &request.deployment, &target);
+                }
+                Ok(())
+            }
+            Err(failure) => {
+                if args.json {
+                    print_json(&FailureJson::of(&failure));
+                } else {
+                    print_failure(&failure);
+                }
+                Err(failure.into())
+            }
+        };
+    }
+    let store = PackageStore::open(&args.store.package_dir).await?;
     let result = deploy(&docker, &store, &client, &target, &request, bars.clone()).await;
     bars.clear();
     match result {
@@ -193,6 +229,57 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
             }
             Err(failure.into())
         }
+    }
+}
+
+fn print_release(outcome: &ReleaseOutcome, spec: &DeploymentSpec, target: &ReceiverTarget) {
+    let prep = &outcome.prepare;
+    println!(
+        "image      {} {} ({} layers: {} compressed now, {} from the layer cache{})",
+        outcome
+            .image_tags
+            .first()
+            .map_or(outcome.image_id.as_str(), String::as_str),
+        short(&outcome.image_id),
+        outcome.layers.len(),
+        prep.compressed_layers,
+        prep.cached_layers,
+        if prep.exported { "" } else { ", no docker save" }
+    );
+    for layer in &outcome.layers {
+        println!(
+            "layer      {} {:>10.2} MB  {}",
+            short(&layer.diff_id),
+            layer.size as f64 / 1e6,
+            match layer.fate {
+                LayerFate::Resumed if layer.resumed_from > 0 => format!(
+                    "resumed from {:.2} MB",
+                    layer.resumed_from as f64 / 1e6
+                ),
+                fate => fate.as_str().to_owned(),
+            }
+        );
+    }
+    println!("transfer   {}", outcome.summary);
+    let Some(record) = &outcome.deployment else {
+        return;
+    };
+    print_stages(None, Some(record));
+    println!(
+        "status     SUCCEEDED: {} runs {} (deployment {})",
+        record.container_name, record.image, record.deployment_id
+    );
+    if let Some(id) = &record.container_id {
+        let replaced = record
+            .previous_container_id
+            .as_deref()
+            .map(|p| format!(", replaced {}", short(p)))
+            .unwrap_or_default();
+        println!("container  {}{replaced}", short(id));
+    }
+    let host = target.base_url.host_str().unwrap_or("localhost");
+    for line in reach(spec, host) {
+        println!("reach it   {line}");
     }
 }
 

@@ -38,7 +38,7 @@ pub use layers::{
 };
 pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
 pub use release::{
-    release_manifest, send_release, LayerFate, LayerReport, ReleaseAction, ReleaseOutcome,
+    deploy_release, prepare_source, release_manifest, send_release, LayerFate, LayerReport, ReleaseAction, ReleaseOutcome,
     ReleaseTotals,
 };
 pub use store::{hash_file, now_rfc3339, PackageInfo, PackageStore};

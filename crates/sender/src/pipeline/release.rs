@@ -18,7 +18,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
-use crate::pipeline::layers::{PrepareStats, PreparedImage, PreparedLayer};
+use super::build::build_image;
+use super::deploy::{DeployFailure, DeployRequest};
+use super::layers::{prepare_image, LayerCache, PrepareStats, PreparedImage, PreparedLayer};
+use super::package::{ImageSource, PackageRequest};
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
 use crate::pipeline::store::now_rfc3339;
 use crate::SenderError;
@@ -412,4 +415,46 @@ fn totals(reports: &[LayerReport]) -> ReleaseTotals {
         100.0
     };
     t
+}
+
+/// Builds the image of `request` if asked, prepares its layers in `cache` and deploys it to
+/// `target` as a release (only the layers the target lacks travel). The layer-aware counterpart
+/// of [`deploy`](super::deploy::deploy); a failure carries no package (there is none).
+pub async fn deploy_release(
+    docker: &bollard::Docker,
+    cache: &LayerCache,
+    calls: ReleaseCalls<'_>,
+    request: &DeployRequest,
+    progress: Arc<dyn Progress>,
+) -> Result<ReleaseOutcome, DeployFailure> {
+    let fail = |error| DeployFailure {
+        package: None,
+        error,
+    };
+    let mut check = request.deployment.clone();
+    check.image = None;
+    check
+        .validate()
+        .map_err(|e| fail(SenderError::Validation(e)))?;
+    let image = prepare_source(docker, cache, &request.package, Arc::clone(&progress))
+        .await
+        .map_err(fail)?;
+    let action = ReleaseAction::Deploy(Box::new(request.deployment.clone()));
+    send_release(calls, &image, &action, progress)
+        .await
+        .map_err(fail)
+}
+
+/// Builds (for [`ImageSource::Build`]) or takes the image, and prepares its layers.
+pub async fn prepare_source(
+    docker: &bollard::Docker,
+    cache: &LayerCache,
+    request: &PackageRequest,
+    progress: Arc<dyn Progress>,
+) -> Result<PreparedImage, SenderError> {
+    let reference = match &request.source {
+        ImageSource::Build(spec) => build_image(docker, spec, &*progress).await?.tag,
+        ImageSource::Existing(reference) => reference.clone(),
+    };
+    prepare_image(docker, cache, &reference, &request.compression, progress).await
 }
