@@ -29,7 +29,8 @@ const MAX_CONFLICTS: usize = 8;
 pub struct BlobOutcome {
     /// Blob bytes put on the wire (a stretch sent twice counts twice).
     pub sent: u64,
-    /// The receiver's offset before this call sent anything (> 0: resumed).
+    /// The highest offset sending resumed from: the receiver's offset at the start (> 0 after an
+    /// earlier, interrupted transfer) or after an interruption during this call.
     pub resumed_from: u64,
     /// Interruptions resumed from during this call (dropped connections, conflicts).
     pub interruptions: u32,
@@ -192,6 +193,7 @@ impl ReleaseCalls<'_> {
             }
             // Continue from the receiver's durable offset, never from our own idea of it.
             offset = self.blob_offset(blob).await?;
+            outcome.resumed_from = outcome.resumed_from.max(offset.min(blob.size));
             on_progress(offset);
             if offset > before {
                 delays = backoff(self.policy);
