@@ -29,6 +29,8 @@ use crate::SenderError;
 /// What the receiver does with the release once every layer is there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseAction {
+    /// Only make the receiver hold every blob (the v2 counterpart of `/deployment/upload`).
+    Store,
     /// `docker load` only.
     Load,
     /// Load, then deploy, health-check and roll back like `/deployment/full`.
@@ -99,9 +101,17 @@ pub struct ReleaseTotals {
     pub bytes_already_there: u64,
     /// `bytes_already_there / bytes_total` in percent.
     pub percent_already_there: f64,
+    /// Blob bytes of layers not sent at all (present on the target or received earlier).
+    #[serde(skip)]
+    pub skipped_bytes: u64,
 }
 
 impl ReleaseTotals {
+    /// Blob bytes of layers not sent at all (present on the target or received earlier).
+    pub fn bytes_skipped(&self) -> u64 {
+        self.skipped_bytes
+    }
+
     /// "sent 12.3 MB of 80.1 MB (84.6 % already there)".
     pub fn summary(&self) -> String {
         format!(
@@ -167,7 +177,7 @@ pub fn release_manifest(
         });
     }
     let deployment = match action {
-        ReleaseAction::Load => None,
+        ReleaseAction::Store | ReleaseAction::Load => None,
         ReleaseAction::Deploy(spec) => {
             let mut spec = (**spec).clone();
             if spec.image.is_none() {
@@ -249,10 +259,14 @@ pub async fn send_release(
     }
     progress.finish(Stage::Upload, sent_before.load(std::sync::atomic::Ordering::Relaxed));
 
-    progress.message(Stage::Deploy, "receiver: assemble, verify, load");
     let mut retried = false;
     let (load, deployment) = loop {
+        if *action == ReleaseAction::Store {
+            break (None, None);
+        }
+        progress.message(Stage::Deploy, "receiver: assemble, verify, load");
         let result = match action {
+            ReleaseAction::Store => Ok((None, None)),
             ReleaseAction::Load => calls.load(manifest.release_id).await.map(|l| (Some(l), None)),
             ReleaseAction::Deploy(_) => calls
                 .deploy(manifest.release_id)
@@ -402,6 +416,9 @@ fn totals(reports: &[LayerReport]) -> ReleaseTotals {
             LayerFate::Received => t.received += 1,
             LayerFate::Sent => t.sent += 1,
             LayerFate::Resumed => t.resumed += 1,
+        }
+        if matches!(r.fate, LayerFate::Present | LayerFate::Received) {
+            t.skipped_bytes += r.size;
         }
         t.bytes_already_there += match r.fate {
             LayerFate::Present | LayerFate::Received => r.size,

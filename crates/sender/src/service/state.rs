@@ -8,7 +8,7 @@ use bollard::Docker;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::ServeConfig;
-use crate::pipeline::PackageStore;
+use crate::pipeline::{LayerCache, PackageStore};
 use crate::service::events::Lifecycle;
 use crate::service::jobs::Jobs;
 use crate::service::metrics::Metrics;
@@ -21,6 +21,7 @@ pub struct AppState(Arc<Inner>);
 struct Inner {
     config: ServeConfig,
     store: PackageStore,
+    layers: LayerCache,
     docker: Mutex<Option<Docker>>,
     http: reqwest::Client,
     events: Lifecycle,
@@ -35,6 +36,7 @@ impl AppState {
     /// service starts (and reports `docker_available: false`) without an engine.
     pub async fn new(config: ServeConfig) -> Result<Self, SenderError> {
         let store = PackageStore::open(&config.store.package_dir).await?;
+        let layers = config.store.open_layer_cache().await?;
         let events = Lifecycle::open(
             config.state_dir(),
             config.kafka_bootstrap_servers.clone(),
@@ -49,11 +51,17 @@ impl AppState {
             jobs: Jobs::new(config.job_history),
             config,
             store,
+            layers,
             docker: Mutex::new(None),
             events,
             metrics,
             started: Instant::now(),
         })))
+    }
+
+    /// The layer cache (LAYER_CACHE_DIR).
+    pub fn layer_cache(&self) -> &LayerCache {
+        &self.0.layers
     }
 
     /// The configuration.
