@@ -14,7 +14,9 @@ use deploy_sender::{
     LayerCache, LayerFate, NoProgress, PackageRequest, ReceiverTarget, ReleaseAction, ReleaseCalls,
     ReleaseOutcome, RetryPolicy,
 };
-use layers_common::{cold_host, container_image, workspace_binary, Daemon, Fault, Images, Proxy, SECRET};
+use layers_common::{
+    cold_host, container_image, workspace_binary, Daemon, Fault, Images, Proxy, SECRET,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -62,7 +64,14 @@ impl Sender {
             correlation_id: None,
         };
         request.package.compression = options();
-        match deploy_release(&self.docker, &self.cache, calls, &request, Arc::new(NoProgress)).await
+        match deploy_release(
+            &self.docker,
+            &self.cache,
+            calls,
+            &request,
+            Arc::new(NoProgress),
+        )
+        .await
         {
             Ok(outcome) => outcome,
             Err(e) => panic!("deploy of {tag} failed: {e}"),
@@ -77,9 +86,15 @@ impl Sender {
             correlation_id: None,
             policy: &self.policy,
         };
-        let image = prepare_image(&self.docker, &self.cache, tag, &options(), Arc::new(NoProgress))
-            .await
-            .expect("prepare");
+        let image = prepare_image(
+            &self.docker,
+            &self.cache,
+            tag,
+            &options(),
+            Arc::new(NoProgress),
+        )
+        .await
+        .expect("prepare");
         send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
             .await
             .expect("load")
@@ -116,12 +131,23 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
     let daemon = Daemon::start(&host.docker_host());
     let proxy = Proxy::start(daemon.addr).await;
     let sender = Sender::new().await;
-    let name = format!("layers-tx-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
 
     let first = sender.deploy(&proxy.url, &v1, &name).await;
-    assert_eq!(fates(&first), vec![LayerFate::Sent; 3], "a cold host lacks every layer");
+    assert_eq!(
+        fates(&first),
+        vec![LayerFate::Sent; 3],
+        "a cold host lacks every layer"
+    );
     assert_eq!(first.totals.present, 0);
-    assert_eq!(container_image(&host, &name), images.id(&v1), "the build host's image id");
+    assert_eq!(
+        container_image(&host, &name),
+        images.id(&v1),
+        "the build host's image id"
+    );
 
     let before = proxy.sent();
     let second = sender.deploy(&proxy.url, &v2, &name).await;
@@ -135,7 +161,10 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
         wire as f64 <= 1.05 * top as f64 + 256.0 * 1024.0,
         "redeploy after a top-layer change: {wire} bytes on the wire for a {top}-byte layer"
     );
-    assert_eq!(second.prepare.compressed_layers, 1, "only the new top layer compressed");
+    assert_eq!(
+        second.prepare.compressed_layers, 1,
+        "only the new top layer compressed"
+    );
     assert_eq!(container_image(&host, &name), images.id(&v2));
 
     let before = proxy.sent();
@@ -143,9 +172,16 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
     let wire = proxy.sent() - before;
     assert_eq!(third.totals.bytes_sent, 0);
     assert!(!third.prepare.exported, "all cached: no docker save");
-    assert!(wire < 1024 * 1024, "the same image again: {wire} bytes on the wire");
+    assert!(
+        wire < 1024 * 1024,
+        "the same image again: {wire} bytes on the wire"
+    );
     assert_eq!(container_image(&host, &name), images.id(&v2));
-    assert!(third.summary.contains("100.0 % already there"), "{}", third.summary);
+    assert!(
+        third.summary.contains("100.0 % already there"),
+        "{}",
+        third.summary
+    );
 }
 
 #[tokio::test]
@@ -159,19 +195,28 @@ async fn a_second_host_sharing_the_base_gets_only_its_missing_layers_and_nothing
         Daemon::start(&second_host.docker_host()),
     );
     let sender = Sender::new().await;
-    let name = format!("layers-tx-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
 
     let cold = sender.deploy(&first.url, &app, &name).await;
     assert_eq!(cold.prepare.compressed_layers, 3);
     // The second host holds the base already (loaded earlier), not the app.
     let based = sender.load(&second.url, &base).await;
-    assert_eq!(based.prepare.compressed_layers, 0, "the base's layers come from the cache");
+    assert_eq!(
+        based.prepare.compressed_layers, 0,
+        "the base's layers come from the cache"
+    );
     let warm = sender.deploy(&second.url, &app, &name).await;
     assert_eq!(
         fates(&warm),
         vec![LayerFate::Present, LayerFate::Present, LayerFate::Sent]
     );
-    assert!(!warm.prepare.exported && warm.prepare.compressed_layers == 0, "nothing recompressed");
+    assert!(
+        !warm.prepare.exported && warm.prepare.compressed_layers == 0,
+        "nothing recompressed"
+    );
     assert_eq!(warm.totals.bytes_sent, warm.layers[2].size);
     assert_eq!(container_image(&second_host, &name), images.id(&app));
 }
@@ -185,12 +230,21 @@ async fn a_connection_cut_mid_blob_resumes_from_the_receivers_offset_without_a_r
     let daemon = Daemon::start(&host.docker_host());
     let proxy = Proxy::start(daemon.addr).await;
     let sender = Sender::new().await;
-    let name = format!("layers-tx-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
 
     // Prepare first, to know where the top blob's bytes fall on the wire.
-    let image = prepare_image(&sender.docker, &sender.cache, &app, &options(), Arc::new(NoProgress))
-        .await
-        .expect("prepare");
+    let image = prepare_image(
+        &sender.docker,
+        &sender.cache,
+        &app,
+        &options(),
+        Arc::new(NoProgress),
+    )
+    .await
+    .expect("prepare");
     let below: u64 = image.layers[..2].iter().map(|l| l.blob.size).sum();
     let top = image.layers[2].blob.size;
     drop(image);
@@ -199,7 +253,10 @@ async fn a_connection_cut_mid_blob_resumes_from_the_receivers_offset_without_a_r
     let outcome = sender.deploy(&proxy.url, &app, &name).await;
     let report = &outcome.layers[2];
     assert_eq!(report.fate, LayerFate::Resumed, "{:?}", outcome.layers);
-    assert!(report.resumed_from > 0, "resumed from the receiver's offset");
+    assert!(
+        report.resumed_from > 0,
+        "resumed from the receiver's offset"
+    );
     assert_eq!(outcome.totals.resumed, 1);
     let total: u64 = outcome.layers.iter().map(|l| l.size).sum();
     assert!(
@@ -219,17 +276,22 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
     let daemon = Daemon::start(&host.docker_host());
     let proxy = Proxy::start(daemon.addr).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let name = format!("layers-tx-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let command = || {
         let mut c = tokio::process::Command::new(workspace_binary("deploy-sender"));
-        c.args(["deploy", "--image", &app, "--name", &name, "--health", "none", "--json"])
-            .args(["--to", &proxy.url])
-            .env("DEPLOY_HMAC_SECRET", SECRET)
-            .env("PACKAGE_DIR", dir.path())
-            .env("DEPLOY_ZSTD_WORKERS", "2")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
+        c.args([
+            "deploy", "--image", &app, "--name", &name, "--health", "none", "--json",
+        ])
+        .args(["--to", &proxy.url])
+        .env("DEPLOY_HMAC_SECRET", SECRET)
+        .env("PACKAGE_DIR", dir.path())
+        .env("DEPLOY_ZSTD_WORKERS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
         c
     };
 
@@ -238,7 +300,10 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
     let mut first = command().spawn().expect("deploy-sender runs");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while proxy.sent() < 5 * MIB as u64 {
-        assert!(std::time::Instant::now() < deadline, "the first run never got 5 MiB out");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run never got 5 MiB out"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -247,7 +312,11 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
 
     let before = proxy.sent();
     let rerun = command().output().await.expect("deploy-sender reruns");
-    assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stdout));
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stdout)
+    );
     let outcome: serde_json::Value =
         serde_json::from_slice(&rerun.stdout).expect("--json prints the outcome");
     let top = &outcome["layers"][2];
@@ -256,7 +325,13 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
     let size = top["size"].as_u64().expect("size");
     assert!(resumed_from > 0, "{outcome:#}");
     assert_eq!(top["bytes_sent"].as_u64(), Some(size - resumed_from));
-    assert!(proxy.sent() - before < size, "the rerun sent less than the whole layer");
-    assert_eq!(outcome["prepare"]["exported"], false, "the rerun took the layers from the cache");
+    assert!(
+        proxy.sent() - before < size,
+        "the rerun sent less than the whole layer"
+    );
+    assert_eq!(
+        outcome["prepare"]["exported"], false,
+        "the rerun took the layers from the cache"
+    );
     assert_eq!(container_image(&host, &name), images.id(&app));
 }

@@ -110,7 +110,11 @@ fn assert_blobs_are_the_layers(image: &PreparedImage, compression: Compression) 
         assert_eq!(layer.blob.blake3, Checksum::of(&bytes));
         let tar = decompress(&layer.blob.path, compression);
         assert_eq!(tar.len() as u64, layer.blob.uncompressed_size);
-        assert_eq!(sha256_digest(&tar), layer.diff_id, "blob content is the layer");
+        assert_eq!(
+            sha256_digest(&tar),
+            layer.diff_id,
+            "blob content is the layer"
+        );
     }
     assert_eq!(sha256_digest(&image.config), image.image_id);
 }
@@ -190,12 +194,17 @@ async fn the_cache_keeps_its_budget_by_evicting_least_recently_used_unpinned_blo
     let top_a = first.layers[2].blob.path.clone();
     drop(first);
     let second = prepare(&docker, &cache, &b, Compression::Zstd).await;
-    assert_eq!(second.stats.compressed_layers, 1, "the base stayed: nothing was evicted between the two");
+    assert_eq!(
+        second.stats.compressed_layers, 1,
+        "the base stayed: nothing was evicted between the two"
+    );
     assert!(!top_a.exists(), "a's top layer was evicted");
     assert!(second.layers.iter().all(|l| l.blob.path.exists()));
     drop(second);
 
-    let roomy = LayerCache::open(dir.path(), u64::MAX).await.expect("reopen");
+    let roomy = LayerCache::open(dir.path(), u64::MAX)
+        .await
+        .expect("reopen");
     let outcome = roomy.evict().await.expect("evict");
     assert_eq!(outcome.removed, 0);
 }
@@ -223,10 +232,15 @@ async fn stale_temp_files_are_swept_and_an_inconsistent_entry_is_made_again() {
     let bytes = std::fs::read(&top.path).expect("blob");
     std::fs::write(&top.path, &bytes[..bytes.len() / 2]).expect("truncate");
 
-    let cache = LayerCache::open(dir.path(), u64::MAX).await.expect("reopen");
+    let cache = LayerCache::open(dir.path(), u64::MAX)
+        .await
+        .expect("reopen");
     assert!(!stale.exists(), "swept at open");
     let again = prepare(&docker, &cache, &app, Compression::Zstd).await;
-    assert_eq!(again.stats.compressed_layers, 1, "the cut blob is made again");
+    assert_eq!(
+        again.stats.compressed_layers, 1,
+        "the cut blob is made again"
+    );
     assert_eq!(again.layers[2].blob.blake3, top.blake3);
     assert_blobs_are_the_layers(&again, Compression::Zstd);
 }

@@ -18,8 +18,8 @@ use crate::client::{ReceiverTarget, ReleaseCalls, RetryPolicy};
 use crate::config::{ReceiverConfig, StoreConfig};
 use crate::pipeline::{
     default_container_name, default_zstd_workers, deploy, deploy_release, CompressionOptions,
-    DeployFailure, LayerFate, ReleaseOutcome,
-    DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
+    DeployFailure, DeployOutcome, DeployRequest, ImageSource, LayerFate, PackageInfo,
+    PackageRequest, PackageStore, ReleaseOutcome,
 };
 use crate::SenderError;
 
@@ -244,7 +244,11 @@ fn print_release(outcome: &ReleaseOutcome, spec: &DeploymentSpec, target: &Recei
         outcome.layers.len(),
         prep.compressed_layers,
         prep.cached_layers,
-        if prep.exported { "" } else { ", no docker save" }
+        if prep.exported {
+            ""
+        } else {
+            ", no docker save"
+        }
     );
     for layer in &outcome.layers {
         println!(
@@ -252,10 +256,8 @@ fn print_release(outcome: &ReleaseOutcome, spec: &DeploymentSpec, target: &Recei
             short(&layer.diff_id),
             layer.size as f64 / 1e6,
             match layer.fate {
-                LayerFate::Resumed if layer.resumed_from > 0 => format!(
-                    "resumed from {:.2} MB",
-                    layer.resumed_from as f64 / 1e6
-                ),
+                LayerFate::Resumed if layer.resumed_from > 0 =>
+                    format!("resumed from {:.2} MB", layer.resumed_from as f64 / 1e6),
                 fate => fate.as_str().to_owned(),
             }
         );

@@ -28,17 +28,17 @@ pub use deploy::{
     deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest, TransferStats,
 };
 pub use docker::connect as connect_docker;
-pub use package::{
-    compression_from_path, default_container_name, manifest_for_file, package_image, ImageSource,
-    PackageRequest, DEFAULT_MAX_PACKAGE_SIZE,
-};
 pub use layers::{
     chain_ids, digest_hex, prepare_image, sha256_digest, CachedLayer, Eviction, LayerCache,
     PrepareStats, PreparedImage, PreparedLayer, DEFAULT_LAYER_CACHE_SIZE,
 };
+pub use package::{
+    compression_from_path, default_container_name, manifest_for_file, package_image, ImageSource,
+    PackageRequest, DEFAULT_MAX_PACKAGE_SIZE,
+};
 pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
 pub use release::{
-    deploy_release, prepare_source, release_manifest, send_release, LayerFate, LayerReport, ReleaseAction, ReleaseOutcome,
-    ReleaseTotals,
+    deploy_release, prepare_source, release_manifest, send_release, LayerFate, LayerReport,
+    ReleaseAction, ReleaseOutcome, ReleaseTotals,
 };
 pub use store::{hash_file, now_rfc3339, PackageInfo, PackageStore};

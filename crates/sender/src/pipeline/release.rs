@@ -17,11 +17,11 @@ use deploy_protocol::DeploymentSpec;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
 use super::build::build_image;
 use super::deploy::{DeployFailure, DeployRequest};
 use super::layers::{prepare_image, LayerCache, PrepareStats, PreparedImage, PreparedLayer};
 use super::package::{ImageSource, PackageRequest};
+use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
 use crate::pipeline::store::now_rfc3339;
 use crate::SenderError;
@@ -229,11 +229,7 @@ pub async fn send_release(
     let manifest = release_manifest(image, action)?;
     let inventory = calls.inventory(manifest.chain_ids()).await?;
     let status = calls.register(&manifest).await?;
-    let by_blake3: HashMap<_, _> = image
-        .layers
-        .iter()
-        .map(|l| (l.blob.blake3, l))
-        .collect();
+    let by_blake3: HashMap<_, _> = image.layers.iter().map(|l| (l.blob.blake3, l)).collect();
 
     let mut reports = initial_reports(&status);
     let to_send: u64 = status
@@ -248,16 +244,32 @@ pub async fn send_release(
     let sent_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for layer in status.blobs_to_send() {
         let prepared = by_blake3.get(&layer.blake3).ok_or_else(|| {
-            SenderError::Internal(format!("the receiver asked for unknown blob {}", layer.blake3))
+            SenderError::Internal(format!(
+                "the receiver asked for unknown blob {}",
+                layer.blake3
+            ))
         })?;
-        let outcome = send_one(&calls, prepared, layer.offset, &progress, &sent_before, to_send)
-            .await?;
-        if let Some(report) = reports.iter_mut().find(|r| r.blake3 == layer.blake3.to_hex()) {
+        let outcome = send_one(
+            &calls,
+            prepared,
+            layer.offset,
+            &progress,
+            &sent_before,
+            to_send,
+        )
+        .await?;
+        if let Some(report) = reports
+            .iter_mut()
+            .find(|r| r.blake3 == layer.blake3.to_hex())
+        {
             record(report, &outcome);
             progress.message(Stage::Upload, &layer_line(report));
         }
     }
-    progress.finish(Stage::Upload, sent_before.load(std::sync::atomic::Ordering::Relaxed));
+    progress.finish(
+        Stage::Upload,
+        sent_before.load(std::sync::atomic::Ordering::Relaxed),
+    );
 
     let mut retried = false;
     let (load, deployment) = loop {
@@ -267,7 +279,10 @@ pub async fn send_release(
         progress.message(Stage::Deploy, "receiver: assemble, verify, load");
         let result = match action {
             ReleaseAction::Store => Ok((None, None)),
-            ReleaseAction::Load => calls.load(manifest.release_id).await.map(|l| (Some(l), None)),
+            ReleaseAction::Load => calls
+                .load(manifest.release_id)
+                .await
+                .map(|l| (Some(l), None)),
             ReleaseAction::Deploy(_) => calls
                 .deploy(manifest.release_id)
                 .await
@@ -277,19 +292,26 @@ pub async fn send_release(
             Ok(done) => break done,
             Err(FinishError::LayersMissing(missing)) if !retried => {
                 retried = true;
-                tracing::warn!(?missing, "layers vanished from the target since the inventory; sending them");
+                tracing::warn!(
+                    ?missing,
+                    "layers vanished from the target since the inventory; sending them"
+                );
                 for diff_id in missing {
                     let text = diff_id.to_string();
-                    let prepared = image
-                        .layers
-                        .iter()
-                        .find(|l| l.diff_id == text)
-                        .ok_or_else(|| {
-                            SenderError::Internal(format!("the receiver asked for unknown layer {text}"))
-                        })?;
+                    let prepared =
+                        image
+                            .layers
+                            .iter()
+                            .find(|l| l.diff_id == text)
+                            .ok_or_else(|| {
+                                SenderError::Internal(format!(
+                                    "the receiver asked for unknown layer {text}"
+                                ))
+                            })?;
                     let offset = calls.blob_offset(&blob_ref(prepared)).await?;
                     let outcome =
-                        send_one(&calls, prepared, offset, &progress, &sent_before, to_send).await?;
+                        send_one(&calls, prepared, offset, &progress, &sent_before, to_send)
+                            .await?;
                     if let Some(report) = reports.iter_mut().find(|r| r.diff_id == text) {
                         record(report, &outcome);
                         progress.message(Stage::Upload, &layer_line(report));
@@ -346,7 +368,10 @@ async fn send_one(
     let outcome = calls
         .send_blob(&blob_ref(layer), &layer.blob.path, offset, &on_progress)
         .await?;
-    sent_before.fetch_add(layer.blob.size - offset.min(layer.blob.size), Ordering::Relaxed);
+    sent_before.fetch_add(
+        layer.blob.size - offset.min(layer.blob.size),
+        Ordering::Relaxed,
+    );
     Ok(outcome)
 }
 
@@ -474,4 +499,59 @@ pub async fn prepare_source(
         ImageSource::Existing(reference) => reference.clone(),
     };
     prepare_image(docker, cache, &reference, &request.compression, progress).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(size: u64, fate: LayerFate, bytes_sent: u64, resumed_from: u64) -> LayerReport {
+        LayerReport {
+            diff_id: format!("sha256:{}", "a".repeat(64)),
+            blake3: "b".repeat(64),
+            size,
+            fate,
+            bytes_sent,
+            resumed_from,
+        }
+    }
+
+    #[test]
+    fn totals_count_what_was_already_there() {
+        let t = totals(&[
+            report(600, LayerFate::Present, 0, 0),
+            report(100, LayerFate::Received, 0, 0),
+            report(200, LayerFate::Resumed, 150, 50),
+            report(100, LayerFate::Sent, 100, 0),
+        ]);
+        assert_eq!(
+            (t.layers, t.present, t.received, t.resumed, t.sent),
+            (4, 1, 1, 1, 1)
+        );
+        assert_eq!(t.bytes_total, 1000);
+        assert_eq!(t.bytes_sent, 250);
+        assert_eq!(t.bytes_already_there, 750);
+        assert_eq!(t.bytes_skipped(), 700);
+        assert_eq!(t.summary(), "sent 0.0 MB of 0.0 MB (75.0 % already there)");
+    }
+
+    #[test]
+    fn a_blob_is_resumed_when_it_started_past_zero_or_was_interrupted() {
+        let mut r = report(100, LayerFate::Sent, 0, 0);
+        record(&mut r, &BlobOutcome::default());
+        assert_eq!(r.fate, LayerFate::Sent);
+        record(
+            &mut r,
+            &BlobOutcome {
+                sent: 40,
+                resumed_from: 60,
+                interruptions: 1,
+            },
+        );
+        assert_eq!(
+            (r.fate, r.resumed_from, r.bytes_sent),
+            (LayerFate::Resumed, 60, 40)
+        );
+        assert!(layer_line(&r).contains("resumed from"));
+    }
 }

@@ -184,7 +184,9 @@ impl Metrics {
         count("sent", totals.sent);
         count("resumed", totals.resumed);
         count("skipped", totals.present + totals.received);
-        let resumed = totals.bytes_already_there.saturating_sub(totals.bytes_skipped());
+        let resumed = totals
+            .bytes_already_there
+            .saturating_sub(totals.bytes_skipped());
         self.layer_bytes
             .with_label_values(&["sent"])
             .inc_by(totals.bytes_sent);

@@ -201,7 +201,10 @@ impl LayerCache {
                 Ok(None)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(SenderError::io(format!("cannot read {}", path.display()), e)),
+            Err(e) => Err(SenderError::io(
+                format!("cannot read {}", path.display()),
+                e,
+            )),
         }
     }
 

@@ -21,10 +21,10 @@ pub use cache::{
 pub use chain::chain_ids;
 pub use lru::Eviction;
 
+use crate::pipeline::compress::CompressionOptions;
 use crate::pipeline::docker::docker_error;
 use crate::pipeline::package::resolve_image;
 use crate::pipeline::progress::Progress;
-use crate::pipeline::compress::CompressionOptions;
 use crate::SenderError;
 use split::{split_save, SplitPlan};
 
@@ -99,10 +99,7 @@ pub async fn prepare_image(
         .inspect_image(&image.id)
         .await
         .map_err(|e| docker_error(&format!("image {}", image.id), e))?;
-    let diff_ids: Vec<String> = inspected
-        .root_fs
-        .and_then(|r| r.layers)
-        .unwrap_or_default();
+    let diff_ids: Vec<String> = inspected.root_fs.and_then(|r| r.layers).unwrap_or_default();
     if diff_ids.is_empty() {
         return Err(SenderError::Validation(format!(
             "image {reference} has no layers to send"
@@ -144,14 +141,8 @@ pub async fn prepare_image(
         };
         // Twice at most: the second pass compresses the layers a size collision skipped.
         for _ in 0..2 {
-            let outcome = split_save(
-                docker,
-                cache,
-                plan.clone(),
-                *options,
-                Arc::clone(&progress),
-            )
-            .await?;
+            let outcome =
+                split_save(docker, cache, plan.clone(), *options, Arc::clone(&progress)).await?;
             stats.exported = true;
             stats.compressed_bytes += outcome.compressed_input;
             if let Some(bytes) = outcome.config {

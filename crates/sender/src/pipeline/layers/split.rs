@@ -22,9 +22,9 @@ use tokio::runtime::Handle;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::cache::{CachedLayer, LayerCache, MAX_CONFIG_SIZE};
+use crate::pipeline::compress::{CompressionOptions, PackageSink};
 use crate::pipeline::docker::docker_error;
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
-use crate::pipeline::compress::{CompressionOptions, PackageSink};
 use crate::SenderError;
 
 /// What to take out of the archive.

@@ -442,9 +442,19 @@ async fn prepare_layers(
     };
     let progress: Arc<dyn Progress> = job.clone();
     let started = Instant::now();
-    match prepare_image(&docker, state.layer_cache(), &info.image_id, &options, progress).await {
+    match prepare_image(
+        &docker,
+        state.layer_cache(),
+        &info.image_id,
+        &options,
+        progress,
+    )
+    .await
+    {
         Ok(mut image) => {
-            state.metrics().stage("export", started.elapsed().as_secs_f64());
+            state
+                .metrics()
+                .stage("export", started.elapsed().as_secs_f64());
             image.tags = info.image_tags.clone();
             Ok(Some(image))
         }
