@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use bollard::container::RemoveContainerOptions;
 use bollard::Docker;
 use deploy_protocol::api::{
-    DeployRequest, DeploymentRecord, DeploymentStatus, Stage, StageOutcome,
+    DeployRequest, DeploymentRecord, DeploymentStatus, LoadResponse, Stage, StageOutcome,
 };
-use deploy_protocol::{DeploymentSpec, HealthCheckKind};
+use deploy_protocol::{DeploymentSpec, HealthCheckKind, ReleaseManifest};
 
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
@@ -102,8 +102,60 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
             manifest.package_checksum
         )),
     );
+    let load = crate::load::load_package(state, &received.package);
+    load_and_replace(state, deployment, &spec, &image, load).await
+}
+
+/// `POST /deployment/v2/releases/{id}/deploy`: load the release (LAYERS_MISSING, before any
+/// record, when the engine lacks layers that were not received), then deploy the spec it signs
+/// (`image` defaults to its first tag) with health check and rollback, as `/deployment/full`.
+pub async fn deploy_release(
+    state: &AppState,
+    release: &ReleaseManifest,
+) -> Result<DeploymentRecord> {
+    let mut spec = release.deployment.clone().ok_or_else(|| {
+        ReceiverError::Validation(format!(
+            "release {} has no `deployment` spec, which /deploy needs (load it with /load instead)",
+            release.release_id
+        ))
+    })?;
+    spec.image = spec.image.or_else(|| release.image_tags.first().cloned());
+    let image = spec.image.clone().ok_or_else(|| {
+        ReceiverError::Validation(
+            "neither deployment.image nor the release's image_tags name the image to run".into(),
+        )
+    })?;
+    spec.validate().map_err(ReceiverError::Validation)?;
+    spec::check_policy(state.config(), &spec)?;
+    let plan = crate::v2::load::plan(state, release).await?;
+    let mut deployment = Deployment::begin(state, &spec, &image, None).await?;
+    deployment.record.package_id = Some(release.release_id);
+    deployment.stage(
+        Stage::Verify,
+        StageOutcome::Ok,
+        Duration::ZERO,
+        Some(format!(
+            "release {}: {} layer(s) held by the engine, {} received and verified against the signed diffIDs",
+            release.release_id,
+            plan.omitted.len(),
+            plan.plan.carried.len()
+        )),
+    );
+    let load = crate::v2::load::load_release(state, release.release_id);
+    load_and_replace(state, deployment, &spec, &image, load).await
+}
+
+/// Runs `load`, then replaces the container with one of `image`, health-checked, rolled back on
+/// failure; every step in `deployment`'s record.
+async fn load_and_replace(
+    state: &AppState,
+    mut deployment: Deployment,
+    spec: &DeploymentSpec,
+    image: &str,
+    load: impl std::future::Future<Output = Result<LoadResponse>>,
+) -> Result<DeploymentRecord> {
     let started = Instant::now();
-    match crate::load::load_package(state, &received.package).await {
+    match load.await {
         Ok(loaded) => deployment.stage(
             Stage::Load,
             StageOutcome::Ok,
@@ -127,7 +179,7 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
     let started = Instant::now();
     let prepared = async {
         let docker = state.docker().client().await?;
-        let id = inspect_image(&docker, &image, &spec).await?;
+        let id = inspect_image(&docker, image, spec).await?;
         Ok::<_, ReceiverError>((docker, id))
     }
     .await;
@@ -148,7 +200,7 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
         }
     };
     let _turn = state.container_lock(&spec.container_name).await;
-    outcome(replace::replace(deployment, &docker, &spec, &image).await)
+    outcome(replace::replace(deployment, &docker, spec, image).await)
 }
 
 /// A finished record as a result: an error unless it succeeded.

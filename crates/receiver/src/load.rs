@@ -41,22 +41,53 @@ type Verdict = Arc<Mutex<Option<std::result::Result<ArchiveSummary, ArchiveError
 /// in progress first. A refused or corrupt archive is LOAD_FAILED and leaves the engine as it was.
 pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<LoadResponse> {
     let id = package.manifest.package_id;
-    let _turn = LOAD_LOCK.lock().await;
+    let _turn = load_turn().await;
     let started = Instant::now();
-    let docker = state.docker().client().await?;
     let file = tokio::fs::File::open(&package.path).await?;
     let policy = Policy {
         allowed_tags: package.manifest.image_tags.clone(),
         max_bytes: state.config().max_image_size,
+        omitted_layers: Vec::new(),
     };
-    let verdict = Verdict::default();
     let compression = package.manifest.compression;
-    let body = gated_body(
+    let what = format!("package {id}");
+    let (summary, image_id, tags) = load_archive(
+        state,
+        &what,
         decompress(file, compression),
         compression,
-        Gate::new(policy),
-        verdict.clone(),
-    );
+        policy,
+    )
+    .await?;
+    let duration = started.elapsed();
+    state.metrics().stage("load", duration.as_secs_f64());
+    tracing::info!(package_id = %id, image_id = %image_id, tags = ?tags, bytes = summary.bytes, elapsed_ms = duration.as_millis() as u64, "image loaded");
+    Ok(LoadResponse {
+        package_id: id,
+        image_id,
+        image_tags: tags,
+        duration_ms: duration.as_millis() as u64,
+    })
+}
+
+/// The turn to load: one load at a time per process.
+pub async fn load_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    LOAD_LOCK.lock().await
+}
+
+/// Streams `reader` (an archive, `compression` only naming its source's format in messages)
+/// through the gate into `docker load`. The caller holds [`load_turn`]. Returns the gate's
+/// summary, the loaded image id and the tags Docker set. `what` names the source in messages.
+pub async fn load_archive(
+    state: &AppState,
+    what: &str,
+    reader: Pin<Box<dyn AsyncRead + Send>>,
+    compression: Compression,
+    policy: Policy,
+) -> Result<(ArchiveSummary, String, Vec<String>)> {
+    let docker = state.docker().client().await?;
+    let verdict = Verdict::default();
+    let body = gated_body(reader, compression, Gate::new(policy), verdict.clone());
     let output =
         read_output(docker.import_image_stream(ImportImageOptions { quiet: true }, body, None))
             .await;
@@ -67,13 +98,13 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
     let (summary, loaded) = match (verdict, output) {
         (Some(Err(refusal)), _) => {
             return Err(ReceiverError::LoadFailed(format!(
-                "package {id} was not loaded: {refusal}"
+                "{what} was not loaded: {refusal}"
             )))
         }
-        (_, Err(e)) => return Err(load_error(id, e)),
+        (_, Err(e)) => return Err(load_error(what, e)),
         (None, Ok(_)) => {
             return Err(ReceiverError::LoadFailed(format!(
-                "Docker ended the load of package {id} before the archive was read to its end"
+                "Docker ended the load of {what} before the archive was read to its end"
             )))
         }
         (Some(Ok(summary)), Ok(loaded)) => (summary, loaded),
@@ -83,30 +114,25 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
         (None, Some(tag)) => docker
             .inspect_image(tag)
             .await
-            .map_err(|e| load_error(id, e))?
+            .map_err(|e| load_error(what, e))?
             .id
             .ok_or_else(|| {
                 ReceiverError::LoadFailed(format!("Docker reports no id for the loaded {tag}"))
             })?,
         (None, None) => {
             return Err(ReceiverError::LoadFailed(format!(
-                "Docker reported no loaded image for package {id}"
+                "Docker reported no loaded image for {what}"
             )))
         }
     };
-    let duration = started.elapsed();
-    state.metrics().stage("load", duration.as_secs_f64());
-    tracing::info!(package_id = %id, image_id = %image_id, tags = ?loaded.tags, bytes = summary.bytes, elapsed_ms = duration.as_millis() as u64, "image loaded");
-    Ok(LoadResponse {
-        package_id: id,
-        image_id,
-        image_tags: loaded.tags,
-        duration_ms: duration.as_millis() as u64,
-    })
+    Ok((summary, image_id, loaded.tags))
 }
 
-/// The package bytes, decompressed as the manifest says.
-fn decompress(file: tokio::fs::File, compression: Compression) -> Pin<Box<dyn AsyncRead + Send>> {
+/// A package or blob file's bytes, decompressed.
+pub fn decompress(
+    file: tokio::fs::File,
+    compression: Compression,
+) -> Pin<Box<dyn AsyncRead + Send>> {
     let buffered = BufReader::with_capacity(READ_BUFFER, file);
     match compression {
         Compression::Gzip => {
@@ -176,7 +202,7 @@ fn gated_body(
                     body.gate.push(&chunk)
                 }
                 Err(e) => Err(ArchiveError::Corrupt(match body.compression {
-                    Compression::None => format!("the package cannot be read: {e}"),
+                    Compression::None => format!("the archive cannot be read: {e}"),
                     other => format!("the package is not a valid {other} stream: {e}"),
                 })),
             };
@@ -211,6 +237,13 @@ async fn read_output(
             return Err(bollard::errors::Error::DockerStreamError { error: message });
         }
         for line in info.stream.iter().flat_map(|s| s.lines()) {
+            // The containerd image store reports a failed unpack in the stream and still
+            // answers 200: a failure all the same.
+            if line.contains("Error unpacking") {
+                return Err(bollard::errors::Error::DockerStreamError {
+                    error: line.trim().to_owned(),
+                });
+            }
             if let Some(image_id) = line.strip_prefix("Loaded image ID: ") {
                 loaded.image_ids.push(image_id.trim().to_owned());
             } else if let Some(tag) = line.strip_prefix("Loaded image: ") {
@@ -221,13 +254,13 @@ async fn read_output(
     Ok(loaded)
 }
 
-fn load_error(id: uuid::Uuid, e: bollard::errors::Error) -> ReceiverError {
+fn load_error(what: &str, e: bollard::errors::Error) -> ReceiverError {
     match e {
         bollard::errors::Error::DockerStreamError { error } => {
-            ReceiverError::LoadFailed(format!("Docker could not load package {id}: {error}"))
+            ReceiverError::LoadFailed(format!("Docker could not load {what}: {error}"))
         }
         e => crate::docker::map_err(e, |m| {
-            ReceiverError::LoadFailed(format!("Docker could not load package {id}: {m}"))
+            ReceiverError::LoadFailed(format!("Docker could not load {what}: {m}"))
         }),
     }
 }

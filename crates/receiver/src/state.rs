@@ -37,6 +37,7 @@ struct Inner {
     in_flight: Mutex<HashSet<Uuid>>,
     journal: Journal,
     container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    layers: crate::v2::Layers,
     started: Instant,
 }
 
@@ -71,6 +72,7 @@ impl AppState {
             .map_err(|e| {
                 anyhow::anyhow!("cannot open the nonce log {}: {e}", nonce_log.display())
             })?;
+        let layers = crate::v2::Layers::open(&config, &metrics)?;
         Ok(Self(Arc::new(Inner {
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
             config,
@@ -83,6 +85,7 @@ impl AppState {
             in_flight: Mutex::new(HashSet::new()),
             journal,
             container_locks: Mutex::new(HashMap::new()),
+            layers,
             started: Instant::now(),
         })))
     }
@@ -120,6 +123,11 @@ impl AppState {
     /// The Docker engine.
     pub fn docker(&self) -> &DockerHandle {
         &self.0.docker
+    }
+
+    /// Protocol v2: releases, blobs, the layer inventory.
+    pub fn layers(&self) -> &crate::v2::Layers {
+        &self.0.layers
     }
 
     /// The deployment journal.

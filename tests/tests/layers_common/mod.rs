@@ -299,17 +299,15 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A cold host, started off the async runtime (it blocks for seconds).
+/// A cold host: an extra engine of its own.
 pub async fn cold_host(label: &'static str) -> TestHost {
-    tokio::task::spawn_blocking(move || TestHost::start(label))
-        .await
-        .expect("test host")
+    TestHost::start(label).await
 }
 
 /// The image id of `container` on `host`.
 pub fn container_image(host: &TestHost, container: &str) -> String {
-    let out = host
-        .docker_cli()
+    let out = Command::new("docker")
+        .env("DOCKER_HOST", host.docker_host())
         .args(["inspect", "-f", "{{.Image}}", container])
         .output()
         .expect("docker inspect");
