@@ -33,6 +33,7 @@ import bench  # noqa: E402  (run, Service, free_port, wait_http, Measured)
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+BIN = REPO / "target/release"
 SECRET = "deploy-bench-layers-secret-0123456789abcdef"
 TAG = f"ltxb{os.getpid() % 10000}"
 
@@ -152,7 +153,7 @@ def receiver(host, work, name):
     env = dict(os.environ, RECEIVER_BIND=f"127.0.0.1:{port}", PACKAGE_DIR=str(pkg),
                DEPLOY_HMAC_SECRET=SECRET, ALLOWED_NETWORKS="127.0.0.0/8", RUST_LOG="warn",
                DOCKER_HOST=host.docker_host)
-    service = bench.Service([str(REPO / "target/release/deploy-receiver")], env,
+    service = bench.Service([str(BIN / "deploy-receiver")], env,
                             work / f"{name}-receiver.log")
     bench.wait_http(f"http://127.0.0.1:{port}/health")
     return service, Proxy(port)
@@ -175,7 +176,7 @@ def build(tag, dockerfile, files):
 
 
 def deploy(image, proxy, name, pkg_dir, full=False):
-    argv = [str(REPO / "target/release/deploy-sender"), "deploy", "--image", image, "--name", name,
+    argv = [str(BIN / "deploy-sender"), "deploy", "--image", image, "--name", name,
             "--health", "none", "--to", proxy.url, "--json"] + (["--full"] if full else [])
     env = dict(os.environ, PACKAGE_DIR=str(pkg_dir), DEPLOY_HMAC_SECRET=SECRET, RUST_LOG="warn")
     before = proxy.sent
@@ -197,13 +198,17 @@ def main():
     ap.add_argument("--cut-mib", type=int, default=96)
     ap.add_argument("--rss-mib", type=int, default=1024)
     ap.add_argument("--work", default=str(REPO / "target/bench-layers"))
+    ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
+                    help="where deploy-sender and deploy-receiver are (default target/release)")
     args = ap.parse_args()
+    global BIN
+    BIN = Path(args.bin_dir)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for b in ("deploy-sender", "deploy-receiver"):
-        if not (REPO / "target/release" / b).exists():
-            sys.exit(f"target/release/{b} missing: cargo build --release -p deploy-sender -p deploy-receiver")
+        if not (BIN / b).exists():
+            sys.exit(f"{BIN / b} missing: cargo build --release -p deploy-sender -p deploy-receiver")
     u = uuid.uuid4().hex[:8]
     base = build(f"ltxb-base-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY base /opt/base.bin\n",
                  {"base": args.base_mib * MIB})
