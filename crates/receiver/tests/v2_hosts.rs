@@ -75,7 +75,9 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
     );
     let mut cleanup = Cleanup::new("layers-rx-unused");
     let (v1, v2_tag) = build_images(&docker, &mut cleanup, &prefix).await;
-    let host = TestHost::start("lrx").await;
+    let host = tokio::task::spawn_blocking(|| TestHost::start("lrx"))
+        .await
+        .expect("start a test host");
     let dir = temp_dir();
     let daemon = Daemon::start(
         &dir.path().join("packages"),
@@ -83,7 +85,15 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
         &[("DOCKER_HOST", host.docker_host())],
     );
     let api = V2::new(&daemon.base);
-    let cold = host.docker().await;
+    let cold = bollard::Docker::connect_with_unix(
+        &host.socket().display().to_string(),
+        120,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("connect to the test host")
+    .negotiate_version()
+    .await
+    .expect("test host API version");
     let name = format!("{prefix}-web");
 
     // First release: three layers, none on the host.
