@@ -192,7 +192,7 @@ fn ctr(ns: &str, args: &[&str]) -> std::process::Output {
     let socket = deploy_testkit::hosts::containerd_socket();
     Command::new("ctr")
         .arg("--address")
-        .arg(&socket)
+        .arg(socket)
         .args(["-n", ns])
         .args(args)
         .output()
