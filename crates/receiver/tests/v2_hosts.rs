@@ -107,6 +107,7 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
     let (sent, _) = api.send_release(&first).await;
     let all: u64 = first.blobs.values().map(|b| b.len() as u64).sum();
     assert_eq!(sent, all);
+    eprintln!("cold host, first release: {sent} blob bytes sent (3 of 3 layers)");
     let deployed = api.deploy(first.manifest.release_id).await;
     assert_eq!(deployed.status, StatusCode::OK, "{}", deployed.body);
     let build_id = docker.inspect_image(&v1).await.expect("v1").id.expect("id");
@@ -155,6 +156,7 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
     again.manifest.release_id = uuid::Uuid::new_v4();
     let (sent, _) = api.send_release(&again).await;
     assert_eq!(sent, 0);
+    eprintln!("the same image again: {sent} blob bytes sent");
     let loaded = api.load(again.manifest.release_id).await;
     assert_eq!(loaded.status, StatusCode::OK, "{}", loaded.body);
 
