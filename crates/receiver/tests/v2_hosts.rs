@@ -75,7 +75,9 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
     );
     let mut cleanup = Cleanup::new("layers-rx-unused");
     let (v1, v2_tag) = build_images(&docker, &mut cleanup, &prefix).await;
-    let host = TestHost::start("lrx").await;
+    let host = tokio::task::spawn_blocking(|| TestHost::start("lrx"))
+        .await
+        .expect("start a test host");
     let dir = temp_dir();
     let daemon = Daemon::start(
         &dir.path().join("packages"),
@@ -83,7 +85,15 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
         &[("DOCKER_HOST", host.docker_host())],
     );
     let api = V2::new(&daemon.base);
-    let cold = host.docker().await;
+    let cold = bollard::Docker::connect_with_unix(
+        &host.socket().display().to_string(),
+        120,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("connect to the test host")
+    .negotiate_version()
+    .await
+    .expect("test host API version");
     let name = format!("{prefix}-web");
 
     // First release: three layers, none on the host.
@@ -97,6 +107,7 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
     let (sent, _) = api.send_release(&first).await;
     let all: u64 = first.blobs.values().map(|b| b.len() as u64).sum();
     assert_eq!(sent, all);
+    eprintln!("cold host, first release: {sent} blob bytes sent (3 of 3 layers)");
     let deployed = api.deploy(first.manifest.release_id).await;
     assert_eq!(deployed.status, StatusCode::OK, "{}", deployed.body);
     let build_id = docker.inspect_image(&v1).await.expect("v1").id.expect("id");
@@ -145,6 +156,7 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
     again.manifest.release_id = uuid::Uuid::new_v4();
     let (sent, _) = api.send_release(&again).await;
     assert_eq!(sent, 0);
+    eprintln!("the same image again: {sent} blob bytes sent");
     let loaded = api.load(again.manifest.release_id).await;
     assert_eq!(loaded.status, StatusCode::OK, "{}", loaded.body);
 
@@ -182,7 +194,7 @@ fn ctr(ns: &str, args: &[&str]) -> std::process::Output {
     let socket = deploy_testkit::hosts::containerd_socket();
     Command::new("ctr")
         .arg("--address")
-        .arg(&socket)
+        .arg(socket)
         .args(["-n", ns])
         .args(args)
         .output()

@@ -1,6 +1,6 @@
-//! `deploy-testkit`: what the workspace's tests share.
+//! `deploy-testkit`: what the test crates share (a dev-dependency only, never shipped).
 //!
-//! - [`hosts`]: extra Docker engines, each a cold target host in its own network namespace
-//!   (`../shared/TEST-HOSTS.md` in the project's notes; docs/OPERATIONS.md for the commands).
+//! - [`hosts`]: extra, real Docker engines standing for cold target hosts, each in its own
+//!   network namespace (`../shared/TEST-HOSTS.md`).
 
 pub mod hosts;

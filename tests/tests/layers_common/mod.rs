@@ -299,15 +299,17 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A cold host: an extra engine of its own.
+/// A cold host, started off the async runtime (it blocks for seconds).
 pub async fn cold_host(label: &'static str) -> TestHost {
-    TestHost::start(label).await
+    tokio::task::spawn_blocking(move || TestHost::start(label))
+        .await
+        .expect("test host")
 }
 
 /// The image id of `container` on `host`.
 pub fn container_image(host: &TestHost, container: &str) -> String {
-    let out = Command::new("docker")
-        .env("DOCKER_HOST", host.docker_host())
+    let out = host
+        .docker_cli()
         .args(["inspect", "-f", "{{.Image}}", container])
         .output()
         .expect("docker inspect");

@@ -216,27 +216,43 @@ async fn append<E: std::fmt::Display>(
             });
         }
         if let Err(error) = file.write_all(&next).await {
-            // What the failed write left is not counted: cut back to the last whole chunk.
-            let _ = file.flush().await;
-            let _ = file.set_len(written).await;
-            break Err(if error.kind() == std::io::ErrorKind::StorageFull {
-                UploadError::StorageFull { blake3, held: 0 }
-            } else {
-                UploadError::Io { held: 0, error }
-            });
+            break Err(write_error(blake3, error));
         }
         written += next.len() as u64;
         if written - synced >= SYNC_EVERY {
+            if let Err(error) = file.flush().await {
+                break Err(write_error(blake3, error));
+            }
             file.sync_data().await.map_err(io(synced))?;
             synced = written;
             claim.set_durable(synced);
         }
     };
-    // Whatever happened, what was written is made durable before any offset is reported.
-    let _ = file.flush().await;
+    // Whatever happened, what was written is made durable before any offset is reported. A
+    // write may fail after `write_all` returned (tokio's file writes in the background and
+    // reports the error at the next call): the file's length, not the count of chunks handed
+    // over, is what arrived; appends only, so that prefix is the blob's.
+    let flushed = file.flush().await;
     file.sync_all().await.map_err(io(synced))?;
+    let written = tokio::fs::metadata(&path)
+        .await
+        .map_err(io(synced))?
+        .len()
+        .min(written);
+    let outcome = match (outcome, flushed) {
+        (Ok(()), Err(error)) => Err(write_error(blake3, error)),
+        (outcome, _) => outcome,
+    };
     claim.set_durable(written);
     outcome.map(|()| written).map_err(|e| with_held(e, written))
+}
+
+fn write_error(blake3: Checksum, error: std::io::Error) -> UploadError {
+    if error.kind() == std::io::ErrorKind::StorageFull {
+        UploadError::StorageFull { blake3, held: 0 }
+    } else {
+        UploadError::Io { held: 0, error }
+    }
 }
 
 fn with_held(error: UploadError, written: u64) -> UploadError {

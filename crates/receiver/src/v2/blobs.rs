@@ -220,3 +220,54 @@ impl BlobStore {
         removed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial(store: &BlobStore, bytes: &[u8]) -> Checksum {
+        let blake3 = Checksum::of(bytes);
+        std::fs::write(store.partial_path(&blake3), bytes).expect("partial");
+        blake3
+    }
+
+    #[test]
+    fn sweep_keeps_blobs_being_written_and_fits_partials_in_the_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(BlobStore::open(dir.path()).expect("open"));
+        let old = partial(&store, &[1u8; 100]);
+        std::thread::sleep(Duration::from_millis(20));
+        let newer = partial(&store, &[2u8; 100]);
+        let writing = partial(&store, &[3u8; 100]);
+        let claim = store.claim(&writing).expect("claim");
+        assert!(store.claim(&writing).is_err(), "one writer per blob");
+        assert_eq!(store.state(&old), BlobState::Partial(100));
+
+        // Within TTL, over a 150-byte budget: the oldest idle partial goes first.
+        assert_eq!(store.sweep(Duration::from_secs(3600), 150), 1);
+        assert_eq!(store.state(&old), BlobState::Missing);
+        assert_eq!(store.state(&newer), BlobState::Partial(100));
+        // Past TTL: every idle partial goes, the one being written stays.
+        assert_eq!(store.sweep(Duration::ZERO, u64::MAX), 1);
+        assert_eq!(store.state(&newer), BlobState::Missing);
+        assert_eq!(store.state(&writing), BlobState::Partial(100));
+        drop(claim);
+        assert!(store.claim(&writing).is_ok());
+    }
+
+    #[test]
+    fn a_committed_blob_is_complete_with_its_meta_after_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let blake3 = partial(&store, b"layer blob");
+        let meta = BlobMeta {
+            diff_id: Sha256Digest::of(b"layer"),
+            uncompressed_size: 5,
+        };
+        store.commit(&blake3, &meta).expect("commit");
+        let store = BlobStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.state(&blake3), BlobState::Complete(meta));
+        store.remove_complete(&blake3);
+        assert_eq!(store.state(&blake3), BlobState::Missing);
+    }
+}

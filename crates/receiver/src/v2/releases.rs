@@ -184,3 +184,65 @@ impl ReleaseStore {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deploy_protocol::{BlobRef, LayerEntry};
+
+    fn manifest(tag: &str) -> ReleaseManifest {
+        let diff_id = Sha256Digest::of(b"layer");
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#
+        )
+        .into_bytes();
+        ReleaseManifest {
+            release_id: Uuid::new_v4(),
+            image_id: Sha256Digest::of(&config),
+            config,
+            layers: vec![LayerEntry {
+                diff_id,
+                blob: BlobRef {
+                    blake3: Checksum::of(b"blob"),
+                    size: 4,
+                    compression: Compression::None,
+                },
+                uncompressed_size: None,
+            }],
+            image_tags: vec![tag.into()],
+            created_at: None,
+            deployment: None,
+        }
+    }
+
+    #[test]
+    fn releases_survive_reopening_same_content_is_idempotent_other_content_conflicts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ReleaseStore::open(dir.path()).expect("open");
+        let m = manifest("a:1");
+        assert_eq!(store.register(&m).expect("new"), Registered::New);
+        assert_eq!(store.register(&m).expect("same"), Registered::Same);
+        let mut other = manifest("a:2");
+        other.release_id = m.release_id;
+        assert!(matches!(
+            store.register(&other),
+            Err(ReleaseStoreError::Conflict(_))
+        ));
+        assert_eq!(store.pending_chain_ids().len(), 1);
+
+        let store = ReleaseStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.get(m.release_id), Some(m.clone()));
+        assert_eq!(
+            store.blob(&Checksum::of(b"blob")),
+            Some((4, Compression::None, vec![Sha256Digest::of(b"layer")]))
+        );
+        store.mark_loaded(m.release_id);
+        assert!(
+            store.pending_chain_ids().is_empty(),
+            "a loaded release protects nothing"
+        );
+        assert_eq!(store.sweep(Duration::ZERO), 1);
+        assert_eq!(store.get(m.release_id), None);
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+}

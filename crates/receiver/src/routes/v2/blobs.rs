@@ -55,7 +55,9 @@ fn offset_headers(offset: u64, length: u64) -> HeaderMap {
     security(("deploy_hmac" = [])),
     responses(
         (status = 200, description = "`Upload-Offset`: durable bytes held (the size when complete); `Upload-Length`: the signed size"),
+        (status = 400, description = "VALIDATION_ERROR: the path is not a BLAKE3 digest"),
         (status = 401, description = "UNAUTHORIZED"),
+        (status = 403, description = "FORBIDDEN"),
         (status = 404, description = "NOT_FOUND: no registered release names this blob"),
     ))]
 pub async fn head(
@@ -86,6 +88,7 @@ pub async fn head(
         (status = 204, description = "Appended; `Upload-Offset`: durable bytes held now (the size when the blob completed and verified)"),
         (status = 400, description = "VALIDATION_ERROR: no or malformed Upload-Offset", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no registered release names this blob", body = ErrorBody),
         (status = 408, description = "TIMEOUT: the body stalled (`Upload-Offset` says what is kept)", body = ErrorBody),
         (status = 409, description = "OFFSET_MISMATCH: not the durable offset, nothing appended; CONFLICT: another request is writing this blob (both with `Upload-Offset`)", body = ErrorBody),
@@ -99,9 +102,15 @@ pub async fn patch(
     Path(hex): Path<String>,
     request: Request,
 ) -> Result<impl IntoResponse> {
-    let blake3 = parse(&hex)?;
     let (parts, body) = request.into_parts();
-    authenticate(&state, &parts, &blake3)?;
+    // The path's digest is the signed content: a malformed one cannot have been signed.
+    let parsed = parse(&hex);
+    authenticate(
+        &state,
+        &parts,
+        parsed.as_ref().unwrap_or(&Checksum::empty()),
+    )?;
+    let blake3 = parsed?;
     let offset: u64 = parts
         .headers
         .get(UPLOAD_OFFSET)

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use deploy_protocol::api::{DeploymentRecord, LoadResponse};
 use deploy_protocol::release::MAX_RELEASE_MANIFEST_BYTES;
-use deploy_protocol::{ErrorBody, LayersMissingBody, ReleaseManifest, ReleaseStatus};
+use deploy_protocol::{ErrorBody, ReleaseManifest, ReleaseStatus};
 use uuid::Uuid;
 
 use super::SignedJson;
@@ -75,6 +75,7 @@ pub async fn create(
     responses(
         (status = 200, description = "Per layer: present, received, partial (with offset) or missing", body = ReleaseStatus),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
     ))]
@@ -96,8 +97,9 @@ pub async fn get(
     responses(
         (status = 200, description = "Loaded (`package_id` is the release id)", body = LoadResponse),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
-        (status = 409, description = "LAYERS_MISSING: send these layers' blobs and retry", body = LayersMissingBody),
+        (status = 409, description = "LAYERS_MISSING: an ErrorBody with `missing_diff_ids` (the LayersMissingBody schema): send those layers' blobs and retry", body = ErrorBody),
         (status = 422, description = "LOAD_FAILED: refused by the gate or Docker, or not the signed image; tags left as they were", body = ErrorBody),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
     ))]
@@ -120,7 +122,7 @@ pub async fn load(
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 403, description = "FORBIDDEN, or POLICY_DENIED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
-        (status = 409, description = "LAYERS_MISSING (before any deployment record; or in the record, if a layer went between the check and the load): send them and retry", body = LayersMissingBody),
+        (status = 409, description = "LAYERS_MISSING: an ErrorBody with `missing_diff_ids` (the LayersMissingBody schema), before any deployment record; or the FAILED record, if a layer went between the check and the load: send them and retry", body = ErrorBody),
         (status = 422, description = "LOAD_FAILED or HEALTH_CHECK_FAILED: the record, FAILED or ROLLED_BACK, with `error`", body = DeploymentRecord),
         (status = 500, description = "DEPLOY_FAILED: the record with `error`", body = DeploymentRecord),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
