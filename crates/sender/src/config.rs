@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::client::ReceiverTarget;
-use crate::pipeline::{LayerCache, DEFAULT_LAYER_CACHE_SIZE, DEFAULT_MAX_PACKAGE_SIZE};
+use crate::client::{ReceiverClient, ReceiverTarget};
+use crate::pipeline::{LayerCache, Lifecycle, DEFAULT_LAYER_CACHE_SIZE, DEFAULT_MAX_PACKAGE_SIZE};
 use crate::SenderError;
 
 /// The package store.
@@ -128,6 +128,11 @@ impl ReceiverConfig {
         ReceiverTarget::new(url, &self.key_id, secret.as_bytes())
     }
 
+    /// The client for the receiver and key these settings name.
+    pub fn client(&self) -> Result<ReceiverClient, SenderError> {
+        Ok(ReceiverClient::new(self.http_client()?, self.target()?))
+    }
+
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large
     /// and a full deployment waits for health checks). `https://` receivers are verified against
     /// the system's CA certificates and those of `ca_cert`.
@@ -163,6 +168,54 @@ fn read_ca_certs(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, Se
     Ok(certificates)
 }
 
+/// Where lifecycle events go: a durable outbox in the state directory, delivered to Kafka when
+/// bootstrap servers are set.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct EventsConfig {
+    /// State directory (event outbox); default `<PACKAGE_DIR>/.state`.
+    #[arg(long, env = "SENDER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Kafka bootstrap servers for lifecycle events; unset: events stay in the local outbox.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Kafka topic for lifecycle events.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
+    pub kafka_topic: String,
+}
+
+impl Default for EventsConfig {
+    /// The default state directory, no Kafka, the default topic.
+    fn default() -> Self {
+        Self {
+            state_dir: None,
+            kafka_bootstrap_servers: None,
+            kafka_topic: deploy_protocol::events::DEFAULT_TOPIC.into(),
+        }
+    }
+}
+
+impl EventsConfig {
+    /// The state directory in effect: the one given, or `<package_dir>/.state`.
+    pub fn state_dir(&self, package_dir: &std::path::Path) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| package_dir.join(".state"))
+    }
+
+    /// Opens the outbox (and the Kafka producer, when configured).
+    pub(crate) async fn open(
+        &self,
+        package_dir: &std::path::Path,
+    ) -> Result<Lifecycle, SenderError> {
+        Lifecycle::open(
+            self.state_dir(package_dir),
+            self.kafka_bootstrap_servers.clone(),
+            self.kafka_topic.clone(),
+        )
+        .await
+    }
+}
+
 /// Settings of `deploy-sender serve`. Every field is a flag and an environment variable.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
@@ -179,15 +232,9 @@ pub struct ServeConfig {
     /// Default receiver (`--to` / DEFAULT_RECEIVER_URL) and the HMAC key to sign with.
     #[command(flatten)]
     pub receiver: ReceiverConfig,
-    /// State directory (event outbox); default `<PACKAGE_DIR>/.state`.
-    #[arg(long, env = "SENDER_STATE_DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Kafka bootstrap servers for lifecycle events; unset: events stay in the local outbox.
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub kafka_bootstrap_servers: Option<String>,
-    /// Kafka topic for lifecycle events.
-    #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
-    pub kafka_topic: String,
+    /// Lifecycle events: outbox and Kafka.
+    #[command(flatten)]
+    pub events: EventsConfig,
     /// Uploads to receivers running at once, over all requests.
     #[arg(long, env = "MAX_CONCURRENT_TRANSFERS", default_value_t = 5)]
     pub max_concurrent_transfers: usize,
@@ -211,9 +258,7 @@ impl ServeConfig {
                 ..StoreConfig::default()
             },
             receiver: ReceiverConfig::default(),
-            state_dir: None,
-            kafka_bootstrap_servers: None,
-            kafka_topic: deploy_protocol::events::DEFAULT_TOPIC.into(),
+            events: EventsConfig::default(),
             max_concurrent_transfers: 5,
             zstd_workers: None,
             job_history: 200,
@@ -222,9 +267,7 @@ impl ServeConfig {
 
     /// The state directory in effect.
     pub fn state_dir(&self) -> PathBuf {
-        self.state_dir
-            .clone()
-            .unwrap_or_else(|| self.store.package_dir.join(".state"))
+        self.events.state_dir(&self.store.package_dir)
     }
 }
 

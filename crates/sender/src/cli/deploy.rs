@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use deploy_protocol::api::{DeploymentRecord, StageOutcome};
+use deploy_protocol::display::short;
 use deploy_protocol::{
     Compression, DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping,
     PortProtocol, RestartPolicy,
@@ -14,8 +15,8 @@ use serde::Serialize;
 
 use super::image::{parse_key_value, ImageSourceArgs};
 use super::terminal::{print_json, TerminalProgress};
-use crate::client::{ReceiverTarget, ReleaseCalls, RetryPolicy};
-use crate::config::{ReceiverConfig, StoreConfig};
+use crate::client::{ReceiverTarget, RetryPolicy};
+use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
     default_container_name, default_zstd_workers, deploy, deploy_release, CompressionOptions,
     DeployFailure, DeployOutcome, DeployRequest, ImageSource, LayerFate, PackageInfo,
@@ -23,9 +24,8 @@ use crate::pipeline::{
 };
 use crate::SenderError;
 
-/// `deploy-sender deploy`: build (or take) an image, send the layers the receiver lacks as a
-/// release (or, with `--full`, the whole image as a package to `/deployment/full`), and wait
-/// until the new container is healthy or rolled back.
+/// `deploy-sender deploy`: build (or take) an image, package it, send it to a receiver's
+/// `/deployment/full`, and wait until the new container is healthy or rolled back.
 #[derive(Debug, clap::Args)]
 pub(crate) struct DeployArgs {
     /// The image to deploy.
@@ -71,19 +71,22 @@ pub(crate) struct DeployArgs {
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
+    /// Lifecycle events (BUILD_*, TRANSFER_*, DEPLOYMENT_FAILED), as `serve` records them.
+    #[command(flatten)]
+    pub(crate) events: EventsConfig,
     /// Receiver and key (`--to` defaults to DEFAULT_RECEIVER_URL).
     #[command(flatten)]
     pub(crate) receiver: ReceiverConfig,
     /// Correlation id to send (echoed in the receiver's logs, events and record).
     #[arg(long, env = "DEPLOY_CORRELATION_ID")]
     pub(crate) correlation_id: Option<String>,
+    /// Print the outcome (package, transfer, deployment record) as JSON.
+    #[arg(long, env = "DEPLOY_JSON")]
+    pub(crate) json: bool,
     /// Send the whole image as one v1 package to `/deployment/full` (as before protocol v2),
     /// instead of only the layers the target lacks.
     #[arg(long, env = "DEPLOY_FULL")]
     pub(crate) full: bool,
-    /// Print the outcome (package, transfer, deployment record) as JSON.
-    #[arg(long, env = "DEPLOY_JSON")]
-    pub(crate) json: bool,
     /// Command overriding the image's CMD, after `--`: `deploy ... -- /bin/app --serve`.
     #[arg(last = true)]
     pub(crate) command: Vec<String>,
@@ -175,19 +178,13 @@ impl DeployArgs {
 
 pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let request = args.request()?;
-    let target = args.receiver.target()?;
-    let client = args.receiver.http_client()?;
+    let client = args.receiver.client()?;
     let docker = crate::pipeline::connect_docker().await?;
     let bars = Arc::new(TerminalProgress::default());
     if !args.full {
         let cache = args.store.open_layer_cache().await?;
         let policy = RetryPolicy::default();
-        let calls = ReleaseCalls {
-            http: &client,
-            target: &target,
-            correlation_id: request.correlation_id.as_deref(),
-            policy: &policy,
-        };
+        let calls = client.release_calls(request.correlation_id.as_deref(), &policy);
         let result = deploy_release(&docker, &cache, calls, &request, bars.clone()).await;
         bars.clear();
         return match result {
@@ -195,7 +192,7 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
                 if args.json {
                     print_json(&outcome);
                 } else {
-                    print_release(&outcome, &request.deployment, &target);
+                    print_release(&outcome, &request.deployment, client.target());
                 }
                 Ok(())
             }
@@ -210,14 +207,16 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
         };
     }
     let store = PackageStore::open(&args.store.package_dir).await?;
-    let result = deploy(&docker, &store, &client, &target, &request, bars.clone()).await;
+    let events = args.events.open(&args.store.package_dir).await?;
+    let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
     bars.clear();
+    events.close().await;
     match result {
         Ok(outcome) => {
             if args.json {
                 print_json(&outcome);
             } else {
-                print_success(&outcome, &request.deployment, &target);
+                print_success(&outcome, &request.deployment, client.target());
             }
             Ok(())
         }
@@ -416,10 +415,6 @@ fn reach(spec: &DeploymentSpec, receiver_host: &str) -> Vec<String> {
             }
         })
         .collect()
-}
-
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
 }
 
 #[cfg(test)]

@@ -3,14 +3,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use deploy_protocol::{envelope, Checksum, ErrorBody, SignatureHeaders};
-use reqwest::Url;
+use deploy_protocol::ErrorBody;
 use serde::Serialize;
 
-use crate::client::ReceiverTarget;
+use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::config::{parse_size, ReceiverConfig};
-use crate::error::error_chain;
 use crate::SenderError;
+use deploy_protocol::display::error_chain;
 
 /// Clock difference worth a warning: signatures still pass, but the margin is shrinking.
 const SKEW_WARN_SECS: i64 = 30;
@@ -135,14 +134,14 @@ pub async fn diagnose(config: &ReceiverConfig, min_free: u64) -> Report {
         }
     };
     let client = match config.http_client() {
-        Ok(client) => client,
+        Ok(http) => ReceiverClient::new(http, target),
         Err(e) => {
             report.push("config", Status::Fail, e.to_string());
             return report;
         }
     };
 
-    let health = check_health(&client, &target, &mut report).await;
+    let health = check_health(&client, &mut report).await;
     if let Some(health) = health {
         check_fields(&health, min_free, &mut report);
     }
@@ -160,7 +159,7 @@ pub async fn diagnose(config: &ReceiverConfig, min_free: u64) -> Report {
             "set DEPLOY_HMAC_SECRET (and DEPLOY_HMAC_KEY_ID) to the key the receiver holds",
         );
     } else {
-        check_key(&client, &target, &mut report).await;
+        check_key(&client, &mut report).await;
     }
     let ok = report.failures().next().is_none();
     report.ok = ok;
@@ -168,19 +167,10 @@ pub async fn diagnose(config: &ReceiverConfig, min_free: u64) -> Report {
 }
 
 /// `GET /health`: reachable, really a deploy-receiver, and the clock from its `Date` header.
-async fn check_health(
-    client: &reqwest::Client,
-    target: &ReceiverTarget,
-    report: &mut Report,
-) -> Option<serde_json::Value> {
-    let url = join(&target.base_url, "/health");
+async fn check_health(client: &ReceiverClient, report: &mut Report) -> Option<serde_json::Value> {
+    let url = client.target().url("/health");
     let sent = unix_now_f64();
-    let response = match client
-        .get(url.clone())
-        .timeout(REQUEST_TIMEOUT)
-        .send()
-        .await
-    {
+    let response = match client.get("/health", REQUEST_TIMEOUT).await {
         Ok(response) => response,
         Err(e) => {
             report.push_fix(
@@ -328,27 +318,17 @@ fn check_fields(health: &serde_json::Value, min_free: u64, report: &mut Report) 
 }
 
 /// A signed `GET /deployments?limit=1`: the key and this host's address are accepted.
-async fn check_key(client: &reqwest::Client, target: &ReceiverTarget, report: &mut Report) {
-    let mut url = join(&target.base_url, "/deployments");
-    url.set_query(Some("limit=1"));
-    let path_and_query = format!("{}?limit=1", url.path());
-    let headers = SignatureHeaders::sign(
-        &target.key_id,
-        &target.secret,
-        "GET",
-        &path_and_query,
-        &Checksum::of(b""),
-        unix_now_f64() as i64,
-        envelope::new_nonce(),
-    );
-    let mut request = client
-        .get(url.clone())
-        .timeout(REQUEST_TIMEOUT)
-        .header(envelope::HEADER_CORRELATION_ID, "deploy-sender-doctor");
-    for (name, value) in headers.to_pairs() {
-        request = request.header(name, value);
-    }
-    let response = match request.send().await {
+async fn check_key(client: &ReceiverClient, report: &mut Report) {
+    let target = client.target();
+    let url = target.url("/deployments?limit=1");
+    let answer = client
+        .signed_get(
+            "/deployments?limit=1",
+            Some("deploy-sender-doctor"),
+            REQUEST_TIMEOUT,
+        )
+        .await;
+    let response = match answer {
         Ok(response) => response,
         Err(e) => {
             report.push(
@@ -448,14 +428,6 @@ fn print_report(report: &Report) {
     }
 }
 
-/// `base` with `path` appended to its path (keeping a path prefix, dropping query/fragment).
-fn join(base: &Url, path: &str) -> Url {
-    let mut url = base.clone();
-    url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
-    url.set_query(None);
-    url
-}
-
 /// Parses an HTTP date (IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`) into Unix seconds.
 pub fn parse_http_date(value: &str) -> Option<i64> {
     let format = time::format_description::parse_borrowed::<2>(
@@ -511,14 +483,5 @@ mod tests {
             check_clock(Some(&date(offset)), now, &mut report);
             assert_eq!(report.checks[0].status, status, "offset {offset}");
         }
-    }
-
-    #[test]
-    fn join_keeps_a_path_prefix() {
-        let base = Url::parse("https://proxy.example/deploy/").expect("url");
-        assert_eq!(
-            join(&base, "/health").as_str(),
-            "https://proxy.example/deploy/health"
-        );
     }
 }

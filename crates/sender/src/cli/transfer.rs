@@ -8,7 +8,7 @@ use deploy_protocol::Compression;
 use uuid::Uuid;
 
 use super::terminal::{bytes_bar, print_json};
-use crate::client::{upload_package, Endpoint};
+use crate::client::Endpoint;
 use crate::config::ReceiverConfig;
 use crate::pipeline::{compression_from_path, manifest_for_file, PackageStore};
 use crate::SenderError;
@@ -48,8 +48,7 @@ pub(crate) struct TransferArgs {
 }
 
 pub(super) async fn run(args: TransferArgs) -> Result<(), SenderError> {
-    let target = args.receiver.target()?;
-    let client = args.receiver.http_client()?;
+    let client = args.receiver.client()?;
     let (path, manifest) = match (args.file, args.stored) {
         (_, Some(id)) => {
             let info = PackageStore::open(&args.package_dir).await?.get(id).await?;
@@ -80,16 +79,12 @@ pub(super) async fn run(args: TransferArgs) -> Result<(), SenderError> {
         let bar = bar.clone();
         move |sent| bar.set_position(sent)
     };
-    let result = upload_package(
-        &client,
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        args.correlation_id.as_deref(),
-        on_progress,
-    )
-    .await;
+    let result = client
+        .upload(&path, &manifest)
+        .correlation_id(args.correlation_id.as_deref())
+        .on_progress(on_progress)
+        .send()
+        .await;
     bar.finish_and_clear();
     let outcome = result?;
     if args.json {
@@ -100,7 +95,7 @@ pub(super) async fn run(args: TransferArgs) -> Result<(), SenderError> {
             outcome.bytes,
             outcome.duration.as_secs_f64(),
             outcome.throughput_mbps,
-            target.endpoint_url(Endpoint::Upload)
+            client.target().endpoint_url(Endpoint::Upload)
         );
         println!(
             "package {} ({}), BLAKE3 {}",

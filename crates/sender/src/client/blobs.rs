@@ -18,7 +18,7 @@ use reqwest::{Method, StatusCode, Url};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::releases::{backoff, signed, ReleaseCalls};
-use crate::client::upload::{classify_send_error, remote_error};
+use super::retry::{classify_send_error, remote_error};
 use crate::SenderError;
 
 /// Most `409` answers in a row before giving up (each is followed by a `HEAD`).

@@ -17,7 +17,8 @@ use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::client::upload::{classify_send_error, remote_error, ReceiverTarget, RetryPolicy};
+use super::retry::{classify_send_error, remote_error};
+use super::{ReceiverTarget, RetryPolicy};
 use crate::SenderError;
 
 /// The URL of `path` (a `/deployment/v2/...` path) below the target's base URL.
@@ -235,6 +236,22 @@ impl FinishError {
                         .join(", ")
                 ),
             },
+        }
+    }
+}
+
+impl super::ReceiverClient {
+    /// The protocol v2 calls to this client's receiver.
+    pub fn release_calls<'a>(
+        &'a self,
+        correlation_id: Option<&'a str>,
+        policy: &'a RetryPolicy,
+    ) -> ReleaseCalls<'a> {
+        ReleaseCalls {
+            http: &self.http,
+            target: &self.target,
+            correlation_id,
+            policy,
         }
     }
 }

@@ -4,17 +4,19 @@
 //! The CLI (`deploy-sender deploy`) and the REST service both call [`deploy`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bollard::Docker;
-use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::api::DeploymentRecord;
 use deploy_protocol::{DeploymentSpec, ErrorCode};
 use serde::Serialize;
 
 use super::package::{package_image, PackageRequest};
 use super::progress::{Progress, ProgressExt, Stage};
 use super::store::{PackageInfo, PackageStore};
-use crate::client::{upload_package, Endpoint, ReceiverTarget};
+use uuid::Uuid;
+
+use super::events::{Lifecycle, Subject};
+use crate::client::{ReceiverClient, TransferStats};
 use crate::SenderError;
 
 /// A deployment job: what to package and what to run from it.
@@ -26,15 +28,6 @@ pub struct DeployRequest {
     pub deployment: DeploymentSpec,
     /// Correlation id sent to the receiver (echoed in its logs, events and the record).
     pub correlation_id: Option<String>,
-}
-
-/// The transfer as the sender saw it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TransferStats {
-    /// Package bytes sent.
-    pub bytes: u64,
-    /// From the start of the request to the receiver's answer: upload *and* the whole deployment.
-    pub request_duration_ms: u64,
 }
 
 /// A deployment that succeeded: the package that was sent and the receiver's record of it.
@@ -88,10 +81,10 @@ impl From<DeployFailure> for SenderError {
 pub async fn deploy(
     docker: &Docker,
     store: &PackageStore,
-    client: &reqwest::Client,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     request: &DeployRequest,
     progress: Arc<dyn Progress>,
+    events: &Lifecycle,
 ) -> Result<DeployOutcome, DeployFailure> {
     let fail = |package, error| DeployFailure { package, error };
     // Refuse a bad spec before spending a build on it (the image is filled in after packaging).
@@ -105,35 +98,74 @@ pub async fn deploy(
     package_request.container_name = package_request
         .container_name
         .or_else(|| Some(request.deployment.container_name.clone()));
-    let package = package_image(docker, store, &package_request, &*progress)
-        .await
-        .map_err(|e| fail(None, e))?;
-    match deploy_package(
+    // The id is chosen here so that every event of this deployment carries it.
+    let package_id = *package_request.package_id.get_or_insert_with(Uuid::new_v4);
+    let subject = Subject {
+        package_id: Some(package_id),
+        correlation_id: request.correlation_id.clone(),
+        container_name: Some(request.deployment.container_name.clone()),
+        image_tag: Some(package_request.source.reference().to_owned()),
+    };
+    events.build_started(&subject, &package_request).await;
+    let packaged = package_image(docker, store, &package_request, &*progress).await;
+    events.build_finished(&subject, packaged.as_ref()).await;
+    let package = packaged.map_err(|e| fail(None, e))?;
+
+    let receiver = client.target().base_url.to_string();
+    events
+        .transfer_started(&subject, &receiver, "full", package.package_size)
+        .await;
+    let sent = deploy_package(
         client,
-        target,
         &package,
         &request.deployment,
         request.correlation_id.as_deref(),
         progress,
     )
-    .await
-    {
-        Ok((transfer, deployment)) => Ok(DeployOutcome {
-            package,
-            transfer,
-            deployment,
-        }),
-        Err(error) => Err(fail(Some(package), error)),
+    .await;
+    match sent {
+        Ok((transfer, deployment)) => {
+            events
+                .transfer_completed(
+                    &subject,
+                    &receiver,
+                    &transfer,
+                    Some(deployment.deployment_id),
+                )
+                .await;
+            Ok(DeployOutcome {
+                package,
+                transfer,
+                deployment,
+            })
+        }
+        Err(error) => {
+            if let SenderError::Deployment(record) = &error {
+                // The package reached the receiver and was verified; the deployment failed.
+                let transfer = TransferStats {
+                    bytes: package.package_size,
+                    request_duration_ms: 0,
+                };
+                events
+                    .transfer_completed(&subject, &receiver, &transfer, Some(record.deployment_id))
+                    .await;
+                events
+                    .deployment_failed(&subject, &receiver, &error, record)
+                    .await;
+            } else {
+                events.transfer_failed(&subject, &receiver, &error).await;
+            }
+            Err(fail(Some(package), error))
+        }
     }
 }
 
-/// Streams a stored package to `target`'s `/deployment/full` with `spec` in its manifest and
+/// Streams a stored package to the receiver's `/deployment/full` with `spec` in its manifest and
 /// returns the receiver's record of a successful deployment. A deployment that ran and failed is
 /// [`SenderError::Deployment`] (the record, with the receiver's code); a refusal before it ran is
 /// [`SenderError::Remote`].
 pub async fn deploy_package(
-    client: &reqwest::Client,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     package: &PackageInfo,
     spec: &DeploymentSpec,
     correlation_id: Option<&str>,
@@ -166,62 +198,39 @@ pub async fn deploy_package(
             reporter.message(Stage::Deploy, "receiver: verify, load, start, health check");
         }
     };
-    let result = upload_package(
-        client,
-        target,
-        std::path::Path::new(&package.package_path),
-        &manifest,
-        Endpoint::Full,
-        correlation_id,
-        on_sent,
-    )
-    .await;
+    let result = client
+        .deploy(
+            std::path::Path::new(&package.package_path),
+            &manifest,
+            correlation_id,
+            on_sent,
+        )
+        .await;
     progress.finish(Stage::Deploy, 0);
-    let outcome = result?;
-    let record: DeploymentRecord = serde_json::from_value(outcome.response).map_err(|e| {
-        SenderError::TransferFailed(format!(
-            "{} answered {} without a deployment record ({e}): is it a deploy-receiver of protocol v1?",
-            target.endpoint_url(Endpoint::Full),
-            outcome.status
-        ))
-    })?;
-    if record.status != DeploymentStatus::Succeeded {
-        return Err(SenderError::Deployment(Box::new(record)));
-    }
-    Ok((
-        TransferStats {
-            bytes: outcome.bytes,
-            request_duration_ms: millis(outcome.duration),
-        },
-        record,
-    ))
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    result
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The REST service will `tokio::spawn` deployments: the future must be `Send`.
+    /// Deployments run on spawned tasks: the future must be `Send`.
     #[allow(dead_code)]
     fn deploy_future_is_send(
         docker: &Docker,
         store: &PackageStore,
-        client: &reqwest::Client,
-        target: &ReceiverTarget,
+        client: &ReceiverClient,
         request: &DeployRequest,
+        events: &Lifecycle,
     ) {
         fn is_send<T: Send>(_: &T) {}
         is_send(&deploy(
             docker,
             store,
             client,
-            target,
             request,
             Arc::new(crate::NoProgress),
+            events,
         ));
     }
 

@@ -16,6 +16,7 @@ mod build;
 mod compress;
 mod deploy;
 mod docker;
+mod events;
 mod layers;
 mod package;
 mod progress;
@@ -24,10 +25,9 @@ mod store;
 
 pub use build::{build_image, BuildSpec, BuiltImage, LOG_TAIL_LINES};
 pub use compress::{default_zstd_workers, CompressionOptions};
-pub use deploy::{
-    deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest, TransferStats,
-};
+pub use deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
 pub use docker::connect as connect_docker;
+pub use events::{error_payload, Lifecycle, Subject};
 pub use layers::{
     chain_ids, digest_hex, prepare_image, sha256_digest, CachedLayer, Eviction, LayerCache,
     PrepareStats, PreparedImage, PreparedLayer, DEFAULT_LAYER_CACHE_SIZE,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
+use deploy_protocol::display::millis;
 use deploy_protocol::manifest::{is_valid_container_name, is_valid_image_reference};
 use deploy_protocol::{Compression, PackageManifest};
 use futures::StreamExt;
@@ -32,6 +33,16 @@ pub enum ImageSource {
     /// Package an image already in the local engine: `name:tag` (`:latest` if omitted) or an id.
     /// An image packaged by id carries no tag.
     Existing(String),
+}
+
+impl ImageSource {
+    /// The image reference: the tag to build, or the existing image.
+    pub fn reference(&self) -> &str {
+        match self {
+            ImageSource::Build(spec) => &spec.tag,
+            ImageSource::Existing(image) => image,
+        }
+    }
 }
 
 /// A packaging job.
@@ -210,10 +221,6 @@ pub fn default_container_name(tag: &str) -> String {
     name.rsplit('/').next().unwrap_or(name).to_owned()
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// A package file written and renamed into place.
 struct Exported {
     path: PathBuf,
@@ -351,7 +358,7 @@ pub async fn manifest_for_file(
 mod tests {
     use super::*;
 
-    /// The REST service will `tokio::spawn` packaging jobs: their futures must be `Send`.
+    /// Packaging jobs run on spawned tasks: their futures must be `Send`.
     #[allow(dead_code)]
     fn package_future_is_send(docker: &Docker, store: &PackageStore, request: &PackageRequest) {
         fn is_send<T: Send>(_: &T) {}

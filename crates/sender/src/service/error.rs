@@ -13,22 +13,8 @@ use serde::de::DeserializeOwned;
 
 use crate::SenderError;
 
-tokio::task_local! {
-    /// The correlation id of the request being served (set by the request middleware).
-    pub static CORRELATION_ID: String;
-}
+pub use deploy_http::correlation_id;
 
-/// The current request's correlation id, when inside a request.
-pub fn correlation_id() -> Option<String> {
-    CORRELATION_ID.try_with(Clone::clone).ok()
-}
-
-/// 1 to 128 visible ASCII characters, as the protocol allows for `X-Correlation-Id`.
-pub fn is_valid_correlation_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// An error answer of the REST service.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// A failure of the library (its code passes through).

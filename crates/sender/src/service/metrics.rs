@@ -1,5 +1,5 @@
 //! Metrics of the REST service: Prometheus collectors for `GET /metrics`, and the same counts as
-//! the seed's `get_metrics` JSON.
+//! the `get_metrics` JSON (`GET /api/v1/metrics`).
 
 use std::sync::Mutex;
 
@@ -32,7 +32,7 @@ pub struct Metrics {
     events_sync: std::sync::Arc<Mutex<()>>,
 }
 
-/// The seed's `get_metrics` answer.
+/// The `get_metrics` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct MetricsSummary {
     /// Packaging jobs finished (built or existing image).

@@ -1,50 +1,13 @@
-//! Middleware of the service: the per-request context (correlation id, span named by the route)
-//! and the bearer token on `/api`.
+//! The bearer token on `/api`. The per-request context (correlation id, span named by the
+//! route) is `deploy_http::request_context`, shared with the receiver.
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue};
+use axum::extract::{Request, State};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tracing::Instrument;
 
-use super::error::{is_valid_correlation_id, ApiError, CORRELATION_ID};
+use super::error::ApiError;
 use super::state::AppState;
-
-/// Per-request context: correlation id (from `X-Correlation-Id` or made up), a span named by the
-/// matched route (low cardinality), and the id echoed on the response.
-pub(super) async fn request_context(request: Request, next: Next) -> Response {
-    let correlation_id = request
-        .headers()
-        .get(deploy_protocol::envelope::HEADER_CORRELATION_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| is_valid_correlation_id(v))
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
-    let span = tracing::info_span!("request", method = %request.method(), route = %route, correlation_id = %correlation_id);
-    let started = std::time::Instant::now();
-    let mut response = CORRELATION_ID
-        .scope(correlation_id.clone(), next.run(request))
-        .instrument(span.clone())
-        .await;
-    span.in_scope(|| {
-        tracing::info!(
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "response"
-        );
-    });
-    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
-        response
-            .headers_mut()
-            .entry(deploy_protocol::envelope::HEADER_CORRELATION_ID)
-            .or_insert(value);
-    }
-    response
-}
 
 /// With `SENDER_API_TOKEN` set, refuses `/api` requests without `Authorization: Bearer <token>`.
 pub(super) async fn require_token(

@@ -14,7 +14,6 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 mod error;
-mod events;
 mod jobs;
 mod metrics;
 mod middleware;
@@ -26,7 +25,7 @@ pub use state::AppState;
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    routes::router(state).layer(axum::middleware::from_fn(middleware::request_context))
+    routes::router(state).layer(axum::middleware::from_fn(deploy_http::request_context))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight and

@@ -8,8 +8,7 @@ use bollard::Docker;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::ServeConfig;
-use crate::pipeline::{LayerCache, PackageStore};
-use crate::service::events::Lifecycle;
+use crate::pipeline::{LayerCache, Lifecycle, PackageStore};
 use crate::service::jobs::Jobs;
 use crate::service::metrics::Metrics;
 use crate::SenderError;
@@ -37,12 +36,7 @@ impl AppState {
     pub async fn new(config: ServeConfig) -> Result<Self, SenderError> {
         let store = PackageStore::open(&config.store.package_dir).await?;
         let layers = config.store.open_layer_cache().await?;
-        let events = Lifecycle::open(
-            config.state_dir(),
-            config.kafka_bootstrap_servers.clone(),
-            config.kafka_topic.clone(),
-        )
-        .await?;
+        let events = config.events.open(&config.store.package_dir).await?;
         let metrics = Metrics::new()
             .map_err(|e| SenderError::Internal(format!("cannot register metrics: {e}")))?;
         Ok(Self(Arc::new(Inner {

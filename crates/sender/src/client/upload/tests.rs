@@ -10,8 +10,11 @@ use axum::Router;
 use deploy_protocol::{ErrorCode, KeyRing};
 
 use super::*;
+use crate::client::{Endpoint, ReceiverTarget};
 use crate::pipeline::manifest_for_file;
+use deploy_protocol::envelope::unix_now;
 use deploy_protocol::Compression;
+use deploy_protocol::{Checksum, SignatureHeaders};
 
 #[derive(Debug, Default, Clone)]
 struct Seen {
@@ -89,17 +92,13 @@ async fn sends_signed_manifest_then_streamed_package() {
     let target = ReceiverTarget::new(&base, "k1", b"s3cret").expect("target");
     let last = Arc::new(AtomicU64::new(0));
     let last_seen = Arc::clone(&last);
-    let outcome = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        Some("corr-1"),
-        move |n| last_seen.store(n, Ordering::Relaxed),
-    )
-    .await
-    .expect("upload");
+    let outcome = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .correlation_id(Some("corr-1"))
+        .on_progress(move |n| last_seen.store(n, Ordering::Relaxed))
+        .send()
+        .await
+        .expect("upload");
 
     let file_bytes = std::fs::read(&path).expect("read");
     assert_eq!(outcome.bytes, file_bytes.len() as u64);
@@ -147,17 +146,12 @@ async fn a_base_path_prefix_is_kept_and_signed() {
         .await
         .expect("manifest");
     let target = ReceiverTarget::new(&format!("{base}/prefix/"), "k1", b"s").expect("target");
-    upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Full,
-        None,
-        |_| {},
-    )
-    .await
-    .expect("upload");
+    ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .to(Endpoint::Full)
+        .send()
+        .await
+        .expect("upload");
     let seen = seen.lock().expect("lock").clone();
     assert_eq!(seen.path, "/prefix/deployment/full");
     let signed = SignatureHeaders::parse(|name| header(&seen, name)).expect("headers");
@@ -187,17 +181,11 @@ async fn receiver_error_codes_pass_through() {
         .await
         .expect("manifest");
     let target = ReceiverTarget::new(&base, "k1", b"s").expect("target");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::Unauthorized);
     assert_eq!(err.to_string(), "signature does not match the request");
 }
@@ -211,17 +199,11 @@ async fn a_non_protocol_error_answer_is_transfer_failed() {
         .await
         .expect("manifest");
     let target = ReceiverTarget::new(&base, "k1", b"s").expect("target");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::TransferFailed);
 }
 
@@ -236,17 +218,11 @@ async fn a_closed_port_is_remote_unreachable() {
         .await
         .expect("manifest");
     let target = ReceiverTarget::new(&format!("http://{addr}"), "k1", b"s").expect("target");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("nobody there");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("nobody there");
     assert_eq!(err.code(), ErrorCode::RemoteUnreachable);
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
@@ -260,50 +236,19 @@ async fn a_file_that_changed_since_its_manifest_is_refused_before_sending() {
         .expect("manifest");
     std::fs::write(&path, b"longer than before").expect("rewrite");
     let target = ReceiverTarget::new("http://127.0.0.1:9", "k1", b"s").expect("target");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("size differs");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("size differs");
     assert_eq!(err.code(), ErrorCode::ValidationError);
 }
 
-/// The REST service will `tokio::spawn` uploads: the future must be `Send`.
+/// Uploads run on spawned tasks: the future must be `Send`.
 #[allow(dead_code)]
-fn upload_future_is_send(
-    client: &reqwest::Client,
-    target: &ReceiverTarget,
-    manifest: &PackageManifest,
-) {
+fn upload_future_is_send(client: &ReceiverClient, manifest: &PackageManifest) {
     fn is_send<T: Send>(_: &T) {}
-    is_send(&upload_package(
-        client,
-        target,
-        Path::new("p"),
-        manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    ));
-}
-
-#[test]
-fn target_urls_are_checked_and_secrets_not_printed() {
-    assert!(ReceiverTarget::new("ftp://x", "k", b"s").is_err());
-    assert!(ReceiverTarget::new("http://x?q=1", "k", b"s").is_err());
-    assert!(ReceiverTarget::new("http://x", "k", b"").is_err());
-    let target = ReceiverTarget::new("http://x:8001", "k", b"hunter2").expect("ok");
-    assert!(!format!("{target:?}").contains("hunter2"));
-    assert_eq!(
-        target.endpoint_url(Endpoint::Upload).as_str(),
-        "http://x:8001/deployment/upload"
-    );
+    is_send(&client.upload(Path::new("p"), manifest).send());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::service::state::AppState;
 pub struct EventInput {
     /// Kind of event.
     pub event_type: EventType,
-    /// Event-specific data (the seed's `event_payload` is accepted too).
+    /// Event-specific data (`event_payload` is accepted as another name for it).
     #[serde(default, alias = "event_payload")]
     #[schema(value_type = Object)]
     pub payload: serde_json::Value,
@@ -72,7 +72,7 @@ pub async fn publish(
             event_published: true,
             event_id,
             sequence: seq.0,
-            topic: state.config().kafka_topic.clone(),
+            topic: state.config().events.kafka_topic.clone(),
             destination: sink.destination(),
         }),
         Err(e) => {

@@ -4,23 +4,21 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use deploy_events::EventType;
 use deploy_protocol::Compression;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::pipeline::PackageInfo;
 use crate::pipeline::Progress;
+use crate::pipeline::Subject;
 use crate::pipeline::{default_zstd_workers, CompressionOptions};
 use crate::pipeline::{package_image, ImageSource, PackageRequest};
-use crate::service::events::Subject;
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
 use crate::service::state::AppState;
 use crate::{BuildSpec, SenderError};
 
-use super::*;
+use super::serde_defaults::yes;
 
 /// `package_container`: build an image from a Dockerfile (or take an existing one) and store it
 /// as a compressed, hashed package.
@@ -173,14 +171,7 @@ pub async fn package(
     };
     let building = matches!(plan.request.source, ImageSource::Build(_));
     let events = state.events();
-    events
-        .emit(
-            EventType::BuildStarted,
-            &subject,
-            json!({ "source": if building { "dockerfile" } else { "image" },
-                    "compression": plan.request.compression.compression }),
-        )
-        .await;
+    events.build_started(&subject, &plan.request).await;
     let result = run_package(&state, &plan, progress).await;
     match &result {
         Ok(out) => {
@@ -194,28 +185,11 @@ pub async fn package(
             state
                 .metrics()
                 .stage("export", info.export_duration_ms as f64 / 1e3);
-            let subject = Subject {
-                container_name: info.container_name.clone(),
-                ..subject
-            };
-            events
-                .emit(
-                    EventType::BuildCompleted,
-                    &subject,
-                    json!({ "image_id": info.image_id, "package_size": info.package_size,
-                            "package_size_mb": info.package_size_mb,
-                            "package_checksum": info.package_checksum,
-                            "compression": info.compression,
-                            "build_duration_ms": info.build_duration_ms,
-                            "export_duration_ms": info.export_duration_ms }),
-                )
-                .await;
+            events.build_finished(&subject, Ok(info)).await;
         }
         Err(e) => {
             state.metrics().build(e.code().as_str());
-            events
-                .emit(EventType::BuildFailed, &subject, error_payload(e))
-                .await;
+            events.build_finished(&subject, Err(e)).await;
         }
     }
     result

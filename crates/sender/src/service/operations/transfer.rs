@@ -9,18 +9,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::client::{upload_package, Endpoint, ReceiverTarget, ReleaseCalls, RetryPolicy};
+use crate::client::{Endpoint, ReceiverClient, ReceiverTarget, RetryPolicy};
+use crate::pipeline::Subject;
 use crate::pipeline::{
     prepare_image, send_release, CompressionOptions, PackageInfo, PreparedImage, Progress,
     ReleaseAction,
 };
-use crate::service::events::Subject;
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
 use crate::service::state::AppState;
 use crate::SenderError;
 
-use super::*;
+use super::serde_defaults::yes;
+use deploy_protocol::display::millis;
 
 /// `transfer_package`: send a stored package to one or more receivers, optionally deploying it.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -30,7 +31,7 @@ pub struct TransferInput {
     /// Receiver base URLs, e.g. `http://192.168.86.200:8001` (default: DEFAULT_RECEIVER_URL).
     #[serde(default)]
     pub receivers: Vec<String>,
-    /// One receiver, as the seed named it; added to `receivers`.
+    /// One receiver URL; added to `receivers`.
     #[serde(default)]
     pub remote_receiver_url: Option<String>,
     /// Deploy on the receivers (`/deployment/full`: load, run, health-check, roll back on
@@ -101,7 +102,7 @@ pub struct TransferReport {
 #[derive(Debug, Clone)]
 pub struct TransferPlan {
     info: PackageInfo,
-    targets: Vec<ReceiverTarget>,
+    receivers: Vec<ReceiverClient>,
     deployment: Option<DeploymentSpec>,
     verify: bool,
     full: bool,
@@ -133,9 +134,12 @@ impl TransferInput {
         urls.retain(|u| seen.insert(u.clone()));
         let receiver = &state.config().receiver;
         let secret = receiver.secret.as_deref().unwrap_or_default();
-        let targets = urls
+        let receivers = urls
             .iter()
-            .map(|url| ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()))
+            .map(|url| {
+                ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
+                    .map(|target| ReceiverClient::new(state.http().clone(), target))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(spec) = &self.deployment {
             // Refuse a bad spec before any byte is sent (the image defaults as it will on send).
@@ -150,7 +154,7 @@ impl TransferInput {
         }
         Ok(TransferPlan {
             info,
-            targets,
+            receivers,
             deployment: self.deployment,
             verify: self.verify_checksum,
             full: self.full,
@@ -193,13 +197,13 @@ pub async fn transfer(
             .or_else(|| plan.info.container_name.clone()),
         image_tag: plan.info.image_tags.first().cloned(),
     };
-    let sends = plan.targets.iter().map(|target| {
+    let sends = plan.receivers.iter().map(|client| {
         send_one(
             &state,
             &plan.info,
             &manifest,
             prepared.as_ref(),
-            target,
+            client,
             endpoint,
             &subject,
             &job,
@@ -260,28 +264,28 @@ async fn send_one(
     info: &PackageInfo,
     manifest: &deploy_protocol::PackageManifest,
     prepared: Option<&PreparedImage>,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     endpoint: Endpoint,
     subject: &Subject,
     job: &Arc<Job>,
 ) -> (ReceiverOutcome, Option<SenderError>) {
-    let receiver = target.base_url.to_string();
+    let receiver = client.target().base_url.to_string();
     let _slot = state.transfer_slots().acquire().await;
     state.metrics().transfers_in_flight().inc();
     let _in_flight = InFlight(state.metrics().transfers_in_flight());
     let events = state.events();
     events
-        .emit(
-            EventType::TransferStarted,
+        .transfer_started(
             subject,
-            json!({ "receiver": receiver, "endpoint": endpoint_name(endpoint),
-                    "package_size": info.package_size }),
+            &receiver,
+            endpoint_name(endpoint),
+            info.package_size,
         )
         .await;
     let started = Instant::now();
     let result = match prepared {
-        Some(image) => send_release_to(state, image, manifest, target, subject, job).await,
-        None => send(state, info, manifest, target, endpoint, subject, job).await,
+        Some(image) => send_release_to(state, image, manifest, client, subject, job).await,
+        None => send(info, manifest, client, endpoint, subject, job).await,
     };
     let mut outcome = ReceiverOutcome {
         receiver: receiver.clone(),
@@ -340,19 +344,11 @@ async fn send_one(
                                 "remote_deployment_id": record.deployment_id }),
                     )
                     .await;
-                let mut payload = error_payload(&e);
-                payload["receiver"] = json!(receiver);
-                payload["deployment_id"] = json!(record.deployment_id);
-                payload["status"] = json!(record.status);
                 events
-                    .emit(EventType::DeploymentFailed, subject, payload)
+                    .deployment_failed(subject, &receiver, &e, record)
                     .await;
             } else {
-                let mut payload = error_payload(&e);
-                payload["receiver"] = json!(receiver);
-                events
-                    .emit(EventType::TransferFailed, subject, payload)
-                    .await;
+                events.transfer_failed(subject, &receiver, &e).await;
             }
             (outcome, Some(e))
         }
@@ -366,13 +362,12 @@ struct Sent {
     response: serde_json::Value,
 }
 
-/// Uploads to `target`, or with a deployment hands over to [`crate::pipeline::deploy_package`] (the
+/// Uploads to the receiver, or with a deployment hands over to [`crate::pipeline::deploy_package`] (the
 /// library's `/deployment/full` client, shared with `deploy-sender deploy`).
 async fn send(
-    state: &AppState,
     info: &PackageInfo,
     manifest: &deploy_protocol::PackageManifest,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     endpoint: Endpoint,
     subject: &Subject,
     job: &Arc<Job>,
@@ -381,15 +376,8 @@ async fn send(
     if let (Endpoint::Full, Some(spec)) = (endpoint, &manifest.deployment) {
         let started = Instant::now();
         let progress: Arc<dyn Progress> = job.clone();
-        let (stats, record) = crate::pipeline::deploy_package(
-            state.http(),
-            target,
-            info,
-            spec,
-            correlation_id,
-            progress,
-        )
-        .await?;
+        let (stats, record) =
+            crate::pipeline::deploy_package(client, info, spec, correlation_id, progress).await?;
         return Ok(Sent {
             bytes: stats.bytes,
             duration: started.elapsed(),
@@ -398,24 +386,29 @@ async fn send(
         });
     }
     let progress = {
-        let (job, receiver, total) = (job.clone(), target.base_url.to_string(), info.package_size);
+        let (job, receiver, total) = (
+            job.clone(),
+            client.target().base_url.to_string(),
+            info.package_size,
+        );
         move |sent| job.upload_progress(&receiver, sent, total)
     };
-    let out = upload_package(
-        state.http(),
-        target,
-        std::path::Path::new(&info.package_path),
-        manifest,
-        endpoint,
-        correlation_id,
-        progress,
-    )
-    .await?;
+    let out = client
+        .upload(std::path::Path::new(&info.package_path), manifest)
+        .to(endpoint)
+        .correlation_id(correlation_id)
+        .on_progress(progress)
+        .send()
+        .await?;
     Ok(Sent {
         bytes: out.bytes,
         duration: out.duration,
         response: out.response,
     })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
 }
 
 /// The package's image as layers in the cache, when it is still in the local Docker engine
@@ -471,17 +464,12 @@ async fn send_release_to(
     state: &AppState,
     image: &PreparedImage,
     manifest: &deploy_protocol::PackageManifest,
-    target: &ReceiverTarget,
+    client: &ReceiverClient,
     subject: &Subject,
     job: &Arc<Job>,
 ) -> Result<Sent, SenderError> {
     let policy = RetryPolicy::default();
-    let calls = ReleaseCalls {
-        http: state.http(),
-        target,
-        correlation_id: subject.correlation_id.as_deref(),
-        policy: &policy,
-    };
+    let calls = client.release_calls(subject.correlation_id.as_deref(), &policy);
     let action = match &manifest.deployment {
         Some(spec) => ReleaseAction::Deploy(Box::new(spec.clone())),
         None => ReleaseAction::Store,

@@ -1,4 +1,4 @@
-//! `POST /api/v1/execute`: the seed's operation envelope, dispatched to the resource handlers
+//! `POST /api/v1/execute`: the operation envelope (`{"operation", "input"}`), dispatched to the resource handlers
 //! (same answers, same errors).
 
 use axum::extract::State;
@@ -9,15 +9,14 @@ use deploy_protocol::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::service::error::{
-    correlation_id, is_valid_correlation_id, ApiError, ApiJson, ApiQuery, ApiResult, CORRELATION_ID,
-};
+use super::respond::{wants_async, AsyncParams, JobAccepted};
+use super::{packages, transfers};
+use crate::service::error::{correlation_id, ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::service::metrics::MetricsSummary;
 use crate::service::operations::{self, EventInput, PackageOutput, PublishedEvent, TransferReport};
-use crate::service::routes::{packages, transfers, wants_async, AsyncParams, JobAccepted};
 use crate::service::state::AppState;
 
-/// The seed's operations.
+/// The operations the envelope can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
@@ -47,7 +46,7 @@ pub struct ExecuteRequest {
     pub correlation_id: Option<String>,
 }
 
-/// Run one of the seed's operations. The answer is the operation's own endpoint's answer:
+/// Run one operation by name. The answer is the operation's own endpoint's answer:
 /// `package_container` as `POST /api/v1/packages` (201, or 202 with `Prefer: respond-async`),
 /// `transfer_package` as `POST /api/v1/transfers`, `publish_transfer_event` as
 /// `POST /api/v1/events`, `get_metrics` as `GET /api/v1/metrics`.
@@ -77,7 +76,7 @@ pub async fn create(
 ) -> ApiResult<Response> {
     let run_async = wants_async(&headers, &params);
     let correlation = match envelope.correlation_id {
-        Some(id) if is_valid_correlation_id(&id) => id,
+        Some(id) if deploy_protocol::envelope::is_valid_correlation_id(&id) => id,
         Some(_) => {
             return Err(ApiError::validation(
                 "correlation_id must be 1 to 128 visible ASCII characters",
@@ -87,13 +86,12 @@ pub async fn create(
     };
     let operation = envelope.operation;
     let input = envelope.input;
-    let mut response = CORRELATION_ID
-        .scope(correlation.clone(), async move {
-            dispatch(state, operation, input, run_async)
-                .await
-                .unwrap_or_else(IntoResponse::into_response)
-        })
-        .await;
+    let mut response = deploy_http::with_correlation_id(correlation.clone(), async move {
+        dispatch(state, operation, input, run_async)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
+    })
+    .await;
     if let Ok(value) = correlation.parse() {
         response
             .headers_mut()

@@ -1,4 +1,4 @@
-//! `GET /metrics` (Prometheus text) and `GET /api/v1/metrics` (the seed's `get_metrics` JSON).
+//! `GET /metrics` (Prometheus text) and `GET /api/v1/metrics` (the `get_metrics` JSON).
 
 use axum::extract::State;
 use axum::http::header;

@@ -7,11 +7,11 @@ use axum::Json;
 use deploy_protocol::ErrorBody;
 use uuid::Uuid;
 
+use super::respond::{job_response, wants_async, AsyncParams, JobAccepted};
 use crate::pipeline::PackageInfo;
 use crate::service::error::{correlation_id, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::service::jobs::JobKind;
 use crate::service::operations::{self, PackageInput, PackageOutput};
-use crate::service::routes::{job_response, wants_async, AsyncParams, JobAccepted};
 use crate::service::state::AppState;
 
 /// Build an image from a Dockerfile and context (or take an existing image), then export,

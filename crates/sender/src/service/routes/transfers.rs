@@ -5,10 +5,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use deploy_protocol::ErrorBody;
 
+use super::respond::{job_response, wants_async, AsyncParams, JobAccepted};
 use crate::service::error::{correlation_id, ApiJson, ApiQuery, ApiResult};
 use crate::service::jobs::JobKind;
 use crate::service::operations::{self, TransferInput, TransferReport};
-use crate::service::routes::{job_response, wants_async, AsyncParams, JobAccepted};
 use crate::service::state::AppState;
 
 /// Stream a stored package to one or more receivers at once (at most MAX_CONCURRENT_TRANSFERS
