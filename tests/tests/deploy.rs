@@ -10,14 +10,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bollard::Docker;
-use common::docker::{busybox_context, docker, httpd_dockerfile, published_port, HostGuard};
+use clap::Parser;
+use common::docker::{
+    busybox_context, docker, host_guard, httpd_dockerfile, published_port, Guard,
+};
 use common::*;
 use deploy_protocol::api::{DeploymentStatus, Stage, StageOutcome};
+use deploy_protocol::events::EventType;
 use deploy_protocol::{
     DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, PortProtocol,
 };
-use deploy_sender::deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
-use deploy_sender::upload::{hash_file, ReceiverTarget};
+use deploy_sender::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
+use deploy_sender::{hash_file, Lifecycle, ReceiverClient, ReceiverTarget};
 use deploy_sender::{
     package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
 };
@@ -37,7 +41,8 @@ struct Rig {
     store: PackageStore,
     store_dir: tempfile::TempDir,
     client: reqwest::Client,
-    host: HostGuard,
+    events: Lifecycle,
+    host: Guard,
 }
 
 impl Rig {
@@ -46,16 +51,17 @@ impl Rig {
         let store_dir = tempfile::tempdir().expect("tempdir");
         Self {
             store: PackageStore::open(store_dir.path()).await.expect("store"),
+            events: open_events(store_dir.path()).await,
             store_dir,
             receiver: spawn_receiver(|_| {}).await,
             client: reqwest::Client::new(),
-            host: HostGuard::new(),
+            host: host_guard(),
             docker,
         }
     }
 
-    fn target(&self) -> ReceiverTarget {
-        target(&self.receiver)
+    fn client(&self) -> ReceiverClient {
+        ReceiverClient::new(self.client.clone(), target(&self.receiver))
     }
 
     /// The test's container: busybox httpd on a loopback port Docker picks, Docker health check.
@@ -69,7 +75,7 @@ impl Rig {
         version: &str,
         health_port: u16,
     ) -> Result<DeployOutcome, DeployFailure> {
-        let context = busybox_context(&httpd_dockerfile(health_port), version);
+        let context = busybox_context(&self.host, &httpd_dockerfile(health_port), version);
         let request = DeployRequest {
             package: PackageRequest::new(build_source(context.path(), &self.host.image(version))),
             deployment: self.spec(),
@@ -78,10 +84,10 @@ impl Rig {
         deploy(
             &self.docker,
             &self.store,
-            &self.client,
-            &self.target(),
+            &self.client(),
             &request,
             Arc::new(NoProgress),
+            &self.events,
         )
         .await
     }
@@ -129,6 +135,17 @@ fn spec(container_name: &str) -> DeploymentSpec {
         },
         ..DeploymentSpec::default()
     }
+}
+
+/// The sender's event outbox for a package store (no Kafka), as `deploy-sender` opens it.
+async fn open_events(package_dir: &Path) -> Lifecycle {
+    Lifecycle::open(
+        package_dir.join(".state"),
+        None,
+        deploy_protocol::events::DEFAULT_TOPIC.into(),
+    )
+    .await
+    .expect("event outbox")
 }
 
 fn build_source(context: &Path, tag: &str) -> ImageSource {
@@ -209,7 +226,7 @@ async fn corrupt_and_tampered_packages_are_refused_and_change_nothing_on_the_hos
     let v1 = rig.deploy("v1", 80).await.expect("v1 deploys").deployment;
 
     // A v2 package; its image is then removed here, so that only a load could bring it back.
-    let context = busybox_context(&httpd_dockerfile(80), "v2");
+    let context = busybox_context(&rig.host, &httpd_dockerfile(80), "v2");
     let request = PackageRequest::new(build_source(context.path(), &rig.host.image("v2")));
     let v2 = package_image(&rig.docker, &rig.store, &request, &NoProgress)
         .await
@@ -265,8 +282,7 @@ async fn package_file(rig: &Rig, package: &PackageInfo, bytes: &[u8], name: &str
 
 async fn send(rig: &Rig, package: &PackageInfo) -> deploy_sender::SenderError {
     deploy_package(
-        &rig.client,
-        &rig.target(),
+        &rig.client(),
         package,
         &rig.spec(),
         None,
@@ -281,7 +297,7 @@ async fn build_error_is_build_failed_with_the_log_tail() {
     let rig = Rig::new().await;
     let dockerfile = "FROM scratch\nCOPY busybox /bin/busybox\n\
         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo marker-build-broke-here; exit 3\"]\n";
-    let context = busybox_context(dockerfile, "never served");
+    let context = busybox_context(&rig.host, dockerfile, "never served");
     let request = DeployRequest {
         package: PackageRequest::new(build_source(context.path(), &rig.host.image("broken"))),
         deployment: rig.spec(),
@@ -290,10 +306,10 @@ async fn build_error_is_build_failed_with_the_log_tail() {
     let failure = deploy(
         &rig.docker,
         &rig.store,
-        &rig.client,
-        &rig.target(),
+        &rig.client(),
         &request,
         Arc::new(NoProgress),
+        &rig.events,
     )
     .await
     .expect_err("the build fails");
@@ -311,10 +327,10 @@ async fn build_error_is_build_failed_with_the_log_tail() {
 #[tokio::test]
 async fn docker_unreachable_is_docker_unavailable_for_packaging_and_for_the_receiver() {
     let docker = docker().await;
-    let host = HostGuard::new();
+    let host = host_guard();
     let store_dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(store_dir.path()).await.expect("store");
-    let context = busybox_context(&httpd_dockerfile(80), "v1");
+    let context = busybox_context(&host, &httpd_dockerfile(80), "v1");
     let request = PackageRequest::new(build_source(context.path(), &host.image("v1")));
     let package = package_image(&docker, &store, &request, &NoProgress)
         .await
@@ -356,10 +372,11 @@ async fn child_process_deploys_with_docker_unreachable() {
     let store = PackageStore::open(store_dir).await.expect("store");
     let receiver = spawn_receiver(|_| {}).await;
     let client = reqwest::Client::new();
-    let name = format!("deploy-e2e-{}", Uuid::new_v4().simple());
+    let host = host_guard();
+    let name = host.name.clone();
 
     // Packaging: what the CLI does first, connecting to the engine...
-    let err = deploy_sender::docker::connect()
+    let err = deploy_sender::connect_docker()
         .await
         .expect_err("no engine");
     assert_eq!(err.code(), ErrorCode::DockerUnavailable, "{err}");
@@ -375,7 +392,7 @@ async fn child_process_deploys_with_docker_unreachable() {
         bollard::API_DEFAULT_VERSION,
     )
     .expect("a handle");
-    let context = busybox_context(&httpd_dockerfile(80), "v1");
+    let context = busybox_context(&host, &httpd_dockerfile(80), "v1");
     let request = DeployRequest {
         package: PackageRequest::new(build_source(context.path(), &format!("{name}:v1"))),
         deployment: spec(&name),
@@ -384,10 +401,10 @@ async fn child_process_deploys_with_docker_unreachable() {
     let failure = deploy(
         &lazy,
         &store,
-        &client,
-        &target(&receiver),
+        &ReceiverClient::new(client.clone(), target(&receiver)),
         &request,
         Arc::new(NoProgress),
+        &open_events(store.dir()).await,
     )
     .await
     .expect_err("no engine to build with");
@@ -396,8 +413,7 @@ async fn child_process_deploys_with_docker_unreachable() {
     // The receiver's /full: the package arrives and is verified, then the engine is missing.
     let package = store.get(package_id).await.expect("the parent's package");
     let err = deploy_package(
-        &client,
-        &target(&receiver),
+        &ReceiverClient::new(client.clone(), target(&receiver)),
         &package,
         &spec(&name),
         None,
@@ -407,4 +423,84 @@ async fn child_process_deploys_with_docker_unreachable() {
     .expect_err("no engine to load into");
     assert_eq!(err.code(), ErrorCode::DockerUnavailable, "{err}");
     println!("child checked DOCKER_UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn the_cli_deploy_records_build_and_transfer_events_like_the_service() {
+    let rig = Rig::new().await;
+    let context = busybox_context(&rig.host, &httpd_dockerfile(80), "cli");
+    let state_dir = rig.store_dir.path().join("cli-state");
+    let dockerfile = context.path().join("Dockerfile");
+    let tag = rig.host.image("cli");
+    let args = [
+        "deploy-sender",
+        "deploy",
+        "--dockerfile",
+        path_str(&dockerfile),
+        "--context",
+        path_str(context.path()),
+        "--tag",
+        &tag,
+        "--name",
+        &rig.host.name,
+        "--health",
+        "docker",
+        "--to",
+        &rig.receiver.url,
+        "--key-id",
+        KEY_ID,
+        "--secret",
+        SECRET,
+        "--package-dir",
+        path_str(rig.store_dir.path()),
+        "--state-dir",
+        path_str(&state_dir),
+        "--correlation-id",
+        "e2e-cli",
+        "--json",
+    ];
+    let cli = deploy_sender::cli::Cli::try_parse_from(args).expect("valid flags");
+    deploy_sender::cli::run(cli).await.expect("the CLI deploys");
+
+    let outbox = deploy_events::EventSink::open(deploy_events::EventConfig::new(
+        &state_dir,
+        "deploy-sender",
+    ))
+    .await
+    .expect("the CLI's outbox");
+    let mut events = outbox.list(100);
+    events.reverse();
+    let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
+    assert_eq!(
+        types,
+        [
+            EventType::BuildStarted,
+            EventType::BuildCompleted,
+            EventType::TransferStarted,
+            EventType::TransferCompleted,
+        ],
+        "{events:#?}"
+    );
+    for event in &events {
+        assert_eq!(
+            event.correlation_id.as_deref(),
+            Some("e2e-cli"),
+            "{event:?}"
+        );
+        assert_eq!(
+            event.container_name.as_deref(),
+            Some(rig.host.name.as_str())
+        );
+        assert_eq!(event.package_id, events[0].package_id);
+    }
+    let stored = rig.store.list().await.expect("the store");
+    assert_eq!(events[0].package_id, Some(stored[0].package_id));
+    assert_eq!(
+        events[3].payload["receiver"],
+        format!("{}/", rig.receiver.url)
+    );
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
 }

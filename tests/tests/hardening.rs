@@ -1,4 +1,4 @@
-//! Issue 6 end to end: the receiver under attack and the sender under faults, on loopback.
+//! Hardening end to end: the receiver under attack and the sender under faults, on loopback.
 //! Replays raced in parallel, floods of bad signatures, slow-header and slow-body clients,
 //! IPv4-mapped peers on a dual-stack socket, and the sender's retry rules against the real
 //! receiver. Figures are printed with `--nocapture` (see docs/SECURITY.md).
@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use deploy_protocol::ErrorCode;
 use deploy_receiver::{AppState, Config};
-use deploy_sender::upload::{
-    manifest_for_file, upload_package_with_retry, Endpoint, ReceiverTarget, RetryPolicy,
-};
+use deploy_sender::{manifest_for_file, ReceiverClient, ReceiverTarget, RetryPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -57,7 +55,7 @@ async fn a_replay_raced_twenty_times_in_parallel_is_accepted_exactly_once() {
     let receiver = spawn_receiver(|c| c.max_concurrent_uploads = 32).await;
     let bytes = vec![9u8; 64 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let signing = Signing::new("/deployment/upload");
+    let signing = Signing::post("/deployment/upload");
     let headers = signing.headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
     let client = reqwest::Client::new();
@@ -99,7 +97,7 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     let packages = dir.path().join("packages");
     let bytes = vec![7u8; 32 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let headers = Signing::new("/deployment/upload").headers(&manifest);
+    let headers = Signing::post("/deployment/upload").headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
     let send = |url: String| {
         let body = body.clone();
@@ -141,7 +139,7 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     let (status, body) = send_multipart(
         &second,
         "/deployment/upload",
-        &Signing::new("/deployment/upload"),
+        &Signing::post("/deployment/upload"),
         &manifest,
         &[Part::manifest(manifest.clone()), Part::package(fresh)],
     )
@@ -159,14 +157,14 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
     let mut refused = 0;
     for round in 0..100 {
         // five kinds of bad envelope, each with a fresh, well-formed nonce
-        let mut wrong_secret = Signing::new("/deployment/upload");
+        let mut wrong_secret = Signing::post("/deployment/upload");
         wrong_secret.secret = b"attacker-guess".to_vec();
-        let mut unknown_key = Signing::new("/deployment/upload");
+        let mut unknown_key = Signing::post("/deployment/upload");
         unknown_key.key_id = format!("k{round}");
-        let mut stale = Signing::new("/deployment/upload");
+        let mut stale = Signing::post("/deployment/upload");
         stale.timestamp -= 3600;
-        let wrong_path = Signing::new("/deployment/full");
-        let mut wrong_method = Signing::new("/deployment/upload");
+        let wrong_path = Signing::post("/deployment/full");
+        let mut wrong_method = Signing::post("/deployment/upload");
         wrong_method.method = "PUT".into();
         for signing in [wrong_secret, unknown_key, stale, wrong_path, wrong_method] {
             let mut request = client
@@ -188,7 +186,7 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
         }
         // and a signed JSON request with a bad signature
         let (status, _) = {
-            let mut signing = Signing::new("/deployments");
+            let mut signing = Signing::post("/deployments");
             signing.method = "GET".into();
             signing.secret = b"attacker-guess".to_vec();
             let mut request = client.get(format!("{}/deployments", receiver.url));
@@ -233,7 +231,7 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
     for _ in 0..3 {
         dribblers.push(tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
-            let headers = Signing::new("/deployment/upload").headers(b"{}");
+            let headers = Signing::post("/deployment/upload").headers(b"{}");
             let mut head = upload_head(addr, &headers, 1 << 20);
             head.push_str(&format!(
                 "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{{"
@@ -249,7 +247,7 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
             let bytes = vec![0u8; 1 << 20];
             let manifest = manifest_for(&bytes).to_bytes();
             let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
-            let headers = Signing::new("/deployment/upload").headers(&manifest);
+            let headers = Signing::post("/deployment/upload").headers(&manifest);
             let head = upload_head(addr, &headers, body.len());
             stream.write_all(head.as_bytes()).await.expect("write");
             let start = body.len() - (1 << 20);
@@ -275,16 +273,13 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
         max_attempts: 6,
         ..RetryPolicy::default()
     };
-    let outcome = upload_package_with_retry(
-        &reqwest::Client::new(),
-        &target(&receiver.url, SECRET.as_bytes()),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
+    let outcome = ReceiverClient::new(
+        reqwest::Client::new(),
+        target(&receiver.url, SECRET.as_bytes()),
     )
+    .upload(&path, &manifest)
+    .retry(policy.clone())
+    .send()
     .await
     .expect("the normal upload succeeds");
     assert_eq!(outcome.response["checksum_verified"], true);
@@ -376,7 +371,7 @@ async fn upload_small(url: &str) -> (u16, serde_json::Value) {
             Part::manifest(manifest.clone()),
             Part::package(bytes),
         ]));
-    for (name, value) in Signing::new("/deployment/upload")
+    for (name, value) in Signing::post("/deployment/upload")
         .headers(&manifest)
         .to_pairs()
     {
@@ -442,16 +437,13 @@ async fn the_sender_retries_until_a_briefly_unavailable_receiver_starts() {
         ..RetryPolicy::default()
     };
     let started = Instant::now();
-    let outcome = upload_package_with_retry(
-        &reqwest::Client::new(),
-        &target(&format!("http://127.0.0.1:{port}"), SECRET.as_bytes()),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
+    let outcome = ReceiverClient::new(
+        reqwest::Client::new(),
+        target(&format!("http://127.0.0.1:{port}"), SECRET.as_bytes()),
     )
+    .upload(&path, &manifest)
+    .retry(policy.clone())
+    .send()
     .await
     .expect("succeeds once the receiver is up");
     assert_eq!(outcome.response["outcome"], "created");
@@ -484,18 +476,12 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     let client = reqwest::Client::new();
     // 401: a wrong secret.
     let started = Instant::now();
-    let err = upload_package_with_retry(
-        &client,
-        &target(&receiver.url, b"wrong-secret"),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(client.clone(), target(&receiver.url, b"wrong-secret"))
+        .upload(&path, &manifest)
+        .retry(policy.clone())
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::Unauthorized, "{err}");
     let attempts = metric(
         &receiver.url,
@@ -506,18 +492,12 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     // 422: bytes that differ from the manifest (a retry would send the same bytes).
     let mut tampered = manifest.clone();
     tampered.package_checksum = deploy_protocol::Checksum::of(b"other");
-    let err = upload_package_with_retry(
-        &client,
-        &target(&receiver.url, SECRET.as_bytes()),
-        &path,
-        &tampered,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(client.clone(), target(&receiver.url, SECRET.as_bytes()))
+        .upload(&path, &tampered)
+        .retry(policy.clone())
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::ChecksumMismatch, "{err}");
     let mismatches = metric(
         &receiver.url,
@@ -531,18 +511,12 @@ async fn refusals_that_a_retry_cannot_change_are_tried_once() {
     let big_manifest = manifest_for_file(&big, None, deploy_protocol::Compression::None, vec![])
         .await
         .expect("manifest");
-    let err = upload_package_with_retry(
-        &client,
-        &target(&receiver.url, SECRET.as_bytes()),
-        &big,
-        &big_manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-        &policy,
-    )
-    .await
-    .expect_err("refused");
+    let err = ReceiverClient::new(client.clone(), target(&receiver.url, SECRET.as_bytes()))
+        .upload(&big, &big_manifest)
+        .retry(policy.clone())
+        .send()
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), ErrorCode::PackageTooLarge, "{err}");
     let too_large = metric(
         &receiver.url,

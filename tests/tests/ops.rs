@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use deploy_protocol::ErrorCode;
+use deploy_sender::cli::doctor::{self, DoctorArgs, Report, Status};
 use deploy_sender::config::ReceiverConfig;
-use deploy_sender::doctor::{self, DoctorArgs, Report, Status};
 
 fn receiver_config(url: &str, secret: &str) -> ReceiverConfig {
     ReceiverConfig {

@@ -1,4 +1,4 @@
-//! Issue 5, sender side: the real `deploy-sender` REST service on loopback, against the real
+//! The real `deploy-sender` REST service on loopback, against the real
 //! Docker engine (images built `FROM scratch` with this machine's static busybox, removed by a
 //! guard), a real receiver where a transfer is needed, and librdkafka's mock cluster for events.
 //! Without a reachable Docker engine the Docker tests fail; they never skip.
@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{spawn_receiver, SECRET};
-use deploy_sender::{AppState, ServeConfig};
+use deploy_sender::config::ServeConfig;
+use deploy_sender::service::AppState;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -44,9 +45,13 @@ async fn spawn_sender(tune: impl FnOnce(&mut ServeConfig)) -> Sender {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(deploy_sender::serve(listener, state.clone(), async {
-        let _ = rx.await;
-    }));
+    tokio::spawn(deploy_sender::service::serve(
+        listener,
+        state.clone(),
+        async {
+            let _ = rx.await;
+        },
+    ));
     Sender {
         url,
         state,
@@ -102,17 +107,13 @@ impl Sender {
 
 // ---- Docker test images -------------------------------------------------------------------
 
-/// A build context with the static busybox and a Dockerfile whose unique label keeps tests from
-/// sharing build-cache images (one test's cleanup must not delete another's base).
-fn busybox_context() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
-    let dockerfile = format!(
-        "FROM scratch\nLABEL deploy-sender-api-test={}\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\",\"httpd\",\"-f\",\"-p\",\"80\"]\n",
-        Uuid::new_v4()
-    );
-    std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
-    dir
+/// busybox httpd on port 80, built from a context with the static busybox (labelled for the
+/// guard, so tests never share build-cache images).
+const HTTPD: &str =
+    "FROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\",\"httpd\",\"-f\",\"-p\",\"80\"]\n";
+
+fn busybox_context(guard: &common::docker::Guard) -> tempfile::TempDir {
+    common::docker::busybox_context(guard, HTTPD, "")
 }
 
 fn build_input(context: &tempfile::TempDir, tag: &str) -> Value {
@@ -132,9 +133,9 @@ fn build_input(context: &tempfile::TempDir, tag: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packages_are_built_listed_shown_and_deleted() {
     common::docker::docker().await;
-    let images = common::docker::HostGuard::new();
+    let images = common::docker::host_guard();
     let sender = spawn_sender(|_| {}).await;
-    let context = busybox_context();
+    let context = busybox_context(&images);
     let tag = images.image("v1");
 
     let created = sender
@@ -247,9 +248,9 @@ async fn read_sse(url: &str) -> Vec<(String, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_packaging_streams_progress_until_the_job_finishes() {
     common::docker::docker().await;
-    let images = common::docker::HostGuard::new();
+    let images = common::docker::host_guard();
     let sender = spawn_sender(|_| {}).await;
-    let context = busybox_context();
+    let context = busybox_context(&images);
     let tag = images.image("v1");
 
     let accepted = call(
@@ -314,11 +315,11 @@ async fn async_packaging_streams_progress_until_the_job_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_to_a_real_receiver_stores_the_package_there() {
     common::docker::docker().await;
-    let images = common::docker::HostGuard::new();
+    let images = common::docker::host_guard();
     let receiver = spawn_receiver(|_| {}).await;
     let url = receiver.url.clone();
     let sender = spawn_sender(|c| c.receiver.to = Some(url)).await;
-    let context = busybox_context();
+    let context = busybox_context(&images);
     let tag = images.image("v1");
     let package = sender
         .post("/api/v1/packages", build_input(&context, &tag))
@@ -385,10 +386,10 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execute_envelope_runs_each_operation() {
     common::docker::docker().await;
-    let images = common::docker::HostGuard::new();
+    let images = common::docker::host_guard();
     let receiver = spawn_receiver(|_| {}).await;
     let sender = spawn_sender(|_| {}).await;
-    let context = busybox_context();
+    let context = busybox_context(&images);
     let tag = images.image("v1");
 
     let packaged = sender
@@ -606,7 +607,7 @@ fn sample(text: &str, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_counters_move_after_work() {
     common::docker::docker().await;
-    let images = common::docker::HostGuard::new();
+    let images = common::docker::host_guard();
     let sender = spawn_sender(|_| {}).await;
     let before = sender.get("/metrics").await;
     assert!(before.headers["content-type"]
@@ -618,7 +619,7 @@ async fn prometheus_counters_move_after_work() {
         0.0
     );
 
-    let context = busybox_context();
+    let context = busybox_context(&images);
     let tag = images.image("v1");
     let built = sender
         .post("/api/v1/packages", build_input(&context, &tag))
@@ -807,7 +808,7 @@ fn read_topic(bootstrap: &str, topic: &str, key: &str, expected: usize) -> Vec<V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     common::docker::docker().await;
-    let images = common::docker::HostGuard::new();
+    let images = common::docker::host_guard();
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     let topic = "sender.lifecycle.test";
     cluster.create_topic(topic, 1, 1).expect("topic");
@@ -815,8 +816,8 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     let receiver = spawn_receiver(|_| {}).await;
     let (servers, url) = (bootstrap.clone(), receiver.url.clone());
     let sender = spawn_sender(|c| {
-        c.kafka_bootstrap_servers = Some(servers);
-        c.kafka_topic = topic.into();
+        c.events.kafka_bootstrap_servers = Some(servers);
+        c.events.kafka_topic = topic.into();
         c.receiver.to = Some(url);
     })
     .await;
@@ -826,7 +827,7 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
         format!("kafka://{bootstrap}/{topic}")
     );
 
-    let context = busybox_context();
+    let context = busybox_context(&images);
     let tag = images.image("v1");
     let correlation = [("X-Correlation-Id", "kafka-corr-1")];
     let package = call(
@@ -894,12 +895,13 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
     let docker = common::docker::docker().await;
-    let host = common::docker::HostGuard::new();
+    let host = common::docker::host_guard();
     let receiver = spawn_receiver(|_| {}).await;
     let url = receiver.url.clone();
     let sender = spawn_sender(|c| c.receiver.to = Some(url)).await;
     let package = |health_port: u16, tag: &str| {
         let context = common::docker::busybox_context(
+            &host,
             &common::docker::httpd_dockerfile(health_port),
             "hello from the sender API",
         );

@@ -14,10 +14,8 @@ use common::*;
 use deploy_protocol::ErrorCode;
 use deploy_protocol::PackageManifest;
 use deploy_sender::config::ReceiverConfig;
-use deploy_sender::upload::{
-    manifest_for_file, upload_package, Endpoint, ReceiverTarget, UploadOutcome,
-};
 use deploy_sender::SenderError;
+use deploy_sender::{manifest_for_file, ReceiverClient, ReceiverTarget, UploadOutcome};
 
 /// Runs a command, panicking with its output when it fails.
 fn run(program: &str, args: &[&str], dir: &Path) {
@@ -211,16 +209,10 @@ async fn upload(
     path: &Path,
     manifest: &PackageManifest,
 ) -> Result<UploadOutcome, SenderError> {
-    upload_package(
-        client,
-        target,
-        path,
-        manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
+    ReceiverClient::new(client.clone(), target.clone())
+        .upload(path, manifest)
+        .send()
+        .await
 }
 
 fn receiver_config(url: &str, ca_cert: Option<PathBuf>) -> ReceiverConfig {

@@ -1,4 +1,4 @@
-//! Issue 3 end to end: the real sender client streams packages to the real receiver on loopback;
+//! Uploads end to end: the real sender client streams packages to the real receiver on loopback;
 //! every refusal the protocol promises is provoked for real and leaves nothing on disk.
 
 mod common;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use deploy_protocol::ErrorCode;
-use deploy_sender::upload::{manifest_for_file, upload_package, Endpoint, ReceiverTarget};
+use deploy_sender::{manifest_for_file, ReceiverClient, ReceiverTarget};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn target(receiver: &Receiver) -> ReceiverTarget {
@@ -33,17 +33,12 @@ async fn upload_of_64_mib_stores_bytes_identical_to_the_source() {
     let manifest = manifest_for_file(&path, None, deploy_protocol::Compression::None, vec![])
         .await
         .expect("manifest");
-    let outcome = upload_package(
-        &reqwest::Client::new(),
-        &target(&receiver),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        Some("corr-64"),
-        |_| {},
-    )
-    .await
-    .expect("upload succeeds");
+    let outcome = ReceiverClient::new(reqwest::Client::new(), target(&receiver))
+        .upload(&path, &manifest)
+        .correlation_id(Some("corr-64"))
+        .send()
+        .await
+        .expect("upload succeeds");
     assert_eq!(outcome.status, 200);
     assert_eq!(outcome.bytes, 64 << 20);
     assert_eq!(outcome.response["checksum_verified"], true);
@@ -75,17 +70,11 @@ async fn flipped_byte_is_checksum_mismatch_and_leaves_nothing_on_disk() {
     let mut bytes = std::fs::read(&path).expect("read");
     bytes[1234567] ^= 0x01;
     std::fs::write(&path, bytes).expect("write");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target(&receiver),
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("tampered package refused");
+    let err = ReceiverClient::new(reqwest::Client::new(), target(&receiver))
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("tampered package refused");
     assert_eq!(err.code(), ErrorCode::ChecksumMismatch, "{err}");
     assert_eq!(wait_until_empty(&receiver).await, Vec::<String>::new());
 }
@@ -100,7 +89,7 @@ async fn repeated_upload_is_idempotent_and_same_id_other_content_is_conflict() {
         let (status, body) = send_multipart(
             &receiver,
             "/deployment/upload",
-            &Signing::new("/deployment/upload"),
+            &Signing::post("/deployment/upload"),
             &m,
             &[Part::manifest(m.clone()), Part::package(bytes.clone())],
         )
@@ -115,7 +104,7 @@ async fn repeated_upload_is_idempotent_and_same_id_other_content_is_conflict() {
     let (status, body) = send_multipart(
         &receiver,
         "/deployment/upload",
-        &Signing::new("/deployment/upload"),
+        &Signing::post("/deployment/upload"),
         &m2,
         &[Part::manifest(m2.clone()), Part::package(other)],
     )
@@ -146,12 +135,12 @@ async fn bad_signatures_are_401_and_store_nothing() {
     let bytes = vec![7u8; 10_000];
     let manifest = manifest_for(&bytes).to_bytes();
 
-    let mut wrong_key = Signing::new("/deployment/upload");
+    let mut wrong_key = Signing::post("/deployment/upload");
     wrong_key.secret = b"not-the-secret".to_vec();
-    let mut wrong_id = Signing::new("/deployment/upload");
+    let mut wrong_id = Signing::post("/deployment/upload");
     wrong_id.key_id = "other".into();
-    let wrong_path = Signing::new("/deployment/upload?x=1");
-    let mut wrong_method = Signing::new("/deployment/upload");
+    let wrong_path = Signing::post("/deployment/upload?x=1");
+    let mut wrong_method = Signing::post("/deployment/upload");
     wrong_method.method = "PUT".into();
     for (what, signing) in [
         ("wrong key", wrong_key),
@@ -171,7 +160,7 @@ async fn bad_signatures_are_401_and_store_nothing() {
     altered.package_size += 1;
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &manifest,
         &altered.to_bytes(),
         &bytes,
@@ -190,11 +179,11 @@ async fn replayed_nonce_is_refused() {
     let receiver = spawn_receiver(|_| {}).await;
     let bytes = vec![1u8; 1000];
     let manifest = manifest_for(&bytes).to_bytes();
-    let signing = Signing::new("/deployment/upload");
+    let signing = Signing::post("/deployment/upload");
     let replay = Signing {
         nonce: signing.nonce.clone(),
         timestamp: signing.timestamp,
-        ..Signing::new("/deployment/upload")
+        ..Signing::post("/deployment/upload")
     };
     let (status, body) = upload_with(&receiver, signing, &manifest, &manifest, &bytes).await;
     assert_eq!(status, 200, "{body}");
@@ -215,7 +204,7 @@ async fn timestamps_301_seconds_old_or_ahead_are_refused() {
     let bytes = vec![2u8; 1000];
     let manifest = manifest_for(&bytes).to_bytes();
     for offset in [-301, 301] {
-        let mut signing = Signing::new("/deployment/upload");
+        let mut signing = Signing::post("/deployment/upload");
         signing.timestamp = now() + offset;
         let (status, body) = upload_with(&receiver, signing, &manifest, &manifest, &bytes).await;
         assert_eq!(
@@ -259,7 +248,7 @@ async fn allowed_network_passes_the_allowlist() {
     let manifest = manifest_for(&bytes).to_bytes();
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &manifest,
         &manifest,
         &bytes,
@@ -275,7 +264,7 @@ async fn declared_and_actual_oversize_are_413_with_nothing_on_disk() {
     let declared = manifest_for(&big).to_bytes();
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &declared,
         &declared,
         &big,
@@ -292,7 +281,7 @@ async fn declared_and_actual_oversize_are_413_with_nothing_on_disk() {
     let small = small.to_bytes();
     let (status, body) = upload_with(
         &receiver,
-        Signing::new("/deployment/upload"),
+        Signing::post("/deployment/upload"),
         &small,
         &small,
         &big,
@@ -311,7 +300,7 @@ async fn malformed_uploads_are_400_validation_error() {
     let receiver = spawn_receiver(|_| {}).await;
     let bytes = vec![5u8; 1000];
     let m = manifest_for(&bytes).to_bytes();
-    let sign = || Signing::new("/deployment/upload");
+    let sign = || Signing::post("/deployment/upload");
     let cases: Vec<(&str, Vec<u8>, Vec<Part>)> = vec![
         (
             "missing package part",
@@ -377,7 +366,7 @@ async fn upload_cut_off_mid_stream_leaves_no_file() {
     let bytes = vec![6u8; 8 << 20];
     let m = manifest_for(&bytes).to_bytes();
     let body = multipart_body(&[Part::manifest(m.clone()), Part::package(bytes)]);
-    let headers = Signing::new("/deployment/upload").headers(&m);
+    let headers = Signing::post("/deployment/upload").headers(&m);
     let mut head = format!(
         "POST /deployment/upload HTTP/1.1\r\nHost: {}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n",
         receiver.addr,
@@ -466,17 +455,11 @@ async fn unreachable_receiver_is_remote_unreachable() {
         SECRET.as_bytes(),
     )
     .expect("target");
-    let err = upload_package(
-        &reqwest::Client::new(),
-        &target,
-        &path,
-        &manifest,
-        Endpoint::Upload,
-        None,
-        |_| {},
-    )
-    .await
-    .expect_err("nobody listens");
+    let err = ReceiverClient::new(reqwest::Client::new(), target.clone())
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("nobody listens");
     assert_eq!(err.code(), ErrorCode::RemoteUnreachable, "{err}");
 }
 

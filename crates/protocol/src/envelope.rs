@@ -26,6 +26,20 @@ pub const DEFAULT_MAX_SKEW_SECS: u64 = 300;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Whether `id` may be used as a correlation id: 1 to 128 printable ASCII characters, no spaces.
+/// Both services take a valid `X-Correlation-Id` as given and make up a new one otherwise.
+pub fn is_valid_correlation_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// The current Unix time in seconds, as `X-Deploy-Timestamp` carries it (0 before 1970).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Why a request's envelope was refused. Every variant maps to `UNAUTHORIZED`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {

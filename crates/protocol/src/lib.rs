@@ -6,6 +6,7 @@
 pub mod api;
 pub mod checksum;
 pub mod deployment;
+pub mod display;
 pub mod envelope;
 pub mod error_code;
 pub mod events;

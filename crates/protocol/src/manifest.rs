@@ -11,7 +11,7 @@ use crate::{Checksum, DeploymentSpec};
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
-    /// gzip, as in the original system.
+    /// gzip.
     Gzip,
     /// Zstandard.
     #[default]

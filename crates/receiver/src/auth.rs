@@ -17,13 +17,7 @@ use crate::state::AppState;
 /// Largest JSON body of a signed request.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 
-/// Current Unix time in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use deploy_protocol::envelope::unix_now;
 
 /// The client's address: the socket peer (IPv4-mapped IPv6 read as IPv4), or, when the peer is a
 /// trusted proxy, the right-most address in `X-Forwarded-For` that is not a trusted proxy.

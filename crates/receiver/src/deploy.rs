@@ -19,6 +19,7 @@ use bollard::Docker;
 use deploy_protocol::api::{
     DeployRequest, DeploymentRecord, DeploymentStatus, LoadResponse, Stage, StageOutcome,
 };
+use deploy_protocol::display::short;
 use deploy_protocol::{DeploymentSpec, HealthCheckKind, ReleaseManifest};
 
 use crate::docker::map_err;
@@ -278,9 +279,4 @@ pub(crate) async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
 /// The name an old container carries while its replacement is tried.
 pub fn aside_name(name: &str, id: &str) -> String {
     format!("{name}.previous-{}", short(id))
-}
-
-fn short(id: &str) -> &str {
-    let id = id.strip_prefix("sha256:").unwrap_or(id);
-    &id[..id.len().min(12)]
 }

@@ -9,15 +9,7 @@ use axum::Json;
 use deploy_protocol::api::DeploymentRecord;
 use deploy_protocol::{AuthError, ErrorBody, ErrorCode, LayersMissingBody, Sha256Digest};
 
-tokio::task_local! {
-    /// The correlation id of the request being served (set by the request middleware).
-    pub static CORRELATION_ID: String;
-}
-
-/// The current request's correlation id, when inside a request.
-pub fn correlation_id() -> Option<String> {
-    CORRELATION_ID.try_with(Clone::clone).ok()
-}
+pub use deploy_http::correlation_id;
 
 /// Everything that can go wrong in the receiver.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bollard::container::LogsOptions;
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
 use bollard::Docker;
+use deploy_protocol::display::error_chain;
 use deploy_protocol::{HealthCheckKind, HealthCheckSpec};
 use futures::StreamExt;
 
@@ -321,17 +322,6 @@ fn truncate(mut s: String) -> String {
         s.push('…');
     }
     s
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// `POST /deployment/health-check`: waits for the named container; not healthy in time is

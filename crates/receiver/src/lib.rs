@@ -23,24 +23,21 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath, Request};
-use axum::http::HeaderValue;
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::{ConnectInfo, Request};
+use axum::middleware;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
-use tracing::Instrument;
 
 pub use config::Config;
 pub use state::AppState;
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    routes::router(state).layer(middleware::from_fn(request_context))
+    routes::router(state).layer(middleware::from_fn(deploy_http::request_context))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then finishes requests in flight and
@@ -130,39 +127,4 @@ pub fn warnings(config: &Config) -> Vec<String> {
         ));
     }
     out
-}
-
-/// Per-request context: correlation id (taken from `X-Correlation-Id` or made), a span named by
-/// the matched route (low cardinality), and the id echoed on the response.
-async fn request_context(request: Request, next: Next) -> Response {
-    let correlation_id = request
-        .headers()
-        .get(deploy_protocol::envelope::HEADER_CORRELATION_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
-    let span = tracing::info_span!("request", method = %request.method(), route = %route, correlation_id = %correlation_id);
-    let started = std::time::Instant::now();
-    let mut response = error::CORRELATION_ID
-        .scope(correlation_id.clone(), next.run(request))
-        .instrument(span.clone())
-        .await;
-    span.in_scope(|| {
-        tracing::info!(
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "response"
-        );
-    });
-    if let Ok(value) = HeaderValue::from_str(&correlation_id) {
-        response
-            .headers_mut()
-            .insert(deploy_protocol::envelope::HEADER_CORRELATION_ID, value);
-    }
-    response
 }

@@ -2,16 +2,19 @@
 //! of FROM-scratch busybox images built here (never pulled), uploaded over signed HTTP and loaded.
 //! Hostile archives must be refused with LOAD_FAILED and leave the engine exactly as it was.
 //!
-//! Every image a test builds carries the label `deploy-load-test=<run id>`; a guard removes all
-//! images with its run's label when the test ends, passed or failed.
+//! Every image a test builds carries its guard's label; the guard removes them all when the test
+//! ends, passed or failed.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use bollard::image::{BuildImageOptions, ListImagesOptions, RemoveImageOptions};
+use bollard::image::RemoveImageOptions;
 use bollard::Docker;
 use deploy_protocol::api::LoadRequest;
-use deploy_protocol::{Checksum, Compression, PackageManifest, SignatureHeaders};
+use deploy_protocol::{Checksum, Compression, PackageManifest};
+use deploy_testkit::docker::{docker, Guard};
+use deploy_testkit::images::build_image;
+use deploy_testkit::receiver::{spawn_receiver as spawn, Receiver};
+use deploy_testkit::signing::Signer;
 use futures::StreamExt;
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
@@ -19,72 +22,22 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-const SECRET: &str = "load-tests-0123456789abcdef0123456789abcdef";
-const KEY_ID: &str = "default";
-const LABEL: &str = "deploy-load-test";
 /// Set in the child process that runs with an unreachable DOCKER_HOST.
 const CHILD_ENV: &str = "DEPLOY_LOAD_TEST_NO_DOCKER_CHILD";
 
 // ---------------------------------------------------------------- receiver and HTTP
 
-struct Receiver {
-    url: String,
-    client: reqwest::Client,
-    _dir: tempfile::TempDir,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
 async fn spawn_receiver(max_image_size: Option<u64>) -> Receiver {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = deploy_receiver::Config::for_dir(dir.path().join("packages"), SECRET);
-    config.state_dir = Some(dir.path().join("state"));
-    if let Some(max) = max_image_size {
-        config.max_image_size = max;
-    }
-    let state = deploy_receiver::AppState::new(config).expect("state");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(deploy_receiver::serve(listener, state, async move {
-        let _ = rx.await;
-    }));
-    Receiver {
-        url: format!("http://{addr}"),
-        client: reqwest::Client::new(),
-        _dir: dir,
-        shutdown: Some(tx),
-    }
+    spawn(|config| {
+        if let Some(max) = max_image_size {
+            config.max_image_size = max;
+        }
+    })
+    .await
 }
 
 fn signed(r: &Receiver, path: &str, content: &[u8]) -> reqwest::RequestBuilder {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    let headers = SignatureHeaders::sign(
-        KEY_ID,
-        SECRET.as_bytes(),
-        "POST",
-        path,
-        &Checksum::of(content),
-        now,
-        deploy_protocol::envelope::new_nonce(),
-    );
-    let mut request = r.client.post(format!("{}{path}", r.url));
-    for (name, value) in headers.to_pairs() {
-        request = request.header(name, value);
-    }
-    request
+    Signer::post(path).request(&reqwest::Client::new(), &r.url, content)
 }
 
 /// Uploads `package` through the signed multipart endpoint; returns its id.
@@ -150,96 +103,46 @@ fn error_message(body: &Value) -> &str {
 
 // ---------------------------------------------------------------- Docker helpers
 
-async fn docker() -> Docker {
-    let docker = Docker::connect_with_defaults().unwrap_or_else(|e| {
-        panic!("these tests need the Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}")
-    });
-    docker.negotiate_version().await.unwrap_or_else(|e| {
-        panic!("these tests need a running Docker engine (DOCKER_HOST or /var/run/docker.sock), and it did not answer: {e}")
-    })
-}
-
-/// Removes every image carrying this run's label when dropped, even when the test failed.
+/// One test's images on the engine, removed by its guard however the test ends.
 struct Run {
-    id: String,
+    guard: Guard,
     docker: Docker,
 }
 
 impl Run {
     async fn new() -> Self {
         Self {
-            id: Uuid::new_v4().simple().to_string(),
+            guard: Guard::new("refold-load"),
             docker: docker().await,
         }
     }
 
     /// A unique image reference of this run.
     fn tag(&self, name: &str) -> String {
-        format!("{LABEL}/{}-{name}:v1", self.id)
+        self.guard.image(name)
     }
 
-    /// Images carrying this run's label (ids).
+    /// Images built by this run (ids).
     async fn images(&self) -> Vec<String> {
-        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL}={}", self.id)])]);
-        let mut ids: Vec<String> = self
-            .docker
-            .list_images(Some(ListImagesOptions {
-                all: true,
-                filters,
-                ..Default::default()
-            }))
-            .await
-            .expect("list images")
-            .into_iter()
-            .map(|i| i.id)
-            .collect();
-        ids.sort();
-        ids
+        self.guard.labelled_images(&self.docker).await
     }
 
     /// Builds a FROM-scratch busybox image tagged `tag`; returns its id.
     async fn build(&self, tag: &str) -> String {
-        let dockerfile = format!(
-            "FROM scratch\nCOPY rootfs/ /\nLABEL {LABEL}={} name={tag}\nCMD [\"/bin/busybox\", \"true\"]\n",
-            self.id
-        );
-        let mut context = tar::Builder::new(Vec::new());
-        let mut header = tar::Header::new_gnu();
-        header.set_size(dockerfile.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        context
-            .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
-            .expect("dockerfile");
-        context
-            .append_path_with_name("/bin/busybox", "rootfs/bin/busybox")
-            .expect("the static busybox at /bin/busybox");
         // One layer holding busybox and this image's own id: no other image (of this or a
         // parallel test) shares it, so `docker load` must read it from the archive rather than
         // skip it as a layer the engine already has.
-        let mut id_header = tar::Header::new_gnu();
-        id_header.set_size(tag.len() as u64);
-        id_header.set_mode(0o644);
-        id_header.set_cksum();
-        context
-            .append_data(
-                &mut id_header,
-                "rootfs/etc/deploy-test-image",
-                tag.as_bytes(),
-            )
-            .expect("id file");
-        let context = context.into_inner().expect("context");
-        let options = BuildImageOptions {
-            t: tag.to_owned(),
-            rm: true,
-            forcerm: true,
-            ..Default::default()
-        };
-        let mut build = self.docker.build_image(options, None, Some(context.into()));
-        while let Some(step) = build.next().await {
-            let step = step.unwrap_or_else(|e| panic!("building {tag}: {e}"));
-            assert!(step.error.is_none(), "building {tag}: {:?}", step.error);
-        }
+        let dockerfile = format!(
+            "FROM scratch\nCOPY busybox deploy-test-image /bin/\nLABEL name={tag}\nCMD [\"/bin/busybox\", \"true\"]\n"
+        );
+        build_image(
+            &self.docker,
+            &self.guard,
+            tag,
+            &dockerfile,
+            &[("deploy-test-image", tag.as_bytes())],
+        )
+        .await;
         self.image_id(tag).await.expect("built image")
     }
 
@@ -283,52 +186,6 @@ impl Run {
         self.remove(&tag).await;
         assert_eq!(self.image_id(&id).await, None, "image {id} still present");
         (tag, id, archive)
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let run = self.id.clone();
-        // Drop cannot await: clean up on a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(docker) = Docker::connect_with_defaults() else {
-                    return;
-                };
-                let Ok(docker) = docker.negotiate_version().await else {
-                    return;
-                };
-                let filters =
-                    HashMap::from([("label".to_string(), vec![format!("{LABEL}={run}")])]);
-                let images = docker
-                    .list_images(Some(ListImagesOptions {
-                        all: true,
-                        filters,
-                        ..Default::default()
-                    }))
-                    .await
-                    .unwrap_or_default();
-                for image in images {
-                    let _ = docker
-                        .remove_image(
-                            &image.id,
-                            Some(RemoveImageOptions {
-                                force: true,
-                                noprune: false,
-                            }),
-                            None,
-                        )
-                        .await;
-                }
-            });
-        })
-        .join();
     }
 }
 

@@ -1,12 +1,13 @@
-//! Settings shared by the CLI and the (future) REST service: where packages live and which
-//! receiver to talk to with which key. Every field is a flag and an environment variable.
+//! Settings of the CLI and the REST service: where packages live, which receiver to talk to
+//! with which key, and how the service runs. Every field is a flag and an environment variable.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::package::DEFAULT_MAX_PACKAGE_SIZE;
-use crate::upload::ReceiverTarget;
+use crate::client::{ReceiverClient, ReceiverTarget};
+use crate::pipeline::{Lifecycle, DEFAULT_MAX_PACKAGE_SIZE};
 use crate::SenderError;
 
 /// The package store.
@@ -103,6 +104,11 @@ impl ReceiverConfig {
         ReceiverTarget::new(url, &self.key_id, secret.as_bytes())
     }
 
+    /// The client for the receiver and key these settings name.
+    pub fn client(&self) -> Result<ReceiverClient, SenderError> {
+        Ok(ReceiverClient::new(self.http_client()?, self.target()?))
+    }
+
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large
     /// and a full deployment waits for health checks). `https://` receivers are verified against
     /// the system's CA certificates and those of `ca_cert`.
@@ -136,6 +142,109 @@ fn read_ca_certs(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, Se
         return Err(invalid("holds no PEM certificate".into()));
     }
     Ok(certificates)
+}
+
+/// Where lifecycle events go: a durable outbox in the state directory, delivered to Kafka when
+/// bootstrap servers are set.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct EventsConfig {
+    /// State directory (event outbox); default `<PACKAGE_DIR>/.state`.
+    #[arg(long, env = "SENDER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Kafka bootstrap servers for lifecycle events; unset: events stay in the local outbox.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: Option<String>,
+    /// Kafka topic for lifecycle events.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
+    pub kafka_topic: String,
+}
+
+impl Default for EventsConfig {
+    /// The default state directory, no Kafka, the default topic.
+    fn default() -> Self {
+        Self {
+            state_dir: None,
+            kafka_bootstrap_servers: None,
+            kafka_topic: deploy_protocol::events::DEFAULT_TOPIC.into(),
+        }
+    }
+}
+
+impl EventsConfig {
+    /// The state directory in effect: the one given, or `<package_dir>/.state`.
+    pub fn state_dir(&self, package_dir: &std::path::Path) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| package_dir.join(".state"))
+    }
+
+    /// Opens the outbox (and the Kafka producer, when configured).
+    pub(crate) async fn open(
+        &self,
+        package_dir: &std::path::Path,
+    ) -> Result<Lifecycle, SenderError> {
+        Lifecycle::open(
+            self.state_dir(package_dir),
+            self.kafka_bootstrap_servers.clone(),
+            self.kafka_topic.clone(),
+        )
+        .await
+    }
+}
+
+/// Settings of `deploy-sender serve`. Every field is a flag and an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "SENDER_BIND", default_value = "127.0.0.1:8000")]
+    pub bind: SocketAddr,
+    /// Bearer token every `/api` request must carry (`Authorization: Bearer <token>`); unset: no
+    /// token is asked for (bind to loopback then).
+    #[arg(long, env = "SENDER_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Package store.
+    #[command(flatten)]
+    pub store: StoreConfig,
+    /// Default receiver (`--to` / DEFAULT_RECEIVER_URL) and the HMAC key to sign with.
+    #[command(flatten)]
+    pub receiver: ReceiverConfig,
+    /// Lifecycle events: outbox and Kafka.
+    #[command(flatten)]
+    pub events: EventsConfig,
+    /// Uploads to receivers running at once, over all requests.
+    #[arg(long, env = "MAX_CONCURRENT_TRANSFERS", default_value_t = 5)]
+    pub max_concurrent_transfers: usize,
+    /// zstd worker threads per packaging job (default: one per core).
+    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
+    pub zstd_workers: Option<u32>,
+    /// Finished jobs kept for `GET /api/v1/jobs/{id}`.
+    #[arg(long, env = "SENDER_JOB_HISTORY", default_value_t = 200)]
+    pub job_history: usize,
+}
+
+impl ServeConfig {
+    /// A configuration for a package directory, with every other setting at its default
+    /// (loopback on an ephemeral port, no token, no receiver, no Kafka): for tests and embedding.
+    pub fn for_dir(package_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_token: None,
+            store: StoreConfig {
+                package_dir: package_dir.into(),
+                ..StoreConfig::default()
+            },
+            receiver: ReceiverConfig::default(),
+            events: EventsConfig::default(),
+            max_concurrent_transfers: 5,
+            zstd_workers: None,
+            job_history: 200,
+        }
+    }
+
+    /// The state directory in effect.
+    pub fn state_dir(&self) -> PathBuf {
+        self.events.state_dir(&self.store.package_dir)
+    }
 }
 
 #[cfg(test)]

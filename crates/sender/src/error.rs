@@ -135,22 +135,6 @@ impl SenderError {
     }
 }
 
-/// The causes of an error joined by `: ` (reqwest's own message only repeats the URL), or the
-/// error itself when it has no cause.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut causes = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        causes.push(s.to_string());
-        source = s.source();
-    }
-    if causes.is_empty() {
-        e.to_string()
-    } else {
-        causes.join(": ")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

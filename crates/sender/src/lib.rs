@@ -1,40 +1,28 @@
 //! `deploy-sender`: builds and packages Docker images and streams them to `deploy-receiver`.
 //!
-//! The library holds the pipeline (build, package, store, upload) free of any web framework, so
-//! that the CLI ([`commands::run`]) and the REST service call the same functions.
+//! # Layout
+//!
+//! - `pipeline/`: build, package, compress, store, progress, Docker, deploy. Free of any web
+//!   framework and terminal: the CLI and the service call the same functions.
+//! - `client/`: the receiver client (signed requests, upload, retry).
+//! - [`cli`]: the `deploy-sender` command line, one file per verb (flags, run, printing).
+//! - [`service`]: the REST service (`deploy-sender serve`): middleware, state, jobs, events,
+//!   metrics, operations and routes.
+//! - [`config`]: settings shared by the CLI and the service (flags and environment variables).
+//! - `error`: [`SenderError`], one stable code per failure.
+//!
+//! The crate root re-exports the pipeline and the client.
 
-pub mod build;
 pub mod cli;
-pub mod commands;
+mod client;
 pub mod config;
-pub mod deploy;
-pub mod docker;
-pub mod doctor;
-pub mod error;
-pub mod events;
-pub mod jobs;
-pub mod metrics;
-pub mod operations;
-pub mod package;
-pub mod progress;
-pub mod routes;
-pub mod server;
-pub mod sink;
-pub mod state;
-pub mod store;
-mod terminal;
-pub mod upload;
+mod error;
+mod pipeline;
+pub mod service;
 
-pub use build::{BuildSpec, BuiltImage};
-pub use deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
+pub use client::*;
 pub use error::SenderError;
-pub use package::{package_image, ImageSource, PackageRequest};
-pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
-pub use server::{app, serve, ServeConfig};
-pub use sink::CompressionOptions;
-pub use state::AppState;
-pub use store::{PackageInfo, PackageStore};
-pub use upload::{upload_package, Endpoint, ReceiverTarget, UploadOutcome};
+pub use pipeline::*;
 
 /// Logs to stderr with `filter` (tracing `EnvFilter` syntax); a bad filter falls back to `warn`.
 pub fn init_tracing(filter: &str) {

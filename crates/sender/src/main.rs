@@ -9,7 +9,7 @@ use deploy_sender::cli::Cli;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     deploy_sender::init_tracing(&cli.log);
-    match deploy_sender::commands::run(cli).await {
+    match deploy_sender::cli::run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}: {e}", e.code());

@@ -7,78 +7,23 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use bollard::Docker;
 use deploy_protocol::{Checksum, Compression, ErrorCode};
 use deploy_sender::{
     package_image, BuildSpec, CompressionOptions, ImageSource, NoProgress, PackageRequest,
     PackageStore, ProgressEvent, Stage,
 };
+use deploy_testkit::docker::{docker, Guard};
 use uuid::Uuid;
 
-async fn docker() -> Docker {
-    match deploy_sender::docker::connect().await {
-        Ok(d) => d,
-        Err(e) => {
-            panic!("these tests need a Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}")
-        }
-    }
+/// A unique image reference in the guard's repository, removed with it.
+fn tag(guard: &Guard) -> String {
+    guard.image(&Uuid::new_v4().simple().to_string())
 }
 
-/// Removes every image tag it was given when dropped, on success and on panic alike.
-#[derive(Default)]
-struct ImageGuard {
-    tags: Mutex<Vec<String>>,
-}
-
-impl ImageGuard {
-    fn tag(&self) -> String {
-        let tag = format!("deploy-sender-test/{}:v1", Uuid::new_v4().simple());
-        self.tags.lock().expect("lock").push(tag.clone());
-        tag
-    }
-}
-
-impl Drop for ImageGuard {
-    fn drop(&mut self) {
-        let tags = std::mem::take(&mut *self.tags.lock().unwrap_or_else(|e| e.into_inner()));
-        // Drop cannot await, and may run inside the test's runtime: clean up on a thread of its own.
-        let cleanup = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                let Ok(docker) = deploy_sender::docker::connect().await else {
-                    return;
-                };
-                for tag in tags {
-                    let options = bollard::image::RemoveImageOptions {
-                        force: true,
-                        noprune: false,
-                    };
-                    let _ = docker.remove_image(&tag, Some(options), None).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
-    }
-}
-
-/// A build context holding the static busybox and this Dockerfile. A unique label after `FROM`
-/// keeps tests from sharing build-cache images, so one test's cleanup cannot delete an image
-/// another test is building on.
-fn busybox_context(dockerfile: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
-    let (from, rest) = dockerfile.split_once('\n').expect("a FROM line");
-    let unique = format!(
-        "{from}\nLABEL deploy-sender-test={}\n{rest}",
-        Uuid::new_v4()
-    );
-    std::fs::write(dir.path().join("Dockerfile"), unique).expect("Dockerfile");
-    dir
+/// A build context holding the static busybox and this Dockerfile (labelled for the guard, so
+/// tests never share build-cache images).
+fn busybox_context(guard: &Guard, dockerfile: &str) -> tempfile::TempDir {
+    deploy_testkit::images::busybox_context(guard, dockerfile, "")
 }
 
 const HTTPD: &str = "FROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\",\"httpd\",\"-f\",\"-p\",\"80\"]\n";
@@ -158,9 +103,9 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn built_image_is_packaged_with_zstd_and_gzip_as_docker_save_archives() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
-    let context = busybox_context(HTTPD);
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
+    let context = busybox_context(&images, HTTPD);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("store");
 
@@ -177,7 +122,8 @@ async fn built_image_is_packaged_with_zstd_and_gzip_as_docker_save_archives() {
         assert!(info.image_id.starts_with("sha256:"));
         assert_eq!(
             info.container_name.as_deref(),
-            Some(tag.split(['/', ':']).nth(1).expect("name"))
+            Some(images.name.as_str()),
+            "the container name defaults to the image name"
         );
 
         let bytes = std::fs::read(path).expect("package file");
@@ -225,13 +171,12 @@ async fn built_image_is_packaged_with_zstd_and_gzip_as_docker_save_archives() {
 #[tokio::test]
 async fn an_existing_image_is_packaged_by_tag_and_by_id() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
-    let context = busybox_context(HTTPD);
-    let built =
-        deploy_sender::build::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
-            .await
-            .expect("build");
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
+    let context = busybox_context(&images, HTTPD);
+    let built = deploy_sender::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
+        .await
+        .expect("build");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("store");
 
@@ -279,14 +224,15 @@ async fn an_existing_image_is_packaged_by_tag_and_by_id() {
 #[tokio::test]
 async fn build_args_reach_the_build() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
     let context = busybox_context(
+        &images,
         "FROM scratch\nARG GREETING\nLABEL greeting=$GREETING\nCOPY busybox /bin/busybox\n",
     );
     let mut spec = build_spec(context.path(), &tag);
     spec.build_args.insert("GREETING".into(), "hello".into());
-    deploy_sender::build::build_image(&docker, &spec, &NoProgress)
+    deploy_sender::build_image(&docker, &spec, &NoProgress)
         .await
         .expect("build");
     let image = docker.inspect_image(&tag).await.expect("inspect");
@@ -297,10 +243,12 @@ async fn build_args_reach_the_build() {
 #[tokio::test]
 async fn a_failing_build_is_build_failed_with_the_log_tail_and_stores_nothing() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
-    let context =
-        busybox_context("FROM scratch\nCOPY busybox /bin/busybox\nCOPY missing-file /x\n");
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
+    let context = busybox_context(
+        &images,
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY missing-file /x\n",
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("store");
     let source = ImageSource::Build(build_spec(context.path(), &tag));
@@ -318,7 +266,7 @@ async fn a_failing_build_is_build_failed_with_the_log_tail_and_stores_nothing() 
     assert!(message.contains("last"), "carries the log tail: {message}");
     match &err {
         deploy_sender::SenderError::BuildFailed { log_tail, .. } => {
-            assert!(!log_tail.is_empty() && log_tail.len() <= deploy_sender::build::LOG_TAIL_LINES)
+            assert!(!log_tail.is_empty() && log_tail.len() <= deploy_sender::LOG_TAIL_LINES)
         }
         other => panic!("{other:?}"),
     }
@@ -328,15 +276,14 @@ async fn a_failing_build_is_build_failed_with_the_log_tail_and_stores_nothing() 
 #[tokio::test]
 async fn dockerignored_files_are_not_sent_to_the_build() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
-    let context = busybox_context("FROM scratch\nCOPY secret.txt /secret.txt\n");
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
+    let context = busybox_context(&images, "FROM scratch\nCOPY secret.txt /secret.txt\n");
     std::fs::write(context.path().join("secret.txt"), "do not ship").expect("secret");
     std::fs::write(context.path().join(".dockerignore"), "secret.txt\n").expect("ignore");
-    let err =
-        deploy_sender::build::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
-            .await
-            .expect_err("secret.txt is not in the context");
+    let err = deploy_sender::build_image(&docker, &build_spec(context.path(), &tag), &NoProgress)
+        .await
+        .expect_err("secret.txt is not in the context");
     assert_eq!(err.code(), ErrorCode::BuildFailed);
     assert!(err.to_string().contains("secret.txt"), "{err}");
 }
@@ -344,8 +291,8 @@ async fn dockerignored_files_are_not_sent_to_the_build() {
 #[tokio::test]
 async fn a_dockerfile_outside_the_context_is_refused() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let outer = busybox_context(HTTPD);
+    let images = Guard::new("deploy-sender-test");
+    let outer = busybox_context(&images, HTTPD);
     let context = outer.path().join("ctx");
     std::fs::create_dir(&context).expect("ctx");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -354,7 +301,7 @@ async fn a_dockerfile_outside_the_context_is_refused() {
         dockerfile: context.join("../Dockerfile"),
         context: context.clone(),
         build_args: BTreeMap::new(),
-        tag: images.tag(),
+        tag: tag(&images),
     };
     let err = package_image(
         &docker,
@@ -374,9 +321,9 @@ async fn a_dockerfile_outside_the_context_is_refused() {
 #[tokio::test]
 async fn a_tiny_size_limit_is_package_too_large_and_leaves_no_temp_file() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
-    let context = busybox_context(HTTPD);
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
+    let context = busybox_context(&images, HTTPD);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("store");
     for compression in [Compression::None, Compression::Zstd] {
@@ -403,8 +350,8 @@ async fn a_tiny_size_limit_is_package_too_large_and_leaves_no_temp_file() {
 #[tokio::test]
 async fn unknown_images_and_taken_package_ids_are_refused() {
     let docker = docker().await;
-    let images = ImageGuard::default();
-    let tag = images.tag();
+    let images = Guard::new("deploy-sender-test");
+    let tag = tag(&images);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("store");
     let missing = request(ImageSource::Existing(tag.clone()), Compression::Zstd);
@@ -413,7 +360,7 @@ async fn unknown_images_and_taken_package_ids_are_refused() {
         .expect_err("no such image");
     assert_eq!(err.code(), ErrorCode::NotFound, "{err}");
 
-    let context = busybox_context(HTTPD);
+    let context = busybox_context(&images, HTTPD);
     let mut first = request(
         ImageSource::Build(build_spec(context.path(), &tag)),
         Compression::Zstd,

@@ -6,99 +6,14 @@
 
 pub mod docker;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use deploy_protocol::{Checksum, PackageManifest, SignatureHeaders};
-use deploy_receiver::{AppState, Config};
-use tokio::sync::oneshot;
+use deploy_protocol::{Checksum, PackageManifest};
 
-/// The shared secret of test receivers.
-pub const SECRET: &str = "e2e-test-secret-0123456789abcdef0123456789";
-/// Its key id.
-pub const KEY_ID: &str = "default";
-
-/// A receiver serving on 127.0.0.1:<ephemeral> until dropped.
-pub struct Receiver {
-    pub addr: SocketAddr,
-    pub url: String,
-    pub package_dir: PathBuf,
-    pub state: AppState,
-    _dir: Option<tempfile::TempDir>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-}
-
-/// Starts a receiver with a fresh package directory; `tune` adjusts the configuration.
-pub async fn spawn_receiver(tune: impl FnOnce(&mut Config)) -> Receiver {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut receiver = spawn_receiver_in(dir.path().join("packages"), tune).await;
-    receiver._dir = Some(dir);
-    receiver
-}
-
-/// Starts a receiver on an existing package directory (to test restarts).
-pub async fn spawn_receiver_in(package_dir: PathBuf, tune: impl FnOnce(&mut Config)) -> Receiver {
-    let mut config = Config::for_dir(&package_dir, SECRET);
-    tune(&mut config);
-    let state = AppState::new(config).expect("receiver state");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(deploy_receiver::serve(listener, state.clone(), async {
-        let _ = rx.await;
-    }));
-    Receiver {
-        addr,
-        url: format!("http://{addr}"),
-        package_dir: state.store().dir().to_path_buf(),
-        state,
-        _dir: None,
-        shutdown: Some(tx),
-        task: Some(task),
-    }
-}
-
-impl Receiver {
-    /// Stops serving and waits for the server task.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-
-    /// Regular files in the package directory (the `.state` directory is not counted).
-    pub fn files(&self) -> Vec<String> {
-        files_in(&self.package_dir)
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// Names of regular files directly in `dir`.
-pub fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use deploy_testkit::receiver::{files_in, spawn_receiver, spawn_receiver_in, Receiver};
+#[allow(unused_imports)]
+pub use deploy_testkit::signing::{Signer as Signing, KEY_ID, SECRET};
 
 /// Writes `size` bytes of deterministic pseudo-random data (incompressible, fast).
 pub fn write_test_file(path: &Path, size: usize, seed: u64) {
@@ -180,43 +95,6 @@ pub fn multipart_body(parts: &[Part]) -> Vec<u8> {
     body
 }
 
-/// How to sign a hand-made request; every field can be bent to test a refusal.
-pub struct Signing {
-    pub key_id: String,
-    pub secret: Vec<u8>,
-    pub method: String,
-    pub path: String,
-    pub timestamp: i64,
-    pub nonce: String,
-}
-
-impl Signing {
-    /// Correct signing for `path`.
-    pub fn new(path: &str) -> Self {
-        Self {
-            key_id: KEY_ID.into(),
-            secret: SECRET.as_bytes().to_vec(),
-            method: "POST".into(),
-            path: path.into(),
-            timestamp: now(),
-            nonce: deploy_protocol::envelope::new_nonce(),
-        }
-    }
-
-    /// The headers for `content` (the manifest bytes or JSON body).
-    pub fn headers(&self, content: &[u8]) -> SignatureHeaders {
-        SignatureHeaders::sign(
-            &self.key_id,
-            &self.secret,
-            &self.method,
-            &self.path,
-            &Checksum::of(content),
-            self.timestamp,
-            self.nonce.clone(),
-        )
-    }
-}
-
 /// Sends a hand-made multipart upload to `url_path`, signed over `signed_manifest`.
 pub async fn send_multipart(
     receiver: &Receiver,
@@ -252,7 +130,7 @@ pub async fn send_json(
     path: &str,
     body: &[u8],
 ) -> (u16, serde_json::Value) {
-    let mut signing = Signing::new(path);
+    let mut signing = Signing::post(path);
     signing.method = method.into();
     let headers = signing.headers(body);
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");

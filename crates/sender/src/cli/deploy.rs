@@ -1,90 +1,103 @@
-//! `deploy-sender deploy`: its flags, and how they become a [`DeployRequest`].
+//! `deploy-sender deploy`: its flags and how they become a [`DeployRequest`], running the
+//! pipeline's [`deploy`] with progress bars, then printing every stage, the final status, the
+//! container and how to reach it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use deploy_protocol::api::{DeploymentRecord, StageOutcome};
+use deploy_protocol::display::short;
 use deploy_protocol::{
-    Compression, DeploymentSpec, HealthCheckKind, HealthCheckSpec, PortMapping, RestartPolicy,
+    Compression, DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping,
+    PortProtocol, RestartPolicy,
 };
+use serde::Serialize;
 
-use super::{parse_key_value, ImageSourceArgs};
-use crate::config::{ReceiverConfig, StoreConfig};
-use crate::deploy::DeployRequest;
-use crate::package::{default_container_name, ImageSource, PackageRequest};
-use crate::sink::{default_zstd_workers, CompressionOptions};
+use super::image::{parse_key_value, ImageSourceArgs};
+use super::terminal::{print_json, TerminalProgress};
+use crate::client::ReceiverTarget;
+use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
+use crate::pipeline::{
+    default_container_name, default_zstd_workers, deploy, CompressionOptions, DeployFailure,
+    DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
+};
 use crate::SenderError;
 
 /// `deploy-sender deploy`: build (or take) an image, package it, send it to a receiver's
 /// `/deployment/full`, and wait until the new container is healthy or rolled back.
 #[derive(Debug, clap::Args)]
-pub struct DeployArgs {
+pub(crate) struct DeployArgs {
     /// The image to deploy.
     #[command(flatten)]
-    pub source: ImageSourceArgs,
+    pub(crate) source: ImageSourceArgs,
     /// Container name on the receiver; a container of that name is replaced (default: the image
     /// name's last component, `registry/team/web:v1` -> `web`).
     #[arg(long, env = "DEPLOY_CONTAINER_NAME")]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Published port `[host_ip:]host:container[/tcp|udp]`, or `container` for any host port
     /// (repeatable).
     #[arg(long = "port", env = "DEPLOY_PORTS", value_delimiter = ',')]
-    pub ports: Vec<PortMapping>,
+    pub(crate) ports: Vec<PortMapping>,
     /// Environment variable `KEY=VALUE` for the container (repeatable).
     #[arg(long = "env", env = "DEPLOY_ENV", value_parser = parse_key_value)]
-    pub env: Vec<(String, String)>,
+    pub(crate) env: Vec<(String, String)>,
     /// Container label `KEY=VALUE` (repeatable; `io.deploy.*` is reserved).
     #[arg(long = "label", env = "DEPLOY_LABEL", value_parser = parse_key_value)]
-    pub labels: Vec<(String, String)>,
+    pub(crate) labels: Vec<(String, String)>,
     /// Restart policy: no, always, unless-stopped or on-failure.
     #[arg(long, env = "DEPLOY_RESTART", default_value = "unless-stopped", value_parser = parse_restart)]
-    pub restart: RestartPolicy,
+    pub(crate) restart: RestartPolicy,
     /// Health check: `docker` (the image's HEALTHCHECK), `http:/path` (GET on the published
     /// port until 2xx), `none` (must keep running a few seconds), or `auto` (docker if the image
     /// has a HEALTHCHECK, else none).
     #[arg(long, env = "DEPLOY_HEALTH", default_value = "auto", value_parser = parse_health)]
-    pub health: HealthArg,
+    pub(crate) health: HealthArg,
     /// For `--health http:/path`: the container port to probe (default: the first --port).
     #[arg(long, env = "DEPLOY_HEALTH_PORT")]
-    pub health_port: Option<u16>,
+    pub(crate) health_port: Option<u16>,
     /// Seconds to wait for the new container to be healthy before rolling back.
     #[arg(long, env = "DEPLOY_HEALTH_TIMEOUT_SECS", default_value_t = 120.0)]
-    pub health_timeout: f64,
+    pub(crate) health_timeout: f64,
     /// Compression: zstd, gzip or none.
     #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
-    pub compression: Compression,
+    pub(crate) compression: Compression,
     /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
     #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
-    pub level: Option<i32>,
+    pub(crate) level: Option<i32>,
     /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
     #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
-    pub zstd_workers: Option<u32>,
+    pub(crate) zstd_workers: Option<u32>,
     /// Package store.
     #[command(flatten)]
-    pub store: StoreConfig,
+    pub(crate) store: StoreConfig,
+    /// Lifecycle events (BUILD_*, TRANSFER_*, DEPLOYMENT_FAILED), as `serve` records them.
+    #[command(flatten)]
+    pub(crate) events: EventsConfig,
     /// Receiver and key (`--to` defaults to DEFAULT_RECEIVER_URL).
     #[command(flatten)]
-    pub receiver: ReceiverConfig,
+    pub(crate) receiver: ReceiverConfig,
     /// Correlation id to send (echoed in the receiver's logs, events and record).
     #[arg(long, env = "DEPLOY_CORRELATION_ID")]
-    pub correlation_id: Option<String>,
+    pub(crate) correlation_id: Option<String>,
     /// Print the outcome (package, transfer, deployment record) as JSON.
     #[arg(long, env = "DEPLOY_JSON")]
-    pub json: bool,
+    pub(crate) json: bool,
     /// Command overriding the image's CMD, after `--`: `deploy ... -- /bin/app --serve`.
     #[arg(last = true)]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// A parsed `--health`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthArg {
+pub(crate) struct HealthArg {
     /// Which check.
-    pub kind: HealthCheckKind,
+    pub(crate) kind: HealthCheckKind,
     /// The path, for `http:/path`.
-    pub path: Option<String>,
+    pub(crate) path: Option<String>,
 }
 
 /// Parses `docker`, `none`, `auto` or `http:/path`.
-pub fn parse_health(s: &str) -> Result<HealthArg, String> {
+pub(crate) fn parse_health(s: &str) -> Result<HealthArg, String> {
     let kind = match s {
         "docker" => HealthCheckKind::Docker,
         "none" => HealthCheckKind::None,
@@ -105,7 +118,7 @@ pub fn parse_health(s: &str) -> Result<HealthArg, String> {
 }
 
 /// Parses a Docker restart policy name.
-pub fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+pub(crate) fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
     match s {
         "no" => Ok(RestartPolicy::No),
         "always" => Ok(RestartPolicy::Always),
@@ -119,7 +132,7 @@ pub fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
 
 impl DeployArgs {
     /// The library request these flags describe.
-    pub fn request(&self) -> Result<DeployRequest, SenderError> {
+    pub(crate) fn request(&self) -> Result<DeployRequest, SenderError> {
         let source = self.source.source()?;
         let container_name = match (&self.name, &source) {
             (Some(name), _) => name.clone(),
@@ -156,6 +169,169 @@ impl DeployArgs {
             correlation_id: self.correlation_id.clone(),
         })
     }
+}
+
+pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
+    let request = args.request()?;
+    let client = args.receiver.client()?;
+    let store = PackageStore::open(&args.store.package_dir).await?;
+    let docker = crate::pipeline::connect_docker().await?;
+    let events = args.events.open(&args.store.package_dir).await?;
+    let bars = Arc::new(TerminalProgress::default());
+    let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
+    bars.clear();
+    events.close().await;
+    match result {
+        Ok(outcome) => {
+            if args.json {
+                print_json(&outcome);
+            } else {
+                print_success(&outcome, &request.deployment, client.target());
+            }
+            Ok(())
+        }
+        Err(failure) => {
+            if args.json {
+                print_json(&FailureJson::of(&failure));
+            } else {
+                print_failure(&failure);
+            }
+            Err(failure.into())
+        }
+    }
+}
+
+/// What `--json` prints on failure: the error body of the protocol, plus what got done.
+#[derive(Serialize)]
+struct FailureJson<'a> {
+    #[serde(flatten)]
+    error: ErrorBody,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    package: Option<&'a PackageInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deployment: Option<&'a DeploymentRecord>,
+}
+
+impl<'a> FailureJson<'a> {
+    fn of(failure: &'a DeployFailure) -> Self {
+        Self {
+            error: ErrorBody::new(failure.code(), failure.to_string(), None),
+            package: failure.package.as_ref(),
+            deployment: failure.deployment(),
+        }
+    }
+}
+
+fn print_success(outcome: &DeployOutcome, spec: &DeploymentSpec, target: &ReceiverTarget) {
+    let record = &outcome.deployment;
+    print_package(&outcome.package);
+    print_stages(Some(&outcome.package), Some(record));
+    println!(
+        "status     SUCCEEDED: {} runs {} (deployment {})",
+        record.container_name, record.image, record.deployment_id
+    );
+    if let Some(id) = &record.container_id {
+        let replaced = record
+            .previous_container_id
+            .as_deref()
+            .map(|p| format!(", replaced {}", short(p)))
+            .unwrap_or_default();
+        println!("container  {}{replaced}", short(id));
+    }
+    let host = target.base_url.host_str().unwrap_or("localhost");
+    for line in reach(spec, host) {
+        println!("reach it   {line}");
+    }
+}
+
+fn print_failure(failure: &DeployFailure) {
+    if let Some(package) = &failure.package {
+        print_package(package);
+    }
+    if failure.package.is_some() || failure.deployment().is_some() {
+        print_stages(failure.package.as_ref(), failure.deployment());
+    }
+    if let Some(record) = failure.deployment() {
+        let status = serde_json::to_value(record.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        println!(
+            "status     {status}: {} (deployment {})",
+            record.container_name, record.deployment_id
+        );
+    }
+}
+
+fn print_package(p: &PackageInfo) {
+    println!(
+        "package    {} {} {:.2} MB ({} from {:.2} MB, {:.1}% smaller)",
+        p.package_id,
+        p.image_tags
+            .first()
+            .map_or(p.image_id.as_str(), String::as_str),
+        p.package_size_mb,
+        p.compression,
+        p.original_size as f64 / 1e6,
+        p.compression_ratio * 100.0
+    );
+}
+
+/// The sender's stages (build, export) then the receiver's, one line each.
+fn print_stages(package: Option<&PackageInfo>, record: Option<&DeploymentRecord>) {
+    println!("stage      outcome   duration  detail");
+    if let Some(p) = package {
+        if p.build_duration_ms > 0 {
+            println!("{:<10} {:<8} {:>6} ms", "build", "ok", p.build_duration_ms);
+        }
+        let export = format!(
+            "docker save + {} + BLAKE3, {} -> {} bytes",
+            p.compression, p.original_size, p.package_size
+        );
+        println!(
+            "{:<10} {:<8} {:>6} ms  {export}",
+            "export", "ok", p.export_duration_ms
+        );
+    }
+    for stage in record.map(|r| r.stages.as_slice()).unwrap_or_default() {
+        let name = serde_json::to_value(stage.stage)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let outcome = match stage.outcome {
+            StageOutcome::Ok => "ok",
+            StageOutcome::Failed => "FAILED",
+            StageOutcome::Skipped => "skipped",
+        };
+        println!(
+            "{name:<10} {outcome:<8} {:>6} ms  {}",
+            stage.duration_ms,
+            stage.detail.as_deref().unwrap_or_default()
+        );
+    }
+}
+
+/// How to reach each published port: the host IP it is bound to, or the receiver's host.
+fn reach(spec: &DeploymentSpec, receiver_host: &str) -> Vec<String> {
+    spec.ports
+        .iter()
+        .map(|p| {
+            let host = match p.host_ip.as_deref() {
+                None | Some("0.0.0.0") | Some("::") | Some("") => receiver_host,
+                Some(ip) => ip,
+            };
+            match (p.host_port, p.protocol) {
+                (Some(port), PortProtocol::Tcp) => format!("http://{host}:{port}/"),
+                (Some(port), PortProtocol::Udp) => format!("udp {host}:{port}"),
+                (None, protocol) => format!(
+                    "container port {}/{} on a host port Docker chose (docker port {})",
+                    p.container_port,
+                    protocol.as_str(),
+                    spec.container_name
+                ),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -248,5 +424,22 @@ mod tests {
             request.package.source,
             ImageSource::Existing("web:v1".into())
         );
+    }
+
+    #[test]
+    fn published_ports_are_reached_on_their_bound_ip_or_the_receivers_host() {
+        let spec = DeploymentSpec {
+            container_name: "web".into(),
+            ports: vec![
+                "127.0.0.1:8080:80".parse().expect("port"),
+                "9090:90".parse().expect("port"),
+                "53/udp".parse().expect("port"),
+            ],
+            ..DeploymentSpec::default()
+        };
+        let lines = reach(&spec, "192.168.86.200");
+        assert_eq!(lines[0], "http://127.0.0.1:8080/");
+        assert_eq!(lines[1], "http://192.168.86.200:9090/");
+        assert!(lines[2].contains("53/udp"), "{}", lines[2]);
     }
 }

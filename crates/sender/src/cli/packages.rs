@@ -1,0 +1,89 @@
+//! `deploy-sender packages list|show|verify|delete`: the package store from the command line.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use uuid::Uuid;
+
+use super::terminal::print_json;
+use crate::pipeline::PackageStore;
+use crate::SenderError;
+
+/// `deploy-sender packages ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum PackagesCommand {
+    /// List stored packages, newest first.
+    List(StoreArgs),
+    /// Show one package's metadata as JSON.
+    Show(PackageIdArgs),
+    /// Re-hash a package and compare with its recorded checksum.
+    Verify(PackageIdArgs),
+    /// Delete a package and its metadata.
+    Delete(PackageIdArgs),
+}
+
+/// The store to look in.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StoreArgs {
+    /// Package store directory.
+    #[arg(long, env = "PACKAGE_DIR", default_value = "./packages")]
+    pub(crate) package_dir: PathBuf,
+    /// Print JSON.
+    #[arg(long, env = "DEPLOY_JSON")]
+    pub(crate) json: bool,
+}
+
+/// One stored package.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PackageIdArgs {
+    /// Package id.
+    #[arg(env = "DEPLOY_PACKAGE_ID")]
+    pub(crate) package_id: Uuid,
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+}
+
+pub(super) async fn run(command: PackagesCommand) -> Result<(), SenderError> {
+    match command {
+        PackagesCommand::List(args) => {
+            let list = PackageStore::open(&args.package_dir).await?.list().await?;
+            if args.json {
+                print_json(&list);
+                return Ok(());
+            }
+            for info in &list {
+                println!(
+                    "{}  {:>10.2} MB  {:<5}  {}  {}",
+                    info.package_id,
+                    info.package_size_mb,
+                    info.compression,
+                    info.created_at,
+                    info.image_tags.join(",")
+                );
+            }
+        }
+        PackagesCommand::Show(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            print_json(&store.get(args.package_id).await?);
+        }
+        PackagesCommand::Verify(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            let info = store.verify(args.package_id).await?;
+            if args.store.json {
+                print_json(&info);
+            } else {
+                println!(
+                    "package {} verified: BLAKE3 {}",
+                    info.package_id, info.package_checksum
+                );
+            }
+        }
+        PackagesCommand::Delete(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            store.delete(args.package_id).await?;
+            println!("package {} deleted", args.package_id);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! The HMAC envelope of protocol v1 on an outgoing request: every signed call goes through
+//! [`ReceiverClient::signed`], so a fresh timestamp and nonce, the headers and the correlation id
+//! are written once.
+
+use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
+use deploy_protocol::{Checksum, SignatureHeaders};
+use reqwest::{Method, RequestBuilder, Url};
+
+use super::ReceiverClient;
+
+impl ReceiverClient {
+    /// A request of `method` to `url`, signed over `content` (the JSON body, the manifest part of
+    /// a multipart body, or nothing), carrying `correlation_id` when there is one.
+    pub(super) fn signed(
+        &self,
+        method: Method,
+        url: Url,
+        content: &[u8],
+        correlation_id: Option<&str>,
+    ) -> RequestBuilder {
+        let path_and_query = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let headers = SignatureHeaders::sign(
+            &self.target.key_id,
+            &self.target.secret,
+            method.as_str(),
+            &path_and_query,
+            &Checksum::of(content),
+            envelope::unix_now(),
+            envelope::new_nonce(),
+        );
+        let mut request = self.http.request(method, url);
+        for (name, value) in headers.to_pairs() {
+            request = request.header(name, value);
+        }
+        if let Some(id) = correlation_id {
+            request = request.header(HEADER_CORRELATION_ID, id);
+        }
+        request
+    }
+}

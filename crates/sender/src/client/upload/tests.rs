@@ -1,0 +1,258 @@
+//! The client's wire format against a tiny in-test server that records what arrives.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::Router;
+use deploy_protocol::{ErrorCode, KeyRing};
+
+use super::*;
+use crate::client::{Endpoint, ReceiverTarget};
+use crate::pipeline::manifest_for_file;
+use deploy_protocol::envelope::unix_now;
+use deploy_protocol::Compression;
+use deploy_protocol::{Checksum, SignatureHeaders};
+
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    headers: Vec<(String, String)>,
+    path: String,
+    parts: Vec<(String, Option<String>, Vec<u8>)>,
+}
+
+async fn spawn_recorder(status: StatusCode, answer: &'static str) -> (String, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let record = Arc::clone(&seen);
+    let handler = move |uri: axum::http::Uri, headers: HeaderMap, body: Body| {
+        let record = Arc::clone(&record);
+        async move {
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let boundary = multer::parse_boundary(content_type).expect("multipart boundary");
+            let mut multipart = multer::Multipart::new(body.into_data_stream(), boundary);
+            let mut parts = Vec::new();
+            while let Some(field) = multipart.next_field().await.expect("field") {
+                let name = field.name().unwrap_or_default().to_owned();
+                let ct = field.content_type().map(|m| m.to_string());
+                parts.push((name, ct, field.bytes().await.expect("bytes").to_vec()));
+            }
+            let mut seen = record.lock().expect("lock");
+            seen.path = uri.path().to_owned();
+            seen.headers = headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        v.to_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            seen.parts = parts;
+            (status, [("content-type", "application/json")], answer).into_response()
+        }
+    };
+    let app = Router::new()
+        .route("/deployment/upload", post(handler.clone()))
+        .route("/prefix/deployment/full", post(handler));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+fn package_file(dir: &Path, len: usize) -> std::path::PathBuf {
+    let path = dir.join("pkg.tar.zst");
+    let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&path, bytes).expect("write");
+    path
+}
+
+fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a str> {
+    seen.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn sends_signed_manifest_then_streamed_package() {
+    let (base, seen) = spawn_recorder(StatusCode::OK, r#"{"checksum_verified":true}"#).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 3 * 1024 * 1024 + 17);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec!["web:v1".into()])
+        .await
+        .expect("manifest");
+    let target = ReceiverTarget::new(&base, "k1", b"s3cret").expect("target");
+    let last = Arc::new(AtomicU64::new(0));
+    let last_seen = Arc::clone(&last);
+    let outcome = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .correlation_id(Some("corr-1"))
+        .on_progress(move |n| last_seen.store(n, Ordering::Relaxed))
+        .send()
+        .await
+        .expect("upload");
+
+    let file_bytes = std::fs::read(&path).expect("read");
+    assert_eq!(outcome.bytes, file_bytes.len() as u64);
+    assert_eq!(last.load(Ordering::Relaxed), file_bytes.len() as u64);
+    assert_eq!(outcome.response["checksum_verified"], true);
+
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.path, "/deployment/upload");
+    let names: Vec<&str> = seen.parts.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, [PART_MANIFEST, PART_PACKAGE]);
+    assert_eq!(seen.parts[0].1.as_deref(), Some(MANIFEST_CONTENT_TYPE));
+    assert_eq!(seen.parts[0].2, manifest.to_bytes());
+    assert_eq!(seen.parts[1].1.as_deref(), Some(PACKAGE_CONTENT_TYPE));
+    assert!(
+        seen.parts[1].2 == file_bytes,
+        "package part equals the file"
+    );
+    assert_eq!(header(&seen, "x-correlation-id"), Some("corr-1"));
+    assert!(
+        header(&seen, "content-length").is_some(),
+        "length known up front"
+    );
+
+    let signed = SignatureHeaders::parse(|name| header(&seen, name)).expect("signature headers");
+    let mut ring = KeyRing::new();
+    ring.insert("k1", "s3cret");
+    signed
+        .verify(
+            &ring,
+            "POST",
+            "/deployment/upload",
+            &Checksum::of(&seen.parts[0].2),
+            unix_now(),
+            60,
+        )
+        .expect("signature verifies");
+}
+
+#[tokio::test]
+async fn a_base_path_prefix_is_kept_and_signed() {
+    let (base, seen) = spawn_recorder(StatusCode::OK, "{}").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 10);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec![])
+        .await
+        .expect("manifest");
+    let target = ReceiverTarget::new(&format!("{base}/prefix/"), "k1", b"s").expect("target");
+    ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .to(Endpoint::Full)
+        .send()
+        .await
+        .expect("upload");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.path, "/prefix/deployment/full");
+    let signed = SignatureHeaders::parse(|name| header(&seen, name)).expect("headers");
+    let mut ring = KeyRing::new();
+    ring.insert("k1", "s");
+    let digest = Checksum::of(&seen.parts[0].2);
+    signed
+        .verify(
+            &ring,
+            "POST",
+            "/prefix/deployment/full",
+            &digest,
+            unix_now(),
+            60,
+        )
+        .expect("path with prefix is what was signed");
+}
+
+#[tokio::test]
+async fn receiver_error_codes_pass_through() {
+    let body =
+        r#"{"error":{"code":"UNAUTHORIZED","message":"signature does not match the request"}}"#;
+    let (base, _) = spawn_recorder(StatusCode::UNAUTHORIZED, body).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 10);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec![])
+        .await
+        .expect("manifest");
+    let target = ReceiverTarget::new(&base, "k1", b"s").expect("target");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::Unauthorized);
+    assert_eq!(err.to_string(), "signature does not match the request");
+}
+
+#[tokio::test]
+async fn a_non_protocol_error_answer_is_transfer_failed() {
+    let (base, _) = spawn_recorder(StatusCode::BAD_GATEWAY, "not json").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 10);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec![])
+        .await
+        .expect("manifest");
+    let target = ReceiverTarget::new(&base, "k1", b"s").expect("target");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), ErrorCode::TransferFailed);
+}
+
+#[tokio::test]
+async fn a_closed_port_is_remote_unreachable() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 10);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec![])
+        .await
+        .expect("manifest");
+    let target = ReceiverTarget::new(&format!("http://{addr}"), "k1", b"s").expect("target");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("nobody there");
+    assert_eq!(err.code(), ErrorCode::RemoteUnreachable);
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn a_file_that_changed_since_its_manifest_is_refused_before_sending() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 10);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec![])
+        .await
+        .expect("manifest");
+    std::fs::write(&path, b"longer than before").expect("rewrite");
+    let target = ReceiverTarget::new("http://127.0.0.1:9", "k1", b"s").expect("target");
+    let err = ReceiverClient::new(reqwest::Client::new(), target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("size differs");
+    assert_eq!(err.code(), ErrorCode::ValidationError);
+}
+
+/// Uploads run on spawned tasks: the future must be `Send`.
+#[allow(dead_code)]
+fn upload_future_is_send(client: &ReceiverClient, manifest: &PackageManifest) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&client.upload(Path::new("p"), manifest).send());
+}
+
+#[test]
+fn throughput_is_in_decimal_megabytes() {
+    assert_eq!(throughput_mbps(125_000_000, Duration::from_secs(1)), 125.0);
+    assert_eq!(throughput_mbps(1, Duration::ZERO), 0.0);
+}

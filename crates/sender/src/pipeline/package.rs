@@ -1,0 +1,400 @@
+//! Packaging: build an image (or take an existing one), then export, compress, hash and store it
+//! in one streaming pass: `docker save` -> count -> compressor -> BLAKE3 -> temp file -> fsync ->
+//! atomic rename, with its metadata beside it. Nothing uncompressed touches the disk, and no
+//! whole image is held in memory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use deploy_protocol::display::millis;
+use deploy_protocol::manifest::{is_valid_container_name, is_valid_image_reference};
+use deploy_protocol::{Compression, PackageManifest};
+use futures::StreamExt;
+use uuid::Uuid;
+
+use super::build::{build_image, BuildSpec};
+use super::compress::{CompressionOptions, PackageSink};
+use super::docker::docker_error;
+use super::progress::{Progress, ProgressExt, Stage};
+use super::store::{
+    compression_stats, hash_file, now_rfc3339, sync_dir, PackageInfo, PackageStore,
+};
+use crate::SenderError;
+
+/// Default largest package: 5 GiB.
+pub const DEFAULT_MAX_PACKAGE_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// Where the image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// Build it from a Dockerfile and context.
+    Build(BuildSpec),
+    /// Package an image already in the local engine: `name:tag` (`:latest` if omitted) or an id.
+    /// An image packaged by id carries no tag.
+    Existing(String),
+}
+
+impl ImageSource {
+    /// The image reference: the tag to build, or the existing image.
+    pub fn reference(&self) -> &str {
+        match self {
+            ImageSource::Build(spec) => &spec.tag,
+            ImageSource::Existing(image) => image,
+        }
+    }
+}
+
+/// A packaging job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageRequest {
+    /// Where the image comes from.
+    pub source: ImageSource,
+    /// Container the package is meant for; defaults to the last path component of the image name.
+    pub container_name: Option<String>,
+    /// Package id; a new one by default.
+    pub package_id: Option<Uuid>,
+    /// How to compress.
+    pub compression: CompressionOptions,
+    /// Largest package accepted, in bytes (compressed size).
+    pub max_package_size: u64,
+}
+
+impl PackageRequest {
+    /// A request with default compression and size limit.
+    pub fn new(source: ImageSource) -> Self {
+        Self {
+            source,
+            container_name: None,
+            package_id: None,
+            compression: CompressionOptions::default(),
+            max_package_size: DEFAULT_MAX_PACKAGE_SIZE,
+        }
+    }
+}
+
+/// Builds (if asked) and packages an image into `store`.
+pub async fn package_image(
+    docker: &Docker,
+    store: &PackageStore,
+    request: &PackageRequest,
+    progress: &dyn Progress,
+) -> Result<PackageInfo, SenderError> {
+    let level = request.compression.effective_level()?;
+    if let Some(name) = &request.container_name {
+        if !is_valid_container_name(name) {
+            return Err(SenderError::Validation(format!(
+                "container name {name:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,127}}"
+            )));
+        }
+    }
+    let package_id = request.package_id.unwrap_or_else(Uuid::new_v4);
+    if store.contains(package_id).await {
+        return Err(SenderError::Conflict(format!(
+            "package {package_id} already exists in {}",
+            store.dir().display()
+        )));
+    }
+
+    let (export_ref, build_duration) = match &request.source {
+        ImageSource::Build(spec) => {
+            let built = build_image(docker, spec, progress).await?;
+            (built.tag, built.duration)
+        }
+        ImageSource::Existing(reference) => (reference.clone(), Duration::ZERO),
+    };
+    let image = resolve_image(docker, &export_ref).await?;
+    let container_name = request
+        .container_name
+        .clone()
+        .or_else(|| image.tags.first().map(|t| default_container_name(t)));
+
+    let started = Instant::now();
+    let exported = export_to_file(
+        docker,
+        store,
+        &image,
+        package_id,
+        &request.compression,
+        request.max_package_size,
+        progress,
+    )
+    .await?;
+    let (compression_ratio, compression_factor) =
+        compression_stats(exported.original_size, exported.size);
+    let info = PackageInfo {
+        package_id,
+        image_id: image.id,
+        image_tags: image.tags,
+        package_path: exported.path.to_string_lossy().into_owned(),
+        package_size: exported.size,
+        package_size_mb: exported.size as f64 / 1e6,
+        original_size: exported.original_size,
+        compression: request.compression.compression,
+        compression_level: level,
+        compression_ratio,
+        compression_factor,
+        package_checksum: exported.checksum,
+        build_duration_ms: millis(build_duration),
+        export_duration_ms: millis(started.elapsed()),
+        created_at: now_rfc3339(),
+        container_name,
+    };
+    if let Err(e) = store.write_metadata(&info).await {
+        let _ = tokio::fs::remove_file(&exported.path).await;
+        return Err(e);
+    }
+    tracing::info!(
+        package_id = %package_id,
+        size = info.package_size,
+        original = info.original_size,
+        "package stored"
+    );
+    Ok(info)
+}
+
+/// An image to export, as the engine knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedImage {
+    /// What to ask `docker save` for.
+    pub reference: String,
+    /// Image id, `sha256:...`.
+    pub id: String,
+    /// The tags the archive will carry (none when exported by id).
+    pub tags: Vec<String>,
+    /// The image's uncompressed size, an estimate of the archive's size.
+    pub size: Option<u64>,
+}
+
+/// Looks `reference` up in the engine: `NOT_FOUND` if it has no such image.
+pub async fn resolve_image(docker: &Docker, reference: &str) -> Result<ResolvedImage, SenderError> {
+    let reference = reference.trim();
+    if reference.is_empty() {
+        return Err(SenderError::Validation("empty image reference".into()));
+    }
+    let inspected = docker.inspect_image(reference).await.map_err(|e| {
+        match docker_error(&format!("image {reference}"), e) {
+            SenderError::NotFound(_) => SenderError::NotFound(format!(
+            "image {reference} is not in the local Docker engine: build it, or docker load it first"
+        )),
+            other => other,
+        }
+    })?;
+    let id = inspected.id.ok_or_else(|| {
+        SenderError::Internal(format!("Docker reported no id for image {reference}"))
+    })?;
+    let bare = |s: &str| s.trim_start_matches("sha256:").to_owned();
+    let by_id = bare(reference).chars().all(|c| c.is_ascii_hexdigit())
+        && bare(&id).starts_with(&bare(reference));
+    let (reference, tags) = if by_id {
+        (id.clone(), Vec::new())
+    } else {
+        let tagged = with_default_tag(reference);
+        if !is_valid_image_reference(&tagged) {
+            return Err(SenderError::Validation(format!(
+                "image reference {reference:?} is not a valid name:tag (digests are not supported)"
+            )));
+        }
+        (tagged.clone(), vec![tagged])
+    };
+    Ok(ResolvedImage {
+        reference,
+        id,
+        tags,
+        size: inspected.size.and_then(|s| u64::try_from(s).ok()),
+    })
+}
+
+/// `name` -> `name:latest`; a reference that already has a tag is unchanged.
+pub fn with_default_tag(reference: &str) -> String {
+    let last = reference.rsplit('/').next().unwrap_or(reference);
+    if last.contains(':') || reference.contains('@') {
+        reference.to_owned()
+    } else {
+        format!("{reference}:latest")
+    }
+}
+
+/// `registry:5000/team/web:v1` -> `web`.
+pub fn default_container_name(tag: &str) -> String {
+    let name = tag.rsplit_once(':').map_or(tag, |(n, _)| n);
+    name.rsplit('/').next().unwrap_or(name).to_owned()
+}
+
+/// A package file written and renamed into place.
+struct Exported {
+    path: PathBuf,
+    size: u64,
+    original_size: u64,
+    checksum: deploy_protocol::Checksum,
+}
+
+/// Removes the temp file unless the package was renamed into place.
+struct TempGuard<'a> {
+    path: &'a Path,
+    armed: bool,
+}
+
+impl Drop for TempGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::fs::remove_file(self.path);
+        }
+    }
+}
+
+async fn export_to_file(
+    docker: &Docker,
+    store: &PackageStore,
+    image: &ResolvedImage,
+    package_id: Uuid,
+    compression: &CompressionOptions,
+    limit: u64,
+    progress: &dyn Progress,
+) -> Result<Exported, SenderError> {
+    let temp = store.temp_path(package_id);
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => SenderError::Conflict(format!(
+                "package {package_id} is being written by another job"
+            )),
+            _ => SenderError::io(format!("cannot create {}", temp.display()), e),
+        })?;
+    let mut guard = TempGuard {
+        path: &temp,
+        armed: true,
+    };
+    let mut sink = PackageSink::new(file, compression, limit)?;
+    let mut stream = docker.export_image(&image.reference);
+    let mut original: u64 = 0;
+    progress.advance(Stage::Export, 0, image.size);
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| docker_error(&format!("exporting {}", image.reference), e))?;
+        original += chunk.len() as u64;
+        sink.write(&chunk).await?;
+        progress.advance(Stage::Export, original, image.size);
+    }
+    if original == 0 {
+        return Err(SenderError::Internal(format!(
+            "Docker exported nothing for {}",
+            image.reference
+        )));
+    }
+    let out = sink.finish().await?;
+    out.file
+        .sync_all()
+        .await
+        .map_err(|e| SenderError::io(format!("cannot sync {}", temp.display()), e))?;
+    drop(out.file);
+    let path = store.package_path(package_id, compression.compression);
+    tokio::fs::rename(&temp, &path)
+        .await
+        .map_err(|e| SenderError::io(format!("cannot rename {} into place", temp.display()), e))?;
+    guard.armed = false;
+    sync_dir(store.dir())
+        .await
+        .map_err(|e| SenderError::io(format!("cannot sync {}", store.dir().display()), e))?;
+    progress.finish(Stage::Export, original);
+    Ok(Exported {
+        path,
+        size: out.size,
+        original_size: original,
+        checksum: out.checksum,
+    })
+}
+
+/// The compression a package file name implies: `.tar.gz`/`.tgz` gzip, `.tar.zst` zstd, `.tar` none.
+pub fn compression_from_path(path: &Path) -> Option<Compression> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
+        Some(Compression::Gzip)
+    } else if name.ends_with(".tar.zst") || name.ends_with(".tzst") {
+        Some(Compression::Zstd)
+    } else if name.ends_with(".tar") {
+        Some(Compression::None)
+    } else {
+        None
+    }
+}
+
+/// A manifest for an arbitrary package file: hashes it and fills in the required fields.
+pub async fn manifest_for_file(
+    path: &Path,
+    package_id: Option<Uuid>,
+    compression: Compression,
+    image_tags: Vec<String>,
+) -> Result<PackageManifest, SenderError> {
+    let (checksum, size) = hash_file(path).await?;
+    if size == 0 {
+        return Err(SenderError::Validation(format!(
+            "package {} is empty",
+            path.display()
+        )));
+    }
+    let manifest = PackageManifest {
+        package_id: package_id.unwrap_or_else(Uuid::new_v4),
+        package_checksum: checksum,
+        package_size: size,
+        compression,
+        image_id: None,
+        image_tags,
+        container_name: None,
+        created_at: Some(now_rfc3339()),
+        original_size: None,
+        deployment: None,
+    };
+    manifest
+        .validate()
+        .map_err(|e| SenderError::Validation(e.to_string()))?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packaging jobs run on spawned tasks: their futures must be `Send`.
+    #[allow(dead_code)]
+    fn package_future_is_send(docker: &Docker, store: &PackageStore, request: &PackageRequest) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&package_image(docker, store, request, &crate::NoProgress));
+    }
+
+    #[test]
+    fn default_tag_and_container_name() {
+        assert_eq!(with_default_tag("busybox"), "busybox:latest");
+        assert_eq!(
+            with_default_tag("localhost:5000/web"),
+            "localhost:5000/web:latest"
+        );
+        assert_eq!(with_default_tag("web:v1"), "web:v1");
+        assert_eq!(default_container_name("localhost:5000/team/web:v1"), "web");
+        assert_eq!(default_container_name("web:v1"), "web");
+    }
+
+    #[test]
+    fn compression_is_guessed_from_the_extension() {
+        assert_eq!(
+            compression_from_path(Path::new("a.tar.gz")),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            compression_from_path(Path::new("a.TGZ")),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(
+            compression_from_path(Path::new("a.tar.zst")),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            compression_from_path(Path::new("a.tar")),
+            Some(Compression::None)
+        );
+        assert_eq!(compression_from_path(Path::new("a.zip")), None);
+    }
+}

@@ -1,0 +1,323 @@
+//! The package store: compressed packages and their metadata in `PACKAGE_DIR`, written through
+//! temp files and atomic renames so that a listed package is always complete.
+//!
+//! Layout: `<package_id>.<ext>` (the package), `<package_id>.json` (its [`PackageInfo`]), and
+//! `.tmp-<package_id>` while a package is being written.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use deploy_protocol::{Checksum, Compression, PackageManifest};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::SenderError;
+
+/// Prefix of files being written; anything with it is incomplete.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// A temp file untouched for this long belongs to a crashed writer and is removed at open. A live
+/// writer touches its file continuously, so another process sharing the directory is safe.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// A stored package: what packaging reports and what the store keeps beside the package file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PackageInfo {
+    /// Package id.
+    pub package_id: Uuid,
+    /// Docker image id of the packaged image (`sha256:...`).
+    pub image_id: String,
+    /// Tags the archive carries (what a receiver may tag when loading it).
+    pub image_tags: Vec<String>,
+    /// Path of the package file (filled in from the store's directory when read).
+    pub package_path: String,
+    /// Size of the package file in bytes.
+    pub package_size: u64,
+    /// Size of the package file in MB (10^6 bytes).
+    pub package_size_mb: f64,
+    /// Size of the uncompressed `docker save` archive in bytes.
+    pub original_size: u64,
+    /// Compression of the package file.
+    pub compression: Compression,
+    /// Compression level used, when compressed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression_level: Option<i32>,
+    /// Space saved: `1 - package_size / original_size` (0.989 is "98.9%").
+    pub compression_ratio: f64,
+    /// `original_size / package_size` (0.0 for an empty package).
+    pub compression_factor: f64,
+    /// Lowercase hex BLAKE3 of the package file.
+    pub package_checksum: Checksum,
+    /// Milliseconds spent building the image (0 when an existing image was packaged).
+    pub build_duration_ms: u64,
+    /// Milliseconds spent exporting, compressing, hashing and writing.
+    pub export_duration_ms: u64,
+    /// When the package was made (RFC 3339).
+    pub created_at: String,
+    /// Container the package is meant for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+}
+
+impl PackageInfo {
+    /// The manifest to upload this package with (tags are the image tags).
+    pub fn manifest(&self) -> PackageManifest {
+        PackageManifest {
+            package_id: self.package_id,
+            package_checksum: self.package_checksum,
+            package_size: self.package_size,
+            compression: self.compression,
+            image_id: Some(self.image_id.clone()),
+            image_tags: self.image_tags.clone(),
+            container_name: self.container_name.clone(),
+            created_at: Some(self.created_at.clone()),
+            original_size: Some(self.original_size),
+            deployment: None,
+        }
+    }
+}
+
+/// `1 - compressed / original` and `original / compressed`, both 0.0 when undefined.
+pub fn compression_stats(original: u64, compressed: u64) -> (f64, f64) {
+    let ratio = if original > 0 {
+        1.0 - compressed as f64 / original as f64
+    } else {
+        0.0
+    };
+    let factor = if compressed > 0 {
+        original as f64 / compressed as f64
+    } else {
+        0.0
+    };
+    (ratio, factor)
+}
+
+/// Current time, RFC 3339, whole seconds, UTC.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The package directory.
+#[derive(Debug, Clone)]
+pub struct PackageStore {
+    dir: PathBuf,
+}
+
+impl PackageStore {
+    /// Opens (creating it if needed) the store at `dir` and removes stale temp files.
+    pub async fn open(dir: impl Into<PathBuf>) -> Result<Self, SenderError> {
+        let dir = dir.into();
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| {
+            SenderError::io(
+                format!(
+                    "cannot create package directory {} (set PACKAGE_DIR or --package-dir)",
+                    dir.display()
+                ),
+                e,
+            )
+        })?;
+        let store = Self { dir };
+        store.sweep_temp_files(STALE_TEMP_AGE).await?;
+        Ok(store)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the package file of `id` lives.
+    pub fn package_path(&self, id: Uuid, compression: Compression) -> PathBuf {
+        self.dir.join(format!("{id}.{}", compression.extension()))
+    }
+
+    /// Where the metadata of `id` lives.
+    pub fn metadata_path(&self, id: Uuid) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// The temp file a package of `id` is written to.
+    pub(crate) fn temp_path(&self, id: Uuid) -> PathBuf {
+        self.dir.join(format!("{TEMP_PREFIX}{id}"))
+    }
+
+    /// Removes temp files not modified for `max_age`; returns how many were removed.
+    pub async fn sweep_temp_files(&self, max_age: Duration) -> Result<usize, SenderError> {
+        let mut removed = 0;
+        for path in self.entries().await? {
+            let is_temp = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+            if !is_temp {
+                continue;
+            }
+            let age = tokio::fs::metadata(&path)
+                .await
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok());
+            if age.is_some_and(|a| a >= max_age) && tokio::fs::remove_file(&path).await.is_ok() {
+                tracing::info!(path = %path.display(), "removed stale temp file");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn entries(&self) -> Result<Vec<PathBuf>, SenderError> {
+        let context = || format!("cannot read package directory {}", self.dir.display());
+        let mut dir = tokio::fs::read_dir(&self.dir)
+            .await
+            .map_err(|e| SenderError::io(context(), e))?;
+        let mut out = Vec::new();
+        while let Some(entry) = dir
+            .next_entry()
+            .await
+            .map_err(|e| SenderError::io(context(), e))?
+        {
+            out.push(entry.path());
+        }
+        Ok(out)
+    }
+
+    /// Every stored package, newest first. Unreadable metadata files are logged and skipped.
+    pub async fn list(&self) -> Result<Vec<PackageInfo>, SenderError> {
+        let mut out = Vec::new();
+        for path in self.entries().await? {
+            let id = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| Uuid::parse_str(n).ok());
+            let Some(id) = id else { continue };
+            match self.get(id).await {
+                Ok(info) => out.push(info),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping package"),
+            }
+        }
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(out)
+    }
+
+    /// Whether a package of this id is stored.
+    pub async fn contains(&self, id: Uuid) -> bool {
+        tokio::fs::try_exists(self.metadata_path(id))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The stored package `id`, or `NOT_FOUND`.
+    pub async fn get(&self, id: Uuid) -> Result<PackageInfo, SenderError> {
+        let path = self.metadata_path(id);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SenderError::NotFound(format!(
+                    "no package {id} in {}",
+                    self.dir.display()
+                )))
+            }
+            Err(e) => {
+                return Err(SenderError::io(
+                    format!("cannot read {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        let mut info: PackageInfo = serde_json::from_slice(&bytes).map_err(|e| {
+            SenderError::Internal(format!("metadata {} is corrupt: {e}", path.display()))
+        })?;
+        info.package_path = self
+            .package_path(id, info.compression)
+            .to_string_lossy()
+            .into_owned();
+        Ok(info)
+    }
+
+    /// Removes package `id` (metadata first, so it is never listed without its file).
+    pub async fn delete(&self, id: Uuid) -> Result<(), SenderError> {
+        let info = self.get(id).await?;
+        remove_if_exists(&self.metadata_path(id)).await?;
+        remove_if_exists(Path::new(&info.package_path)).await
+    }
+
+    /// Re-hashes package `id` and compares with the recorded size and checksum.
+    pub async fn verify(&self, id: Uuid) -> Result<PackageInfo, SenderError> {
+        let info = self.get(id).await?;
+        let (checksum, size) = hash_file(Path::new(&info.package_path)).await?;
+        if size != info.package_size || checksum != info.package_checksum {
+            return Err(SenderError::ChecksumMismatch(format!(
+                "package {id} changed on disk: recorded {} bytes with BLAKE3 {}, found {size} bytes \
+                 with BLAKE3 {checksum}; package it again",
+                info.package_size, info.package_checksum
+            )));
+        }
+        Ok(info)
+    }
+
+    /// Records `info` for a package file already renamed into place: the metadata goes through a
+    /// temp file and an atomic rename, and the directory is synced so both renames survive a crash.
+    pub(crate) async fn write_metadata(&self, info: &PackageInfo) -> Result<(), SenderError> {
+        let path = self.metadata_path(info.package_id);
+        let temp = self
+            .dir
+            .join(format!("{TEMP_PREFIX}{}.json", info.package_id));
+        let bytes = serde_json::to_vec_pretty(info)
+            .map_err(|e| SenderError::Internal(format!("cannot serialise metadata: {e}")))?;
+        let write = async {
+            let mut file = tokio::fs::File::create(&temp).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await?;
+            file.sync_all().await?;
+            tokio::fs::rename(&temp, &path).await?;
+            sync_dir(&self.dir).await
+        };
+        if let Err(e) = write.await {
+            let _ = tokio::fs::remove_file(&temp).await;
+            return Err(SenderError::io(
+                format!("cannot write metadata {}", path.display()),
+                e,
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn remove_if_exists(path: &Path) -> Result<(), SenderError> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SenderError::io(
+            format!("cannot remove {}", path.display()),
+            e,
+        )),
+    }
+}
+
+/// fsyncs a directory so that renames in it are durable.
+pub(crate) async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+/// BLAKE3 and size of a file, read in 1 MiB blocks on a blocking thread.
+pub async fn hash_file(path: &Path) -> Result<(Checksum, u64), SenderError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&owned)
+            .map_err(|e| SenderError::io(format!("cannot open {}", owned.display()), e))?;
+        let mut hasher = blake3::Hasher::new();
+        let reader = std::io::BufReader::with_capacity(1024 * 1024, file);
+        hasher
+            .update_reader(reader)
+            .map_err(|e| SenderError::io(format!("cannot read {}", owned.display()), e))?;
+        Ok((Checksum::from_hasher(&hasher), hasher.count()))
+    })
+    .await
+    .map_err(|e| SenderError::Internal(format!("hashing task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests;

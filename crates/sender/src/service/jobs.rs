@@ -1,0 +1,298 @@
+//! Long-running work as jobs: each packaging or transfer request runs as a task with an id, its
+//! progress (fed by the pipeline's [`Progress`] reports) and its outcome kept in a `watch`
+//! channel, so that `GET /api/v1/jobs/{id}` reads the latest state and the SSE stream follows it.
+//! A request without `respond-async` runs as a job too and waits for it, so a client that hangs
+//! up never leaves half a package behind.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use deploy_protocol::{ErrorBody, ErrorDetail};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::pipeline::now_rfc3339;
+use crate::pipeline::{Progress, ProgressEvent, Stage};
+use crate::SenderError;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// `package_container`.
+    Package,
+    /// `transfer_package`.
+    Transfer,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Under way.
+    Running,
+    /// Finished; `result` holds the answer.
+    Succeeded,
+    /// Finished; `error` says why.
+    Failed,
+}
+
+/// The latest progress report of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct JobProgress {
+    /// `context`, `build`, `export`, `verify`, `upload` or `deploy`.
+    pub stage: String,
+    /// Bytes done in this stage.
+    pub done: u64,
+    /// Bytes of this stage in all, when known (an estimate for `export`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// Average rate of this stage so far, bytes per second.
+    pub bytes_per_sec: f64,
+    /// The latest line for people (a build log line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Whether the stage has finished.
+    pub finished: bool,
+    /// The receiver, for `upload`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<String>,
+}
+
+/// A job as `GET /api/v1/jobs/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    /// Job id.
+    pub job_id: Uuid,
+    /// What it does.
+    pub kind: JobKind,
+    /// Where it stands.
+    pub state: JobState,
+    /// Correlation id of the request that started it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339, once finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// The latest progress report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<JobProgress>,
+    /// The answer, once succeeded (what the synchronous call returns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// A running job's handle: the pipeline reports progress to it.
+pub struct Job {
+    view: watch::Sender<JobView>,
+    stage_started: Mutex<Option<(Stage, Instant)>>,
+}
+
+impl Job {
+    /// Its id.
+    pub fn id(&self) -> Uuid {
+        self.view.borrow().job_id
+    }
+
+    /// Reports upload progress to `receiver`.
+    pub fn upload_progress(&self, receiver: &str, done: u64, total: u64) {
+        let rate = self.rate(Stage::Upload, done);
+        self.view.send_modify(|v| {
+            v.progress = Some(JobProgress {
+                stage: Stage::Upload.as_str().into(),
+                done,
+                total: Some(total),
+                bytes_per_sec: rate,
+                message: None,
+                finished: done >= total,
+                receiver: Some(receiver.to_owned()),
+            });
+        });
+    }
+
+    /// Average rate of `stage` since its first report.
+    fn rate(&self, stage: Stage, done: u64) -> f64 {
+        let mut started = self
+            .stage_started
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let since = match *started {
+            Some((s, at)) if s == stage => at,
+            _ => {
+                let now = Instant::now();
+                *started = Some((stage, now));
+                now
+            }
+        };
+        let secs = since.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            done as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn finish(&self, outcome: Result<serde_json::Value, ErrorDetail>) {
+        self.view.send_modify(|v| {
+            v.finished_at = Some(now_rfc3339());
+            match outcome {
+                Ok(result) => {
+                    v.state = JobState::Succeeded;
+                    v.result = Some(result);
+                }
+                Err(error) => {
+                    v.state = JobState::Failed;
+                    v.error = Some(error);
+                }
+            }
+        });
+    }
+}
+
+impl Progress for Job {
+    fn report(&self, event: ProgressEvent<'_>) {
+        let rate = self.rate(event.stage, event.done);
+        self.view.send_modify(|v| {
+            let message = event
+                .message
+                .map(str::to_owned)
+                .or_else(|| match &v.progress {
+                    // Keep the last build line while the stage goes on without one.
+                    Some(p) if p.stage == event.stage.as_str() => p.message.clone(),
+                    _ => None,
+                });
+            v.progress = Some(JobProgress {
+                stage: event.stage.as_str().into(),
+                done: event.done,
+                total: event.total,
+                bytes_per_sec: rate,
+                message,
+                finished: event.finished,
+                receiver: None,
+            });
+        });
+    }
+}
+
+/// The jobs of this process: running ones, and the newest finished ones up to a limit.
+pub struct Jobs {
+    inner: Mutex<JobsInner>,
+    history: usize,
+}
+
+#[derive(Default)]
+struct JobsInner {
+    jobs: HashMap<Uuid, watch::Receiver<JobView>>,
+    order: VecDeque<Uuid>,
+}
+
+impl Jobs {
+    /// Keeps at most `history` finished jobs.
+    pub fn new(history: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            history: history.max(1),
+        }
+    }
+
+    /// A job's state channel: `borrow()` for now, `changed()` to follow it.
+    pub fn get(&self, id: Uuid) -> Option<watch::Receiver<JobView>> {
+        self.lock().jobs.get(&id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobsInner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `work` as a job on its own task. The handle yields the typed outcome (for a caller
+    /// that waits); the job view gets it as JSON.
+    pub fn spawn<T, F>(
+        &self,
+        kind: JobKind,
+        correlation_id: Option<String>,
+        work: impl FnOnce(Arc<Job>) -> F,
+    ) -> (Uuid, JoinHandle<Result<T, SenderError>>)
+    where
+        T: Serialize + Send + 'static,
+        F: Future<Output = Result<T, SenderError>> + Send + 'static,
+    {
+        let id = Uuid::new_v4();
+        let (tx, rx) = watch::channel(JobView {
+            job_id: id,
+            kind,
+            state: JobState::Running,
+            correlation_id: correlation_id.clone(),
+            created_at: now_rfc3339(),
+            finished_at: None,
+            progress: None,
+            result: None,
+            error: None,
+        });
+        let job = Arc::new(Job {
+            view: tx,
+            stage_started: Mutex::new(None),
+        });
+        self.insert(id, rx);
+        let future = work(job.clone());
+        let handle = tokio::spawn(async move {
+            let outcome = future.await;
+            job.finish(match &outcome {
+                Ok(value) => serde_json::to_value(value).map_err(|e| {
+                    ErrorBody::new(
+                        deploy_protocol::ErrorCode::InternalError,
+                        format!("cannot serialise the result: {e}"),
+                        correlation_id.clone(),
+                    )
+                    .error
+                }),
+                Err(e) => {
+                    Err(ErrorBody::new(e.code(), e.to_string(), correlation_id.clone()).error)
+                }
+            });
+            outcome
+        });
+        (id, handle)
+    }
+
+    fn insert(&self, id: Uuid, rx: watch::Receiver<JobView>) {
+        let mut inner = self.lock();
+        inner.jobs.insert(id, rx);
+        inner.order.push_back(id);
+        // Forget the oldest finished jobs beyond the history; running ones always stay.
+        let mut finished = inner
+            .order
+            .iter()
+            .filter(|id| {
+                inner
+                    .jobs
+                    .get(id)
+                    .is_some_and(|j| j.borrow().state != JobState::Running)
+            })
+            .count();
+        let mut index = 0;
+        while finished > self.history && index < inner.order.len() {
+            let candidate = inner.order[index];
+            let done = inner
+                .jobs
+                .get(&candidate)
+                .is_none_or(|j| j.borrow().state != JobState::Running);
+            if done {
+                inner.jobs.remove(&candidate);
+                inner.order.remove(index);
+                finished -= 1;
+            } else {
+                index += 1;
+            }
+        }
+    }
+}

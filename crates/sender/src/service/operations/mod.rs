@@ -1,0 +1,12 @@
+//! The service's operations, `package_container`, `transfer_package` and
+//! `publish_transfer_event`: the library pipeline plus lifecycle events and metrics. Shared by
+//! the resource routes and `POST /api/v1/execute`; nothing here knows HTTP.
+
+mod events;
+mod package;
+mod transfer;
+
+pub use events::{publish, EventInput, PublishedEvent};
+pub use package::{package, PackageInput, PackageOutput};
+pub use transfer::{transfer, TransferInput, TransferReport};
+mod serde_defaults;

@@ -1,0 +1,232 @@
+//! `package_container`: build (or take) an image and store it as a package, with events and metrics.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use deploy_protocol::Compression;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::pipeline::PackageInfo;
+use crate::pipeline::Progress;
+use crate::pipeline::Subject;
+use crate::pipeline::{default_zstd_workers, CompressionOptions};
+use crate::pipeline::{package_image, ImageSource, PackageRequest};
+use crate::service::jobs::Job;
+use crate::service::metrics::OK;
+use crate::service::state::AppState;
+use crate::{BuildSpec, SenderError};
+
+use super::serde_defaults::yes;
+
+/// `package_container`: build an image from a Dockerfile (or take an existing one) and store it
+/// as a compressed, hashed package.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PackageInput {
+    /// Container the package is for; with a bare `image_tag` it also names the image
+    /// (`container_name:image_tag`).
+    #[serde(default)]
+    pub container_name: Option<String>,
+    /// Tag of the image to build: `name:tag`, or just `tag` (then the name is `container_name`).
+    #[serde(default)]
+    pub image_tag: Option<String>,
+    /// Dockerfile on this host, relative to `build_context` unless absolute (default `Dockerfile`).
+    #[serde(default)]
+    pub dockerfile_path: Option<String>,
+    /// Build context directory on this host.
+    #[serde(default)]
+    pub build_context: Option<String>,
+    /// `--build-arg` values.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// Package this existing local image (`name:tag` or an id) instead of building one.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// `zstd` (default), `gzip` or `none`.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+    /// gzip 1-9 (default 1), zstd 1-19 (default 3).
+    #[serde(default)]
+    pub compression_level: Option<i32>,
+    /// Re-hash the stored package and compare with the checksum computed while writing it.
+    #[serde(default = "yes")]
+    pub verify_checksum: bool,
+    /// Package id (default: a new UUID).
+    #[serde(default)]
+    pub package_id: Option<Uuid>,
+}
+
+/// A stored package as `package_container` reports it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct PackageOutput {
+    /// The package.
+    #[serde(flatten)]
+    pub package: PackageInfo,
+    /// Whether the stored file was re-hashed and matched (`verify_checksum`).
+    pub checksum_verified: bool,
+}
+
+/// A checked packaging request, ready to run.
+#[derive(Debug, Clone)]
+pub struct PackagePlan {
+    request: PackageRequest,
+    verify: bool,
+    subject: Subject,
+}
+
+impl PackageInput {
+    /// Checks the input and turns it into a plan (`VALIDATION_ERROR` naming what is wrong).
+    pub fn plan(
+        self,
+        zstd_workers: Option<u32>,
+        max_package_size: u64,
+    ) -> Result<PackagePlan, SenderError> {
+        let building = self.build_context.is_some() || self.dockerfile_path.is_some();
+        let source = match (self.image.filter(|i| !i.trim().is_empty()), building) {
+            (Some(_), true) => {
+                return Err(SenderError::Validation(
+                    "pass either `image` (package an existing image) or `build_context` and \
+                     `dockerfile_path` (build one), not both"
+                        .into(),
+                ))
+            }
+            (Some(image), false) => ImageSource::Existing(image),
+            (None, _) => {
+                let context = self.build_context.ok_or_else(|| {
+                    SenderError::Validation(
+                        "nothing to package: pass `build_context` (and `dockerfile_path`, \
+                         `image_tag`) to build an image, or `image` to package an existing one"
+                            .into(),
+                    )
+                })?;
+                let context = PathBuf::from(context);
+                let dockerfile =
+                    PathBuf::from(self.dockerfile_path.as_deref().unwrap_or("Dockerfile"));
+                let dockerfile = if dockerfile.is_absolute() {
+                    dockerfile
+                } else {
+                    context.join(dockerfile)
+                };
+                let tag =
+                    match (self.image_tag.as_deref(), self.container_name.as_deref()) {
+                        (Some(tag), _) if tag.contains(':') || tag.contains('/') => tag.to_owned(),
+                        (Some(tag), Some(name)) => format!("{name}:{tag}"),
+                        (None, Some(name)) => format!("{name}:latest"),
+                        (Some(_), None) | (None, None) => return Err(SenderError::Validation(
+                            "a build needs `image_tag` as `name:tag`, or `container_name` (and a \
+                             bare `image_tag`) to name the image"
+                                .into(),
+                        )),
+                    };
+                ImageSource::Build(BuildSpec {
+                    dockerfile,
+                    context,
+                    build_args: self.build_args,
+                    tag,
+                })
+            }
+        };
+        let image_tag = match &source {
+            ImageSource::Build(spec) => spec.tag.clone(),
+            ImageSource::Existing(image) => image.clone(),
+        };
+        let compression = CompressionOptions {
+            compression: self.compression.unwrap_or(Compression::Zstd),
+            level: self.compression_level,
+            zstd_workers: zstd_workers.unwrap_or_else(default_zstd_workers),
+        };
+        compression.effective_level()?;
+        let package_id = self.package_id.unwrap_or_else(Uuid::new_v4);
+        Ok(PackagePlan {
+            subject: Subject {
+                package_id: Some(package_id),
+                correlation_id: None,
+                container_name: self.container_name.clone(),
+                image_tag: Some(image_tag),
+            },
+            request: PackageRequest {
+                source,
+                container_name: self.container_name,
+                package_id: Some(package_id),
+                compression,
+                max_package_size,
+            },
+            verify: self.verify_checksum,
+        })
+    }
+}
+
+/// Runs a packaging plan, with BUILD_STARTED, then BUILD_COMPLETED or BUILD_FAILED.
+pub async fn package(
+    state: AppState,
+    plan: PackagePlan,
+    correlation_id: Option<String>,
+    progress: Arc<Job>,
+) -> Result<PackageOutput, SenderError> {
+    let subject = Subject {
+        correlation_id,
+        ..plan.subject.clone()
+    };
+    let building = matches!(plan.request.source, ImageSource::Build(_));
+    let events = state.events();
+    events.build_started(&subject, &plan.request).await;
+    let result = run_package(&state, &plan, progress).await;
+    match &result {
+        Ok(out) => {
+            let info = &out.package;
+            state.metrics().build(OK);
+            if building {
+                state
+                    .metrics()
+                    .stage("build", info.build_duration_ms as f64 / 1e3);
+            }
+            state
+                .metrics()
+                .stage("export", info.export_duration_ms as f64 / 1e3);
+            events.build_finished(&subject, Ok(info)).await;
+        }
+        Err(e) => {
+            state.metrics().build(e.code().as_str());
+            events.build_finished(&subject, Err(e)).await;
+        }
+    }
+    result
+}
+
+async fn run_package(
+    state: &AppState,
+    plan: &PackagePlan,
+    progress: Arc<Job>,
+) -> Result<PackageOutput, SenderError> {
+    let docker = state.docker().await?;
+    let (store, request) = (state.store().clone(), plan.request.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let reporter = progress.clone();
+    // gzip (and zstd without workers) compress inside `poll_write`: the whole pipeline runs on a
+    // blocking-pool thread so that it never holds up the runtime's workers serving requests.
+    let info = tokio::task::spawn_blocking(move || {
+        runtime.block_on(async move {
+            package_image(
+                &docker,
+                &store,
+                &request,
+                reporter.as_ref() as &dyn Progress,
+            )
+            .await
+        })
+    })
+    .await
+    .map_err(|e| SenderError::Internal(format!("the packaging task failed: {e}")))??;
+    let checksum_verified = if plan.verify {
+        state.store().verify(info.package_id).await?;
+        true
+    } else {
+        false
+    };
+    Ok(PackageOutput {
+        package: info,
+        checksum_verified,
+    })
+}

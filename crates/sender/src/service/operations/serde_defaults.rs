@@ -1,0 +1,6 @@
+//! serde defaults the operations' inputs share.
+
+/// Default `true` (the `verify_checksum` flags).
+pub(super) fn yes() -> bool {
+    true
+}

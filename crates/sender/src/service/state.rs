@@ -1,0 +1,122 @@
+//! The REST service's shared state: configuration, package store, Docker (connected lazily),
+//! HTTP client, lifecycle events, metrics, jobs and the limit on concurrent transfers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bollard::Docker;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::config::ServeConfig;
+use crate::pipeline::Lifecycle;
+use crate::pipeline::PackageStore;
+use crate::service::jobs::Jobs;
+use crate::service::metrics::Metrics;
+use crate::SenderError;
+
+/// Shared state of the sender service (cheap to clone).
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: ServeConfig,
+    store: PackageStore,
+    docker: Mutex<Option<Docker>>,
+    http: reqwest::Client,
+    events: Lifecycle,
+    metrics: Metrics,
+    jobs: Jobs,
+    transfer_slots: Arc<Semaphore>,
+    started: Instant,
+}
+
+impl AppState {
+    /// Opens the package store and the event outbox. Docker is connected at first use, so the
+    /// service starts (and reports `docker_available: false`) without an engine.
+    pub async fn new(config: ServeConfig) -> Result<Self, SenderError> {
+        let store = PackageStore::open(&config.store.package_dir).await?;
+        let events = config.events.open(&config.store.package_dir).await?;
+        let metrics = Metrics::new()
+            .map_err(|e| SenderError::Internal(format!("cannot register metrics: {e}")))?;
+        Ok(Self(Arc::new(Inner {
+            http: config.receiver.http_client()?,
+            transfer_slots: Arc::new(Semaphore::new(config.max_concurrent_transfers.max(1))),
+            jobs: Jobs::new(config.job_history),
+            config,
+            store,
+            docker: Mutex::new(None),
+            events,
+            metrics,
+            started: Instant::now(),
+        })))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServeConfig {
+        &self.0.config
+    }
+
+    /// The package store.
+    pub fn store(&self) -> &PackageStore {
+        &self.0.store
+    }
+
+    /// The Docker engine, connecting (again) if there is no connection yet.
+    pub async fn docker(&self) -> Result<Docker, SenderError> {
+        let mut docker = self.0.docker.lock().await;
+        if let Some(d) = docker.as_ref() {
+            return Ok(d.clone());
+        }
+        let connected = crate::pipeline::connect_docker().await?;
+        *docker = Some(connected.clone());
+        Ok(connected)
+    }
+
+    /// The engine's version, or `None` when it does not answer.
+    pub async fn docker_version(&self) -> Option<String> {
+        let docker = self.docker().await.ok()?;
+        match docker.version().await {
+            Ok(v) => Some(v.version.unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!(error = %e, "Docker engine does not answer");
+                *self.0.docker.lock().await = None;
+                None
+            }
+        }
+    }
+
+    /// The HTTP client for receivers.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+
+    /// Lifecycle events.
+    pub fn events(&self) -> &Lifecycle {
+        &self.0.events
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// Jobs.
+    pub fn jobs(&self) -> &Jobs {
+        &self.0.jobs
+    }
+
+    /// The MAX_CONCURRENT_TRANSFERS slots.
+    pub fn transfer_slots(&self) -> &Arc<Semaphore> {
+        &self.0.transfer_slots
+    }
+
+    /// Seconds since start.
+    pub fn uptime_secs(&self) -> u64 {
+        self.0.started.elapsed().as_secs()
+    }
+
+    /// Free bytes in the package directory.
+    pub fn free_bytes(&self) -> u64 {
+        fs4::available_space(self.store().dir()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,94 @@
+//! Test images built `FROM scratch` with this machine's static busybox (`/bin/busybox`): no
+//! registry, no pulls. Every image carries the guard's label, so the guard removes it and parallel
+//! tests never share build-cache layers (one test's cleanup must not delete another's base).
+
+use std::path::Path;
+
+use bollard::image::BuildImageOptions;
+use bollard::Docker;
+use futures::StreamExt;
+
+use crate::docker::{Guard, LABEL};
+
+/// Where the static busybox comes from.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// busybox httpd on port 80 serving `/www`, healthy when `wget` gets `/` from `health_port`
+/// (80 for a healthy image; a port nobody listens on for one that never becomes healthy).
+pub fn httpd_dockerfile(health_port: u16) -> String {
+    format!(
+        "FROM scratch\n\
+         COPY busybox /bin/busybox\n\
+         COPY www /www\n\
+         EXPOSE 80\n\
+         HEALTHCHECK --interval=1s --timeout=2s --retries=2 \
+           CMD [\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1:{health_port}/\"]\n\
+         CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n"
+    )
+}
+
+/// `dockerfile` with the guard's label after its `FROM` line, and a label of its own: no two
+/// builds share build-cache layers, not even two of one guard (a layer an engine already has is
+/// skipped by `docker load`, so a shared one would hide a corrupt package).
+fn labelled(dockerfile: &str, guard: &Guard) -> String {
+    let (from, rest) = dockerfile.split_once('\n').unwrap_or((dockerfile, ""));
+    format!(
+        "{from}\nLABEL {LABEL}={} {LABEL}.build={}\n{rest}",
+        guard.name,
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// A build context directory (for builds that read one from disk, like the sender's): the static
+/// busybox as `busybox`, `www/index.html` holding `page`, and `dockerfile` labelled for `guard`.
+pub fn busybox_context(guard: &Guard, dockerfile: &str, page: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(BUSYBOX, dir.path().join("busybox")).expect("copy /bin/busybox");
+    std::fs::create_dir(dir.path().join("www")).expect("www");
+    std::fs::write(dir.path().join("www/index.html"), page).expect("index.html");
+    std::fs::write(dir.path().join("Dockerfile"), labelled(dockerfile, guard)).expect("Dockerfile");
+    dir
+}
+
+/// Builds `tag` on the engine from `dockerfile` (labelled for `guard`), with the static busybox
+/// as `busybox` and `files` (path, bytes) in the context. Panics with the build's error.
+pub async fn build_image(
+    docker: &Docker,
+    guard: &Guard,
+    tag: &str,
+    dockerfile: &str,
+    files: &[(&str, &[u8])],
+) {
+    let mut context = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, bytes: &[u8], mode: u32| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(mode);
+        header.set_cksum();
+        context
+            .append_data(&mut header, path, bytes)
+            .expect("tar entry");
+    };
+    add("Dockerfile", labelled(dockerfile, guard).as_bytes(), 0o644);
+    let busybox = std::fs::read(Path::new(BUSYBOX)).expect("the static busybox at /bin/busybox");
+    add("busybox", &busybox, 0o755);
+    for (path, bytes) in files {
+        add(path, bytes, 0o644);
+    }
+    let context = context.into_inner().expect("tar");
+    let options = BuildImageOptions {
+        dockerfile: "Dockerfile".to_owned(),
+        t: tag.to_owned(),
+        rm: true,
+        forcerm: true,
+        pull: false,
+        ..Default::default()
+    };
+    let mut stream = docker.build_image(options, None, Some(context.into()));
+    while let Some(item) = stream.next().await {
+        let info = item.unwrap_or_else(|e| panic!("building {tag}: {e}"));
+        if let Some(error) = info.error {
+            panic!("building {tag}: {error}");
+        }
+    }
+}
