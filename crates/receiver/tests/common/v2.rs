@@ -453,3 +453,23 @@ pub async fn wait_offset(v2: &V2, blake3: &Checksum, want: u64) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The blob's offset once it stops moving (the writer of a cut request has finished; a request
+/// whose connection went before the receiver read its body leaves the offset where it was).
+pub async fn settled_offset(v2: &V2, blake3: &Checksum) -> u64 {
+    let mut last = None;
+    let mut same = 0;
+    loop {
+        let offset = v2.head(blake3).await.offset.expect("Upload-Offset");
+        if last == Some(offset) {
+            same += 1;
+            if same == 5 {
+                return offset;
+            }
+        } else {
+            same = 0;
+        }
+        last = Some(offset);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
