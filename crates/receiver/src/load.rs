@@ -11,7 +11,7 @@ use bollard::image::ImportImageOptions;
 use bollard::models::BuildInfo;
 use bytes::{Bytes, BytesMut};
 use deploy_protocol::api::LoadResponse;
-use deploy_protocol::Compression;
+use deploy_protocol::{Checksum, Compression};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
@@ -51,11 +51,23 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
     };
     let compression = package.manifest.compression;
     let what = format!("package {id}");
+    // What Docker reads is hashed on the way: a file swapped after it was verified is refused.
+    let hashed = Hashed::default();
+    let reader = HashingReader {
+        inner: file,
+        hashed: hashed.clone(),
+    };
+    let check = BodyCheck {
+        hashed,
+        size: package.manifest.package_size,
+        checksum: package.manifest.package_checksum,
+    };
     let (summary, image_id, tags) = load_archive(
         state,
         &what,
-        decompress(file, compression),
+        decompress(reader, compression),
         compression,
+        Some(check),
         policy,
     )
     .await?;
@@ -76,18 +88,32 @@ pub async fn load_turn() -> tokio::sync::MutexGuard<'static, ()> {
 }
 
 /// Streams `reader` (an archive, `compression` only naming its source's format in messages)
-/// through the gate into `docker load`. The caller holds [`load_turn`]. Returns the gate's
-/// summary, the loaded image id and the tags Docker set. `what` names the source in messages.
-pub async fn load_archive(
+/// through the gate into `docker load`; with a `check`, the source must hash to it before the
+/// archive's tail goes to Docker. The caller holds [`load_turn`]. Returns the gate's summary,
+/// the loaded image id and the tags Docker set. `what` names the source in messages. The loaded
+/// image is recorded as verified; a tag of an image this receiver did not load is never moved.
+pub(crate) async fn load_archive(
     state: &AppState,
     what: &str,
     reader: Pin<Box<dyn AsyncRead + Send>>,
     compression: Compression,
+    check: Option<BodyCheck>,
     policy: Policy,
 ) -> Result<(ArchiveSummary, String, Vec<String>)> {
     let docker = state.docker().client().await?;
+    let foreign = if state.config().allow_unverified_images {
+        Vec::new()
+    } else {
+        foreign_tags(state, &docker, &policy.allowed_tags).await?
+    };
     let verdict = Verdict::default();
-    let body = gated_body(reader, compression, Gate::new(policy), verdict.clone());
+    let body = gated_body(
+        reader,
+        compression,
+        check,
+        Gate::new(policy),
+        verdict.clone(),
+    );
     let output =
         read_output(docker.import_image_stream(ImportImageOptions { quiet: true }, body, None))
             .await;
@@ -125,12 +151,125 @@ pub async fn load_archive(
             )))
         }
     };
+    keep_foreign_tags(&docker, &foreign).await?;
+    for loaded_id in loaded.image_ids.iter().chain(std::iter::once(&image_id)) {
+        state.images().add(loaded_id).map_err(|e| {
+            ReceiverError::Internal(format!(
+                "image {loaded_id} was loaded but could not be recorded as verified: {e}"
+            ))
+        })?;
+    }
     Ok((summary, image_id, loaded.tags))
+}
+
+/// BLAKE3 of the package bytes read so far (its count is their number).
+type Hashed = Arc<Mutex<blake3::Hasher>>;
+
+/// The package file, hashed as it is read.
+struct HashingReader {
+    inner: tokio::fs::File,
+    hashed: Hashed,
+}
+
+impl AsyncRead for HashingReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            if let Ok(mut hasher) = self.hashed.lock() {
+                hasher.update(&buf.filled()[before..]);
+            }
+        }
+        polled
+    }
+}
+
+/// What the package file must hash to before the archive's tail goes to Docker.
+pub(crate) struct BodyCheck {
+    hashed: Hashed,
+    size: u64,
+    checksum: Checksum,
+}
+
+impl BodyCheck {
+    /// Whether the bytes read are the verified package.
+    fn verify(&self) -> std::result::Result<(), ArchiveError> {
+        let (checksum, size) = match self.hashed.lock() {
+            Ok(hasher) => (Checksum::from_hasher(&hasher), hasher.count()),
+            Err(_) => return Err(ArchiveError::Corrupt("package hash state lost".into())),
+        };
+        if size == self.size && checksum == self.checksum {
+            Ok(())
+        } else {
+            Err(ArchiveError::Corrupt(format!(
+                "the package file changed after it was verified: read {size} bytes hashing to {checksum}, the signed manifest says {} bytes hashing to {}",
+                self.size, self.checksum
+            )))
+        }
+    }
+}
+
+/// The package's tags that already name an image this receiver did not load (an image the host
+/// had, such as `nginx:latest`), with that image's id.
+async fn foreign_tags(
+    state: &AppState,
+    docker: &bollard::Docker,
+    tags: &[String],
+) -> Result<Vec<(String, String)>> {
+    let mut foreign = Vec::new();
+    for tag in tags {
+        let current = match docker.inspect_image(tag).await {
+            Ok(image) => image.id.unwrap_or_default(),
+            Err(e) => match crate::docker::map_err(e, ReceiverError::Internal) {
+                ReceiverError::NotFound(_) => continue,
+                other => return Err(other),
+            },
+        };
+        if !state.images().contains(&current) {
+            foreign.push((tag.clone(), current));
+        }
+    }
+    Ok(foreign)
+}
+
+/// After a load: a tag that named an image this receiver did not load must still name it. The
+/// same image loaded again (same content, same id) is fine; a tag the load moved is put back on
+/// its image and the load refused (POLICY_DENIED), so a package cannot re-point `nginx:latest`.
+async fn keep_foreign_tags(docker: &bollard::Docker, foreign: &[(String, String)]) -> Result<()> {
+    let mut moved = Vec::new();
+    for (tag, before) in foreign {
+        let now = docker
+            .inspect_image(tag)
+            .await
+            .ok()
+            .and_then(|image| image.id)
+            .unwrap_or_default();
+        if &now == before {
+            continue;
+        }
+        let (repo, name) = tag.rsplit_once(':').unwrap_or((tag.as_str(), "latest"));
+        let options = bollard::image::TagImageOptions { repo, tag: name };
+        if let Err(e) = docker.tag_image(before, Some(options)).await {
+            tracing::error!(tag = %tag, image = %before, error = %e, "could not put a moved tag back");
+        }
+        moved.push(format!("{tag} (on {before})"));
+    }
+    if moved.is_empty() {
+        return Ok(());
+    }
+    Err(ReceiverError::PolicyDenied(format!(
+        "the package would move tags from images this receiver did not load from a verified package: {}; they were put back (ALLOW_UNVERIFIED_IMAGES lets a package move them)",
+        moved.join(", ")
+    )))
 }
 
 /// A package or blob file's bytes, decompressed.
 pub fn decompress(
-    file: tokio::fs::File,
+    file: impl AsyncRead + Send + 'static,
     compression: Compression,
 ) -> Pin<Box<dyn AsyncRead + Send>> {
     let buffered = BufReader::with_capacity(READ_BUFFER, file);
@@ -155,6 +294,7 @@ pub fn decompress(
 struct BodyState {
     reader: Pin<Box<dyn AsyncRead + Send>>,
     compression: Compression,
+    check: Option<BodyCheck>,
     gate: Gate,
     verdict: Verdict,
     buf: BytesMut,
@@ -169,18 +309,21 @@ impl BodyState {
 }
 
 /// The request body of `docker load`: what the gate lets through, then either the held-back
-/// tail (all checks passed) or the gate's poison (refused). The stream is pulled by the HTTP
+/// tail (all checks passed, the source hashed to its signed checksum) or the gate's poison
+/// (refused). The stream is pulled by the HTTP
 /// client; if the request is abandoned midway, the connection closes inside the chunked body
 /// and Docker sees a broken upload, not a complete archive.
 fn gated_body(
     reader: Pin<Box<dyn AsyncRead + Send>>,
     compression: Compression,
+    check: Option<BodyCheck>,
     gate: Gate,
     verdict: Verdict,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let start = BodyState {
         reader,
         compression,
+        check,
         gate,
         verdict,
         buf: BytesMut::new(),
@@ -190,7 +333,12 @@ fn gated_body(
         loop {
             body.buf.reserve(CHUNK);
             let step = match body.reader.read_buf(&mut body.buf).await {
-                Ok(0) => match body.gate.finish() {
+                Ok(0) => match body
+                    .check
+                    .as_ref()
+                    .map_or(Ok(()), BodyCheck::verify)
+                    .and_then(|()| body.gate.finish())
+                {
                     Ok((rest, summary)) => {
                         body.decide(Ok(summary));
                         return (!rest.is_empty()).then_some((rest, None));

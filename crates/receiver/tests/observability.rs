@@ -337,6 +337,7 @@ async fn metrics_pass_promtool_and_move_with_uploads_refusals_and_errors() {
     let headers = SignatureHeaders::sign(
         "default",
         b"not-the-receivers-secret-0123456789abcdef",
+        Some(receiver.base.trim_start_matches("http://")),
         "GET",
         "/deployments",
         &Checksum::of(b""),

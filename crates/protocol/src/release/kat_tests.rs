@@ -9,7 +9,7 @@ const TS: i64 = 1761393600;
 const NONCE: &str = "0123456789abcdefABCDEF_-";
 
 fn sign(method: &str, path: &str, digest: &Checksum) -> String {
-    SignatureHeaders::sign("default", KEY, method, path, digest, TS, NONCE.into()).signature
+    SignatureHeaders::sign("default", KEY, None, method, path, digest, TS, NONCE.into()).signature
 }
 
 const MANIFEST: &str = r#"{"release_id":"643f58f6-4f40-4ecf-921f-0001187a7fd6","image_id":"sha256:795ad09a3ebbc858e2383085bb9eef999a7d4486f0473c5ba5f99e5541e1e82c","config":"eyJhcmNoaXRlY3R1cmUiOiJhbWQ2NCIsIm9zIjoibGludXgiLCJyb290ZnMiOnsidHlwZSI6ImxheWVycyIsImRpZmZfaWRzIjpbInNoYTI1Njo1ODlmMGQ1OGI5MDUzYTRmZjczMjliOGZkYjRmOWRkMTIwZTI5MzU0YzA4NmFkMGIzYjEwNzMzZjZjZmQ2ZGUzIl19fQ==","layers":[{"diff_id":"sha256:589f0d58b9053a4ff7329b8fdb4f9dd120e29354c086ad0b3b10733f6cfd6de3","blob":{"blake3":"f3ac5127210d65689e9e0867975c3e37cd4be2c972413182ad1b68732fa8ca06","size":18,"compression":"zstd"}}],"image_tags":["app:1.2"]}"#;

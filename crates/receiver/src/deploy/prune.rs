@@ -60,7 +60,14 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
     let mut pruned = Pruned::default();
     // Layers a registered, not yet loaded release relies on stay, whoever's image holds them.
     let protected = state.layers().releases().pending_chain_ids();
-    let candidates = kept.image_candidates(&records, name);
+    // Only images this receiver loaded from verified packages: an image the host had is never
+    // untagged or deleted because a deployment ran it.
+    let allow_any = state.config().allow_unverified_images;
+    let candidates: Vec<Candidate> = kept
+        .image_candidates(&records, name)
+        .into_iter()
+        .filter(|c| allow_any || state.images().contains(&c.id))
+        .collect();
     prune_images(docker, &candidates, &protected, &mut pruned).await?;
     for id in kept.package_candidates(&records, name) {
         match state.store().remove(id) {

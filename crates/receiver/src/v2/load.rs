@@ -100,7 +100,8 @@ pub async fn load_release(state: &AppState, id: Uuid) -> Result<LoadResponse> {
     let what = format!("release {id}");
     let carried: Vec<_> = layer_plan.plan.carried.clone();
     let reader = assemble::archive(&manifest, layer_plan.plan.clone());
-    let loaded = crate::load::load_archive(state, &what, reader, Compression::None, policy).await;
+    let loaded =
+        crate::load::load_archive(state, &what, reader, Compression::None, None, policy).await;
     let checked = match loaded {
         Ok((_, image_id, tags)) => verify(&docker, &manifest, &image_id).await.map(|()| tags),
         Err(e) => Err(e),

@@ -336,6 +336,7 @@ impl Api {
         let headers = SignatureHeaders::sign(
             KEY_ID,
             SECRET.as_bytes(),
+            Some(self.base.trim_start_matches("http://")),
             method.as_str(),
             path,
             &Checksum::of(signed),
@@ -473,6 +474,7 @@ impl Daemon {
             .env("PACKAGE_DIR", package_dir)
             .env("STATE_DIR", state_dir)
             .env("DEPLOY_HMAC_SECRET", SECRET)
+            .env("ALLOWED_NETWORKS", "127.0.0.0/8")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())

@@ -142,6 +142,7 @@ impl V2 {
         let signature = SignatureHeaders::sign(
             KEY_ID,
             SECRET.as_bytes(),
+            Some(self.base.trim_start_matches("http://")),
             method.as_str(),
             path,
             &digest,
@@ -417,6 +418,7 @@ pub async fn patch_cut(
     let signature = SignatureHeaders::sign(
         KEY_ID,
         SECRET.as_bytes(),
+        Some(&addr.to_string()),
         "PATCH",
         &path,
         blake3,

@@ -45,6 +45,7 @@ pub(crate) fn signed(
     let headers = SignatureHeaders::sign(
         &target.key_id,
         &target.secret,
+        Some(&super::sign::authority(&url)),
         method.as_str(),
         url.path(),
         digest,
