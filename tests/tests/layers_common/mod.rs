@@ -54,6 +54,7 @@ impl Daemon {
             .env("PACKAGE_DIR", dir.path().join("packages"))
             .env("STATE_DIR", dir.path().join("state"))
             .env("DEPLOY_HMAC_SECRET", SECRET)
+            .env("ALLOWED_NETWORKS", "127.0.0.0/8")
             .env("DOCKER_HOST", docker_host)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
