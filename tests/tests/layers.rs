@@ -128,8 +128,7 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
     let v1 = images.app(&base, MIB);
     let v2 = images.app(&base, MIB);
     let host = cold_host("ltx1").await;
-    let daemon = Daemon::start(&host.docker_host());
-    let proxy = Proxy::start(daemon.addr).await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
     let sender = Sender::new().await;
     let name = format!(
         "layers-tx-{}",
@@ -227,8 +226,7 @@ async fn a_connection_cut_mid_blob_resumes_from_the_receivers_offset_without_a_r
     let base = images.base(64 * 1024);
     let app = images.app(&base, 8 * MIB);
     let host = cold_host("ltx4").await;
-    let daemon = Daemon::start(&host.docker_host());
-    let proxy = Proxy::start(daemon.addr).await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
     let sender = Sender::new().await;
     let name = format!(
         "layers-tx-{}",
@@ -273,8 +271,7 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
     let base = images.base(64 * 1024);
     let app = images.app(&base, 8 * MIB);
     let host = cold_host("ltx5").await;
-    let daemon = Daemon::start(&host.docker_host());
-    let proxy = Proxy::start(daemon.addr).await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let name = format!(
         "layers-tx-{}",

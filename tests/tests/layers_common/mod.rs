@@ -46,6 +46,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(docker_host: &str) -> Self {
+        Self::start_with(docker_host, &[])
+    }
+
+    /// As [`Daemon::start`], with more environment (e.g. RECEIVER_AUTHORITIES behind a proxy).
+    pub fn start_with(docker_host: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(workspace_binary("deploy-receiver"))
             .env_clear()
@@ -58,6 +63,7 @@ impl Daemon {
             .env("DOCKER_HOST", docker_host)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -117,10 +123,20 @@ pub enum Fault {
 }
 
 impl Proxy {
-    pub async fn start(upstream: SocketAddr) -> Self {
+    /// A receiver for `docker_host` behind a new proxy: requests are signed for the proxy's
+    /// authority (the sender addresses the proxy), so the receiver is told to answer to it, as
+    /// behind any proxy (RECEIVER_AUTHORITIES).
+    pub async fn with_receiver(docker_host: &str) -> (Daemon, Self) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let daemon = Daemon::start_with(docker_host, &[("RECEIVER_AUTHORITIES", &authority)]);
+        let proxy = Self::serve(listener, daemon.addr);
+        (daemon, proxy)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, upstream: SocketAddr) -> Self {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let sent = Arc::new(AtomicU64::new(0));
         let fault: Arc<Mutex<Option<(u64, Fault)>>> = Arc::default();
