@@ -328,9 +328,9 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let id = package.body["package_id"].as_str().expect("id").to_owned();
     let size = package.body["package_size"].as_u64().expect("size");
 
-    // Upload only, to DEFAULT_RECEIVER_URL.
+    // The whole package (protocol v1), upload only, to DEFAULT_RECEIVER_URL.
     let sent = sender
-        .post("/api/v1/transfers", json!({"package_id": id}))
+        .post("/api/v1/transfers", json!({"package_id": id, "full": true}))
         .await;
     assert_eq!(sent.status, 200, "{}", sent.text);
     assert_eq!(sent.body["transfer_success"], true);
@@ -353,7 +353,8 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let mixed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": id, "receivers": [receiver.url, "http://127.0.0.1:1"]}),
+            json!({"package_id": id, "full": true,
+                   "receivers": [receiver.url, "http://127.0.0.1:1"]}),
         )
         .await;
     assert_eq!(mixed.status, 200, "{}", mixed.text);
@@ -367,19 +368,38 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let unreachable = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": id, "receivers": ["http://127.0.0.1:1"]}),
+            json!({"package_id": id, "full": true, "receivers": ["http://127.0.0.1:1"]}),
         )
         .await;
     assert_eq!(
         (unreachable.status, unreachable.code()),
         (502, "REMOTE_UNREACHABLE")
     );
+
+    // By default the package's image goes as a release from the layer cache: this receiver's
+    // engine (the same one) holds every layer, so nothing of the image travels.
+    let release = sender
+        .post("/api/v1/transfers", json!({"package_id": id}))
+        .await;
+    assert_eq!(release.status, 200, "{}", release.text);
+    assert_eq!(release.body["endpoint"], "release");
+    let outcome = &release.body["receivers"][0];
+    assert_eq!(outcome["success"], true, "{outcome}");
+    assert_eq!(outcome["bytes"], 0);
+    let totals = &outcome["response"]["totals"];
+    assert_eq!(totals["present"], totals["layers"], "{outcome}");
+    assert!(
+        outcome["response"]["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("100.0 % already there")),
+        "{outcome}"
+    );
     let unknown = sender
         .post("/api/v1/transfers", json!({"package_id": Uuid::new_v4()}))
         .await;
     assert_eq!((unknown.status, unknown.code()), (404, "NOT_FOUND"));
     let metrics = sender.get("/api/v1/metrics").await;
-    assert_eq!(metrics.body["successful_transfers"], 2);
+    assert_eq!(metrics.body["successful_transfers"], 3);
     assert_eq!(metrics.body["failed_transfers"], 2);
 }
 
@@ -407,7 +427,7 @@ async fn execute_envelope_runs_each_operation() {
         .post(
             "/api/v1/execute",
             json!({"operation": "transfer_package", "correlation_id": "exec-001",
-                   "input": {"package_id": id, "remote_receiver_url": receiver.url,
+                   "input": {"package_id": id, "remote_receiver_url": receiver.url, "full": true,
                              "package_checksum": packaged.body["package_checksum"]}}),
         )
         .await;
@@ -650,7 +670,7 @@ async fn prometheus_counters_move_after_work() {
     let failed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": id, "receivers": ["http://127.0.0.1:1"]}),
+            json!({"package_id": id, "full": true, "receivers": ["http://127.0.0.1:1"]}),
         )
         .await;
     assert_eq!(failed.status, 502);
@@ -872,7 +892,7 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     let transfer = call(
         "POST",
         &format!("{}/api/v1/transfers", sender.url),
-        Some(json!({"package_id": id})),
+        Some(json!({"package_id": id, "full": true})),
         &correlation,
     )
     .await;
@@ -955,7 +975,7 @@ async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
     let deployed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": good.body["package_id"], "deployment": deployment}),
+            json!({"package_id": good.body["package_id"], "deployment": deployment, "full": true}),
         )
         .await;
     assert_eq!(deployed.status, 200, "{}", deployed.text);
@@ -982,7 +1002,7 @@ async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
     let failed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": bad.body["package_id"], "deployment": deployment}),
+            json!({"package_id": bad.body["package_id"], "deployment": deployment, "full": true}),
         )
         .await;
     assert_eq!(

@@ -125,6 +125,16 @@ pub struct Config {
     #[arg(long, env = "JOURNAL_HISTORY", default_value_t = 1000)]
     pub journal_history: usize,
 
+    /// How long partial layer blobs (protocol v2), unloaded complete blobs and registered
+    /// releases are kept (`24h`, `90m`); older ones are swept.
+    #[arg(long, env = "PARTIAL_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub partial_ttl: std::time::Duration,
+
+    /// Most bytes partial layer blobs may hold in all; beyond it the oldest partials not being
+    /// written are swept (`10GiB`).
+    #[arg(long, env = "PARTIAL_BUDGET", default_value = "10GiB", value_parser = parse_size)]
+    pub partial_budget: u64,
+
     /// Let deployment specs ask for privileged mode.
     #[arg(long, env = "ALLOW_PRIVILEGED")]
     pub allow_privileged: bool,
@@ -294,6 +304,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err("size must be greater than zero".into());
     }
     Ok(size.as_u64())
+}
+
+/// Parses `24h`, `90m`, `30s`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 #[cfg(test)]

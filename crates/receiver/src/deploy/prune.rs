@@ -12,6 +12,7 @@ use bollard::container::ListContainersOptions;
 use bollard::image::RemoveImageOptions;
 use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::Sha256Digest;
 use uuid::Uuid;
 
 use crate::docker::map_err;
@@ -59,6 +60,8 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
     let records = state.journal().all()?;
     let kept = Kept::of(&records, state.config().image_history.max(1), Some(current));
     let mut pruned = Pruned::default();
+    // Layers a registered, not yet loaded release relies on stay, whoever's image holds them.
+    let protected = state.layers().releases().pending_chain_ids();
     // Only images this receiver loaded from verified packages: an image the host had is never
     // untagged or deleted because a deployment ran it.
     let allow_any = state.config().allow_unverified_images;
@@ -67,7 +70,7 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
         .into_iter()
         .filter(|c| allow_any || state.images().contains(&c.id))
         .collect();
-    prune_images(docker, &candidates, &mut pruned).await?;
+    prune_images(docker, &candidates, &protected, &mut pruned).await?;
     for id in kept.package_candidates(&records, name) {
         match state.store().remove(id) {
             Ok(true) => pruned.packages.push(id),
@@ -93,6 +96,7 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
 async fn prune_images(
     docker: &Docker,
     candidates: &[Candidate],
+    protected: &HashSet<Sha256Digest>,
     pruned: &mut Pruned,
 ) -> Result<()> {
     if candidates.is_empty() {
@@ -107,6 +111,13 @@ async fn prune_images(
         .map_err(|e| map_err(e, ReceiverError::Internal))?;
     let in_use: HashSet<String> = containers.into_iter().filter_map(|c| c.image_id).collect();
     for candidate in candidates {
+        if !protected.is_empty() && holds_any(docker, &candidate.id, protected).await {
+            tracing::info!(
+                image = candidate.id,
+                "old image kept: a registered release relies on its layers"
+            );
+            continue;
+        }
         if let Err(e) = prune_image(docker, candidate, &in_use, pruned).await {
             tracing::warn!(image = candidate.id, error = %e, "could not prune an old image");
         }
@@ -152,6 +163,26 @@ async fn prune_image(
         pruned.images.push(candidate.id.clone());
     }
     Ok(())
+}
+
+/// Whether image `id` holds a layer (by chain ID) in `chain_ids`; an image that cannot be
+/// inspected counts as holding one (kept, to be safe).
+async fn holds_any(docker: &Docker, id: &str, chain_ids: &HashSet<Sha256Digest>) -> bool {
+    match docker.inspect_image(id).await {
+        Ok(image) => {
+            let diff_ids: Vec<Sha256Digest> = image
+                .root_fs
+                .and_then(|r| r.layers)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|l| l.parse().ok())
+                .collect();
+            deploy_protocol::chain_ids(&diff_ids)
+                .iter()
+                .any(|c| chain_ids.contains(c))
+        }
+        Err(_) => true,
+    }
 }
 
 /// The image id `reference` names and how many tags that image has; None if there is none.

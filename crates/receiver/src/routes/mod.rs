@@ -23,6 +23,7 @@ pub mod load;
 pub mod metrics;
 pub mod receive;
 pub mod upload;
+pub mod v2;
 
 /// The signature headers every `/deployment` request carries (see docs/PROTOCOL.md).
 #[derive(IntoParams)]
@@ -84,10 +85,10 @@ fn docs() {}
 /// The receiver's OpenAPI document (the table's paths are added by the router).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "deploy-receiver", description = "Receives signed, streamed deployment packages and runs them on this host's Docker engine. Wire protocol v1: docs/PROTOCOL.md."),
+    info(title = "deploy-receiver", description = "Receives signed, streamed deployment packages and runs them on this host's Docker engine. Wire protocols v1 (whole packages) and v2 (layers, resumable): docs/PROTOCOL.md."),
     paths(openapi_json, docs),
     modifiers(&HmacScheme),
-    components(schemas(deploy_protocol::ErrorBody, deploy_protocol::ErrorCode, deploy_protocol::PackageManifest)),
+    components(schemas(deploy_protocol::ErrorBody, deploy_protocol::ErrorCode, deploy_protocol::PackageManifest, deploy_protocol::LayersMissingBody)),
     tags((name = "deployment", description = "Signed deployment operations"), (name = "service", description = "Health, metrics and docs"))
 )]
 pub struct ApiDoc;
@@ -115,6 +116,12 @@ pub fn table() -> Vec<(Access, UtoipaMethodRouter<AppState>)> {
         (Signed, routes!(full::create)),
         (Signed, routes!(deployments::list)),
         (Signed, routes!(deployments::get)),
+        (Signed, routes!(v2::inventory::create)),
+        (Signed, routes!(v2::releases::create)),
+        (Signed, routes!(v2::releases::get)),
+        (Signed, routes!(v2::releases::load)),
+        (Signed, routes!(v2::releases::deploy)),
+        (Signed, routes!(v2::blobs::head, v2::blobs::patch)),
     ]
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own part
 
 pub mod docker_proxy;
+pub mod v2;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

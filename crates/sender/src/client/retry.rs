@@ -162,7 +162,7 @@ impl Failure {
     }
 }
 
-fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
+pub(super) fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
     let chain = error_chain(&e);
     if e.is_connect() && is_tls_refusal(&e) && speaks_plain_http(&chain) {
         let mut plain = url.clone();

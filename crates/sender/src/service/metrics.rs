@@ -11,6 +11,8 @@ use prometheus::{
 };
 use serde::Serialize;
 
+use crate::pipeline::ReleaseTotals;
+
 /// Label value of a successful build or transfer; failures are labelled with their error code.
 pub const OK: &str = "ok";
 
@@ -21,6 +23,8 @@ pub struct Metrics {
     stage_seconds: HistogramVec,
     builds: IntCounterVec,
     transfers: IntCounterVec,
+    layers: IntCounterVec,
+    layer_bytes: IntCounterVec,
     sent_bytes: IntCounter,
     transfers_in_flight: IntGauge,
     events: IntCounterVec,
@@ -86,6 +90,22 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let layers = IntCounterVec::new(
+            Opts::new(
+                "deploy_sender_layers_total",
+                "Layers of layer-aware transfers by what happened: sent, resumed, skipped (present \
+                 on the target or already received)",
+            ),
+            &["result"],
+        )?;
+        let layer_bytes = IntCounterVec::new(
+            Opts::new(
+                "deploy_sender_layer_bytes_total",
+                "Blob bytes of layer-aware transfers: sent (on the wire), skipped (already on the \
+                 target), resumed (held by the receiver from an interrupted transfer)",
+            ),
+            &["result"],
+        )?;
         let sent_bytes = IntCounter::new(
             "deploy_sender_sent_bytes_total",
             "Package bytes sent by successful transfers",
@@ -105,6 +125,12 @@ impl Metrics {
         registry.register(Box::new(builds.clone()))?;
         registry.register(Box::new(transfers.clone()))?;
         registry.register(Box::new(sent_bytes.clone()))?;
+        registry.register(Box::new(layers.clone()))?;
+        registry.register(Box::new(layer_bytes.clone()))?;
+        for result in ["sent", "resumed", "skipped"] {
+            layers.with_label_values(&[result]);
+            layer_bytes.with_label_values(&[result]);
+        }
         registry.register(Box::new(transfers_in_flight.clone()))?;
         registry.register(Box::new(events.clone()))?;
         // Present from the start, so that rates work from the first scrape.
@@ -118,6 +144,8 @@ impl Metrics {
             stage_seconds,
             builds,
             transfers,
+            layers,
+            layer_bytes,
             sent_bytes,
             transfers_in_flight,
             events,
@@ -145,6 +173,30 @@ impl Metrics {
     /// Counts bytes sent.
     pub fn sent_bytes(&self, n: u64) {
         self.sent_bytes.inc_by(n);
+    }
+
+    /// Counts the layers and blob bytes of a layer-aware transfer.
+    pub fn release(&self, totals: &ReleaseTotals) {
+        let count = |result: &str, n: usize| {
+            self.layers
+                .with_label_values(&[result])
+                .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        };
+        count("sent", totals.sent);
+        count("resumed", totals.resumed);
+        count("skipped", totals.present + totals.received);
+        let resumed = totals
+            .bytes_already_there
+            .saturating_sub(totals.bytes_skipped());
+        self.layer_bytes
+            .with_label_values(&["sent"])
+            .inc_by(totals.bytes_sent);
+        self.layer_bytes
+            .with_label_values(&["skipped"])
+            .inc_by(totals.bytes_skipped());
+        self.layer_bytes
+            .with_label_values(&["resumed"])
+            .inc_by(resumed);
     }
 
     /// The in-flight transfers gauge.
