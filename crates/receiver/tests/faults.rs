@@ -324,8 +324,8 @@ struct Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_journal_that_agrees() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let (a, b, f) = (
         format!("{name}:a"),
         format!("{name}:b"),
@@ -346,7 +346,7 @@ async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_jour
     let state = dir.path().join("state");
     let journal = state.join("deployments");
     let spec = web_spec(&name);
-    let mut daemon = Daemon::start(&packages, &state, &[]);
+    let mut daemon = start_daemon(&packages, &state, &[]);
 
     // Version 1, then one undisturbed deploy of each kind, timed.
     let (status, body) = daemon.full(&[&a], saved[&a].clone(), &spec).await;
@@ -447,7 +447,7 @@ async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_jour
 
         // Restart on the same directories; start-up reconciliation settles the deploy.
         let restarted = Instant::now();
-        daemon = Daemon::start(&packages, &state, &[]);
+        daemon = start_daemon(&packages, &state, &[]);
         let records = settled_journal(&daemon).await;
         let settle = restarted.elapsed();
         tally.slowest_settle = tally.slowest_settle.max(settle);
@@ -621,7 +621,7 @@ async fn deployment(daemon: &Daemon, id: Uuid) -> DeploymentRecord {
 /// package and the first one's container id.
 async fn deployed_v1(
     docker: &Docker,
-    cleanup: &mut Cleanup,
+    cleanup: &mut Guard,
     daemon: &Daemon,
     name: &str,
 ) -> (String, Vec<u8>, String) {
@@ -654,7 +654,7 @@ impl Proxied {
     fn start() -> Self {
         let dir = temp_dir();
         let proxy = DockerProxy::start(dir.path().join("docker.sock"));
-        let daemon = Daemon::start(
+        let daemon = start_daemon(
             &dir.path().join("packages"),
             &dir.path().join("state"),
             &[("DOCKER_HOST", proxy.docker_host())],
@@ -667,8 +667,8 @@ impl Proxied {
 async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_the_next_deploy_succeeds(
 ) {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let Proxied {
         dir: _dir,
         mut proxy,
@@ -740,8 +740,8 @@ async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_cut_between_create_and_start_is_503_and_rolled_back_once_docker_is_back() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let Proxied {
         dir: _dir,
         mut proxy,
