@@ -18,8 +18,8 @@ use super::terminal::{print_json, TerminalProgress};
 use crate::client::ReceiverTarget;
 use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
-    default_container_name, default_zstd_workers, deploy, CompressionOptions, DeployFailure,
-    DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
+    default_container_name, deploy, CompressionOptions, DeployFailure, DeployOutcome,
+    DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
 };
 use crate::SenderError;
 
@@ -157,11 +157,8 @@ impl DeployArgs {
             ..DeploymentSpec::default()
         };
         let mut package = PackageRequest::new(source);
-        package.compression = CompressionOptions {
-            compression: self.compression,
-            level: self.level,
-            zstd_workers: self.zstd_workers.unwrap_or_else(default_zstd_workers),
-        };
+        package.compression =
+            CompressionOptions::new(self.compression, self.level, self.zstd_workers);
         package.max_package_size = self.store.max_package_size;
         Ok(DeployRequest {
             package,

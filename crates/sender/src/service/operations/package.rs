@@ -8,10 +8,10 @@ use deploy_protocol::Compression;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::pipeline::CompressionOptions;
 use crate::pipeline::PackageInfo;
 use crate::pipeline::Progress;
 use crate::pipeline::Subject;
-use crate::pipeline::{default_zstd_workers, CompressionOptions};
 use crate::pipeline::{package_image, ImageSource, PackageRequest};
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
@@ -132,11 +132,11 @@ impl PackageInput {
             ImageSource::Build(spec) => spec.tag.clone(),
             ImageSource::Existing(image) => image.clone(),
         };
-        let compression = CompressionOptions {
-            compression: self.compression.unwrap_or(Compression::Zstd),
-            level: self.compression_level,
-            zstd_workers: zstd_workers.unwrap_or_else(default_zstd_workers),
-        };
+        let compression = CompressionOptions::new(
+            self.compression.unwrap_or(Compression::Zstd),
+            self.compression_level,
+            zstd_workers,
+        );
         compression.effective_level()?;
         let package_id = self.package_id.unwrap_or_else(Uuid::new_v4);
         Ok(PackagePlan {
