@@ -24,7 +24,7 @@ use super::serde_defaults::yes;
 /// as a compressed, hashed package.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PackageInput {
+pub(crate) struct PackageInput {
     /// Container the package is for; with a bare `image_tag` it also names the image
     /// (`container_name:image_tag`).
     #[serde(default)]
@@ -60,7 +60,7 @@ pub struct PackageInput {
 
 /// A stored package as `package_container` reports it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct PackageOutput {
+pub(crate) struct PackageOutput {
     /// The package.
     #[serde(flatten)]
     pub package: PackageInfo,
@@ -70,7 +70,7 @@ pub struct PackageOutput {
 
 /// A checked packaging request, ready to run.
 #[derive(Debug, Clone)]
-pub struct PackagePlan {
+pub(crate) struct PackagePlan {
     request: PackageRequest,
     verify: bool,
     subject: Subject,
@@ -78,7 +78,7 @@ pub struct PackagePlan {
 
 impl PackageInput {
     /// Checks the input and turns it into a plan (`VALIDATION_ERROR` naming what is wrong).
-    pub fn plan(
+    pub(crate) fn plan(
         self,
         zstd_workers: Option<u32>,
         max_package_size: u64,
@@ -159,7 +159,7 @@ impl PackageInput {
 }
 
 /// Runs a packaging plan, with BUILD_STARTED, then BUILD_COMPLETED or BUILD_FAILED.
-pub async fn package(
+pub(crate) async fn package(
     state: AppState,
     plan: PackagePlan,
     correlation_id: Option<String>,
