@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -430,7 +431,8 @@ def sender_env(pkg_dir):
 
 def signed_post(url, path, body):
     data = json.dumps(body, separators=(",", ":")).encode()
-    headers = signature_headers(SECRET, KEY_ID, "POST", path, data)
+    authority = urllib.parse.urlsplit(url).netloc
+    headers = signature_headers(SECRET, KEY_ID, authority, "POST", path, data)
     headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url + path, data=data, headers=headers, method="POST")
     started = time.perf_counter()

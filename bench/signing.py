@@ -64,13 +64,14 @@ def blake3_hex(data: bytes) -> str:
     return struct.pack("<8I", *cv).hex()
 
 
-def signature_headers(secret: bytes, key_id: str, method: str, path: str, body: bytes,
-                      timestamp=None, nonce=None) -> dict:
-    """The X-Deploy-* headers of a signed request whose signed content is `body`."""
+def signature_headers(secret: bytes, key_id: str, authority: str, method: str, path: str,
+                      body: bytes, timestamp=None, nonce=None) -> dict:
+    """The X-Deploy-* headers of a signed request to `authority` (host[:port], as in the Host
+    header the client sends) whose signed content is `body`."""
     timestamp = str(int(time.time()) if timestamp is None else timestamp)
     nonce = nonce or secrets.token_urlsafe(24)
-    canonical = "\n".join(["DEPLOY-HMAC-SHA256", method, path, timestamp, nonce, key_id,
-                           blake3_hex(body)])
+    canonical = "\n".join(["DEPLOY-HMAC-SHA256", method, authority.lower(), path, timestamp,
+                           nonce, key_id, blake3_hex(body)])
     signature = hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()
     return {"X-Deploy-Key-Id": key_id, "X-Deploy-Timestamp": timestamp,
             "X-Deploy-Nonce": nonce, "X-Deploy-Signature": signature}
@@ -82,13 +83,14 @@ if __name__ == "__main__":
                 b'"4aab45689d1790f080f90ec0c755e60ac5735fc47a667e149f0a6316434cdea4",'
                 b'"package_size":43022336,"compression":"gzip"}')
     assert blake3_hex(manifest) == "c6ba3ccf9f46a4a824113279c9ba77c1972ba32b96082253514dc0a53e6ed809"
-    headers = signature_headers(b"kat-secret-0123456789abcdef0123456789", "default", "POST",
-                                "/deployment/upload", manifest, 1761393600,
-                                "0123456789abcdefABCDEF_-")
+    headers = signature_headers(b"kat-secret-0123456789abcdef0123456789", "default",
+                                "192.168.86.200:8001", "POST", "/deployment/upload", manifest,
+                                1761393600, "0123456789abcdefABCDEF_-")
     assert headers["X-Deploy-Signature"] == \
-        "da0d4c89bf46af33fde4f57876b40daaea6bc976fb992d4b9aab3ed74c29fb4e", headers
-    get = signature_headers(b"kat-secret-0123456789abcdef0123456789", "default", "GET",
-                            "/deployments?limit=10", b"", 1761393600, "0123456789abcdefABCDEF_-")
+        "85cb8f0016122097c5f29e9799bff6d0555203fe55e7226b0a0257eaff0946ab", headers
+    get = signature_headers(b"kat-secret-0123456789abcdef0123456789", "default",
+                            "Deploy.Example.COM", "GET", "/deployments?limit=10", b"", 1761393600,
+                            "0123456789abcdefABCDEF_-")
     assert get["X-Deploy-Signature"] == \
-        "b963811450b76d695998e3e12c27d7c9fcc7ff803a6faa526c556d4e00d2c50a", get
+        "0ad0f0c9a5f3ac43004bb8dd74e6e375c510b448fb22ad10ff5bdbfb09269dcd", get
     print("signing: known-answer vectors of docs/PROTOCOL.md pass")

@@ -13,10 +13,12 @@ printf '{"package_id":"%s","package_checksum":"%s","package_size":%d,"compressio
   "$package_id" "$(b3 "$pkg")" "$(stat -c %s "$pkg")" "$compression" > "$work/manifest.json"
 
 path=/deployment/upload
+# The authority signed is the Host header curl sends: host[:port] of the URL, lower case.
+authority=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(p.netloc.rsplit("@", 1)[-1].lower())' "$url")
 timestamp=$(date +%s)
 nonce=$(openssl rand -hex 16)
-canonical=$(printf 'DEPLOY-HMAC-SHA256\n%s\n%s\n%s\n%s\n%s\n%s' \
-  POST "$path" "$timestamp" "$nonce" "$key_id" "$(b3 "$work/manifest.json")")
+canonical=$(printf 'DEPLOY-HMAC-SHA256\n%s\n%s\n%s\n%s\n%s\n%s\n%s' \
+  POST "$authority" "$path" "$timestamp" "$nonce" "$key_id" "$(b3 "$work/manifest.json")")
 signature=$(printf '%s' "$canonical" | openssl dgst -sha256 -hmac "$secret" -r | cut -d' ' -f1)
 
 curl -sS --fail-with-body "$url$path" \

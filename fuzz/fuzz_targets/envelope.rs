@@ -5,6 +5,8 @@
 //! of the input flipped in must not.
 #![no_main]
 
+const AUTHORITY: &str = "127.0.0.1:8001";
+
 use deploy_protocol::envelope::{HEADER_KEY_ID, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 use deploy_protocol::{Checksum, KeyRing, SignatureHeaders};
 use libfuzzer_sys::fuzz_target;
@@ -36,12 +38,13 @@ fuzz_target!(|data: &[u8]| {
         _ => None,
     });
     if let Ok(headers) = &parsed {
-        let verdict = headers.verify(&ring, &method, &path, &digest, now, 300);
+        let verdict = headers.verify(&ring, Some(AUTHORITY), &method, &path, &digest, now, 300);
         if verdict.is_ok() {
             // Only possible if the input carries the right MAC: check that it does.
             let expected = SignatureHeaders::sign(
                 &headers.key_id,
                 SECRET,
+                Some(AUTHORITY),
                 &method,
                 &path,
                 &digest,
@@ -54,8 +57,16 @@ fuzz_target!(|data: &[u8]| {
 
     // Round trip: sign the fields as a client would, and verify as the receiver does.
     if let Ok(ts) = timestamp.parse::<i64>() {
-        let signed =
-            SignatureHeaders::sign(&key_id, SECRET, &method, &path, &digest, ts, nonce.clone());
+        let signed = SignatureHeaders::sign(
+            &key_id,
+            SECRET,
+            Some(AUTHORITY),
+            &method,
+            &path,
+            &digest,
+            ts,
+            nonce.clone(),
+        );
         let reparsed = SignatureHeaders::parse(|name| match name {
             HEADER_KEY_ID => Some(signed.key_id.as_str()),
             HEADER_TIMESTAMP => Some(timestamp.as_str()),
@@ -64,9 +75,13 @@ fuzz_target!(|data: &[u8]| {
             _ => None,
         });
         if let Ok(h) = reparsed {
-            assert!(h.verify(&ring, &method, &path, &digest, ts, 0).is_ok());
+            assert!(h
+                .verify(&ring, Some(AUTHORITY), &method, &path, &digest, ts, 0)
+                .is_ok());
             let other = Checksum::of(format!("{content}x").as_bytes());
-            assert!(h.verify(&ring, &method, &path, &other, ts, 0).is_err());
+            assert!(h
+                .verify(&ring, Some(AUTHORITY), &method, &path, &other, ts, 0)
+                .is_err());
         }
     }
 });

@@ -7,6 +7,8 @@
 //! be left behind once the answer is out.
 #![no_main]
 
+const AUTHORITY: &str = "127.0.0.1:8001";
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -33,7 +35,8 @@ fn fresh_state() -> (AppState, axum::Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::for_dir(dir.path().join("packages"), SECRET);
     config.max_package_size = 1 << 20;
-    config.allowed_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+    config.allowed_networks =
+        Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"));
     let state = AppState::new(config).expect("state");
     let app = deploy_receiver::app(state.clone());
     (state, app, dir)
@@ -130,6 +133,7 @@ fuzz_target!(|data: &[u8]| {
     let headers = SignatureHeaders::sign(
         "default",
         SECRET.as_bytes(),
+        Some(AUTHORITY),
         "POST",
         "/deployment/upload",
         &Checksum::of(&manifest),

@@ -55,7 +55,7 @@ async fn a_replay_raced_twenty_times_in_parallel_is_accepted_exactly_once() {
     let receiver = spawn_receiver(|c| c.max_concurrent_uploads = 32).await;
     let bytes = vec![9u8; 64 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let signing = Signing::post("/deployment/upload");
+    let signing = Signing::to(receiver.authority(), "/deployment/upload");
     let headers = signing.headers(&manifest);
     let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
     let client = reqwest::Client::new();
@@ -97,36 +97,42 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     let packages = dir.path().join("packages");
     let bytes = vec![7u8; 32 << 10];
     let manifest = manifest_for(&bytes).to_bytes();
-    let headers = Signing::post("/deployment/upload").headers(&manifest);
-    let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
-    let send = |url: String| {
-        let body = body.clone();
-        let headers = headers.clone();
-        async move {
-            let mut request = reqwest::Client::new()
-                .post(format!("{url}/deployment/upload"))
-                .header(
-                    "content-type",
-                    format!("multipart/form-data; boundary={BOUNDARY}"),
-                )
-                .body(body);
-            for (name, value) in headers.to_pairs() {
-                request = request.header(name, value);
-            }
-            let response = request.send().await.expect("send");
-            let status = response.status().as_u16();
-            let body: serde_json::Value = response.json().await.unwrap_or_default();
-            (status, body)
-        }
+    // Both runs answer to one configured authority, as behind a proxy: the request is the same.
+    let signing = Signing {
+        authority: "deploy.test".into(),
+        ..Signing::post("/deployment/upload")
     };
-    let first = spawn_receiver_in(packages.clone(), |_| {}).await;
-    let (status, body) = send(first.url.clone()).await;
-    assert_eq!(status, 200, "{body}");
+    let headers = signing.headers(&manifest);
+    let body = multipart_body(&[Part::manifest(manifest), Part::package(bytes)]);
+    let send = |url: String, headers: deploy_protocol::SignatureHeaders, body: Vec<u8>| async move {
+        let mut request = reqwest::Client::new()
+            .post(format!("{url}/deployment/upload"))
+            .header("host", "deploy.test")
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body);
+        for (name, value) in headers.to_pairs() {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        (status, body)
+    };
+    let proxied = |c: &mut deploy_receiver::Config| {
+        c.receiver_authorities = vec!["deploy.test".into()];
+    };
+    let first = spawn_receiver_in(packages.clone(), proxied).await;
+    let (status, answer) = send(first.url.clone(), headers.clone(), body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
     first.stop().await;
 
-    let second = spawn_receiver_in(packages.clone(), |_| {}).await;
+    let second = spawn_receiver_in(packages.clone(), proxied).await;
     assert_eq!(second.state.nonces().len(), 1, "the nonce was read back");
-    let (status, body) = send(second.url.clone()).await;
+    let (status, answer) = send(second.url.clone(), headers.clone(), body.clone()).await;
+    let body = answer;
     assert_eq!(status, 401, "{body}");
     assert_eq!(code(&body), "UNAUTHORIZED", "{body}");
     assert!(
@@ -136,12 +142,14 @@ async fn a_request_captured_before_a_restart_cannot_be_replayed_after_it() {
     // A fresh request still goes through.
     let fresh = vec![8u8; 1024];
     let manifest = manifest_for(&fresh).to_bytes();
-    let (status, body) = send_multipart(
-        &second,
-        "/deployment/upload",
-        &Signing::post("/deployment/upload"),
-        &manifest,
-        &[Part::manifest(manifest.clone()), Part::package(fresh)],
+    let fresh_signing = Signing {
+        authority: "deploy.test".into(),
+        ..Signing::post("/deployment/upload")
+    };
+    let (status, body) = send(
+        second.url.clone(),
+        fresh_signing.headers(&manifest),
+        multipart_body(&[Part::manifest(manifest.clone()), Part::package(fresh)]),
     )
     .await;
     assert_eq!(status, 200, "{body}");
@@ -157,14 +165,14 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
     let mut refused = 0;
     for round in 0..100 {
         // five kinds of bad envelope, each with a fresh, well-formed nonce
-        let mut wrong_secret = Signing::post("/deployment/upload");
+        let mut wrong_secret = Signing::to(receiver.authority(), "/deployment/upload");
         wrong_secret.secret = b"attacker-guess".to_vec();
-        let mut unknown_key = Signing::post("/deployment/upload");
+        let mut unknown_key = Signing::to(receiver.authority(), "/deployment/upload");
         unknown_key.key_id = format!("k{round}");
-        let mut stale = Signing::post("/deployment/upload");
+        let mut stale = Signing::to(receiver.authority(), "/deployment/upload");
         stale.timestamp -= 3600;
-        let wrong_path = Signing::post("/deployment/full");
-        let mut wrong_method = Signing::post("/deployment/upload");
+        let wrong_path = Signing::to(receiver.authority(), "/deployment/full");
+        let mut wrong_method = Signing::to(receiver.authority(), "/deployment/upload");
         wrong_method.method = "PUT".into();
         for signing in [wrong_secret, unknown_key, stale, wrong_path, wrong_method] {
             let mut request = client
@@ -186,7 +194,7 @@ async fn a_flood_of_bad_signatures_leaves_the_nonce_store_empty() {
         }
         // and a signed JSON request with a bad signature
         let (status, _) = {
-            let mut signing = Signing::post("/deployments");
+            let mut signing = Signing::to(receiver.authority(), "/deployments");
             signing.method = "GET".into();
             signing.secret = b"attacker-guess".to_vec();
             let mut request = client.get(format!("{}/deployments", receiver.url));
@@ -231,7 +239,11 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
     for _ in 0..3 {
         dribblers.push(tokio::spawn(async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
-            let headers = Signing::post("/deployment/upload").headers(b"{}");
+            let headers = Signing {
+                authority: addr.to_string(),
+                ..Signing::post("/deployment/upload")
+            }
+            .headers(b"{}");
             let mut head = upload_head(addr, &headers, 1 << 20);
             head.push_str(&format!(
                 "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{{"
@@ -247,7 +259,11 @@ async fn fifty_slow_clients_are_cut_off_while_a_normal_upload_succeeds() {
             let bytes = vec![0u8; 1 << 20];
             let manifest = manifest_for(&bytes).to_bytes();
             let body = multipart_body(&[Part::manifest(manifest.clone()), Part::package(bytes)]);
-            let headers = Signing::post("/deployment/upload").headers(&manifest);
+            let headers = Signing {
+                authority: addr.to_string(),
+                ..Signing::post("/deployment/upload")
+            }
+            .headers(&manifest);
             let head = upload_head(addr, &headers, body.len());
             stream.write_all(head.as_bytes()).await.expect("write");
             let start = body.len() - (1 << 20);
@@ -371,10 +387,11 @@ async fn upload_small(url: &str) -> (u16, serde_json::Value) {
             Part::manifest(manifest.clone()),
             Part::package(bytes),
         ]));
-    for (name, value) in Signing::post("/deployment/upload")
-        .headers(&manifest)
-        .to_pairs()
-    {
+    let signing = Signing {
+        authority: url.trim_start_matches("http://").to_owned(),
+        ..Signing::post("/deployment/upload")
+    };
+    for (name, value) in signing.headers(&manifest).to_pairs() {
         request = request.header(name, value);
     }
     let response = request.send().await.expect("send");
@@ -391,7 +408,8 @@ async fn ipv4_mapped_peers_on_a_dual_stack_socket_match_ipv4_networks() {
         };
         let port = listener.local_addr().expect("addr").port();
         let (_state, _dir, _stop) = serve_on(listener, |c| {
-            c.allowed_networks = vec![networks.parse().expect("cidr")];
+            c.allowed_networks =
+                Some(deploy_receiver::config::parse_networks(networks).expect("cidr"));
         })
         .await;
         // Connect over IPv4: the dual-stack socket sees the peer as ::ffff:127.0.0.1.

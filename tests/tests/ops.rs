@@ -28,8 +28,11 @@ fn status_of(report: &Report, name: &str) -> Status {
 
 #[tokio::test]
 async fn doctor_passes_every_check_against_a_receiver_with_the_right_key() {
-    let receiver =
-        spawn_receiver(|c| c.allowed_networks = vec!["127.0.0.0/8".parse().expect("net")]).await;
+    let receiver = spawn_receiver(|c| {
+        c.allowed_networks =
+            Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("net"))
+    })
+    .await;
     let report = doctor::diagnose(&receiver_config(&receiver.url, SECRET), 0).await;
     assert!(report.ok, "{report:#?}");
     for check in &report.checks {

@@ -105,10 +105,9 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(dir: &Path, upstream: &str) -> Self {
+    fn start(dir: &Path, port: u16, upstream: &str) -> Self {
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/proxy/nginx.conf");
         let shipped = std::fs::read_to_string(&shipped).expect("deploy/proxy/nginx.conf");
-        let port = free_port();
         let replace = |text: String, from: &str, to: &str| {
             assert!(text.contains(from), "nginx.conf no longer has {from:?}");
             text.replace(from, to)
@@ -233,12 +232,16 @@ async fn the_sender_uploads_through_the_shipped_nginx_tls_proxy_and_refuses_an_u
     // As OPERATIONS.md says: the receiver believes the proxy's X-Forwarded-For, and only allows
     // loopback clients, so a client-sent X-Forwarded-For that the proxy appended to instead of
     // replacing would turn into a 403.
+    // Requests are signed for the proxy's authority, which the receiver is told it answers to.
+    let port = free_port();
     let receiver = spawn_receiver(|c| {
         c.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
-        c.allowed_networks = vec!["127.0.0.0/8".parse().expect("cidr")];
+        c.allowed_networks =
+            Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"));
+        c.receiver_authorities = vec![format!("127.0.0.1:{port}")];
     })
     .await;
-    let nginx = Nginx::start(dir.path(), &receiver.url);
+    let nginx = Nginx::start(dir.path(), port, &receiver.url);
 
     let src = tempfile::tempdir().expect("tmp");
     let path = src.path().join("pkg.tar");

@@ -218,8 +218,11 @@ async fn timestamps_301_seconds_old_or_ahead_are_refused() {
 
 #[tokio::test]
 async fn client_outside_allowed_networks_is_403_before_the_body_is_read() {
-    let receiver =
-        spawn_receiver(|c| c.allowed_networks = vec!["10.0.0.0/8".parse().expect("cidr")]).await;
+    let receiver = spawn_receiver(|c| {
+        c.allowed_networks =
+            Some(deploy_receiver::config::parse_networks("10.0.0.0/8").expect("cidr"))
+    })
+    .await;
     // Announce a 1 GB body and send none of it: only an answer that does not wait for the body
     // can arrive.
     let mut stream = tokio::net::TcpStream::connect(receiver.addr)
@@ -242,8 +245,11 @@ async fn client_outside_allowed_networks_is_403_before_the_body_is_read() {
 
 #[tokio::test]
 async fn allowed_network_passes_the_allowlist() {
-    let receiver =
-        spawn_receiver(|c| c.allowed_networks = vec!["127.0.0.0/8".parse().expect("cidr")]).await;
+    let receiver = spawn_receiver(|c| {
+        c.allowed_networks =
+            Some(deploy_receiver::config::parse_networks("127.0.0.0/8").expect("cidr"))
+    })
+    .await;
     let bytes = vec![3u8; 1000];
     let manifest = manifest_for(&bytes).to_bytes();
     let (status, body) = upload_with(
@@ -366,7 +372,7 @@ async fn upload_cut_off_mid_stream_leaves_no_file() {
     let bytes = vec![6u8; 8 << 20];
     let m = manifest_for(&bytes).to_bytes();
     let body = multipart_body(&[Part::manifest(m.clone()), Part::package(bytes)]);
-    let headers = Signing::post("/deployment/upload").headers(&m);
+    let headers = Signing::to(receiver.authority(), "/deployment/upload").headers(&m);
     let mut head = format!(
         "POST /deployment/upload HTTP/1.1\r\nHost: {}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n",
         receiver.addr,

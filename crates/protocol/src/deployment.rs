@@ -54,6 +54,10 @@ pub struct DeploymentSpec {
     /// Host devices to map. Refused unless the receiver allows it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// Replace a container of this name that the receiver did not create (one without its
+    /// labels). Without it such a container is left alone and the deployment refused (409).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt_existing: bool,
 }
 
 /// One published port.
@@ -239,10 +243,27 @@ impl DeploymentSpec {
                 ));
             }
         }
-        for key in self.env.keys() {
-            if key.is_empty() || key.contains('=') || key.contains('\0') {
-                return Err(format!("invalid environment variable name {key:?}"));
+        for (key, value) in &self.env {
+            if key.is_empty()
+                || key.len() > 256
+                || key.contains('=')
+                || key.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(format!(
+                    "invalid environment variable name {key:?}: 1 to 256 characters, no '=', no whitespace or control characters"
+                ));
             }
+            if value.contains('\0') {
+                return Err(format!(
+                    "the value of environment variable {key} contains a NUL byte"
+                ));
+            }
+        }
+        let has_nul = |s: &String| s.contains('\0');
+        if self.labels.iter().any(|(k, v)| has_nul(k) || has_nul(v))
+            || self.command.iter().flatten().any(has_nul)
+        {
+            return Err("labels and command must not contain NUL bytes".into());
         }
         if self.labels.keys().any(|k| k.starts_with("io.deploy.")) {
             return Err("labels under io.deploy. are reserved for the receiver".into());

@@ -1,5 +1,7 @@
-//! The HMAC request envelope of protocol v1: canonical string, signing, constant-time verification
-//! against a key ring, and the timestamp skew check. Nonce replay is the receiver's (it needs state).
+//! The HMAC request envelope of protocol v1: canonical string (bound to the authority the client
+//! addressed), signing, constant-time verification against a key ring, and the timestamp skew
+//! check. Nonce replay and which authorities a receiver answers to are the receiver's (they need
+//! state and configuration).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,6 +72,9 @@ pub enum AuthError {
     /// The signature does not match the request.
     #[error("signature does not match the request: wrong key, or the request was altered")]
     BadSignature,
+    /// The request was addressed (its `Host`) to another receiver than this one.
+    #[error("request addressed to {0:?}, which is not this receiver (it answers to its own address and port, or to RECEIVER_AUTHORITIES): a request signed for one receiver is refused by every other")]
+    WrongAuthority(String),
     /// The nonce was already used inside the skew window.
     #[error("nonce already used: requests cannot be replayed")]
     ReplayedNonce,
@@ -80,6 +85,10 @@ pub enum AuthError {
 pub struct CanonicalRequest<'a> {
     /// HTTP method, upper case (`POST`).
     pub method: &'a str,
+    /// The authority the client addressed, `host[:port]` exactly as in its `Host` header, lower
+    /// case ([`canonical_authority`]). `None` is the older unbound form (no authority line), which
+    /// a receiver accepts only when configured to.
+    pub authority: Option<&'a str>,
     /// Path and query exactly as sent (`/deployment/upload`).
     pub path_and_query: &'a str,
     /// Unix time in seconds.
@@ -93,10 +102,15 @@ pub struct CanonicalRequest<'a> {
 }
 
 impl CanonicalRequest<'_> {
-    /// The canonical string: seven lines joined by `\n`, no trailing newline.
+    /// The canonical string: eight lines joined by `\n`, no trailing newline (seven in the unbound
+    /// form, which has no authority line).
     pub fn to_canonical_string(&self) -> String {
+        let authority = self
+            .authority
+            .map(|a| format!("{}\n", canonical_authority(a)))
+            .unwrap_or_default();
         format!(
-            "{ALGORITHM}\n{}\n{}\n{}\n{}\n{}\n{}",
+            "{ALGORITHM}\n{}\n{authority}{}\n{}\n{}\n{}\n{}",
             self.method,
             self.path_and_query,
             self.timestamp,
@@ -141,6 +155,68 @@ fn decode_signature(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// The authority as signed: ASCII lower case (host names are case-insensitive; a port is digits).
+pub fn canonical_authority(authority: &str) -> String {
+    authority.to_ascii_lowercase()
+}
+
+/// Whether `authority` has the form of a `Host` header this protocol signs: `host[:port]`, where
+/// host is a DNS name or IPv4 address (letters, digits, `-`, `.`, `_`) or a bracketed IPv6
+/// address, and port 1 to 5 digits; at most 255 characters, no user info, no path.
+pub fn is_valid_authority(authority: &str) -> bool {
+    if authority.is_empty() || authority.len() > 255 {
+        return false;
+    }
+    let (host, port) = split_authority(authority);
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    };
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && !p.starts_with('0')
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    });
+    host_ok && port_ok
+}
+
+/// `host[:port]` split into host and port (`[v6]:port` keeps its brackets on the host).
+pub fn split_authority(authority: &str) -> (&str, Option<&str>) {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(end) => {
+                let (host, rest) = authority.split_at(end + 1);
+                (
+                    host,
+                    rest.strip_prefix(':')
+                        .or(if rest.is_empty() { None } else { Some(rest) }),
+                )
+            }
+            None => (authority, None),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    }
+}
+
+/// Whether a timestamp header is a Unix time written canonically: decimal digits only, no sign,
+/// no leading zero (but `0` itself), at most 18 digits. Anything else would let one signature
+/// stand for several header values.
+pub fn is_canonical_timestamp(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 18
+        && value.bytes().all(|b| b.is_ascii_digit())
+        && (value == "0" || !value.starts_with('0'))
+}
+
 /// Whether a nonce has the allowed form: 16 to 64 of `[A-Za-z0-9_-]`.
 pub fn is_valid_nonce(nonce: &str) -> bool {
     (16..=64).contains(&nonce.len())
@@ -168,10 +244,13 @@ pub struct SignatureHeaders {
 }
 
 impl SignatureHeaders {
-    /// Signs a request: the client side of the envelope.
+    /// Signs a request for the receiver at `authority` (`host[:port]` as the client's `Host`
+    /// header will carry it; `None` for the unbound form): the client side of the envelope.
+    #[allow(clippy::too_many_arguments)]
     pub fn sign(
         key_id: &str,
         key: &[u8],
+        authority: Option<&str>,
         method: &str,
         path_and_query: &str,
         content_digest: &Checksum,
@@ -180,6 +259,7 @@ impl SignatureHeaders {
     ) -> Self {
         let canonical = CanonicalRequest {
             method,
+            authority,
             path_and_query,
             timestamp,
             nonce: &nonce,
@@ -199,19 +279,22 @@ impl SignatureHeaders {
     pub fn parse<'h>(get: impl Fn(&'static str) -> Option<&'h str>) -> Result<Self, AuthError> {
         let need = |name: &'static str| get(name).ok_or(AuthError::MissingHeader(name));
         let key_id = need(HEADER_KEY_ID)?;
-        if key_id.is_empty() || key_id.len() > 128 {
+        if key_id.is_empty() || key_id.len() > 128 || !key_id.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(AuthError::InvalidHeader {
                 name: HEADER_KEY_ID,
-                reason: "1 to 128 characters",
+                reason: "1 to 128 visible ASCII characters",
             });
         }
-        let timestamp =
-            need(HEADER_TIMESTAMP)?
-                .parse::<i64>()
-                .map_err(|_| AuthError::InvalidHeader {
-                    name: HEADER_TIMESTAMP,
-                    reason: "Unix time in whole seconds",
-                })?;
+        let timestamp = need(HEADER_TIMESTAMP)?;
+        let timestamp = is_canonical_timestamp(timestamp)
+            .then(|| timestamp.parse::<i64>().ok())
+            .flatten()
+            .ok_or(AuthError::InvalidHeader {
+                name: HEADER_TIMESTAMP,
+                reason:
+                    "Unix time in whole seconds, decimal digits only (no sign, no leading zero)",
+            })?;
         let nonce = need(HEADER_NONCE)?;
         if !is_valid_nonce(nonce) {
             return Err(AuthError::InvalidHeader {
@@ -244,12 +327,15 @@ impl SignatureHeaders {
         ]
     }
 
-    /// Verifies these headers for a request: key id known, timestamp within `max_skew_secs` of
+    /// Verifies these headers for a request addressed to `authority` (`None`: the unbound form):
+    /// key id known, timestamp within `max_skew_secs` of
     /// `now`, signature matching in constant time. The caller checks the nonce for replay after
     /// this succeeds, so that unauthenticated requests cannot fill its nonce store.
+    #[allow(clippy::too_many_arguments)]
     pub fn verify(
         &self,
         ring: &KeyRing,
+        authority: Option<&str>,
         method: &str,
         path_and_query: &str,
         content_digest: &Checksum,
@@ -269,6 +355,7 @@ impl SignatureHeaders {
         }
         let canonical = CanonicalRequest {
             method,
+            authority,
             path_and_query,
             timestamp: self.timestamp,
             nonce: &self.nonce,

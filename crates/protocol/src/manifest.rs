@@ -144,6 +144,13 @@ impl PackageManifest {
                 ));
             }
         }
+        if let Some(created_at) = &self.created_at {
+            if !is_rfc3339(created_at) {
+                return invalid(format!(
+                    "created_at {created_at:?} is not an RFC 3339 time (2025-10-25T12:00:00Z)"
+                ));
+            }
+        }
         if let Some(spec) = &self.deployment {
             spec.validate().map_err(ManifestError::Invalid)?;
         }
@@ -154,6 +161,65 @@ impl PackageManifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serialising plain data with string keys cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Whether `s` is an RFC 3339 date-time: `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, with
+/// fields in range (a leap second `:60` allowed), at most 64 characters.
+pub fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        let digits = b.get(range)?;
+        digits.iter().all(u8::is_ascii_digit).then(|| {
+            digits
+                .iter()
+                .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    if s.len() > 64 || b.len() < 20 {
+        return false;
+    }
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = (
+        num(0..4),
+        num(5..7),
+        num(8..10),
+        num(11..13),
+        num(14..16),
+        num(17..19),
+    ) else {
+        return false;
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    let separators = b[4] == b'-'
+        && b[7] == b'-'
+        && matches!(b[10], b'T' | b't')
+        && b[13] == b':'
+        && b[16] == b':';
+    if !separators || day == 0 || day > days || hour > 23 || minute > 59 || second > 60 {
+        return false;
+    }
+    let mut rest = &b[19..];
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let n = fraction.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &fraction[n..];
+    }
+    match rest {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            let all = [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit());
+            all && (h1 - b'0') * 10 + (h2 - b'0') <= 23 && (m1 - b'0') * 10 + (m2 - b'0') <= 59
+        }
+        _ => false,
     }
 }
 
@@ -279,6 +345,34 @@ mod tests {
         }
         for bad in ["a", "A:b", "a:", "a:b/c", "a@sha256:00", ":x", "a//b:c"] {
             assert!(!is_valid_image_reference(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn created_at_must_be_rfc3339() {
+        for good in [
+            "2025-10-25T12:00:00Z",
+            "2024-02-29T23:59:60.123+02:00",
+            "2025-10-25t12:00:00z",
+            "2025-10-25T12:00:00.5-05:30",
+        ] {
+            assert!(is_rfc3339(good), "{good}");
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "2025-10-25",
+            "2025-10-25 12:00:00Z",
+            "2025-02-29T12:00:00Z",
+            "2025-13-01T12:00:00Z",
+            "2025-10-25T24:00:00Z",
+            "2025-10-25T12:00:00",
+            "2025-10-25T12:00:00.Z",
+            "2025-10-25T12:00:00+2:00",
+            "2025-10-25T12:00:00Z\n",
+            "+2025-10-25T12:00:00Z",
+        ] {
+            assert!(!is_rfc3339(bad), "{bad:?}");
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Property tests of the HMAC envelope: a request is signed, then every signed field (method, path,
+//! Property tests of the HMAC envelope: a request is signed, then every signed field (authority, method, path,
 //! query, timestamp, nonce, key id, signed content) and every character of the signature is
 //! changed, one at a time; the receiver's check (`SignatureHeaders::parse` then `verify`, exactly
 //! as `deploy-receiver` runs them) must refuse every single mutation.
@@ -20,6 +20,7 @@ use proptest::test_runner::{Config, TestRunner};
 /// Everything a receiver sees of a signed request.
 #[derive(Debug, Clone, PartialEq)]
 struct Seen {
+    authority: String,
     method: String,
     path: String,
     query: Option<String>,
@@ -53,6 +54,7 @@ fn check(seen: &Seen, secret: &[u8], now: i64) -> Result<(), AuthError> {
     ring.insert(seen.key_id.clone(), secret.to_vec());
     headers.verify(
         &ring,
+        Some(&seen.authority),
         &seen.method,
         &seen.path_and_query(),
         &Checksum::of(&seen.content),
@@ -64,6 +66,7 @@ fn check(seen: &Seen, secret: &[u8], now: i64) -> Result<(), AuthError> {
 #[derive(Debug, Clone)]
 struct Case {
     secret: Vec<u8>,
+    authority: String,
     method: String,
     path: String,
     query: Option<String>,
@@ -76,17 +79,19 @@ struct Case {
 fn cases() -> impl Strategy<Value = Case> {
     (
         proptest::collection::vec(any::<u8>(), 1..64),
+        "[a-z0-9.-]{1,30}(:[1-9][0-9]{0,3})?",
         prop::sample::select(vec!["GET", "POST", "PUT", "DELETE"]),
         "/[a-z0-9/_.-]{0,40}",
         proptest::option::of("[a-z0-9=&_-]{1,24}"),
         proptest::collection::vec(any::<u8>(), 0..300),
         "[A-Za-z0-9._-]{1,40}",
-        -4_000_000_000i64..8_000_000_000i64,
+        0i64..8_000_000_000i64,
         "[A-Za-z0-9_-]{16,64}",
     )
         .prop_map(
-            |(secret, method, path, query, content, key_id, timestamp, nonce)| Case {
+            |(secret, authority, method, path, query, content, key_id, timestamp, nonce)| Case {
                 secret,
+                authority,
                 method: method.to_owned(),
                 path,
                 query,
@@ -100,6 +105,7 @@ fn cases() -> impl Strategy<Value = Case> {
 
 fn signed(case: &Case) -> Seen {
     let mut seen = Seen {
+        authority: case.authority.clone(),
         method: case.method.clone(),
         path: case.path.clone(),
         query: case.query.clone(),
@@ -112,6 +118,7 @@ fn signed(case: &Case) -> Seen {
     seen.signature = SignatureHeaders::sign(
         &case.key_id,
         &case.secret,
+        Some(&case.authority),
         &case.method,
         &seen.path_and_query(),
         &Checksum::of(&case.content),
@@ -174,6 +181,9 @@ fn field_mutations(seen: &Seen) -> Vec<(&'static str, Seen)> {
         if method != seen.method {
             out.push(("method", with(&|m| m.method = method.into())));
         }
+    }
+    for authority in string_mutations(&seen.authority, 1, 255) {
+        out.push(("authority", with(&|m| m.authority = authority.clone())));
     }
     for path in string_mutations(&seen.path, 1, 200) {
         out.push(("path", with(&|m| m.path = path.clone())));
@@ -308,6 +318,7 @@ fn field_mutations_reach_the_mac_not_just_the_form_checks() {
     // signature, which is what shows the field is signed.
     let case = Case {
         secret: b"kat-secret-0123456789abcdef0123456789".to_vec(),
+        authority: "192.168.86.200:8001".into(),
         method: "POST".into(),
         path: "/deployment/upload".into(),
         query: Some("limit=10".into()),
@@ -326,6 +337,7 @@ fn field_mutations_reach_the_mac_not_just_the_form_checks() {
         }
     }
     for field in [
+        "authority",
         "method",
         "path",
         "query",

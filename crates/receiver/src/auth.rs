@@ -7,10 +7,17 @@ use axum::extract::{ConnectInfo, FromRequest, OriginalUri, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
+use deploy_protocol::envelope::{
+    canonical_authority, is_valid_authority, HEADER_CORRELATION_ID, HEADER_KEY_ID, HEADER_NONCE,
+    HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
 use deploy_protocol::{AuthError, Checksum, SignatureHeaders};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 
+use crate::config::AllowedNetworks;
+use crate::connections;
+use crate::deadline::BodyTimeout;
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
 
@@ -21,28 +28,43 @@ pub use deploy_protocol::envelope::unix_now;
 
 /// The client's address: the socket peer (IPv4-mapped IPv6 read as IPv4), or, when the peer is a
 /// trusted proxy, the right-most address in `X-Forwarded-For` that is not a trusted proxy.
-pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted_proxies: &[IpNet]) -> IpAddr {
+/// `forwarded_for` is every `X-Forwarded-For` line in the order received (a proxy that appends
+/// its own line is read like one that appends to the last). `None` when the chain cannot be read
+/// where it matters (a hop that is not an address before an untrusted one is found): such a
+/// client cannot be placed, and is refused.
+pub fn client_ip(
+    peer: IpAddr,
+    forwarded_for: &[&[u8]],
+    trusted_proxies: &[IpNet],
+) -> Option<IpAddr> {
     let peer = peer.to_canonical();
     let trusted = |ip: &IpAddr| trusted_proxies.iter().any(|net| net.contains(ip));
     if !trusted(&peer) {
-        return peer;
+        return Some(peer);
     }
-    let Some(chain) = forwarded_for else {
-        return peer;
-    };
     let mut client = peer;
-    for hop in chain.rsplit(',') {
-        match hop.trim().parse::<IpAddr>() {
-            Ok(ip) => {
-                client = ip.to_canonical();
-                if !trusted(&client) {
-                    break;
-                }
+    for line in forwarded_for.iter().rev() {
+        for hop in line.rsplit(|b| *b == b',') {
+            let hop = std::str::from_utf8(hop).ok()?.trim_matches([' ', '\t']);
+            client = parse_hop(hop)?.to_canonical();
+            if !trusted(&client) {
+                return Some(client);
             }
-            Err(_) => break,
         }
     }
-    client
+    Some(client)
+}
+
+/// One `X-Forwarded-For` entry: an address, optionally bracketed (IPv6) or with a port.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .and_then(|h| h.parse::<IpAddr>().ok())
+        })
 }
 
 /// Middleware: refuses clients outside ALLOWED_NETWORKS with 403 before the body is touched.
@@ -52,28 +74,91 @@ pub async fn allowlist(
     request: Request,
     next: Next,
 ) -> Result<Response> {
-    let networks = &state.config().allowed_networks;
-    if !networks.is_empty() {
-        let forwarded = request
+    if let AllowedNetworks::Only(networks) = state.config().networks() {
+        let lines: Vec<&[u8]> = request
             .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let ip = client_ip(peer.ip(), forwarded, &state.config().trusted_proxies);
-        if !networks.iter().any(|net| net.contains(&ip)) {
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let refuse = |why: String| {
             state.metrics().auth_refused("forbidden");
-            return Err(ReceiverError::Forbidden(ip));
+            Err(ReceiverError::Forbidden(why))
+        };
+        match client_ip(peer.ip(), &lines, &state.config().trusted_proxies) {
+            None => {
+                return refuse(format!(
+                    "X-Forwarded-For from the trusted proxy {} holds an entry that is not an address: the client cannot be placed",
+                    peer.ip()
+                ))
+            }
+            Some(ip) if !networks.iter().any(|net| net.contains(&ip)) => {
+                return refuse(format!(
+                    "address {ip} is not in this receiver's ALLOWED_NETWORKS"
+                ))
+            }
+            Some(_) => {}
         }
     }
     Ok(next.run(request).await)
 }
 
-/// Verifies a request's envelope for `content_digest`, then spends its nonce.
+/// Headers a signed request may carry once only: the envelope, and what decides how its body and
+/// target are read. A second line would let a proxy and the receiver read two different requests.
+const SINGLE_HEADERS: [&str; 8] = [
+    HEADER_KEY_ID,
+    HEADER_TIMESTAMP,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_CORRELATION_ID,
+    "host",
+    "content-type",
+    "content-length",
+];
+
+/// The authority the client addressed: its one `Host` header, which an absolute-form target
+/// (`POST http://host/...`) must agree with.
+fn addressed_authority(parts: &Parts) -> std::result::Result<String, AuthError> {
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .ok_or(AuthError::MissingHeader("host"))?;
+    let invalid = AuthError::InvalidHeader {
+        name: "host",
+        reason: "host[:port]: a DNS name, an IPv4 address or a bracketed IPv6 address",
+    };
+    let host = host.to_str().map_err(|_| invalid.clone())?;
+    if !is_valid_authority(host) {
+        return Err(invalid);
+    }
+    if let Some(target) = parts.uri.authority() {
+        if !target.as_str().eq_ignore_ascii_case(host) {
+            return Err(AuthError::InvalidHeader {
+                name: "host",
+                reason: "differs from the authority in the request target",
+            });
+        }
+    }
+    Ok(canonical_authority(host))
+}
+
+/// Verifies a request's envelope for `content_digest`, then spends its nonce and marks its
+/// connection as authenticated (never evicted for a newcomer: see `crate::connections`).
 pub fn authenticate(
     state: &AppState,
     parts: &Parts,
     content_digest: &Checksum,
 ) -> Result<SignatureHeaders> {
     let result = (|| {
+        for name in SINGLE_HEADERS {
+            if parts.headers.get_all(name).iter().nth(1).is_some() {
+                return Err(AuthError::InvalidHeader {
+                    name,
+                    reason: "sent more than once",
+                }
+                .into());
+            }
+        }
         let headers =
             SignatureHeaders::parse(|name| parts.headers.get(name).and_then(|v| v.to_str().ok()))?;
         let path_and_query = parts
@@ -84,20 +169,46 @@ pub fn authenticate(
             .path_and_query()
             .map_or("/", |pq| pq.as_str());
         let now = unix_now();
-        let skew = state.config().hmac_max_skew_secs;
-        headers.verify(
-            state.keys(),
-            parts.method.as_str(),
-            path_and_query,
-            content_digest,
-            now,
-            skew,
-        )?;
+        let config = state.config();
+        let skew = config.hmac_max_skew_secs;
+        let local = parts
+            .extensions
+            .get::<connections::Local>()
+            .map_or(config.bind, |l| l.0);
+        let verify = |authority: Option<&str>| {
+            headers.verify(
+                state.keys(),
+                authority,
+                parts.method.as_str(),
+                path_and_query,
+                content_digest,
+                now,
+                skew,
+            )
+        };
+        let authority = addressed_authority(parts);
+        let ours = match &authority {
+            Ok(a) => state.authorities().accepts(a, local),
+            Err(_) => false,
+        };
+        let verdict = match (ours, config.accept_unbound_signatures) {
+            (true, false) => verify(authority.as_deref().ok()),
+            (true, true) => verify(authority.as_deref().ok()).or_else(|_| verify(None)),
+            (false, true) => verify(None),
+            (false, false) => Err(match authority {
+                Ok(a) => AuthError::WrongAuthority(a),
+                Err(e) => e,
+            }),
+        };
+        verdict?;
         // Stored only now that the MAC verified: see NonceCache.
         let expires = headers.timestamp.saturating_add(skew as i64);
         state
             .nonces()
             .check_and_insert(&headers.nonce, expires, now)?;
+        if let Some(mark) = parts.extensions.get::<connections::Mark>() {
+            mark.authenticated();
+        }
         Ok(headers)
     })();
     if let Err(e) = &result {
@@ -106,6 +217,7 @@ pub fn authenticate(
             ReceiverError::Unauthorized(AuthError::TimestampSkew { .. }) => "timestamp_skew",
             ReceiverError::Unauthorized(AuthError::UnknownKeyId(_)) => "unknown_key_id",
             ReceiverError::Unauthorized(AuthError::BadSignature) => "bad_signature",
+            ReceiverError::Unauthorized(AuthError::WrongAuthority(_)) => "wrong_authority",
             ReceiverError::Unauthorized(_) => "malformed_headers",
             _ => "other",
         };
@@ -125,10 +237,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Signed<T> {
         let (parts, body) = request.into_parts();
         let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
             .await
-            .map_err(|_| {
-                ReceiverError::Validation(format!(
-                    "request body is larger than {MAX_JSON_BODY} bytes"
-                ))
+            .map_err(|e| match BodyTimeout::find(&e) {
+                Some(why) => ReceiverError::Timeout(why),
+                None => ReceiverError::Validation(format!(
+                    "request body could not be read or is larger than {MAX_JSON_BODY} bytes: {e}"
+                )),
             })?;
         authenticate(state, &parts, &Checksum::of(&bytes))?;
         let json: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
@@ -148,21 +261,47 @@ mod tests {
 
     #[test]
     fn mapped_ipv6_is_matched_as_ipv4() {
-        let ip = client_ip("::ffff:10.0.0.1".parse().expect("ip"), None, &[]);
+        let ip = client_ip("::ffff:10.0.0.1".parse().expect("ip"), &[], &[]).expect("placed");
         assert_eq!(ip, "10.0.0.1".parse::<IpAddr>().expect("ip"));
         assert!(nets(&["10.0.0.0/8"]).iter().any(|n| n.contains(&ip)));
     }
 
     #[test]
     fn forwarded_for_only_from_trusted_proxies() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
         let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
         let untrusted: IpAddr = "127.0.0.9".parse().expect("ip");
         let trusted = nets(&["127.0.0.1/32", "10.9.0.0/16"]);
-        assert_eq!(client_ip(untrusted, Some("10.1.1.1"), &trusted), untrusted);
         assert_eq!(
-            client_ip(proxy, Some("192.0.2.7, 10.9.0.3"), &trusted),
-            "192.0.2.7".parse::<IpAddr>().expect("ip")
+            client_ip(untrusted, &[b"10.1.1.1"], &trusted),
+            Some(untrusted)
         );
-        assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, &[b"192.0.2.7, 10.9.0.3"], &trusted),
+            ip("192.0.2.7")
+        );
+        // A proxy that appends its own line: the last line is the one it wrote.
+        assert_eq!(
+            client_ip(proxy, &[b"10.1.1.1", b"192.0.2.7"], &trusted),
+            ip("192.0.2.7")
+        );
+        assert_eq!(
+            client_ip(proxy, &[b"10.1.1.1", b"10.9.0.3"], &trusted),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            client_ip(proxy, &[b"[2001:db8::1]"], &trusted),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client_ip(proxy, &[b"192.0.2.7:5000"], &trusted),
+            ip("192.0.2.7")
+        );
+        assert_eq!(client_ip(proxy, &[b"garbage"], &trusted), None);
+        assert_eq!(client_ip(proxy, &[b"10.1.1.1, garbage"], &trusted), None);
+        assert_eq!(client_ip(proxy, &[b"\xff10.1.1.1"], &trusted), None);
+        // Only the proxies' own hops: the nearest is the client.
+        assert_eq!(client_ip(proxy, &[b"10.9.0.3"], &trusted), ip("10.9.0.3"));
+        assert_eq!(client_ip(proxy, &[], &trusted), Some(proxy));
     }
 }

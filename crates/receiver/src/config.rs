@@ -40,10 +40,24 @@ pub struct Config {
     #[arg(long, env = "DEPLOY_HMAC_KEYS", hide_env_values = true)]
     pub hmac_keys: Option<String>,
 
-    /// Client networks allowed to call /deployment endpoints, comma-separated CIDRs
-    /// (unset = any address; the HMAC signature is required either way).
-    #[arg(long, env = "ALLOWED_NETWORKS", value_delimiter = ',')]
-    pub allowed_networks: Vec<IpNet>,
+    /// Client networks allowed to call /deployment endpoints: comma-separated CIDRs, or `any`
+    /// (said explicitly; the HMAC signature is required either way). Required: unset, empty or
+    /// blank is a start-up error.
+    #[arg(long, env = "ALLOWED_NETWORKS", value_parser = parse_networks)]
+    pub allowed_networks: Option<AllowedNetworks>,
+
+    /// The authorities (`host[:port]`, as clients put it in the Host header and sign it) this
+    /// receiver answers to, comma-separated. Unset: its own address the client connected to, this
+    /// host's name or `localhost`, each with the listening port. Set it behind a reverse proxy or a
+    /// published container port (`deploy.example.com`, `192.168.86.200:8001`).
+    #[arg(long, env = "RECEIVER_AUTHORITIES", value_delimiter = ',')]
+    pub receiver_authorities: Vec<String>,
+
+    /// Also accept signatures in the older form that does not cover the authority (a request
+    /// signed that way can be replayed to any receiver sharing the key): only while senders are
+    /// upgraded.
+    #[arg(long, env = "ACCEPT_UNBOUND_SIGNATURES")]
+    pub accept_unbound_signatures: bool,
 
     /// Reverse proxies whose X-Forwarded-For is believed, comma-separated CIDRs (unset = none).
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
@@ -84,6 +98,20 @@ pub struct Config {
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 15)]
     pub header_read_timeout_secs: u64,
 
+    /// Connections open at once (lowered to the process's open-file limit less 64). A newcomer
+    /// over it takes the place of the oldest connection that has not authenticated a request.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Connections open at once from one client address (the socket peer); a newcomer over it
+    /// takes the place of that address's oldest unauthenticated connection.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
+    pub max_connections_per_ip: usize,
+
+    /// Seconds a stop (SIGTERM) waits for requests in flight before it closes their connections.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
     /// Versions kept per container name for rollback: the images and packages of its last N
     /// successful deployments (older ones, and those of rolled-back deployments, are removed
     /// after each successful deployment of that name).
@@ -114,6 +142,12 @@ pub struct Config {
     /// Let deployment specs map host devices.
     #[arg(long, env = "ALLOW_DEVICES")]
     pub allow_devices: bool,
+
+    /// Let deployments run, re-tag and prune images this receiver did not load from a verified
+    /// package (an image already on the host, named by the request). Off: only images it loaded
+    /// may be run, and a package may only move tags that point at such images.
+    #[arg(long, env = "ALLOW_UNVERIFIED_IMAGES")]
+    pub allow_unverified_images: bool,
 
     /// Kafka bootstrap servers for lifecycle events (unset = local outbox only).
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
@@ -146,6 +180,52 @@ pub enum ConfigError {
     /// DEPLOY_HMAC_KEYS is malformed.
     #[error("DEPLOY_HMAC_KEYS: {0}")]
     KeyList(#[from] deploy_protocol::envelope::KeyListError),
+    /// ALLOWED_NETWORKS is not set.
+    #[error(
+        "ALLOWED_NETWORKS is not set: name the client networks (ALLOWED_NETWORKS=192.168.86.0/24,10.0.0.0/8) \
+         or say ALLOWED_NETWORKS=any — the receiver does not guess"
+    )]
+    NoNetworks,
+    /// RECEIVER_AUTHORITIES is malformed.
+    #[error("{0}")]
+    Authorities(String),
+}
+
+/// Who may call /deployment endpoints, by address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedNetworks {
+    /// Any address (`ALLOWED_NETWORKS=any`).
+    Any,
+    /// Addresses in these networks.
+    Only(Vec<IpNet>),
+}
+
+/// Parses `any` or comma-separated CIDRs; empty or blank (or an empty entry) is an error.
+pub fn parse_networks(s: &str) -> Result<AllowedNetworks, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(
+            "empty: name the client networks as CIDRs (10.0.0.0/8,192.168.86.0/24) or say `any`"
+                .into(),
+        );
+    }
+    if s.eq_ignore_ascii_case("any") {
+        return Ok(AllowedNetworks::Any);
+    }
+    s.split(',')
+        .map(|entry| {
+            let entry = entry.trim();
+            entry
+                .parse::<IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!(
+                        "{entry:?} is not a CIDR (10.0.0.0/8) or an address; `any` stands alone"
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(AllowedNetworks::Only)
 }
 
 impl Config {
@@ -155,7 +235,22 @@ impl Config {
         config.package_dir = package_dir.into();
         config.hmac_secret = Some(secret.to_owned());
         config.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.allowed_networks = Some(AllowedNetworks::Any);
         config
+    }
+
+    /// The allowlist; [`Config::check`] has made sure it is set.
+    pub fn networks(&self) -> &AllowedNetworks {
+        static NONE: AllowedNetworks = AllowedNetworks::Only(Vec::new());
+        self.allowed_networks.as_ref().unwrap_or(&NONE)
+    }
+
+    /// Refuses a configuration that does not say what it must: the allowlist.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.allowed_networks.is_none() {
+            return Err(ConfigError::NoNetworks);
+        }
+        Ok(())
     }
 
     /// The key ring from DEPLOY_HMAC_KEYS and DEPLOY_HMAC_SECRET; empty is an error.
@@ -204,6 +299,27 @@ mod tests {
         assert_eq!(parse_size("1000"), Ok(1000));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("0").is_err());
+    }
+
+    #[test]
+    fn networks_must_be_named_or_any() {
+        assert!(parse_networks("").is_err());
+        assert!(parse_networks("  ").is_err());
+        assert!(parse_networks("10.0.0.0/8,").is_err());
+        assert!(parse_networks("any,10.0.0.0/8").is_err());
+        assert_eq!(parse_networks("any"), Ok(AllowedNetworks::Any));
+        assert_eq!(parse_networks(" ANY "), Ok(AllowedNetworks::Any));
+        assert_eq!(
+            parse_networks("10.0.0.0/8, 192.0.2.1"),
+            Ok(AllowedNetworks::Only(vec![
+                "10.0.0.0/8".parse().expect("net"),
+                "192.0.2.1/32".parse().expect("net")
+            ]))
+        );
+        let mut config = Config::for_dir("/tmp/x", "k");
+        assert!(config.check().is_ok());
+        config.allowed_networks = None;
+        assert!(matches!(config.check(), Err(ConfigError::NoNetworks)));
     }
 
     #[test]

@@ -3,28 +3,28 @@
 //! and the old one comes back. Every step is written to the journal first, so that a receiver
 //! killed mid-deploy can finish or undo it when it starts again (see [`reconcile`]).
 
+mod containers;
+pub mod health;
+pub mod policy;
 mod prune;
 pub mod reconcile;
 mod record;
 mod replace;
-pub mod spec;
 mod stopping;
 
+pub use containers::aside_name;
 pub use record::Deployment;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bollard::container::RemoveContainerOptions;
 use bollard::Docker;
 use deploy_protocol::api::{
     DeployRequest, DeploymentRecord, DeploymentStatus, Stage, StageOutcome,
 };
-use deploy_protocol::display::short;
-use deploy_protocol::{DeploymentSpec, HealthCheckKind};
+use deploy_protocol::{DeploymentSpec, HealthCheckKind, PackageManifest};
 
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
-use crate::health;
 use crate::spool::Received;
 use crate::state::AppState;
 
@@ -48,14 +48,16 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
             "deployment.image is required: the image to run, loaded on this host".into(),
         )
     })?;
-    spec::check_policy(state.config(), &spec)?;
+    policy::check_policy(state.config(), &spec)?;
     let manifest = match request.package_id {
         Some(id) => state.store().get(id)?.map(|p| p.manifest),
         None => None,
     };
     let docker = state.docker().client().await?;
     let image_id = inspect_image(&docker, &image, &spec).await?;
+    check_verified(state, &image, &image_id)?;
     let _turn = state.container_lock(&spec.container_name).await;
+    containers::refuse_unmanaged(&docker, &spec).await?;
     let mut deployment = Deployment::begin(state, &spec, &image, manifest.as_ref()).await?;
     deployment.record.package_id = deployment.record.package_id.or(request.package_id);
     deployment.record.image_id = Some(image_id);
@@ -63,13 +65,13 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
     outcome(replace::replace(deployment, &docker, &spec, &image).await)
 }
 
-/// `POST /deployment/full` after the upload: load the received package, then deploy the spec in
-/// its manifest (`image` defaults to the first image tag) with health check and rollback.
-pub async fn deploy_package(state: &AppState, received: Received) -> Result<DeploymentRecord> {
-    let manifest = &received.package.manifest;
+/// The spec `/deployment/full` runs for `manifest`: its `deployment` with `image` defaulting to
+/// the first image tag, validated and within policy. Checked as soon as the manifest is
+/// authenticated, before the package is read: a refused spec stores nothing.
+pub fn full_spec(state: &AppState, manifest: &PackageManifest) -> Result<(DeploymentSpec, String)> {
     let mut spec = manifest.deployment.clone().ok_or_else(|| {
         ReceiverError::Validation(format!(
-            "the manifest of package {} has no `deployment` spec, which /deployment/full needs (the package was stored: deploy it with /deployment/load and /deployment/deploy)",
+            "the manifest of package {} has no `deployment` spec, which /deployment/full needs (upload it with /deployment/upload, then /deployment/load and /deployment/deploy)",
             manifest.package_id
         ))
     })?;
@@ -80,7 +82,34 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
         )
     })?;
     spec.validate().map_err(ReceiverError::Validation)?;
-    spec::check_policy(state.config(), &spec)?;
+    policy::check_policy(state.config(), &spec)?;
+    if !state.config().allow_unverified_images && !manifest.image_tags.contains(&image) {
+        return Err(ReceiverError::PolicyDenied(format!(
+            "deployment.image {image} is not one of the package's image_tags: /deployment/full runs the image its package loads (ALLOW_UNVERIFIED_IMAGES lets it run another)"
+        )));
+    }
+    Ok((spec, image))
+}
+
+/// Refuses to run an image this receiver did not load from a verified package, unless
+/// ALLOW_UNVERIFIED_IMAGES.
+fn check_verified(state: &AppState, image: &str, image_id: &str) -> Result<()> {
+    if state.config().allow_unverified_images || state.images().contains(image_id) {
+        return Ok(());
+    }
+    Err(ReceiverError::PolicyDenied(format!(
+        "image {image} ({image_id}) was not loaded by this receiver from a verified package: send its package first (ALLOW_UNVERIFIED_IMAGES lets it run images the host already has)"
+    )))
+}
+
+/// `POST /deployment/full` after the upload: load the received package, then deploy the spec in
+/// its manifest (`image` defaults to the first image tag) with health check and rollback.
+pub async fn deploy_package(state: &AppState, received: Received) -> Result<DeploymentRecord> {
+    let manifest = &received.package.manifest;
+    let (spec, image) = full_spec(state, manifest)?;
+    if let Ok(docker) = state.docker().client().await {
+        containers::refuse_unmanaged(&docker, &spec).await?;
+    }
 
     let mut deployment = Deployment::begin(state, &spec, &image, Some(manifest)).await?;
     let secs = received.duration.as_secs_f64().max(1e-9);
@@ -103,32 +132,26 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
             manifest.package_checksum
         )),
     );
-    let started = Instant::now();
+    let timed = Deployment::time(Stage::Load);
     match crate::load::load_package(state, &received.package).await {
-        Ok(loaded) => deployment.stage(
-            Stage::Load,
-            StageOutcome::Ok,
-            started.elapsed(),
-            Some(format!(
+        Ok(loaded) => timed.ok(
+            &mut deployment,
+            format!(
                 "loaded {} tagged {}",
                 loaded.image_id,
                 loaded.image_tags.join(", ")
-            )),
+            ),
         ),
         Err(e) => {
-            deployment.stage(
-                Stage::Load,
-                StageOutcome::Failed,
-                started.elapsed(),
-                Some(e.to_string()),
-            );
+            timed.failed(&mut deployment, &e);
             return outcome(deployment.finish(DeploymentStatus::Failed, Some(&e)).await);
         }
     }
-    let started = Instant::now();
+    let timed = Deployment::time(Stage::Start);
     let prepared = async {
         let docker = state.docker().client().await?;
         let id = inspect_image(&docker, &image, &spec).await?;
+        check_verified(state, &image, &id)?;
         Ok::<_, ReceiverError>((docker, id))
     }
     .await;
@@ -139,16 +162,16 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
             docker
         }
         Err(e) => {
-            deployment.stage(
-                Stage::Start,
-                StageOutcome::Failed,
-                started.elapsed(),
-                Some(e.to_string()),
-            );
+            timed.failed(&mut deployment, &e);
             return outcome(deployment.finish(DeploymentStatus::Failed, Some(&e)).await);
         }
     };
     let _turn = state.container_lock(&spec.container_name).await;
+    if let Err(e) = containers::refuse_unmanaged(&docker, &spec).await {
+        let timed = Deployment::time(Stage::Start);
+        timed.failed(&mut deployment, &e);
+        return outcome(deployment.finish(DeploymentStatus::Failed, Some(&e)).await);
+    }
     outcome(replace::replace(deployment, &docker, &spec, &image).await)
 }
 
@@ -180,51 +203,4 @@ async fn inspect_image(docker: &Docker, image: &str, spec: &DeploymentSpec) -> R
         )));
     }
     Ok(inspect.id.unwrap_or_else(|| image.to_owned()))
-}
-
-/// The container named exactly `name`, if any (Docker resolves an id prefix too: never take an
-/// unrelated container for the one to replace).
-pub(crate) async fn container_named(
-    docker: &Docker,
-    name: &str,
-) -> Result<Option<bollard::models::ContainerInspectResponse>> {
-    let wanted = format!("/{name}");
-    Ok(find_container(docker, name)
-        .await?
-        .filter(|c| c.name.as_deref() == Some(wanted.as_str())))
-}
-
-/// The container with this id (or name), if any.
-pub(crate) async fn find_container(
-    docker: &Docker,
-    name: &str,
-) -> Result<Option<bollard::models::ContainerInspectResponse>> {
-    match docker.inspect_container(name, None).await {
-        Ok(c) => Ok(Some(c)),
-        Err(e) => match map_err(e, ReceiverError::Internal) {
-            ReceiverError::NotFound(_) => Ok(None),
-            other => Err(other),
-        },
-    }
-}
-
-/// Removes a container, running or not; one already gone is fine.
-pub(crate) async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
-    let options = RemoveContainerOptions {
-        force: true,
-        v: false,
-        link: false,
-    };
-    match docker.remove_container(id, Some(options)).await {
-        Ok(()) => Ok(()),
-        Err(e) => match map_err(e, ReceiverError::DeployFailed) {
-            ReceiverError::NotFound(_) => Ok(()),
-            other => Err(other),
-        },
-    }
-}
-
-/// The name an old container carries while its replacement is tried.
-pub fn aside_name(name: &str, id: &str) -> String {
-    format!("{name}.previous-{}", short(id))
 }

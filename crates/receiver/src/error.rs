@@ -1,8 +1,6 @@
 //! The receiver's one error type: each variant has a stable [`ErrorCode`] and renders the JSON
 //! error body. Server-side failures are logged once, here.
 
-use std::net::IpAddr;
-
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,9 +18,9 @@ pub enum ReceiverError {
     /// Signature, key id, timestamp or nonce refused.
     #[error("{0}")]
     Unauthorized(#[from] AuthError),
-    /// Client address outside ALLOWED_NETWORKS.
-    #[error("address {0} is not in this receiver's ALLOWED_NETWORKS")]
-    Forbidden(IpAddr),
+    /// Client address outside ALLOWED_NETWORKS (or not to be told from a forwarded chain).
+    #[error("{0}")]
+    Forbidden(String),
     /// A deployment spec asks for what the receiver's policy forbids.
     #[error("{0}")]
     PolicyDenied(String),

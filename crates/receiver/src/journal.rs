@@ -31,7 +31,7 @@ impl Journal {
     /// Unreadable records are logged and skipped rather than stopping the receiver.
     pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)?;
+        crate::store::private_dir(&dir)?;
         let mut records = HashMap::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -183,7 +183,7 @@ fn started_at(record: &DeploymentRecord) -> i128 {
 fn write_atomically(dir: &Path, id: Uuid, bytes: &[u8]) -> std::io::Result<()> {
     let temp = dir.join(format!("{TEMP_PREFIX}{id}-{}", Uuid::new_v4().simple()));
     let result = (|| {
-        let mut file = fs::File::create_new(&temp)?;
+        let mut file = crate::store::private_file(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, dir.join(format!("{id}.json")))?;

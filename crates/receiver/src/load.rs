@@ -1,5 +1,8 @@
-//! Loading a stored package into Docker: the package file is decompressed on the fly, checked by
-//! the archive gate (see [`crate::archive`]) and streamed into `docker load`, one load at a time.
+//! Loading a stored package into Docker: the package file is hashed and decompressed on the fly,
+//! checked by the archive gate (see [`crate::archive`]) and streamed into `docker load`, one load
+//! at a time. What is handed to Docker is what was hashed: the gate holds back the archive's tail
+//! until the file's size and BLAKE3 are found to be the signed manifest's, so bytes changed on
+//! disk after verification are never loaded.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -11,7 +14,7 @@ use bollard::image::ImportImageOptions;
 use bollard::models::BuildInfo;
 use bytes::{Bytes, BytesMut};
 use deploy_protocol::api::LoadResponse;
-use deploy_protocol::Compression;
+use deploy_protocol::{Checksum, Compression};
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 
@@ -44,6 +47,11 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
     let _turn = LOAD_LOCK.lock().await;
     let started = Instant::now();
     let docker = state.docker().client().await?;
+    let foreign = if state.config().allow_unverified_images {
+        Vec::new()
+    } else {
+        foreign_tags(state, &docker, &package.manifest.image_tags).await?
+    };
     let file = tokio::fs::File::open(&package.path).await?;
     let policy = Policy {
         allowed_tags: package.manifest.image_tags.clone(),
@@ -51,9 +59,19 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
     };
     let verdict = Verdict::default();
     let compression = package.manifest.compression;
+    let hashed = Hashed::default();
+    let reader = HashingReader {
+        inner: file,
+        hashed: hashed.clone(),
+    };
     let body = gated_body(
-        decompress(file, compression),
-        compression,
+        decompress(reader, compression),
+        BodyCheck {
+            compression,
+            hashed,
+            size: package.manifest.package_size,
+            checksum: package.manifest.package_checksum,
+        },
         Gate::new(policy),
         verdict.clone(),
     );
@@ -94,6 +112,14 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
             )))
         }
     };
+    keep_foreign_tags(&docker, &foreign).await?;
+    for loaded_id in loaded.image_ids.iter().chain(std::iter::once(&image_id)) {
+        state.images().add(loaded_id).map_err(|e| {
+            ReceiverError::Internal(format!(
+                "image {loaded_id} was loaded but could not be recorded as verified: {e}"
+            ))
+        })?;
+    }
     let duration = started.elapsed();
     state.metrics().stage("load", duration.as_secs_f64());
     tracing::info!(package_id = %id, image_id = %image_id, tags = ?loaded.tags, bytes = summary.bytes, elapsed_ms = duration.as_millis() as u64, "image loaded");
@@ -105,8 +131,117 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
     })
 }
 
+/// BLAKE3 of the package bytes read so far (its count is their number).
+type Hashed = Arc<Mutex<blake3::Hasher>>;
+
+/// The package file, hashed as it is read.
+struct HashingReader {
+    inner: tokio::fs::File,
+    hashed: Hashed,
+}
+
+impl AsyncRead for HashingReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            if let Ok(mut hasher) = self.hashed.lock() {
+                hasher.update(&buf.filled()[before..]);
+            }
+        }
+        polled
+    }
+}
+
+/// What the package file must hash to before the archive's tail goes to Docker.
+struct BodyCheck {
+    compression: Compression,
+    hashed: Hashed,
+    size: u64,
+    checksum: Checksum,
+}
+
+impl BodyCheck {
+    /// Whether the bytes read are the verified package.
+    fn verify(&self) -> std::result::Result<(), ArchiveError> {
+        let (checksum, size) = match self.hashed.lock() {
+            Ok(hasher) => (Checksum::from_hasher(&hasher), hasher.count()),
+            Err(_) => return Err(ArchiveError::Corrupt("package hash state lost".into())),
+        };
+        if size == self.size && checksum == self.checksum {
+            Ok(())
+        } else {
+            Err(ArchiveError::Corrupt(format!(
+                "the package file changed after it was verified: read {size} bytes hashing to {checksum}, the signed manifest says {} bytes hashing to {}",
+                self.size, self.checksum
+            )))
+        }
+    }
+}
+
+/// The package's tags that already name an image this receiver did not load (an image the host
+/// had, such as `nginx:latest`), with that image's id.
+async fn foreign_tags(
+    state: &AppState,
+    docker: &bollard::Docker,
+    tags: &[String],
+) -> Result<Vec<(String, String)>> {
+    let mut foreign = Vec::new();
+    for tag in tags {
+        let current = match docker.inspect_image(tag).await {
+            Ok(image) => image.id.unwrap_or_default(),
+            Err(e) => match crate::docker::map_err(e, ReceiverError::Internal) {
+                ReceiverError::NotFound(_) => continue,
+                other => return Err(other),
+            },
+        };
+        if !state.images().contains(&current) {
+            foreign.push((tag.clone(), current));
+        }
+    }
+    Ok(foreign)
+}
+
+/// After a load: a tag that named an image this receiver did not load must still name it. The
+/// same image loaded again (same content, same id) is fine; a tag the load moved is put back on
+/// its image and the load refused (POLICY_DENIED), so a package cannot re-point `nginx:latest`.
+async fn keep_foreign_tags(docker: &bollard::Docker, foreign: &[(String, String)]) -> Result<()> {
+    let mut moved = Vec::new();
+    for (tag, before) in foreign {
+        let now = docker
+            .inspect_image(tag)
+            .await
+            .ok()
+            .and_then(|image| image.id)
+            .unwrap_or_default();
+        if &now == before {
+            continue;
+        }
+        let (repo, name) = tag.rsplit_once(':').unwrap_or((tag.as_str(), "latest"));
+        let options = bollard::image::TagImageOptions { repo, tag: name };
+        if let Err(e) = docker.tag_image(before, Some(options)).await {
+            tracing::error!(tag = %tag, image = %before, error = %e, "could not put a moved tag back");
+        }
+        moved.push(format!("{tag} (on {before})"));
+    }
+    if moved.is_empty() {
+        return Ok(());
+    }
+    Err(ReceiverError::PolicyDenied(format!(
+        "the package would move tags from images this receiver did not load from a verified package: {}; they were put back (ALLOW_UNVERIFIED_IMAGES lets a package move them)",
+        moved.join(", ")
+    )))
+}
+
 /// The package bytes, decompressed as the manifest says.
-fn decompress(file: tokio::fs::File, compression: Compression) -> Pin<Box<dyn AsyncRead + Send>> {
+fn decompress(
+    file: impl AsyncRead + Send + 'static,
+    compression: Compression,
+) -> Pin<Box<dyn AsyncRead + Send>> {
     let buffered = BufReader::with_capacity(READ_BUFFER, file);
     match compression {
         Compression::Gzip => {
@@ -128,7 +263,7 @@ fn decompress(file: tokio::fs::File, compression: Compression) -> Pin<Box<dyn As
 
 struct BodyState {
     reader: Pin<Box<dyn AsyncRead + Send>>,
-    compression: Compression,
+    check: BodyCheck,
     gate: Gate,
     verdict: Verdict,
     buf: BytesMut,
@@ -143,18 +278,19 @@ impl BodyState {
 }
 
 /// The request body of `docker load`: what the gate lets through, then either the held-back
-/// tail (all checks passed) or the gate's poison (refused). The stream is pulled by the HTTP
+/// tail (all checks passed, the file hashed to the manifest's checksum) or the gate's poison
+/// (refused). The stream is pulled by the HTTP
 /// client; if the request is abandoned midway, the connection closes inside the chunked body
 /// and Docker sees a broken upload, not a complete archive.
 fn gated_body(
     reader: Pin<Box<dyn AsyncRead + Send>>,
-    compression: Compression,
+    check: BodyCheck,
     gate: Gate,
     verdict: Verdict,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let start = BodyState {
         reader,
-        compression,
+        check,
         gate,
         verdict,
         buf: BytesMut::new(),
@@ -164,7 +300,7 @@ fn gated_body(
         loop {
             body.buf.reserve(CHUNK);
             let step = match body.reader.read_buf(&mut body.buf).await {
-                Ok(0) => match body.gate.finish() {
+                Ok(0) => match body.check.verify().and_then(|()| body.gate.finish()) {
                     Ok((rest, summary)) => {
                         body.decide(Ok(summary));
                         return (!rest.is_empty()).then_some((rest, None));
@@ -175,7 +311,7 @@ fn gated_body(
                     let chunk = body.buf.split();
                     body.gate.push(&chunk)
                 }
-                Err(e) => Err(ArchiveError::Corrupt(match body.compression {
+                Err(e) => Err(ArchiveError::Corrupt(match body.check.compression {
                     Compression::None => format!("the package cannot be read: {e}"),
                     other => format!("the package is not a valid {other} stream: {e}"),
                 })),

@@ -5,8 +5,13 @@ use deploy_receiver::{serve, AppState, Config};
 use tracing_subscriber::EnvFilter;
 
 /// List-valued settings for which an empty value (as a compose or env file often leaves it) means
-/// "not set" rather than "one empty entry".
-const LIST_VARIABLES: [&str; 3] = ["ALLOWED_NETWORKS", "TRUSTED_PROXIES", "DEPLOY_HMAC_KEYS"];
+/// "not set" rather than "one empty entry". Not ALLOWED_NETWORKS: it must be set, to CIDRs or
+/// `any`, and an empty value is refused.
+const LIST_VARIABLES: [&str; 3] = [
+    "RECEIVER_AUTHORITIES",
+    "TRUSTED_PROXIES",
+    "DEPLOY_HMAC_KEYS",
+];
 
 fn main() -> anyhow::Result<()> {
     // Before the runtime starts any thread: the environment is only safe to change single-threaded.

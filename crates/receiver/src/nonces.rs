@@ -151,7 +151,8 @@ impl Log {
     fn rewrite(path: &Path, seen: &HashMap<String, i64>) -> std::io::Result<Self> {
         let tmp = path.with_extension("log.tmp");
         {
-            let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+            let _ = std::fs::remove_file(&tmp);
+            let mut out = std::io::BufWriter::new(crate::store::private_file(&tmp)?);
             for (nonce, expires) in seen {
                 writeln!(out, "{expires} {nonce}")?;
             }

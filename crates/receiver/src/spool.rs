@@ -4,6 +4,7 @@
 //! then is fsynced and renamed into the store.
 
 use std::io::Write;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,12 +12,16 @@ use axum::body::{Body, BodyDataStream};
 use axum::http::request::Parts;
 use bytes::Bytes;
 use deploy_protocol::api::StoreOutcome;
-use deploy_protocol::multipart::{MAX_MANIFEST_BYTES, PART_MANIFEST, PART_PACKAGE};
+use deploy_protocol::multipart::{
+    MANIFEST_CONTENT_TYPE, MAX_BYTES_BEFORE_AUTHENTICATION, MAX_MANIFEST_BYTES,
+    PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE,
+};
 use deploy_protocol::{Checksum, PackageManifest};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::auth::authenticate;
+use crate::deadline::BodyTimeout;
 use crate::error::{ReceiverError, Result};
 use crate::state::{AppState, InFlight};
 use crate::store::{StoredPackage, TempGuard};
@@ -43,9 +48,23 @@ pub struct Received {
 /// [`DRAIN_LIMIT`] bytes for [`DRAIN_TIME`]) while the answer goes out: a client still sending
 /// then reads the `429`, `401` or `413` instead of a connection reset, and can tell a refusal
 /// it must not repeat from a fault it may retry.
-pub async fn receive_multipart(state: &AppState, parts: &Parts, body: Body) -> Result<Received> {
-    let shared = SharedBody::new(Arc::new(Mutex::new(Some(body.into_data_stream()))));
-    let result = receive(state, parts, SharedBody::new(Arc::clone(&shared.body))).await;
+///
+/// `admit` judges the authenticated manifest before a byte of the package is read or a slot
+/// taken (`/deployment/full` checks its deployment spec against policy there): a refusal stores
+/// nothing.
+pub async fn receive_multipart(
+    state: &AppState,
+    parts: &Parts,
+    body: Body,
+    admit: impl FnOnce(&PackageManifest) -> Result<()>,
+) -> Result<Received> {
+    let budget = Budget::new();
+    let shared = SharedBody::new(
+        Arc::new(Mutex::new(Some(body.into_data_stream()))),
+        budget.clone(),
+    );
+    let reader = SharedBody::new(Arc::clone(&shared.body), budget.clone());
+    let result = receive(state, parts, reader, &budget, admit).await;
     if result.is_err() {
         shared.drain_in_background();
     }
@@ -68,7 +87,51 @@ struct SharedBody {
     body: Arc<Mutex<Option<BodyDataStream>>>,
     /// Bytes yielded since the body last had nothing ready.
     gathered: usize,
+    /// Bytes it may still yield before the manifest is authenticated ([`Budget`]).
+    budget: Budget,
+    /// What a chunk held beyond the budget, yielded once the budget is lifted.
+    held: Option<Bytes>,
+    /// Polls answered "nothing now" because the budget was spent.
+    starved: u32,
 }
+
+/// Polls of a spent budget before the body is refused (see [`SharedBody`]'s `poll_next`).
+const STARVED_POLLS: u32 = 64;
+
+/// The bound on what is read before authentication: the multipart reader buffers what it is
+/// given while it looks for a boundary, so it is given at most
+/// [`MAX_BYTES_BEFORE_AUTHENTICATION`] bytes until the manifest's signature is verified.
+#[derive(Clone)]
+struct Budget(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Budget {
+    fn new() -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicUsize::new(
+            MAX_BYTES_BEFORE_AUTHENTICATION,
+        )))
+    }
+
+    /// The request authenticated: no more bound here (the package has its own limits).
+    fn lift(&self) {
+        self.0.store(usize::MAX, Ordering::Relaxed);
+    }
+
+    fn left(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn spend(&self, n: usize) {
+        let left = self.left();
+        if left != usize::MAX {
+            self.0.store(left.saturating_sub(n), Ordering::Relaxed);
+        }
+    }
+}
+
+/// The body went past [`MAX_BYTES_BEFORE_AUTHENTICATION`] before the manifest part was whole.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {MAX_BYTES_BEFORE_AUTHENTICATION} bytes before the end of the manifest part (preamble, part headers and the manifest itself are bounded until it is authenticated)")]
+struct OverBudget;
 
 impl futures::Stream for SharedBody {
     type Item = std::result::Result<Bytes, axum::Error>;
@@ -83,13 +146,40 @@ impl futures::Stream for SharedBody {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let polled = match self.body.lock() {
-            Ok(mut body) => match body.as_mut() {
-                Some(stream) => stream.poll_next_unpin(cx),
-                None => Poll::Ready(None),
+        let left = self.budget.left();
+        if left == 0 {
+            // `multer` reads greedily until the stream has nothing ready: "nothing now" (woken at
+            // once) lets it parse what it holds, which for an honest client completes the
+            // manifest, after which the budget is lifted. Still asking after that many turns, it
+            // is looking for a boundary or a header end that is not within the bound.
+            self.starved += 1;
+            if self.starved > STARVED_POLLS {
+                return Poll::Ready(Some(Err(axum::Error::new(OverBudget))));
+            }
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let polled = match self.held.take() {
+            Some(held) => Poll::Ready(Some(Ok(held))),
+            None => match self.body.lock() {
+                Ok(mut body) => match body.as_mut() {
+                    Some(stream) => stream.poll_next_unpin(cx),
+                    None => Poll::Ready(None),
+                },
+                Err(_) => Poll::Ready(None),
             },
-            Err(_) => Poll::Ready(None),
         };
+        // Within the budget: a longer chunk is split, its rest held until the budget is lifted.
+        let polled = match polled {
+            Poll::Ready(Some(Ok(mut chunk))) if chunk.len() > left => {
+                self.held = Some(chunk.split_off(left));
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            other => other,
+        };
+        if let Poll::Ready(Some(Ok(chunk))) = &polled {
+            self.budget.spend(chunk.len());
+        }
         match &polled {
             Poll::Ready(Some(Ok(chunk))) => self.gathered += chunk.len(),
             Poll::Pending => self.gathered = 0,
@@ -100,8 +190,14 @@ impl futures::Stream for SharedBody {
 }
 
 impl SharedBody {
-    fn new(body: Arc<Mutex<Option<BodyDataStream>>>) -> Self {
-        Self { body, gathered: 0 }
+    fn new(body: Arc<Mutex<Option<BodyDataStream>>>, budget: Budget) -> Self {
+        Self {
+            body,
+            gathered: 0,
+            budget,
+            held: None,
+            starved: 0,
+        }
     }
 
     fn drain_in_background(&self) {
@@ -121,7 +217,13 @@ impl SharedBody {
     }
 }
 
-async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Received> {
+async fn receive(
+    state: &AppState,
+    parts: &Parts,
+    body: SharedBody,
+    budget: &Budget,
+    admit: impl FnOnce(&PackageManifest) -> Result<()>,
+) -> Result<Received> {
     let started = Instant::now();
     let content_type = parts
         .headers
@@ -131,8 +233,10 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
     let boundary = multer::parse_boundary(content_type).map_err(|_| {
         ReceiverError::Validation("expected a multipart/form-data body with a boundary".into())
     })?;
-    let _slot = state.upload_slot()?;
-    let mut multipart = multer::Multipart::new(body, boundary);
+    let constraints = multer::Constraints::new()
+        .allowed_fields(vec![PART_MANIFEST, PART_PACKAGE])
+        .size_limit(multer::SizeLimit::new().for_field(PART_MANIFEST, MAX_MANIFEST_BYTES as u64));
+    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
     let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
     // Until the signature is checked, the whole (at most 64 KiB) manifest must come within one
     // idle period: an unauthenticated client cannot hold the upload slot by trickling it.
@@ -144,7 +248,7 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
             "empty upload: expected parts {PART_MANIFEST:?} then {PART_PACKAGE:?}"
         ))
     })?;
-    expect_name(&field, PART_MANIFEST)?;
+    expect_part(&field, PART_MANIFEST, MANIFEST_CONTENT_TYPE)?;
     let mut manifest_bytes = Vec::new();
     while let Some(chunk) = next_chunk(&mut field, &pace).await? {
         if manifest_bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
@@ -156,6 +260,7 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
     }
     drop(field);
     authenticate(state, parts, &Checksum::of(&manifest_bytes))?;
+    budget.lift();
     let manifest = PackageManifest::from_slice(&manifest_bytes)
         .map_err(|e| ReceiverError::Validation(e.to_string()))?;
     let id = manifest.package_id;
@@ -166,6 +271,9 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
             limit,
         });
     }
+    admit(&manifest)?;
+    // A slot only for an authenticated upload: clients without a key cannot hold them.
+    let _slot = state.upload_slot()?;
     let _in_flight = InFlight::claim(state, id)?;
     let existing = state.store().get(id)?;
     if let Some(existing) = &existing {
@@ -192,7 +300,7 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
     let mut field = next_field(&mut multipart, &pace).await?.ok_or_else(|| {
         ReceiverError::Validation(format!("missing part {PART_PACKAGE:?} after the manifest"))
     })?;
-    expect_name(&field, PART_PACKAGE)?;
+    expect_part(&field, PART_PACKAGE, PACKAGE_CONTENT_TYPE)?;
     let temp = match existing {
         // An idempotent repeat is hashed to prove it is the same, but not written.
         Some(_) => None,
@@ -201,7 +309,7 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
         )),
     };
     let file = match &temp {
-        Some(guard) => Some(std::fs::File::create_new(guard.path())?),
+        Some(guard) => Some(crate::store::private_file(guard.path())?),
         None => None,
     };
     let mut writer = SpoolWriter::spawn(file);
@@ -257,14 +365,27 @@ async fn receive(state: &AppState, parts: &Parts, body: SharedBody) -> Result<Re
     })
 }
 
-fn expect_name(field: &multer::Field<'_>, expected: &str) -> Result<()> {
+/// The part must be `expected`, with `content_type` (parameters aside, any case).
+fn expect_part(field: &multer::Field<'_>, expected: &str, content_type: &str) -> Result<()> {
     match field.name() {
-        Some(name) if name == expected => Ok(()),
-        other => Err(ReceiverError::Validation(format!(
-            "expected part {expected:?} here, got {:?}: parts are {PART_MANIFEST:?} then {PART_PACKAGE:?}",
-            other.unwrap_or("<unnamed>")
-        ))),
+        Some(name) if name == expected => {}
+        other => {
+            return Err(ReceiverError::Validation(format!(
+                "expected part {expected:?} here, got {:?}: parts are {PART_MANIFEST:?} then {PART_PACKAGE:?}",
+                other.unwrap_or("<unnamed>")
+            )))
+        }
     }
+    let given = field
+        .content_type()
+        .map(|m| m.essence_str().to_ascii_lowercase());
+    if given.as_deref() != Some(content_type) {
+        return Err(ReceiverError::Validation(format!(
+            "part {expected:?} must have Content-Type {content_type}, not {}",
+            given.as_deref().unwrap_or("none")
+        )));
+    }
+    Ok(())
 }
 
 /// How long the next read may take: an idle limit between bytes, and a deadline for the phase.
@@ -315,7 +436,25 @@ async fn next_chunk(field: &mut multer::Field<'_>, pace: &Pace) -> Result<Option
 }
 
 fn multipart_error(e: multer::Error) -> ReceiverError {
+    if let Some(why) = BodyTimeout::find(&e) {
+        return ReceiverError::Timeout(why);
+    }
+    if find::<OverBudget>(&e) {
+        return ReceiverError::Validation(OverBudget.to_string());
+    }
     ReceiverError::Validation(format!("malformed multipart body: {e}"))
+}
+
+/// Whether `error` or one of its causes is an `E`.
+fn find<E: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<E>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 enum Chunk {
@@ -499,7 +638,9 @@ mod tests {
         const PIECE: usize = 256 << 10;
         let ready = (0..10).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![7u8; PIECE])));
         let body = Body::from_stream(futures::stream::iter(ready)).into_data_stream();
-        let mut shared = SharedBody::new(Arc::new(Mutex::new(Some(body))));
+        let budget = Budget::new();
+        budget.lift();
+        let mut shared = SharedBody::new(Arc::new(Mutex::new(Some(body))), budget);
         let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
         let waker = futures::task::waker(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -518,5 +659,42 @@ mod tests {
             2,
             "woken at once each time, so nothing waits for the network"
         );
+    }
+
+    #[test]
+    fn before_authentication_the_reader_gets_the_bound_and_then_an_error() {
+        const PIECE: usize = 48 << 10;
+        let ready = (0..4).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![7u8; PIECE])));
+        let body = Body::from_stream(futures::stream::iter(ready)).into_data_stream();
+        let budget = Budget::new();
+        let mut shared = SharedBody::new(Arc::new(Mutex::new(Some(body))), budget.clone());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut given = 0;
+        let mut starved = 0;
+        let refused = loop {
+            match shared.poll_next_unpin(&mut cx) {
+                Poll::Ready(Some(Ok(chunk))) => given += chunk.len(),
+                Poll::Ready(Some(Err(e))) => break e.to_string(),
+                Poll::Pending => starved += 1,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            starved, STARVED_POLLS,
+            "told 'nothing now' before the refusal"
+        );
+        assert_eq!(given, MAX_BYTES_BEFORE_AUTHENTICATION);
+        assert!(
+            refused.contains("before the end of the manifest part"),
+            "{refused}"
+        );
+        // Authenticated: the held rest comes, then the remaining chunks.
+        budget.lift();
+        let mut rest = 0;
+        while let Poll::Ready(Some(Ok(chunk))) = shared.poll_next_unpin(&mut cx) {
+            rest += chunk.len();
+        }
+        assert_eq!(given + rest, 4 * PIECE);
     }
 }

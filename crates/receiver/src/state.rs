@@ -9,10 +9,12 @@ use deploy_protocol::KeyRing;
 use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::authorities::Authorities;
+use crate::config::{Config, ConfigError};
 use crate::docker::DockerHandle;
 use crate::error::{ReceiverError, Result};
 use crate::events::Events;
+use crate::images::{LoadedImages, IMAGES_FILE};
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::nonces::{NonceCache, NONCE_LOG};
@@ -26,8 +28,10 @@ const NONCE_CAPACITY: usize = 100_000;
 pub struct AppState(Arc<Inner>);
 
 struct Inner {
+    images: LoadedImages,
     config: Config,
     keys: KeyRing,
+    authorities: Authorities,
     nonces: NonceCache,
     store: PackageStore,
     metrics: Metrics,
@@ -43,7 +47,10 @@ struct Inner {
 impl AppState {
     /// Builds the state: checks the keys, opens (and sweeps) the package store.
     pub fn new(config: Config) -> anyhow::Result<Self> {
+        config.check()?;
         let keys = config.key_ring()?;
+        let authorities =
+            Authorities::new(&config.receiver_authorities).map_err(ConfigError::Authorities)?;
         let store = PackageStore::open(&config.package_dir).map_err(|e| {
             anyhow::anyhow!(
                 "cannot open PACKAGE_DIR {}: {e}",
@@ -66,15 +73,24 @@ impl AppState {
             )
         })?;
         let nonce_log = config.state_dir().join(NONCE_LOG);
-        let nonces = std::fs::create_dir_all(config.state_dir())
+        let nonces = crate::store::private_dir(&config.state_dir())
             .and_then(|()| NonceCache::open(&nonce_log, NONCE_CAPACITY, crate::auth::unix_now()))
             .map_err(|e| {
                 anyhow::anyhow!("cannot open the nonce log {}: {e}", nonce_log.display())
             })?;
+        let images_file = config.state_dir().join(IMAGES_FILE);
+        let images = LoadedImages::open(&images_file).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the loaded-image list {}: {e}",
+                images_file.display()
+            )
+        })?;
         Ok(Self(Arc::new(Inner {
+            images,
             upload_slots: Arc::new(Semaphore::new(config.max_concurrent_uploads.max(1))),
             config,
             keys,
+            authorities,
             nonces,
             store,
             metrics,
@@ -102,9 +118,19 @@ impl AppState {
         &self.0.nonces
     }
 
+    /// The authorities this receiver answers to.
+    pub fn authorities(&self) -> &Authorities {
+        &self.0.authorities
+    }
+
     /// The package store.
     pub fn store(&self) -> &PackageStore {
         &self.0.store
+    }
+
+    /// The images loaded from verified packages.
+    pub fn images(&self) -> &LoadedImages {
+        &self.0.images
     }
 
     /// The metrics.

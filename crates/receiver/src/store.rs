@@ -9,6 +9,31 @@ use std::path::{Path, PathBuf};
 use deploy_protocol::{Checksum, PackageManifest};
 use uuid::Uuid;
 
+/// Creates `path` (which must not exist) readable and writable by this user only: packages,
+/// manifests, journal records and the nonce log are nobody else's business.
+pub fn private_file(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Creates `dir` (and its parents) if missing and makes it this user's only (0700). A directory
+/// the receiver cannot change (someone else's) is left as it is, with a warning.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), error = %e, "cannot make the directory private (0700)");
+        }
+    }
+    Ok(())
+}
+
 /// Prefix of temp files of uploads in progress.
 const TEMP_PREFIX: &str = ".upload-";
 
@@ -21,6 +46,33 @@ pub struct StoredPackage {
     pub path: PathBuf,
 }
 
+/// A package brought in by [`PackageStore::import`].
+#[derive(Debug)]
+pub struct Imported {
+    /// The stored package.
+    pub package: StoredPackage,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Whether it was stored already (same id and checksum).
+    pub existed: bool,
+}
+
+/// Why [`PackageStore::import`] stored nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// The file is not what the manifest says.
+    #[error("the file is {size} bytes hashing to {checksum}")]
+    Mismatch {
+        /// BLAKE3 of the file.
+        checksum: Checksum,
+        /// Its size.
+        size: u64,
+    },
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// The package directory.
 #[derive(Debug, Clone)]
 pub struct PackageStore {
@@ -31,7 +83,7 @@ impl PackageStore {
     /// Opens (creating) the directory and sweeps leftovers of interrupted work.
     pub fn open(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)?;
+        private_dir(&dir)?;
         let store = Self {
             dir: fs::canonicalize(&dir)?,
         };
@@ -99,7 +151,7 @@ impl PackageStore {
             Uuid::new_v4().simple()
         ));
         let result = (|| {
-            let mut f = fs::File::create(&manifest_tmp)?;
+            let mut f = private_file(&manifest_tmp)?;
             f.write_all(&manifest.to_bytes())?;
             f.sync_all()?;
             fs::rename(&manifest_tmp, self.manifest_path(id))?;
@@ -113,6 +165,59 @@ impl PackageStore {
         Ok(StoredPackage {
             manifest: manifest.clone(),
             path,
+        })
+    }
+
+    /// Brings `source` (a file inside the package directory, already confined) into the store for
+    /// `manifest`: copies it to a private file, hashing what is copied, and commits the copy when
+    /// its size and BLAKE3 are the manifest's. The copy shares nothing with `source`: rewriting
+    /// the source afterwards changes nothing stored. A package already stored under the id with the same checksum is
+    /// returned as it is (`existed` true). Blocking: call it from `spawn_blocking`.
+    pub fn import(
+        &self,
+        source: &Path,
+        manifest: &PackageManifest,
+    ) -> Result<Imported, ImportError> {
+        let id = manifest.package_id;
+        let temp = TempGuard::new(self.temp_path(id, &manifest.package_checksum));
+        let mut from = fs::File::open(source)?;
+        let mut to = private_file(temp.path())?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match std::io::Read::read(&mut from, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // Never more than was signed: a growing source is refused without filling the disk.
+            if hasher.count() + n as u64 > manifest.package_size {
+                hasher.update(&buf[..n]);
+                break;
+            }
+            hasher.update(&buf[..n]);
+            to.write_all(&buf[..n])?;
+        }
+        to.sync_all()?;
+        drop(to);
+        let (checksum, size) = (Checksum::from_hasher(&hasher), hasher.count());
+        if size != manifest.package_size || checksum != manifest.package_checksum {
+            return Err(ImportError::Mismatch { checksum, size });
+        }
+        if let Some(existing) = self.get(id)? {
+            return Ok(Imported {
+                package: existing,
+                size,
+                existed: true,
+            });
+        }
+        let package = self.commit(temp.path(), manifest)?;
+        temp.disarm();
+        Ok(Imported {
+            package,
+            size,
+            existed: false,
         })
     }
 

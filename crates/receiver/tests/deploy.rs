@@ -22,6 +22,12 @@ use uuid::Uuid;
 // ---------------------------------------------------------------------------------------------
 // Tests
 
+/// These tests deploy images built on the test host by naming them (`/deployment/deploy`), which
+/// the receiver allows only with ALLOW_UNVERIFIED_IMAGES (tests/provenance.rs tests the refusal).
+fn run_local_images(config: &mut deploy_receiver::Config) {
+    config.allow_unverified_images = true;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prunes_the_history() {
     let docker = docker().await;
@@ -268,7 +274,7 @@ async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_w
     )
     .await;
     let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
 
     let mut spec = web_spec(&name);
     spec.image = Some(tag.clone());
@@ -406,7 +412,7 @@ async fn a_first_deploy_that_fails_is_failed_and_leaves_no_container() {
     )
     .await;
     let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
 
     let mut spec = web_spec(&name);
     spec.image = Some(tag.clone());
@@ -451,7 +457,7 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
     build_image(&docker, &mut cleanup, &good, ImageSpec::healthy("good")).await;
     build_image(&docker, &mut cleanup, &bad, ImageSpec::failing("bad")).await;
     let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let mut spec = web_spec(&name);
     spec.image = Some(good.clone());
     let (status, body) = receiver
@@ -461,7 +467,7 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
     receiver.stop().await;
 
     let (deployment_id, old_id, _) = interrupt_deployment(&docker, dir.path(), &name, &bad).await;
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let reconciled = settled(&receiver, deployment_id).await;
     assert_eq!(
         reconciled.status,
@@ -495,7 +501,7 @@ async fn concurrent_deploys_to_one_name_take_turns() {
     build_image(&docker, &mut cleanup, &a, ImageSpec::healthy("a")).await;
     build_image(&docker, &mut cleanup, &b, ImageSpec::healthy("b")).await;
     let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let request = |image: &str| {
         let mut spec = web_spec(&name);
         spec.image = Some(image.to_owned());
@@ -620,7 +626,7 @@ async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy
     build_image(&docker, &mut cleanup, &v1, ImageSpec::healthy("v1")).await;
     build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
     let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let mut spec = web_spec(&name);
     spec.image = Some(v1.clone());
     let (status, body) = receiver
@@ -646,7 +652,7 @@ async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy
     }
     assert!(healthy, "the v2 container never became healthy");
 
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let reconciled = settled(&receiver, deployment_id).await;
     assert_eq!(
         reconciled.status,

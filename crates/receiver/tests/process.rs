@@ -41,16 +41,19 @@ fn signed_upload(addr: SocketAddr, package: &[u8]) -> (PackageManifest, String, 
     let manifest = manifest_for(package);
     let manifest_bytes = manifest.to_bytes();
     let mut body = Vec::with_capacity(package.len() + 1024);
-    for (name, bytes) in [("manifest", &manifest_bytes[..]), ("package", package)] {
+    for (name, bytes, content_type) in [
+        ("manifest", &manifest_bytes[..], "application/json"),
+        ("package", package, "application/octet-stream"),
+    ] {
         body.extend_from_slice(
-            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\nContent-Type: {content_type}\r\n\r\n")
                 .as_bytes(),
         );
         body.extend_from_slice(bytes);
         body.extend_from_slice(b"\r\n");
     }
     body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    let headers = signature(&manifest_bytes);
+    let headers = signature(&addr.to_string(), &manifest_bytes);
     let mut head = format!(
         "POST /deployment/upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n",
         body.len()
@@ -62,8 +65,8 @@ fn signed_upload(addr: SocketAddr, package: &[u8]) -> (PackageManifest, String, 
     (manifest, head, body)
 }
 
-fn signature(manifest_bytes: &[u8]) -> SignatureHeaders {
-    Signer::post("/deployment/upload").headers(manifest_bytes)
+fn signature(authority: &str, manifest_bytes: &[u8]) -> SignatureHeaders {
+    Signer::to(authority, "/deployment/upload").headers(manifest_bytes)
 }
 
 /// Sends a whole upload on a fresh connection; returns the status and the JSON body.
@@ -280,27 +283,23 @@ async fn fifty_uploads_at_once_complete_intact_or_are_refused_busy_and_health_st
         held.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/deployment/upload", daemon.base))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
-        .body("x")
-        .send()
+    // A fifth signed upload: slots are taken only by authenticated uploads, so it must be signed.
+    let (_, head, body) = signed_upload(addr, &test_bytes(1000, 9));
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let _ = stream.write_all(&body).await;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
         .await
-        .expect("send");
-    assert_eq!(response.status(), 429);
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    assert!(
-        retry_after.is_some_and(|s| s > 0),
-        "{:?}",
-        response.headers()
-    );
+        .expect("an answer")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 429"), "{answer}");
+    let retry_after = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(retry_after.is_some_and(|s| s > 0), "{answer}");
     drop(held);
 }
 

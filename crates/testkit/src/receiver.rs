@@ -66,8 +66,18 @@ pub async fn spawn_receiver_in(package_dir: PathBuf, tune: impl FnOnce(&mut Conf
 }
 
 impl Receiver {
+    /// The authority requests to it are signed for (`127.0.0.1:<port>`).
+    pub fn authority(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
     /// Stops serving and waits for the server task.
     pub async fn stop(mut self) {
+        self.stop_in_place().await;
+    }
+
+    /// As [`Receiver::stop`], keeping the value (its directory stays until it is dropped).
+    pub async fn stop_in_place(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -134,6 +144,7 @@ impl Daemon {
             .env("PACKAGE_DIR", package_dir)
             .env("STATE_DIR", state_dir)
             .env("DEPLOY_HMAC_SECRET", SECRET)
+            .env("ALLOWED_NETWORKS", "127.0.0.0/8")
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())

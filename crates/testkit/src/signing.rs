@@ -13,6 +13,9 @@ pub const KEY_ID: &str = "default";
 /// How to sign one request: correct by default, every field open to bending.
 #[derive(Debug, Clone)]
 pub struct Signer {
+    /// The authority (`host:port`) the request is signed for; [`Signer::request`] fills in the
+    /// base URL's when it is empty.
+    pub authority: String,
     /// Key id.
     pub key_id: String,
     /// Shared secret.
@@ -31,6 +34,7 @@ impl Signer {
     /// Correct signing of `method path` with the test key, now, with a fresh nonce.
     pub fn new(method: &str, path: &str) -> Self {
         Self {
+            authority: String::new(),
             key_id: KEY_ID.into(),
             secret: SECRET.as_bytes().to_vec(),
             method: method.into(),
@@ -45,11 +49,20 @@ impl Signer {
         Self::new("POST", path)
     }
 
+    /// Correct signing of `POST path` for the receiver at `authority` (`host:port`).
+    pub fn to(authority: &str, path: &str) -> Self {
+        Self {
+            authority: authority.to_owned(),
+            ..Self::post(path)
+        }
+    }
+
     /// The headers for `content` (the manifest bytes of a multipart body, or the JSON body).
     pub fn headers(&self, content: &[u8]) -> SignatureHeaders {
         SignatureHeaders::sign(
             &self.key_id,
             &self.secret,
+            Some(&self.authority),
             &self.method,
             &self.path,
             &Checksum::of(content),
@@ -69,9 +82,22 @@ impl Signer {
         let method =
             reqwest::Method::from_bytes(self.method.as_bytes()).unwrap_or(reqwest::Method::POST);
         let mut request = client.request(method, format!("{base_url}{}", self.path));
-        for (name, value) in self.headers(content).to_pairs() {
+        let mut signer = self.clone();
+        if signer.authority.is_empty() {
+            signer.authority = authority_of(base_url);
+        }
+        for (name, value) in signer.headers(content).to_pairs() {
             request = request.header(name, value);
         }
         request
     }
+}
+
+/// `host:port` of a base URL such as `http://127.0.0.1:8001` (what the HTTP client sends as
+/// `Host`).
+pub fn authority_of(base_url: &str) -> String {
+    let rest = base_url
+        .split_once("://")
+        .map_or(base_url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
 }

@@ -103,6 +103,10 @@ pub async fn send_multipart(
     signed_manifest: &[u8],
     parts: &[Part],
 ) -> (u16, serde_json::Value) {
+    let mut signing = signing.clone();
+    if signing.authority.is_empty() {
+        signing.authority = receiver.authority().to_owned();
+    }
     let headers = signing.headers(signed_manifest);
     let mut request = reqwest::Client::new()
         .post(format!("{}{url_path}", receiver.url))
@@ -130,7 +134,7 @@ pub async fn send_json(
     path: &str,
     body: &[u8],
 ) -> (u16, serde_json::Value) {
-    let mut signing = Signing::post(path);
+    let mut signing = Signing::to(receiver.authority(), path);
     signing.method = method.into();
     let headers = signing.headers(body);
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");

@@ -57,7 +57,15 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
     let records = state.journal().all()?;
     let kept = Kept::of(&records, state.config().image_history.max(1), Some(current));
     let mut pruned = Pruned::default();
-    prune_images(docker, &kept.image_candidates(&records, name), &mut pruned).await?;
+    // Only images this receiver loaded from verified packages: an image the host had is never
+    // untagged or deleted because a deployment ran it.
+    let allow_any = state.config().allow_unverified_images;
+    let candidates: Vec<Candidate> = kept
+        .image_candidates(&records, name)
+        .into_iter()
+        .filter(|c| allow_any || state.images().contains(&c.id))
+        .collect();
+    prune_images(docker, &candidates, &mut pruned).await?;
     for id in kept.package_candidates(&records, name) {
         match state.store().remove(id) {
             Ok(true) => pruned.packages.push(id),

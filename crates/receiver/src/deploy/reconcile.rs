@@ -4,16 +4,19 @@
 //! when there was one before).
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bollard::container::{ListContainersOptions, RenameContainerOptions};
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
 use bollard::Docker;
-use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage};
 use deploy_protocol::{ErrorCode, ErrorDetail};
 use uuid::Uuid;
 
-use super::{find_container, remove_container, stopping, Deployment, LABEL_DEPLOYMENT_ID};
+use deploy_protocol::display::short;
+
+use super::containers::{find_container, is_running, remove_container};
+use super::{stopping, Deployment, LABEL_DEPLOYMENT_ID};
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
@@ -114,71 +117,85 @@ async fn settle_id(state: &AppState, id: Uuid) -> Result<()> {
     }
 }
 
+/// Settles one interrupted deployment: forward when its new container was healthy (or cleanup had
+/// begun), otherwise back to the previous container.
 async fn reconcile_one(
     state: &AppState,
     docker: &Docker,
     record: DeploymentRecord,
 ) -> Result<DeploymentRecord> {
-    let name = record.container_name.clone();
     let new = new_container(docker, &record).await?;
     let previous = match &record.previous_container_id {
         Some(id) => find_container(docker, id).await?,
         None => None,
     };
     let previous_existed = record.previous_container_id.is_some();
-    // A deployment of this run that lost Docker mid-rollback already carries that error.
-    let lost_docker = record.error.clone();
-    let started = Instant::now();
-    let mut d = Deployment::resume(state, record);
-
-    let mut notes = Vec::new();
-    if let Some(new) = &new {
-        let new_id = new.id.clone().unwrap_or_default();
+    let d = Deployment::resume(state, record);
+    match new {
         // Healthy: finish. Previous already removed: cleanup had begun after the health check
         // passed, and removing the new one would leave nothing.
-        if is_healthy(new) || (previous_existed && previous.is_none()) {
-            notes.push(
-                match lost_docker {
-                    Some(_) => "Docker answered again and the new container was healthy",
-                    None => {
-                        "the receiver stopped during this deployment; the new container was healthy"
-                    }
-                }
-                .to_owned(),
-            );
-            if let Some(p) = &previous {
-                let pid = p.id.clone().unwrap_or_default();
-                remove_container(docker, &pid).await?;
-                notes.push(format!(
-                    "removed the previous container {}",
-                    super::short(&pid)
-                ));
-            }
-            if !is_running(new) {
-                docker
-                    .start_container::<String>(&new_id, None)
-                    .await
-                    .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
-                notes.push("started the new container again".into());
-            }
-            d.record.container_id = Some(new_id);
-            d.record.error = None;
-            d.stage(
-                Stage::Cleanup,
-                StageOutcome::Ok,
-                started.elapsed(),
-                Some(notes.join("; ")),
-            );
-            return Ok(d.finish(DeploymentStatus::Succeeded, None).await);
+        Some(new) if is_healthy(&new) || (previous_existed && previous.is_none()) => {
+            finish_forward(d, docker, &new, previous.as_ref()).await
         }
+        new => roll_back(d, docker, new.as_ref(), previous.as_ref()).await,
+    }
+}
+
+/// Keeps the new container: the previous one goes, the new one runs, the deployment succeeded.
+async fn finish_forward(
+    mut d: Deployment,
+    docker: &Docker,
+    new: &ContainerInspectResponse,
+    previous: Option<&ContainerInspectResponse>,
+) -> Result<DeploymentRecord> {
+    let timed = Deployment::time(Stage::Cleanup);
+    let new_id = new.id.clone().unwrap_or_default();
+    // A deployment of this run that lost Docker mid-rollback already carries that error.
+    let mut notes = vec![match d.record().error {
+        Some(_) => "Docker answered again and the new container was healthy",
+        None => "the receiver stopped during this deployment; the new container was healthy",
+    }
+    .to_owned()];
+    if let Some(p) = previous {
+        let pid = p.id.clone().unwrap_or_default();
+        remove_container(docker, &pid).await?;
+        notes.push(format!("removed the previous container {}", short(&pid)));
+    }
+    if !is_running(new) {
+        docker
+            .start_container::<String>(&new_id, None)
+            .await
+            .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
+        notes.push("started the new container again".into());
+    }
+    d.record.container_id = Some(new_id);
+    d.record.error = None;
+    timed.ok(&mut d, notes.join("; "));
+    Ok(d.finish(DeploymentStatus::Succeeded, None).await)
+}
+
+/// Undoes the deployment: the new container (if any) goes, the previous one (if any) comes back
+/// under the name, running if it was.
+async fn roll_back(
+    mut d: Deployment,
+    docker: &Docker,
+    new: Option<&ContainerInspectResponse>,
+    previous: Option<&ContainerInspectResponse>,
+) -> Result<DeploymentRecord> {
+    let timed = Deployment::time(Stage::Rollback);
+    let name = d.record().container_name.clone();
+    let mut notes = Vec::new();
+    if let Some(new) = new {
+        let new_id = new.id.clone().unwrap_or_default();
         remove_container(docker, &new_id).await?;
         notes.push(format!(
             "removed the new container {}, not healthy yet",
-            super::short(&new_id)
+            short(&new_id)
         ));
     }
-    match &previous {
-        Some(p) => {
+    let previous_id = d.record().previous_container_id.clone();
+    match (previous, &previous_id) {
+        (Some(p), _) => {
             let pid = p.id.clone().unwrap_or_default();
             if p.name.as_deref() != Some(format!("/{name}").as_str()) {
                 docker
@@ -194,35 +211,26 @@ async fn reconcile_one(
             }
             notes.push(format!(
                 "restored the previous container {} as {name}",
-                super::short(&pid)
+                short(&pid)
             ));
         }
-        None if previous_existed => notes.push(format!(
+        (None, Some(gone)) => notes.push(format!(
             "the previous container {} no longer exists",
-            super::short(
-                d.record()
-                    .previous_container_id
-                    .as_deref()
-                    .unwrap_or_default()
-            )
+            short(gone)
         )),
-        None if new.is_none() => notes.push("no container had been changed yet".into()),
-        None => notes.push("there was no previous container to restore".into()),
+        (None, None) if new.is_none() => notes.push("no container had been changed yet".into()),
+        (None, None) => notes.push("there was no previous container to restore".into()),
     }
     let detail = notes.join("; ");
-    d.stage(
-        Stage::Rollback,
-        StageOutcome::Ok,
-        started.elapsed(),
-        Some(detail.clone()),
-    );
+    timed.ok(&mut d, detail.clone());
     let status = if previous.is_some() {
-        state.metrics().rollback();
+        d.state().metrics().rollback();
         DeploymentStatus::RolledBack
     } else {
         DeploymentStatus::Failed
     };
-    let error = match lost_docker {
+    // A deployment of this run that lost Docker mid-rollback already carries that error.
+    let error = match d.record().error.clone() {
         Some(e) => ErrorDetail {
             message: format!("{}; once Docker answered again: {detail}", e.message),
             ..e
@@ -258,12 +266,6 @@ async fn new_container(
         Some(id) => find_container(docker, &id).await,
         None => Ok(None),
     }
-}
-
-pub(super) fn is_running(c: &ContainerInspectResponse) -> bool {
-    let state = c.state.as_ref();
-    state.and_then(|s| s.running).unwrap_or(false)
-        && !state.and_then(|s| s.restarting).unwrap_or(false)
 }
 
 fn is_healthy(c: &ContainerInspectResponse) -> bool {

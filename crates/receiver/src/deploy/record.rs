@@ -2,7 +2,7 @@
 //! at every change.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome, StageReport};
 use deploy_protocol::{DeploymentSpec, ErrorDetail, PackageManifest};
@@ -137,6 +137,14 @@ impl Deployment {
         });
     }
 
+    /// Starts timing `stage`; [`Timed::ok`] or [`Timed::failed`] records it.
+    pub(super) fn time(stage: Stage) -> Timed {
+        Timed {
+            stage,
+            started: Instant::now(),
+        }
+    }
+
     /// Writes the record. Mid-deploy a failed write is logged, not fatal: stopping halfway would
     /// leave the containers in a worse state than finishing with a stale journal entry.
     pub(super) async fn save(&self) {
@@ -179,5 +187,29 @@ impl Deployment {
             }
         }
         self.record
+    }
+}
+
+/// A stage being timed: started when made, recorded once with its outcome.
+#[must_use = "a timed stage is recorded by ok() or failed()"]
+pub(super) struct Timed {
+    stage: Stage,
+    started: Instant,
+}
+
+impl Timed {
+    /// Records the stage as `outcome` with `detail`.
+    pub(super) fn record(self, d: &mut Deployment, outcome: StageOutcome, detail: Option<String>) {
+        d.stage(self.stage, outcome, self.started.elapsed(), detail);
+    }
+
+    /// Records the stage as done.
+    pub(super) fn ok(self, d: &mut Deployment, detail: impl Into<String>) {
+        self.record(d, StageOutcome::Ok, Some(detail.into()));
+    }
+
+    /// Records the stage as failed.
+    pub(super) fn failed(self, d: &mut Deployment, detail: impl std::fmt::Display) {
+        self.record(d, StageOutcome::Failed, Some(detail.to_string()));
     }
 }

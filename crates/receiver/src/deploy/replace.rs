@@ -1,8 +1,6 @@
 //! Replacing a container: set the old one aside, start the new one, health-check it, then clean
 //! up or roll back.
 
-use std::time::Instant;
-
 use bollard::container::{
     CreateContainerOptions, ListContainersOptions, RenameContainerOptions, StopContainerOptions,
 };
@@ -10,15 +8,13 @@ use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::{DeploymentSpec, ErrorCode, ErrorDetail, HealthCheckSpec, PortProtocol};
 
-use super::{
-    aside_name, container_named, prune, reconcile, remove_container, short, spec, Deployment,
-};
+use deploy_protocol::display::short;
+
+use super::containers::{aside_name, container_named, remove_container, STOP_TIMEOUT_SECS};
+use super::record::Timed;
+use super::{health, policy, prune, reconcile, Deployment, LABEL_MANAGED};
 use crate::docker::map_err;
 use crate::error::{correlation_id, ReceiverError, Result};
-use crate::health;
-
-/// Seconds the old container gets to stop before it is killed.
-pub(super) const STOP_TIMEOUT_SECS: i64 = 10;
 
 /// The container that was running under the name, while it is set aside.
 #[derive(Debug)]
@@ -37,24 +33,51 @@ pub(super) async fn replace(
     spec: &DeploymentSpec,
     image: &str,
 ) -> DeploymentRecord {
-    let started = Instant::now();
-    // A deployment of this name that a previous run left half done is settled first.
-    let state = d.state().clone();
-    if let Err(e) = reconcile::settle(&state, docker, &spec.container_name).await {
-        d.stage(
-            Stage::Start,
-            StageOutcome::Failed,
-            started.elapsed(),
-            Some(format!(
-                "an interrupted deployment of this name could not be settled first: {e}"
-            )),
-        );
+    let name = &spec.container_name;
+    if let Err(e) = settle_first(&mut d, docker, name).await {
         return d.finish(DeploymentStatus::Failed, Some(&e)).await;
     }
     let mut previous = None;
-    let new_id = match start_new(&mut d, docker, spec, image, &mut previous).await {
+    let new_id = match start(&mut d, docker, spec, image, &mut previous).await {
+        Ok(id) => id,
+        Err(e) => {
+            let new_id = d.record.container_id.clone();
+            return rollback(d, docker, name, new_id, previous, e).await;
+        }
+    };
+    if let Err(e) = check_health(&mut d, docker, spec, &new_id).await {
+        return rollback(d, docker, name, Some(new_id), previous, e).await;
+    }
+    clean_up(&mut d, docker, name, previous.as_ref()).await;
+    d.finish(DeploymentStatus::Succeeded, None).await
+}
+
+/// A deployment of this name that a previous run left half done is settled first.
+async fn settle_first(d: &mut Deployment, docker: &Docker, name: &str) -> Result<()> {
+    let timed = Deployment::time(Stage::Start);
+    let state = d.state().clone();
+    reconcile::settle(&state, docker, name)
+        .await
+        .inspect_err(|e| {
+            timed.failed(
+                d,
+                format!("an interrupted deployment of this name could not be settled first: {e}"),
+            );
+        })
+}
+
+/// The start phase: the old container set aside, the new one created and started.
+async fn start(
+    d: &mut Deployment,
+    docker: &Docker,
+    spec: &DeploymentSpec,
+    image: &str,
+    previous: &mut Option<Previous>,
+) -> Result<String> {
+    let timed = Deployment::time(Stage::Start);
+    match start_new(d, docker, spec, image, previous).await {
         Ok(id) => {
-            let detail = match &previous {
+            let detail = match previous {
                 Some(p) => format!(
                     "started {} in place of {}, set aside as {}",
                     short(&id),
@@ -63,73 +86,52 @@ pub(super) async fn replace(
                 ),
                 None => format!("started {}", short(&id)),
             };
-            d.stage(
-                Stage::Start,
-                StageOutcome::Ok,
-                started.elapsed(),
-                Some(detail),
-            );
-            id
+            timed.ok(d, detail);
+            Ok(id)
         }
         Err(e) => {
-            d.stage(
-                Stage::Start,
-                StageOutcome::Failed,
-                started.elapsed(),
-                Some(e.to_string()),
-            );
-            let new_id = d.record.container_id.clone();
-            return rollback(d, docker, &spec.container_name, new_id, previous, e).await;
+            timed.failed(d, &e);
+            Err(e)
         }
-    };
+    }
+}
 
-    let started = Instant::now();
-    let check = health_spec(spec);
-    let failure = match health::wait(docker, &new_id, &check).await {
+/// The health phase: waits for the new container to be healthy by the spec's check.
+async fn check_health(
+    d: &mut Deployment,
+    docker: &Docker,
+    spec: &DeploymentSpec,
+    new_id: &str,
+) -> Result<()> {
+    let timed = Deployment::time(Stage::Health);
+    match health::wait(docker, new_id, &health_spec(spec)).await {
         Ok(report) if report.healthy => {
-            d.stage(
-                Stage::Health,
-                StageOutcome::Ok,
-                started.elapsed(),
-                Some(format!(
-                    "{} check: {}",
-                    report.kind,
-                    report.output.unwrap_or_else(|| "healthy".into())
-                )),
-            );
-            None
+            let output = report.output.unwrap_or_else(|| "healthy".into());
+            timed.ok(d, format!("{} check: {output}", report.kind));
+            Ok(())
         }
         Ok(report) => {
             let output = report.output.unwrap_or_else(|| "no output".into());
-            d.stage(
-                Stage::Health,
-                StageOutcome::Failed,
-                started.elapsed(),
-                Some(format!("{} check: {output}", report.kind)),
-            );
-            Some(ReceiverError::HealthCheckFailed(format!(
+            timed.failed(d, format!("{} check: {output}", report.kind));
+            Err(ReceiverError::HealthCheckFailed(format!(
                 "container {} did not become healthy ({} check): {output}",
                 spec.container_name, report.kind
             )))
         }
         Err(e) => {
-            d.stage(
-                Stage::Health,
-                StageOutcome::Failed,
-                started.elapsed(),
-                Some(e.to_string()),
-            );
-            Some(e)
+            timed.failed(d, &e);
+            Err(e)
         }
-    };
-    if let Some(e) = failure {
-        return rollback(d, docker, &spec.container_name, Some(new_id), previous, e).await;
     }
+}
 
-    let started = Instant::now();
+/// The cleanup phase: the previous container, stale set-aside ones, and images and packages the
+/// history no longer keeps are removed. Its failures are noted, never fatal.
+async fn clean_up(d: &mut Deployment, docker: &Docker, name: &str, previous: Option<&Previous>) {
+    let timed = Deployment::time(Stage::Cleanup);
     let mut notes = Vec::new();
     let mut outcome = StageOutcome::Ok;
-    if let Some(p) = &previous {
+    if let Some(p) = previous {
         match remove_container(docker, &p.id).await {
             Ok(()) => notes.push(format!("removed the previous container {}", short(&p.id))),
             Err(e) => {
@@ -141,44 +143,29 @@ pub(super) async fn replace(
             }
         }
     }
-    match stale_asides(docker, &spec.container_name).await {
+    match stale_asides(docker, name).await {
         Ok(stale) => {
             for id in stale {
-                match remove_container(docker, &id).await {
-                    Ok(()) => notes.push(format!(
-                        "removed the stale set-aside container {}",
-                        short(&id)
-                    )),
-                    Err(e) => notes.push(format!(
+                notes.push(match remove_container(docker, &id).await {
+                    Ok(()) => format!("removed the stale set-aside container {}", short(&id)),
+                    Err(e) => format!(
                         "could not remove the stale set-aside container {}: {e}",
                         short(&id)
-                    )),
-                }
+                    ),
+                });
             }
         }
         Err(e) => notes.push(format!("stale set-aside containers not checked: {e}")),
     }
-    match prune::prune(
-        d.state(),
-        docker,
-        &spec.container_name,
-        d.record.deployment_id,
-    )
-    .await
-    {
+    let state = d.state().clone();
+    match prune::prune(&state, docker, name, d.record.deployment_id).await {
         Ok(pruned) => notes.extend(pruned.describe()),
         Err(e) => notes.push(format!("pruning skipped: {e}")),
     }
-    d.stage(
-        Stage::Cleanup,
-        outcome,
-        started.elapsed(),
-        (!notes.is_empty()).then(|| notes.join("; ")),
-    );
-    d.finish(DeploymentStatus::Succeeded, None).await
+    timed.record(d, outcome, (!notes.is_empty()).then(|| notes.join("; ")));
 }
 
-/// Stopped containers set aside for `name` by earlier deployments whose cleanup or rollback did
+/// Stopped containers (this receiver's) set aside for `name` by earlier deployments whose cleanup or rollback did
 /// not finish; once a new container is healthy they are no longer needed.
 async fn stale_asides(docker: &Docker, name: &str) -> Result<Vec<String>> {
     let prefix = format!("/{name}.previous-");
@@ -193,6 +180,13 @@ async fn stale_asides(docker: &Docker, name: &str) -> Result<Vec<String>> {
         .into_iter()
         .filter(|c| c.state.as_deref() != Some("running"))
         .filter(|c| c.names.iter().flatten().any(|n| n.starts_with(&prefix)))
+        // Only ours: a container someone named like a set-aside one is not ours to remove.
+        .filter(|c| {
+            c.labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_MANAGED))
+                .is_some_and(|v| v == "true")
+        })
         .filter_map(|c| c.id)
         .collect())
 }
@@ -240,7 +234,7 @@ async fn start_new(
             p.renamed = true;
         }
     }
-    let config = spec::container_config(spec, image, d.labels())?;
+    let config = policy::container_config(spec, image, d.labels())?;
     let created = docker
         .create_container(
             Some(CreateContainerOptions {
@@ -269,7 +263,7 @@ async fn rollback(
     previous: Option<Previous>,
     error: ReceiverError,
 ) -> DeploymentRecord {
-    let started = Instant::now();
+    let timed = Deployment::time(Stage::Rollback);
     let mut problems = Vec::new();
     let mut docker_lost = false;
     if let Some(id) = &new_id {
@@ -291,7 +285,7 @@ async fn rollback(
         }
     }
     if docker_lost {
-        return roll_back_later(d, problems, error, started).await;
+        return roll_back_later(d, problems, error, timed).await;
     }
     let restored = previous.is_some() && problems.is_empty();
     let detail = match (&previous, restored) {
@@ -306,12 +300,7 @@ async fn rollback(
     } else {
         StageOutcome::Failed
     };
-    d.stage(
-        Stage::Rollback,
-        outcome,
-        started.elapsed(),
-        Some(detail.clone()),
-    );
+    timed.record(&mut d, outcome, Some(detail.clone()));
     let status = if restored {
         d.state().metrics().rollback();
         DeploymentStatus::RolledBack
@@ -342,19 +331,14 @@ async fn roll_back_later(
     mut d: Deployment,
     problems: Vec<String>,
     error: ReceiverError,
-    started: Instant,
+    timed: Timed,
 ) -> DeploymentRecord {
     let id = d.record.deployment_id;
     let detail = format!(
         "{}; the receiver rolls back as soon as Docker answers again (GET /deployments/{id})",
         problems.join("; ")
     );
-    d.stage(
-        Stage::Rollback,
-        StageOutcome::Failed,
-        started.elapsed(),
-        Some(detail.clone()),
-    );
+    timed.failed(&mut d, &detail);
     d.record.error = Some(ErrorDetail {
         code: ErrorCode::DockerUnavailable,
         message: format!("{error}; {detail}"),

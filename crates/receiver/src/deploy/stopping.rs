@@ -12,9 +12,7 @@ use futures::StreamExt;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::find_container;
-use super::reconcile::is_running;
-use super::replace::STOP_TIMEOUT_SECS;
+use super::containers::{find_container, is_running, STOP_TIMEOUT_SECS};
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
 

@@ -37,7 +37,10 @@ pub async fn create(
     request: Request,
 ) -> Result<Json<DeploymentRecord>> {
     let (parts, body) = request.into_parts();
-    let received = spool::receive_multipart(&state, &parts, body).await;
+    let received = spool::receive_multipart(&state, &parts, body, |manifest| {
+        deploy::full_spec(&state, manifest).map(|_| ())
+    })
+    .await;
     match &received {
         Ok(_) => state.metrics().upload("ok"),
         Err(e) => state.metrics().upload(e.code().as_str()),

@@ -6,8 +6,8 @@ use deploy_protocol::api::{HealthCheckRequest, HealthCheckResponse};
 use deploy_protocol::ErrorBody;
 
 use crate::auth::Signed;
+use crate::deploy::health;
 use crate::error::Result;
-use crate::health;
 use crate::state::AppState;
 
 /// Wait until the named container is healthy (its Docker HEALTHCHECK, an HTTP probe of a

@@ -6,13 +6,13 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::Json;
 use deploy_protocol::api::{ReceiveRequest, StoreOutcome, UploadResponse};
-use deploy_protocol::{Checksum, ErrorBody};
+use deploy_protocol::ErrorBody;
 
 use crate::auth::Signed;
 use crate::error::{ReceiverError, Result};
 use crate::spool::Received;
 use crate::state::{AppState, InFlight};
-use crate::store::TempGuard;
+use crate::store::ImportError;
 
 /// Validate and register a package file already in the package directory (no traversal, no
 /// symlink escape); it is hashed and stored exactly as an upload would be.
@@ -59,35 +59,24 @@ pub async fn create(
             )));
         }
     }
-    // Hash a hard link of our own, so the stored name and the hashed bytes are one inode.
-    let temp = TempGuard::new(state.store().temp_path(id, &manifest.package_checksum));
-    std::fs::hard_link(&source, temp.path())?;
-    let path = temp.path().to_path_buf();
-    let (checksum, size) =
-        tokio::task::spawn_blocking(move || -> std::io::Result<(Checksum, u64)> {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(std::fs::File::open(&path)?)?;
-            Ok((Checksum::from_hasher(&hasher), hasher.count()))
-        })
+    let store = state.store().clone();
+    let signed = manifest.clone();
+    let imported = tokio::task::spawn_blocking(move || store.import(&source, &signed))
         .await
-        .map_err(|e| ReceiverError::Internal(format!("hashing task failed: {e}")))??;
-    if size != manifest.package_size || checksum != manifest.package_checksum {
-        return Err(ReceiverError::ChecksumMismatch(format!(
-            "{} is {size} bytes hashing to {checksum}, but the signed manifest says {} bytes hashing to {}",
-            request.package_path, manifest.package_size, manifest.package_checksum
-        )));
-    }
-    let (package, outcome) = if existing.is_some() {
-        let stored = state
-            .store()
-            .get(id)?
-            .ok_or_else(|| ReceiverError::NotFound(format!("package {id} vanished")))?;
-        (stored, StoreOutcome::Existing)
+        .map_err(|e| ReceiverError::Internal(format!("hashing task failed: {e}")))?
+        .map_err(|e| match e {
+            ImportError::Mismatch { .. } => ReceiverError::ChecksumMismatch(format!(
+                "{}: {e}, but the signed manifest says {} bytes hashing to {}",
+                request.package_path, manifest.package_size, manifest.package_checksum
+            )),
+            ImportError::Io(e) => e.into(),
+        })?;
+    let outcome = if imported.existed {
+        StoreOutcome::Existing
     } else {
-        let stored = state.store().commit(temp.path(), &manifest)?;
-        temp.disarm();
-        (stored, StoreOutcome::Created)
+        StoreOutcome::Created
     };
+    let (package, size) = (imported.package, imported.size);
     let received = Received {
         package,
         outcome,

@@ -44,7 +44,7 @@ pub async fn create(
     request: Request,
 ) -> Result<Json<UploadResponse>> {
     let (parts, body) = request.into_parts();
-    let result = spool::receive_multipart(&state, &parts, body).await;
+    let result = spool::receive_multipart(&state, &parts, body, |_| Ok(())).await;
     match &result {
         Ok(_) => state.metrics().upload("ok"),
         Err(e) => state.metrics().upload(e.code().as_str()),

@@ -25,6 +25,7 @@ impl ReceiverClient {
         let headers = SignatureHeaders::sign(
             &self.target.key_id,
             &self.target.secret,
+            Some(&authority(&url)),
             method.as_str(),
             &path_and_query,
             &Checksum::of(content),
@@ -39,5 +40,15 @@ impl ReceiverClient {
             request = request.header(HEADER_CORRELATION_ID, id);
         }
         request
+    }
+}
+
+/// The authority a request to `url` is signed for: `host[:port]` exactly as the HTTP client puts
+/// it in the `Host` header (the port only when it is not the scheme's default).
+pub(crate) fn authority(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
     }
 }

@@ -117,6 +117,11 @@ async fn sends_signed_manifest_then_streamed_package() {
         "package part equals the file"
     );
     assert_eq!(header(&seen, "x-correlation-id"), Some("corr-1"));
+    assert_eq!(
+        header(&seen, "host"),
+        Some(base.trim_start_matches("http://")),
+        "the signed authority is the Host header sent"
+    );
     assert!(
         header(&seen, "content-length").is_some(),
         "length known up front"
@@ -128,6 +133,7 @@ async fn sends_signed_manifest_then_streamed_package() {
     signed
         .verify(
             &ring,
+            header(&seen, "host"),
             "POST",
             "/deployment/upload",
             &Checksum::of(&seen.parts[0].2),
@@ -161,6 +167,7 @@ async fn a_base_path_prefix_is_kept_and_signed() {
     signed
         .verify(
             &ring,
+            header(&seen, "host"),
             "POST",
             "/prefix/deployment/full",
             &digest,

@@ -356,7 +356,7 @@ pub async fn check(
     }
     let docker = state.docker().client().await?;
     let not_found = || ReceiverError::NotFound(format!("no container named {name} on this host"));
-    let container = crate::deploy::container_named(&docker, name)
+    let container = super::containers::container_named(&docker, name)
         .await?
         .and_then(|c| c.id)
         .ok_or_else(not_found)?;
