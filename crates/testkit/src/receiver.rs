@@ -136,6 +136,16 @@ impl Daemon {
         state_dir: &Path,
         env: &[(&str, String)],
     ) -> Self {
+        let mut command = Self::command(binary, package_dir, state_dir);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Self::spawn(command)
+    }
+
+    /// The command [`Daemon::start`] runs: `binary` with a clean environment (loopback, the test
+    /// key, JSON logs), for a test that adjusts it before [`Daemon::spawn`].
+    pub fn command(binary: &Path, package_dir: &Path, state_dir: &Path) -> std::process::Command {
         let mut command = std::process::Command::new(binary);
         command
             .env_clear()
@@ -146,12 +156,16 @@ impl Daemon {
             .env("DEPLOY_HMAC_SECRET", SECRET)
             .env("ALLOWED_NETWORKS", "127.0.0.0/8")
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        command
+    }
+
+    /// Spawns `command` (a receiver logging JSON to stdout, which is taken over) and waits until
+    /// it announces its address.
+    pub fn spawn(mut command: std::process::Command) -> Self {
+        command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
-        for (k, v) in env {
-            command.env(k, v);
-        }
         let mut child = command.spawn().expect("spawn deploy-receiver");
         let stdout = child.stdout.take().expect("stdout");
         let logs = Arc::new(Mutex::new(Vec::new()));
