@@ -73,8 +73,8 @@ pub struct UploadResponse {
     pub throughput_mbps: f64,
 }
 
-/// `POST /deployment/receive`: register a package already on the receiver's disk (the original
-/// system's request). The path must resolve inside the package directory.
+/// `POST /deployment/receive`: register a package already on the receiver's disk (copied there
+/// by other means than an upload). The path must resolve inside the package directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,56 +51,28 @@ fn an_unset_empty_or_blank_allowlist_is_a_start_up_error() {
     }
 }
 
-/// Starts the binary; returns the child and its address.
-fn start(
-    prefix: &str,
-    env: &[(&str, &str)],
-    dir: &std::path::Path,
-) -> (std::process::Child, String) {
-    let mut child = command(prefix, env, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if let Some(addr) = v["fields"]["addr"].as_str() {
-                        let _ = tx.send(addr.to_owned());
-                        sent = true;
-                    }
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("deploy-receiver announced its address");
-    (child, addr)
+/// Starts the binary and waits until it announces its address.
+fn start(prefix: &str, env: &[(&str, &str)], dir: &std::path::Path) -> Daemon {
+    Daemon::spawn(command(prefix, env, dir))
 }
 
 #[test]
 fn any_must_be_said_and_then_starts() {
     let dir = temp_dir();
-    let (mut child, addr) = start("", &[("ALLOWED_NETWORKS", "any")], dir.path());
-    assert!(addr.starts_with("127.0.0.1:"));
-    let _ = child.kill();
-    let _ = child.wait();
+    let daemon = start("", &[("ALLOWED_NETWORKS", "any")], dir.path());
+    assert!(daemon.addr.ip().is_loopback());
+    daemon.sigkill();
 }
 
 #[tokio::test]
 async fn health_answers_with_more_slow_clients_than_descriptors() {
     let dir = temp_dir();
-    let (mut child, addr) = start(
+    let daemon = start(
         "ulimit -n 128 &&",
         &[("ALLOWED_NETWORKS", "127.0.0.0/8")],
         dir.path(),
     );
+    let addr = daemon.addr.to_string();
     // 140 clients that connect, send half a head, and wait.
     let mut slow = Vec::new();
     for _ in 0..140 {
@@ -129,8 +100,7 @@ async fn health_answers_with_more_slow_clients_than_descriptors() {
         text.lines().next().unwrap_or("no answer"),
         started.elapsed().as_millis()
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    daemon.sigkill();
     assert!(read.is_ok(), "no answer within 10 s");
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     drop(slow);

@@ -74,8 +74,8 @@ fn assert_event(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_package_id() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let (good, bad) = (format!("{name}:good"), format!("{name}:bad"));
     build_image(&docker, &mut cleanup, &good, ImageSpec::healthy("good")).await;
     build_image(&docker, &mut cleanup, &bad, ImageSpec::failing("bad")).await;
@@ -83,7 +83,7 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
     cluster.create_topic(DEFAULT_TOPIC, 1, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.kafka_bootstrap_servers = Some(bootstrap.clone());
     })
     .await;
@@ -180,8 +180,8 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_broker_returns() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let tag = format!("{name}:v1");
     build_image(&docker, &mut cleanup, &tag, ImageSpec::healthy("v1")).await;
     let cluster = MockCluster::new(1).expect("mock cluster");
@@ -189,7 +189,7 @@ async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_b
     cluster.broker_down(-1).expect("broker down");
     let bootstrap = cluster.bootstrap_servers();
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.kafka_bootstrap_servers = Some(bootstrap.clone());
     })
     .await;

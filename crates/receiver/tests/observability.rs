@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common::*;
-use deploy_protocol::{Checksum, SignatureHeaders};
+use deploy_protocol::Checksum;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use uuid::Uuid;
@@ -58,7 +58,7 @@ async fn openapi_json(receiver: &Receiver) -> Value {
 #[tokio::test]
 async fn every_route_is_documented_and_every_documented_operation_is_routed() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let doc = openapi_json(&receiver).await;
     let documented = documented_operations(&doc);
     let routed: BTreeSet<(String, String)> =
@@ -219,7 +219,7 @@ fn sorted(value: Value) -> Value {
 async fn the_committed_openapi_document_is_current() {
     let doc = serde_json::to_value(deploy_receiver::routes::openapi()).expect("json");
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     assert_eq!(
         sorted(openapi_json(&receiver).await),
         sorted(doc.clone()),
@@ -316,7 +316,7 @@ fn sum(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
 #[tokio::test]
 async fn metrics_pass_promtool_and_move_with_uploads_refusals_and_errors() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let (text, before) = scrape(&receiver).await;
     for name in [
         "deploy_receiver_received_bytes_total",
@@ -350,20 +350,9 @@ async fn metrics_pass_promtool_and_move_with_uploads_refusals_and_errors() {
     let (status, body) = receiver.upload(package.clone()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // A refused signature.
-    let headers = SignatureHeaders::sign(
-        "default",
-        b"not-the-receivers-secret-0123456789abcdef",
-        Some(receiver.base.trim_start_matches("http://")),
-        "GET",
-        "/deployments",
-        &Checksum::of(b""),
-        unix_now(),
-        deploy_protocol::envelope::new_nonce(),
-    );
-    let mut request = http().get(format!("{}/deployments", receiver.base));
-    for (name, value) in headers.to_pairs() {
-        request = request.header(name, value);
-    }
+    let mut wrong_key = Signer::new("GET", "/deployments");
+    wrong_key.secret = b"not-the-receivers-secret-0123456789abcdef".to_vec();
+    let request = wrong_key.request(&http(), &receiver.base, b"");
     let refused = request.send().await.expect("GET /deployments");
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     // An error with a code of its own: bytes that do not match the signed checksum.
@@ -433,7 +422,7 @@ async fn health(receiver: &Receiver) -> Value {
 #[tokio::test]
 async fn health_says_where_events_go() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let events = health(&receiver).await["events"]
         .as_str()
         .expect("events")
@@ -447,7 +436,7 @@ async fn health_says_where_events_go() {
     receiver.stop().await;
 
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.kafka_bootstrap_servers = Some("127.0.0.1:9".into());
         c.kafka_topic = "deploys".into();
     })

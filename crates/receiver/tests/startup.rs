@@ -7,7 +7,7 @@ use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, SECRET};
+use common::{start_daemon, SECRET};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deploy-receiver");
 
@@ -168,7 +168,7 @@ fn another_service(body: &'static str) -> std::net::SocketAddr {
 #[test]
 fn probe_passes_only_for_a_healthy_deploy_receiver() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let daemon = Daemon::start(&dir.path().join("packages"), &dir.path().join("state"), &[]);
+    let daemon = start_daemon(&dir.path().join("packages"), &dir.path().join("state"), &[]);
     let ok = run_to_exit(
         Command::new(BIN)
             .env_clear()

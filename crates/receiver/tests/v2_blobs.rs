@@ -5,7 +5,7 @@
 mod common;
 
 use common::v2::{layer_tar, patch_cut, settled_offset, synthetic, Built, V2};
-use common::{temp_dir, Cleanup, Receiver};
+use common::{guard, start_receiver, start_receiver_with, temp_dir};
 use deploy_protocol::{Checksum, Compression, LayerState, ReleaseStatus};
 use reqwest::StatusCode;
 
@@ -22,7 +22,7 @@ async fn registered(v2: &V2, built: &Built) -> ReleaseStatus {
 #[tokio::test]
 async fn offsets_are_strict_and_a_mismatch_appends_nothing() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let built = synthetic(&[layer_tar("a", 64 * 1024, 1)], Compression::None, &[]).await;
     let status = registered(&v2, &built).await;
@@ -67,7 +67,7 @@ async fn offsets_are_strict_and_a_mismatch_appends_nothing() {
 #[tokio::test]
 async fn tampered_blob_is_discarded_whole_with_checksum_mismatch() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let built = synthetic(&[layer_tar("a", 200 * 1024, 2)], Compression::Zstd, &[]).await;
     registered(&v2, &built).await;
@@ -98,7 +98,7 @@ async fn tampered_blob_is_discarded_whole_with_checksum_mismatch() {
 #[tokio::test]
 async fn a_layer_whose_content_does_not_match_its_diff_id_is_refused() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let signed = layer_tar("signed", 10 * 1024, 3);
     let other = layer_tar("other", 10 * 1024, 4);
@@ -137,7 +137,7 @@ async fn a_layer_whose_content_does_not_match_its_diff_id_is_refused() {
 #[tokio::test]
 async fn a_blob_no_signed_release_names_is_not_found() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let bytes = b"no release names me".to_vec();
     let blake3 = Checksum::of(&bytes);
@@ -159,7 +159,7 @@ async fn a_blob_no_signed_release_names_is_not_found() {
 #[tokio::test]
 async fn an_oversized_blob_is_refused() {
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| c.max_package_size = 100 * 1024).await;
+    let receiver = start_receiver_with(dir.path(), |c| c.max_package_size = 100 * 1024).await;
     let v2 = V2::new(&receiver.base);
     // Declared over MAX_PACKAGE_SIZE: the release is refused.
     let big = synthetic(&[layer_tar("big", 200 * 1024, 5)], Compression::None, &[]).await;
@@ -190,14 +190,14 @@ async fn an_oversized_blob_is_refused() {
 #[tokio::test]
 async fn a_connection_cut_at_several_points_resumes_from_the_durable_offset() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let image = tag("cut");
-    let mut cleanup = Cleanup::new("layers-rx-unused");
-    cleanup.images.push(image.clone());
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
     let tars = [layer_tar("one", 3 << 20, 7), layer_tar("two", 1 << 20, 8)];
     let built = synthetic(&tars, Compression::None, &[&image]).await;
-    cleanup.images.push(built.manifest.image_id.to_string());
+    cleanup.remove_image(&built.manifest.image_id.to_string());
     registered(&v2, &built).await;
     let addr: std::net::SocketAddr = receiver
         .base
@@ -245,17 +245,17 @@ async fn a_connection_cut_at_several_points_resumes_from_the_durable_offset() {
 #[tokio::test]
 async fn a_release_naming_a_layer_nobody_holds_or_sent_is_layers_missing_until_sent() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let image = tag("missing");
-    let mut cleanup = Cleanup::new("layers-rx-unused");
-    cleanup.images.push(image.clone());
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
     let tars = [
         layer_tar("base", 32 * 1024, 9),
         layer_tar("top", 16 * 1024, 10),
     ];
     let built = synthetic(&tars, Compression::Zstd, &[&image]).await;
-    cleanup.images.push(built.manifest.image_id.to_string());
+    cleanup.remove_image(&built.manifest.image_id.to_string());
     registered(&v2, &built).await;
     let (top, top_blob) = built.blob(1);
     assert_eq!(
@@ -294,11 +294,11 @@ async fn a_release_naming_a_layer_nobody_holds_or_sent_is_layers_missing_until_s
 #[tokio::test]
 async fn a_load_whose_stream_carries_an_error_fails_and_tags_nothing() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
     let image = tag("broken");
-    let mut cleanup = Cleanup::new("layers-rx-unused");
-    cleanup.images.push(image.clone());
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
     // A "layer" that is not a tar: its diffID is honest, so it passes the blob checks, and
     // Docker's load fails on it (an `errorDetail` in the load stream).
     let mut garbage = vec![0u8; 10_000];
@@ -307,7 +307,7 @@ async fn a_load_whose_stream_carries_an_error_fails_and_tags_nothing() {
         .finalize_xof()
         .fill(&mut garbage);
     let built = synthetic(&[garbage], Compression::None, &[&image]).await;
-    cleanup.images.push(built.manifest.image_id.to_string());
+    cleanup.remove_image(&built.manifest.image_id.to_string());
     registered(&v2, &built).await;
     let (blake3, blob) = built.blob(0);
     assert_eq!(

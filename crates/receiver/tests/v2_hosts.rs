@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use common::v2::{build, split, V2};
-use common::{temp_dir, Cleanup, Daemon};
+use common::{guard, start_daemon, temp_dir, Guard};
 use deploy_protocol::{Compression, DeploymentSpec, HealthCheckKind, ReleaseStatus};
 use deploy_testkit::hosts::TestHost;
 use reqwest::StatusCode;
@@ -21,14 +21,14 @@ const CMD: &str = r#"CMD ["/bin/busybox","httpd","-f","-p","80","-h","/www"]"#;
 /// (`v1` plus one more layer) on the main engine.
 async fn build_images(
     docker: &bollard::Docker,
-    cleanup: &mut Cleanup,
+    cleanup: &mut Guard,
     prefix: &str,
 ) -> (String, String) {
     let busybox = std::fs::read("/bin/busybox").expect("the static busybox at /bin/busybox");
     let v1 = format!("{prefix}-app:v1");
     let v2 = format!("{prefix}-app:v2");
-    cleanup.images.push(v2.clone());
-    cleanup.images.push(v1.clone());
+    cleanup.remove_image(&v2.clone());
+    cleanup.remove_image(&v1.clone());
     let dockerfile = format!(
         "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nCOPY extra /extra\n{HEALTHCHECK}\n{CMD}\n"
     );
@@ -73,13 +73,13 @@ async fn a_cold_host_gets_only_the_layers_it_lacks_and_runs_the_build_hosts_imag
         "layers-rx-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let mut cleanup = Cleanup::new("layers-rx-unused");
+    let mut cleanup = guard();
     let (v1, v2_tag) = build_images(&docker, &mut cleanup, &prefix).await;
     let host = tokio::task::spawn_blocking(|| TestHost::start("lrx"))
         .await
         .expect("start a test host");
     let dir = temp_dir();
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &dir.path().join("packages"),
         &dir.path().join("state"),
         &[("DOCKER_HOST", host.docker_host())],
@@ -228,7 +228,7 @@ async fn the_assembled_archive_imports_with_containerds_importer_also_without_he
         "layers-rx-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let mut cleanup = Cleanup::new("layers-rx-unused");
+    let mut cleanup = guard();
     let (v1, v2_tag) = build_images(&docker, &mut cleanup, &prefix).await;
     let dir = temp_dir();
     let ns = Namespace(format!("{prefix}-ns"));

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::v2::{layer_tar, patch_cut, synthetic, wait_offset, V2};
-use common::{temp_dir, Cleanup, Daemon, Receiver};
+use common::{guard, start_daemon, start_receiver_with, temp_dir};
 use deploy_protocol::Compression;
 use reqwest::StatusCode;
 
@@ -16,18 +16,18 @@ use reqwest::StatusCode;
 async fn receiver_sigkilled_mid_blob_resumes_from_its_durable_offset_after_restart() {
     let dir = temp_dir();
     let (packages, state) = (dir.path().join("packages"), dir.path().join("state"));
-    let daemon = Daemon::start(&packages, &state, &[]);
+    let daemon = start_daemon(&packages, &state, &[]);
     let v2 = V2::new(&daemon.base);
     let image = format!("layers-rx-sigkill-{}:v1", uuid::Uuid::new_v4().simple());
-    let mut cleanup = Cleanup::new("layers-rx-unused");
-    cleanup.images.push(image.clone());
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
     let built = synthetic(
         &[layer_tar("big", 16 << 20, 11)],
         Compression::None,
         &[&image],
     )
     .await;
-    cleanup.images.push(built.manifest.image_id.to_string());
+    cleanup.remove_image(&built.manifest.image_id.to_string());
     let answer = v2.register(&built.manifest).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
     let (blake3, blob) = built.blob(0);
@@ -44,7 +44,7 @@ async fn receiver_sigkilled_mid_blob_resumes_from_its_durable_offset_after_resta
     }
     daemon.sigkill();
 
-    let daemon = Daemon::start(&packages, &state, &[]);
+    let daemon = start_daemon(&packages, &state, &[]);
     let v2 = V2::new(&daemon.base);
     let head = v2.head(&blake3).await;
     assert_eq!(head.status, StatusCode::OK);
@@ -101,7 +101,7 @@ impl Drop for Tmpfs {
 async fn disk_full_mid_blob_is_507_and_the_partial_is_kept_for_a_resume() {
     let fs = Tmpfs::mount("8m");
     let state_dir = temp_dir();
-    let receiver = Receiver::start_with(fs.dir.path(), |c| {
+    let receiver = start_receiver_with(fs.dir.path(), |c| {
         c.package_dir = fs.dir.path().join("packages");
         c.state_dir = Some(state_dir.path().to_owned());
     })

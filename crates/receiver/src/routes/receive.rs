@@ -1,5 +1,5 @@
-//! `POST /deployment/receive`: the original system's request, kept for compatibility: register a
-//! package that is already on this host's disk, inside the package directory.
+//! `POST /deployment/receive`: register a package that is already on this host's disk (copied
+//! there by other means than an upload), inside the package directory.
 
 use std::time::Instant;
 

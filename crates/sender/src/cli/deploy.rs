@@ -18,9 +18,9 @@ use super::terminal::{print_json, TerminalProgress};
 use crate::client::{ReceiverTarget, RetryPolicy};
 use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
-    default_container_name, default_zstd_workers, deploy, deploy_release, CompressionOptions,
-    DeployFailure, DeployOutcome, DeployRequest, ImageSource, LayerFate, PackageInfo,
-    PackageRequest, PackageStore, ReleaseOutcome,
+    default_container_name, deploy, deploy_release, CompressionOptions, DeployFailure,
+    DeployOutcome, DeployRequest, ImageSource, LayerFate, PackageInfo, PackageRequest,
+    PackageStore, ReleaseOutcome,
 };
 use crate::SenderError;
 
@@ -162,11 +162,8 @@ impl DeployArgs {
             ..DeploymentSpec::default()
         };
         let mut package = PackageRequest::new(source);
-        package.compression = CompressionOptions {
-            compression: self.compression,
-            level: self.level,
-            zstd_workers: self.zstd_workers.unwrap_or_else(default_zstd_workers),
-        };
+        package.compression =
+            CompressionOptions::new(self.compression, self.level, self.zstd_workers);
         package.max_package_size = self.store.max_package_size;
         Ok(DeployRequest {
             package,

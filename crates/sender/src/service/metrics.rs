@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::pipeline::ReleaseTotals;
 
 /// Label value of a successful build or transfer; failures are labelled with their error code.
-pub const OK: &str = "ok";
+pub(super) const OK: &str = "ok";
 
 /// Every metric the sender exports. Cheap to clone (the collectors are shared).
 #[derive(Clone)]

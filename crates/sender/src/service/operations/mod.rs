@@ -6,7 +6,7 @@ mod events;
 mod package;
 mod transfer;
 
-pub use events::{publish, EventInput, PublishedEvent};
-pub use package::{package, PackageInput, PackageOutput};
-pub use transfer::{transfer, TransferInput, TransferReport};
+pub(super) use events::{publish, EventInput, PublishedEvent};
+pub(super) use package::{package, PackageInput, PackageOutput};
+pub(super) use transfer::{transfer, TransferInput, TransferReport};
 mod serde_defaults;

@@ -25,7 +25,7 @@ use deploy_protocol::display::millis;
 
 /// `transfer_package`: send a stored package to one or more receivers, optionally deploying it.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-pub struct TransferInput {
+pub(crate) struct TransferInput {
     /// The stored package.
     pub package_id: Uuid,
     /// Receiver base URLs, e.g. `http://192.168.86.200:8001` (default: DEFAULT_RECEIVER_URL).
@@ -53,7 +53,7 @@ pub struct TransferInput {
 
 /// One receiver's outcome.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ReceiverOutcome {
+pub(crate) struct ReceiverOutcome {
     /// The receiver's base URL.
     pub receiver: String,
     /// Whether the upload (and the deployment, when asked for) succeeded.
@@ -78,7 +78,7 @@ pub struct ReceiverOutcome {
 
 /// What `transfer_package` reports.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct TransferReport {
+pub(crate) struct TransferReport {
     /// The package sent.
     pub package_id: Uuid,
     /// Whether every receiver succeeded.
@@ -100,7 +100,7 @@ pub struct TransferReport {
 
 /// A checked transfer request, ready to run.
 #[derive(Debug, Clone)]
-pub struct TransferPlan {
+pub(crate) struct TransferPlan {
     info: PackageInfo,
     receivers: Vec<ReceiverClient>,
     deployment: Option<DeploymentSpec>,
@@ -110,7 +110,7 @@ pub struct TransferPlan {
 
 impl TransferInput {
     /// Checks the input against the store and the configuration.
-    pub async fn plan(self, state: &AppState) -> Result<TransferPlan, SenderError> {
+    pub(crate) async fn plan(self, state: &AppState) -> Result<TransferPlan, SenderError> {
         let info = state.store().get(self.package_id).await?;
         if let Some(expected) = self.package_checksum {
             if expected != info.package_checksum {
@@ -165,7 +165,7 @@ impl TransferInput {
 /// Runs a transfer plan: every receiver at once, at most MAX_CONCURRENT_TRANSFERS uploads in the
 /// whole service. When every receiver failed the first failure is the error; otherwise the
 /// report tells each receiver's outcome.
-pub async fn transfer(
+pub(crate) async fn transfer(
     state: AppState,
     plan: TransferPlan,
     correlation_id: Option<String>,

@@ -26,7 +26,7 @@ const DEFAULT_LIMIT: usize = 100;
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 503, description = "KAFKA_PUBLISH_FAILED: the event could not even be recorded in the outbox", body = ErrorBody),
     ))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(input): ApiJson<EventInput>,
 ) -> ApiResult<(StatusCode, Json<PublishedEvent>)> {
@@ -37,14 +37,14 @@ pub async fn create(
 /// `GET /api/v1/events` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ListParams {
+pub(super) struct ListParams {
     /// How many events, newest first (default 100).
     pub limit: Option<usize>,
 }
 
 /// The outbox, newest first.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct EventList {
+pub(super) struct EventList {
     /// Where events go: `kafka://HOSTS/TOPIC` or `outbox:PATH`.
     pub destination: String,
     /// Events, newest first.
@@ -60,7 +60,7 @@ pub struct EventList {
         (status = 400, description = "VALIDATION_ERROR: bad limit", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
     ))]
-pub async fn list(
+pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<EventList>> {

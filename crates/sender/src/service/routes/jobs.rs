@@ -33,7 +33,7 @@ fn find(state: &AppState, id: Uuid) -> Result<tokio::sync::watch::Receiver<JobVi
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn get(
+pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<JobView>> {
@@ -53,7 +53,7 @@ pub async fn get(
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn events(
+pub(super) async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {

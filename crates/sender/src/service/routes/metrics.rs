@@ -12,7 +12,7 @@ use crate::service::state::AppState;
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", operation_id = "get_prometheus_metrics", tag = "service",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4", body = String)))]
-pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let events = state.events();
     (
         [(
@@ -32,12 +32,12 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
         (status = 200, description = "Counts since start", body = MetricsSummary),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
     ))]
-pub async fn summary(State(state): State<AppState>) -> Json<MetricsSummary> {
+pub(super) async fn summary(State(state): State<AppState>) -> Json<MetricsSummary> {
     Json(current(&state))
 }
 
 /// The summary now; shared with `/api/v1/execute`.
-pub fn current(state: &AppState) -> MetricsSummary {
+pub(super) fn current(state: &AppState) -> MetricsSummary {
     let events = state.events();
     state
         .metrics()

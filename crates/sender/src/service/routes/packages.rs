@@ -33,7 +33,7 @@ use crate::service::state::AppState;
         (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
     ))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiQuery(params): ApiQuery<AsyncParams>,
@@ -43,7 +43,11 @@ pub async fn create(
 }
 
 /// Runs `package_container` as a job; shared with `/api/v1/execute`.
-pub async fn start(state: AppState, input: PackageInput, run_async: bool) -> ApiResult<Response> {
+pub(super) async fn start(
+    state: AppState,
+    input: PackageInput,
+    run_async: bool,
+) -> ApiResult<Response> {
     let config = state.config();
     let plan = input.plan(config.zstd_workers, config.store.max_package_size)?;
     let correlation = correlation_id();
@@ -63,7 +67,7 @@ pub async fn start(state: AppState, input: PackageInput, run_async: bool) -> Api
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 500, description = "INTERNAL_ERROR: the package directory cannot be read", body = ErrorBody),
     ))]
-pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageInfo>>> {
+pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageInfo>>> {
     Ok(Json(state.store().list().await?))
 }
 
@@ -77,7 +81,7 @@ pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageIn
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn get(
+pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<PackageInfo>> {
@@ -94,7 +98,7 @@ pub async fn get(
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn delete(
+pub(super) async fn delete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
