@@ -1,12 +1,13 @@
-# deploy-receiver from a locally built static binary: no base image, nothing pulled.
+# deploy-receiver from a locally built binary: no base image, nothing pulled.
 # Built by deploy/build-images.sh, whose staging directory is the context:
-#   deploy-receiver        static (glibc, crt-static) x86_64 binary
-#   rootfs/                /etc/passwd, /etc/group, /etc/nsswitch.conf, /tmp (1777), data dirs
+#   deploy-receiver        the binary of `cargo build --release` (debug info stripped)
+#   rootfs/                /etc/passwd, /etc/group, /etc/nsswitch.conf, /tmp (1777), and the
+#                          shared libraries the binary links with their loader (none if static)
+#   data/                  packages/ and state/, owned by the deploy user
 # No CA certificates: the receiver makes no outgoing TLS connections.
 FROM scratch
-COPY rootfs/etc/ /etc/
-COPY rootfs/tmp/ /tmp/
-COPY --chown=10001:10001 rootfs/var/lib/deploy-receiver/ /var/lib/deploy-receiver/
+COPY rootfs/ /
+COPY --chown=10001:10001 data/ /var/lib/deploy-receiver/
 COPY deploy-receiver /deploy-receiver
 ENV RECEIVER_BIND=0.0.0.0:8001 \
     PACKAGE_DIR=/var/lib/deploy-receiver/packages \

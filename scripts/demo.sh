@@ -48,7 +48,7 @@ curl -fsS "http://$receiver_addr/health" >/dev/null || { echo "receiver did not 
 tag="$name:v$(date +%Y%m%d%H%M%S)"
 echo "==> deploying examples/hello as $tag to http://$receiver_addr"
 PACKAGE_DIR=$work/sender-packages target/release/deploy-sender deploy \
-  --dockerfile examples/hello/Dockerfile --context examples/hello --tag "$tag" \
+  --dockerfile Dockerfile --context examples/hello --tag "$tag" \
   --to "http://$receiver_addr" --name "$name" --port "127.0.0.1:$port:80" --health docker
 
 echo

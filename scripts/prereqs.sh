@@ -13,6 +13,11 @@ if [ "$demo_only" != "--demo" ]; then
   # the TLS test runs deploy/proxy/nginx.conf in front of a receiver, with certificates from openssl
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
   command -v openssl >/dev/null || need_apt+=(openssl)
+  # the compose test runs docker-compose.yml's receiver and sender for real
+  command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need_apt+=(docker-compose)
+  # the receiver's start-up test runs it on a pseudo-terminal with util-linux `script`
+  command -v script >/dev/null || need_apt+=(bsdutils)
+  command -v pip3 >/dev/null || python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -34,4 +39,28 @@ if ! docker info >/dev/null 2>&1; then
     for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   fi
   docker info >/dev/null 2>&1 || { echo "prereqs: the Docker engine is not reachable (DOCKER_HOST=${DOCKER_HOST:-unix:///var/run/docker.sock}); the end-to-end tests need it" >&2; exit 1; }
+fi
+
+[ "$demo_only" = "--demo" ] && exit 0
+
+# Python tools of the API tests: openapi-spec-validator checks both OpenAPI documents, and
+# schemathesis fuzzes both running services (its hook signs receiver requests with blake3).
+py_missing=()
+python3 -c 'import openapi_spec_validator' 2>/dev/null || py_missing+=("openapi-spec-validator==0.9.0")
+python3 -c 'import schemathesis' 2>/dev/null || py_missing+=("schemathesis==4.32.5")
+python3 -c 'import blake3' 2>/dev/null || py_missing+=("blake3==1.0.11")
+if [ ${#py_missing[@]} -gt 0 ]; then
+  echo "prereqs: installing ${py_missing[*]} (PyPI)"
+  # Debian's own python3 refuses plain `pip install` (PEP 668); these are test tools, so allow it.
+  python3 -m pip install --quiet "${py_missing[@]}" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "${py_missing[@]}" || {
+    echo "prereqs: could not install ${py_missing[*]} with pip" >&2; exit 1; }
+fi
+
+# tansu, a Kafka-protocol broker from crates.io: the event tests lose its producer state for real
+# (memory storage, the `dynostore` feature). Built once (about 15 min on 2 cores), then reused.
+tansu_bin=$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
+if ! { [ -x "$tansu_bin" ] && "$tansu_bin" --version 2>/dev/null | grep -q '0\.6\.0'; }; then
+  echo "prereqs: installing tansu 0.6.0 (cargo install; about 15 min on 2 cores, once)"
+  cargo install tansu --version 0.6.0 --features dynostore --locked --quiet
 fi

@@ -10,6 +10,7 @@ fn run(data: &[u8], chunk: usize) -> (Vec<u8>, bool) {
     let mut gate = Gate::new(Policy {
         allowed_tags: vec!["fuzz/app:v1".into(), "busybox:latest".into()],
         max_bytes: 8 << 20,
+        omitted_layers: Vec::new(),
     });
     let mut out = Vec::new();
     for piece in data.chunks(chunk.max(1)) {

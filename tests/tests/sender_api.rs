@@ -328,9 +328,9 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let id = package.body["package_id"].as_str().expect("id").to_owned();
     let size = package.body["package_size"].as_u64().expect("size");
 
-    // Upload only, to DEFAULT_RECEIVER_URL.
+    // The whole package (protocol v1), upload only, to DEFAULT_RECEIVER_URL.
     let sent = sender
-        .post("/api/v1/transfers", json!({"package_id": id}))
+        .post("/api/v1/transfers", json!({"package_id": id, "full": true}))
         .await;
     assert_eq!(sent.status, 200, "{}", sent.text);
     assert_eq!(sent.body["transfer_success"], true);
@@ -353,7 +353,8 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let mixed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": id, "receivers": [receiver.url, "http://127.0.0.1:1"]}),
+            json!({"package_id": id, "full": true,
+                   "receivers": [receiver.url, "http://127.0.0.1:1"]}),
         )
         .await;
     assert_eq!(mixed.status, 200, "{}", mixed.text);
@@ -367,19 +368,38 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let unreachable = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": id, "receivers": ["http://127.0.0.1:1"]}),
+            json!({"package_id": id, "full": true, "receivers": ["http://127.0.0.1:1"]}),
         )
         .await;
     assert_eq!(
         (unreachable.status, unreachable.code()),
         (502, "REMOTE_UNREACHABLE")
     );
+
+    // By default the package's image goes as a release from the layer cache: this receiver's
+    // engine (the same one) holds every layer, so nothing of the image travels.
+    let release = sender
+        .post("/api/v1/transfers", json!({"package_id": id}))
+        .await;
+    assert_eq!(release.status, 200, "{}", release.text);
+    assert_eq!(release.body["endpoint"], "release");
+    let outcome = &release.body["receivers"][0];
+    assert_eq!(outcome["success"], true, "{outcome}");
+    assert_eq!(outcome["bytes"], 0);
+    let totals = &outcome["response"]["totals"];
+    assert_eq!(totals["present"], totals["layers"], "{outcome}");
+    assert!(
+        outcome["response"]["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("100.0 % already there")),
+        "{outcome}"
+    );
     let unknown = sender
         .post("/api/v1/transfers", json!({"package_id": Uuid::new_v4()}))
         .await;
     assert_eq!((unknown.status, unknown.code()), (404, "NOT_FOUND"));
     let metrics = sender.get("/api/v1/metrics").await;
-    assert_eq!(metrics.body["successful_transfers"], 2);
+    assert_eq!(metrics.body["successful_transfers"], 3);
     assert_eq!(metrics.body["failed_transfers"], 2);
 }
 
@@ -407,7 +427,7 @@ async fn execute_envelope_runs_each_operation() {
         .post(
             "/api/v1/execute",
             json!({"operation": "transfer_package", "correlation_id": "exec-001",
-                   "input": {"package_id": id, "remote_receiver_url": receiver.url,
+                   "input": {"package_id": id, "remote_receiver_url": receiver.url, "full": true,
                              "package_checksum": packaged.body["package_checksum"]}}),
         )
         .await;
@@ -618,6 +638,27 @@ async fn prometheus_counters_move_after_work() {
         sample(&before.text, "deploy_sender_builds_total{result=\"ok\"}"),
         0.0
     );
+    let build_info = format!(
+        "deploy_sender_build_info{{protocol_version=\"{}\",version=\"{}\"}}",
+        deploy_protocol::PROTOCOL_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&before.text, &build_info), 1.0, "{}", before.text);
+    assert!(
+        sample(&before.text, "process_resident_memory_bytes") > 1e6,
+        "{}",
+        before.text
+    );
+    assert!(
+        sample(&before.text, "process_open_fds") >= 3.0,
+        "{}",
+        before.text
+    );
+    assert!(
+        before.text.contains("\nprocess_cpu_seconds_total "),
+        "{}",
+        before.text
+    );
 
     let context = busybox_context(&images);
     let tag = images.image("v1");
@@ -629,7 +670,7 @@ async fn prometheus_counters_move_after_work() {
     let failed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": id, "receivers": ["http://127.0.0.1:1"]}),
+            json!({"package_id": id, "full": true, "receivers": ["http://127.0.0.1:1"]}),
         )
         .await;
     assert_eq!(failed.status, 502);
@@ -837,7 +878,16 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     let package = call(
         "POST",
         &format!("{}/api/v1/packages", sender.url),
-        Some(build_input(&context, &tag)),
+        Some({
+            // Without a container name: every event, BUILD_STARTED too, names the one the
+            // package gets from its tag.
+            let mut input = build_input(&context, &tag);
+            input
+                .as_object_mut()
+                .expect("object")
+                .remove("container_name");
+            input
+        }),
         &correlation,
     )
     .await;
@@ -846,7 +896,7 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
     let transfer = call(
         "POST",
         &format!("{}/api/v1/transfers", sender.url),
-        Some(json!({"package_id": id})),
+        Some(json!({"package_id": id, "full": true})),
         &correlation,
     )
     .await;
@@ -879,6 +929,11 @@ async fn package_and_transfer_emit_lifecycle_events_to_kafka_in_order() {
         assert_eq!(event["source_service"], "deploy-sender");
         assert_eq!(event["correlation_id"], "kafka-corr-1");
         assert_eq!(event["image_tag"], tag.as_str());
+        assert_eq!(
+            event["container_name"],
+            deploy_sender::default_container_name(&tag).as_str(),
+            "{event}"
+        );
     }
     assert_eq!(
         events[1]["payload"]["package_checksum"],
@@ -924,7 +979,7 @@ async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
     let deployed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": good.body["package_id"], "deployment": deployment}),
+            json!({"package_id": good.body["package_id"], "deployment": deployment, "full": true}),
         )
         .await;
     assert_eq!(deployed.status, 200, "{}", deployed.text);
@@ -951,7 +1006,7 @@ async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
     let failed = sender
         .post(
             "/api/v1/transfers",
-            json!({"package_id": bad.body["package_id"], "deployment": deployment}),
+            json!({"package_id": bad.body["package_id"], "deployment": deployment, "full": true}),
         )
         .await;
     assert_eq!(

@@ -4,11 +4,19 @@
 //! `message.timeout.ms`, or any other error) it stops sending, collects the results of what is
 //! still in flight, backs off, and resends from the first unacknowledged event, skipping those
 //! acknowledged meanwhile, so one process never produces an event twice; the idempotent producer
-//! removes duplicates of its own retries. A producer in a fatal state is replaced.
+//! removes duplicates of its own retries.
+//!
+//! A producer in a fatal state is replaced at once, and so is one whose deliveries have all failed
+//! for `replace_after`: a broker that restarted without its producer state (memory storage, a
+//! lost log) answers an idempotent producer's old id with `UNKNOWN_PRODUCER_ID` forever, and only
+//! a new producer (a new producer id) gets through. The outbox makes that safe: the new producer
+//! resends from the first unacknowledged event, so an event the broker took without the
+//! acknowledgement reaching us may arrive twice (at least once; consumers deduplicate on
+//! `event_id`), and none is lost.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -83,6 +91,8 @@ pub(crate) struct Delivery {
     pub(crate) counters: Arc<Counters>,
     pub(crate) config: ClientConfig,
     pub(crate) topic: String,
+    /// A producer whose deliveries have all failed for this long is replaced by a new one.
+    pub(crate) replace_after: Duration,
 }
 
 impl Delivery {
@@ -99,6 +109,8 @@ impl Delivery {
         let mut sent_up_to = self.outbox.delivered();
         let mut failing = false;
         let mut backoff = BACKOFF_MIN;
+        // When the current producer's unbroken run of failures began.
+        let mut failing_since: Option<Instant> = None;
 
         loop {
             let Some(active) = producer.as_ref() else {
@@ -132,6 +144,7 @@ impl Delivery {
                         }
                         Err(e) => {
                             self.failed(entry.seq, &e);
+                            failing_since.get_or_insert_with(Instant::now);
                             failing = true;
                             break;
                         }
@@ -147,6 +160,17 @@ impl Delivery {
                         "Kafka producer hit a fatal error; replacing it"
                     );
                     drop_producer(producer.take()).await;
+                    failing_since = None;
+                } else if failing_since.is_some_and(|since| since.elapsed() >= self.replace_after) {
+                    tracing::warn!(
+                        failing_for = ?self.replace_after,
+                        last_error = self.counters.last_error().as_deref().unwrap_or("none"),
+                        "every Kafka delivery has failed for a while; replacing the producer \
+                         (a broker that lost its producer state only accepts a new one)"
+                    );
+                    Counters::bump(&self.counters.producers_replaced);
+                    drop_producer(producer.take()).await;
+                    failing_since = None;
                 }
                 if sleep_or_stop(&mut stop, &mut backoff).await {
                     break;
@@ -168,12 +192,17 @@ impl Delivery {
                             self.outbox.mark_delivered(seq);
                             self.counters.set_last_error(None);
                             backoff = BACKOFF_MIN;
+                            failing_since = None;
                         }
                         Ok(Err((e, _message))) => {
                             self.failed(seq, &e);
+                            failing_since.get_or_insert_with(Instant::now);
                             failing = true;
                         }
-                        Err(_canceled) => failing = true,
+                        Err(_canceled) => {
+                            failing_since.get_or_insert_with(Instant::now);
+                            failing = true;
+                        }
                     }
                 }
                 () = self.outbox.appended(), if !failing => {}

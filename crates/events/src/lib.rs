@@ -79,7 +79,10 @@ pub use builder::EventBuilder;
 pub use deploy_protocol::events::{EventType, LifecycleEvent, DEFAULT_TOPIC};
 pub use error::{EventError, Result};
 pub use outbox::{Seq, CURSOR_FILE, LOG_FILE, MAX_EVENT_BYTES};
-pub use sink::{EventConfig, EventSink, DEFAULT_DELIVERY_TIMEOUT, DEFAULT_RETAIN};
+pub use sink::{
+    EventConfig, EventSink, DEFAULT_DELIVERY_TIMEOUT, DEFAULT_PRODUCER_REPLACE_AFTER,
+    DEFAULT_RETAIN,
+};
 pub use stats::EventStats;
 
 #[cfg(test)]

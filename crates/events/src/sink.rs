@@ -20,6 +20,9 @@ pub const DEFAULT_RETAIN: usize = 10_000;
 /// How long librdkafka tries to deliver an event before reporting a failure (it is then retried
 /// from the outbox), by default.
 pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long every delivery may fail before the producer is replaced, by default: one delivery
+/// timeout, so the second failed attempt in a row brings a new producer.
+pub const DEFAULT_PRODUCER_REPLACE_AFTER: Duration = Duration::from_secs(30);
 /// How long `open` waits for a sink on the same directory, dropped a moment ago, to finish.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
@@ -41,6 +44,9 @@ pub struct EventConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`); `enable.idempotence` and `acks`
     /// cannot be overridden.
     pub kafka_properties: Vec<(String, String)>,
+    /// A producer whose deliveries have all failed for this long is replaced by a new one (a
+    /// broker that lost its producer state accepts only a new producer id).
+    pub producer_replace_after: Duration,
 }
 
 impl EventConfig {
@@ -54,6 +60,7 @@ impl EventConfig {
             retain: DEFAULT_RETAIN,
             delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
             kafka_properties: Vec::new(),
+            producer_replace_after: DEFAULT_PRODUCER_REPLACE_AFTER,
         }
     }
 }
@@ -125,6 +132,7 @@ impl EventSink {
                         &config.kafka_properties,
                     ),
                     topic: config.topic.clone(),
+                    replace_after: config.producer_replace_after,
                 };
                 let producer = delivery.producer()?;
                 // It writes the cursor once more as it stops, after its last acknowledgement.

@@ -31,6 +31,12 @@ pub struct HealthResponse {
     /// Where lifecycle events go (`kafka://...` or the local outbox path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<String>,
+    /// Lifecycle events recorded and not yet acknowledged by Kafka (0 without Kafka).
+    #[serde(default)]
+    pub events_pending: u64,
+    /// The latest Kafka delivery error, until a delivery succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_last_error: Option<String>,
     /// Configuration the operator should fix (e.g. no allowlist).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -67,8 +73,8 @@ pub struct UploadResponse {
     pub throughput_mbps: f64,
 }
 
-/// `POST /deployment/receive`: register a package already on the receiver's disk (the original
-/// system's request). The path must resolve inside the package directory.
+/// `POST /deployment/receive`: register a package already on the receiver's disk (copied there
+/// by other means than an upload). The path must resolve inside the package directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -120,6 +126,10 @@ pub struct DeployRequest {
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckRequest {
     /// Container to wait for.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+    )]
     pub container_name: String,
     /// How to check; defaults apply.
     #[serde(default)]

@@ -16,6 +16,10 @@ use crate::manifest::{is_valid_container_name, is_valid_image_reference};
 #[serde(deny_unknown_fields)]
 pub struct DeploymentSpec {
     /// Container name; a running container of this name is replaced.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+    )]
     pub container_name: String,
     /// Image reference to run (`name:tag` or an image id). For `/deployment/full` it defaults to
     /// the manifest's first image tag.

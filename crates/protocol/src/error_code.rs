@@ -49,11 +49,17 @@ pub enum ErrorCode {
     KafkaPublishFailed,
     /// Not enough free disk space for the declared package. 507.
     InsufficientStorage,
+    /// A blob `PATCH` did not start at the receiver's durable offset (sent in `Upload-Offset`);
+    /// nothing was appended. 409.
+    OffsetMismatch,
+    /// A release cannot be loaded: some layers are neither held by the engine nor received as
+    /// blobs; the body lists their diffIDs. Send them and retry. 409.
+    LayersMissing,
 }
 
 impl ErrorCode {
     /// All codes, for documentation and golden tests.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::ValidationError,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -74,6 +80,8 @@ impl ErrorCode {
         ErrorCode::DockerUnavailable,
         ErrorCode::KafkaPublishFailed,
         ErrorCode::InsufficientStorage,
+        ErrorCode::OffsetMismatch,
+        ErrorCode::LayersMissing,
     ];
 
     /// The one HTTP status of this code.
@@ -84,7 +92,7 @@ impl ErrorCode {
             ErrorCode::Forbidden | ErrorCode::PolicyDenied => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Timeout => 408,
-            ErrorCode::Conflict => 409,
+            ErrorCode::Conflict | ErrorCode::OffsetMismatch | ErrorCode::LayersMissing => 409,
             ErrorCode::PackageTooLarge => 413,
             ErrorCode::ChecksumMismatch
             | ErrorCode::BuildFailed
@@ -121,6 +129,8 @@ impl ErrorCode {
             ErrorCode::DockerUnavailable => "DOCKER_UNAVAILABLE",
             ErrorCode::KafkaPublishFailed => "KAFKA_PUBLISH_FAILED",
             ErrorCode::InsufficientStorage => "INSUFFICIENT_STORAGE",
+            ErrorCode::OffsetMismatch => "OFFSET_MISMATCH",
+            ErrorCode::LayersMissing => "LAYERS_MISSING",
         }
     }
 
@@ -205,6 +215,8 @@ mod tests {
             ("DOCKER_UNAVAILABLE", 503),
             ("KAFKA_PUBLISH_FAILED", 503),
             ("INSUFFICIENT_STORAGE", 507),
+            ("OFFSET_MISMATCH", 409),
+            ("LAYERS_MISSING", 409),
         ];
         assert_eq!(ErrorCode::ALL.len(), expected.len());
         for (code, (wire, status)) in ErrorCode::ALL.iter().zip(expected) {

@@ -70,6 +70,7 @@ pub struct PackageManifest {
     /// BLAKE3 of the package bytes exactly as uploaded.
     pub package_checksum: Checksum,
     /// Size of the package bytes exactly as uploaded; greater than zero.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub package_size: u64,
     /// Compression of the package bytes.
     pub compression: Compression,

@@ -23,10 +23,6 @@ pub struct Config {
     )]
     pub package_dir: PathBuf,
 
-    /// The Docker engine: `unix:///var/run/docker.sock` (the default) or `tcp://HOST:PORT`.
-    #[arg(long, env = "DOCKER_HOST")]
-    pub docker_host: Option<String>,
-
     /// Directory for the deployment journal, the event outbox and the nonce log
     /// [default: <PACKAGE_DIR>/.state].
     #[arg(long, env = "STATE_DIR")]
@@ -116,9 +112,11 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 
-    /// Versions kept per container name for rollback: the images and packages of its last N
-    /// successful deployments (older ones, and those of rolled-back deployments, are removed
-    /// after each successful deployment of that name).
+    /// Deployments kept per container name for rollback: the images and packages of its last N
+    /// successful deployments (a redeploy of the same image counts as one), and when those all
+    /// ran one image also the newest deployment of another image, so that there is always a
+    /// version to roll back to. Older ones, and those of rolled-back deployments, are removed
+    /// after each successful deployment of that name.
     #[arg(long, env = "IMAGE_HISTORY", default_value_t = 3)]
     pub image_history: usize,
 
@@ -126,6 +124,16 @@ pub struct Config {
     /// keeps, and any in progress); older ones are deleted after each successful deployment.
     #[arg(long, env = "JOURNAL_HISTORY", default_value_t = 1000)]
     pub journal_history: usize,
+
+    /// How long partial layer blobs (protocol v2), unloaded complete blobs and registered
+    /// releases are kept (`24h`, `90m`); older ones are swept.
+    #[arg(long, env = "PARTIAL_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub partial_ttl: std::time::Duration,
+
+    /// Most bytes partial layer blobs may hold in all; beyond it the oldest partials not being
+    /// written are swept (`10GiB`).
+    #[arg(long, env = "PARTIAL_BUDGET", default_value = "10GiB", value_parser = parse_size)]
+    pub partial_budget: u64,
 
     /// Let deployment specs ask for privileged mode.
     #[arg(long, env = "ALLOW_PRIVILEGED")]
@@ -161,7 +169,13 @@ pub struct Config {
     #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
     pub kafka_topic: String,
 
-    /// Log format: `text` or `json`.
+    /// Docker engine to deploy to: `unix:///path/docker.sock`, `tcp://HOST:PORT` or
+    /// `http://HOST:PORT` [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+
+    /// Log format: `text` or `json`. Text is coloured only on a terminal and never when
+    /// NO_COLOR is set.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 
@@ -290,6 +304,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err("size must be greater than zero".into());
     }
     Ok(size.as_u64())
+}
+
+/// Parses `24h`, `90m`, `30s`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 #[cfg(test)]

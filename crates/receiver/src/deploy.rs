@@ -17,13 +17,14 @@ pub use containers::aside_name;
 pub use record::Deployment;
 pub use rollback::roll_back;
 
+use std::future::Future;
 use std::time::Duration;
 
 use bollard::Docker;
 use deploy_protocol::api::{
-    DeployRequest, DeploymentRecord, DeploymentStatus, Stage, StageOutcome,
+    DeployRequest, DeploymentRecord, DeploymentStatus, LoadResponse, Stage, StageOutcome,
 };
-use deploy_protocol::{DeploymentSpec, HealthCheckKind, PackageManifest};
+use deploy_protocol::{DeploymentSpec, HealthCheckKind, PackageManifest, ReleaseManifest};
 
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
@@ -134,8 +135,78 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
             manifest.package_checksum
         )),
     );
+    let load = crate::load::load_package(state, &received.package);
+    load_and_replace(state, deployment, &spec, &image, load).await
+}
+
+/// The spec a release's `/deploy` runs: its `deployment` with `image` defaulting to the first
+/// image tag, validated and within policy, checked before anything is loaded.
+pub fn release_spec(
+    state: &AppState,
+    release: &ReleaseManifest,
+) -> Result<(DeploymentSpec, String)> {
+    let mut spec = release.deployment.clone().ok_or_else(|| {
+        ReceiverError::Validation(format!(
+            "release {} has no `deployment` spec, which /deploy needs (load it with /load instead)",
+            release.release_id
+        ))
+    })?;
+    spec.image = spec.image.or_else(|| release.image_tags.first().cloned());
+    let image = spec.image.clone().ok_or_else(|| {
+        ReceiverError::Validation(
+            "neither deployment.image nor the release's image_tags name the image to run".into(),
+        )
+    })?;
+    spec.validate().map_err(ReceiverError::Validation)?;
+    policy::check_policy(state.config(), &spec)?;
+    if !state.config().allow_unverified_images && !release.image_tags.contains(&image) {
+        return Err(ReceiverError::PolicyDenied(format!(
+            "deployment.image {image} is not one of the release's image_tags: a release runs the image it loads (ALLOW_UNVERIFIED_IMAGES lets it run another)"
+        )));
+    }
+    Ok((spec, image))
+}
+
+/// `POST /deployment/v2/releases/{id}/deploy`: load the release (LAYERS_MISSING, before any
+/// record, when the engine lacks layers that were not received), then deploy the spec it signs
+/// (`image` defaults to its first tag) with health check and rollback, as `/deployment/full`.
+pub async fn deploy_release(
+    state: &AppState,
+    release: &ReleaseManifest,
+) -> Result<DeploymentRecord> {
+    let (spec, image) = release_spec(state, release)?;
+    if let Ok(docker) = state.docker().client().await {
+        containers::refuse_unmanaged(&docker, &spec).await?;
+    }
+    let plan = crate::v2::load::plan(state, release).await?;
+    let mut deployment = Deployment::begin(state, &spec, &image, None).await?;
+    deployment.record.package_id = Some(release.release_id);
+    deployment.stage(
+        Stage::Verify,
+        StageOutcome::Ok,
+        Duration::ZERO,
+        Some(format!(
+            "release {}: {} layer(s) held by the engine, {} received and verified against the signed diffIDs",
+            release.release_id,
+            plan.omitted.len(),
+            plan.plan.carried.len()
+        )),
+    );
+    let load = crate::v2::load::load_release(state, release.release_id);
+    load_and_replace(state, deployment, &spec, &image, load).await
+}
+
+/// Runs `load`, then replaces the container with one of `image`, health-checked, rolled back on
+/// failure; every step in `deployment`'s record.
+async fn load_and_replace(
+    state: &AppState,
+    mut deployment: Deployment,
+    spec: &DeploymentSpec,
+    image: &str,
+    load: impl Future<Output = Result<LoadResponse>>,
+) -> Result<DeploymentRecord> {
     let timed = Deployment::time(Stage::Load);
-    match crate::load::load_package(state, &received.package).await {
+    match load.await {
         Ok(loaded) => timed.ok(
             &mut deployment,
             format!(
@@ -152,8 +223,8 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
     let timed = Deployment::time(Stage::Start);
     let prepared = async {
         let docker = state.docker().client().await?;
-        let id = inspect_image(&docker, &image, &spec).await?;
-        check_verified(state, &image, &id)?;
+        let id = inspect_image(&docker, image, spec).await?;
+        check_verified(state, image, &id)?;
         Ok::<_, ReceiverError>((docker, id))
     }
     .await;
@@ -169,12 +240,12 @@ pub async fn deploy_package(state: &AppState, received: Received) -> Result<Depl
         }
     };
     let _turn = state.container_lock(&spec.container_name).await;
-    if let Err(e) = containers::refuse_unmanaged(&docker, &spec).await {
+    if let Err(e) = containers::refuse_unmanaged(&docker, spec).await {
         let timed = Deployment::time(Stage::Start);
         timed.failed(&mut deployment, &e);
         return outcome(deployment.finish(DeploymentStatus::Failed, Some(&e)).await);
     }
-    outcome(replace::replace(deployment, &docker, &spec, &image).await)
+    outcome(replace::replace(deployment, &docker, spec, image).await)
 }
 
 /// A finished record as a result: an error unless it succeeded.

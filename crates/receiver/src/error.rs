@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use deploy_protocol::api::DeploymentRecord;
-use deploy_protocol::{AuthError, ErrorBody, ErrorCode};
+use deploy_protocol::{AuthError, ErrorBody, ErrorCode, LayersMissingBody, Sha256Digest};
 
 pub use deploy_http::correlation_id;
 
@@ -72,6 +72,24 @@ pub enum ReceiverError {
     /// Not enough disk space for the package.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// A blob `PATCH` did not start at the durable offset.
+    #[error("{0}")]
+    OffsetMismatch(String),
+    /// Layers of a release neither held by the engine nor received.
+    #[error(
+        "{} layer(s) of this release are neither held by the engine nor received: send the blobs of {} and retry",
+        .0.len(),
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    LayersMissing(Vec<Sha256Digest>),
+    /// Another error, answered with the blob's durable offset in `Upload-Offset`.
+    #[error("{error}")]
+    AtOffset {
+        /// The error.
+        error: Box<ReceiverError>,
+        /// The durable offset.
+        offset: u64,
+    },
     /// File system failure.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -103,6 +121,9 @@ impl ReceiverError {
             ReceiverError::Busy { .. } => ErrorCode::Busy,
             ReceiverError::DockerUnavailable(_) => ErrorCode::DockerUnavailable,
             ReceiverError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
+            ReceiverError::OffsetMismatch(_) => ErrorCode::OffsetMismatch,
+            ReceiverError::LayersMissing(_) => ErrorCode::LayersMissing,
+            ReceiverError::AtOffset { error, .. } => error.code(),
             ReceiverError::Io(_) | ReceiverError::Internal(_) => ErrorCode::InternalError,
         }
     }
@@ -127,6 +148,13 @@ impl IntoResponse for ReceiverError {
             ReceiverError::Deployment(record) => {
                 (status, Json(record.as_ref().clone())).into_response()
             }
+            ReceiverError::LayersMissing(missing) => {
+                let body = LayersMissingBody {
+                    error: self.body().error,
+                    missing_diff_ids: missing.clone(),
+                };
+                (status, Json(body)).into_response()
+            }
             _ => (status, Json(self.body())).into_response(),
         };
         // For the error counter (`metrics::count_errors`), which sees every response.
@@ -138,6 +166,12 @@ impl IntoResponse for ReceiverError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        if let ReceiverError::AtOffset { offset, .. } = self {
+            response.headers_mut().insert(
+                deploy_protocol::release::UPLOAD_OFFSET,
+                HeaderValue::from(offset),
+            );
         }
         response
     }

@@ -1,8 +1,5 @@
-//! Loading a stored package into Docker: the package file is hashed and decompressed on the fly,
-//! checked by the archive gate (see [`crate::archive`]) and streamed into `docker load`, one load
-//! at a time. What is handed to Docker is what was hashed: the gate holds back the archive's tail
-//! until the file's size and BLAKE3 are found to be the signed manifest's, so bytes changed on
-//! disk after verification are never loaded.
+//! Loading a stored package into Docker: the package file is decompressed on the fly, checked by
+//! the archive gate (see [`crate::archive`]) and streamed into `docker load`, one load at a time.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -44,34 +41,76 @@ type Verdict = Arc<Mutex<Option<std::result::Result<ArchiveSummary, ArchiveError
 /// in progress first. A refused or corrupt archive is LOAD_FAILED and leaves the engine as it was.
 pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<LoadResponse> {
     let id = package.manifest.package_id;
-    let _turn = LOAD_LOCK.lock().await;
+    let _turn = load_turn().await;
     let started = Instant::now();
-    let docker = state.docker().client().await?;
-    let foreign = if state.config().allow_unverified_images {
-        Vec::new()
-    } else {
-        foreign_tags(state, &docker, &package.manifest.image_tags).await?
-    };
     let file = tokio::fs::File::open(&package.path).await?;
     let policy = Policy {
         allowed_tags: package.manifest.image_tags.clone(),
         max_bytes: state.config().max_image_size,
+        omitted_layers: Vec::new(),
     };
-    let verdict = Verdict::default();
     let compression = package.manifest.compression;
+    let what = format!("package {id}");
+    // What Docker reads is hashed on the way: a file swapped after it was verified is refused.
     let hashed = Hashed::default();
     let reader = HashingReader {
         inner: file,
         hashed: hashed.clone(),
     };
-    let body = gated_body(
+    let check = BodyCheck {
+        hashed,
+        size: package.manifest.package_size,
+        checksum: package.manifest.package_checksum,
+    };
+    let (summary, image_id, tags) = load_archive(
+        state,
+        &what,
         decompress(reader, compression),
-        BodyCheck {
-            compression,
-            hashed,
-            size: package.manifest.package_size,
-            checksum: package.manifest.package_checksum,
-        },
+        compression,
+        Some(check),
+        policy,
+    )
+    .await?;
+    let duration = started.elapsed();
+    state.metrics().stage("load", duration.as_secs_f64());
+    tracing::info!(package_id = %id, image_id = %image_id, tags = ?tags, bytes = summary.bytes, elapsed_ms = duration.as_millis() as u64, "image loaded");
+    Ok(LoadResponse {
+        package_id: id,
+        image_id,
+        image_tags: tags,
+        duration_ms: duration.as_millis() as u64,
+    })
+}
+
+/// The turn to load: one load at a time per process.
+pub async fn load_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    LOAD_LOCK.lock().await
+}
+
+/// Streams `reader` (an archive, `compression` only naming its source's format in messages)
+/// through the gate into `docker load`; with a `check`, the source must hash to it before the
+/// archive's tail goes to Docker. The caller holds [`load_turn`]. Returns the gate's summary,
+/// the loaded image id and the tags Docker set. `what` names the source in messages. The loaded
+/// image is recorded as verified; a tag of an image this receiver did not load is never moved.
+pub(crate) async fn load_archive(
+    state: &AppState,
+    what: &str,
+    reader: Pin<Box<dyn AsyncRead + Send>>,
+    compression: Compression,
+    check: Option<BodyCheck>,
+    policy: Policy,
+) -> Result<(ArchiveSummary, String, Vec<String>)> {
+    let docker = state.docker().client().await?;
+    let foreign = if state.config().allow_unverified_images {
+        Vec::new()
+    } else {
+        foreign_tags(state, &docker, &policy.allowed_tags).await?
+    };
+    let verdict = Verdict::default();
+    let body = gated_body(
+        reader,
+        compression,
+        check,
         Gate::new(policy),
         verdict.clone(),
     );
@@ -85,13 +124,13 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
     let (summary, loaded) = match (verdict, output) {
         (Some(Err(refusal)), _) => {
             return Err(ReceiverError::LoadFailed(format!(
-                "package {id} was not loaded: {refusal}"
+                "{what} was not loaded: {refusal}"
             )))
         }
-        (_, Err(e)) => return Err(load_error(id, e)),
+        (_, Err(e)) => return Err(load_error(what, e)),
         (None, Ok(_)) => {
             return Err(ReceiverError::LoadFailed(format!(
-                "Docker ended the load of package {id} before the archive was read to its end"
+                "Docker ended the load of {what} before the archive was read to its end"
             )))
         }
         (Some(Ok(summary)), Ok(loaded)) => (summary, loaded),
@@ -101,14 +140,14 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
         (None, Some(tag)) => docker
             .inspect_image(tag)
             .await
-            .map_err(|e| load_error(id, e))?
+            .map_err(|e| load_error(what, e))?
             .id
             .ok_or_else(|| {
                 ReceiverError::LoadFailed(format!("Docker reports no id for the loaded {tag}"))
             })?,
         (None, None) => {
             return Err(ReceiverError::LoadFailed(format!(
-                "Docker reported no loaded image for package {id}"
+                "Docker reported no loaded image for {what}"
             )))
         }
     };
@@ -120,15 +159,7 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
             ))
         })?;
     }
-    let duration = started.elapsed();
-    state.metrics().stage("load", duration.as_secs_f64());
-    tracing::info!(package_id = %id, image_id = %image_id, tags = ?loaded.tags, bytes = summary.bytes, elapsed_ms = duration.as_millis() as u64, "image loaded");
-    Ok(LoadResponse {
-        package_id: id,
-        image_id,
-        image_tags: loaded.tags,
-        duration_ms: duration.as_millis() as u64,
-    })
+    Ok((summary, image_id, loaded.tags))
 }
 
 /// BLAKE3 of the package bytes read so far (its count is their number).
@@ -158,8 +189,7 @@ impl AsyncRead for HashingReader {
 }
 
 /// What the package file must hash to before the archive's tail goes to Docker.
-struct BodyCheck {
-    compression: Compression,
+pub(crate) struct BodyCheck {
     hashed: Hashed,
     size: u64,
     checksum: Checksum,
@@ -237,8 +267,8 @@ async fn keep_foreign_tags(docker: &bollard::Docker, foreign: &[(String, String)
     )))
 }
 
-/// The package bytes, decompressed as the manifest says.
-fn decompress(
+/// A package or blob file's bytes, decompressed.
+pub fn decompress(
     file: impl AsyncRead + Send + 'static,
     compression: Compression,
 ) -> Pin<Box<dyn AsyncRead + Send>> {
@@ -263,7 +293,8 @@ fn decompress(
 
 struct BodyState {
     reader: Pin<Box<dyn AsyncRead + Send>>,
-    check: BodyCheck,
+    compression: Compression,
+    check: Option<BodyCheck>,
     gate: Gate,
     verdict: Verdict,
     buf: BytesMut,
@@ -278,18 +309,20 @@ impl BodyState {
 }
 
 /// The request body of `docker load`: what the gate lets through, then either the held-back
-/// tail (all checks passed, the file hashed to the manifest's checksum) or the gate's poison
+/// tail (all checks passed, the source hashed to its signed checksum) or the gate's poison
 /// (refused). The stream is pulled by the HTTP
 /// client; if the request is abandoned midway, the connection closes inside the chunked body
 /// and Docker sees a broken upload, not a complete archive.
 fn gated_body(
     reader: Pin<Box<dyn AsyncRead + Send>>,
-    check: BodyCheck,
+    compression: Compression,
+    check: Option<BodyCheck>,
     gate: Gate,
     verdict: Verdict,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let start = BodyState {
         reader,
+        compression,
         check,
         gate,
         verdict,
@@ -300,7 +333,12 @@ fn gated_body(
         loop {
             body.buf.reserve(CHUNK);
             let step = match body.reader.read_buf(&mut body.buf).await {
-                Ok(0) => match body.check.verify().and_then(|()| body.gate.finish()) {
+                Ok(0) => match body
+                    .check
+                    .as_ref()
+                    .map_or(Ok(()), BodyCheck::verify)
+                    .and_then(|()| body.gate.finish())
+                {
                     Ok((rest, summary)) => {
                         body.decide(Ok(summary));
                         return (!rest.is_empty()).then_some((rest, None));
@@ -311,8 +349,8 @@ fn gated_body(
                     let chunk = body.buf.split();
                     body.gate.push(&chunk)
                 }
-                Err(e) => Err(ArchiveError::Corrupt(match body.check.compression {
-                    Compression::None => format!("the package cannot be read: {e}"),
+                Err(e) => Err(ArchiveError::Corrupt(match body.compression {
+                    Compression::None => format!("the archive cannot be read: {e}"),
                     other => format!("the package is not a valid {other} stream: {e}"),
                 })),
             };
@@ -347,6 +385,13 @@ async fn read_output(
             return Err(bollard::errors::Error::DockerStreamError { error: message });
         }
         for line in info.stream.iter().flat_map(|s| s.lines()) {
+            // The containerd image store reports a failed unpack in the stream and still
+            // answers 200: a failure all the same.
+            if line.contains("Error unpacking") {
+                return Err(bollard::errors::Error::DockerStreamError {
+                    error: line.trim().to_owned(),
+                });
+            }
             if let Some(image_id) = line.strip_prefix("Loaded image ID: ") {
                 loaded.image_ids.push(image_id.trim().to_owned());
             } else if let Some(tag) = line.strip_prefix("Loaded image: ") {
@@ -357,13 +402,13 @@ async fn read_output(
     Ok(loaded)
 }
 
-fn load_error(id: uuid::Uuid, e: bollard::errors::Error) -> ReceiverError {
+fn load_error(what: &str, e: bollard::errors::Error) -> ReceiverError {
     match e {
         bollard::errors::Error::DockerStreamError { error } => {
-            ReceiverError::LoadFailed(format!("Docker could not load package {id}: {error}"))
+            ReceiverError::LoadFailed(format!("Docker could not load {what}: {error}"))
         }
         e => crate::docker::map_err(e, |m| {
-            ReceiverError::LoadFailed(format!("Docker could not load package {id}: {m}"))
+            ReceiverError::LoadFailed(format!("Docker could not load {what}: {m}"))
         }),
     }
 }

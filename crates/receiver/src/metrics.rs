@@ -50,6 +50,7 @@ impl Metrics {
     /// Registers all metrics in a fresh registry.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        register_build_and_process(&registry)?;
         let r = &registry;
         Ok(Self {
             uploads: counter_vec(
@@ -193,6 +194,26 @@ impl Metrics {
     }
 }
 
+/// `deploy_receiver_build_info{version, protocol_version} 1` (which build is running, for joins and
+/// upgrade dashboards) and the process metrics: `process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_virtual_memory_bytes`, `process_start_time_seconds` (read from /proc on Linux).
+fn register_build_and_process(registry: &Registry) -> prometheus::Result<()> {
+    let info = IntGauge::with_opts(
+        Opts::new(
+            "deploy_receiver_build_info",
+            "Always 1; the labels say which build of deploy-receiver is running",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"))
+        .const_label("protocol_version", deploy_protocol::PROTOCOL_VERSION),
+    )?;
+    info.set(1);
+    registry.register(Box::new(info))?;
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))
+}
+
 /// Middleware: counts every error response by its code. The one place that sees them all:
 /// [`crate::error::ReceiverError`]'s `IntoResponse` puts the code in the response's extensions,
 /// whichever handler, extractor or middleware the error came from.
@@ -291,6 +312,7 @@ mod tests {
             recorded: 5,
             delivered: 3,
             delivery_failures: 1,
+            producers_replaced: 0,
             pending: 2,
             last_error: None,
         };

@@ -41,6 +41,7 @@ struct Inner {
     in_flight: Mutex<HashSet<Uuid>>,
     journal: Journal,
     container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    layers: crate::v2::Layers,
     started: Instant,
 }
 
@@ -79,6 +80,7 @@ impl AppState {
                 anyhow::anyhow!("cannot open the nonce log {}: {e}", nonce_log.display())
             })?;
         let docker = DockerHandle::new(config.docker_host.clone());
+        let layers = crate::v2::Layers::open(&config, &metrics)?;
         let images_file = config.state_dir().join(IMAGES_FILE);
         let images = LoadedImages::open(&images_file).map_err(|e| {
             anyhow::anyhow!(
@@ -100,6 +102,7 @@ impl AppState {
             in_flight: Mutex::new(HashSet::new()),
             journal,
             container_locks: Mutex::new(HashMap::new()),
+            layers,
             started: Instant::now(),
         })))
     }
@@ -147,6 +150,11 @@ impl AppState {
     /// The Docker engine.
     pub fn docker(&self) -> &DockerHandle {
         &self.0.docker
+    }
+
+    /// Protocol v2: releases, blobs, the layer inventory.
+    pub fn layers(&self) -> &crate::v2::Layers {
+        &self.0.layers
     }
 
     /// The deployment journal.

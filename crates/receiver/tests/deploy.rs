@@ -31,8 +31,8 @@ fn run_local_images(config: &mut deploy_receiver::Config) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prunes_the_history() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let (v1, v2, v3) = (
         format!("{name}:v1"),
         format!("{name}:v2"),
@@ -42,7 +42,7 @@ async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prun
     build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
     build_image(&docker, &mut cleanup, &v3, ImageSpec::failing("v3")).await;
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let spec = web_spec(&name);
 
     // v1: a new container, healthy by the image's HEALTHCHECK.
@@ -169,7 +169,7 @@ async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prun
     );
     receiver.stop().await;
     // Restarted with a shorter history: 2 versions per name, 1 other journal record.
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.image_history = 2;
         c.journal_history = 1;
     })
@@ -199,7 +199,7 @@ async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prun
         )
         .await
         .expect("tag");
-    cleanup.images.push(other.clone());
+    cleanup.remove_image(&other);
     let (status, body) = receiver
         .full(&[&v4], save_image(&docker, &v4).await, &spec)
         .await;
@@ -260,8 +260,8 @@ async fn full_deploys_v1_replaces_it_with_v2_rolls_a_failing_v3_back_and_v4_prun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_without_change() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let tag = format!("{name}:plain");
     build_image(
         &docker,
@@ -274,7 +274,7 @@ async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_w
     )
     .await;
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
 
     let mut spec = web_spec(&name);
     spec.image = Some(tag.clone());
@@ -398,8 +398,8 @@ async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_w
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_deploy_that_fails_is_failed_and_leaves_no_container() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let tag = format!("{name}:crash");
     build_image(
         &docker,
@@ -412,7 +412,7 @@ async fn a_first_deploy_that_fails_is_failed_and_leaves_no_container() {
     )
     .await;
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
 
     let mut spec = web_spec(&name);
     spec.image = Some(tag.clone());
@@ -450,14 +450,14 @@ async fn a_first_deploy_that_fails_is_failed_and_leaves_no_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_healthy() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let good = format!("{name}:good");
     let bad = format!("{name}:bad");
     build_image(&docker, &mut cleanup, &good, ImageSpec::healthy("good")).await;
     build_image(&docker, &mut cleanup, &bad, ImageSpec::failing("bad")).await;
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let mut spec = web_spec(&name);
     spec.image = Some(good.clone());
     let (status, body) = receiver
@@ -467,7 +467,7 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
     receiver.stop().await;
 
     let (deployment_id, old_id, _) = interrupt_deployment(&docker, dir.path(), &name, &bad).await;
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let reconciled = settled(&receiver, deployment_id).await;
     assert_eq!(
         reconciled.status,
@@ -495,13 +495,13 @@ async fn a_restart_rolls_back_a_deployment_cut_off_before_its_container_was_heal
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_deploys_to_one_name_take_turns() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let (a, b) = (format!("{name}:a"), format!("{name}:b"));
     build_image(&docker, &mut cleanup, &a, ImageSpec::healthy("a")).await;
     build_image(&docker, &mut cleanup, &b, ImageSpec::healthy("b")).await;
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let request = |image: &str| {
         let mut spec = web_spec(&name);
         spec.image = Some(image.to_owned());
@@ -620,13 +620,13 @@ async fn settled(receiver: &Receiver, id: Uuid) -> DeploymentRecord {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let (v1, v2) = (format!("{name}:v1"), format!("{name}:v2"));
     build_image(&docker, &mut cleanup, &v1, ImageSpec::healthy("v1")).await;
     build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let mut spec = web_spec(&name);
     spec.image = Some(v1.clone());
     let (status, body) = receiver
@@ -652,7 +652,7 @@ async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy
     }
     assert!(healthy, "the v2 container never became healthy");
 
-    let receiver = Receiver::start_with(dir.path(), run_local_images).await;
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
     let reconciled = settled(&receiver, deployment_id).await;
     assert_eq!(
         reconciled.status,
@@ -675,15 +675,15 @@ async fn a_restart_finishes_a_deployment_whose_new_container_was_already_healthy
 async fn rollback_reruns_the_previous_release_removes_a_first_one_and_answers_the_same_when_repeated(
 ) {
     let docker = docker().await;
-    let name = format!("{}-fleet", unique_name());
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    // Starts with the guard's name, so the guard removes its container too.
     let first_only = format!("{name}-first");
-    let mut cleanup = Cleanup::new(&name);
-    cleanup.names.push(first_only.clone());
     let (v1, v2) = (format!("{name}:v1"), format!("{name}:v2"));
     build_image(&docker, &mut cleanup, &v1, ImageSpec::healthy("v1")).await;
     build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let spec = web_spec(&name);
 
     let (status, body) = receiver

@@ -30,6 +30,17 @@ async fn metrics(receiver: &Receiver) -> String {
         .expect("text")
 }
 
+async fn health(receiver: &Receiver) -> Value {
+    http()
+        .get(format!("{}/health", receiver.base))
+        .send()
+        .await
+        .expect("GET /health")
+        .json()
+        .await
+        .expect("json")
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -63,8 +74,8 @@ fn assert_event(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_package_id() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let (good, bad) = (format!("{name}:good"), format!("{name}:bad"));
     build_image(&docker, &mut cleanup, &good, ImageSpec::healthy("good")).await;
     build_image(&docker, &mut cleanup, &bad, ImageSpec::failing("bad")).await;
@@ -72,7 +83,7 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
     cluster.create_topic(DEFAULT_TOPIC, 1, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.kafka_bootstrap_servers = Some(bootstrap.clone());
     })
     .await;
@@ -169,8 +180,8 @@ async fn deployments_publish_started_then_completed_or_rolled_back_keyed_by_pack
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_broker_returns() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let tag = format!("{name}:v1");
     build_image(&docker, &mut cleanup, &tag, ImageSpec::healthy("v1")).await;
     let cluster = MockCluster::new(1).expect("mock cluster");
@@ -178,7 +189,7 @@ async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_b
     cluster.broker_down(-1).expect("broker down");
     let bootstrap = cluster.bootstrap_servers();
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.kafka_bootstrap_servers = Some(bootstrap.clone());
     })
     .await;
@@ -202,11 +213,28 @@ async fn a_deploy_with_the_broker_down_succeeds_and_its_events_arrive_when_the_b
         0.0
     );
 
+    // /health says events are stuck, and why, as the sender's does.
+    let mut health = health(&receiver).await;
+    let deadline = Instant::now() + WAIT;
+    while health["events_last_error"].is_null() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        health = self::health(&receiver).await;
+    }
+    assert_eq!(health["events_pending"], 2, "{health}");
+    assert!(health["events_last_error"].is_string(), "{health}");
+
     cluster.broker_up(-1).expect("broker up");
     let got = kafka::read_topic(&bootstrap, DEFAULT_TOPIC, 2, WAIT);
     assert_event(&got[0], EventType::DeploymentStarted, &deployed, &tag);
     assert_event(&got[1], EventType::DeploymentCompleted, &deployed, &tag);
     assert_eq!(kafka::message_count(&bootstrap, DEFAULT_TOPIC), 2);
+    let mut health = self::health(&receiver).await;
+    while health["events_pending"] != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        health = self::health(&receiver).await;
+    }
+    assert_eq!(health["events_pending"], 0, "{health}");
+    assert!(health["events_last_error"].is_null(), "{health}");
     eprintln!("deploy with the broker down took {took:?}");
     receiver.stop().await;
 }

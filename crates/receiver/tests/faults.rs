@@ -22,6 +22,7 @@ use bollard::Docker;
 use common::docker_proxy::{DockerProxy, Rule};
 use common::*;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::DeploymentSpec;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -309,59 +310,95 @@ fn label(c: &bollard::models::ContainerInspectResponse, key: &str) -> Option<Str
     c.config.as_ref()?.labels.as_ref()?.get(key).cloned()
 }
 
-#[derive(Default)]
-struct Tally {
-    phases: Vec<&'static str>,
-    completed: usize,
-    rolled_back: usize,
-    failed_untouched: usize,
-    not_begun: usize,
-    two_at_kill: usize,
-    none_running_at_kill: usize,
-    slowest_settle: Duration,
+/// The three versions the SIGKILL test deploys, built and `docker save`d once.
+struct Versions {
+    a: String,
+    b: String,
+    failing: String,
+    /// The page each version serves.
+    pages: HashMap<String, &'static str>,
+    /// Each version's uncompressed package.
+    saved: HashMap<String, Vec<u8>>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_journal_that_agrees() {
-    let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
-    let (a, b, f) = (
-        format!("{name}:a"),
-        format!("{name}:b"),
-        format!("{name}:failing"),
-    );
-    // Longer than a restart of the receiver takes: a kill during a stop is still in it then.
-    let stop = graceful_stop(STOP_SECS);
-    build_image_with(&docker, &mut cleanup, &a, ImageSpec::healthy("a"), &stop).await;
-    build_image_with(&docker, &mut cleanup, &b, ImageSpec::healthy("b"), &stop).await;
-    build_image_with(&docker, &mut cleanup, &f, ImageSpec::failing("f"), &stop).await;
-    let pages = HashMap::from([(a.clone(), "a"), (b.clone(), "b"), (f.clone(), "f")]);
-    let mut saved = HashMap::new();
-    for tag in [&a, &b, &f] {
-        saved.insert(tag.clone(), save_image(&docker, tag).await);
+impl Versions {
+    /// Healthy versions `a` and `b` and a `failing` one of `name`, each stopping in
+    /// [`STOP_SECS`]: longer than a restart of the receiver takes, so a kill during a stop is
+    /// still in it then.
+    async fn build(docker: &Docker, cleanup: &mut Guard, name: &str) -> Self {
+        let (a, b, failing) = (
+            format!("{name}:a"),
+            format!("{name}:b"),
+            format!("{name}:failing"),
+        );
+        let stop = graceful_stop(STOP_SECS);
+        build_image_with(docker, cleanup, &a, ImageSpec::healthy("a"), &stop).await;
+        build_image_with(docker, cleanup, &b, ImageSpec::healthy("b"), &stop).await;
+        build_image_with(docker, cleanup, &failing, ImageSpec::failing("f"), &stop).await;
+        let pages = HashMap::from([(a.clone(), "a"), (b.clone(), "b"), (failing.clone(), "f")]);
+        let mut saved = HashMap::new();
+        for tag in [&a, &b, &failing] {
+            saved.insert(tag.clone(), save_image(docker, tag).await);
+        }
+        Self {
+            a,
+            b,
+            failing,
+            pages,
+            saved,
+        }
     }
-    let dir = temp_dir();
-    let packages = dir.path().join("packages");
-    let state = dir.path().join("state");
-    let journal = state.join("deployments");
-    let spec = web_spec(&name);
-    let mut daemon = Daemon::start(&packages, &state, &[]);
 
-    // Version 1, then one undisturbed deploy of each kind, timed.
-    let (status, body) = daemon.full(&[&a], saved[&a].clone(), &spec).await;
+    /// The version a deploy of `target` brings when `current` runs.
+    fn next(&self, target: Target, current: &str) -> &String {
+        match target {
+            Target::Failing => &self.failing,
+            Target::Healthy if current == self.a => &self.b,
+            Target::Healthy => &self.a,
+        }
+    }
+
+    /// `POST /deployment/full` of `tag` to `daemon`.
+    async fn deploy(
+        &self,
+        daemon: &Daemon,
+        tag: &str,
+        spec: &DeploymentSpec,
+    ) -> (StatusCode, Value) {
+        daemon.full(&[tag], self.saved[tag].clone(), spec).await
+    }
+}
+
+/// How long undisturbed deploys take.
+struct Undisturbed {
+    healthy: Duration,
+    failing: Duration,
+}
+
+/// Deploys version 1 (`a`), then one undisturbed deploy of each kind (`b`, then `failing`, which
+/// rolls back to `b`), timed.
+async fn deploy_v1_and_time_undisturbed_deploys(
+    daemon: &Daemon,
+    versions: &Versions,
+    spec: &DeploymentSpec,
+) -> Undisturbed {
+    let (status, body) = versions.deploy(daemon, &versions.a, spec).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let started = Instant::now();
-    let (status, body) = daemon.full(&[&b], saved[&b].clone(), &spec).await;
+    let (status, body) = versions.deploy(daemon, &versions.b, spec).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let healthy_deploy = started.elapsed();
+    let healthy = started.elapsed();
     let started = Instant::now();
-    let (status, body) = daemon.full(&[&f], saved[&f].clone(), &spec).await;
+    let (status, body) = versions.deploy(daemon, &versions.failing, spec).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(record(&body).status, DeploymentStatus::RolledBack);
-    let failing_deploy = started.elapsed();
-    let mut current = b.clone();
+    let failing = started.elapsed();
+    Undisturbed { healthy, failing }
+}
 
+/// Where the receiver is killed: at fractions of an undisturbed deploy and at each sign a deploy
+/// or its rollback shows.
+fn kill_plan() -> Vec<(Target, When)> {
     let mut plan: Vec<(Target, When)> = Vec::new();
     for k in 0..=10 {
         plan.push((Target::Healthy, When::After(f64::from(k) / 10.0)));
@@ -389,57 +426,278 @@ async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_jour
         plan.push((Target::Failing, When::Seen(sign)));
     }
     assert!(plan.len() >= 20);
+    plan
+}
 
+/// What ran, and what the journal held, before a deploy under test.
+struct Before {
+    old_id: String,
+    old_deployment: String,
+    known: HashSet<Uuid>,
+}
+
+impl Before {
+    async fn look(docker: &Docker, name: &str, journal: &Path) -> Self {
+        let old = inspect(docker, name).await;
+        Self {
+            old_id: old.id.clone().expect("id"),
+            old_deployment: label(&old, "io.deploy.deployment_id").expect("label"),
+            known: new_records(journal, &HashSet::new())
+                .iter()
+                .map(|r| r.deployment_id)
+                .collect(),
+        }
+    }
+}
+
+/// Waits, from `started`, until the kill point `when` of a deploy of `target` (or until the
+/// request finished).
+#[allow(clippy::too_many_arguments)]
+async fn wait_for_kill_point(
+    docker: &Docker,
+    name: &str,
+    journal: &Path,
+    before: &Before,
+    (target, when): (Target, When),
+    undisturbed: &Undisturbed,
+    started: Instant,
+    request: &tokio::task::JoinHandle<reqwest::Result<(StatusCode, Value)>>,
+) {
+    match when {
+        When::After(fraction) => {
+            let whole = match target {
+                Target::Healthy => undisturbed.healthy,
+                Target::Failing => undisturbed.failing,
+            };
+            tokio::time::sleep_until((started + whole.mul_f64(fraction)).into()).await;
+        }
+        When::Seen(sign) => {
+            let mut history = History::default();
+            let deadline = started + Duration::from_secs(60);
+            loop {
+                let v = view(docker, name, &before.old_id, journal, &before.known).await;
+                if shows(sign, &v, &history, name) || request.is_finished() {
+                    break;
+                }
+                history.new_seen |= v.new.is_some();
+                history.aside_seen |= v
+                    .old
+                    .as_ref()
+                    .is_some_and(|c| c.name.starts_with(&format!("/{name}.previous-")));
+                assert!(Instant::now() < deadline, "{sign:?} never seen");
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }
+    }
+}
+
+/// Exactly one container of the name, running, and what it runs agrees with the journal: it is
+/// the newest SUCCEEDED deployment's. Returns the container and that deployment.
+async fn assert_one_running_container_as_journalled<'r>(
+    docker: &Docker,
+    name: &str,
+    records: &'r [DeploymentRecord],
+    versions: &Versions,
+    context: &str,
+) -> (Listed, Uuid, &'r DeploymentRecord) {
+    let containers = listed(docker, name).await;
+    assert_eq!(containers.len(), 1, "{context}: {containers:?}");
+    assert!(containers[0].running(), "{context}: {containers:?}");
+    assert_eq!(containers[0].name, format!("/{name}"), "{context}");
+    let running = inspect(docker, name).await;
+    let running_deployment: Uuid = label(&running, "io.deploy.deployment_id")
+        .expect("label")
+        .parse()
+        .expect("uuid");
+    // Newest first.
+    let newest_success = records
+        .iter()
+        .find(|r| r.container_name == name && r.status == DeploymentStatus::Succeeded)
+        .expect("a succeeded deployment");
+    assert_eq!(
+        newest_success.deployment_id, running_deployment,
+        "{context}: the newest SUCCEEDED deployment is the one running"
+    );
+    assert_eq!(newest_success.container_id, running.id, "{context}");
+    if let Some(image_id) = &newest_success.image_id {
+        assert_eq!(running.image.as_ref(), Some(image_id), "{context}");
+    }
+    assert_eq!(
+        page(docker, name).await,
+        versions.pages[&newest_success.image],
+        "{context}"
+    );
+    (containers[0].clone(), running_deployment, newest_success)
+}
+
+/// The interrupted deployment (`attempt`, if it began) completed or was undone: counted in
+/// `tally`.
+fn assert_completed_or_undone(
+    attempt: Option<&DeploymentRecord>,
+    running: &Listed,
+    running_deployment: Uuid,
+    before: &Before,
+    target: Target,
+    tally: &mut Tally,
+    context: &str,
+) {
+    match attempt {
+        None => {
+            tally.not_begun += 1;
+            assert_eq!(
+                running_deployment.to_string(),
+                before.old_deployment,
+                "{context}"
+            );
+        }
+        Some(r) if r.deployment_id == running_deployment => {
+            assert_eq!(r.status, DeploymentStatus::Succeeded, "{context}");
+            assert_eq!(target, Target::Healthy, "{context}: a failing version runs");
+            tally.completed += 1;
+        }
+        Some(r) => {
+            assert_eq!(
+                running_deployment.to_string(),
+                before.old_deployment,
+                "{context}"
+            );
+            assert_eq!(running.id, before.old_id, "{context}");
+            match r.status {
+                DeploymentStatus::RolledBack => tally.rolled_back += 1,
+                DeploymentStatus::Failed => {
+                    assert!(
+                        r.previous_container_id.is_none() && r.container_id.is_none(),
+                        "{context}: FAILED after touching containers: {r:#?}"
+                    );
+                    tally.failed_untouched += 1;
+                }
+                other => panic!("{context}: {other:?} {r:#?}"),
+            }
+        }
+    }
+}
+
+/// And it stays so: a stop that Docker was still carrying out for the dead receiver has ended
+/// [`STOP_SECS`] + 1 s after the kill, and `running` still runs alone.
+async fn assert_still_one_running_after_stops_end(
+    docker: &Docker,
+    name: &str,
+    killed: Instant,
+    running: &Listed,
+    context: &str,
+) {
+    tokio::time::sleep_until((killed + Duration::from_secs_f64(STOP_SECS + 1.0)).into()).await;
+    let later = listed(docker, name).await;
+    assert_eq!(
+        later
+            .iter()
+            .map(|c| (&c.id, c.running()))
+            .collect::<Vec<_>>(),
+        [(&running.id, true)],
+        "{context}: {STOP_SECS} s later: {later:?}"
+    );
+}
+
+async fn assert_health_ok(daemon: &Daemon, context: &str) {
+    let health = http()
+        .get(format!("{}/health", daemon.base))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), StatusCode::OK, "{context}");
+}
+
+#[derive(Default)]
+struct Tally {
+    phases: Vec<&'static str>,
+    completed: usize,
+    rolled_back: usize,
+    failed_untouched: usize,
+    not_begun: usize,
+    two_at_kill: usize,
+    none_running_at_kill: usize,
+    slowest_settle: Duration,
+}
+
+impl Tally {
+    /// Prints the figures of `kills` kills.
+    fn print(&self, kills: usize, undisturbed: &Undisturbed) {
+        let mut by_phase: Vec<(&str, usize)> = Vec::new();
+        for p in &self.phases {
+            match by_phase.iter_mut().find(|(q, _)| q == p) {
+                Some((_, n)) => *n += 1,
+                None => by_phase.push((p, 1)),
+            }
+        }
+        let points = by_phase
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        eprintln!(
+            "SIGKILL during deploys: {kills} kills at points {points}; outcomes: {} completed, {} \
+             rolled back ({} restored the previous container, {} failed before touching a \
+             container, {} killed before the deployment began), 0 with two containers, 0 with \
+             none; at the kills {} had two containers and {} none running; undisturbed deploys \
+             {:.1} s (healthy) and {:.1} s (rolled back); restart to settled journal at most \
+             {:.1} s",
+            self.completed,
+            self.rolled_back + self.failed_untouched + self.not_begun,
+            self.rolled_back,
+            self.failed_untouched,
+            self.not_begun,
+            self.two_at_kill,
+            self.none_running_at_kill,
+            undisturbed.healthy.as_secs_f64(),
+            undisturbed.failing.as_secs_f64(),
+            self.slowest_settle.as_secs_f64(),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_journal_that_agrees() {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let versions = Versions::build(&docker, &mut cleanup, &name).await;
+    let dir = temp_dir();
+    let packages = dir.path().join("packages");
+    let state = dir.path().join("state");
+    let journal = state.join("deployments");
+    let spec = web_spec(&name);
+    let mut daemon = start_daemon(&packages, &state, &[]);
+    let undisturbed = deploy_v1_and_time_undisturbed_deploys(&daemon, &versions, &spec).await;
+    let mut current = versions.b.clone();
+
+    let plan = kill_plan();
     let mut tally = Tally::default();
     for (i, (target, when)) in plan.iter().copied().enumerate() {
-        let image = match target {
-            Target::Failing => f.clone(),
-            Target::Healthy if current == a => b.clone(),
-            Target::Healthy => a.clone(),
-        };
-        let old = inspect(&docker, &name).await;
-        let old_id = old.id.clone().expect("id");
-        let old_deployment = label(&old, "io.deploy.deployment_id").expect("label");
-        let known: HashSet<Uuid> = new_records(&journal, &HashSet::new())
-            .iter()
-            .map(|r| r.deployment_id)
-            .collect();
-
+        // Start a deploy and kill the receiver at the planned point.
+        let image = versions.next(target, &current).clone();
+        let before = Before::look(&docker, &name, &journal).await;
         let api = Api::clone(&daemon);
-        let (tag, package, deploy_spec) = (image.clone(), saved[&image].clone(), spec.clone());
+        let (tag, package, deploy_spec) =
+            (image.clone(), versions.saved[&image].clone(), spec.clone());
         let started = Instant::now();
         let request =
             tokio::spawn(async move { api.try_full(&[&tag], package, &deploy_spec).await });
-        match when {
-            When::After(fraction) => {
-                let whole = match target {
-                    Target::Healthy => healthy_deploy,
-                    Target::Failing => failing_deploy,
-                };
-                tokio::time::sleep_until((started + whole.mul_f64(fraction)).into()).await;
-            }
-            When::Seen(sign) => {
-                let mut history = History::default();
-                let deadline = started + Duration::from_secs(60);
-                loop {
-                    let v = view(&docker, &name, &old_id, &journal, &known).await;
-                    if shows(sign, &v, &history, &name) || request.is_finished() {
-                        break;
-                    }
-                    history.new_seen |= v.new.is_some();
-                    history.aside_seen |= v
-                        .old
-                        .as_ref()
-                        .is_some_and(|c| c.name.starts_with(&format!("/{name}.previous-")));
-                    assert!(Instant::now() < deadline, "{sign:?} never seen");
-                    tokio::time::sleep(Duration::from_millis(3)).await;
-                }
-            }
-        }
+        let point = (target, when);
+        wait_for_kill_point(
+            &docker,
+            &name,
+            &journal,
+            &before,
+            point,
+            &undisturbed,
+            started,
+            &request,
+        )
+        .await;
         let kill_at = started.elapsed();
         daemon.sigkill();
         request.abort();
-        let at_kill = view(&docker, &name, &old_id, &journal, &known).await;
+        let at_kill = view(&docker, &name, &before.old_id, &journal, &before.known).await;
         let phase = phase(&at_kill, &name);
         tally.phases.push(phase);
         tally.two_at_kill += usize::from(at_kill.count >= 2);
@@ -447,7 +705,7 @@ async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_jour
 
         // Restart on the same directories; start-up reconciliation settles the deploy.
         let restarted = Instant::now();
-        daemon = Daemon::start(&packages, &state, &[]);
+        daemon = start_daemon(&packages, &state, &[]);
         let records = settled_journal(&daemon).await;
         let settle = restarted.elapsed();
         tally.slowest_settle = tally.slowest_settle.max(settle);
@@ -456,89 +714,36 @@ async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_jour
             kill_at.as_millis()
         );
 
-        // Exactly one container of the name, running; what it runs agrees with the journal.
-        let containers = listed(&docker, &name).await;
-        assert_eq!(containers.len(), 1, "{context}: {containers:?}");
-        assert!(containers[0].running(), "{context}: {containers:?}");
-        assert_eq!(containers[0].name, format!("/{name}"), "{context}");
-        let running = inspect(&docker, &name).await;
-        let running_deployment: Uuid = label(&running, "io.deploy.deployment_id")
-            .expect("label")
-            .parse()
-            .expect("uuid");
-        // Newest first.
-        let newest_success = records
+        // One running container, the journal's; the interrupted deployment completed or undone.
+        let (running, running_deployment, newest_success) =
+            assert_one_running_container_as_journalled(
+                &docker, &name, &records, &versions, &context,
+            )
+            .await;
+        let attempt = records
             .iter()
-            .find(|r| r.container_name == name && r.status == DeploymentStatus::Succeeded)
-            .expect("a succeeded deployment");
-        assert_eq!(
-            newest_success.deployment_id, running_deployment,
-            "{context}: the newest SUCCEEDED deployment is the one running"
+            .find(|r| !before.known.contains(&r.deployment_id));
+        assert_completed_or_undone(
+            attempt,
+            &running,
+            running_deployment,
+            &before,
+            target,
+            &mut tally,
+            &context,
         );
-        assert_eq!(newest_success.container_id, running.id, "{context}");
-        if let Some(image_id) = &newest_success.image_id {
-            assert_eq!(running.image.as_ref(), Some(image_id), "{context}");
-        }
-        assert_eq!(
-            page(&docker, &name).await,
-            pages[&newest_success.image],
-            "{context}"
-        );
-
-        // The interrupted deployment completed or was undone.
-        let attempt = records.iter().find(|r| !known.contains(&r.deployment_id));
-        match attempt {
-            None => {
-                tally.not_begun += 1;
-                assert_eq!(running_deployment.to_string(), old_deployment, "{context}");
-            }
-            Some(r) if r.deployment_id == running_deployment => {
-                assert_eq!(r.status, DeploymentStatus::Succeeded, "{context}");
-                assert_eq!(target, Target::Healthy, "{context}: a failing version runs");
-                tally.completed += 1;
-            }
-            Some(r) => {
-                assert_eq!(running_deployment.to_string(), old_deployment, "{context}");
-                assert_eq!(running.id.as_deref(), Some(old_id.as_str()), "{context}");
-                match r.status {
-                    DeploymentStatus::RolledBack => tally.rolled_back += 1,
-                    DeploymentStatus::Failed => {
-                        assert!(
-                            r.previous_container_id.is_none() && r.container_id.is_none(),
-                            "{context}: FAILED after touching containers: {r:#?}"
-                        );
-                        tally.failed_untouched += 1;
-                    }
-                    other => panic!("{context}: {other:?} {r:#?}"),
-                }
-            }
-        }
         current = newest_success.image.clone();
-
-        // And it stays so: a stop that Docker was still carrying out for the dead receiver has
-        // ended by now.
-        tokio::time::sleep_until(
-            (started + kill_at + Duration::from_secs_f64(STOP_SECS + 1.0)).into(),
+        assert_still_one_running_after_stops_end(
+            &docker,
+            &name,
+            started + kill_at,
+            &running,
+            &context,
         )
         .await;
-        let later = listed(&docker, &name).await;
-        assert_eq!(
-            later
-                .iter()
-                .map(|c| (&c.id, c.running()))
-                .collect::<Vec<_>>(),
-            [(&containers[0].id, true)],
-            "{context}: {STOP_SECS} s later: {later:?}"
-        );
-
         assert_store_clean(&packages);
         assert_journal_clean(&journal);
-        let health = http()
-            .get(format!("{}/health", daemon.base))
-            .send()
-            .await
-            .expect("health");
-        assert_eq!(health.status(), StatusCode::OK, "{context}");
+        assert_health_ok(&daemon, &context).await;
         eprintln!(
             "  kill {i:2}: {target:?} {when:?} at {} ms, phase {phase}: {} container(s), {} running at the kill -> {} (settled {} ms after the restart{})",
             kill_at.as_millis(),
@@ -558,41 +763,16 @@ async fn sigkill_at_25_points_of_deploys_leaves_one_running_container_and_a_jour
     }
 
     // And the restarted receiver deploys as before.
-    let next = if current == a { &b } else { &a };
-    let (status, body) = daemon.full(&[next], saved[next].clone(), &spec).await;
+    let next = if current == versions.a {
+        &versions.b
+    } else {
+        &versions.a
+    };
+    let (status, body) = versions.deploy(&daemon, next, &spec).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(page(&docker, &name).await, pages[next]);
+    assert_eq!(page(&docker, &name).await, versions.pages[next]);
 
-    let mut by_phase: Vec<(&str, usize)> = Vec::new();
-    for p in &tally.phases {
-        match by_phase.iter_mut().find(|(q, _)| q == p) {
-            Some((_, n)) => *n += 1,
-            None => by_phase.push((p, 1)),
-        }
-    }
-    let points = by_phase
-        .iter()
-        .map(|(p, n)| format!("{p} {n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    eprintln!(
-        "SIGKILL during deploys: {} kills at points {points}; outcomes: {} completed, {} rolled \
-         back ({} restored the previous container, {} failed before touching a container, {} \
-         killed before the deployment began), 0 with two containers, 0 with none; at the kills \
-         {} had two containers and {} none running; undisturbed deploys {:.1} s (healthy) and \
-         {:.1} s (rolled back); restart to settled journal at most {:.1} s",
-        plan.len(),
-        tally.completed,
-        tally.rolled_back + tally.failed_untouched + tally.not_begun,
-        tally.rolled_back,
-        tally.failed_untouched,
-        tally.not_begun,
-        tally.two_at_kill,
-        tally.none_running_at_kill,
-        healthy_deploy.as_secs_f64(),
-        failing_deploy.as_secs_f64(),
-        tally.slowest_settle.as_secs_f64(),
-    );
+    tally.print(plan.len(), &undisturbed);
     drop(daemon);
 }
 
@@ -621,7 +801,7 @@ async fn deployment(daemon: &Daemon, id: Uuid) -> DeploymentRecord {
 /// package and the first one's container id.
 async fn deployed_v1(
     docker: &Docker,
-    cleanup: &mut Cleanup,
+    cleanup: &mut Guard,
     daemon: &Daemon,
     name: &str,
 ) -> (String, Vec<u8>, String) {
@@ -654,7 +834,7 @@ impl Proxied {
     fn start() -> Self {
         let dir = temp_dir();
         let proxy = DockerProxy::start(dir.path().join("docker.sock"));
-        let daemon = Daemon::start(
+        let daemon = start_daemon(
             &dir.path().join("packages"),
             &dir.path().join("state"),
             &[("DOCKER_HOST", proxy.docker_host())],
@@ -667,8 +847,8 @@ impl Proxied {
 async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_the_next_deploy_succeeds(
 ) {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let Proxied {
         dir: _dir,
         mut proxy,
@@ -740,8 +920,8 @@ async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_cut_between_create_and_start_is_503_and_rolled_back_once_docker_is_back() {
     let docker = docker().await;
-    let name = unique_name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let Proxied {
         dir: _dir,
         mut proxy,

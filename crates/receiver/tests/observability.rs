@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common::*;
-use deploy_protocol::{Checksum, SignatureHeaders};
+use deploy_protocol::Checksum;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use uuid::Uuid;
@@ -58,7 +58,7 @@ async fn openapi_json(receiver: &Receiver) -> Value {
 #[tokio::test]
 async fn every_route_is_documented_and_every_documented_operation_is_routed() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let doc = openapi_json(&receiver).await;
     let documented = documented_operations(&doc);
     let routed: BTreeSet<(String, String)> =
@@ -80,6 +80,7 @@ async fn every_route_is_documented_and_every_documented_operation_is_routed() {
             "{}{}",
             receiver.base,
             path.replace("{id}", &Uuid::new_v4().to_string())
+                .replace("{blake3}", &"0".repeat(64))
         );
         let method = Method::from_bytes(method.as_bytes()).expect("method");
         let response = no_redirects()
@@ -106,6 +107,11 @@ async fn every_route_is_documented_and_every_documented_operation_is_routed() {
             } else {
                 (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
             };
+            if method == Method::HEAD {
+                // A HEAD answer has no body: the status says it.
+                assert_eq!(status, expected.0, "{method} {path}");
+                continue;
+            }
             let error: Value = serde_json::from_str(&body).expect("JSON error body");
             assert_eq!(
                 (status, error["error"]["code"].as_str().unwrap_or_default()),
@@ -146,13 +152,16 @@ async fn every_operation_documents_its_headers_and_error_responses() {
                     .is_some_and(|d| !d.is_empty()),
                 "{what} {status}: no description"
             );
-            if status.starts_with('4') || status.starts_with('5') {
+            // A HEAD answer has no body to describe.
+            if method != "HEAD" && (status.starts_with('4') || status.starts_with('5')) {
                 let schema = response["content"]["application/json"]["schema"]["$ref"]
                     .as_str()
                     .unwrap_or_default();
                 assert!(
-                    schema.ends_with("/ErrorBody") || schema.ends_with("/DeploymentRecord"),
-                    "{what} {status}: an error response is an ErrorBody (or a failed DeploymentRecord), not {schema:?}"
+                    schema.ends_with("/ErrorBody")
+                        || schema.ends_with("/DeploymentRecord")
+                        || schema.ends_with("/RecordOrError"),
+                    "{what} {status}: an error response is an ErrorBody (or a failed DeploymentRecord, or either), not {schema:?}"
                 );
             }
         }
@@ -210,7 +219,7 @@ fn sorted(value: Value) -> Value {
 async fn the_committed_openapi_document_is_current() {
     let doc = serde_json::to_value(deploy_receiver::routes::openapi()).expect("json");
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     assert_eq!(
         sorted(openapi_json(&receiver).await),
         sorted(doc.clone()),
@@ -307,7 +316,7 @@ fn sum(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
 #[tokio::test]
 async fn metrics_pass_promtool_and_move_with_uploads_refusals_and_errors() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let (text, before) = scrape(&receiver).await;
     for name in [
         "deploy_receiver_received_bytes_total",
@@ -321,26 +330,29 @@ async fn metrics_pass_promtool_and_move_with_uploads_refusals_and_errors() {
     ] {
         assert!(text.contains(&format!("\n{name} ")), "{name} is exported");
     }
+    let build_info = format!(
+        "deploy_receiver_build_info{{protocol_version=\"{}\",version=\"{}\"}}",
+        deploy_protocol::PROTOCOL_VERSION,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(value(&before, &build_info), 1.0, "{text}");
+    // The process metrics of this test process (the receiver runs in it).
+    assert!(
+        value(&before, "process_resident_memory_bytes") > 1e6,
+        "{text}"
+    );
+    assert!(value(&before, "process_open_fds") >= 3.0, "{text}");
+    assert!(value(&before, "process_max_fds") > 0.0, "{text}");
+    assert!(text.contains("\nprocess_cpu_seconds_total "), "{text}");
 
     // An upload: counted ok, its bytes received.
     let package: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let (status, body) = receiver.upload(package.clone()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // A refused signature.
-    let headers = SignatureHeaders::sign(
-        "default",
-        b"not-the-receivers-secret-0123456789abcdef",
-        Some(receiver.base.trim_start_matches("http://")),
-        "GET",
-        "/deployments",
-        &Checksum::of(b""),
-        unix_now(),
-        deploy_protocol::envelope::new_nonce(),
-    );
-    let mut request = http().get(format!("{}/deployments", receiver.base));
-    for (name, value) in headers.to_pairs() {
-        request = request.header(name, value);
-    }
+    let mut wrong_key = Signer::new("GET", "/deployments");
+    wrong_key.secret = b"not-the-receivers-secret-0123456789abcdef".to_vec();
+    let request = wrong_key.request(&http(), &receiver.base, b"");
     let refused = request.send().await.expect("GET /deployments");
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     // An error with a code of its own: bytes that do not match the signed checksum.
@@ -410,7 +422,7 @@ async fn health(receiver: &Receiver) -> Value {
 #[tokio::test]
 async fn health_says_where_events_go() {
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let events = health(&receiver).await["events"]
         .as_str()
         .expect("events")
@@ -424,7 +436,7 @@ async fn health_says_where_events_go() {
     receiver.stop().await;
 
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| {
+    let receiver = start_receiver_with(dir.path(), |c| {
         c.kafka_bootstrap_servers = Some("127.0.0.1:9".into());
         c.kafka_topic = "deploys".into();
     })

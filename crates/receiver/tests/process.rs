@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, SECRET};
-use deploy_protocol::{Checksum, Compression, PackageManifest, SignatureHeaders};
+use common::{manifest_for, Daemon, Signer};
+use deploy_protocol::{Checksum, PackageManifest, SignatureHeaders};
+use deploy_testkit::receiver::files_in as names;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -20,26 +21,11 @@ const BOUNDARY: &str = "process-test-boundary-93ac";
 
 /// These tests need no Docker: the receiver must not need it to take uploads.
 fn start_daemon(package_dir: &Path, state_dir: &Path) -> Daemon {
-    Daemon::start(
+    common::start_daemon(
         package_dir,
         state_dir,
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock".to_owned())],
     )
-}
-
-fn manifest_for(bytes: &[u8]) -> PackageManifest {
-    PackageManifest {
-        package_id: uuid::Uuid::new_v4(),
-        package_checksum: Checksum::of(bytes),
-        package_size: bytes.len() as u64,
-        compression: Compression::None,
-        image_id: None,
-        image_tags: vec![],
-        container_name: None,
-        created_at: None,
-        original_size: None,
-        deployment: None,
-    }
 }
 
 fn test_bytes(size: usize, seed: u8) -> Vec<u8> {
@@ -80,16 +66,7 @@ fn signed_upload(addr: SocketAddr, package: &[u8]) -> (PackageManifest, String, 
 }
 
 fn signature(authority: &str, manifest_bytes: &[u8]) -> SignatureHeaders {
-    SignatureHeaders::sign(
-        "default",
-        SECRET.as_bytes(),
-        Some(authority),
-        "POST",
-        "/deployment/upload",
-        &Checksum::of(manifest_bytes),
-        deploy_receiver::auth::unix_now(),
-        deploy_protocol::envelope::new_nonce(),
-    )
+    Signer::to(authority, "/deployment/upload").headers(manifest_bytes)
 }
 
 /// Sends a whole upload on a fresh connection; returns the status and the JSON body.
@@ -146,19 +123,6 @@ async fn metric(url: &str, prefix: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 fn temp_files(dir: &Path) -> usize {

@@ -11,11 +11,6 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-/// A unique name of this branch's tests.
-fn name() -> String {
-    format!("harden-{}", unique_name())
-}
-
 async fn image_id(docker: &Docker, reference: &str) -> Option<String> {
     docker
         .inspect_image(reference)
@@ -45,21 +40,21 @@ fn code(body: &Value) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_package_changed_on_disk_after_verification_is_not_loaded() {
     let docker = docker().await;
-    let name = name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let tag = format!("{name}:v1");
     build_image(&docker, &mut cleanup, &tag, ImageSpec::healthy("verified")).await;
     let verified = save_image(&docker, &tag).await;
     let first_id = image_id(&docker, &tag).await.expect("built");
-    cleanup.images.push(first_id.clone());
+    cleanup.remove_image(&first_id);
     build_image(&docker, &mut cleanup, &tag, ImageSpec::healthy("swapped")).await;
     let swapped = save_image(&docker, &tag).await;
     let swapped_id = image_id(&docker, &tag).await.expect("built");
-    cleanup.images.push(swapped_id.clone());
+    cleanup.remove_image(&swapped_id);
     let _ = docker.remove_image(&tag, None, None).await;
 
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let id = upload_tagged(&receiver, &[&tag], verified).await;
     // After the 200, the stored file is replaced by another valid archive of the same tag.
     let stored = receiver
@@ -92,22 +87,20 @@ async fn a_package_changed_on_disk_after_verification_is_not_loaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_the_host_had_is_never_run_retagged_or_pruned() {
     let docker = docker().await;
-    let name = name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let host = format!("{name}-host:v1");
     // An image whose archive is tagged like the host's, made first...
     build_image(&docker, &mut cleanup, &host, ImageSpec::healthy("evil")).await;
     let evil = save_image(&docker, &host).await;
-    cleanup
-        .images
-        .push(image_id(&docker, &host).await.expect("built"));
+    cleanup.remove_image(&image_id(&docker, &host).await.expect("built"));
     // ...then the host's own image under that tag.
     build_image(&docker, &mut cleanup, &host, ImageSpec::healthy("host")).await;
     let host_id = image_id(&docker, &host).await.expect("built");
-    cleanup.images.push(host_id.clone());
+    cleanup.remove_image(&host_id);
 
     let dir = temp_dir();
-    let receiver = Receiver::start_with(dir.path(), |c| c.image_history = 1).await;
+    let receiver = start_receiver_with(dir.path(), |c| c.image_history = 1).await;
     // Run by naming it, with a package id the receiver never verified.
     let mut spec = web_spec(&name);
     spec.image = Some(host.clone());
@@ -161,8 +154,8 @@ async fn an_image_the_host_had_is_never_run_retagged_or_pruned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_the_receiver_did_not_create_is_left_alone_unless_adopted() {
     let docker = docker().await;
-    let name = name();
-    let mut cleanup = Cleanup::new(&name);
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
     let tag = format!("{name}:v1");
     build_image(&docker, &mut cleanup, &tag, ImageSpec::healthy("v1")).await;
     // A container someone made by hand under the name, from the same image.
@@ -185,7 +178,7 @@ async fn a_container_the_receiver_did_not_create_is_left_alone_unless_adopted() 
         .await
         .expect("start");
     let dir = temp_dir();
-    let receiver = Receiver::start(dir.path()).await;
+    let receiver = start_receiver(dir.path()).await;
     let package = save_image(&docker, &tag).await;
     let (status, body) = receiver
         .full(&[&tag], package.clone(), &web_spec(&name))

@@ -1,137 +1,205 @@
-//! The receiver binary's start-up refusals and its behaviour at the process's descriptor limit:
-//! the real `deploy-receiver` as a child process on loopback.
+//! The `deploy-receiver` binary as an operator starts it: its log on a pipe or a terminal, the
+//! errors it stops with at start, and its `--probe` health check. Loopback only.
 
 mod common;
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use common::{start_daemon, SECRET};
 
-/// The receiver binary with a clean environment plus `env`, run through `sh -c PREFIX exec`.
-fn command(prefix: &str, env: &[(&str, &str)], dir: &std::path::Path) -> Command {
-    let mut command = Command::new("sh");
+const BIN: &str = env!("CARGO_BIN_EXE_deploy-receiver");
+
+/// The binary with a clean environment, a key, an ephemeral loopback port and temp directories.
+fn receiver(dir: &std::path::Path) -> Command {
+    let mut command = Command::new(BIN);
     command
-        .arg("-c")
-        .arg(format!("{prefix} exec \"$0\""))
-        .arg(env!("CARGO_BIN_EXE_deploy-receiver"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RECEIVER_BIND", "127.0.0.1:0")
         .env("PACKAGE_DIR", dir.join("packages"))
+        .env("STATE_DIR", dir.join("state"))
         .env("DEPLOY_HMAC_SECRET", SECRET)
-        .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info");
-    for (k, v) in env {
-        command.env(k, v);
-    }
     command
 }
 
-#[test]
-fn an_unset_empty_or_blank_allowlist_is_a_start_up_error() {
-    let dir = temp_dir();
-    for value in [None, Some(""), Some("  "), Some(","), Some("10.0.0.0/8,")] {
-        let mut cmd = command("", &[], dir.path());
-        if let Some(v) = value {
-            cmd.env("ALLOWED_NETWORKS", v);
+/// Runs `command` until it exits (at most 30 s).
+fn run_to_exit(command: &mut Command) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process did not exit within 30 s");
         }
-        let output = cmd
-            .stdin(Stdio::null())
-            .output()
-            .expect("run deploy-receiver");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{value:?} started");
-        assert!(
-            stderr.to_ascii_lowercase().contains("allowed") || stderr.contains("allowed-networks"),
-            "{value:?}: {stderr}"
-        );
+        std::thread::sleep(Duration::from_millis(20));
     }
+    child.wait_with_output().expect("output")
 }
 
-/// Starts the binary; returns the child and its address.
-fn start(
-    prefix: &str,
-    env: &[(&str, &str)],
-    dir: &std::path::Path,
-) -> (std::process::Child, String) {
-    let mut child = command(prefix, env, dir)
+const ESC: char = '\u{1b}';
+
+#[test]
+fn text_logs_written_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = receiver(dir.path())
+        .env("LOG_FORMAT", "text")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if let Some(addr) = v["fields"]["addr"].as_str() {
-                        let _ = tx.send(addr.to_owned());
-                        sent = true;
-                    }
-                }
-            }
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !seen.contains("deploy-receiver listening") {
+        assert!(Instant::now() < deadline, "no listening line: {seen}");
+        let n = stdout.read(&mut buf).expect("read");
+        assert!(n > 0, "the receiver exited: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!seen.contains(ESC), "ANSI codes in a piped log: {seen:?}");
+}
+
+/// Runs the receiver for two seconds on a pseudo-terminal (util-linux `script`) and returns what
+/// it wrote there.
+fn on_a_terminal(dir: &std::path::Path, no_color: Option<&str>) -> String {
+    let base = receiver(dir);
+    // The same environment, with `script` in front of the receiver.
+    let mut command = Command::new("script");
+    command.env_clear();
+    for (key, value) in base.get_envs() {
+        if let Some(value) = value {
+            command.env(key, value);
         }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("deploy-receiver announced its address");
-    (child, addr)
+    }
+    command.env("LOG_FORMAT", "text").args([
+        "-qec",
+        &format!("timeout -s INT 2 {BIN}"),
+        "/dev/null",
+    ]);
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    let output = run_to_exit(&mut command);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        text.contains("deploy-receiver listening"),
+        "util-linux `script` must run the receiver on a terminal: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
 }
 
 #[test]
-fn any_must_be_said_and_then_starts() {
-    let dir = temp_dir();
-    let (mut child, addr) = start("", &[("ALLOWED_NETWORKS", "any")], dir.path());
-    assert!(addr.starts_with("127.0.0.1:"));
-    let _ = child.kill();
-    let _ = child.wait();
+fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coloured = on_a_terminal(dir.path(), None);
+    assert!(
+        coloured.contains(ESC),
+        "no colour on a terminal: {coloured:?}"
+    );
+    let plain = on_a_terminal(dir.path(), Some("1"));
+    assert!(!plain.contains(ESC), "colour despite NO_COLOR: {plain:?}");
 }
 
-#[tokio::test]
-async fn health_answers_with_more_slow_clients_than_descriptors() {
-    let dir = temp_dir();
-    let (mut child, addr) = start(
-        "ulimit -n 128 &&",
-        &[("ALLOWED_NETWORKS", "127.0.0.0/8")],
-        dir.path(),
+#[test]
+fn an_address_in_use_is_named_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let output = run_to_exit(receiver(dir.path()).env("RECEIVER_BIND", addr.to_string()));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
     );
-    // 140 clients that connect, send half a head, and wait.
-    let mut slow = Vec::new();
-    for _ in 0..140 {
-        if let Ok(mut stream) = TcpStream::connect(&addr).await {
-            let _ = stream
-                .write_all(b"POST /deployment/load HTTP/1.1\r\nHost: x\r\n")
-                .await;
-            slow.push(stream);
+    assert!(stderr.contains("RECEIVER_BIND"), "{stderr}");
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+}
+
+#[test]
+fn a_missing_key_is_reported_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = run_to_exit(receiver(dir.path()).env_remove("DEPLOY_HMAC_SECRET"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let all = format!("{stdout}{stderr}");
+    assert_eq!(
+        all.matches("no HMAC key configured").count(),
+        1,
+        "printed once: {all}"
+    );
+    assert!(stderr.starts_with("deploy-receiver: error: "), "{stderr}");
+}
+
+/// Answers every connection with one HTTP response carrying `body` (what another service's
+/// `/health` says), until the test ends.
+fn another_service(body: &'static str) -> std::net::SocketAddr {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
         }
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    let mut health = TcpStream::connect(&addr).await.expect("connect");
-    health
-        .write_all(
-            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), health.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer);
-    eprintln!(
-        "figure: /health with 140 slow clients under `ulimit -n 128`: {} in {} ms",
-        text.lines().next().unwrap_or("no answer"),
-        started.elapsed().as_millis()
+    });
+    addr
+}
+
+#[test]
+fn probe_passes_only_for_a_healthy_deploy_receiver() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = start_daemon(&dir.path().join("packages"), &dir.path().join("state"), &[]);
+    let ok = run_to_exit(
+        Command::new(BIN)
+            .env_clear()
+            .args(["--probe", &format!("{}/health", daemon.base)]),
     );
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(read.is_ok(), "no answer within 10 s");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    drop(slow);
+    assert!(
+        ok.status.success(),
+        "a healthy receiver (is Docker running?): {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // The sender's /health says `healthy` too, with its own service name.
+    let sender = another_service(
+        r#"{"status":"healthy","service":"deploy-sender","docker_available":true}"#,
+    );
+    let refused = run_to_exit(
+        Command::new(BIN)
+            .env_clear()
+            .args(["--probe", &format!("http://{sender}/health")]),
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not as a deploy-receiver"), "{stderr}");
+    assert!(stderr.contains("deploy-sender"), "{stderr}");
+}
+
+#[test]
+fn help_names_docker_host() {
+    let help = run_to_exit(Command::new(BIN).arg("--help"));
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success(), "{text}");
+    assert!(text.contains("DOCKER_HOST"), "{text}");
+    assert!(text.contains("--docker-host"), "{text}");
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::client::{ReceiverClient, ReceiverTarget};
-use crate::pipeline::{Lifecycle, DEFAULT_MAX_PACKAGE_SIZE};
+use crate::pipeline::{LayerCache, Lifecycle, DEFAULT_LAYER_CACHE_SIZE, DEFAULT_MAX_PACKAGE_SIZE};
 use crate::SenderError;
 
 /// The package store.
@@ -19,13 +19,63 @@ pub struct StoreConfig {
     /// Largest package (compressed) to write, e.g. `5GiB`, `500MB` or a number of bytes.
     #[arg(long, env = "MAX_PACKAGE_SIZE", default_value = "5GiB", value_parser = parse_size)]
     pub max_package_size: u64,
+    /// Packages kept per container name (failed attempts included): after a new package is
+    /// stored, older ones of the same name are deleted.
+    #[arg(long, env = "PACKAGE_HISTORY", default_value_t = DEFAULT_PACKAGE_HISTORY)]
+    pub package_history: usize,
+    /// Size budget of the whole store, e.g. `20GiB`: after a new package is stored, the oldest
+    /// others are deleted until the store fits [default: no budget].
+    #[arg(long, env = "PACKAGE_STORE_MAX_SIZE", value_parser = parse_size)]
+    pub package_store_max_size: Option<u64>,
+    /// Directory of the layer cache (compressed layer blobs by diffID, image configs by id);
+    /// default `<PACKAGE_DIR>/layers`.
+    #[arg(long, env = "LAYER_CACHE_DIR")]
+    pub layer_cache_dir: Option<PathBuf>,
+    /// Budget of the layer cache, e.g. `20GiB`; the least recently used blobs go beyond it
+    /// (never those of a transfer in progress).
+    #[arg(long, env = "LAYER_CACHE_SIZE", default_value = "20GiB", value_parser = parse_size)]
+    pub layer_cache_size: u64,
 }
+
+impl StoreConfig {
+    /// The layer cache directory: `--layer-cache-dir`, or `<PACKAGE_DIR>/layers`.
+    pub fn layer_cache_dir(&self) -> PathBuf {
+        self.layer_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.package_dir.join("layers"))
+    }
+
+    /// Opens the layer cache.
+    pub async fn open_layer_cache(&self) -> Result<LayerCache, SenderError> {
+        LayerCache::open(self.layer_cache_dir(), self.layer_cache_size).await
+    }
+}
+
+/// Packages kept per container name by default.
+pub const DEFAULT_PACKAGE_HISTORY: usize = 3;
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             package_dir: PathBuf::from("./packages"),
             max_package_size: DEFAULT_MAX_PACKAGE_SIZE,
+            layer_cache_dir: None,
+            layer_cache_size: DEFAULT_LAYER_CACHE_SIZE,
+            package_history: DEFAULT_PACKAGE_HISTORY,
+            package_store_max_size: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Applies the retention after `new` was stored (never deleting `new`); a failure is logged,
+    /// never returned: the package is made either way.
+    pub async fn retain(&self, store: &crate::PackageStore, new: uuid::Uuid) {
+        if let Err(e) = store
+            .prune(self.package_history, self.package_store_max_size, Some(new))
+            .await
+        {
+            tracing::warn!(error = %e, "could not prune old packages");
         }
     }
 }

@@ -25,11 +25,16 @@ pub use error::SenderError;
 pub use pipeline::*;
 
 /// Logs to stderr with `filter` (tracing `EnvFilter` syntax); a bad filter falls back to `warn`.
+/// Coloured only when stderr is a terminal, and never when `NO_COLOR` is set (no-color.org).
 pub fn init_tracing(filter: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -1,19 +1,66 @@
 //! The `deploy-sender` binary: parse the command line, set up logging, run, report.
+//!
+//! Exit status: 0 done; 1 failed (`error: CODE: message` on stderr); 2 the command line was
+//! refused (`error: VALIDATION_ERROR: ...`); 130 interrupted by Ctrl-C or SIGTERM (silent; the
+//! command's temp files are removed). With `--json`, stdout holds exactly one JSON document.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use deploy_sender::cli::Cli;
+use deploy_sender::cli::{self, Cli};
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::report_usage_error(&e),
+    };
+    // Before the runtime starts any thread: the environment is only safe to change single-threaded.
+    // `--docker-host` reaches the Docker client the way the variable would.
+    if let Some(host) = cli.docker_host.as_deref().filter(|h| !h.is_empty()) {
+        std::env::set_var("DOCKER_HOST", host);
+    }
     deploy_sender::init_tracing(&cli.log);
-    match deploy_sender::cli::run(cli).await {
-        Ok(code) => ExitCode::from(code),
+    let (json, interruptible) = (cli.json(), cli.interruptible());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: {}: {e}", e.code());
+            let error = deploy_sender::SenderError::Internal(format!(
+                "cannot start the async runtime: {e}"
+            ));
+            cli::report_error(json, &error);
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        if !interruptible {
+            return Some(cli::run(cli).await);
+        }
+        // Dropping the command's future on a signal drops its temp-file guards with it.
+        tokio::select! {
+            result = cli::run(cli) => Some(result),
+            () = interrupted() => None,
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match outcome {
+        Some(Ok(code)) => ExitCode::from(code),
+        Some(Err(e)) => {
+            cli::report_error(json, &e);
             ExitCode::FAILURE
         }
+        None => ExitCode::from(130),
+    }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

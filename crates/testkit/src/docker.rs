@@ -76,7 +76,8 @@ impl Guard {
     }
 }
 
-async fn containers_named(docker: &Docker, prefix: &str) -> Vec<(String, String)> {
+/// `(id, name)` of every container, running or not, whose name starts with `prefix`.
+pub async fn containers_named(docker: &Docker, prefix: &str) -> Vec<(String, String)> {
     let options = ListContainersOptions {
         all: true,
         filters: HashMap::from([("name".to_owned(), vec![prefix.to_owned()])]),

@@ -255,7 +255,8 @@ fn preflight() {
     }
 }
 
-fn containerd_socket() -> &'static str {
+/// The containerd socket test engines share with the main engine (Docker's own, or the system one).
+pub fn containerd_socket() -> &'static str {
     CONTAINERD_SOCKETS
         .iter()
         .copied()

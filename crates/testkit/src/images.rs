@@ -16,15 +16,27 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// busybox httpd on port 80 serving `/www`, healthy when `wget` gets `/` from `health_port`
 /// (80 for a healthy image; a port nobody listens on for one that never becomes healthy).
 pub fn httpd_dockerfile(health_port: u16) -> String {
-    format!(
-        "FROM scratch\n\
-         COPY busybox /bin/busybox\n\
-         COPY www /www\n\
-         EXPOSE 80\n\
-         HEALTHCHECK --interval=1s --timeout=2s --retries=2 \
-           CMD [\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1:{health_port}/\"]\n\
-         CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n"
-    )
+    httpd_dockerfile_checked_by(Some(&format!(
+        "[\"/bin/busybox\", \"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1:{health_port}/\"]"
+    )))
+}
+
+/// A HEALTHCHECK command that never passes.
+pub const ALWAYS_FAILS: &str = r#"["/bin/busybox", "false"]"#;
+
+/// busybox httpd on port 80 serving `/www`, with `healthcheck` (an exec-form JSON array) as its
+/// HEALTHCHECK command, or none.
+pub fn httpd_dockerfile_checked_by(healthcheck: Option<&str>) -> String {
+    let mut dockerfile =
+        String::from("FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\nEXPOSE 80\n");
+    if let Some(test) = healthcheck {
+        dockerfile.push_str(&format!(
+            "HEALTHCHECK --interval=1s --timeout=2s --retries=2 CMD {test}\n"
+        ));
+    }
+    dockerfile
+        .push_str("CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n");
+    dockerfile
 }
 
 /// `dockerfile` with the guard's label after its `FROM` line, and a label of its own: no two

@@ -454,7 +454,9 @@ impl Inspector {
             for (what, name) in std::iter::once(("config", &image.config))
                 .chain(image.layers.iter().map(|l| ("layer", l)))
             {
-                if !self.resolves_to_file(name) {
+                let may_be_omitted =
+                    what == "layer" && self.policy.omitted_layers.iter().any(|o| o == name);
+                if !may_be_omitted && !self.resolves_to_file(name) {
                     return Err(refused(format!(
                         "manifest.json names {what} {name:?}, which is not in the archive"
                     )));

@@ -50,6 +50,9 @@ pub struct Policy {
     pub allowed_tags: Vec<String>,
     /// Most bytes the decompressed archive may have.
     pub max_bytes: u64,
+    /// Layer paths `manifest.json` may name without the archive carrying them: layers the engine
+    /// already holds (by chain ID), which Docker skips without opening their files.
+    pub omitted_layers: Vec<String>,
 }
 
 /// One image listed in the archive's `manifest.json`.

@@ -74,6 +74,7 @@ fn policy() -> Policy {
     Policy {
         allowed_tags: vec![TAG.into()],
         max_bytes: 1 << 30,
+        omitted_layers: Vec::new(),
     }
 }
 

@@ -1,8 +1,10 @@
 //! Version history: the images and packages of the last IMAGE_HISTORY successful deployments of
-//! a container name are kept (for rollback and redeploys); older images that this receiver loaded
-//! for that name are removed once no container uses them and no other name still keeps them, with
-//! the packages they were loaded from. The journal keeps JOURNAL_HISTORY finished records besides
-//! those. Pruning runs after each successful deployment, for its name, and never fails it.
+//! a container name are kept (for rollback and redeploys), and, when those all ran one image (the
+//! same image redeployed), also the newest successful deployment of another image, so there is
+//! always an earlier version to roll back to. Older images that this receiver loaded for that name
+//! are removed once no container uses them and no other name still keeps them, with the packages
+//! they were loaded from. The journal keeps JOURNAL_HISTORY finished records besides those.
+//! Pruning runs after each successful deployment, for its name, and never fails it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -10,6 +12,7 @@ use bollard::container::ListContainersOptions;
 use bollard::image::RemoveImageOptions;
 use bollard::Docker;
 use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::Sha256Digest;
 use uuid::Uuid;
 
 use crate::docker::map_err;
@@ -57,6 +60,8 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
     let records = state.journal().all()?;
     let kept = Kept::of(&records, state.config().image_history.max(1), Some(current));
     let mut pruned = Pruned::default();
+    // Layers a registered, not yet loaded release relies on stay, whoever's image holds them.
+    let protected = state.layers().releases().pending_chain_ids();
     // Only images this receiver loaded from verified packages: an image the host had is never
     // untagged or deleted because a deployment ran it.
     let allow_any = state.config().allow_unverified_images;
@@ -65,7 +70,7 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
         .into_iter()
         .filter(|c| allow_any || state.images().contains(&c.id))
         .collect();
-    prune_images(docker, &candidates, &mut pruned).await?;
+    prune_images(docker, &candidates, &protected, &mut pruned).await?;
     for id in kept.package_candidates(&records, name) {
         match state.store().remove(id) {
             Ok(true) => pruned.packages.push(id),
@@ -91,6 +96,7 @@ pub async fn prune(state: &AppState, docker: &Docker, name: &str, current: Uuid)
 async fn prune_images(
     docker: &Docker,
     candidates: &[Candidate],
+    protected: &HashSet<Sha256Digest>,
     pruned: &mut Pruned,
 ) -> Result<()> {
     if candidates.is_empty() {
@@ -105,6 +111,13 @@ async fn prune_images(
         .map_err(|e| map_err(e, ReceiverError::Internal))?;
     let in_use: HashSet<String> = containers.into_iter().filter_map(|c| c.image_id).collect();
     for candidate in candidates {
+        if !protected.is_empty() && holds_any(docker, &candidate.id, protected).await {
+            tracing::info!(
+                image = candidate.id,
+                "old image kept: a registered release relies on its layers"
+            );
+            continue;
+        }
         if let Err(e) = prune_image(docker, candidate, &in_use, pruned).await {
             tracing::warn!(image = candidate.id, error = %e, "could not prune an old image");
         }
@@ -152,6 +165,26 @@ async fn prune_image(
     Ok(())
 }
 
+/// Whether image `id` holds a layer (by chain ID) in `chain_ids`; an image that cannot be
+/// inspected counts as holding one (kept, to be safe).
+async fn holds_any(docker: &Docker, id: &str, chain_ids: &HashSet<Sha256Digest>) -> bool {
+    match docker.inspect_image(id).await {
+        Ok(image) => {
+            let diff_ids: Vec<Sha256Digest> = image
+                .root_fs
+                .and_then(|r| r.layers)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|l| l.parse().ok())
+                .collect();
+            deploy_protocol::chain_ids(&diff_ids)
+                .iter()
+                .any(|c| chain_ids.contains(c))
+        }
+        Err(_) => true,
+    }
+}
+
 /// The image id `reference` names and how many tags that image has; None if there is none.
 async fn inspect(docker: &Docker, reference: &str) -> Result<Option<(String, usize)>> {
     match docker.inspect_image(reference).await {
@@ -189,7 +222,8 @@ struct Candidate {
 }
 
 /// What the history keeps, over all names: the deployments in progress and the last `history`
-/// successful ones (distinct images) of each name, with their images and packages.
+/// successful ones of each name (plus the newest of another image when those all ran one image),
+/// with their images and packages.
 struct Kept<'a> {
     deployments: HashSet<Uuid>,
     images: HashSet<&'a str>,
@@ -217,7 +251,11 @@ impl<'a> Kept<'a> {
                 DeploymentStatus::Succeeded => match r.image_id.as_deref() {
                     Some(image) => {
                         let list = per_name.entry(&r.container_name).or_default();
-                        if list.len() < history && !list.contains(&image) {
+                        // Past `history`, only a rollback target: while every kept deployment
+                        // ran the newest one's image, the first of another image is kept too.
+                        let one_image = list.iter().all(|kept| Some(kept) == list.first());
+                        let rollback_target = one_image && list.first() != Some(&image);
+                        if list.len() < history || rollback_target {
                             list.push(image);
                             true
                         } else {
@@ -322,23 +360,56 @@ mod tests {
         let ids = |candidates: Vec<Candidate>| -> Vec<String> {
             candidates.into_iter().map(|c| c.id).collect()
         };
+        // Three deployments (i5, i3, i3): i3's redeploy counts as one of them.
         let kept = Kept::of(&records, 3, None);
-        assert_eq!(ids(kept.image_candidates(&records, "web")), ["i4", "i0"]);
+        assert_eq!(
+            ids(kept.image_candidates(&records, "web")),
+            ["i4", "i2", "i0"]
+        );
         assert!(kept.image_candidates(&records, "api").is_empty());
+        let kept = Kept::of(&records, 4, None);
+        assert_eq!(ids(kept.image_candidates(&records, "web")), ["i4", "i0"]);
+        // One deployment (i5), and i3 as the version to roll back to.
         let kept = Kept::of(&records, 1, None);
         assert_eq!(
             ids(kept.image_candidates(&records, "web")),
-            ["i4", "i3", "i2", "i0"]
+            ["i4", "i2", "i0"]
         );
-        // The references each was run as come along (i3 ran twice, as the same tag).
+        // The references each was run as come along (i0 ran twice, as the same tag).
+        let mut records = records;
+        records.push(record("web", "i0", Succeeded));
+        let kept = Kept::of(&records, 1, None);
         let candidates = kept.image_candidates(&records, "web");
         assert_eq!(
-            candidates[1],
+            candidates[2],
             Candidate {
-                id: "i3".into(),
-                tags: vec!["web:i3".into()]
+                id: "i0".into(),
+                tags: vec!["web:i0".into()]
             }
         );
+    }
+
+    #[test]
+    fn redeploying_an_image_keeps_earlier_deployments_packages_and_a_rollback_target() {
+        use DeploymentStatus::*;
+        // web ran i1, then i2, then i2 again from a new package, then i2 once more.
+        let records = vec![
+            record("web", "i2", Succeeded),
+            record("web", "i2", Succeeded),
+            record("web", "i2", Succeeded),
+            record("web", "i1", Succeeded),
+        ];
+        let packages: Vec<Uuid> = records.iter().filter_map(|r| r.package_id).collect();
+        let kept = Kept::of(&records, 2, Some(records[0].deployment_id));
+        // Two deployments are kept with their packages, and i1's, the only other version.
+        assert!(kept.packages.contains(&packages[0]));
+        assert!(kept.packages.contains(&packages[1]));
+        assert!(kept.packages.contains(&packages[3]), "the rollback target");
+        assert_eq!(kept.package_candidates(&records, "web"), [packages[2]]);
+        assert!(kept.image_candidates(&records, "web").is_empty());
+        // With a history of 3 the second redeploy's package stays too.
+        let kept = Kept::of(&records, 3, None);
+        assert!(kept.package_candidates(&records, "web").is_empty());
     }
 
     #[test]

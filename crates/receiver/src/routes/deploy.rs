@@ -12,7 +12,7 @@ use crate::state::AppState;
 
 /// Deploy a container: the container of the same name is replaced; the new one must become
 /// healthy, or the previous one is restored. One deployment per container name at a time.
-#[utoipa::path(post, path = "/deployment/deploy", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/deploy", operation_id = "deploy_container", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = DeployRequest,
     security(("deploy_hmac" = [])),

@@ -28,7 +28,7 @@ pub struct ListParams {
 }
 
 /// Recent deployments, newest first.
-#[utoipa::path(get, path = "/deployments", tag = "deployment",
+#[utoipa::path(get, path = "/deployments", operation_id = "list_deployments", tag = "deployment",
     params(ListParams, crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
@@ -50,7 +50,7 @@ pub async fn list(
 }
 
 /// One deployment's record, with its stages and error.
-#[utoipa::path(get, path = "/deployments/{id}", tag = "deployment",
+#[utoipa::path(get, path = "/deployments/{id}", operation_id = "get_deployment", tag = "deployment",
     params(("id" = Uuid, Path, description = "Deployment id"), crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(

@@ -7,8 +7,8 @@ use deploy_protocol::api::HealthResponse;
 use crate::state::AppState;
 
 /// Service health: Docker reachability, free space, and where lifecycle events go.
-#[utoipa::path(get, path = "/health", tag = "service",
-    responses((status = 200, description = "The receiver is serving; `status` is `degraded` when Docker is unreachable. `events` is where lifecycle events go (`kafka://HOSTS/TOPIC` or `outbox:PATH`)", body = HealthResponse)))]
+#[utoipa::path(get, path = "/health", operation_id = "get_health", tag = "service",
+    responses((status = 200, description = "The receiver is serving; `status` is `degraded` when Docker is unreachable. `events` is where lifecycle events go (`kafka://HOSTS/TOPIC` or `outbox:PATH`), `events_pending` how many wait for Kafka and `events_last_error` why, until a delivery succeeds", body = HealthResponse)))]
 pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
     let docker_version = state.docker().version().await;
     let mut warnings = crate::warnings(state.config());
@@ -19,6 +19,7 @@ pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
             None
         }
     };
+    let event_stats = state.events().stats();
     Json(HealthResponse {
         status: if docker_version.is_some() {
             "healthy"
@@ -35,6 +36,8 @@ pub async fn get(State(state): State<AppState>) -> Json<HealthResponse> {
         docker_available: docker_version.is_some(),
         docker_version,
         events,
+        events_pending: event_stats.pending,
+        events_last_error: event_stats.last_error,
         warnings,
     })
 }

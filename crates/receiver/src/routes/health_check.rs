@@ -12,7 +12,7 @@ use crate::state::AppState;
 
 /// Wait until the named container is healthy (its Docker HEALTHCHECK, an HTTP probe of a
 /// published port, or running through the settle period), or the deadline passes.
-#[utoipa::path(post, path = "/deployment/health-check", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/health-check", operation_id = "check_container_health", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = HealthCheckRequest,
     security(("deploy_hmac" = [])),

@@ -13,7 +13,7 @@ use crate::state::AppState;
 /// `docker load` (only the signed `image_tags` may be set; no path traversal, escaping links or
 /// devices; referenced layers present; at most MAX_IMAGE_SIZE unpacked). One load runs at a
 /// time; others wait their turn.
-#[utoipa::path(post, path = "/deployment/load", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/load", operation_id = "load_package", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = LoadRequest,
     security(("deploy_hmac" = [])),

@@ -7,7 +7,7 @@ use axum::response::IntoResponse;
 use crate::state::AppState;
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "service",
+#[utoipa::path(get, path = "/metrics", operation_id = "get_prometheus_metrics", tag = "service",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn get(State(state): State<AppState>) -> impl IntoResponse {
     (

@@ -23,6 +23,7 @@ pub mod load;
 pub mod metrics;
 pub mod receive;
 pub mod upload;
+pub mod v2;
 
 /// The signature headers every `/deployment` request carries (see docs/PROTOCOL.md).
 #[derive(IntoParams)]
@@ -67,13 +68,13 @@ pub const OPENAPI_PATH: &str = "/openapi.json";
 pub const DOCS_PATH: &str = "/docs";
 
 /// The OpenAPI 3 document of this API (this document).
-#[utoipa::path(get, path = "/openapi.json", tag = "service",
+#[utoipa::path(get, path = "/openapi.json", operation_id = "get_openapi_document", tag = "service",
     responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json", body = Object)))]
 #[allow(dead_code)] // documentation only: served by Swagger UI's router
 fn openapi_json() {}
 
 /// The interactive API page (redirects to `/docs/`; served offline, no CDN).
-#[utoipa::path(get, path = "/docs", tag = "service",
+#[utoipa::path(get, path = "/docs", operation_id = "get_api_docs_page", tag = "service",
     responses(
         (status = 200, description = "The page (at `/docs/`)", content_type = "text/html", body = String),
         (status = 303, description = "Redirect from `/docs` to `/docs/`"),
@@ -84,10 +85,10 @@ fn docs() {}
 /// The receiver's OpenAPI document (the table's paths are added by the router).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "deploy-receiver", description = "Receives signed, streamed deployment packages and runs them on this host's Docker engine. Wire protocol v1: docs/PROTOCOL.md."),
+    info(title = "deploy-receiver", description = "Receives signed, streamed deployment packages and runs them on this host's Docker engine. Wire protocols v1 (whole packages) and v2 (layers, resumable): docs/PROTOCOL.md."),
     paths(openapi_json, docs),
     modifiers(&HmacScheme),
-    components(schemas(deploy_protocol::ErrorBody, deploy_protocol::ErrorCode, deploy_protocol::PackageManifest)),
+    components(schemas(deploy_protocol::ErrorBody, deploy_protocol::ErrorCode, deploy_protocol::PackageManifest, deploy_protocol::LayersMissingBody)),
     tags((name = "deployment", description = "Signed deployment operations"), (name = "service", description = "Health, metrics and docs"))
 )]
 pub struct ApiDoc;
@@ -116,6 +117,12 @@ pub fn table() -> Vec<(Access, UtoipaMethodRouter<AppState>)> {
         (Signed, routes!(deployments::list)),
         (Signed, routes!(deployments::get)),
         (Signed, routes!(deployments::rollback)),
+        (Signed, routes!(v2::inventory::create)),
+        (Signed, routes!(v2::releases::create)),
+        (Signed, routes!(v2::releases::get)),
+        (Signed, routes!(v2::releases::load)),
+        (Signed, routes!(v2::releases::deploy)),
+        (Signed, routes!(v2::blobs::head, v2::blobs::patch)),
     ]
 }
 

@@ -1,5 +1,5 @@
-//! `POST /deployment/receive`: the original system's request, kept for compatibility: register a
-//! package that is already on this host's disk, inside the package directory.
+//! `POST /deployment/receive`: register a package that is already on this host's disk (copied
+//! there by other means than an upload), inside the package directory.
 
 use std::time::Instant;
 
@@ -16,7 +16,7 @@ use crate::store::ImportError;
 
 /// Validate and register a package file already in the package directory (no traversal, no
 /// symlink escape); it is hashed and stored exactly as an upload would be.
-#[utoipa::path(post, path = "/deployment/receive", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/receive", operation_id = "receive_package", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = ReceiveRequest,
     security(("deploy_hmac" = [])),

@@ -23,7 +23,7 @@ pub struct UploadForm {
 
 /// Upload a package: parts `manifest` then `package`; verified against the signed checksum and
 /// size while streaming, stored atomically. Repeating an upload is idempotent.
-#[utoipa::path(post, path = "/deployment/upload", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/upload", operation_id = "upload_package", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     security(("deploy_hmac" = [])),

@@ -16,11 +16,12 @@ use serde::Serialize;
 use super::image::{parse_key_value, ImageSourceArgs};
 use super::rollout::RolloutArgs;
 use super::terminal::{print_json, TerminalProgress};
-use crate::client::ReceiverTarget;
+use crate::client::{ReceiverTarget, RetryPolicy};
 use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
-    default_container_name, default_zstd_workers, deploy, CompressionOptions, DeployFailure,
-    DeployOutcome, DeployRequest, ImageSource, PackageInfo, PackageRequest, PackageStore,
+    default_container_name, deploy, deploy_release, CompressionOptions, DeployFailure,
+    DeployOutcome, DeployRequest, ImageSource, LayerFate, PackageInfo, PackageRequest,
+    PackageStore, ReleaseOutcome,
 };
 use crate::SenderError;
 
@@ -86,6 +87,10 @@ pub(crate) struct DeployArgs {
     /// Print the outcome (package, transfer, deployment record) as JSON.
     #[arg(long, env = "DEPLOY_JSON")]
     pub(crate) json: bool,
+    /// Send the whole image as one v1 package to `/deployment/full` (as before protocol v2),
+    /// instead of only the layers the target lacks.
+    #[arg(long, env = "DEPLOY_FULL")]
+    pub(crate) full: bool,
     /// Command overriding the image's CMD, after `--`: `deploy ... -- /bin/app --serve`.
     #[arg(last = true)]
     pub(crate) command: Vec<String>,
@@ -161,11 +166,8 @@ impl DeployArgs {
             ..DeploymentSpec::default()
         };
         let mut package = PackageRequest::new(source);
-        package.compression = CompressionOptions {
-            compression: self.compression,
-            level: self.level,
-            zstd_workers: self.zstd_workers.unwrap_or_else(default_zstd_workers),
-        };
+        package.compression =
+            CompressionOptions::new(self.compression, self.level, self.zstd_workers);
         package.max_package_size = self.store.max_package_size;
         Ok(DeployRequest {
             package,
@@ -178,13 +180,46 @@ impl DeployArgs {
 pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let request = args.request()?;
     let client = args.receiver.client()?;
-    let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
-    let events = args.events.open(&args.store.package_dir).await?;
     let bars = Arc::new(TerminalProgress::default());
+    if !args.full {
+        let cache = args.store.open_layer_cache().await?;
+        let policy = RetryPolicy::default();
+        let calls = client.release_calls(request.correlation_id.as_deref(), &policy);
+        let result = deploy_release(&docker, &cache, calls, &request, bars.clone()).await;
+        bars.clear();
+        return match result {
+            Ok(outcome) => {
+                if args.json {
+                    print_json(&outcome);
+                } else {
+                    print_release(&outcome, &request.deployment, client.target());
+                }
+                Ok(())
+            }
+            Err(failure) => {
+                if args.json {
+                    print_json(&FailureJson::of(&failure));
+                } else {
+                    print_failure(&failure);
+                }
+                Err(failure.into())
+            }
+        };
+    }
+    let store = PackageStore::open(&args.store.package_dir).await?;
+    let events = args.events.open(&args.store.package_dir).await?;
     let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
     bars.clear();
     events.close().await;
+    // Failed attempts count too: their packages are kept up to PACKAGE_HISTORY as well.
+    let made = match &result {
+        Ok(outcome) => Some(outcome.package.package_id),
+        Err(failure) => failure.package.as_ref().map(|p| p.package_id),
+    };
+    if let Some(id) = made {
+        args.store.retain(&store, id).await;
+    }
     match result {
         Ok(outcome) => {
             if args.json {
@@ -202,6 +237,59 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
             }
             Err(failure.into())
         }
+    }
+}
+
+fn print_release(outcome: &ReleaseOutcome, spec: &DeploymentSpec, target: &ReceiverTarget) {
+    let prep = &outcome.prepare;
+    println!(
+        "image      {} {} ({} layers: {} compressed now, {} from the layer cache{})",
+        outcome
+            .image_tags
+            .first()
+            .map_or(outcome.image_id.as_str(), String::as_str),
+        short(&outcome.image_id),
+        outcome.layers.len(),
+        prep.compressed_layers,
+        prep.cached_layers,
+        if prep.exported {
+            ""
+        } else {
+            ", no docker save"
+        }
+    );
+    for layer in &outcome.layers {
+        println!(
+            "layer      {} {:>10.2} MB  {}",
+            short(&layer.diff_id),
+            layer.size as f64 / 1e6,
+            match layer.fate {
+                LayerFate::Resumed if layer.resumed_from > 0 =>
+                    format!("resumed from {:.2} MB", layer.resumed_from as f64 / 1e6),
+                fate => fate.as_str().to_owned(),
+            }
+        );
+    }
+    println!("transfer   {}", outcome.summary);
+    let Some(record) = &outcome.deployment else {
+        return;
+    };
+    print_stages(None, Some(record));
+    println!(
+        "status     SUCCEEDED: {} runs {} (deployment {})",
+        record.container_name, record.image, record.deployment_id
+    );
+    if let Some(id) = &record.container_id {
+        let replaced = record
+            .previous_container_id
+            .as_deref()
+            .map(|p| format!(", replaced {}", short(p)))
+            .unwrap_or_default();
+        println!("container  {}{replaced}", short(id));
+    }
+    let host = target.base_url.host_str().unwrap_or("localhost");
+    for line in reach(spec, host) {
+        println!("reach it   {line}");
     }
 }
 

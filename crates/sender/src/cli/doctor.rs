@@ -380,10 +380,7 @@ async fn check_key(client: &ReceiverClient, report: &mut Report) {
 pub async fn run(args: DoctorArgs) -> Result<(), SenderError> {
     let report = diagnose(&args.receiver, args.min_free).await;
     if args.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => eprintln!("cannot print JSON: {e}"),
-        }
+        super::terminal::print_json(&report);
     } else {
         print_report(&report);
     }

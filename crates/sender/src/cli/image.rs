@@ -12,7 +12,8 @@ use crate::SenderError;
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("image_source").required(true).args(["dockerfile", "image"])))]
 pub(crate) struct ImageSourceArgs {
-    /// Dockerfile to build (must lie inside --context).
+    /// Dockerfile to build: relative to --context unless absolute (as the API's
+    /// `dockerfile_path`), and inside the context.
     #[arg(long, env = "DEPLOY_DOCKERFILE", requires_all = ["context", "tag"])]
     pub(crate) dockerfile: Option<PathBuf>,
     /// Build context directory (its root .dockerignore is honoured).
@@ -35,6 +36,12 @@ impl ImageSourceArgs {
         match (&self.image, &self.dockerfile, &self.context, &self.tag) {
             (Some(image), ..) => Ok(ImageSource::Existing(image.clone())),
             (None, Some(dockerfile), Some(context), Some(tag)) => {
+                if !deploy_protocol::manifest::is_valid_image_reference(tag) {
+                    return Err(SenderError::Validation(format!(
+                        "--tag {tag:?} is not an image tag: use name:tag with a lower-case name, \
+                         e.g. myapp:1.0.0"
+                    )));
+                }
                 Ok(ImageSource::Build(BuildSpec {
                     dockerfile: dockerfile.clone(),
                     context: context.clone(),

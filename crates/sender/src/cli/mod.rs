@@ -22,6 +22,10 @@ pub struct Cli {
     /// Log filter in `tracing` syntax (e.g. `info`, `deploy_sender=debug`); logs go to stderr.
     #[arg(long, env = "RUST_LOG", default_value = "warn", global = true)]
     pub log: String,
+    /// Docker engine that builds and exports images: `unix:///path/docker.sock`,
+    /// `tcp://HOST:PORT` or `http://HOST:PORT` [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "DOCKER_HOST", global = true)]
+    pub docker_host: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -43,6 +47,81 @@ pub(crate) enum Command {
     Serve(Box<crate::config::ServeConfig>),
     /// Check a receiver end to end (reachable, key, clock, Docker, disk) and say what to fix.
     Doctor(doctor::DoctorArgs),
+}
+
+impl Cli {
+    /// Whether the command prints JSON on stdout (`--json`).
+    pub fn json(&self) -> bool {
+        match &self.command {
+            Command::Deploy(args) => args.json,
+            Command::Transfer(args) => args.json,
+            Command::Package(args) => args.json,
+            Command::Packages(command) => command.json(),
+            Command::Serve(_) => false,
+            Command::Doctor(args) => args.json,
+        }
+    }
+
+    /// Whether Ctrl-C ends the command at once (dropping its work, which removes its temp
+    /// files). `serve` handles SIGINT and SIGTERM itself, finishing the requests in flight.
+    pub fn interruptible(&self) -> bool {
+        match &self.command {
+            Command::Serve(_) => false,
+            // A rollout handles Ctrl-C itself: it stops and rolls back the hosts it moved.
+            Command::Deploy(args) => args.receiver.to.len() <= 1 && args.rollout.hosts.is_none(),
+            _ => true,
+        }
+    }
+}
+
+/// Reports a failed command: `error: CODE: message` on stderr, and with `--json` the protocol's
+/// error body (`{"error": {"code", "message"}}`) on stdout, unless the command printed its own
+/// JSON document for the failure (`deploy`, `doctor`): exactly one document either way.
+pub fn report_error(json: bool, error: &SenderError) {
+    if json && !terminal::json_printed() {
+        terminal::print_json(&deploy_protocol::ErrorBody::new(
+            error.code(),
+            error.to_string(),
+            None,
+        ));
+    }
+    eprintln!("error: {}: {error}", error.code());
+}
+
+/// Reports a command line clap refused (exit status 2) as every other failure is reported:
+/// `error: VALIDATION_ERROR: message` on stderr with clap's usage after it, and with `--json`
+/// among the arguments the error body on stdout. `--help` and `--version` print and succeed.
+pub fn report_usage_error(error: &clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = error.print();
+        return std::process::ExitCode::SUCCESS;
+    }
+    let rendered = error.render().to_string();
+    let (message, rest) = match error.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            ("a subcommand is required".to_owned(), rendered.as_str())
+        }
+        _ => {
+            let (first, rest) = rendered.split_once('\n').unwrap_or((&rendered, ""));
+            (first.trim_start_matches("error: ").to_owned(), rest)
+        }
+    };
+    let json = std::env::args().any(|a| a == "--json")
+        || std::env::var("DEPLOY_JSON").is_ok_and(|v| matches!(v.as_str(), "1" | "true"));
+    if json {
+        terminal::print_json(&deploy_protocol::ErrorBody::new(
+            deploy_protocol::ErrorCode::ValidationError,
+            message.clone(),
+            None,
+        ));
+    }
+    eprintln!("error: VALIDATION_ERROR: {message}");
+    eprint!("{rest}");
+    std::process::ExitCode::from(2)
 }
 
 /// Runs a parsed command line; the process exit code on success (0, or where a rollout left the

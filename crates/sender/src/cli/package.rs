@@ -8,8 +8,7 @@ use super::image::ImageSourceArgs;
 use super::terminal::{print_json, TerminalProgress};
 use crate::config::StoreConfig;
 use crate::pipeline::{
-    default_zstd_workers, package_image, CompressionOptions, PackageInfo, PackageRequest,
-    PackageStore,
+    package_image, CompressionOptions, PackageInfo, PackageRequest, PackageStore,
 };
 use crate::SenderError;
 
@@ -48,11 +47,7 @@ pub(super) async fn run(args: PackageArgs) -> Result<(), SenderError> {
         source,
         container_name: args.container_name,
         package_id: args.package_id,
-        compression: CompressionOptions {
-            compression: args.compression,
-            level: args.level,
-            zstd_workers: args.zstd_workers.unwrap_or_else(default_zstd_workers),
-        },
+        compression: CompressionOptions::new(args.compression, args.level, args.zstd_workers),
         max_package_size: args.store.max_package_size,
     };
     let store = PackageStore::open(&args.store.package_dir).await?;
@@ -61,6 +56,7 @@ pub(super) async fn run(args: PackageArgs) -> Result<(), SenderError> {
     let result = package_image(&docker, &store, &request, &bars).await;
     bars.clear();
     let info = result?;
+    args.store.retain(&store, info.package_id).await;
     if args.json {
         print_json(&info);
     } else {

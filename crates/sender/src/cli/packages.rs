@@ -20,6 +20,24 @@ pub(crate) enum PackagesCommand {
     Verify(PackageIdArgs),
     /// Delete a package and its metadata.
     Delete(PackageIdArgs),
+    /// Delete old packages: keep the newest --keep of each container name, then delete the
+    /// oldest until the store fits --max-size (`deploy` and `package` do this after each new
+    /// package, with PACKAGE_HISTORY and PACKAGE_STORE_MAX_SIZE).
+    Prune(PruneArgs),
+}
+
+/// `packages prune`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PruneArgs {
+    /// Packages kept per container name (the newest).
+    #[arg(long, env = "PACKAGE_HISTORY", default_value_t = crate::config::DEFAULT_PACKAGE_HISTORY)]
+    pub(crate) keep: usize,
+    /// Size budget of the whole store, e.g. `10GiB` [default: none].
+    #[arg(long, env = "PACKAGE_STORE_MAX_SIZE", value_parser = crate::config::parse_size)]
+    pub(crate) max_size: Option<u64>,
+    /// The store.
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
 }
 
 /// The store to look in.
@@ -42,6 +60,18 @@ pub(crate) struct PackageIdArgs {
     /// The store.
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+}
+
+impl PackagesCommand {
+    /// Whether it prints JSON (`show` always does).
+    pub(super) fn json(&self) -> bool {
+        match self {
+            PackagesCommand::List(args) => args.json,
+            PackagesCommand::Show(_) => true,
+            PackagesCommand::Verify(args) | PackagesCommand::Delete(args) => args.store.json,
+            PackagesCommand::Prune(args) => args.store.json,
+        }
+    }
 }
 
 pub(super) async fn run(command: PackagesCommand) -> Result<(), SenderError> {
@@ -82,7 +112,34 @@ pub(super) async fn run(command: PackagesCommand) -> Result<(), SenderError> {
         PackagesCommand::Delete(args) => {
             let store = PackageStore::open(&args.store.package_dir).await?;
             store.delete(args.package_id).await?;
-            println!("package {} deleted", args.package_id);
+            if args.store.json {
+                print_json(&serde_json::json!({"package_id": args.package_id, "deleted": true}));
+            } else {
+                println!("package {} deleted", args.package_id);
+            }
+        }
+        PackagesCommand::Prune(args) => {
+            let store = PackageStore::open(&args.store.package_dir).await?;
+            let deleted = store.prune(args.keep, args.max_size, None).await?;
+            if args.store.json {
+                print_json(&deleted);
+                return Ok(());
+            }
+            for info in &deleted {
+                println!(
+                    "deleted {}  {:>10.2} MB  {}  {}",
+                    info.package_id,
+                    info.package_size_mb,
+                    info.created_at,
+                    info.container_name.as_deref().unwrap_or("-")
+                );
+            }
+            let freed: u64 = deleted.iter().map(|i| i.package_size).sum();
+            println!(
+                "{} package(s) deleted, {:.2} MB freed",
+                deleted.len(),
+                freed as f64 / 1e6
+            );
         }
     }
     Ok(())

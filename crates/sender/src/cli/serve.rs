@@ -10,9 +10,15 @@ use crate::SenderError;
 pub(super) async fn run(config: ServeConfig) -> Result<(), SenderError> {
     let bind = config.bind;
     let state = AppState::new(config).await?;
-    let listener = TcpListener::bind(bind)
-        .await
-        .map_err(|e| SenderError::io(format!("cannot listen on {bind} (SENDER_BIND)"), e))?;
+    let listener = TcpListener::bind(bind).await.map_err(|e| {
+        SenderError::io(
+            format!(
+                "cannot listen on {bind}: is another deploy-sender serve (or another service) \
+                     using it? Stop it, or choose another address with --bind / SENDER_BIND"
+            ),
+            e,
+        )
+    })?;
     let addr = listener
         .local_addr()
         .map_err(|e| SenderError::io("cannot read the listening address", e))?;

@@ -91,10 +91,21 @@ impl Progress for TerminalProgress {
     }
 }
 
-/// Prints `value` as pretty JSON on stdout.
+/// Whether this process printed its JSON document on stdout yet (a command prints at most one).
+static JSON_PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Prints `value` as pretty JSON on stdout: the command's one JSON document.
 pub(crate) fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => {
+            println!("{text}");
+            JSON_PRINTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         Err(e) => eprintln!("cannot print JSON: {e}"),
     }
+}
+
+/// Whether [`print_json`] has printed the command's document.
+pub(crate) fn json_printed() -> bool {
+    JSON_PRINTED.load(std::sync::atomic::Ordering::SeqCst)
 }

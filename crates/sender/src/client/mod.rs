@@ -8,16 +8,22 @@
 //! - `get`: plain and signed GETs (the doctor's checks, a rollout's look at what runs).
 //! - `rollback`: `POST /deployments/{id}/rollback` (a fleet rollout undoing a host).
 //! - `retry`: which failures are transient, and how often to try again.
+//! - `releases`: protocol v2 calls (inventory, releases, load/deploy), signed in one place.
+//! - `blobs`: resumable blob upload (`HEAD` / `PATCH` from the receiver's durable offset).
 
+mod blobs;
 mod deploy;
 mod get;
+mod releases;
 mod retry;
 mod rollback;
 mod sign;
 mod target;
 mod upload;
 
+pub use blobs::BlobOutcome;
 pub use deploy::TransferStats;
+pub use releases::{FinishError, ReleaseCalls};
 pub use retry::RetryPolicy;
 pub use target::{Endpoint, ReceiverTarget};
 pub use upload::{throughput_mbps, Upload, UploadOutcome};

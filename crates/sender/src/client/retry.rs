@@ -162,8 +162,20 @@ impl Failure {
     }
 }
 
-fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
-    if e.is_connect() && is_tls_refusal(&e) {
+pub(super) fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
+    let chain = error_chain(&e);
+    if e.is_connect() && is_tls_refusal(&e) && speaks_plain_http(&chain) {
+        let mut plain = url.clone();
+        let _ = plain.set_scheme("http");
+        SenderError::RemoteUnreachable {
+            url: url.to_string(),
+            detail: format!(
+                "the receiver answered in plain HTTP, not TLS ({chain}): the receiver itself \
+                 speaks plain HTTP, so use {plain}, or put a TLS proxy in front of it (docs/\
+                 OPERATIONS.md, \"TLS in front\"); not retried"
+            ),
+        }
+    } else if e.is_connect() && is_tls_refusal(&e) {
         SenderError::RemoteUnreachable {
             url: url.to_string(),
             detail: format!(
@@ -180,6 +192,12 @@ fn classify_send_error(url: &Url, e: reqwest::Error) -> SenderError {
     } else {
         SenderError::TransferFailed(format!("upload to {url} failed: {}", error_chain(&e)))
     }
+}
+
+/// Whether a TLS handshake failed because the other side answered in plain HTTP: rustls then
+/// reports a record of an invalid content type (an HTTP response's `HTTP/1.1` is no TLS record).
+fn speaks_plain_http(chain: &str) -> bool {
+    chain.contains("InvalidContentType") || chain.contains("corrupt message")
 }
 
 /// Whether a connect error is a TLS handshake refusal: rustls reports those as an `io::Error` of
@@ -222,9 +240,17 @@ pub(super) fn remote_error(url: &Url, status: u16, body: &[u8]) -> SenderError {
             code: error.code,
             message: error.message,
         },
-        Err(_) => SenderError::TransferFailed(format!(
-            "{url} answered {status} without a protocol error body: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        )),
+        Err(_) => {
+            let shown = if body.is_empty() {
+                "(an empty body)".to_owned()
+            } else {
+                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+            };
+            SenderError::TransferFailed(format!(
+                "{url} answered {status} without a protocol error body: {shown}; is that \
+                 address a deploy-receiver (check the host and port: `deploy-sender doctor --to \
+                 URL`)?"
+            ))
+        }
     }
 }

@@ -158,9 +158,29 @@ pub fn collect_context(context: &Path, dockerfile: &Path) -> Result<BuildContext
             context.display()
         )));
     }
+    // One rule for the CLI's --dockerfile and the API's dockerfile_path: a relative path is
+    // relative to the build context, as `docker build`'s default `PATH/Dockerfile` is.
+    let given = dockerfile;
+    let dockerfile = &if dockerfile.is_relative() {
+        root.join(dockerfile)
+    } else {
+        dockerfile.to_path_buf()
+    };
     let dockerfile_abs = dockerfile.canonicalize().map_err(|e| {
+        let hint = if given.is_relative() && given.exists() {
+            format!(
+                "; a relative Dockerfile path is taken relative to the build context, and \
+                 {} exists relative to the current directory: pass it relative to the context \
+                 or as an absolute path",
+                given.display()
+            )
+        } else if given.is_relative() {
+            " (a relative Dockerfile path is taken relative to the build context)".to_owned()
+        } else {
+            String::new()
+        };
         SenderError::Validation(format!(
-            "Dockerfile {} cannot be opened: {e}",
+            "Dockerfile {} cannot be opened: {e}{hint}",
             dockerfile.display()
         ))
     })?;

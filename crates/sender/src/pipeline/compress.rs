@@ -62,6 +62,17 @@ pub fn default_zstd_workers() -> u32 {
 }
 
 impl CompressionOptions {
+    /// The options every front door (CLI `package`, CLI `deploy`, REST) builds from what the
+    /// user gave: `level` defaults per algorithm ([`effective_level`](Self::effective_level)),
+    /// `zstd_workers` to [`default_zstd_workers`].
+    pub fn new(compression: Compression, level: Option<i32>, zstd_workers: Option<u32>) -> Self {
+        Self {
+            compression,
+            level,
+            zstd_workers: zstd_workers.unwrap_or_else(default_zstd_workers),
+        }
+    }
+
     /// The level that will be used (`None` for no compression); refuses out-of-range levels.
     pub fn effective_level(&self) -> Result<Option<i32>, SenderError> {
         let (range, default) = match self.compression {

@@ -10,14 +10,18 @@
 //! - `docker`: connecting to the Docker engine.
 //! - `deploy`: package, then send to a receiver's `/deployment/full` ([`deploy`]).
 //! - [`rollout`]: one release to many receivers (canary, health-gated batches, fleet rollback).
+//! - `layers`: the layer cache: an image as compressed layer blobs, each made once.
+//! - `release`: an image sent as a protocol v2 release (only the layers the target lacks).
 
 mod build;
 mod compress;
 mod deploy;
 mod docker;
 mod events;
+mod layers;
 mod package;
 mod progress;
+mod release;
 pub mod rollout;
 mod store;
 
@@ -26,9 +30,17 @@ pub use compress::{default_zstd_workers, CompressionOptions};
 pub use deploy::{deploy, deploy_package, DeployFailure, DeployOutcome, DeployRequest};
 pub use docker::connect as connect_docker;
 pub use events::{error_payload, Lifecycle, Subject};
+pub use layers::{
+    chain_ids, digest_hex, prepare_image, sha256_digest, CachedLayer, Eviction, LayerCache,
+    PrepareStats, PreparedImage, PreparedLayer, DEFAULT_LAYER_CACHE_SIZE,
+};
 pub use package::{
     compression_from_path, default_container_name, manifest_for_file, package_image, ImageSource,
     PackageRequest, DEFAULT_MAX_PACKAGE_SIZE,
 };
 pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
+pub use release::{
+    deploy_release, prepare_source, release_manifest, send_release, LayerFate, LayerReport,
+    ReleaseAction, ReleaseOutcome, ReleaseTotals,
+};
 pub use store::{hash_file, now_rfc3339, PackageInfo, PackageStore};

@@ -18,7 +18,7 @@ use super::compress::{CompressionOptions, PackageSink};
 use super::docker::docker_error;
 use super::progress::{Progress, ProgressExt, Stage};
 use super::store::{
-    compression_stats, hash_file, now_rfc3339, sync_dir, PackageInfo, PackageStore,
+    compression_stats, hash_file, now_rfc3339, sync_dir, PackageInfo, PackageStore, TempLock,
 };
 use crate::SenderError;
 
@@ -108,6 +108,24 @@ pub async fn package_image(
         .container_name
         .clone()
         .or_else(|| image.tags.first().map(|t| default_container_name(t)));
+    // The same image packaged the same way is already stored: use it instead of exporting
+    // again (unless the caller asked for a package id of its own).
+    if request.package_id.is_none() {
+        let same = store
+            .find_same(
+                &image.id,
+                &image.tags,
+                request.compression.compression,
+                level,
+                container_name.as_deref(),
+            )
+            .await?;
+        if let Some(info) = same {
+            tracing::info!(package_id = %info.package_id, image = %image.id, "reusing the stored package of the same image");
+            progress.finish(Stage::Export, info.original_size);
+            return Ok(info);
+        }
+    }
 
     let started = Instant::now();
     let exported = export_to_file(
@@ -264,6 +282,9 @@ async fn export_to_file(
             )),
             _ => SenderError::io(format!("cannot create {}", temp.display()), e),
         })?;
+    // Held until the file is renamed or removed: the store's sweep leaves it alone meanwhile.
+    let _lock = TempLock::try_acquire(&temp)
+        .map_err(|e| SenderError::io(format!("cannot lock {}", temp.display()), e))?;
     let mut guard = TempGuard {
         path: &temp,
         armed: true,

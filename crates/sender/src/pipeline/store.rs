@@ -5,7 +5,6 @@
 //! `.tmp-<package_id>` while a package is being written.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use deploy_protocol::{Checksum, Compression, PackageManifest};
 use serde::{Deserialize, Serialize};
@@ -16,9 +15,20 @@ use crate::SenderError;
 /// Prefix of files being written; anything with it is incomplete.
 pub const TEMP_PREFIX: &str = ".tmp-";
 
-/// A temp file untouched for this long belongs to a crashed writer and is removed at open. A live
-/// writer touches its file continuously, so another process sharing the directory is safe.
-const STALE_TEMP_AGE: Duration = Duration::from_secs(10 * 60);
+/// An exclusive lock (`flock`) on a temp file, held by its writer from creation until the file is
+/// renamed into place or removed. The sweep at open removes exactly the temp files whose lock it
+/// can take: no live process (this one or another sharing the directory) is writing them, however
+/// young they are; the lock goes with the process, so a killed writer's file is free at once.
+pub(crate) struct TempLock(#[allow(dead_code)] std::fs::File);
+
+impl TempLock {
+    /// Locks `path`; `Ok(None)` when another open file holds its lock.
+    pub(crate) fn try_acquire(path: &Path) -> std::io::Result<Option<Self>> {
+        use fs4::fs_std::FileExt;
+        let file = std::fs::File::open(path)?;
+        Ok(file.try_lock_exclusive()?.then_some(Self(file)))
+    }
+}
 
 /// A stored package: what packaging reports and what the store keeps beside the package file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -107,7 +117,8 @@ pub struct PackageStore {
 }
 
 impl PackageStore {
-    /// Opens (creating it if needed) the store at `dir` and removes stale temp files.
+    /// Opens (creating it if needed) the store at `dir` and removes the temp files no live process
+    /// is writing.
     pub async fn open(dir: impl Into<PathBuf>) -> Result<Self, SenderError> {
         let dir = dir.into();
         tokio::fs::create_dir_all(&dir).await.map_err(|e| {
@@ -120,7 +131,7 @@ impl PackageStore {
             )
         })?;
         let store = Self { dir };
-        store.sweep_temp_files(STALE_TEMP_AGE).await?;
+        store.sweep_temp_files().await?;
         Ok(store)
     }
 
@@ -144,8 +155,8 @@ impl PackageStore {
         self.dir.join(format!("{TEMP_PREFIX}{id}"))
     }
 
-    /// Removes temp files not modified for `max_age`; returns how many were removed.
-    pub async fn sweep_temp_files(&self, max_age: Duration) -> Result<usize, SenderError> {
+    /// Removes the temp files that no live process holds (see [`TempLock`]); returns how many.
+    pub async fn sweep_temp_files(&self) -> Result<usize, SenderError> {
         let mut removed = 0;
         for path in self.entries().await? {
             let is_temp = path
@@ -155,13 +166,18 @@ impl PackageStore {
             if !is_temp {
                 continue;
             }
-            let age = tokio::fs::metadata(&path)
+            let abandoned = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || match TempLock::try_acquire(&path) {
+                    // Removed while the lock is held, so no writer can take it in between.
+                    Ok(Some(_lock)) => std::fs::remove_file(&path).is_ok(),
+                    Ok(None) | Err(_) => false,
+                })
                 .await
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| SystemTime::now().duration_since(t).ok());
-            if age.is_some_and(|a| a >= max_age) && tokio::fs::remove_file(&path).await.is_ok() {
-                tracing::info!(path = %path.display(), "removed stale temp file");
+                .unwrap_or(false)
+            };
+            if abandoned {
+                tracing::info!(path = %path.display(), "removed a temp file no process was writing");
                 removed += 1;
             }
         }
@@ -201,6 +217,90 @@ impl PackageStore {
         }
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
         Ok(out)
+    }
+
+    /// The newest stored package of exactly this image, tags, compression, level and container
+    /// name whose file is still there at its recorded size: what packaging the same image again
+    /// would produce, so it is used instead of exporting again.
+    pub async fn find_same(
+        &self,
+        image_id: &str,
+        tags: &[String],
+        compression: Compression,
+        level: Option<i32>,
+        container_name: Option<&str>,
+    ) -> Result<Option<PackageInfo>, SenderError> {
+        let mut wanted_tags = tags.to_vec();
+        wanted_tags.sort();
+        for info in self.list().await? {
+            let mut info_tags = info.image_tags.clone();
+            info_tags.sort();
+            let same = info.image_id == image_id
+                && info_tags == wanted_tags
+                && info.compression == compression
+                && info.compression_level == level
+                && info.container_name.as_deref() == container_name;
+            let intact = tokio::fs::metadata(&info.package_path)
+                .await
+                .is_ok_and(|m| m.len() == info.package_size);
+            if same && intact {
+                return Ok(Some(info));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Retention: keeps the newest `keep_per_name` packages of each container name (or image,
+    /// for packages without one), then deletes the oldest others until the store holds at most
+    /// `max_bytes` (when given). `spare` (the package just made) is never deleted. Returns what
+    /// was deleted, oldest first.
+    pub async fn prune(
+        &self,
+        keep_per_name: usize,
+        max_bytes: Option<u64>,
+        spare: Option<Uuid>,
+    ) -> Result<Vec<PackageInfo>, SenderError> {
+        let list = self.list().await?; // newest first
+        let mut per_name: std::collections::HashMap<String, usize> = Default::default();
+        let mut kept = Vec::new();
+        let mut doomed = Vec::new();
+        for info in list {
+            let name = info
+                .container_name
+                .clone()
+                .or_else(|| {
+                    info.image_tags
+                        .first()
+                        .map(|t| super::default_container_name(t))
+                })
+                .unwrap_or_else(|| info.image_id.clone());
+            let count = per_name.entry(name).or_default();
+            *count += 1;
+            if *count > keep_per_name.max(1) && Some(info.package_id) != spare {
+                doomed.push(info);
+            } else {
+                kept.push(info);
+            }
+        }
+        if let Some(max) = max_bytes {
+            let mut total: u64 = kept.iter().map(|i| i.package_size).sum();
+            // Oldest first, never the spared one.
+            for info in kept.iter().rev() {
+                if total <= max {
+                    break;
+                }
+                if Some(info.package_id) != spare {
+                    total = total.saturating_sub(info.package_size);
+                    doomed.push(info.clone());
+                }
+            }
+        }
+        doomed.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        for info in &doomed {
+            self.delete(info.package_id).await?;
+            tracing::info!(package_id = %info.package_id, size = info.package_size, "package pruned");
+        }
+        Ok(doomed)
     }
 
     /// Whether a package of this id is stored.
@@ -270,6 +370,7 @@ impl PackageStore {
             .map_err(|e| SenderError::Internal(format!("cannot serialise metadata: {e}")))?;
         let write = async {
             let mut file = tokio::fs::File::create(&temp).await?;
+            let _lock = TempLock::try_acquire(&temp)?;
             tokio::io::AsyncWriteExt::write_all(&mut file, &bytes).await?;
             file.sync_all().await?;
             tokio::fs::rename(&temp, &path).await?;

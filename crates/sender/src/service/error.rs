@@ -13,10 +13,10 @@ use serde::de::DeserializeOwned;
 
 use crate::SenderError;
 
-pub use deploy_http::correlation_id;
+pub(super) use deploy_http::correlation_id;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(super) enum ApiError {
     /// A failure of the library (its code passes through).
     #[error(transparent)]
     Sender(#[from] SenderError),
@@ -30,12 +30,12 @@ pub enum ApiError {
 
 impl ApiError {
     /// Shorthand for a `VALIDATION_ERROR`.
-    pub fn validation(message: impl Into<String>) -> Self {
+    pub(super) fn validation(message: impl Into<String>) -> Self {
         ApiError::Sender(SenderError::Validation(message.into()))
     }
 
     /// The stable code of this error.
-    pub fn code(&self) -> ErrorCode {
+    pub(super) fn code(&self) -> ErrorCode {
         match self {
             ApiError::Sender(e) => e.code(),
             ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
@@ -44,7 +44,7 @@ impl ApiError {
     }
 
     /// The body as sent, with the current correlation id.
-    pub fn body(&self) -> ErrorBody {
+    pub(super) fn body(&self) -> ErrorBody {
         ErrorBody::new(self.code(), self.to_string(), correlation_id())
     }
 }
@@ -64,11 +64,11 @@ impl IntoResponse for ApiError {
 }
 
 /// Shorthand for handler results.
-pub type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
 /// `Json<T>` whose rejections (bad JSON, wrong content type, wrong fields) are `VALIDATION_ERROR`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ApiJson<T>(pub T);
+pub(super) struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -92,7 +92,7 @@ fn json_rejection_message(rejection: &JsonRejection) -> String {
 
 /// `Query<T>` whose rejections are `VALIDATION_ERROR`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ApiQuery<T>(pub T);
+pub(super) struct ApiQuery<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
@@ -109,7 +109,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 
 /// `Path<T>` whose rejections (e.g. an id that is not a UUID) are `VALIDATION_ERROR`.
 #[derive(Debug, Clone, Copy)]
-pub struct ApiPath<T>(pub T);
+pub(super) struct ApiPath<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
     type Rejection = ApiError;

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use deploy_protocol::{ErrorBody, ErrorDetail};
 use serde::Serialize;
@@ -92,10 +92,19 @@ pub struct JobView {
     pub error: Option<ErrorDetail>,
 }
 
+/// Within a stage, progress is published at most this often (the pipeline reports every chunk:
+/// thousands a second). A new stage, a finished stage and the job's end are published at once.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// A rate is reported only over at least this long: a stage's first report comes microseconds
+/// after its start, and bytes over microseconds is no rate.
+const MIN_RATE_WINDOW: Duration = Duration::from_millis(200);
+
 /// A running job's handle: the pipeline reports progress to it.
 pub struct Job {
     view: watch::Sender<JobView>,
     stage_started: Mutex<Option<(Stage, Instant)>>,
+    /// The stage and time of the last progress published.
+    published: Mutex<Option<(Stage, Instant)>>,
 }
 
 impl Job {
@@ -104,9 +113,30 @@ impl Job {
         self.view.borrow().job_id
     }
 
+    /// Whether a report of `stage` is published now: the first of a stage, a finished one, or
+    /// PROGRESS_INTERVAL after the last one.
+    fn due(&self, stage: Stage, finished: bool) -> bool {
+        let mut published = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let due = finished
+            || published.is_none_or(|(last, at)| {
+                last != stage || now.duration_since(at) >= PROGRESS_INTERVAL
+            });
+        if due {
+            *published = Some((stage, now));
+        }
+        due
+    }
+
     /// Reports upload progress to `receiver`.
     pub fn upload_progress(&self, receiver: &str, done: u64, total: u64) {
         let rate = self.rate(Stage::Upload, done);
+        if !self.due(Stage::Upload, done >= total) {
+            return;
+        }
         self.view.send_modify(|v| {
             v.progress = Some(JobProgress {
                 stage: Stage::Upload.as_str().into(),
@@ -134,9 +164,9 @@ impl Job {
                 now
             }
         };
-        let secs = since.elapsed().as_secs_f64();
-        if secs > 0.0 {
-            done as f64 / secs
+        let elapsed = since.elapsed();
+        if elapsed >= MIN_RATE_WINDOW {
+            done as f64 / elapsed.as_secs_f64()
         } else {
             0.0
         }
@@ -162,6 +192,9 @@ impl Job {
 impl Progress for Job {
     fn report(&self, event: ProgressEvent<'_>) {
         let rate = self.rate(event.stage, event.done);
+        if !self.due(event.stage, event.finished) {
+            return;
+        }
         self.view.send_modify(|v| {
             let message = event
                 .message
@@ -241,6 +274,7 @@ impl Jobs {
         let job = Arc::new(Job {
             view: tx,
             stage_started: Mutex::new(None),
+            published: Mutex::new(None),
         });
         self.insert(id, rx);
         let future = work(job.clone());
@@ -294,5 +328,75 @@ impl Jobs {
                 index += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(job: &Job, stage: Stage, done: u64, total: u64, finished: bool) {
+        job.report(ProgressEvent {
+            stage,
+            done,
+            total: Some(total),
+            message: None,
+            finished,
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_is_throttled_per_job_with_stage_changes_and_the_end_exact() {
+        let jobs = Jobs::new(10);
+        let (id, handle) = jobs.spawn(JobKind::Package, None, |job: Arc<Job>| async move {
+            // The context arrives in one report, microseconds after the stage began.
+            report(&job, Stage::Context, 50_000_000, 50_000_000, true);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for i in 0..20_000u64 {
+                report(&job, Stage::Export, i * 20_000, 400_000_000, false);
+                if i % 1000 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            report(&job, Stage::Export, 400_000_000, 400_000_000, true);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, SenderError>(())
+        });
+        let mut rx = jobs.get(id).expect("job");
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let view = rx.borrow_and_update().clone();
+                let ended = view.state != JobState::Running;
+                seen.push(view);
+                if ended || rx.changed().await.is_err() {
+                    return seen;
+                }
+            }
+        });
+        handle.await.expect("task").expect("job");
+        let seen = reader.await.expect("reader");
+        let progress: Vec<&JobProgress> = seen.iter().filter_map(|v| v.progress.as_ref()).collect();
+        assert!(
+            seen.len() <= 12,
+            "20,000 export reports in about 0.1 s make a handful of updates, not {}",
+            seen.len()
+        );
+        let stages: Vec<&str> = progress.iter().map(|p| p.stage.as_str()).collect();
+        assert_eq!(stages.first(), Some(&"context"), "{stages:?}");
+        assert!(stages.contains(&"export"), "{stages:?}");
+        assert!(
+            progress
+                .iter()
+                .any(|p| p.stage == "export" && p.finished && p.done == 400_000_000),
+            "the finished stage is exact: {progress:?}"
+        );
+        assert!(
+            progress
+                .iter()
+                .all(|p| p.bytes_per_sec.is_finite() && p.bytes_per_sec < 1e11),
+            "sane rates: {progress:?}"
+        );
+        assert_eq!(seen.last().map(|v| v.state), Some(JobState::Succeeded));
     }
 }

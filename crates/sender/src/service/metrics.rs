@@ -11,8 +11,10 @@ use prometheus::{
 };
 use serde::Serialize;
 
+use crate::pipeline::ReleaseTotals;
+
 /// Label value of a successful build or transfer; failures are labelled with their error code.
-pub const OK: &str = "ok";
+pub(super) const OK: &str = "ok";
 
 /// Every metric the sender exports. Cheap to clone (the collectors are shared).
 #[derive(Clone)]
@@ -21,6 +23,8 @@ pub struct Metrics {
     stage_seconds: HistogramVec,
     builds: IntCounterVec,
     transfers: IntCounterVec,
+    layers: IntCounterVec,
+    layer_bytes: IntCounterVec,
     sent_bytes: IntCounter,
     transfers_in_flight: IntGauge,
     events: IntCounterVec,
@@ -61,6 +65,7 @@ impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        register_build_and_process(&registry)?;
         let stage_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "deploy_sender_stage_duration_seconds",
@@ -85,6 +90,22 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let layers = IntCounterVec::new(
+            Opts::new(
+                "deploy_sender_layers_total",
+                "Layers of layer-aware transfers by what happened: sent, resumed, skipped (present \
+                 on the target or already received)",
+            ),
+            &["result"],
+        )?;
+        let layer_bytes = IntCounterVec::new(
+            Opts::new(
+                "deploy_sender_layer_bytes_total",
+                "Blob bytes of layer-aware transfers: sent (on the wire), skipped (already on the \
+                 target), resumed (held by the receiver from an interrupted transfer)",
+            ),
+            &["result"],
+        )?;
         let sent_bytes = IntCounter::new(
             "deploy_sender_sent_bytes_total",
             "Package bytes sent by successful transfers",
@@ -104,6 +125,12 @@ impl Metrics {
         registry.register(Box::new(builds.clone()))?;
         registry.register(Box::new(transfers.clone()))?;
         registry.register(Box::new(sent_bytes.clone()))?;
+        registry.register(Box::new(layers.clone()))?;
+        registry.register(Box::new(layer_bytes.clone()))?;
+        for result in ["sent", "resumed", "skipped"] {
+            layers.with_label_values(&[result]);
+            layer_bytes.with_label_values(&[result]);
+        }
         registry.register(Box::new(transfers_in_flight.clone()))?;
         registry.register(Box::new(events.clone()))?;
         // Present from the start, so that rates work from the first scrape.
@@ -117,6 +144,8 @@ impl Metrics {
             stage_seconds,
             builds,
             transfers,
+            layers,
+            layer_bytes,
             sent_bytes,
             transfers_in_flight,
             events,
@@ -144,6 +173,30 @@ impl Metrics {
     /// Counts bytes sent.
     pub fn sent_bytes(&self, n: u64) {
         self.sent_bytes.inc_by(n);
+    }
+
+    /// Counts the layers and blob bytes of a layer-aware transfer.
+    pub fn release(&self, totals: &ReleaseTotals) {
+        let count = |result: &str, n: usize| {
+            self.layers
+                .with_label_values(&[result])
+                .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        };
+        count("sent", totals.sent);
+        count("resumed", totals.resumed);
+        count("skipped", totals.present + totals.received);
+        let resumed = totals
+            .bytes_already_there
+            .saturating_sub(totals.bytes_skipped());
+        self.layer_bytes
+            .with_label_values(&["sent"])
+            .inc_by(totals.bytes_sent);
+        self.layer_bytes
+            .with_label_values(&["skipped"])
+            .inc_by(totals.bytes_skipped());
+        self.layer_bytes
+            .with_label_values(&["resumed"])
+            .inc_by(resumed);
     }
 
     /// The in-flight transfers gauge.
@@ -219,4 +272,24 @@ fn ok_and_failed(counter: &IntCounterVec) -> (u64, u64) {
         }
     }
     (ok, failed)
+}
+
+/// `deploy_sender_build_info{version, protocol_version} 1` (which build is running, for joins and
+/// upgrade dashboards) and the process metrics: `process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_virtual_memory_bytes`, `process_start_time_seconds` (read from /proc on Linux).
+fn register_build_and_process(registry: &Registry) -> prometheus::Result<()> {
+    let info = IntGauge::with_opts(
+        Opts::new(
+            "deploy_sender_build_info",
+            "Always 1; the labels say which build of deploy-sender is running",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"))
+        .const_label("protocol_version", deploy_protocol::PROTOCOL_VERSION),
+    )?;
+    info.set(1);
+    registry.register(Box::new(info))?;
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))
 }

@@ -8,8 +8,7 @@ use bollard::Docker;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::ServeConfig;
-use crate::pipeline::Lifecycle;
-use crate::pipeline::PackageStore;
+use crate::pipeline::{LayerCache, Lifecycle, PackageStore};
 use crate::service::jobs::Jobs;
 use crate::service::metrics::Metrics;
 use crate::SenderError;
@@ -21,6 +20,7 @@ pub struct AppState(Arc<Inner>);
 struct Inner {
     config: ServeConfig,
     store: PackageStore,
+    layers: LayerCache,
     docker: Mutex<Option<Docker>>,
     http: reqwest::Client,
     events: Lifecycle,
@@ -36,6 +36,7 @@ impl AppState {
     /// service starts (and reports `docker_available: false`) without an engine.
     pub async fn new(config: ServeConfig) -> Result<Self, SenderError> {
         let store = PackageStore::open(&config.store.package_dir).await?;
+        let layers = config.store.open_layer_cache().await?;
         let events = config.events.open(&config.store.package_dir).await?;
         let metrics = Metrics::new()
             .map_err(|e| SenderError::Internal(format!("cannot register metrics: {e}")))?;
@@ -46,11 +47,17 @@ impl AppState {
             rollouts: Default::default(),
             config,
             store,
+            layers,
             docker: Mutex::new(None),
             events,
             metrics,
             started: Instant::now(),
         })))
+    }
+
+    /// The layer cache (LAYER_CACHE_DIR).
+    pub fn layer_cache(&self) -> &LayerCache {
+        &self.0.layers
     }
 
     /// The configuration.

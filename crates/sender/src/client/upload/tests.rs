@@ -234,6 +234,65 @@ async fn a_closed_port_is_remote_unreachable() {
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
 
+/// A server that answers every connection with `response` (raw HTTP/1.1), whatever arrives.
+async fn spawn_raw(response: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    addr
+}
+
+async fn upload_to(base: &str) -> SenderError {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = package_file(dir.path(), 10);
+    let manifest = manifest_for_file(&path, None, Compression::Zstd, vec![])
+        .await
+        .expect("manifest");
+    let target = ReceiverTarget::new(base, "k1", b"s").expect("target");
+    let client = crate::config::ReceiverConfig::default()
+        .http_client()
+        .expect("the CLI's client");
+    ReceiverClient::new(client, target)
+        .upload(&path, &manifest)
+        .send()
+        .await
+        .expect_err("refused")
+}
+
+#[tokio::test]
+async fn https_to_a_plain_http_receiver_says_to_use_http_not_a_ca_certificate() {
+    let addr =
+        spawn_raw("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+    let err = upload_to(&format!("https://{addr}")).await;
+    let message = err.to_string();
+    assert_eq!(err.code(), ErrorCode::RemoteUnreachable, "{message}");
+    assert!(message.contains("plain HTTP"), "{message}");
+    assert!(message.contains(&format!("http://{addr}")), "{message}");
+    assert!(!message.contains("--ca-cert"), "{message}");
+}
+
+#[tokio::test]
+async fn a_404_with_an_empty_body_asks_whether_it_is_a_receiver() {
+    let addr =
+        spawn_raw("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+    let err = upload_to(&format!("http://{addr}")).await;
+    let message = err.to_string();
+    assert_eq!(err.code(), ErrorCode::TransferFailed, "{message}");
+    assert!(message.contains("(an empty body)"), "{message}");
+    assert!(message.contains("deploy-receiver"), "{message}");
+}
+
 #[tokio::test]
 async fn a_file_that_changed_since_its_manifest_is_refused_before_sending() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -110,3 +110,19 @@ fn a_missing_context_or_dockerfile_is_a_validation_error() {
         assert_eq!(err.code(), deploy_protocol::ErrorCode::ValidationError);
     }
 }
+
+#[test]
+fn a_relative_dockerfile_path_is_relative_to_the_context_wherever_the_process_runs() {
+    let dir = context_with(&[("docker/app.Dockerfile", "FROM scratch\n"), ("a", "a")]);
+    // This process's current directory is the crate, not the context: the path still resolves.
+    let built = collect_context(dir.path(), Path::new("docker/app.Dockerfile")).expect("collect");
+    assert_eq!(built.dockerfile, "docker/app.Dockerfile");
+    // A path that exists only relative to the current directory says which rule applies.
+    let err = collect_context(dir.path(), Path::new("Cargo.toml")).expect_err("not in context");
+    let message = err.to_string();
+    assert!(
+        message.contains("relative to the build context"),
+        "{message}"
+    );
+    assert!(message.contains("current directory"), "{message}");
+}

@@ -54,21 +54,26 @@ async fn metadata_survives_reopen_and_verify_detects_changes() {
 }
 
 #[tokio::test]
-async fn stale_temp_files_are_swept_and_fresh_ones_kept() {
+async fn temp_files_are_swept_when_no_process_holds_them_whatever_their_age() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = PackageStore::open(dir.path()).await.expect("open");
-    let temp = store.temp_path(Uuid::new_v4());
-    std::fs::write(&temp, b"partial").expect("write");
+    let (held, abandoned) = (
+        store.temp_path(Uuid::new_v4()),
+        store.temp_path(Uuid::new_v4()),
+    );
+    std::fs::write(&held, b"partial").expect("write");
+    std::fs::write(&abandoned, b"partial").expect("write");
+    let lock = TempLock::try_acquire(&held)
+        .expect("lock")
+        .expect("not held yet");
+    // A fresh file nobody holds (a writer that was killed a moment ago) goes at once...
     PackageStore::open(dir.path()).await.expect("reopen");
-    assert!(
-        temp.exists(),
-        "a fresh temp file may belong to a live writer"
-    );
-    assert_eq!(
-        store.sweep_temp_files(Duration::ZERO).await.expect("sweep"),
-        1
-    );
-    assert!(!temp.exists());
+    assert!(!abandoned.exists(), "abandoned temp file swept");
+    // ...one a live writer holds stays, until it lets go.
+    assert!(held.exists(), "a held temp file belongs to a live writer");
+    drop(lock);
+    assert_eq!(store.sweep_temp_files().await.expect("sweep"), 1);
+    assert!(!held.exists());
 }
 
 #[test]
@@ -77,4 +82,83 @@ fn compression_stats_match_the_seed_style() {
     assert!((ratio - 0.989).abs() < 1e-9);
     assert!((factor - 1000.0 / 11.0).abs() < 1e-9);
     assert_eq!(compression_stats(0, 0), (0.0, 0.0));
+}
+
+async fn stored(store: &PackageStore, name: &str, image: &str, at: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    std::fs::write(store.package_path(id, Compression::None), b"abc").expect("write");
+    let mut info = sample(id, at);
+    info.container_name = Some(name.into());
+    info.image_id = image.into();
+    store.write_metadata(&info).await.expect("meta");
+    id
+}
+
+#[tokio::test]
+async fn prune_keeps_the_newest_per_name_then_fits_the_budget_and_spares_the_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = PackageStore::open(dir.path()).await.expect("open");
+    let web1 = stored(&store, "web", "sha256:1", "2025-01-01T00:00:00Z").await;
+    let web2 = stored(&store, "web", "sha256:2", "2025-01-02T00:00:00Z").await;
+    let web3 = stored(&store, "web", "sha256:3", "2025-01-03T00:00:00Z").await;
+    let api1 = stored(&store, "api", "sha256:4", "2025-01-04T00:00:00Z").await;
+    let deleted: Vec<Uuid> = store
+        .prune(2, None, None)
+        .await
+        .expect("prune")
+        .iter()
+        .map(|p| p.package_id)
+        .collect();
+    assert_eq!(deleted, [web1], "web keeps its 2 newest, api its one");
+    assert!(!store.package_path(web1, Compression::None).exists());
+    // A budget of 6 bytes (two 3-byte packages): the oldest go, the spared one stays.
+    let deleted: Vec<Uuid> = store
+        .prune(2, Some(6), Some(web2))
+        .await
+        .expect("prune")
+        .iter()
+        .map(|p| p.package_id)
+        .collect();
+    assert_eq!(deleted, [web3], "oldest first, web2 spared");
+    let left: Vec<Uuid> = store
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .map(|p| p.package_id)
+        .collect();
+    assert_eq!(left, [api1, web2]);
+}
+
+#[tokio::test]
+async fn the_same_image_packaged_the_same_way_is_found_and_a_changed_file_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = PackageStore::open(dir.path()).await.expect("open");
+    let id = stored(&store, "web", "sha256:1", "2025-01-01T00:00:00Z").await;
+    let tags = vec!["web:v1".to_owned()];
+    let found = store
+        .find_same("sha256:1", &tags, Compression::None, None, Some("web"))
+        .await
+        .expect("find");
+    assert_eq!(found.map(|p| p.package_id), Some(id));
+    for (image, compression, name) in [
+        ("sha256:2", Compression::None, "web"),
+        ("sha256:1", Compression::Gzip, "web"),
+        ("sha256:1", Compression::None, "api"),
+    ] {
+        let other = store
+            .find_same(image, &tags, compression, None, Some(name))
+            .await
+            .expect("find");
+        assert!(other.is_none(), "{image} {compression} {name}");
+    }
+    std::fs::write(store.package_path(id, Compression::None), b"abcd").expect("grown");
+    let changed = store
+        .find_same("sha256:1", &tags, Compression::None, None, Some("web"))
+        .await
+        .expect("find");
+    assert!(
+        changed.is_none(),
+        "a file not of its recorded size is not reused"
+    );
 }

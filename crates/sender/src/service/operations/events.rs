@@ -9,7 +9,7 @@ use crate::service::state::AppState;
 /// `publish_transfer_event`: record a lifecycle event (delivered to Kafka when configured).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct EventInput {
+pub(crate) struct EventInput {
     /// Kind of event.
     pub event_type: EventType,
     /// Event-specific data (`event_payload` is accepted as another name for it).
@@ -32,7 +32,7 @@ pub struct EventInput {
 
 /// What `publish_transfer_event` reports.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct PublishedEvent {
+pub(crate) struct PublishedEvent {
     /// Always true: the event is durably recorded (Kafka delivery follows in the background).
     pub event_published: bool,
     /// The event's id.
@@ -46,7 +46,7 @@ pub struct PublishedEvent {
 }
 
 /// Records `input` as an event from this service.
-pub async fn publish(
+pub(crate) async fn publish(
     state: &AppState,
     input: EventInput,
     correlation_id: Option<String>,

@@ -7,8 +7,8 @@ mod package;
 mod rollout;
 mod transfer;
 
-pub use events::{publish, EventInput, PublishedEvent};
-pub use package::{package, PackageInput, PackageOutput};
-pub use rollout::{start as start_rollout, RolloutInput, RolloutView, Rollouts};
-pub use transfer::{transfer, TransferInput, TransferReport};
+pub(crate) use events::{publish, EventInput, PublishedEvent};
+pub(crate) use package::{package, PackageInput, PackageOutput};
+pub(crate) use rollout::{start as start_rollout, RolloutInput, RolloutView, Rollouts};
+pub(crate) use transfer::{transfer, TransferInput, TransferReport};
 mod serde_defaults;

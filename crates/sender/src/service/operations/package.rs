@@ -8,10 +8,10 @@ use deploy_protocol::Compression;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::pipeline::CompressionOptions;
 use crate::pipeline::PackageInfo;
 use crate::pipeline::Progress;
 use crate::pipeline::Subject;
-use crate::pipeline::{default_zstd_workers, CompressionOptions};
 use crate::pipeline::{package_image, ImageSource, PackageRequest};
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
@@ -24,7 +24,7 @@ use super::serde_defaults::yes;
 /// as a compressed, hashed package.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PackageInput {
+pub(crate) struct PackageInput {
     /// Container the package is for; with a bare `image_tag` it also names the image
     /// (`container_name:image_tag`).
     #[serde(default)]
@@ -60,7 +60,7 @@ pub struct PackageInput {
 
 /// A stored package as `package_container` reports it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct PackageOutput {
+pub(crate) struct PackageOutput {
     /// The package.
     #[serde(flatten)]
     pub package: PackageInfo,
@@ -70,7 +70,7 @@ pub struct PackageOutput {
 
 /// A checked packaging request, ready to run.
 #[derive(Debug, Clone)]
-pub struct PackagePlan {
+pub(crate) struct PackagePlan {
     request: PackageRequest,
     verify: bool,
     subject: Subject,
@@ -78,7 +78,7 @@ pub struct PackagePlan {
 
 impl PackageInput {
     /// Checks the input and turns it into a plan (`VALIDATION_ERROR` naming what is wrong).
-    pub fn plan(
+    pub(crate) fn plan(
         self,
         zstd_workers: Option<u32>,
         max_package_size: u64,
@@ -102,13 +102,9 @@ impl PackageInput {
                     )
                 })?;
                 let context = PathBuf::from(context);
+                // Relative to the build context unless absolute (resolved by the build).
                 let dockerfile =
                     PathBuf::from(self.dockerfile_path.as_deref().unwrap_or("Dockerfile"));
-                let dockerfile = if dockerfile.is_absolute() {
-                    dockerfile
-                } else {
-                    context.join(dockerfile)
-                };
                 let tag =
                     match (self.image_tag.as_deref(), self.container_name.as_deref()) {
                         (Some(tag), _) if tag.contains(':') || tag.contains('/') => tag.to_owned(),
@@ -132,18 +128,23 @@ impl PackageInput {
             ImageSource::Build(spec) => spec.tag.clone(),
             ImageSource::Existing(image) => image.clone(),
         };
-        let compression = CompressionOptions {
-            compression: self.compression.unwrap_or(Compression::Zstd),
-            level: self.compression_level,
-            zstd_workers: zstd_workers.unwrap_or_else(default_zstd_workers),
-        };
+        let compression = CompressionOptions::new(
+            self.compression.unwrap_or(Compression::Zstd),
+            self.compression_level,
+            zstd_workers,
+        );
         compression.effective_level()?;
         let package_id = self.package_id.unwrap_or_else(Uuid::new_v4);
+        // The name the package will carry when none is given (as `package_image` picks it), so
+        // that BUILD_STARTED names the container as the events after it do.
+        let container_name = self.container_name.clone().or_else(|| {
+            (!image_tag.starts_with("sha256:")).then(|| crate::default_container_name(&image_tag))
+        });
         Ok(PackagePlan {
             subject: Subject {
                 package_id: Some(package_id),
                 correlation_id: None,
-                container_name: self.container_name.clone(),
+                container_name,
                 image_tag: Some(image_tag),
             },
             request: PackageRequest {
@@ -159,7 +160,7 @@ impl PackageInput {
 }
 
 /// Runs a packaging plan, with BUILD_STARTED, then BUILD_COMPLETED or BUILD_FAILED.
-pub async fn package(
+pub(crate) async fn package(
     state: AppState,
     plan: PackagePlan,
     correlation_id: Option<String>,
@@ -219,6 +220,11 @@ async fn run_package(
     })
     .await
     .map_err(|e| SenderError::Internal(format!("the packaging task failed: {e}")))??;
+    state
+        .config()
+        .store
+        .retain(state.store(), info.package_id)
+        .await;
     let checksum_verified = if plan.verify {
         state.store().verify(info.package_id).await?;
         true

@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::client::{Endpoint, ReceiverClient, ReceiverTarget};
-use crate::pipeline::PackageInfo;
-use crate::pipeline::Progress;
+use crate::client::{Endpoint, ReceiverClient, ReceiverTarget, RetryPolicy};
 use crate::pipeline::Subject;
+use crate::pipeline::{
+    prepare_image, send_release, CompressionOptions, PackageInfo, PreparedImage, Progress,
+    ReleaseAction,
+};
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
 use crate::service::state::AppState;
@@ -23,7 +25,7 @@ use deploy_protocol::display::millis;
 
 /// `transfer_package`: send a stored package to one or more receivers, optionally deploying it.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-pub struct TransferInput {
+pub(crate) struct TransferInput {
     /// The stored package.
     pub package_id: Uuid,
     /// Receiver base URLs, e.g. `http://192.168.86.200:8001` (default: DEFAULT_RECEIVER_URL).
@@ -42,11 +44,16 @@ pub struct TransferInput {
     /// The checksum the caller expects the stored package to have.
     #[serde(default)]
     pub package_checksum: Option<Checksum>,
+    /// Send the whole package (protocol v1) instead of only the layers each receiver lacks.
+    /// Without it the package's image is sent as a release from the layer cache when the image
+    /// is still in the local Docker engine, and as the whole package otherwise.
+    #[serde(default)]
+    pub full: bool,
 }
 
 /// One receiver's outcome.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ReceiverOutcome {
+pub(crate) struct ReceiverOutcome {
     /// The receiver's base URL.
     pub receiver: String,
     /// Whether the upload (and the deployment, when asked for) succeeded.
@@ -71,7 +78,7 @@ pub struct ReceiverOutcome {
 
 /// What `transfer_package` reports.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct TransferReport {
+pub(crate) struct TransferReport {
     /// The package sent.
     pub package_id: Uuid,
     /// Whether every receiver succeeded.
@@ -93,16 +100,17 @@ pub struct TransferReport {
 
 /// A checked transfer request, ready to run.
 #[derive(Debug, Clone)]
-pub struct TransferPlan {
+pub(crate) struct TransferPlan {
     info: PackageInfo,
     receivers: Vec<ReceiverClient>,
     deployment: Option<DeploymentSpec>,
     verify: bool,
+    full: bool,
 }
 
 impl TransferInput {
     /// Checks the input against the store and the configuration.
-    pub async fn plan(self, state: &AppState) -> Result<TransferPlan, SenderError> {
+    pub(crate) async fn plan(self, state: &AppState) -> Result<TransferPlan, SenderError> {
         let info = state.store().get(self.package_id).await?;
         if let Some(expected) = self.package_checksum {
             if expected != info.package_checksum {
@@ -149,6 +157,7 @@ impl TransferInput {
             receivers,
             deployment: self.deployment,
             verify: self.verify_checksum,
+            full: self.full,
         })
     }
 }
@@ -156,7 +165,7 @@ impl TransferInput {
 /// Runs a transfer plan: every receiver at once, at most MAX_CONCURRENT_TRANSFERS uploads in the
 /// whole service. When every receiver failed the first failure is the error; otherwise the
 /// report tells each receiver's outcome.
-pub async fn transfer(
+pub(crate) async fn transfer(
     state: AppState,
     plan: TransferPlan,
     correlation_id: Option<String>,
@@ -166,6 +175,11 @@ pub async fn transfer(
         state.store().verify(plan.info.package_id).await?;
     }
     let started = Instant::now();
+    let prepared = if plan.full {
+        None
+    } else {
+        prepare_layers(&state, &plan.info, &job).await?
+    };
     let endpoint = if plan.deployment.is_some() {
         Endpoint::Full
     } else {
@@ -185,7 +199,14 @@ pub async fn transfer(
     };
     let sends = plan.receivers.iter().map(|client| {
         send_one(
-            &state, &plan.info, &manifest, client, endpoint, &subject, &job,
+            &state,
+            &plan.info,
+            &manifest,
+            prepared.as_ref(),
+            client,
+            endpoint,
+            &subject,
+            &job,
         )
     });
     let results = futures::future::join_all(sends).await;
@@ -208,7 +229,11 @@ pub async fn transfer(
     Ok(TransferReport {
         package_id: plan.info.package_id,
         transfer_success: outcomes.iter().all(|o| o.success),
-        endpoint: endpoint_name(endpoint).into(),
+        endpoint: if prepared.is_some() {
+            "release".into()
+        } else {
+            endpoint_name(endpoint).into()
+        },
         remote_deployment_id: outcomes.iter().find_map(|o| o.remote_deployment_id),
         total_bytes,
         duration_ms: millis(duration),
@@ -233,10 +258,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn send_one(
     state: &AppState,
     info: &PackageInfo,
     manifest: &deploy_protocol::PackageManifest,
+    prepared: Option<&PreparedImage>,
     client: &ReceiverClient,
     endpoint: Endpoint,
     subject: &Subject,
@@ -256,7 +283,10 @@ async fn send_one(
         )
         .await;
     let started = Instant::now();
-    let result = send(info, manifest, client, endpoint, subject, job).await;
+    let result = match prepared {
+        Some(image) => send_release_to(state, image, manifest, client, subject, job).await,
+        None => send(info, manifest, client, endpoint, subject, job).await,
+    };
     let mut outcome = ReceiverOutcome {
         receiver: receiver.clone(),
         success: false,
@@ -280,6 +310,7 @@ async fn send_one(
             outcome.remote_deployment_id = out
                 .response
                 .get("deployment_id")
+                .or_else(|| out.response.pointer("/deployment/deployment_id"))
                 .and_then(|v| v.as_str())
                 .and_then(|s| Uuid::parse_str(s).ok());
             outcome.response = Some(out.response);
@@ -378,4 +409,79 @@ async fn send(
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+/// The package's image as layers in the cache, when it is still in the local Docker engine
+/// (`None`: it is not, and the whole package is sent).
+async fn prepare_layers(
+    state: &AppState,
+    info: &PackageInfo,
+    job: &Arc<Job>,
+) -> Result<Option<PreparedImage>, SenderError> {
+    let docker = match state.docker().await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Docker engine: sending the whole package");
+            return Ok(None);
+        }
+    };
+    let options = CompressionOptions {
+        compression: info.compression,
+        level: info.compression_level,
+        zstd_workers: state
+            .config()
+            .zstd_workers
+            .unwrap_or_else(crate::pipeline::default_zstd_workers),
+    };
+    let progress: Arc<dyn Progress> = job.clone();
+    let started = Instant::now();
+    match prepare_image(
+        &docker,
+        state.layer_cache(),
+        &info.image_id,
+        &options,
+        progress,
+    )
+    .await
+    {
+        Ok(mut image) => {
+            state
+                .metrics()
+                .stage("export", started.elapsed().as_secs_f64());
+            image.tags = info.image_tags.clone();
+            Ok(Some(image))
+        }
+        Err(SenderError::NotFound(why)) => {
+            tracing::warn!(image = %info.image_id, %why, "image gone from the engine: sending the whole package");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends `image` as a release: stored, or deployed with the manifest's spec.
+async fn send_release_to(
+    state: &AppState,
+    image: &PreparedImage,
+    manifest: &deploy_protocol::PackageManifest,
+    client: &ReceiverClient,
+    subject: &Subject,
+    job: &Arc<Job>,
+) -> Result<Sent, SenderError> {
+    let policy = RetryPolicy::default();
+    let calls = client.release_calls(subject.correlation_id.as_deref(), &policy);
+    let action = match &manifest.deployment {
+        Some(spec) => ReleaseAction::Deploy(Box::new(spec.clone())),
+        None => ReleaseAction::Store,
+    };
+    let started = Instant::now();
+    let progress: Arc<dyn Progress> = job.clone();
+    let outcome = send_release(calls, image, &action, progress).await?;
+    state.metrics().release(&outcome.totals);
+    Ok(Sent {
+        bytes: outcome.totals.bytes_sent,
+        duration: started.elapsed(),
+        response: serde_json::to_value(&outcome)
+            .map_err(|e| SenderError::Internal(format!("cannot serialise the outcome: {e}")))?,
+    })
 }

@@ -17,7 +17,7 @@ const DEFAULT_LIMIT: usize = 100;
 
 /// Record a lifecycle event. It is durable when this answers; delivery to Kafka follows in the
 /// background (and survives restarts), so a Kafka outage never fails this call.
-#[utoipa::path(post, path = "/api/v1/events", tag = "events",
+#[utoipa::path(post, path = "/api/v1/events", operation_id = "publish_transfer_event", tag = "events",
     request_body = EventInput,
     security((), ("api_token" = [])),
     responses(
@@ -26,7 +26,7 @@ const DEFAULT_LIMIT: usize = 100;
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 503, description = "KAFKA_PUBLISH_FAILED: the event could not even be recorded in the outbox", body = ErrorBody),
     ))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     ApiJson(input): ApiJson<EventInput>,
 ) -> ApiResult<(StatusCode, Json<PublishedEvent>)> {
@@ -37,14 +37,14 @@ pub async fn create(
 /// `GET /api/v1/events` parameters.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ListParams {
+pub(super) struct ListParams {
     /// How many events, newest first (default 100).
     pub limit: Option<usize>,
 }
 
 /// The outbox, newest first.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct EventList {
+pub(super) struct EventList {
     /// Where events go: `kafka://HOSTS/TOPIC` or `outbox:PATH`.
     pub destination: String,
     /// Events, newest first.
@@ -52,7 +52,7 @@ pub struct EventList {
 }
 
 /// Recent lifecycle events from the outbox, newest first.
-#[utoipa::path(get, path = "/api/v1/events", tag = "events",
+#[utoipa::path(get, path = "/api/v1/events", operation_id = "list_events", tag = "events",
     params(ListParams),
     security((), ("api_token" = [])),
     responses(
@@ -60,7 +60,7 @@ pub struct EventList {
         (status = 400, description = "VALIDATION_ERROR: bad limit", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
     ))]
-pub async fn list(
+pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<EventList>> {

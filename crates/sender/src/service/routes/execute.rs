@@ -19,7 +19,7 @@ use crate::service::state::AppState;
 /// The operations the envelope can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum Operation {
+pub(super) enum Operation {
     /// `POST /api/v1/packages`.
     PackageContainer,
     /// `POST /api/v1/transfers`.
@@ -33,7 +33,7 @@ pub enum Operation {
 /// `{"operation": ..., "input": {...}, "correlation_id": ...}`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct ExecuteRequest {
+pub(super) struct ExecuteRequest {
     /// Which operation.
     pub operation: Operation,
     /// The operation's input: `PackageInput`, `TransferInput` or `EventInput`; none for
@@ -50,7 +50,7 @@ pub struct ExecuteRequest {
 /// `package_container` as `POST /api/v1/packages` (201, or 202 with `Prefer: respond-async`),
 /// `transfer_package` as `POST /api/v1/transfers`, `publish_transfer_event` as
 /// `POST /api/v1/events`, `get_metrics` as `GET /api/v1/metrics`.
-#[utoipa::path(post, path = "/api/v1/execute", tag = "operations",
+#[utoipa::path(post, path = "/api/v1/execute", operation_id = "execute_operation", tag = "operations",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job (packaging and transfers)")),
     request_body = ExecuteRequest,
     security((), ("api_token" = [])),
@@ -68,7 +68,7 @@ pub struct ExecuteRequest {
         (status = 502, description = "REMOTE_UNREACHABLE or TRANSFER_FAILED", body = ErrorBody),
         (status = 503, description = "DOCKER_UNAVAILABLE or KAFKA_PUBLISH_FAILED", body = ErrorBody),
     ))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiQuery(params): ApiQuery<AsyncParams>,

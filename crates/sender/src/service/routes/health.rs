@@ -8,7 +8,7 @@ use crate::service::state::AppState;
 
 /// The sender's health.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct SenderHealth {
+pub(super) struct SenderHealth {
     /// `healthy`, or `degraded` when Docker is unreachable (packaging fails then).
     pub status: String,
     /// `deploy-sender`.
@@ -41,9 +41,9 @@ pub struct SenderHealth {
 }
 
 /// Service health (never needs the bearer token).
-#[utoipa::path(get, path = "/health", tag = "service",
+#[utoipa::path(get, path = "/health", operation_id = "get_health", tag = "service",
     responses((status = 200, description = "The sender is serving", body = SenderHealth)))]
-pub async fn get(State(state): State<AppState>) -> Json<SenderHealth> {
+pub(super) async fn get(State(state): State<AppState>) -> Json<SenderHealth> {
     let docker_version = state.docker_version().await;
     let stats = state.events().sink().stats();
     Json(SenderHealth {

@@ -24,7 +24,7 @@ fn find(state: &AppState, id: Uuid) -> Result<tokio::sync::watch::Receiver<JobVi
 }
 
 /// A job's state, latest progress, and result or error.
-#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", operation_id = "get_job", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id")),
     security((), ("api_token" = [])),
     responses(
@@ -33,7 +33,7 @@ fn find(state: &AppState, id: Uuid) -> Result<tokio::sync::watch::Receiver<JobVi
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn get(
+pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<JobView>> {
@@ -44,7 +44,7 @@ pub async fn get(
 /// Follow a job as server-sent events: `progress` events (`JobProgress`: stage, bytes done and
 /// total, rate) while it runs, then one `finished` event (the `JobView` with result or error),
 /// after which the stream ends. A finished job answers its `finished` event at once.
-#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs",
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", operation_id = "stream_job_events", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id")),
     security((), ("api_token" = [])),
     responses(
@@ -53,7 +53,7 @@ pub async fn get(
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn events(
+pub(super) async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {

@@ -10,9 +10,9 @@ use crate::service::metrics::MetricsSummary;
 use crate::service::state::AppState;
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "service",
+#[utoipa::path(get, path = "/metrics", operation_id = "get_prometheus_metrics", tag = "service",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4", body = String)))]
-pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
     let events = state.events();
     (
         [(
@@ -26,18 +26,18 @@ pub async fn prometheus(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Counts of builds, transfers, bytes and events since start (`get_metrics`).
-#[utoipa::path(get, path = "/api/v1/metrics", tag = "operations",
+#[utoipa::path(get, path = "/api/v1/metrics", operation_id = "get_metrics", tag = "operations",
     security((), ("api_token" = [])),
     responses(
         (status = 200, description = "Counts since start", body = MetricsSummary),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
     ))]
-pub async fn summary(State(state): State<AppState>) -> Json<MetricsSummary> {
+pub(super) async fn summary(State(state): State<AppState>) -> Json<MetricsSummary> {
     Json(current(&state))
 }
 
 /// The summary now; shared with `/api/v1/execute`.
-pub fn current(state: &AppState) -> MetricsSummary {
+pub(super) fn current(state: &AppState) -> MetricsSummary {
     let events = state.events();
     state
         .metrics()

@@ -48,10 +48,10 @@ impl Modify for BearerScheme {
         (name = "service", description = "Health, metrics and docs"),
     )
 )]
-pub struct ApiDoc;
+pub(super) struct ApiDoc;
 
 /// The router with its OpenAPI document, `/openapi.json` and `/docs`.
-pub fn router(state: AppState) -> Router {
+pub(super) fn router(state: AppState) -> Router {
     let (router, api) = router_and_document(state.clone());
     router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", api))
@@ -59,7 +59,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The documented routes and their document, before `/docs` and `/openapi.json` are added.
-pub fn router_and_document(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+pub(super) fn router_and_document(state: AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let api = OpenApiRouter::new()
         .routes(routes!(packages::create, packages::list))
         .routes(routes!(packages::get, packages::delete))

@@ -17,7 +17,7 @@ use crate::service::state::AppState;
 /// Build an image from a Dockerfile and context (or take an existing image), then export,
 /// compress, hash and store it. Waits until done, or with `Prefer: respond-async` (or
 /// `?async=true`) answers 202 with a job to follow.
-#[utoipa::path(post, path = "/api/v1/packages", tag = "packages",
+#[utoipa::path(post, path = "/api/v1/packages", operation_id = "package_container", tag = "packages",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job")),
     request_body = PackageInput,
     security((), ("api_token" = [])),
@@ -33,7 +33,7 @@ use crate::service::state::AppState;
         (status = 500, description = "INTERNAL_ERROR", body = ErrorBody),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
     ))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiQuery(params): ApiQuery<AsyncParams>,
@@ -43,7 +43,11 @@ pub async fn create(
 }
 
 /// Runs `package_container` as a job; shared with `/api/v1/execute`.
-pub async fn start(state: AppState, input: PackageInput, run_async: bool) -> ApiResult<Response> {
+pub(super) async fn start(
+    state: AppState,
+    input: PackageInput,
+    run_async: bool,
+) -> ApiResult<Response> {
     let config = state.config();
     let plan = input.plan(config.zstd_workers, config.store.max_package_size)?;
     let correlation = correlation_id();
@@ -56,19 +60,19 @@ pub async fn start(state: AppState, input: PackageInput, run_async: bool) -> Api
 }
 
 /// Stored packages, newest first.
-#[utoipa::path(get, path = "/api/v1/packages", tag = "packages",
+#[utoipa::path(get, path = "/api/v1/packages", operation_id = "list_packages", tag = "packages",
     security((), ("api_token" = [])),
     responses(
         (status = 200, description = "Stored packages", body = Vec<PackageInfo>),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 500, description = "INTERNAL_ERROR: the package directory cannot be read", body = ErrorBody),
     ))]
-pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageInfo>>> {
+pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageInfo>>> {
     Ok(Json(state.store().list().await?))
 }
 
 /// One stored package.
-#[utoipa::path(get, path = "/api/v1/packages/{id}", tag = "packages",
+#[utoipa::path(get, path = "/api/v1/packages/{id}", operation_id = "get_package", tag = "packages",
     params(("id" = Uuid, Path, description = "Package id")),
     security((), ("api_token" = [])),
     responses(
@@ -77,7 +81,7 @@ pub async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<PackageIn
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn get(
+pub(super) async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<PackageInfo>> {
@@ -85,7 +89,7 @@ pub async fn get(
 }
 
 /// Delete a stored package and its metadata.
-#[utoipa::path(delete, path = "/api/v1/packages/{id}", tag = "packages",
+#[utoipa::path(delete, path = "/api/v1/packages/{id}", operation_id = "delete_package", tag = "packages",
     params(("id" = Uuid, Path, description = "Package id")),
     security((), ("api_token" = [])),
     responses(
@@ -94,7 +98,7 @@ pub async fn get(
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
     ))]
-pub async fn delete(
+pub(super) async fn delete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {

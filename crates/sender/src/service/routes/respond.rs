@@ -16,7 +16,7 @@ use crate::SenderError;
 /// `?async=true`: answer 202 with a job instead of waiting (like `Prefer: respond-async`).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct AsyncParams {
+pub(super) struct AsyncParams {
     /// Run as a job and answer 202 at once.
     #[serde(rename = "async", default)]
     #[param(rename = "async")]
@@ -24,7 +24,7 @@ pub struct AsyncParams {
 }
 
 /// Whether the caller asked for a job: `Prefer: respond-async` or `?async=true`.
-pub fn wants_async(headers: &HeaderMap, params: &AsyncParams) -> bool {
+pub(super) fn wants_async(headers: &HeaderMap, params: &AsyncParams) -> bool {
     params.run_async.unwrap_or(false)
         || headers.get_all("prefer").iter().any(|v| {
             v.to_str().is_ok_and(|v| {
@@ -36,7 +36,7 @@ pub fn wants_async(headers: &HeaderMap, params: &AsyncParams) -> bool {
 
 /// The 202 answer for a job started in the background.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct JobAccepted {
+pub(super) struct JobAccepted {
     /// Job id.
     pub job_id: Uuid,
     /// What it does.
@@ -50,7 +50,7 @@ pub struct JobAccepted {
 }
 
 /// Answers 202 for a background job, or waits for it and answers `status` with its result.
-pub async fn job_response<T: Serialize>(
+pub(super) async fn job_response<T: Serialize>(
     kind: JobKind,
     id: Uuid,
     handle: JoinHandle<Result<T, SenderError>>,

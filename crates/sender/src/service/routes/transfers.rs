@@ -16,7 +16,7 @@ use crate::service::state::AppState;
 /// loads, runs and health-checks it (`/deployment/full`). Answers each receiver's outcome; when
 /// every receiver failed, the first failure is the error. `Prefer: respond-async` (or
 /// `?async=true`) answers 202 with a job to follow.
-#[utoipa::path(post, path = "/api/v1/transfers", tag = "transfers",
+#[utoipa::path(post, path = "/api/v1/transfers", operation_id = "transfer_package", tag = "transfers",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job")),
     request_body = TransferInput,
     security((), ("api_token" = [])),
@@ -31,7 +31,7 @@ use crate::service::state::AppState;
         (status = 500, description = "INTERNAL_ERROR or DEPLOY_FAILED", body = ErrorBody),
         (status = 502, description = "REMOTE_UNREACHABLE or TRANSFER_FAILED", body = ErrorBody),
     ))]
-pub async fn create(
+pub(super) async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
     ApiQuery(params): ApiQuery<AsyncParams>,
@@ -41,7 +41,11 @@ pub async fn create(
 }
 
 /// Runs `transfer_package` as a job; shared with `/api/v1/execute`.
-pub async fn start(state: AppState, input: TransferInput, run_async: bool) -> ApiResult<Response> {
+pub(super) async fn start(
+    state: AppState,
+    input: TransferInput,
+    run_async: bool,
+) -> ApiResult<Response> {
     let plan = input.plan(&state).await?;
     let correlation = correlation_id();
     let (id, handle) = state

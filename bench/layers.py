@@ -1,0 +1,296 @@
+#!/usr/bin/env python3
+"""Layer-aware transfer bench (protocol v2): real deploy-sender and deploy-receiver binaries
+(target/release), real cold target hosts (extra Docker engines, each in its own network
+namespace, as ../shared/TEST-HOSTS.md describes), and bytes on the wire counted by a loopback TCP
+proxy in front of each receiver (client-to-receiver bytes, HTTP headers included). One run,
+figures side by side. Needs root (network namespaces), Docker, GNU time, /bin/busybox.
+
+    bench/layers.py                 # 128 MiB base + 16 MiB top, 96 MiB cut, 1 GiB RSS run
+    bench/layers.py --rss-mib 256   # a smaller image for the RSS row
+
+Rows: (1) redeploy after a top-layer-only change: wire bytes vs that layer's compressed size;
+(2) the same image again; (3) a second host sharing the base: sender CPU vs the first host's;
+(4) a connection cut at 60 % of a 96 MiB incompressible layer: total sent vs the layer;
+(5) cold deploy to "loaded" vs `docker save | DOCKER_HOST=cold docker load`; (6) peak RSS of
+both services moving an image of --rss-mib. See docs/PERFORMANCE.md.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (run, Service, free_port, wait_http, Measured)
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+BIN = REPO / "target/release"
+SECRET = "deploy-bench-layers-secret-0123456789abcdef"
+TAG = f"ltxb{os.getpid() % 10000}"
+
+
+class Proxy:
+    """Loopback TCP proxy: counts client->server bytes; cuts every connection once `cut_at`
+    total bytes have passed (then forwards normally)."""
+
+    def __init__(self, upstream_port):
+        self.sent = 0
+        self.cut_at = None
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.upstream = upstream_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._down, args=(server, client), daemon=True).start()
+            threading.Thread(target=self._up, args=(client, server), daemon=True).start()
+
+    def _down(self, src, dst):
+        try:
+            while data := src.recv(256 * 1024):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _up(self, src, dst):
+        try:
+            while data := src.recv(256 * 1024):
+                with self.lock:
+                    if self.cut_at is not None and self.sent + len(data) >= self.cut_at:
+                        take = max(0, self.cut_at - self.sent)
+                        self.cut_at = None
+                        dst.sendall(data[:take])
+                        self.sent += take
+                        raise OSError("cut")
+                    self.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
+class Host:
+    """A cold Docker engine in its own network namespace."""
+
+    def __init__(self, n, work):
+        self.tag = f"{TAG}h{n}"
+        self.root = Path(tempfile.mkdtemp(prefix=f"test-host-{self.tag}-"))
+        (self.root / "daemon.json").write_text("{}")
+        subprocess.run(["ip", "netns", "add", self.tag], check=True)
+        subprocess.run(["ip", "netns", "exec", self.tag, "ip", "link", "set", "lo", "up"], check=True)
+        containerd = next(p for p in ["/var/run/docker/containerd/containerd.sock",
+                                      "/run/containerd/containerd.sock"] if Path(p).exists())
+        self.log = open(self.root / "dockerd.log", "wb")
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/{self.tag}", "dockerd",
+             "--config-file", str(self.root / "daemon.json"), "--data-root", str(self.root / "data"),
+             "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "pid"),
+             "--host", f"unix://{self.root}/docker.sock", "--storage-driver", "fuse-overlayfs",
+             "--containerd", containerd, "--containerd-namespace", self.tag,
+             "--containerd-plugins-namespace", self.tag + "p"],
+            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        self.docker_host = f"unix://{self.root}/docker.sock"
+        deadline = time.time() + 60
+        while subprocess.run(["docker", "info"], env=self.env(), capture_output=True).returncode:
+            if time.time() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"host {self.tag} did not start: {(self.root / 'dockerd.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def env(self):
+        return dict(os.environ, DOCKER_HOST=self.docker_host)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        subprocess.run(f"grep ' {self.root}' /proc/mounts | cut -d' ' -f2 | sort -r | xargs -r -n1 umount -l",
+                       shell=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.tag], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def receiver(host, work, name):
+    port = bench.free_port()
+    pkg = work / f"{name}-receiver"
+    shutil.rmtree(pkg, ignore_errors=True)
+    pkg.mkdir(parents=True)
+    env = dict(os.environ, RECEIVER_BIND=f"127.0.0.1:{port}", PACKAGE_DIR=str(pkg),
+               DEPLOY_HMAC_SECRET=SECRET, ALLOWED_NETWORKS="127.0.0.0/8", RUST_LOG="warn",
+               DOCKER_HOST=host.docker_host)
+    service = bench.Service([str(BIN / "deploy-receiver")], env,
+                            work / f"{name}-receiver.log")
+    bench.wait_http(f"http://127.0.0.1:{port}/health")
+    return service, Proxy(port)
+
+
+def build(tag, dockerfile, files):
+    with tempfile.TemporaryDirectory() as ctx:
+        shutil.copy("/bin/busybox", Path(ctx) / "busybox")
+        for name, size in files.items():
+            with open(Path(ctx) / name, "wb") as f:
+                left = size
+                while left:
+                    chunk = os.urandom(min(left, 4 * MIB))
+                    f.write(chunk)
+                    left -= len(chunk)
+        (Path(ctx) / "Dockerfile").write_text(dockerfile)
+        subprocess.run(["docker", "build", "-q", "-t", tag, ctx], check=True, capture_output=True,
+                       env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    return tag
+
+
+def deploy(image, proxy, name, pkg_dir, full=False):
+    argv = [str(BIN / "deploy-sender"), "deploy", "--image", image, "--name", name,
+            "--health", "none", "--to", proxy.url, "--json"] + (["--full"] if full else [])
+    env = dict(os.environ, PACKAGE_DIR=str(pkg_dir), DEPLOY_HMAC_SECRET=SECRET, RUST_LOG="warn")
+    before = proxy.sent
+    m = bench.run(argv, env=env, check=False)
+    if m.rc != 0:
+        raise RuntimeError(f"deploy of {image} failed: {m.out[-2000:]} {m.err[-2000:]}")
+    outcome = json.loads(m.out)
+    return m, outcome, proxy.sent - before
+
+
+def stage(record, name):
+    return next((s["duration_ms"] for s in record.get("stages", []) if s["stage"] == name), 0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-mib", type=int, default=128)
+    ap.add_argument("--top-mib", type=int, default=16)
+    ap.add_argument("--cut-mib", type=int, default=96)
+    ap.add_argument("--rss-mib", type=int, default=1024)
+    ap.add_argument("--work", default=str(REPO / "target/bench-layers"))
+    ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
+                    help="where deploy-sender and deploy-receiver are (default target/release)")
+    args = ap.parse_args()
+    global BIN
+    BIN = Path(args.bin_dir)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for b in ("deploy-sender", "deploy-receiver"):
+        if not (BIN / b).exists():
+            sys.exit(f"{BIN / b} missing: cargo build --release -p deploy-sender -p deploy-receiver")
+    u = uuid.uuid4().hex[:8]
+    base = build(f"ltxb-base-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY base /opt/base.bin\n",
+                 {"base": args.base_mib * MIB})
+    app = "FROM {}\nCOPY top /srv/top.bin\nCMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n"
+    v1 = build(f"ltxb-app-{u}:v1", app.format(base), {"top": args.top_mib * MIB})
+    v2 = build(f"ltxb-app-{u}:v2", app.format(base), {"top": args.top_mib * MIB})
+    cut = build(f"ltxb-cut-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY big /big.bin\n"
+                "CMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n", {"big": args.cut_mib * MIB})
+    cold = build(f"ltxb-cold-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY a /a.bin\n"
+                 "COPY b /b.bin\nCMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n",
+                 {"a": args.base_mib * MIB, "b": args.top_mib * MIB})
+    rss = build(f"ltxb-rss-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY r1 /r1\nCOPY r2 /r2\n"
+                "COPY r3 /r3\nCOPY r4 /r4\nCMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n",
+                {f"r{i}": args.rss_mib * MIB // 4 for i in range(1, 5)})
+    images = [rss, cold, cut, v2, v1, base]
+    hosts, services = [], []
+    rows = []
+    try:
+        pkg = work / "sender"
+        h1 = Host(1, work); hosts.append(h1)
+        s1, p1 = receiver(h1, work, "h1"); services.append(s1)
+        m1, o1, w1 = deploy(v1, p1, "ltxb-app", pkg)
+        m2, o2, w2 = deploy(v2, p1, "ltxb-app", pkg)
+        top = o2["layers"][-1]["size"]
+        rows.append(("redeploy after a top-layer-only change: wire bytes / (1.05 x top layer blob + 256 KiB)",
+                     f"{w2} B / {int(1.05 * top + 256 * 1024)} B = {w2 / (1.05 * top + 256 * 1024):.3f}"
+                     f" (top blob {top} B; {o2['summary']})", "<= 1"))
+        m3, o3, w3 = deploy(v2, p1, "ltxb-app", pkg)
+        rows.append(("the same image again: wire bytes", f"{w3} B ({w3 / MIB:.3f} MiB)", "< 1 MiB"))
+
+        h2 = Host(2, work); hosts.append(h2)
+        subprocess.run(f"docker save {base} | DOCKER_HOST={h2.docker_host} docker load -q",
+                       shell=True, check=True, capture_output=True)
+        s2, p2 = receiver(h2, work, "h2"); services.append(s2)
+        m4, o4, w4 = deploy(v1, p2, "ltxb-app", pkg)
+        rows.append(("second host sharing the base: sender CPU s vs the first host's",
+                     f"{m4.cpu:.2f} s / {m1.cpu:.2f} s = {m4.cpu / m1.cpu:.3f} (sent {w4} B;"
+                     f" {o4['summary']}; compressed now: {o4['prepare']['compressed_layers']})", "<= 0.2"))
+
+        # The cut image's bottom layer (busybox) is host 1's already (same chain ID): the big
+        # blob is the only one on the wire, after a few KiB of inventory and release requests.
+        p1.cut_at = p1.sent + int(0.6 * args.cut_mib * MIB)
+        m5, o5, w5 = deploy(cut, p1, "ltxb-cut", pkg)
+        big = o5["layers"][-1]
+        rows.append(("cut at 60 % of a 96 MiB incompressible layer: total sent / layer blob",
+                     f"{w5} B / {big['size']} B = {w5 / big['size']:.3f} (fate {big['fate']},"
+                     f" resumed from {big['resumed_from']} B, no rerun)", "<= 1.15"))
+
+        h3 = Host(3, work); hosts.append(h3)
+        h4 = Host(4, work); hosts.append(h4)
+        s3, p3 = receiver(h3, work, "h3"); services.append(s3)
+        m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / "cold-sender")
+        rec = o6["deployment"]
+        ours = m6.wall - (stage(rec, "start") + stage(rec, "health_check") + stage(rec, "health")) / 1000
+        floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
+        rows.append(("cold deploy to loaded / docker save \\| docker load into a cold engine",
+                     f"{ours:.2f} s / {floor.wall:.2f} s = {ours / floor.wall:.2f} (wall {m6.wall:.2f} s"
+                     f" minus the receiver's start and health stages)", "<= 1.32"))
+
+        s1.stop(); services.remove(s1)
+        h5 = Host(5, work); hosts.append(h5)
+        s5, p5 = receiver(h5, work, "h5")
+        m7, o7, w7 = deploy(rss, p5, "ltxb-rss", work / "rss-sender")
+        r5 = s5.stop()
+        rows.append((f"peak RSS moving {args.rss_mib} MiB (sender / receiver)",
+                     f"{m7.rss_mib:.1f} MiB / {r5.rss_mib:.1f} MiB (wire {w7 / MIB:.1f} MiB)", "< 64 MiB"))
+    finally:
+        for s in services:
+            try:
+                s.stop()
+            except Exception:  # noqa: BLE001
+                pass
+        for h in hosts:
+            h.stop()
+        for i in images:
+            subprocess.run(["docker", "rmi", "-f", i], capture_output=True)
+        ok = subprocess.run(["ip", "link", "show", "docker0"], capture_output=True).returncode == 0
+        print(f"docker0 after the hosts stopped: {'present' if ok else 'MISSING'}", file=sys.stderr)
+    print(f"| what | measured | target |\n|---|---|---|")
+    for what, got, target in rows:
+        print(f"| {what} | {got} | {target} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+//! `/deployment/v2/blobs/{blake3}`: the durable offset of a blob (`HEAD`) and appending to it
+//! (`PATCH`), tus-style. The signed content digest of both is the blob's BLAKE3 for `PATCH`
+//! (the body is checked against it when the blob completes) and of the empty body for `HEAD`.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
+use deploy_protocol::release::{UPLOAD_LENGTH, UPLOAD_OFFSET};
+use deploy_protocol::{Checksum, ErrorBody};
+
+use crate::auth::{authenticate, Signed};
+use crate::error::{ReceiverError, Result};
+use crate::state::AppState;
+use crate::v2::blob_upload::{self, Expected, Outcome, UploadError};
+use crate::v2::blobs::BlobState;
+
+fn parse(hex: &str) -> Result<Checksum> {
+    hex.parse()
+        .map_err(|e: deploy_protocol::ChecksumError| ReceiverError::Validation(e.to_string()))
+}
+
+/// The signed releases' view of a blob, or NOT_FOUND.
+fn expected(state: &AppState, blake3: &Checksum) -> Result<Expected> {
+    let (size, compression, diff_ids) =
+        state.layers().releases().blob(blake3).ok_or_else(|| {
+            ReceiverError::NotFound(format!(
+                "no registered release names blob {blake3}: POST the release manifest first"
+            ))
+        })?;
+    Ok(Expected {
+        blake3: *blake3,
+        size,
+        compression,
+        diff_ids,
+        max_uncompressed: state.config().max_image_size,
+    })
+}
+
+fn offset_headers(offset: u64, length: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
+    headers.insert(UPLOAD_LENGTH, HeaderValue::from(length));
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    headers
+}
+
+/// How many bytes of the blob the receiver holds durably: continue a `PATCH` from there.
+#[utoipa::path(head, path = "/deployment/v2/blobs/{blake3}", tag = "deployment",
+    params(("blake3" = String, Path, description = "The blob's lowercase hex BLAKE3"), crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "`Upload-Offset`: durable bytes held (the size when complete); `Upload-Length`: the signed size"),
+        (status = 400, description = "VALIDATION_ERROR: the path is not a BLAKE3 digest"),
+        (status = 401, description = "UNAUTHORIZED"),
+        (status = 403, description = "FORBIDDEN"),
+        (status = 404, description = "NOT_FOUND: no registered release names this blob"),
+    ))]
+pub async fn head(
+    State(state): State<AppState>,
+    Path(hex): Path<String>,
+    Signed(()): Signed<()>,
+) -> Result<impl IntoResponse> {
+    let blake3 = parse(&hex)?;
+    let expected = expected(&state, &blake3)?;
+    let offset = match state.layers().blobs().state(&blake3) {
+        BlobState::Complete(_) => expected.size,
+        BlobState::Partial(n) => n.min(expected.size),
+        BlobState::Missing => 0,
+    };
+    Ok((StatusCode::OK, offset_headers(offset, expected.size)))
+}
+
+/// Append the blob's bytes from `Upload-Offset`, which must be the durable offset (`HEAD`).
+/// Bytes are fsynced before an offset is reported; when the last byte arrives the blob's
+/// BLAKE3 and its layer's diffID are checked (a mismatch discards the blob).
+#[utoipa::path(patch, path = "/deployment/v2/blobs/{blake3}", tag = "deployment",
+    params(("blake3" = String, Path, description = "The blob's lowercase hex BLAKE3 (also the signed content digest)"),
+        ("Upload-Offset" = u64, Header, description = "Where this body starts in the blob"),
+        crate::routes::SignatureHeaderParams),
+    request_body(content = Vec<u8>, content_type = "application/offset+octet-stream"),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 204, description = "Appended; `Upload-Offset`: durable bytes held now (the size when the blob completed and verified)"),
+        (status = 400, description = "VALIDATION_ERROR: no or malformed Upload-Offset", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no registered release names this blob", body = ErrorBody),
+        (status = 408, description = "TIMEOUT: the body stalled (`Upload-Offset` says what is kept)", body = ErrorBody),
+        (status = 409, description = "OFFSET_MISMATCH: not the durable offset, nothing appended; CONFLICT: another request is writing this blob (both with `Upload-Offset`)", body = ErrorBody),
+        (status = 413, description = "PACKAGE_TOO_LARGE: the body goes past the signed size (what came before is kept)", body = ErrorBody),
+        (status = 422, description = "CHECKSUM_MISMATCH: the complete blob's BLAKE3 or its layer's diffID differs; the blob was discarded", body = ErrorBody),
+        (status = 429, description = "BUSY: too many uploads; see Retry-After", body = ErrorBody),
+        (status = 507, description = "INSUFFICIENT_STORAGE: the disk filled up; the partial blob is kept (`Upload-Offset`)", body = ErrorBody),
+    ))]
+pub async fn patch(
+    State(state): State<AppState>,
+    Path(hex): Path<String>,
+    request: Request,
+) -> Result<impl IntoResponse> {
+    let (parts, body) = request.into_parts();
+    // The path's digest is the signed content: a malformed one cannot have been signed.
+    let parsed = parse(&hex);
+    authenticate(
+        &state,
+        &parts,
+        parsed.as_ref().unwrap_or(&Checksum::empty()),
+    )?;
+    let blake3 = parsed?;
+    let offset: u64 = parts
+        .headers
+        .get(UPLOAD_OFFSET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            ReceiverError::Validation(format!("{UPLOAD_OFFSET} is required: a byte offset"))
+        })?;
+    let expected = expected(&state, &blake3)?;
+    let slot = state.upload_slot()?;
+    let idle = Duration::from_secs(state.config().upload_idle_timeout_secs.max(1));
+    // The write runs in its own task: if the connection goes and this handler is dropped, what
+    // arrived is still fsynced and the writer slot released.
+    let task_state = state.clone();
+    let task = tokio::spawn(async move {
+        let _slot = slot;
+        let layers = task_state.layers();
+        let before = match layers.blobs().state(&expected.blake3) {
+            BlobState::Partial(n) => n,
+            _ => 0,
+        };
+        let result = blob_upload::receive(
+            layers.blobs(),
+            &expected,
+            offset,
+            body.into_data_stream(),
+            idle,
+        )
+        .await;
+        let after = match &result {
+            Ok(Outcome::Partial(n)) => *n,
+            Ok(Outcome::Complete(_)) => expected.size,
+            Err(e) => e.held().unwrap_or(0),
+        };
+        if offset == before && after > before {
+            layers.metrics().received_bytes(after - before);
+            if before > 0 {
+                layers.metrics().resumed(before);
+            }
+        }
+        if matches!(result, Ok(Outcome::Complete(_))) && offset < expected.size {
+            layers.metrics().received_layer();
+        }
+        (result, expected.size)
+    });
+    let (result, size) = task
+        .await
+        .map_err(|e| ReceiverError::Internal(format!("blob writer task failed: {e}")))?;
+    match result {
+        Ok(Outcome::Partial(n)) => Ok((StatusCode::NO_CONTENT, offset_headers(n, size))),
+        Ok(Outcome::Complete(_)) => Ok((StatusCode::NO_CONTENT, offset_headers(size, size))),
+        Err(e) => Err(upload_error(e)),
+    }
+}
+
+fn upload_error(e: UploadError) -> ReceiverError {
+    let held = e.held();
+    let message = e.to_string();
+    let error = match e {
+        UploadError::OffsetMismatch { .. } => ReceiverError::OffsetMismatch(message),
+        UploadError::InUse { .. } => ReceiverError::Conflict(message),
+        UploadError::TooLarge { size, .. } => ReceiverError::TooLarge {
+            size: size + 1,
+            limit: size,
+        },
+        UploadError::Mismatch { .. } => ReceiverError::ChecksumMismatch(message),
+        UploadError::StorageFull { .. } => ReceiverError::InsufficientStorage(message),
+        UploadError::Idle { .. } => ReceiverError::Timeout(message),
+        UploadError::Cut { .. } => ReceiverError::Validation(message),
+        UploadError::Io { error, .. } => ReceiverError::Io(error),
+    };
+    match held {
+        Some(offset) => ReceiverError::AtOffset {
+            error: Box::new(error),
+            offset,
+        },
+        None => error,
+    }
+}

@@ -1,0 +1,139 @@
+//! `/deployment/v2/releases`: register a signed release manifest, read its status, load it,
+//! deploy it.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use deploy_protocol::api::{DeploymentRecord, LoadResponse};
+use deploy_protocol::release::MAX_RELEASE_MANIFEST_BYTES;
+use deploy_protocol::{ErrorBody, ReleaseManifest, ReleaseStatus};
+use uuid::Uuid;
+
+use super::SignedJson;
+use crate::auth::Signed;
+use crate::error::{ReceiverError, Result};
+use crate::state::AppState;
+use crate::v2::releases::{Registered, ReleaseStoreError};
+
+/// Register a release: the config (its sha256 is the image id, its `rootfs.diff_ids` the layers'
+/// diffIDs in order), per layer the blob that carries it, the tags, and for `/deploy` the spec.
+/// Stored durably; the same body again is idempotent. The answer says which layers to send.
+#[utoipa::path(post, path = "/deployment/v2/releases", tag = "deployment",
+    params(crate::routes::SignatureHeaderParams),
+    request_body = ReleaseManifest,
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 201, description = "Registered now: where each layer stands", body = ReleaseStatus),
+        (status = 200, description = "Registered before with the same content", body = ReleaseStatus),
+        (status = 400, description = "VALIDATION_ERROR: unknown field, config not matching image_id or the layers, bad tag or spec, over 1 MiB", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 409, description = "CONFLICT: this release_id is registered with other content", body = ErrorBody),
+        (status = 413, description = "PACKAGE_TOO_LARGE: a blob is larger than MAX_PACKAGE_SIZE", body = ErrorBody),
+        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    SignedJson(manifest): SignedJson<ReleaseManifest, MAX_RELEASE_MANIFEST_BYTES>,
+) -> Result<(StatusCode, Json<ReleaseStatus>)> {
+    manifest
+        .validate()
+        .map_err(|e| ReceiverError::Validation(e.to_string()))?;
+    let limit = state.config().max_package_size;
+    if let Some(blob) = manifest
+        .layers
+        .iter()
+        .map(|l| &l.blob)
+        .find(|b| b.size > limit)
+    {
+        return Err(ReceiverError::TooLarge {
+            size: blob.size,
+            limit,
+        });
+    }
+    state.layers().sweep();
+    let registered = state
+        .layers()
+        .releases()
+        .register(&manifest)
+        .map_err(|e| match e {
+            ReleaseStoreError::Conflict(_) => ReceiverError::Conflict(e.to_string()),
+            ReleaseStoreError::Io(e) => ReceiverError::Io(e),
+        })?;
+    let status = crate::v2::status::status(&state, &manifest).await?;
+    let code = match registered {
+        Registered::New => StatusCode::CREATED,
+        Registered::Same => StatusCode::OK,
+    };
+    Ok((code, Json(status)))
+}
+
+/// Where each layer of a registered release stands now.
+#[utoipa::path(get, path = "/deployment/v2/releases/{id}", tag = "deployment",
+    params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "Per layer: present, received, partial (with offset) or missing", body = ReleaseStatus),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
+        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+    ))]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    Signed(()): Signed<()>,
+) -> Result<Json<ReleaseStatus>> {
+    let manifest = crate::v2::load::release(&state, id)?;
+    Ok(Json(crate::v2::status::status(&state, &manifest).await?))
+}
+
+/// Assemble the release's archive (layers the engine holds are named, not carried; received
+/// layers are checked against their signed diffIDs on the way), `docker load` it through the
+/// tar gate, and check that the image is the signed one (id, RootFS layers, tags).
+#[utoipa::path(post, path = "/deployment/v2/releases/{id}/load", tag = "deployment",
+    params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "Loaded (`package_id` is the release id)", body = LoadResponse),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
+        (status = 409, description = "LAYERS_MISSING: an ErrorBody with `missing_diff_ids` (the LayersMissingBody schema): send those layers' blobs and retry", body = ErrorBody),
+        (status = 422, description = "LOAD_FAILED: refused by the gate or Docker, or not the signed image; tags left as they were", body = ErrorBody),
+        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+    ))]
+pub async fn load(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    Signed(()): Signed<()>,
+) -> Result<Json<LoadResponse>> {
+    Ok(Json(crate::v2::load::load_release(&state, id).await?))
+}
+
+/// Load the release, then deploy the spec it signs, health-check, and roll back on failure,
+/// exactly as `/deployment/full`.
+#[utoipa::path(post, path = "/deployment/v2/releases/{id}/deploy", tag = "deployment",
+    params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
+    security(("deploy_hmac" = [])),
+    responses(
+        (status = 200, description = "SUCCEEDED", body = DeploymentRecord),
+        (status = 400, description = "VALIDATION_ERROR: no `deployment` in the release, bad spec", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+        (status = 403, description = "FORBIDDEN, or POLICY_DENIED", body = ErrorBody),
+        (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
+        (status = 409, description = "LAYERS_MISSING: an ErrorBody with `missing_diff_ids` (the LayersMissingBody schema), before any deployment record; or the FAILED record, if a layer went between the check and the load: send them and retry", body = ErrorBody),
+        (status = 422, description = "LOAD_FAILED or HEALTH_CHECK_FAILED: the record, FAILED or ROLLED_BACK, with `error`", body = DeploymentRecord),
+        (status = 500, description = "DEPLOY_FAILED: the record with `error`", body = DeploymentRecord),
+        (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),
+    ))]
+pub async fn deploy(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    Signed(()): Signed<()>,
+) -> Result<Json<DeploymentRecord>> {
+    let manifest = crate::v2::load::release(&state, id)?;
+    Ok(Json(
+        crate::deploy::deploy_release(&state, &manifest).await?,
+    ))
+}

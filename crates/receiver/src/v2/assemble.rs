@@ -1,0 +1,220 @@
+//! The archive a release is loaded from, streamed: both `docker save` formats at once, so that
+//! either of Docker's image stores takes it.
+//!
+//! - `manifest.json` (`[{"Config", "RepoTags", "Layers"}]`), read by the graph-driver store;
+//! - OCI layout: `oci-layout`, `index.json` (one descriptor per tag, annotated with
+//!   `io.containerd.image.name` and `org.opencontainers.image.ref.name`), the OCI manifest blob,
+//!   read by the containerd store (and `ctr images import`);
+//! - `blobs/sha256/<hex>`: the config and the uncompressed layer tars, named by diffID.
+//!
+//! Layers the engine already holds (by chain ID) are named in both manifests but not carried:
+//! Docker skips a layer whose chain ID it holds without opening its file. Carried layers are
+//! decompressed from the blob store while streaming and their sha256 and size compared with the
+//! signed diffID at their end; a difference breaks the stream, which the tar gate turns into a
+//! refused load.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use deploy_protocol::{Compression, ReleaseManifest, Sha256Digest};
+use futures::stream::{self, BoxStream, StreamExt};
+use sha2::Digest as _;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::archive::normalize_reference;
+
+const BLOCK: usize = 512;
+const CHUNK: usize = 256 * 1024;
+/// OCI media types.
+const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A layer the archive carries: read from a verified blob.
+#[derive(Debug, Clone)]
+pub struct CarriedLayer {
+    /// The signed diffID.
+    pub diff_id: Sha256Digest,
+    /// Uncompressed size (from the blob's verification).
+    pub size: u64,
+    /// The complete blob file.
+    pub path: std::path::PathBuf,
+    /// Its compression.
+    pub compression: Compression,
+}
+
+/// What goes into the archive besides the manifest.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Layers carried, by diffID.
+    pub carried: Vec<CarriedLayer>,
+    /// Uncompressed size of each layer in manifest order (for OCI descriptors; 0 when unknown).
+    pub sizes: Vec<u64>,
+}
+
+/// The archive as a byte stream (uncompressed tar).
+pub fn archive(manifest: &ReleaseManifest, plan: Plan) -> Pin<Box<dyn AsyncRead + Send>> {
+    let mut parts: Vec<BoxStream<'static, std::io::Result<Bytes>>> = Vec::new();
+    let mut file = |name: &str, data: Vec<u8>| {
+        parts.push(stream::iter(file_entry(name, data).into_iter().map(Ok)).boxed());
+    };
+    let config_hex = manifest.image_id.hex();
+    file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec());
+    file(&blob_path(&config_hex), manifest.config.clone());
+    let oci_manifest = oci_manifest(manifest, &plan.sizes);
+    let oci_digest = Sha256Digest::of(&oci_manifest);
+    file(&blob_path(&oci_digest.hex()), oci_manifest.clone());
+    file(
+        "index.json",
+        index(manifest, &oci_digest, oci_manifest.len()),
+    );
+    file("manifest.json", docker_manifest(manifest));
+    let mut seen = HashSet::new();
+    for layer in plan.carried {
+        if seen.insert(layer.diff_id) {
+            parts.push(layer_entry(layer));
+        }
+    }
+    parts.push(stream::iter([Ok(Bytes::from(vec![0u8; 2 * BLOCK]))]).boxed());
+    Box::pin(tokio_util::io::StreamReader::new(
+        stream::iter(parts).flatten(),
+    ))
+}
+
+fn blob_path(hex: &str) -> String {
+    format!("blobs/sha256/{hex}")
+}
+
+fn header(name: &str, size: u64) -> Bytes {
+    let mut header = tar::Header::new_ustar();
+    // Paths are `blobs/sha256/<64 hex>` at most: always within the 100-byte name field.
+    let _ = header.set_path(name);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    Bytes::copy_from_slice(header.as_bytes())
+}
+
+fn padding(size: u64) -> Bytes {
+    let rest = (size % BLOCK as u64) as usize;
+    Bytes::from(vec![0u8; if rest == 0 { 0 } else { BLOCK - rest }])
+}
+
+fn file_entry(name: &str, data: Vec<u8>) -> Vec<Bytes> {
+    let size = data.len() as u64;
+    vec![header(name, size), Bytes::from(data), padding(size)]
+}
+
+/// One carried layer: header, the decompressed blob checked against its diffID, padding.
+fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>> {
+    let head = stream::iter([Ok(header(&blob_path(&layer.diff_id.hex()), layer.size))]);
+    let tail = stream::iter([Ok(padding(layer.size))]);
+    struct Reading {
+        reader: Option<Pin<Box<dyn AsyncRead + Send>>>,
+        hasher: sha2::Sha256,
+        count: u64,
+        layer: CarriedLayer,
+    }
+    let start = Reading {
+        reader: None,
+        hasher: sha2::Sha256::new(),
+        count: 0,
+        layer,
+    };
+    let body = stream::unfold(Some(start), |state| async move {
+        let mut s = state?;
+        if s.reader.is_none() {
+            match tokio::fs::File::open(&s.layer.path).await {
+                Ok(f) => s.reader = Some(crate::load::decompress(f, s.layer.compression)),
+                Err(e) => return Some((Err(e), None)),
+            }
+        }
+        let reader = s.reader.as_mut()?;
+        let mut buf = vec![0u8; CHUNK];
+        match reader.read(&mut buf).await {
+            Err(e) => Some((Err(e), None)),
+            Ok(0) => {
+                let diff = Sha256Digest::from_hasher(std::mem::take(&mut s.hasher));
+                if diff != s.layer.diff_id || s.count != s.layer.size {
+                    let e = std::io::Error::other(format!(
+                        "layer {} decompressed to {} bytes with sha256 {diff}: not the signed layer",
+                        s.layer.diff_id, s.count
+                    ));
+                    return Some((Err(e), None));
+                }
+                None
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                s.count += n as u64;
+                if s.count > s.layer.size {
+                    let e = std::io::Error::other(format!(
+                        "layer {} decompresses to more than its {} bytes",
+                        s.layer.diff_id, s.layer.size
+                    ));
+                    return Some((Err(e), None));
+                }
+                s.hasher.update(&buf);
+                Some((Ok(Bytes::from(buf)), Some(s)))
+            }
+        }
+    });
+    head.chain(body).chain(tail).boxed()
+}
+
+fn oci_manifest(manifest: &ReleaseManifest, sizes: &[u64]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = manifest
+        .layers
+        .iter()
+        .zip(sizes)
+        .map(|(l, size)| serde_json::json!({"mediaType": MEDIA_LAYER, "digest": l.diff_id, "size": size}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": manifest.image_id, "size": manifest.config.len()},
+        "layers": layers,
+    }))
+    .unwrap_or_default()
+}
+
+fn index(manifest: &ReleaseManifest, digest: &Sha256Digest, size: usize) -> Vec<u8> {
+    let descriptor = |annotations: serde_json::Value| serde_json::json!({"mediaType": MEDIA_MANIFEST, "digest": digest, "size": size, "annotations": annotations});
+    let manifests: Vec<serde_json::Value> = if manifest.image_tags.is_empty() {
+        vec![descriptor(serde_json::json!({}))]
+    } else {
+        manifest
+            .image_tags
+            .iter()
+            .map(|tag| {
+                let tag_only = tag.rsplit_once(':').map_or(tag.as_str(), |(_, t)| t);
+                descriptor(serde_json::json!({
+                    "io.containerd.image.name": normalize_reference(tag),
+                    "org.opencontainers.image.ref.name": tag_only,
+                }))
+            })
+            .collect()
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": manifests,
+    }))
+    .unwrap_or_default()
+}
+
+fn docker_manifest(manifest: &ReleaseManifest) -> Vec<u8> {
+    let layers: Vec<String> = manifest
+        .layers
+        .iter()
+        .map(|l| blob_path(&l.diff_id.hex()))
+        .collect();
+    serde_json::to_vec(&serde_json::json!([{
+        "Config": blob_path(&manifest.image_id.hex()),
+        "RepoTags": manifest.image_tags,
+        "Layers": layers,
+    }]))
+    .unwrap_or_default()
+}

@@ -1,0 +1,330 @@
+//! Protocol v2 blob uploads against a real receiver (in process, on loopback) and the main
+//! Docker engine (read for its inventory; loads use unique tags, removed after): offsets are
+//! strict, bad blobs are discarded whole, a cut connection or a full disk keeps what arrived.
+
+mod common;
+
+use common::v2::{layer_tar, patch_cut, settled_offset, synthetic, Built, V2};
+use common::{guard, start_receiver, start_receiver_with, temp_dir};
+use deploy_protocol::{Checksum, Compression, LayerState, ReleaseStatus};
+use reqwest::StatusCode;
+
+fn tag(what: &str) -> String {
+    format!("layers-rx-{what}-{}:v1", uuid::Uuid::new_v4().simple())
+}
+
+async fn registered(v2: &V2, built: &Built) -> ReleaseStatus {
+    let answer = v2.register(&built.manifest).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    serde_json::from_value(answer.body).expect("ReleaseStatus")
+}
+
+#[tokio::test]
+async fn offsets_are_strict_and_a_mismatch_appends_nothing() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let built = synthetic(&[layer_tar("a", 64 * 1024, 1)], Compression::None, &[]).await;
+    let status = registered(&v2, &built).await;
+    assert_eq!(status.layers[0].state, LayerState::Missing);
+    let (blake3, blob) = built.blob(0);
+
+    let wrong = v2.patch(&blake3, 5, &blob[5..]).await;
+    assert_eq!(wrong.status, StatusCode::CONFLICT);
+    assert_eq!(wrong.code(), "OFFSET_MISMATCH");
+    assert_eq!(wrong.offset, Some(0));
+
+    let first = v2.patch(&blake3, 0, &blob[..1000]).await;
+    assert_eq!(first.status, StatusCode::NO_CONTENT, "{}", first.body);
+    assert_eq!(first.offset, Some(1000));
+    let again = v2.patch(&blake3, 500, &blob[500..]).await;
+    assert_eq!(
+        (again.status, again.code()),
+        (StatusCode::CONFLICT, "OFFSET_MISMATCH")
+    );
+    assert_eq!(
+        again.offset,
+        Some(1000),
+        "nothing appended at a wrong offset"
+    );
+    let head = v2.head(&blake3).await;
+    assert_eq!(
+        (head.offset, head.length),
+        (Some(1000), Some(blob.len() as u64))
+    );
+    let status = v2.status(built.manifest.release_id).await;
+    assert_eq!(status.body["layers"][0]["state"], "partial");
+    assert_eq!(status.body["layers"][0]["offset"], 1000);
+
+    let rest = v2.patch(&blake3, 1000, &blob[1000..]).await;
+    assert_eq!(rest.status, StatusCode::NO_CONTENT, "{}", rest.body);
+    assert_eq!(rest.offset, Some(blob.len() as u64));
+    let status = v2.status(built.manifest.release_id).await;
+    assert_eq!(status.body["layers"][0]["state"], "received");
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn tampered_blob_is_discarded_whole_with_checksum_mismatch() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let built = synthetic(&[layer_tar("a", 200 * 1024, 2)], Compression::Zstd, &[]).await;
+    registered(&v2, &built).await;
+    let (blake3, blob) = built.blob(0);
+    let mut tampered = blob.to_vec();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x55;
+    let answer = v2.patch(&blake3, 0, &tampered).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        answer.body
+    );
+    assert_eq!(answer.code(), "CHECKSUM_MISMATCH");
+    assert_eq!(
+        v2.head(&blake3).await.offset,
+        Some(0),
+        "nothing of it is kept"
+    );
+    let partial = receiver.state.layers().blobs().partial_path(&blake3);
+    assert!(!partial.exists());
+    let good = v2.patch(&blake3, 0, blob).await;
+    assert_eq!(good.status, StatusCode::NO_CONTENT, "{}", good.body);
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_layer_whose_content_does_not_match_its_diff_id_is_refused() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let signed = layer_tar("signed", 10 * 1024, 3);
+    let other = layer_tar("other", 10 * 1024, 4);
+    let mut built = synthetic(&[signed], Compression::Gzip, &[]).await;
+    // The blob entry names (and hashes) a blob whose content is another layer.
+    let liar = common::v2::compress(&other, Compression::Gzip).await;
+    let liar_blake3 = Checksum::of(&liar);
+    built.manifest.layers[0].blob.blake3 = liar_blake3;
+    built.manifest.layers[0].blob.size = liar.len() as u64;
+    registered(&v2, &built).await;
+    let answer = v2.patch(&liar_blake3, 0, &liar).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        answer.body
+    );
+    assert_eq!(answer.code(), "CHECKSUM_MISMATCH");
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("diffID"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(v2.head(&liar_blake3).await.offset, Some(0));
+    let load = v2.load(built.manifest.release_id).await;
+    assert_eq!(
+        (load.status, load.code()),
+        (StatusCode::CONFLICT, "LAYERS_MISSING")
+    );
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_blob_no_signed_release_names_is_not_found() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let bytes = b"no release names me".to_vec();
+    let blake3 = Checksum::of(&bytes);
+    let answer = v2.patch(&blake3, 0, &bytes).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::NOT_FOUND, "NOT_FOUND")
+    );
+    assert_eq!(v2.head(&blake3).await.status, StatusCode::NOT_FOUND);
+    assert!(!receiver
+        .state
+        .layers()
+        .blobs()
+        .partial_path(&blake3)
+        .exists());
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_blob_is_refused() {
+    let dir = temp_dir();
+    let receiver = start_receiver_with(dir.path(), |c| c.max_package_size = 100 * 1024).await;
+    let v2 = V2::new(&receiver.base);
+    // Declared over MAX_PACKAGE_SIZE: the release is refused.
+    let big = synthetic(&[layer_tar("big", 200 * 1024, 5)], Compression::None, &[]).await;
+    let answer = v2.register(&big.manifest).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "PACKAGE_TOO_LARGE")
+    );
+    // A body past the signed size: refused, never written past it.
+    let small = synthetic(&[layer_tar("small", 20 * 1024, 6)], Compression::None, &[]).await;
+    registered(&v2, &small).await;
+    let (blake3, blob) = small.blob(0);
+    let mut longer = blob.to_vec();
+    longer.extend_from_slice(&[0u8; 4096]);
+    let answer = v2.patch(&blake3, 0, &longer).await;
+    assert_eq!(
+        (answer.status, answer.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "PACKAGE_TOO_LARGE")
+    );
+    let held = answer.offset.expect("Upload-Offset");
+    assert!(held <= blob.len() as u64);
+    assert_eq!(v2.head(&blake3).await.offset, Some(held));
+    let rest = v2.patch(&blake3, held, &blob[held as usize..]).await;
+    assert_eq!(rest.status, StatusCode::NO_CONTENT, "{}", rest.body);
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_cut_at_several_points_resumes_from_the_durable_offset() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("cut");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    let tars = [layer_tar("one", 3 << 20, 7), layer_tar("two", 1 << 20, 8)];
+    let built = synthetic(&tars, Compression::None, &[&image]).await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+    let addr: std::net::SocketAddr = receiver
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let mut kept_exactly = 0;
+    for layer in 0..2 {
+        let (blake3, blob) = built.blob(layer);
+        let size = blob.len();
+        let mut held = 0usize;
+        for cut in [0, 1, 4096 + 7, size / 2, size - 1] {
+            if cut < held {
+                continue;
+            }
+            let stream = patch_cut(addr, &blake3, held as u64, size - held, &blob[held..cut]).await;
+            drop(stream);
+            // What the receiver read before the cut is kept; bytes of a connection that went
+            // before its body was read are not, and are sent again from the offset it reports.
+            let offset = settled_offset(&v2, &blake3).await as usize;
+            assert!(
+                (held..=cut).contains(&offset),
+                "offset {offset} after a cut at {cut}, {held} held before"
+            );
+            kept_exactly += usize::from(offset == cut);
+            held = offset;
+        }
+        let rest = v2.patch(&blake3, held as u64, &blob[held..]).await;
+        assert_eq!(rest.status, StatusCode::NO_CONTENT, "{}", rest.body);
+    }
+    eprintln!("10 cuts: {kept_exactly} kept every byte sent before the cut");
+    assert!(kept_exactly > 0, "no cut kept what it sent");
+    let load = v2.load(built.manifest.release_id).await;
+    assert_eq!(load.status, StatusCode::OK, "{}", load.body);
+    assert_eq!(load.body["image_id"], built.manifest.image_id.to_string());
+    let docker = common::docker().await;
+    let inspect = docker.inspect_image(&image).await.expect("loaded");
+    assert_eq!(
+        inspect.id.as_deref(),
+        Some(built.manifest.image_id.to_string().as_str())
+    );
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_release_naming_a_layer_nobody_holds_or_sent_is_layers_missing_until_sent() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("missing");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    let tars = [
+        layer_tar("base", 32 * 1024, 9),
+        layer_tar("top", 16 * 1024, 10),
+    ];
+    let built = synthetic(&tars, Compression::Zstd, &[&image]).await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+    let (top, top_blob) = built.blob(1);
+    assert_eq!(
+        v2.patch(&top, 0, top_blob).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let load = v2.load(built.manifest.release_id).await;
+    assert_eq!(
+        (load.status, load.code()),
+        (StatusCode::CONFLICT, "LAYERS_MISSING")
+    );
+    assert_eq!(
+        load.body["missing_diff_ids"],
+        serde_json::json!([built.manifest.layers[0].diff_id])
+    );
+    let docker = common::docker().await;
+    assert!(
+        docker.inspect_image(&image).await.is_err(),
+        "nothing tagged"
+    );
+    let (base, base_blob) = built.blob(0);
+    assert_eq!(
+        v2.patch(&base, 0, base_blob).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let load = v2.load(built.manifest.release_id).await;
+    assert_eq!(load.status, StatusCode::OK, "{}", load.body);
+    let inspect = docker.inspect_image(&image).await.expect("loaded");
+    assert_eq!(
+        inspect.id.as_deref(),
+        Some(built.manifest.image_id.to_string().as_str())
+    );
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_load_whose_stream_carries_an_error_fails_and_tags_nothing() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("broken");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    // A "layer" that is not a tar: its diffID is honest, so it passes the blob checks, and
+    // Docker's load fails on it (an `errorDetail` in the load stream).
+    let mut garbage = vec![0u8; 10_000];
+    blake3::Hasher::new()
+        .update(b"garbage")
+        .finalize_xof()
+        .fill(&mut garbage);
+    let built = synthetic(&[garbage], Compression::None, &[&image]).await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+    let (blake3, blob) = built.blob(0);
+    assert_eq!(
+        v2.patch(&blake3, 0, blob).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let load = v2.load(built.manifest.release_id).await;
+    assert_eq!(
+        (load.status, load.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "LOAD_FAILED"),
+        "{}",
+        load.body
+    );
+    let docker = common::docker().await;
+    assert!(
+        docker.inspect_image(&image).await.is_err(),
+        "nothing tagged"
+    );
+    receiver.stop().await;
+}

@@ -1,0 +1,136 @@
+//! Protocol v2 blob uploads under faults the receiver process must survive: SIGKILL mid-blob
+//! and restart (the real binary as a child process), and a disk that fills up mid-blob (a small
+//! tmpfs as PACKAGE_DIR). Loopback and the main Docker engine only.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::v2::{layer_tar, patch_cut, synthetic, wait_offset, V2};
+use common::{guard, start_daemon, start_receiver_with, temp_dir};
+use deploy_protocol::Compression;
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn receiver_sigkilled_mid_blob_resumes_from_its_durable_offset_after_restart() {
+    let dir = temp_dir();
+    let (packages, state) = (dir.path().join("packages"), dir.path().join("state"));
+    let daemon = start_daemon(&packages, &state, &[]);
+    let v2 = V2::new(&daemon.base);
+    let image = format!("layers-rx-sigkill-{}:v1", uuid::Uuid::new_v4().simple());
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    let built = synthetic(
+        &[layer_tar("big", 16 << 20, 11)],
+        Compression::None,
+        &[&image],
+    )
+    .await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    let answer = v2.register(&built.manifest).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let (blake3, blob) = built.blob(0);
+    let sent = 10 << 20;
+    let _open = patch_cut(daemon.addr, &blake3, 0, blob.len(), &blob[..sent]).await;
+    let partial = packages.join("blobs/partial").join(blake3.to_hex());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < sent as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the receiver never wrote the first {sent} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.sigkill();
+
+    let daemon = start_daemon(&packages, &state, &[]);
+    let v2 = V2::new(&daemon.base);
+    let head = v2.head(&blake3).await;
+    assert_eq!(head.status, StatusCode::OK);
+    let held = head.offset.expect("Upload-Offset");
+    assert_eq!(
+        held, sent as u64,
+        "the bytes written before the kill are the durable offset"
+    );
+    let rest = v2.patch(&blake3, held, &blob[held as usize..]).await;
+    assert_eq!(rest.status, StatusCode::NO_CONTENT, "{}", rest.body);
+    let status = v2.status(built.manifest.release_id).await;
+    assert_eq!(status.body["layers"][0]["state"], "received");
+    let load = v2.load(built.manifest.release_id).await;
+    assert_eq!(load.status, StatusCode::OK, "{}", load.body);
+    assert_eq!(load.body["image_id"], built.manifest.image_id.to_string());
+    drop(daemon);
+}
+
+/// A tmpfs mounted on a fresh directory; unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = temp_dir();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "this test needs to mount a small tmpfs as the package directory (run as root, as CI does)");
+        Self { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "remount the tmpfs larger");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test]
+async fn disk_full_mid_blob_is_507_and_the_partial_is_kept_for_a_resume() {
+    let fs = Tmpfs::mount("8m");
+    let state_dir = temp_dir();
+    let receiver = start_receiver_with(fs.dir.path(), |c| {
+        c.package_dir = fs.dir.path().join("packages");
+        c.state_dir = Some(state_dir.path().to_owned());
+    })
+    .await;
+    let v2 = V2::new(&receiver.base);
+    let built = synthetic(&[layer_tar("fill", 12 << 20, 12)], Compression::None, &[]).await;
+    let answer = v2.register(&built.manifest).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
+    let (blake3, blob) = built.blob(0);
+    let full = v2.patch(&blake3, 0, blob).await;
+    assert_eq!(
+        full.status,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "{}",
+        full.body
+    );
+    assert_eq!(full.code(), "INSUFFICIENT_STORAGE");
+    let held = full.offset.expect("Upload-Offset");
+    assert!(held > 0 && held < blob.len() as u64, "{held}");
+    wait_offset(&v2, &blake3, held).await;
+    let partial = receiver.state.layers().blobs().partial_path(&blake3);
+    assert_eq!(
+        std::fs::metadata(&partial).map(|m| m.len()).ok(),
+        Some(held)
+    );
+
+    fs.resize("32m");
+    let rest = v2.patch(&blake3, held, &blob[held as usize..]).await;
+    assert_eq!(rest.status, StatusCode::NO_CONTENT, "{}", rest.body);
+    assert_eq!(rest.offset, Some(blob.len() as u64));
+    receiver.stop().await;
+}

@@ -1,0 +1,289 @@
+//! Resumable blob upload (protocol v2): `HEAD` asks the receiver how many bytes of a blob it
+//! holds durably, `PATCH` sends the rest from exactly there. A dropped connection, a timeout or a
+//! busy receiver is followed by the backoff, a `HEAD` and a `PATCH` from the offset it reports; a
+//! `409` (offset mismatch, or another writer still finishing) by a `HEAD`: bytes are never sent
+//! at an offset the receiver has not confirmed. An attempt that moves the offset forward starts
+//! the backoff afresh, so a flaky link still finishes.
+
+use std::io::SeekFrom;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploy_protocol::release::{paths, BlobRef, BLOB_CONTENT_TYPE, UPLOAD_OFFSET};
+use deploy_protocol::{Checksum, ErrorCode};
+use futures::TryStreamExt;
+use reqwest::{Method, StatusCode, Url};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::releases::{backoff, signed, ReleaseCalls};
+use super::retry::{classify_send_error, remote_error};
+use crate::SenderError;
+
+/// Most `409` answers in a row before giving up (each is followed by a `HEAD`).
+const MAX_CONFLICTS: usize = 8;
+
+/// How one blob went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobOutcome {
+    /// Blob bytes put on the wire (a stretch sent twice counts twice).
+    pub sent: u64,
+    /// The highest offset sending resumed from: the receiver's offset at the start (> 0 after an
+    /// earlier, interrupted transfer) or after an interruption during this call.
+    pub resumed_from: u64,
+    /// Interruptions resumed from during this call (dropped connections, conflicts).
+    pub interruptions: u32,
+}
+
+/// One request's result.
+enum Attempt {
+    /// The receiver holds this many bytes.
+    Held(u64),
+    /// 409: another offset, or another writer.
+    Conflict,
+    /// Worth trying again after the backoff.
+    Transient(SenderError),
+    /// Not worth trying again.
+    Fatal(SenderError),
+}
+
+fn upload_offset(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get(UPLOAD_OFFSET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// A failed send: a connection that could not be made or broke is worth resuming (offsets make
+/// every `PATCH` safe to repeat); a refused TLS handshake is not.
+fn send_failure(url: &Url, e: reqwest::Error) -> Attempt {
+    let error = classify_send_error(url, e);
+    match &error {
+        SenderError::RemoteUnreachable { detail, .. } if detail.contains("TLS handshake") => {
+            Attempt::Fatal(error)
+        }
+        _ => Attempt::Transient(error),
+    }
+}
+
+impl ReleaseCalls<'_> {
+    /// The receiver's durable offset of `blob` (`NOT_FOUND` when no stored release names it),
+    /// retrying transient failures with the backoff.
+    pub async fn blob_offset(&self, blob: &BlobRef) -> Result<u64, SenderError> {
+        let mut delays = backoff(self.policy);
+        loop {
+            let error = match self.head(blob).await {
+                Attempt::Held(offset) => return Ok(offset),
+                Attempt::Fatal(e) => return Err(e),
+                Attempt::Transient(e) => e,
+                Attempt::Conflict => SenderError::TransferFailed("HEAD answered 409".into()),
+            };
+            let Some(delay) = delays.next() else {
+                return Err(error);
+            };
+            tracing::warn!(blob = %blob.blake3, error = %error, "HEAD of a blob failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn head(&self, blob: &BlobRef) -> Attempt {
+        let (url, request) = signed(
+            self.http,
+            self.target,
+            Method::HEAD,
+            &paths::blob(&blob.blake3),
+            &Checksum::of(&[]),
+            self.correlation_id,
+        );
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return send_failure(&url, e),
+        };
+        let status = response.status();
+        match (status, upload_offset(&response)) {
+            (StatusCode::OK, Some(offset)) => Attempt::Held(offset),
+            (StatusCode::OK, None) => Attempt::Fatal(SenderError::TransferFailed(format!(
+                "{url} answered HEAD without {UPLOAD_OFFSET}: is it a deploy-receiver of protocol v2?"
+            ))),
+            (s, _) if is_transient(s) => Attempt::Transient(SenderError::TransferFailed(format!(
+                "HEAD {url} answered {s}"
+            ))),
+            (s, _) => {
+                let code = match s.as_u16() {
+                    401 => ErrorCode::Unauthorized,
+                    403 => ErrorCode::Forbidden,
+                    404 => ErrorCode::NotFound,
+                    _ => ErrorCode::TransferFailed,
+                };
+                Attempt::Fatal(SenderError::Remote {
+                    status: s.as_u16(),
+                    code,
+                    message: format!(
+                        "HEAD {url} answered {s}: the receiver has no signed release naming blob {}",
+                        blob.blake3
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Sends `blob` (the file at `path`) from `offset`, the receiver's durable offset, to its
+    /// end, resuming as the module comment says. `on_progress` hears the offset reached.
+    pub async fn send_blob(
+        &self,
+        blob: &BlobRef,
+        path: &Path,
+        mut offset: u64,
+        on_progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<BlobOutcome, SenderError> {
+        let mut outcome = BlobOutcome {
+            resumed_from: offset,
+            ..BlobOutcome::default()
+        };
+        let mut delays = backoff(self.policy);
+        let mut conflicts = 0;
+        while offset < blob.size {
+            let sent = Arc::new(AtomicU64::new(0));
+            let attempt = self
+                .patch(blob, path, offset, Arc::clone(&sent), on_progress)
+                .await;
+            outcome.sent += sent.load(Ordering::Relaxed);
+            let before = offset;
+            match attempt {
+                Attempt::Held(now) if now > offset => {
+                    offset = now;
+                    conflicts = 0;
+                    delays = backoff(self.policy);
+                    continue;
+                }
+                Attempt::Held(_) | Attempt::Conflict => {
+                    conflicts += 1;
+                    outcome.interruptions += 1;
+                    if conflicts > MAX_CONFLICTS {
+                        return Err(SenderError::TransferFailed(format!(
+                            "blob {} kept conflicting at offset {offset}: is another sender \
+                             uploading it at the same time?",
+                            blob.blake3
+                        )));
+                    }
+                    if conflicts > 1 {
+                        // Another writer (our own cut connection) may still be finishing.
+                        tokio::time::sleep(self.policy.min_delay).await;
+                    }
+                }
+                Attempt::Transient(e) => {
+                    outcome.interruptions += 1;
+                    let Some(delay) = delays.next() else {
+                        return Err(e);
+                    };
+                    tracing::warn!(
+                        blob = %blob.blake3, offset, error = %e,
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "blob transfer interrupted; resuming from the receiver's offset"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Attempt::Fatal(e) => return Err(e),
+            }
+            // Continue from the receiver's durable offset, never from our own idea of it.
+            offset = self.blob_offset(blob).await?;
+            outcome.resumed_from = outcome.resumed_from.max(offset.min(blob.size));
+            on_progress(offset);
+            if offset > before {
+                delays = backoff(self.policy);
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn patch(
+        &self,
+        blob: &BlobRef,
+        path: &Path,
+        offset: u64,
+        sent: Arc<AtomicU64>,
+        on_progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Attempt {
+        let local = |e: std::io::Error| {
+            Attempt::Fatal(SenderError::io(
+                format!("cannot read blob {}", path.display()),
+                e,
+            ))
+        };
+        let mut file = match tokio::fs::File::open(path).await {
+            Ok(f) => f,
+            Err(e) => return local(e),
+        };
+        match file.metadata().await {
+            Ok(m) if m.len() == blob.size => {}
+            Ok(m) => {
+                return Attempt::Fatal(SenderError::ChecksumMismatch(format!(
+                    "cached blob {} is {} bytes, {} expected: the layer cache changed under the \
+                     transfer",
+                    path.display(),
+                    m.len(),
+                    blob.size
+                )))
+            }
+            Err(e) => return local(e),
+        }
+        if let Err(e) = file.seek(SeekFrom::Start(offset)).await {
+            return local(e);
+        }
+        let remaining = blob.size - offset;
+        let counter = Arc::clone(&sent);
+        let body = tokio_util::io::ReaderStream::with_capacity(file.take(remaining), 256 * 1024)
+            .inspect_ok(move |chunk| {
+                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            });
+        let (url, request) = signed(
+            self.http,
+            self.target,
+            Method::PATCH,
+            &paths::blob(&blob.blake3),
+            &blob.blake3,
+            self.correlation_id,
+        );
+        let send = request
+            .header(UPLOAD_OFFSET, offset.to_string())
+            .header(reqwest::header::CONTENT_TYPE, BLOB_CONTENT_TYPE)
+            .header(reqwest::header::CONTENT_LENGTH, remaining.to_string())
+            .body(reqwest::Body::wrap_stream(body))
+            .send();
+        tokio::pin!(send);
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        let response = loop {
+            tokio::select! {
+                r = &mut send => break r,
+                _ = ticker.tick() => on_progress(offset + sent.load(Ordering::Relaxed)),
+            }
+        };
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => return send_failure(&url, e),
+        };
+        let status = response.status();
+        let held = upload_offset(&response);
+        if status.is_success() {
+            let now = held.unwrap_or(offset + remaining);
+            on_progress(now);
+            return Attempt::Held(now);
+        }
+        if status == StatusCode::CONFLICT {
+            return Attempt::Conflict;
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        let error = remote_error(&url, status.as_u16(), &body);
+        if is_transient(status) {
+            Attempt::Transient(error)
+        } else {
+            Attempt::Fatal(error)
+        }
+    }
+}

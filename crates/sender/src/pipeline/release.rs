@@ -1,0 +1,557 @@
+//! Sending an image as a release (protocol v2): its layers come from the layer cache (exported
+//! and compressed only when missing there), the receiver says which chain IDs its engine holds,
+//! the signed release manifest is registered, only the blobs the receiver lacks travel (each
+//! resumable from the receiver's durable offset), then the receiver loads or deploys it. A layer
+//! that vanished from the engine between inventory and load (`LAYERS_MISSING`) is sent and the
+//! load retried once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::release::{
+    BlobRef, ImageStore, LayerEntry, LayerState, ReleaseManifest, ReleaseStatus, Sha256Digest,
+};
+use deploy_protocol::DeploymentSpec;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::build::build_image;
+use super::deploy::{DeployFailure, DeployRequest};
+use super::layers::{prepare_image, LayerCache, PrepareStats, PreparedImage, PreparedLayer};
+use super::package::{ImageSource, PackageRequest};
+use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
+use crate::pipeline::progress::{Progress, ProgressExt, Stage};
+use crate::pipeline::store::now_rfc3339;
+use crate::SenderError;
+
+/// What the receiver does with the release once every layer is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseAction {
+    /// Only make the receiver hold every blob (the v2 counterpart of `/deployment/upload`).
+    Store,
+    /// `docker load` only.
+    Load,
+    /// Load, then deploy, health-check and roll back like `/deployment/full`.
+    Deploy(Box<DeploymentSpec>),
+}
+
+/// What happened to one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerFate {
+    /// The target's engine holds it: nothing sent.
+    Present,
+    /// The receiver already held the whole blob (an earlier transfer): nothing sent.
+    Received,
+    /// Sent whole.
+    Sent,
+    /// Sent from an offset the receiver already held, or after an interruption.
+    Resumed,
+}
+
+impl LayerFate {
+    /// As shown to people.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LayerFate::Present => "present on target",
+            LayerFate::Received => "already received",
+            LayerFate::Sent => "sent",
+            LayerFate::Resumed => "resumed",
+        }
+    }
+}
+
+/// One layer of the release, as the transfer saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LayerReport {
+    /// The layer's diffID.
+    pub diff_id: String,
+    /// BLAKE3 of its blob.
+    pub blake3: String,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// What happened to it.
+    pub fate: LayerFate,
+    /// Blob bytes put on the wire for it.
+    pub bytes_sent: u64,
+    /// The receiver's offset when sending started (> 0: resumed from there).
+    pub resumed_from: u64,
+}
+
+/// Totals of a release transfer: "sent X of Y (Z % already there)".
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReleaseTotals {
+    /// Layers in the image (distinct blobs).
+    pub layers: usize,
+    /// Layers the target's engine held.
+    pub present: usize,
+    /// Layers the receiver held as complete blobs already.
+    pub received: usize,
+    /// Layers sent whole.
+    pub sent: usize,
+    /// Layers resumed.
+    pub resumed: usize,
+    /// Compressed bytes of all blobs.
+    pub bytes_total: u64,
+    /// Blob bytes put on the wire.
+    pub bytes_sent: u64,
+    /// Blob bytes the target already had (present layers, received blobs, resumed offsets).
+    pub bytes_already_there: u64,
+    /// `bytes_already_there / bytes_total` in percent.
+    pub percent_already_there: f64,
+    /// Blob bytes of layers not sent at all (present on the target or received earlier).
+    #[serde(skip)]
+    pub skipped_bytes: u64,
+}
+
+impl ReleaseTotals {
+    /// Blob bytes of layers not sent at all (present on the target or received earlier).
+    pub fn bytes_skipped(&self) -> u64 {
+        self.skipped_bytes
+    }
+
+    /// "sent 12.3 MB of 80.1 MB (84.6 % already there)".
+    pub fn summary(&self) -> String {
+        format!(
+            "sent {} of {} ({:.1} % already there)",
+            human(self.bytes_sent),
+            human(self.bytes_total),
+            self.percent_already_there
+        )
+    }
+}
+
+fn human(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+/// A release delivered: per layer what happened, the totals, and the receiver's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReleaseOutcome {
+    /// The release id.
+    pub release_id: Uuid,
+    /// The image id (the build host's; the receiver checks the loaded image has it).
+    pub image_id: String,
+    /// Tags the release carries.
+    pub image_tags: Vec<String>,
+    /// The receiver's engine version.
+    pub engine_version: String,
+    /// The receiver's image store.
+    pub image_store: ImageStore,
+    /// What preparing the layers cost on this host.
+    pub prepare: PrepareStats,
+    /// Per layer, bottom first (each distinct blob once).
+    pub layers: Vec<LayerReport>,
+    /// Totals.
+    pub totals: ReleaseTotals,
+    /// "sent X of Y (Z % already there)".
+    pub summary: String,
+    /// Milliseconds from the inventory to the receiver's final answer.
+    pub transfer_duration_ms: u64,
+    /// The receiver's `LoadResponse`, for a load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<serde_json::Value>,
+    /// The receiver's record, for a deploy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<DeploymentRecord>,
+}
+
+fn digest(s: &str) -> Result<Sha256Digest, SenderError> {
+    s.parse()
+        .map_err(|e| SenderError::Internal(format!("bad digest {s:?}: {e}")))
+}
+
+/// The signed manifest of `image` for `action`.
+pub fn release_manifest(
+    image: &PreparedImage,
+    action: &ReleaseAction,
+) -> Result<ReleaseManifest, SenderError> {
+    let mut layers = Vec::with_capacity(image.layers.len());
+    for layer in &image.layers {
+        layers.push(LayerEntry {
+            diff_id: digest(&layer.diff_id)?,
+            blob: blob_ref(layer),
+            uncompressed_size: Some(layer.blob.uncompressed_size),
+        });
+    }
+    let deployment = match action {
+        ReleaseAction::Store | ReleaseAction::Load => None,
+        ReleaseAction::Deploy(spec) => {
+            let mut spec = (**spec).clone();
+            if spec.image.is_none() {
+                spec.image = Some(
+                    image
+                        .tags
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| image.image_id.clone()),
+                );
+            }
+            spec.validate().map_err(SenderError::Validation)?;
+            Some(spec)
+        }
+    };
+    let manifest = ReleaseManifest {
+        release_id: Uuid::new_v4(),
+        image_id: digest(&image.image_id)?,
+        config: image.config.clone(),
+        layers,
+        image_tags: image.tags.clone(),
+        created_at: Some(now_rfc3339()),
+        deployment,
+    };
+    manifest
+        .validate()
+        .map_err(|e| SenderError::Validation(e.to_string()))?;
+    Ok(manifest)
+}
+
+fn blob_ref(layer: &PreparedLayer) -> BlobRef {
+    BlobRef {
+        blake3: layer.blob.blake3,
+        size: layer.blob.size,
+        compression: layer.blob.compression,
+    }
+}
+
+/// Sends `image` to the receiver of `calls` and has it loaded or deployed (see the module
+/// comment). Progress: [`Stage::Upload`] with bytes sent of bytes to send and a line per layer,
+/// then [`Stage::Deploy`] while the receiver loads (and deploys).
+pub async fn send_release(
+    calls: ReleaseCalls<'_>,
+    image: &PreparedImage,
+    action: &ReleaseAction,
+    progress: Arc<dyn Progress>,
+) -> Result<ReleaseOutcome, SenderError> {
+    let started = Instant::now();
+    let manifest = release_manifest(image, action)?;
+    let inventory = calls.inventory(manifest.chain_ids()).await?;
+    let status = calls.register(&manifest).await?;
+    let by_blake3: HashMap<_, _> = image.layers.iter().map(|l| (l.blob.blake3, l)).collect();
+
+    let mut reports = initial_reports(&status);
+    let to_send: u64 = status
+        .blobs_to_send()
+        .iter()
+        .map(|l| l.size - l.offset.min(l.size))
+        .sum();
+    progress.advance(Stage::Upload, 0, Some(to_send));
+    for report in reports.iter().filter(|r| r.fate != LayerFate::Sent) {
+        progress.message(Stage::Upload, &layer_line(report));
+    }
+    let sent_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for layer in status.blobs_to_send() {
+        let prepared = by_blake3.get(&layer.blake3).ok_or_else(|| {
+            SenderError::Internal(format!(
+                "the receiver asked for unknown blob {}",
+                layer.blake3
+            ))
+        })?;
+        let outcome = send_one(
+            &calls,
+            prepared,
+            layer.offset,
+            &progress,
+            &sent_before,
+            to_send,
+        )
+        .await?;
+        if let Some(report) = reports
+            .iter_mut()
+            .find(|r| r.blake3 == layer.blake3.to_hex())
+        {
+            record(report, &outcome);
+            progress.message(Stage::Upload, &layer_line(report));
+        }
+    }
+    progress.finish(
+        Stage::Upload,
+        sent_before.load(std::sync::atomic::Ordering::Relaxed),
+    );
+
+    let mut retried = false;
+    let (load, deployment) = loop {
+        if *action == ReleaseAction::Store {
+            break (None, None);
+        }
+        progress.message(Stage::Deploy, "receiver: assemble, verify, load");
+        let result = match action {
+            ReleaseAction::Store => Ok((None, None)),
+            ReleaseAction::Load => calls
+                .load(manifest.release_id)
+                .await
+                .map(|l| (Some(l), None)),
+            ReleaseAction::Deploy(_) => calls
+                .deploy(manifest.release_id)
+                .await
+                .map(|d| (None, Some(d))),
+        };
+        match result {
+            Ok(done) => break done,
+            Err(FinishError::LayersMissing(missing)) if !retried => {
+                retried = true;
+                tracing::warn!(
+                    ?missing,
+                    "layers vanished from the target since the inventory; sending them"
+                );
+                for diff_id in missing {
+                    let text = diff_id.to_string();
+                    let prepared =
+                        image
+                            .layers
+                            .iter()
+                            .find(|l| l.diff_id == text)
+                            .ok_or_else(|| {
+                                SenderError::Internal(format!(
+                                    "the receiver asked for unknown layer {text}"
+                                ))
+                            })?;
+                    let offset = calls.blob_offset(&blob_ref(prepared)).await?;
+                    let outcome =
+                        send_one(&calls, prepared, offset, &progress, &sent_before, to_send)
+                            .await?;
+                    if let Some(report) = reports.iter_mut().find(|r| r.diff_id == text) {
+                        record(report, &outcome);
+                        progress.message(Stage::Upload, &layer_line(report));
+                    }
+                }
+            }
+            Err(e) => {
+                progress.finish(Stage::Deploy, 0);
+                return Err(e.into_sender());
+            }
+        }
+    };
+    progress.finish(Stage::Deploy, 0);
+    if let Some(record) = &deployment {
+        if record.status != DeploymentStatus::Succeeded {
+            return Err(SenderError::Deployment(Box::new(record.clone())));
+        }
+    }
+    let totals = totals(&reports);
+    let summary = totals.summary();
+    progress.message(Stage::Upload, &summary);
+    Ok(ReleaseOutcome {
+        release_id: manifest.release_id,
+        image_id: image.image_id.clone(),
+        image_tags: image.tags.clone(),
+        engine_version: inventory.engine_version,
+        image_store: inventory.image_store,
+        prepare: image.stats.clone(),
+        layers: reports,
+        totals,
+        summary,
+        transfer_duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        load,
+        deployment,
+    })
+}
+
+async fn send_one(
+    calls: &ReleaseCalls<'_>,
+    layer: &PreparedLayer,
+    offset: u64,
+    progress: &Arc<dyn Progress>,
+    sent_before: &Arc<std::sync::atomic::AtomicU64>,
+    to_send: u64,
+) -> Result<BlobOutcome, SenderError> {
+    use std::sync::atomic::Ordering;
+    let base = sent_before.load(Ordering::Relaxed);
+    let reporter = Arc::clone(progress);
+    let start = offset;
+    let on_progress = move |reached: u64| {
+        let done = base + reached.saturating_sub(start);
+        reporter.advance(Stage::Upload, done, Some(to_send.max(done)));
+    };
+    let outcome = calls
+        .send_blob(&blob_ref(layer), &layer.blob.path, offset, &on_progress)
+        .await?;
+    sent_before.fetch_add(
+        layer.blob.size - offset.min(layer.blob.size),
+        Ordering::Relaxed,
+    );
+    Ok(outcome)
+}
+
+fn initial_reports(status: &ReleaseStatus) -> Vec<LayerReport> {
+    let mut seen = std::collections::HashSet::new();
+    status
+        .layers
+        .iter()
+        .filter(|l| seen.insert(l.blake3))
+        .map(|l| LayerReport {
+            diff_id: l.diff_id.to_string(),
+            blake3: l.blake3.to_hex(),
+            size: l.size,
+            fate: match l.state {
+                LayerState::Present => LayerFate::Present,
+                LayerState::Received => LayerFate::Received,
+                LayerState::Partial => LayerFate::Resumed,
+                LayerState::Missing => LayerFate::Sent,
+            },
+            bytes_sent: 0,
+            resumed_from: if l.state == LayerState::Partial {
+                l.offset
+            } else {
+                0
+            },
+        })
+        .collect()
+}
+
+fn record(report: &mut LayerReport, outcome: &BlobOutcome) {
+    report.bytes_sent += outcome.sent;
+    report.resumed_from = report.resumed_from.max(outcome.resumed_from);
+    report.fate = if outcome.resumed_from > 0 || outcome.interruptions > 0 {
+        LayerFate::Resumed
+    } else {
+        LayerFate::Sent
+    };
+}
+
+fn layer_line(report: &LayerReport) -> String {
+    let short = report
+        .diff_id
+        .trim_start_matches("sha256:")
+        .get(..12)
+        .unwrap_or_default()
+        .to_owned();
+    match report.fate {
+        LayerFate::Resumed if report.resumed_from > 0 => format!(
+            "layer {short} {}: resumed from {}",
+            human(report.size),
+            human(report.resumed_from)
+        ),
+        fate => format!("layer {short} {}: {}", human(report.size), fate.as_str()),
+    }
+}
+
+fn totals(reports: &[LayerReport]) -> ReleaseTotals {
+    let mut t = ReleaseTotals {
+        layers: reports.len(),
+        ..ReleaseTotals::default()
+    };
+    for r in reports {
+        t.bytes_total += r.size;
+        t.bytes_sent += r.bytes_sent;
+        match r.fate {
+            LayerFate::Present => t.present += 1,
+            LayerFate::Received => t.received += 1,
+            LayerFate::Sent => t.sent += 1,
+            LayerFate::Resumed => t.resumed += 1,
+        }
+        if matches!(r.fate, LayerFate::Present | LayerFate::Received) {
+            t.skipped_bytes += r.size;
+        }
+        t.bytes_already_there += match r.fate {
+            LayerFate::Present | LayerFate::Received => r.size,
+            LayerFate::Resumed => r.resumed_from,
+            LayerFate::Sent => 0,
+        };
+    }
+    t.percent_already_there = if t.bytes_total > 0 {
+        100.0 * t.bytes_already_there as f64 / t.bytes_total as f64
+    } else {
+        100.0
+    };
+    t
+}
+
+/// Builds the image of `request` if asked, prepares its layers in `cache` and deploys it to
+/// `target` as a release (only the layers the target lacks travel). The layer-aware counterpart
+/// of [`deploy`](super::deploy::deploy); a failure carries no package (there is none).
+pub async fn deploy_release(
+    docker: &bollard::Docker,
+    cache: &LayerCache,
+    calls: ReleaseCalls<'_>,
+    request: &DeployRequest,
+    progress: Arc<dyn Progress>,
+) -> Result<ReleaseOutcome, DeployFailure> {
+    let fail = |error| DeployFailure {
+        package: None,
+        error,
+    };
+    let mut check = request.deployment.clone();
+    check.image = None;
+    check
+        .validate()
+        .map_err(|e| fail(SenderError::Validation(e)))?;
+    let image = prepare_source(docker, cache, &request.package, Arc::clone(&progress))
+        .await
+        .map_err(fail)?;
+    let action = ReleaseAction::Deploy(Box::new(request.deployment.clone()));
+    send_release(calls, &image, &action, progress)
+        .await
+        .map_err(fail)
+}
+
+/// Builds (for [`ImageSource::Build`]) or takes the image, and prepares its layers.
+pub async fn prepare_source(
+    docker: &bollard::Docker,
+    cache: &LayerCache,
+    request: &PackageRequest,
+    progress: Arc<dyn Progress>,
+) -> Result<PreparedImage, SenderError> {
+    let reference = match &request.source {
+        ImageSource::Build(spec) => build_image(docker, spec, &*progress).await?.tag,
+        ImageSource::Existing(reference) => reference.clone(),
+    };
+    prepare_image(docker, cache, &reference, &request.compression, progress).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(size: u64, fate: LayerFate, bytes_sent: u64, resumed_from: u64) -> LayerReport {
+        LayerReport {
+            diff_id: format!("sha256:{}", "a".repeat(64)),
+            blake3: "b".repeat(64),
+            size,
+            fate,
+            bytes_sent,
+            resumed_from,
+        }
+    }
+
+    #[test]
+    fn totals_count_what_was_already_there() {
+        let t = totals(&[
+            report(600, LayerFate::Present, 0, 0),
+            report(100, LayerFate::Received, 0, 0),
+            report(200, LayerFate::Resumed, 150, 50),
+            report(100, LayerFate::Sent, 100, 0),
+        ]);
+        assert_eq!(
+            (t.layers, t.present, t.received, t.resumed, t.sent),
+            (4, 1, 1, 1, 1)
+        );
+        assert_eq!(t.bytes_total, 1000);
+        assert_eq!(t.bytes_sent, 250);
+        assert_eq!(t.bytes_already_there, 750);
+        assert_eq!(t.bytes_skipped(), 700);
+        assert_eq!(t.summary(), "sent 0.0 MB of 0.0 MB (75.0 % already there)");
+    }
+
+    #[test]
+    fn a_blob_is_resumed_when_it_started_past_zero_or_was_interrupted() {
+        let mut r = report(100, LayerFate::Sent, 0, 0);
+        record(&mut r, &BlobOutcome::default());
+        assert_eq!(r.fate, LayerFate::Sent);
+        record(
+            &mut r,
+            &BlobOutcome {
+                sent: 40,
+                resumed_from: 60,
+                interruptions: 1,
+            },
+        );
+        assert_eq!(
+            (r.fate, r.resumed_from, r.bytes_sent),
+            (LayerFate::Resumed, 60, 40)
+        );
+        assert!(layer_line(&r).contains("resumed from"));
+    }
+}

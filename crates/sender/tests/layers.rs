@@ -1,0 +1,246 @@
+//! The layer cache against the real Docker engine: multi-layer images built `FROM scratch` with
+//! the static busybox (a base image, and apps built `FROM` it, so their lower layer is shared and
+//! stable), split from one `docker save`, compressed once, reused without any export.
+//! Without a reachable engine these tests fail; they never skip.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use bollard::Docker;
+use deploy_protocol::{Checksum, Compression};
+use deploy_sender::{prepare_image, sha256_digest, LayerCache, PreparedImage};
+use deploy_sender::{CompressionOptions, NoProgress};
+use uuid::Uuid;
+
+async fn docker() -> Docker {
+    match deploy_sender::connect_docker().await {
+        Ok(d) => d,
+        Err(e) => {
+            panic!("these tests need a Docker engine (DOCKER_HOST or /var/run/docker.sock): {e}")
+        }
+    }
+}
+
+/// Removes every image tag it made when dropped (newest first, so children go before bases).
+#[derive(Default)]
+struct Images {
+    tags: Mutex<Vec<String>>,
+}
+
+impl Images {
+    /// Builds `dockerfile` (its context holds `/bin/busybox` and `files`) as a new unique tag.
+    fn build(&self, dockerfile: &str, files: &[(&str, &[u8])]) -> String {
+        let tag = format!("deploy-sender-layers-tx/{}:v1", Uuid::new_v4().simple());
+        self.tags.lock().expect("lock").push(tag.clone());
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
+        for (name, bytes) in files {
+            std::fs::write(dir.path().join(name), bytes).expect("context file");
+        }
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", &tag])
+            .arg(dir.path())
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .expect("docker build runs");
+        assert!(
+            out.status.success(),
+            "docker build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tag
+    }
+
+    /// A base (busybox plus a unique file) and an app on it with its own top layer of `top`.
+    fn base(&self) -> String {
+        let unique = Uuid::new_v4().to_string();
+        self.build(
+            "FROM scratch\nCOPY busybox /bin/busybox\nCOPY unique /etc/unique\n",
+            &[("unique", unique.as_bytes())],
+        )
+    }
+
+    fn app(&self, base: &str, top: &[u8]) -> String {
+        self.build(
+            &format!("FROM {base}\nCOPY top /srv/top\nCMD [\"/bin/busybox\",\"sleep\",\"60\"]\n"),
+            &[("top", top)],
+        )
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        let tags = std::mem::take(&mut *self.tags.lock().unwrap_or_else(|e| e.into_inner()));
+        for tag in tags.iter().rev() {
+            let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+        }
+    }
+}
+
+fn options(compression: Compression) -> CompressionOptions {
+    CompressionOptions {
+        compression,
+        level: None,
+        zstd_workers: 2,
+    }
+}
+
+fn decompress(path: &Path, compression: Compression) -> Vec<u8> {
+    let tool = match compression {
+        Compression::None => return std::fs::read(path).expect("read"),
+        Compression::Gzip => "gzip",
+        Compression::Zstd => "zstd",
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .expect("decoder runs");
+    assert!(out.status.success(), "{tool} -dc failed");
+    out.stdout
+}
+
+/// Every blob is its layer, compressed: its BLAKE3 and size as recorded, its content the diffID.
+fn assert_blobs_are_the_layers(image: &PreparedImage, compression: Compression) {
+    for layer in &image.layers {
+        let bytes = std::fs::read(&layer.blob.path).expect("blob file");
+        assert_eq!(layer.blob.size, bytes.len() as u64);
+        assert_eq!(layer.blob.blake3, Checksum::of(&bytes));
+        let tar = decompress(&layer.blob.path, compression);
+        assert_eq!(tar.len() as u64, layer.blob.uncompressed_size);
+        assert_eq!(
+            sha256_digest(&tar),
+            layer.diff_id,
+            "blob content is the layer"
+        );
+    }
+    assert_eq!(sha256_digest(&image.config), image.image_id);
+}
+
+async fn prepare(docker: &Docker, cache: &LayerCache, tag: &str, c: Compression) -> PreparedImage {
+    prepare_image(docker, cache, tag, &options(c), Arc::new(NoProgress))
+        .await
+        .expect("prepare")
+}
+
+#[tokio::test]
+async fn an_image_is_split_and_compressed_once_then_served_from_the_cache_without_export() {
+    let docker = docker().await;
+    let images = Images::default();
+    let base = images.base();
+    let app = images.app(&base, b"top layer one");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = LayerCache::open(dir.path(), u64::MAX).await.expect("cache");
+
+    for compression in [Compression::Zstd, Compression::Gzip] {
+        let first = prepare(&docker, &cache, &app, compression).await;
+        assert_eq!(first.layers.len(), 3, "busybox, unique file, top");
+        assert!(first.stats.exported);
+        assert_eq!(first.stats.compressed_layers, 3);
+        assert_eq!(first.layers[0].chain_id, first.layers[0].diff_id);
+        assert_eq!(first.tags, vec![app.clone()]);
+        assert_blobs_are_the_layers(&first, compression);
+        drop(first);
+
+        let again = prepare(&docker, &cache, &app, compression).await;
+        assert!(!again.stats.exported, "all cached: no docker save");
+        assert_eq!(again.stats.compressed_layers, 0);
+        assert_eq!(again.stats.cached_layers, 3);
+        assert_blobs_are_the_layers(&again, compression);
+    }
+}
+
+#[tokio::test]
+async fn a_changed_top_layer_is_the_only_layer_compressed_and_a_sibling_reuses_the_base() {
+    let docker = docker().await;
+    let images = Images::default();
+    let base = images.base();
+    let v1 = images.app(&base, b"version one");
+    let v2 = images.app(&base, b"version two, a little longer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = LayerCache::open(dir.path(), u64::MAX).await.expect("cache");
+
+    let first = prepare(&docker, &cache, &v1, Compression::Zstd).await;
+    assert_eq!(first.stats.compressed_layers, 3);
+    let second = prepare(&docker, &cache, &v2, Compression::Zstd).await;
+    assert!(second.stats.exported);
+    assert_eq!(second.stats.compressed_layers, 1, "only the new top layer");
+    assert_eq!(second.stats.cached_layers, 2);
+    assert_eq!(second.layers[..2], first.layers[..2], "the base is shared");
+    assert_ne!(second.layers[2].diff_id, first.layers[2].diff_id);
+    assert_blobs_are_the_layers(&second, Compression::Zstd);
+
+    // The base alone: its layers are cached, its config is not: one export, nothing compressed.
+    let base_only = prepare(&docker, &cache, &base, Compression::Zstd).await;
+    assert_eq!(base_only.stats.compressed_layers, 0);
+    assert_eq!(base_only.layers[..], first.layers[..2]);
+}
+
+#[tokio::test]
+async fn the_cache_keeps_its_budget_by_evicting_least_recently_used_unpinned_blobs() {
+    let docker = docker().await;
+    let images = Images::default();
+    let base = images.base();
+    let a = images.app(&base, &vec![b'a'; 4096]);
+    let b = images.app(&base, &vec![b'b'; 4096]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = LayerCache::open(dir.path(), 1).await.expect("cache");
+
+    // A budget of one byte: everything of `a` stays while it is pinned, and goes after.
+    let first = prepare(&docker, &cache, &a, Compression::Zstd).await;
+    assert!(first.layers.iter().all(|l| l.blob.path.exists()), "pinned");
+    let top_a = first.layers[2].blob.path.clone();
+    drop(first);
+    let second = prepare(&docker, &cache, &b, Compression::Zstd).await;
+    assert_eq!(
+        second.stats.compressed_layers, 1,
+        "the base stayed: nothing was evicted between the two"
+    );
+    assert!(!top_a.exists(), "a's top layer was evicted");
+    assert!(second.layers.iter().all(|l| l.blob.path.exists()));
+    drop(second);
+
+    let roomy = LayerCache::open(dir.path(), u64::MAX)
+        .await
+        .expect("reopen");
+    let outcome = roomy.evict().await.expect("evict");
+    assert_eq!(outcome.removed, 0);
+}
+
+#[tokio::test]
+async fn stale_temp_files_are_swept_and_an_inconsistent_entry_is_made_again() {
+    let docker = docker().await;
+    let images = Images::default();
+    let app = images.app(&images.base(), b"x");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = LayerCache::open(dir.path(), u64::MAX).await.expect("cache");
+    let first = prepare(&docker, &cache, &app, Compression::Zstd).await;
+    let top = first.layers[2].blob.clone();
+    drop(first);
+
+    // A crashed writer's temp file, and a blob cut short behind its record.
+    let stale = dir.path().join("blobs").join(".tmp-crashed");
+    std::fs::write(&stale, b"half").expect("temp");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .append(true)
+        .open(&stale)
+        .and_then(|f| f.set_modified(old))
+        .expect("age it");
+    let bytes = std::fs::read(&top.path).expect("blob");
+    std::fs::write(&top.path, &bytes[..bytes.len() / 2]).expect("truncate");
+
+    let cache = LayerCache::open(dir.path(), u64::MAX)
+        .await
+        .expect("reopen");
+    assert!(!stale.exists(), "swept at open");
+    let again = prepare(&docker, &cache, &app, Compression::Zstd).await;
+    assert_eq!(
+        again.stats.compressed_layers, 1,
+        "the cut blob is made again"
+    );
+    assert_eq!(again.layers[2].blob.blake3, top.blake3);
+    assert_blobs_are_the_layers(&again, Compression::Zstd);
+}

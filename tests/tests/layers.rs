@@ -1,0 +1,334 @@
+//! Layer-aware transfer end to end: the real sender (library and `deploy-sender` binary), the
+//! real receiver binary, and cold target hosts (extra Docker engines, deploy-testkit). Bytes on
+//! the wire are counted by a loopback proxy in front of the receiver, which also cuts or stalls
+//! connections for the resume tests (a real fault on a real socket).
+
+mod layers_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deploy_protocol::{DeploymentSpec, HealthCheckKind};
+use deploy_sender::{
+    deploy_release, prepare_image, send_release, CompressionOptions, DeployRequest, ImageSource,
+    LayerCache, LayerFate, NoProgress, PackageRequest, ReceiverTarget, ReleaseAction, ReleaseCalls,
+    ReleaseOutcome, RetryPolicy,
+};
+use layers_common::{
+    cold_host, container_image, workspace_binary, Daemon, Fault, Images, Proxy, SECRET,
+};
+
+const MIB: usize = 1024 * 1024;
+
+/// The sender library with its own layer cache.
+struct Sender {
+    docker: bollard::Docker,
+    cache: LayerCache,
+    http: reqwest::Client,
+    policy: RetryPolicy,
+    _dir: tempfile::TempDir,
+}
+
+impl Sender {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self {
+            docker: deploy_sender::connect_docker()
+                .await
+                .expect("these tests need the Docker engine"),
+            cache: LayerCache::open(dir.path().join("layers"), u64::MAX)
+                .await
+                .expect("cache"),
+            http: reqwest::Client::new(),
+            policy: RetryPolicy {
+                max_attempts: 6,
+                min_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(1),
+                max_retry_after: Duration::from_secs(5),
+            },
+            _dir: dir,
+        }
+    }
+
+    async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
+        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
+        let calls = ReleaseCalls {
+            http: &self.http,
+            target: &target,
+            correlation_id: None,
+            policy: &self.policy,
+        };
+        let mut request = DeployRequest {
+            package: PackageRequest::new(ImageSource::Existing(tag.to_owned())),
+            deployment: spec(name),
+            correlation_id: None,
+        };
+        request.package.compression = options();
+        match deploy_release(
+            &self.docker,
+            &self.cache,
+            calls,
+            &request,
+            Arc::new(NoProgress),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => panic!("deploy of {tag} failed: {e}"),
+        }
+    }
+
+    async fn load(&self, url: &str, tag: &str) -> ReleaseOutcome {
+        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
+        let calls = ReleaseCalls {
+            http: &self.http,
+            target: &target,
+            correlation_id: None,
+            policy: &self.policy,
+        };
+        let image = prepare_image(
+            &self.docker,
+            &self.cache,
+            tag,
+            &options(),
+            Arc::new(NoProgress),
+        )
+        .await
+        .expect("prepare");
+        send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
+            .await
+            .expect("load")
+    }
+}
+
+fn options() -> CompressionOptions {
+    CompressionOptions {
+        zstd_workers: 2,
+        ..CompressionOptions::default()
+    }
+}
+
+fn spec(name: &str) -> DeploymentSpec {
+    let mut spec = DeploymentSpec {
+        container_name: name.to_owned(),
+        ..DeploymentSpec::default()
+    };
+    spec.health_check.kind = HealthCheckKind::None;
+    spec
+}
+
+fn fates(outcome: &ReleaseOutcome) -> Vec<LayerFate> {
+    outcome.layers.iter().map(|l| l.fate).collect()
+}
+
+#[tokio::test]
+async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_nothing() {
+    let images = Images::default();
+    let base = images.base(2 * MIB);
+    let v1 = images.app(&base, MIB);
+    let v2 = images.app(&base, MIB);
+    let host = cold_host("ltx1").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let sender = Sender::new().await;
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+
+    let first = sender.deploy(&proxy.url, &v1, &name).await;
+    assert_eq!(
+        fates(&first),
+        vec![LayerFate::Sent; 3],
+        "a cold host lacks every layer"
+    );
+    assert_eq!(first.totals.present, 0);
+    assert_eq!(
+        container_image(&host, &name),
+        images.id(&v1),
+        "the build host's image id"
+    );
+
+    let before = proxy.sent();
+    let second = sender.deploy(&proxy.url, &v2, &name).await;
+    let wire = proxy.sent() - before;
+    assert_eq!(
+        fates(&second),
+        vec![LayerFate::Present, LayerFate::Present, LayerFate::Sent]
+    );
+    let top = second.layers[2].size;
+    assert!(
+        wire as f64 <= 1.05 * top as f64 + 256.0 * 1024.0,
+        "redeploy after a top-layer change: {wire} bytes on the wire for a {top}-byte layer"
+    );
+    assert_eq!(
+        second.prepare.compressed_layers, 1,
+        "only the new top layer compressed"
+    );
+    assert_eq!(container_image(&host, &name), images.id(&v2));
+
+    let before = proxy.sent();
+    let third = sender.deploy(&proxy.url, &v2, &name).await;
+    let wire = proxy.sent() - before;
+    assert_eq!(third.totals.bytes_sent, 0);
+    assert!(!third.prepare.exported, "all cached: no docker save");
+    assert!(
+        wire < 1024 * 1024,
+        "the same image again: {wire} bytes on the wire"
+    );
+    assert_eq!(container_image(&host, &name), images.id(&v2));
+    assert!(
+        third.summary.contains("100.0 % already there"),
+        "{}",
+        third.summary
+    );
+}
+
+#[tokio::test]
+async fn a_second_host_sharing_the_base_gets_only_its_missing_layers_and_nothing_is_recompressed() {
+    let images = Images::default();
+    let base = images.base(2 * MIB);
+    let app = images.app(&base, MIB);
+    let (first_host, second_host) = (cold_host("ltx2").await, cold_host("ltx3").await);
+    let (first, second) = (
+        Daemon::start(&first_host.docker_host()),
+        Daemon::start(&second_host.docker_host()),
+    );
+    let sender = Sender::new().await;
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+
+    let cold = sender.deploy(&first.url, &app, &name).await;
+    assert_eq!(cold.prepare.compressed_layers, 3);
+    // The second host holds the base already (loaded earlier), not the app.
+    let based = sender.load(&second.url, &base).await;
+    assert_eq!(
+        based.prepare.compressed_layers, 0,
+        "the base's layers come from the cache"
+    );
+    let warm = sender.deploy(&second.url, &app, &name).await;
+    assert_eq!(
+        fates(&warm),
+        vec![LayerFate::Present, LayerFate::Present, LayerFate::Sent]
+    );
+    assert!(
+        !warm.prepare.exported && warm.prepare.compressed_layers == 0,
+        "nothing recompressed"
+    );
+    assert_eq!(warm.totals.bytes_sent, warm.layers[2].size);
+    assert_eq!(container_image(&second_host, &name), images.id(&app));
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_blob_resumes_from_the_receivers_offset_without_a_rerun() {
+    let images = Images::default();
+    let base = images.base(64 * 1024);
+    let app = images.app(&base, 8 * MIB);
+    let host = cold_host("ltx4").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let sender = Sender::new().await;
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+
+    // Prepare first, to know where the top blob's bytes fall on the wire.
+    let image = prepare_image(
+        &sender.docker,
+        &sender.cache,
+        &app,
+        &options(),
+        Arc::new(NoProgress),
+    )
+    .await
+    .expect("prepare");
+    let below: u64 = image.layers[..2].iter().map(|l| l.blob.size).sum();
+    let top = image.layers[2].blob.size;
+    drop(image);
+    proxy.fault_after(below + top * 6 / 10, Fault::Cut);
+
+    let outcome = sender.deploy(&proxy.url, &app, &name).await;
+    let report = &outcome.layers[2];
+    assert_eq!(report.fate, LayerFate::Resumed, "{:?}", outcome.layers);
+    assert!(
+        report.resumed_from > 0,
+        "resumed from the receiver's offset"
+    );
+    assert_eq!(outcome.totals.resumed, 1);
+    let total: u64 = outcome.layers.iter().map(|l| l.size).sum();
+    assert!(
+        proxy.sent() as f64 <= 1.15 * total as f64 + 64.0 * 1024.0,
+        "{} bytes on the wire for {total} bytes of blobs",
+        proxy.sent()
+    );
+    assert_eq!(container_image(&host, &name), images.id(&app));
+}
+
+#[tokio::test]
+async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
+    let images = Images::default();
+    let base = images.base(64 * 1024);
+    let app = images.app(&base, 8 * MIB);
+    let host = cold_host("ltx5").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = format!(
+        "layers-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let command = || {
+        let mut c = tokio::process::Command::new(workspace_binary("deploy-sender"));
+        c.args([
+            "deploy", "--image", &app, "--name", &name, "--health", "none", "--json",
+        ])
+        .args(["--to", &proxy.url])
+        .env("DEPLOY_HMAC_SECRET", SECRET)
+        .env("PACKAGE_DIR", dir.path())
+        .env("DEPLOY_ZSTD_WORKERS", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+        c
+    };
+
+    // The first run stalls 5 MiB into the transfer (inside the 8 MiB top blob) and is killed.
+    proxy.fault_after(5 * MIB as u64, Fault::Stall);
+    let mut first = command().spawn().expect("deploy-sender runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while proxy.sent() < 5 * MIB as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run never got 5 MiB out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.kill().await.expect("SIGKILL the sender");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let before = proxy.sent();
+    let rerun = command().output().await.expect("deploy-sender reruns");
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stdout)
+    );
+    let outcome: serde_json::Value =
+        serde_json::from_slice(&rerun.stdout).expect("--json prints the outcome");
+    let top = &outcome["layers"][2];
+    assert_eq!(top["fate"], "resumed", "{outcome:#}");
+    let resumed_from = top["resumed_from"].as_u64().expect("resumed_from");
+    let size = top["size"].as_u64().expect("size");
+    assert!(resumed_from > 0, "{outcome:#}");
+    assert_eq!(top["bytes_sent"].as_u64(), Some(size - resumed_from));
+    assert!(
+        proxy.sent() - before < size,
+        "the rerun sent less than the whole layer"
+    );
+    assert_eq!(
+        outcome["prepare"]["exported"], false,
+        "the rerun took the layers from the cache"
+    );
+    assert_eq!(container_image(&host, &name), images.id(&app));
+}

@@ -1,0 +1,334 @@
+//! What the layer-transfer tests share: the real `deploy-receiver` binary in front of a cold
+//! target host (an extra Docker engine from deploy-testkit), a loopback TCP proxy that counts the
+//! bytes the sender puts on the wire and can cut or stall a connection after N bytes (a real
+//! fault on a real socket), and multi-layer busybox images built `FROM scratch`.
+
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deploy_testkit::hosts::TestHost;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The shared secret of the test receivers.
+pub const SECRET: &str = "layers-tx-e2e-secret-0123456789abcdef01234567";
+
+/// A binary of this workspace next to the test executable (`target/<profile>/<name>`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: these tests run the real binaries; build them first with \
+         `cargo build -p deploy-receiver -p deploy-sender`",
+        path.display()
+    );
+    path
+}
+
+/// The real receiver binary talking to `docker_host`, on 127.0.0.1:<ephemeral>; SIGKILLed on drop.
+pub struct Daemon {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn start(docker_host: &str) -> Self {
+        Self::start_with(docker_host, &[])
+    }
+
+    /// As [`Daemon::start`], with more environment (e.g. RECEIVER_AUTHORITIES behind a proxy).
+    pub fn start_with(docker_host: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(workspace_binary("deploy-receiver"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RECEIVER_BIND", "127.0.0.1:0")
+            .env("PACKAGE_DIR", dir.path().join("packages"))
+            .env("STATE_DIR", dir.path().join("state"))
+            .env("DEPLOY_HMAC_SECRET", SECRET)
+            .env("ALLOWED_NETWORKS", "127.0.0.0/8")
+            .env("DOCKER_HOST", docker_host)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn deploy-receiver");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if let Some(addr) = v["fields"]["addr"].as_str() {
+                            let _ = tx.send(addr.to_owned());
+                            sent = true;
+                        }
+                    }
+                }
+            }
+        });
+        let addr: SocketAddr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("deploy-receiver announced its address")
+            .parse()
+            .expect("addr");
+        Self {
+            child,
+            addr,
+            url: format!("http://{addr}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback TCP proxy in front of `upstream`: counts client-to-server bytes, and can cut every
+/// connection (once) or stall it once a total of N client bytes has passed.
+pub struct Proxy {
+    pub url: String,
+    pub sent: Arc<AtomicU64>,
+    fault: Arc<Mutex<Option<(u64, Fault)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Close both sides.
+    Cut,
+    /// Stop forwarding and hold the connection open.
+    Stall,
+}
+
+impl Proxy {
+    /// A receiver for `docker_host` behind a new proxy: requests are signed for the proxy's
+    /// authority (the sender addresses the proxy), so the receiver is told to answer to it, as
+    /// behind any proxy (RECEIVER_AUTHORITIES).
+    pub async fn with_receiver(docker_host: &str) -> (Daemon, Self) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let authority = listener.local_addr().expect("addr").to_string();
+        let daemon = Daemon::start_with(docker_host, &[("RECEIVER_AUTHORITIES", &authority)]);
+        let proxy = Self::serve(listener, daemon.addr);
+        (daemon, proxy)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, upstream: SocketAddr) -> Self {
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let sent = Arc::new(AtomicU64::new(0));
+        let fault: Arc<Mutex<Option<(u64, Fault)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, f, st) = (sent.clone(), fault.clone(), stop.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                tokio::spawn(pipe(client, server, s.clone(), f.clone()));
+            }
+        });
+        Self {
+            url,
+            sent,
+            fault,
+            stop,
+        }
+    }
+
+    /// From now on, `fault` once `after` more client bytes have passed.
+    pub fn fault_after(&self, after: u64, fault: Fault) {
+        let at = self.sent.load(Ordering::Relaxed) + after;
+        *self.fault.lock().expect("lock") = Some((at, fault));
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn pipe(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    sent: Arc<AtomicU64>,
+    fault: Arc<Mutex<Option<(u64, Fault)>>>,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let down = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match cr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let before = sent.load(Ordering::Relaxed);
+        let hit = {
+            let mut guard = fault.lock().expect("lock");
+            match *guard {
+                Some((at, kind)) if before + n as u64 >= at => {
+                    *guard = None;
+                    Some((at - before.min(at), kind))
+                }
+                _ => None,
+            }
+        };
+        if let Some((take, kind)) = hit {
+            let take = usize::try_from(take).unwrap_or(n).min(n);
+            let _ = sw.write_all(&buf[..take]).await;
+            sent.fetch_add(take as u64, Ordering::Relaxed);
+            if kind == Fault::Stall {
+                // Hold both sides open until the client goes away.
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            down.abort();
+            return;
+        }
+        if sw.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let _ = sw.shutdown().await;
+    let _ = down.await;
+}
+
+/// Images built on the main engine (legacy builder, `FROM scratch` + busybox), removed on drop,
+/// newest first so that children go before their bases.
+#[derive(Default)]
+pub struct Images {
+    tags: Mutex<Vec<String>>,
+}
+
+impl Images {
+    pub fn build(&self, dockerfile: &str, files: &[(&str, Vec<u8>)]) -> String {
+        let tag = format!("deploy-e2e-layers-tx/{}:v1", uuid::Uuid::new_v4().simple());
+        self.tags.lock().expect("lock").push(tag.clone());
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
+        for (name, bytes) in files {
+            std::fs::write(dir.path().join(name), bytes).expect("context file");
+        }
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", &tag])
+            .arg(dir.path())
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .expect("docker build runs");
+        assert!(
+            out.status.success(),
+            "docker build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tag
+    }
+
+    /// A base: busybox, and `base_bytes` of incompressible data in a layer of its own.
+    pub fn base(&self, base_bytes: usize) -> String {
+        self.build(
+            "FROM scratch\nCOPY busybox /bin/busybox\nCOPY blob /opt/base.bin\n",
+            &[("blob", noise(base_bytes, rand_seed()))],
+        )
+    }
+
+    /// An app on `base`: one top layer of `top_bytes` incompressible bytes.
+    pub fn app(&self, base: &str, top_bytes: usize) -> String {
+        self.build(
+            &format!(
+                "FROM {base}\nCOPY top /srv/top.bin\nCMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n"
+            ),
+            &[("top", noise(top_bytes, rand_seed()))],
+        )
+    }
+
+    pub fn id(&self, tag: &str) -> String {
+        let out = Command::new("docker")
+            .args(["image", "inspect", "-f", "{{.Id}}", tag])
+            .output()
+            .expect("docker inspect");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        let tags = std::mem::take(&mut *self.tags.lock().unwrap_or_else(|e| e.into_inner()));
+        for tag in tags.iter().rev() {
+            let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+        }
+    }
+}
+
+fn rand_seed() -> u64 {
+    uuid::Uuid::new_v4().as_u128() as u64
+}
+
+/// `len` pseudo-random (incompressible) bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A cold host, started off the async runtime (it blocks for seconds).
+pub async fn cold_host(label: &'static str) -> TestHost {
+    tokio::task::spawn_blocking(move || TestHost::start(label))
+        .await
+        .expect("test host")
+}
+
+/// The image id of `container` on `host`.
+pub fn container_image(host: &TestHost, container: &str) -> String {
+    let out = host
+        .docker_cli()
+        .args(["inspect", "-f", "{{.Image}}", container])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
