@@ -75,7 +75,7 @@ pub async fn get(
 /// again (from its image, kept by IMAGE_HISTORY) and must become healthy; when it was the first
 /// of its name, its container is removed. Idempotent: asked again, the same outcome with
 /// `repeated: true`, nothing touched. The body is empty (signed as such).
-#[utoipa::path(post, path = "/deployments/{id}/rollback", tag = "deployment",
+#[utoipa::path(post, path = "/deployments/{id}/rollback", operation_id = "rollback_deployment", tag = "deployment",
     params(("id" = Uuid, Path, description = "Deployment id"), crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(

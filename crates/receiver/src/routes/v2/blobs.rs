@@ -50,7 +50,7 @@ fn offset_headers(offset: u64, length: u64) -> HeaderMap {
 }
 
 /// How many bytes of the blob the receiver holds durably: continue a `PATCH` from there.
-#[utoipa::path(head, path = "/deployment/v2/blobs/{blake3}", tag = "deployment",
+#[utoipa::path(head, path = "/deployment/v2/blobs/{blake3}", operation_id = "get_blob_offset", tag = "deployment",
     params(("blake3" = String, Path, description = "The blob's lowercase hex BLAKE3"), crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
@@ -78,7 +78,7 @@ pub async fn head(
 /// Append the blob's bytes from `Upload-Offset`, which must be the durable offset (`HEAD`).
 /// Bytes are fsynced before an offset is reported; when the last byte arrives the blob's
 /// BLAKE3 and its layer's diffID are checked (a mismatch discards the blob).
-#[utoipa::path(patch, path = "/deployment/v2/blobs/{blake3}", tag = "deployment",
+#[utoipa::path(patch, path = "/deployment/v2/blobs/{blake3}", operation_id = "append_blob", tag = "deployment",
     params(("blake3" = String, Path, description = "The blob's lowercase hex BLAKE3 (also the signed content digest)"),
         ("Upload-Offset" = u64, Header, description = "Where this body starts in the blob"),
         crate::routes::SignatureHeaderParams),

@@ -14,7 +14,7 @@ const MAX_BODY: usize = 512 * 1024;
 
 /// Which of the given chain IDs the engine holds (its images' layer prefixes; computed once per
 /// image id and cached), with the engine version and image store kind.
-#[utoipa::path(post, path = "/deployment/v2/inventory", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/v2/inventory", operation_id = "query_inventory", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = InventoryRequest,
     security(("deploy_hmac" = [])),

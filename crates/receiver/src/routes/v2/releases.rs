@@ -1,6 +1,7 @@
 //! `/deployment/v2/releases`: register a signed release manifest, read its status, load it,
 //! deploy it.
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -18,7 +19,7 @@ use crate::v2::releases::{Registered, ReleaseStoreError};
 /// Register a release: the config (its sha256 is the image id, its `rootfs.diff_ids` the layers'
 /// diffIDs in order), per layer the blob that carries it, the tags, and for `/deploy` the spec.
 /// Stored durably; the same body again is idempotent. The answer says which layers to send.
-#[utoipa::path(post, path = "/deployment/v2/releases", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/v2/releases", operation_id = "register_release", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body = ReleaseManifest,
     security(("deploy_hmac" = [])),
@@ -69,10 +70,11 @@ pub async fn create(
 }
 
 /// Where each layer of a registered release stands now.
-#[utoipa::path(get, path = "/deployment/v2/releases/{id}", tag = "deployment",
+#[utoipa::path(get, path = "/deployment/v2/releases/{id}", operation_id = "get_release", tag = "deployment",
     params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
+        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
         (status = 200, description = "Per layer: present, received, partial (with offset) or missing", body = ReleaseStatus),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 403, description = "FORBIDDEN", body = ErrorBody),
@@ -81,9 +83,10 @@ pub async fn create(
     ))]
 pub async fn get(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    id: std::result::Result<Path<Uuid>, PathRejection>,
     Signed(()): Signed<()>,
 ) -> Result<Json<ReleaseStatus>> {
+    let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     let manifest = crate::v2::load::release(&state, id)?;
     Ok(Json(crate::v2::status::status(&state, &manifest).await?))
 }
@@ -91,10 +94,11 @@ pub async fn get(
 /// Assemble the release's archive (layers the engine holds are named, not carried; received
 /// layers are checked against their signed diffIDs on the way), `docker load` it through the
 /// tar gate, and check that the image is the signed one (id, RootFS layers, tags).
-#[utoipa::path(post, path = "/deployment/v2/releases/{id}/load", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/v2/releases/{id}/load", operation_id = "load_release", tag = "deployment",
     params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
+        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
         (status = 200, description = "Loaded (`package_id` is the release id)", body = LoadResponse),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 403, description = "FORBIDDEN", body = ErrorBody),
@@ -105,18 +109,20 @@ pub async fn get(
     ))]
 pub async fn load(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    id: std::result::Result<Path<Uuid>, PathRejection>,
     Signed(()): Signed<()>,
 ) -> Result<Json<LoadResponse>> {
+    let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     Ok(Json(crate::v2::load::load_release(&state, id).await?))
 }
 
 /// Load the release, then deploy the spec it signs, health-check, and roll back on failure,
 /// exactly as `/deployment/full`.
-#[utoipa::path(post, path = "/deployment/v2/releases/{id}/deploy", tag = "deployment",
+#[utoipa::path(post, path = "/deployment/v2/releases/{id}/deploy", operation_id = "deploy_release", tag = "deployment",
     params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
+        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
         (status = 200, description = "SUCCEEDED", body = DeploymentRecord),
         (status = 400, description = "VALIDATION_ERROR: no `deployment` in the release, bad spec", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
@@ -129,9 +135,10 @@ pub async fn load(
     ))]
 pub async fn deploy(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    id: std::result::Result<Path<Uuid>, PathRejection>,
     Signed(()): Signed<()>,
 ) -> Result<Json<DeploymentRecord>> {
+    let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     let manifest = crate::v2::load::release(&state, id)?;
     Ok(Json(
         crate::deploy::deploy_release(&state, &manifest).await?,
