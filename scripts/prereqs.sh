@@ -56,11 +56,3 @@ if [ ${#py_missing[@]} -gt 0 ]; then
     || python3 -m pip install --quiet --break-system-packages "${py_missing[@]}" || {
     echo "prereqs: could not install ${py_missing[*]} with pip" >&2; exit 1; }
 fi
-
-# tansu, a Kafka-protocol broker from crates.io: the event tests lose its producer state for real
-# (memory storage, the `dynostore` feature). Built once (about 15 min on 2 cores), then reused.
-tansu_bin=$(command -v tansu || echo "${CARGO_HOME:-$HOME/.cargo}/bin/tansu")
-if ! { [ -x "$tansu_bin" ] && "$tansu_bin" --version 2>/dev/null | grep -q '0\.6\.0'; }; then
-  echo "prereqs: installing tansu 0.6.0 (cargo install; about 15 min on 2 cores, once)"
-  cargo install tansu --version 0.6.0 --features dynostore --locked --quiet
-fi
