@@ -21,6 +21,7 @@ fn receiver(dir: &std::path::Path) -> Command {
         .env("PACKAGE_DIR", dir.join("packages"))
         .env("STATE_DIR", dir.join("state"))
         .env("DEPLOY_HMAC_SECRET", SECRET)
+        .env("ALLOWED_NETWORKS", "127.0.0.0/8")
         .env("RUST_LOG", "info");
     command
 }
