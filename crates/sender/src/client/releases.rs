@@ -3,16 +3,15 @@
 //! here ([`signed`]); JSON requests whose connection could not be made are retried with the
 //! usual backoff.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use deploy_protocol::api::DeploymentRecord;
-use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
 use deploy_protocol::release::{
     paths, InventoryRequest, InventoryResponse, LayersMissingBody, ReleaseManifest, ReleaseStatus,
     Sha256Digest,
 };
-use deploy_protocol::{Checksum, ErrorCode, SignatureHeaders};
+use deploy_protocol::{Checksum, ErrorCode};
 use reqwest::{Method, Url};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
@@ -31,8 +30,9 @@ pub(crate) fn url_of(target: &ReceiverTarget, path: &str) -> Url {
     url
 }
 
-/// A request signed for `target`: `digest` is the BLAKE3 of the signed content (the JSON body,
-/// the empty body, or for a blob `PATCH` the whole blob).
+/// A request signed for `target` (through the client's one signing function): `digest` is the
+/// BLAKE3 of the signed content (the JSON body, the empty body, or for a blob `PATCH` the whole
+/// blob).
 pub(crate) fn signed(
     http: &reqwest::Client,
     target: &ReceiverTarget,
@@ -42,31 +42,9 @@ pub(crate) fn signed(
     correlation_id: Option<&str>,
 ) -> (Url, reqwest::RequestBuilder) {
     let url = url_of(target, path);
-    let headers = SignatureHeaders::sign(
-        &target.key_id,
-        &target.secret,
-        Some(&super::sign::authority(&url)),
-        method.as_str(),
-        url.path(),
-        digest,
-        unix_now(),
-        envelope::new_nonce(),
-    );
-    let mut request = http.request(method, url.clone());
-    for (name, value) in headers.to_pairs() {
-        request = request.header(name, value);
-    }
-    if let Some(id) = correlation_id {
-        request = request.header(HEADER_CORRELATION_ID, id);
-    }
+    let request =
+        super::sign::sign_request(http, target, method, url.clone(), digest, correlation_id);
     (url, request)
-}
-
-pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 pub(crate) fn backoff(policy: &RetryPolicy) -> impl Iterator<Item = Duration> {

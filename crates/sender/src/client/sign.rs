@@ -1,5 +1,5 @@
-//! The HMAC envelope of protocol v1 on an outgoing request: every signed call goes through
-//! [`ReceiverClient::signed`], so a fresh timestamp and nonce, the headers and the correlation id
+//! The HMAC envelope on an outgoing request: every signed call (v1 and v2) goes through
+//! [`sign_request`], so a fresh timestamp and nonce, the headers and the correlation id
 //! are written once.
 
 use deploy_protocol::envelope::{self, HEADER_CORRELATION_ID};
@@ -18,29 +18,51 @@ impl ReceiverClient {
         content: &[u8],
         correlation_id: Option<&str>,
     ) -> RequestBuilder {
-        let path_and_query = match url.query() {
-            Some(query) => format!("{}?{query}", url.path()),
-            None => url.path().to_owned(),
-        };
-        let headers = SignatureHeaders::sign(
-            &self.target.key_id,
-            &self.target.secret,
-            Some(&authority(&url)),
-            method.as_str(),
-            &path_and_query,
+        sign_request(
+            &self.http,
+            &self.target,
+            method,
+            url,
             &Checksum::of(content),
-            envelope::unix_now(),
-            envelope::new_nonce(),
-        );
-        let mut request = self.http.request(method, url);
-        for (name, value) in headers.to_pairs() {
-            request = request.header(name, value);
-        }
-        if let Some(id) = correlation_id {
-            request = request.header(HEADER_CORRELATION_ID, id);
-        }
-        request
+            correlation_id,
+        )
     }
+}
+
+/// A request of `method` to `url` for `target`, signed over the content whose BLAKE3 is `digest`
+/// (a JSON body, a multipart manifest, nothing, or for a blob `PATCH` the whole blob), with a
+/// fresh timestamp and nonce, carrying `correlation_id` when there is one. Every signed request
+/// of the client is made here.
+pub(crate) fn sign_request(
+    http: &reqwest::Client,
+    target: &super::ReceiverTarget,
+    method: Method,
+    url: Url,
+    digest: &Checksum,
+    correlation_id: Option<&str>,
+) -> RequestBuilder {
+    let path_and_query = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let headers = SignatureHeaders::sign(
+        &target.key_id,
+        &target.secret,
+        Some(&authority(&url)),
+        method.as_str(),
+        &path_and_query,
+        digest,
+        envelope::unix_now(),
+        envelope::new_nonce(),
+    );
+    let mut request = http.request(method, url);
+    for (name, value) in headers.to_pairs() {
+        request = request.header(name, value);
+    }
+    if let Some(id) = correlation_id {
+        request = request.header(HEADER_CORRELATION_ID, id);
+    }
+    request
 }
 
 /// The authority a request to `url` is signed for: `host[:port]` exactly as the HTTP client puts
