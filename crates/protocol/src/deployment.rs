@@ -69,10 +69,12 @@ pub struct DeploymentSpec {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
-    /// Port inside the container.
+    /// Port inside the container (1-65535).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub container_port: u16,
-    /// Port on the host; absent = Docker picks one.
+    /// Port on the host (1-65535); absent = Docker picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub host_port: Option<u16>,
     /// `tcp` (default) or `udp`.
     #[serde(default)]
@@ -194,18 +196,25 @@ pub struct HealthCheckSpec {
     /// For `http`: the container port to probe (its published host port is used); defaults to the
     /// first published port.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub port: Option<u16>,
-    /// Seconds between probes.
+    /// Seconds between probes (0.05 to 3600).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.05, maximum = 3600))]
     pub interval_secs: f64,
-    /// Seconds one probe may take.
+    /// Seconds one probe may take (0.05 to 3600).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.05, maximum = 3600))]
     pub timeout_secs: f64,
     /// Failed probes (after the start period) before the container is judged unhealthy.
     pub retries: u32,
-    /// Seconds after start during which failures do not count.
+    /// Seconds after start during which failures do not count (0 to 3600).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 3600))]
     pub start_period_secs: f64,
-    /// For `none` (and `auto` without a HEALTHCHECK): seconds the container must keep running.
+    /// For `none` (and `auto` without a HEALTHCHECK): seconds the container must keep running
+    /// (0 to 3600).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 3600))]
     pub settle_secs: f64,
-    /// Upper bound on the whole wait, in seconds.
+    /// Upper bound on the whole wait, in seconds (0.05 to 3600).
+    #[cfg_attr(feature = "openapi", schema(minimum = 0.05, maximum = 3600))]
     pub deadline_secs: f64,
 }
 
@@ -271,6 +280,16 @@ impl DeploymentSpec {
         }
         if self.labels.keys().any(|k| k.starts_with("io.deploy.")) {
             return Err("labels under io.deploy. are reserved for the receiver".into());
+        }
+        let ports = self
+            .ports
+            .iter()
+            .flat_map(|p| [Some(p.container_port), p.host_port]);
+        if ports.chain([self.health_check.port]).any(|p| p == Some(0)) {
+            return Err(
+                "port 0 is not a port: ports are 1-65535 (leave host_port out to let Docker pick one)"
+                    .into(),
+            );
         }
         let h = &self.health_check;
         let durations = [
@@ -340,6 +359,14 @@ mod tests {
         assert!(spec.validate().is_err(), "http without port");
         spec.ports.push("8080:80".parse().expect("port"));
         assert!(spec.validate().is_ok());
+        for zero in ["8080:0", "0:80"] {
+            let mut spec = spec.clone();
+            spec.ports.push(zero.parse().expect("port"));
+            assert!(spec.validate().is_err(), "port 0 in {zero}");
+        }
+        let mut zero = spec.clone();
+        zero.health_check.port = Some(0);
+        assert!(zero.validate().is_err(), "health-check port 0");
         let json = serde_json::json!({"container_name": "web", "oops": true});
         assert!(serde_json::from_value::<DeploymentSpec>(json).is_err());
     }
