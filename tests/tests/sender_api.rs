@@ -606,6 +606,76 @@ async fn malformed_requests_are_validation_errors_with_the_error_body() {
     assert_eq!(no_receiver.status, 404, "the package is looked up first");
 }
 
+/// What schemathesis found the service answering wrongly (tests/tests/api_conformance.rs): each
+/// is a 400 VALIDATION_ERROR now, not a 201 for a request the document calls invalid, nor a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_document_calls_invalid_are_validation_errors() {
+    let docker = common::docker::docker().await;
+    let images = common::docker::host_guard();
+    let sender = spawn_sender(|_| {}).await;
+    let layerless = images.image("layerless");
+    common::docker::build_image(
+        &docker,
+        &images,
+        &layerless,
+        "FROM scratch\nCMD [\"/x\"]\n",
+        &[],
+    )
+    .await;
+    for (path, body) in [
+        // An event's payload is an object.
+        (
+            "/api/v1/events",
+            json!({"event_type": "BUILD_FAILED", "payload": [null, null]}),
+        ),
+        (
+            "/api/v1/events",
+            json!({"event_type": "BUILD_FAILED", "payload": "text"}),
+        ),
+        // A port is 1-65535.
+        (
+            "/api/v1/transfers",
+            json!({"package_id": Uuid::new_v4(), "deployment": {"container_name": "web", "ports": [{"container_port": 70000}]}}),
+        ),
+        // `image` or `build_context`, and an image is named.
+        ("/api/v1/packages", json!({})),
+        ("/api/v1/packages", json!({"image": " "})),
+        (
+            "/api/v1/packages",
+            json!({"image": "", "build_context": "/nonexistent"}),
+        ),
+        (
+            "/api/v1/packages",
+            json!({"image": "a:b", "build_context": "/nonexistent"}),
+        ),
+        // Levels are 1-19 whatever the compression.
+        (
+            "/api/v1/packages",
+            json!({"image": "a:b", "compression": "none", "compression_level": 20}),
+        ),
+        // Docker cannot parse the reference (it answered 400, which was reported as a 500).
+        ("/api/v1/packages", json!({"image": "Not A Reference"})),
+        // Nor this one (Docker answered a 301, also reported as a 500).
+        ("/api/v1/packages", json!({"image": "\u{10}Jt/"})),
+        // Docker cannot export an image without layers (its 500 was passed on).
+        ("/api/v1/packages", json!({"image": layerless})),
+    ] {
+        let answer = sender.post(path, body.clone()).await;
+        assert_eq!(
+            (answer.status, answer.code()),
+            (400, "VALIDATION_ERROR"),
+            "{path} {body}: {}",
+            answer.text
+        );
+    }
+    let too_many = sender.get("/api/v1/events?limit=10001").await;
+    assert_eq!(
+        (too_many.status, too_many.code()),
+        (400, "VALIDATION_ERROR")
+    );
+    assert_eq!(sender.get("/api/v1/events?limit=10000").await.status, 200);
+}
+
 /// `name{labels} value` lines of a text exposition, comments left out.
 fn samples(text: &str) -> Vec<(String, f64)> {
     text.lines()

@@ -6,7 +6,7 @@ use bollard::Docker;
 #[allow(unused_imports)] // each test binary uses a different subset
 pub use deploy_testkit::docker::{docker, Guard};
 #[allow(unused_imports)]
-pub use deploy_testkit::images::{busybox_context, httpd_dockerfile};
+pub use deploy_testkit::images::{build_image, busybox_context, httpd_dockerfile};
 
 /// A guard for one end-to-end test's containers and images.
 pub fn host_guard() -> Guard {

@@ -56,6 +56,12 @@ pub(crate) fn docker_error(what: &str, e: DockerError) -> SenderError {
             status_code: 404,
             message,
         } => SenderError::NotFound(format!("{what}: {message}")),
+        // What we asked for is malformed (an image reference Docker cannot parse, say): the
+        // request's fault, not ours.
+        DockerError::DockerResponseServerError {
+            status_code: 400,
+            message,
+        } => SenderError::Validation(format!("{what}: {message}")),
         DockerError::HyperResponseError { .. }
         | DockerError::HyperLegacyError { .. }
         | DockerError::IOError { .. }

@@ -190,6 +190,18 @@ pub async fn resolve_image(docker: &Docker, reference: &str) -> Result<ResolvedI
     if reference.is_empty() {
         return Err(SenderError::Validation("empty image reference".into()));
     }
+    // Checked before it goes into the engine's URL: a name with a trailing `/` or control
+    // characters makes Docker answer a redirect, not an error.
+    let is_id = |s: &str| {
+        let hex = s.strip_prefix("sha256:").unwrap_or(s);
+        !hex.is_empty() && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    if !is_id(reference) && !is_valid_image_reference(&with_default_tag(reference)) {
+        return Err(SenderError::Validation(format!(
+            "image reference {reference:?} is neither name[:tag] nor an image id (digests are \
+             not supported)"
+        )));
+    }
     let inspected = docker.inspect_image(reference).await.map_err(|e| {
         match docker_error(&format!("image {reference}"), e) {
             SenderError::NotFound(_) => SenderError::NotFound(format!(
@@ -201,6 +213,15 @@ pub async fn resolve_image(docker: &Docker, reference: &str) -> Result<ResolvedI
     let id = inspected.id.ok_or_else(|| {
         SenderError::Internal(format!("Docker reported no id for image {reference}"))
     })?;
+    // Docker cannot save an image without layers (`FROM scratch` with only metadata): it
+    // answers 500 "empty export - not implemented".
+    let layers = inspected.root_fs.as_ref().and_then(|r| r.layers.as_ref());
+    if layers.is_none_or(Vec::is_empty) {
+        return Err(SenderError::Validation(format!(
+            "image {reference} has no layers (nothing but metadata on `scratch`): Docker cannot \
+             export it; add a file to it"
+        )));
+    }
     let bare = |s: &str| s.trim_start_matches("sha256:").to_owned();
     let by_id = bare(reference).chars().all(|c| c.is_ascii_hexdigit())
         && bare(&id).starts_with(&bare(reference));

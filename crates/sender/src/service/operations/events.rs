@@ -12,10 +12,10 @@ use crate::service::state::AppState;
 pub(crate) struct EventInput {
     /// Kind of event.
     pub event_type: EventType,
-    /// Event-specific data (`event_payload` is accepted as another name for it).
+    /// Event-specific data, a JSON object (`event_payload` is accepted as another name for it).
     #[serde(default, alias = "event_payload")]
     #[schema(value_type = Object)]
-    pub payload: serde_json::Value,
+    pub payload: serde_json::Map<String, serde_json::Value>,
     /// Correlation id (default: the request's).
     #[serde(default)]
     pub correlation_id: Option<String>,
@@ -52,7 +52,9 @@ pub(crate) async fn publish(
     correlation_id: Option<String>,
 ) -> Result<PublishedEvent, deploy_events::EventError> {
     let sink = state.events().sink();
-    let mut builder = sink.event(input.event_type).payload(input.payload);
+    let mut builder = sink
+        .event(input.event_type)
+        .payload(serde_json::Value::Object(input.payload));
     if let Some(id) = input.correlation_id.or(correlation_id) {
         builder = builder.correlation_id(id);
     }

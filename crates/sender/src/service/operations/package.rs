@@ -47,8 +47,9 @@ pub(crate) struct PackageInput {
     /// `zstd` (default), `gzip` or `none`.
     #[serde(default)]
     pub compression: Option<Compression>,
-    /// gzip 1-9 (default 1), zstd 1-19 (default 3).
+    /// gzip 1-9 (default 1), zstd 1-19 (default 3); ignored with `none`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 19)]
     pub compression_level: Option<i32>,
     /// Re-hash the stored package and compare with the checksum computed while writing it.
     #[serde(default = "yes")]
@@ -84,7 +85,12 @@ impl PackageInput {
         max_package_size: u64,
     ) -> Result<PackagePlan, SenderError> {
         let building = self.build_context.is_some() || self.dockerfile_path.is_some();
-        let source = match (self.image.filter(|i| !i.trim().is_empty()), building) {
+        if self.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
+            return Err(SenderError::Validation(
+                "`image` is empty: name an image, or leave `image` out to build one".into(),
+            ));
+        }
+        let source = match (self.image, building) {
             (Some(_), true) => {
                 return Err(SenderError::Validation(
                     "pass either `image` (package an existing image) or `build_context` and \
@@ -128,6 +134,11 @@ impl PackageInput {
             ImageSource::Build(spec) => spec.tag.clone(),
             ImageSource::Existing(image) => image.clone(),
         };
+        if let Some(level) = self.compression_level.filter(|l| !(1..=19).contains(l)) {
+            return Err(SenderError::Validation(format!(
+                "compression_level {level} is out of range 1-19 (gzip 1-9)"
+            )));
+        }
         let compression = CompressionOptions::new(
             self.compression.unwrap_or(Compression::Zstd),
             self.compression_level,

@@ -8,12 +8,15 @@ use deploy_protocol::ErrorBody;
 use serde::{Deserialize, Serialize};
 use utoipa::IntoParams;
 
-use crate::service::error::{correlation_id, ApiJson, ApiQuery, ApiResult};
+use crate::service::error::{correlation_id, ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::service::operations::{self, EventInput, PublishedEvent};
 use crate::service::state::AppState;
 
 /// Events listed when no `limit` is given.
 const DEFAULT_LIMIT: usize = 100;
+
+/// The most events one `GET /api/v1/events` lists.
+const MAX_LIMIT: usize = 10_000;
 
 /// Record a lifecycle event. It is durable when this answers; delivery to Kafka follows in the
 /// background (and survives restarts), so a Kafka outage never fails this call.
@@ -38,7 +41,8 @@ pub(super) async fn create(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(super) struct ListParams {
-    /// How many events, newest first (default 100).
+    /// How many events, newest first (default 100, at most 10000).
+    #[param(minimum = 0, maximum = 10000)]
     pub limit: Option<usize>,
 }
 
@@ -64,9 +68,15 @@ pub(super) async fn list(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> ApiResult<Json<EventList>> {
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit > MAX_LIMIT {
+        return Err(ApiError::validation(format!(
+            "limit {limit} is over {MAX_LIMIT}"
+        )));
+    }
     let sink = state.events().sink();
     Ok(Json(EventList {
         destination: sink.destination(),
-        events: sink.list(params.limit.unwrap_or(DEFAULT_LIMIT)),
+        events: sink.list(limit),
     }))
 }

@@ -10,14 +10,14 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::respond::{wants_async, AsyncParams, JobAccepted};
-use super::{packages, transfers};
+use super::{packages, schemas, transfers};
 use crate::service::error::{correlation_id, ApiError, ApiJson, ApiQuery, ApiResult};
 use crate::service::metrics::MetricsSummary;
-use crate::service::operations::{self, EventInput, PackageOutput, PublishedEvent, TransferReport};
+use crate::service::operations::{self, EventInput, PublishedEvent};
 use crate::service::state::AppState;
 
 /// The operations the envelope can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum Operation {
     /// `POST /api/v1/packages`.
@@ -31,7 +31,8 @@ pub(super) enum Operation {
 }
 
 /// `{"operation": ..., "input": {...}, "correlation_id": ...}`.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+/// Documented as [`super::schemas::ExecuteRequest`] (one shape per operation).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ExecuteRequest {
     /// Which operation.
@@ -39,7 +40,6 @@ pub(super) struct ExecuteRequest {
     /// The operation's input: `PackageInput`, `TransferInput` or `EventInput`; none for
     /// `get_metrics`.
     #[serde(default)]
-    #[schema(value_type = Object)]
     pub input: serde_json::Value,
     /// Correlation id of the operation (default: `X-Correlation-Id`, or a new one).
     #[serde(default)]
@@ -52,11 +52,11 @@ pub(super) struct ExecuteRequest {
 /// `POST /api/v1/events`, `get_metrics` as `GET /api/v1/metrics`.
 #[utoipa::path(post, path = "/api/v1/execute", operation_id = "execute_operation", tag = "operations",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job (packaging and transfers)")),
-    request_body = ExecuteRequest,
+    request_body = schemas::ExecuteRequest,
     security((), ("api_token" = [])),
     responses(
-        (status = 200, description = "transfer_package or get_metrics", body = TransferReport),
-        (status = 201, description = "package_container or publish_transfer_event", body = PackageOutput),
+        (status = 200, description = "transfer_package: its `TransferReport`; get_metrics: its `MetricsSummary`", body = schemas::ExecuteOk),
+        (status = 201, description = "package_container: its `PackageOutput`; publish_transfer_event: its `PublishedEvent`", body = schemas::ExecuteCreated),
         (status = 202, description = "Job started", body = JobAccepted),
         (status = 400, description = "VALIDATION_ERROR: malformed envelope or input, unknown operation", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),

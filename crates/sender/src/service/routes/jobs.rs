@@ -48,7 +48,7 @@ pub(super) async fn get(
     params(("id" = Uuid, Path, description = "Job id")),
     security((), ("api_token" = [])),
     responses(
-        (status = 200, description = "`text/event-stream` of `progress` (JobProgress) and a final `finished` (JobView)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream` of `progress` (JobProgress) and a final `finished` (JobView)", content_type = "text/event-stream", body = super::schemas::JobEvent),
         (status = 400, description = "VALIDATION_ERROR: the id is not a UUID", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),

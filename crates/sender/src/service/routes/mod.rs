@@ -18,6 +18,7 @@ mod metrics;
 mod packages;
 mod respond;
 mod rollouts;
+mod schemas;
 mod transfers;
 
 struct BearerScheme;

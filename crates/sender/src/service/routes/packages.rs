@@ -8,6 +8,7 @@ use deploy_protocol::ErrorBody;
 use uuid::Uuid;
 
 use super::respond::{job_response, wants_async, AsyncParams, JobAccepted};
+use super::schemas;
 use crate::pipeline::PackageInfo;
 use crate::service::error::{correlation_id, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::service::jobs::JobKind;
@@ -19,7 +20,7 @@ use crate::service::state::AppState;
 /// `?async=true`) answers 202 with a job to follow.
 #[utoipa::path(post, path = "/api/v1/packages", operation_id = "package_container", tag = "packages",
     params(AsyncParams, ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 with a job")),
-    request_body = PackageInput,
+    request_body = schemas::PackageRequest,
     security((), ("api_token" = [])),
     responses(
         (status = 201, description = "Package stored", body = PackageOutput),

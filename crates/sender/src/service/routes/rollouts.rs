@@ -83,7 +83,7 @@ pub async fn delete(
     params(("id" = Uuid, Path, description = "Rollout id")),
     security((), ("api_token" = [])),
     responses(
-        (status = 200, description = "`text/event-stream` of `rollout` (RolloutView) and a final `finished` (RolloutView)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream` of `rollout` (RolloutView) and a final `finished` (RolloutView)", content_type = "text/event-stream", body = super::schemas::RolloutEvent),
         (status = 400, description = "VALIDATION_ERROR: the id is not a UUID", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
