@@ -1,12 +1,12 @@
-"""Schemathesis hooks for the deploy services (tests/tests/api_fuzz.rs loads them with
+"""Schemathesis hooks for the deploy services (tests/tests/api_conformance.rs loads them with
 SCHEMATHESIS_HOOKS=hooks and this directory on PYTHONPATH).
 
 Every request to the receiver's signed endpoints (/deployment/*, /deployments*) is signed with the
 receiver's key, as docs/PROTOCOL.md describes (bench/signing.py is the same scheme): the generated
-X-Deploy-* values are replaced by a valid signature over the exact bytes sent (the JSON body, or
-the `manifest` part of a multipart body). Cases whose headers schemathesis made invalid on purpose
-(negative mode), and requests a check sent without one of the four headers, are left as they are,
-so the receiver must refuse them.
+X-Deploy-* values are replaced by a valid signature over the receiver's authority (the Host header)
+and the exact bytes sent (the JSON body, or the `manifest` part of a multipart body). Cases whose
+headers schemathesis made invalid on purpose (negative mode), and requests a check sent without one
+of the four headers, are left as they are, so the receiver must refuse them.
 """
 
 import hashlib
@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import time
+from urllib.parse import urlsplit
 
 import blake3
 import requests
@@ -53,8 +54,10 @@ class Sign(requests.auth.AuthBase):
             body = manifest_part(content_type, body)
         timestamp = str(int(time.time()))
         nonce = secrets.token_urlsafe(24)
-        canonical = "\n".join(["DEPLOY-HMAC-SHA256", request.method, request.path_url, timestamp,
-                               nonce, KEY_ID, blake3.blake3(body).hexdigest()])
+        # The authority line: the Host header as sent (requests sends the URL's host[:port]).
+        authority = (request.headers.get("Host") or urlsplit(request.url).netloc).lower()
+        canonical = "\n".join(["DEPLOY-HMAC-SHA256", request.method, authority, request.path_url,
+                               timestamp, nonce, KEY_ID, blake3.blake3(body).hexdigest()])
         for name in list(request.headers):
             if name.lower() in SIGNED:
                 del request.headers[name]

@@ -159,9 +159,10 @@ async fn schemathesis_finds_nothing_wrong_with_the_receiver() {
         // before the rest of its manifest, so an invalid manifest that also declares too much
         // is answered 413 PACKAGE_TOO_LARGE, not 400 (`negative_data_rejection`). Every other
         // check runs: status codes, content types, headers and bodies against the document.
+        // Settings, and why: tests/schemathesis/receiver.toml.
         failures.extend(schemathesis(
             &receiver_url,
-            None,
+            Some("receiver.toml"),
             &[
                 "--exclude-checks",
                 "ignored_auth,positive_data_acceptance,negative_data_rejection",
