@@ -62,7 +62,7 @@ def start_hosts(first, n, work):
     fleet = []
     try:
         for i, h in enumerate(started):
-            service, proxy = layers.receiver(h, work, f"r{first + i}")
+            service, proxy = receiver(h, work, f"r{first + i}")
             fleet.append((h, service, proxy))
     except Exception:
         stop_fleet(fleet)
@@ -70,6 +70,22 @@ def start_hosts(first, n, work):
             h.stop()
         raise
     return fleet
+
+
+def receiver(host, work, name):
+    """A receiver for `host`'s engine behind a counting proxy; the receiver answers to the
+    proxy's address (RECEIVER_AUTHORITIES), which is what the sender signs."""
+    port = bench.free_port()
+    proxy = layers.Proxy(port)
+    pkg = work / f"{name}-receiver"
+    shutil.rmtree(pkg, ignore_errors=True)
+    pkg.mkdir(parents=True)
+    env = dict(os.environ, RECEIVER_BIND=f"127.0.0.1:{port}", PACKAGE_DIR=str(pkg),
+               DEPLOY_HMAC_SECRET=SECRET, ALLOWED_NETWORKS="127.0.0.0/8", RUST_LOG="warn",
+               RECEIVER_AUTHORITIES=f"127.0.0.1:{proxy.port}", DOCKER_HOST=host.docker_host)
+    service = bench.Service([str(layers.BIN / "deploy-receiver")], env, work / f"{name}-receiver.log")
+    bench.wait_http(f"http://127.0.0.1:{port}/health")
+    return service, proxy
 
 
 def stop_fleet(fleet):
@@ -145,7 +161,8 @@ def main():
             reported = sum(h["bytes"] for h in report["hosts"])
             steps = {}
             for h in report["hosts"]:
-                steps.setdefault(h["phase"], []).append(h["deploy_ms"] / 1000)
+                phase = h["phase"] if isinstance(h["phase"], str) else json.dumps(h["phase"])
+                steps.setdefault(phase, []).append(h["deploy_ms"] / 1000)
             per_step = "; ".join(f"{p}: " + ", ".join(f"{s:.1f}" for s in v) + " s"
                                  for p, v in steps.items())
             ratio = m.wall / single_wall
