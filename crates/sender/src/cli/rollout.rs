@@ -123,7 +123,7 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         bars.clear();
         let package = package?;
         args.store.retain(&store, package.package_id).await;
-        Payload::Package(package)
+        Payload::Package(Box::new(package))
     } else {
         let cache = args.store.open_layer_cache().await?;
         let image = prepare_source(&docker, &cache, &request.package, bars.clone()).await;

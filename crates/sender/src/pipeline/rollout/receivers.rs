@@ -33,7 +33,7 @@ pub enum Payload {
     Layers(Arc<PreparedImage>),
     /// A stored v1 package, sent whole to every host's `/deployment/full` (`--full`, or an image
     /// no longer in the local engine).
-    Package(PackageInfo),
+    Package(Box<PackageInfo>),
 }
 
 impl Payload {

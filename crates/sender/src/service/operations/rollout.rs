@@ -147,7 +147,7 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
     let id = Uuid::new_v4();
     let correlation_id = correlation_id().unwrap_or_else(|| format!("rollout-{id}"));
     let release = Release {
-        payload: Payload::Package(package.clone()),
+        payload: Payload::Package(Box::new(package.clone())),
         spec: input.deployment,
         correlation_id: Some(correlation_id.clone()),
     };
@@ -215,7 +215,7 @@ async fn payload(state: &AppState, package: PackageInfo) -> Payload {
         Ok(docker) => docker,
         Err(e) => {
             tracing::warn!(error = %e, "no Docker engine: the rollout sends the whole package");
-            return Payload::Package(package);
+            return Payload::Package(Box::new(package));
         }
     };
     let options = CompressionOptions {
@@ -241,7 +241,7 @@ async fn payload(state: &AppState, package: PackageInfo) -> Payload {
         }
         Err(e) => {
             tracing::warn!(image = %package.image_id, error = %e, "cannot prepare the image's layers: the rollout sends the whole package");
-            Payload::Package(package)
+            Payload::Package(Box::new(package))
         }
     }
 }
