@@ -7,9 +7,7 @@ use uuid::Uuid;
 use super::image::ImageSourceArgs;
 use super::terminal::{print_json, TerminalProgress};
 use crate::config::StoreConfig;
-use crate::pipeline::{
-    package_image, CompressionOptions, PackageInfo, PackageRequest, PackageStore,
-};
+use crate::pipeline::{package_image, FrontDoor, PackageInfo, PackageParts, PackageStore};
 use crate::SenderError;
 
 /// `deploy-sender package`.
@@ -19,7 +17,7 @@ pub(crate) struct PackageArgs {
     #[command(flatten)]
     pub(crate) source: ImageSourceArgs,
     /// Container the package is for (default: the image name's last component).
-    #[arg(long, env = "DEPLOY_CONTAINER_NAME")]
+    #[arg(long, visible_alias = "name", env = "DEPLOY_CONTAINER_NAME")]
     pub(crate) container_name: Option<String>,
     /// Package id (default: a new UUID).
     #[arg(long, env = "DEPLOY_PACKAGE_ID")]
@@ -42,14 +40,16 @@ pub(crate) struct PackageArgs {
 }
 
 pub(super) async fn run(args: PackageArgs) -> Result<(), SenderError> {
-    let source = args.source.source()?;
-    let request = PackageRequest {
-        source,
+    let request = PackageParts {
         container_name: args.container_name,
         package_id: args.package_id,
-        compression: CompressionOptions::new(args.compression, args.level, args.zstd_workers),
-        max_package_size: args.store.max_package_size,
-    };
+        compression: Some(args.compression),
+        level: args.level,
+        zstd_workers: args.zstd_workers,
+        max_package_size: Some(args.store.max_package_size),
+        ..args.source.parts()
+    }
+    .request(FrontDoor::Cli)?;
     let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
     let bars = TerminalProgress::default();
