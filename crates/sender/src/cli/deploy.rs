@@ -8,8 +8,8 @@ use std::sync::Arc;
 use deploy_protocol::api::{DeploymentRecord, StageOutcome};
 use deploy_protocol::display::short;
 use deploy_protocol::{
-    Compression, DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping,
-    PortProtocol, RestartPolicy,
+    DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping, PortProtocol,
+    RestartPolicy,
 };
 use serde::Serialize;
 
@@ -63,15 +63,6 @@ pub(crate) struct DeployArgs {
     /// container must keep running to count as healthy (0: as soon as it runs).
     #[arg(long, env = "DEPLOY_SETTLE_SECS", default_value_t = 3.0)]
     pub(crate) settle: f64,
-    /// Compression: zstd, gzip or none.
-    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
-    pub(crate) compression: Compression,
-    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
-    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
-    pub(crate) level: Option<i32>,
-    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
-    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
-    pub(crate) zstd_workers: Option<u32>,
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
@@ -147,9 +138,6 @@ impl DeployArgs {
     pub(crate) fn request(&self) -> Result<DeployRequest, SenderError> {
         let package = PackageParts {
             container_name: self.name.clone(),
-            compression: Some(self.compression),
-            level: self.level,
-            zstd_workers: self.zstd_workers,
             max_package_size: Some(self.store.max_package_size),
             ..self.source.parts()
         }
@@ -197,24 +185,9 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
         let result = deploy_release(&docker, &cache, calls, &request, bars.clone(), &events).await;
         bars.clear();
         events.close().await;
-        return match result {
-            Ok(outcome) => {
-                if args.json {
-                    print_json(&outcome);
-                } else {
-                    print_release(&outcome, &request.deployment, client.target());
-                }
-                Ok(())
-            }
-            Err(failure) => {
-                if args.json {
-                    print_json(&FailureJson::of(&failure));
-                } else {
-                    print_failure(&failure);
-                }
-                Err(failure.into())
-            }
-        };
+        return report(args.json, result, |outcome| {
+            print_release(outcome, &request.deployment, client.target())
+        });
     }
     let store = PackageStore::open(&args.store.package_dir).await?;
     let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
@@ -228,17 +201,29 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     if let Some(id) = made {
         args.store.retain(&store, id).await;
     }
+    report(args.json, result, |outcome| {
+        print_success(outcome, &request.deployment, client.target())
+    })
+}
+
+/// Prints a deployment's outcome (one JSON document with `json`, else `print`'s text) or its
+/// failure, and returns the failure as the command's error.
+fn report<T: Serialize>(
+    json: bool,
+    result: Result<T, DeployFailure>,
+    print: impl FnOnce(&T),
+) -> Result<(), SenderError> {
     match result {
         Ok(outcome) => {
-            if args.json {
+            if json {
                 print_json(&outcome);
             } else {
-                print_success(&outcome, &request.deployment, client.target());
+                print(&outcome);
             }
             Ok(())
         }
         Err(failure) => {
-            if args.json {
+            if json {
                 print_json(&FailureJson::of(&failure));
             } else {
                 print_failure(&failure);
@@ -496,7 +481,10 @@ mod tests {
             spec.command.as_deref(),
             Some(&["/bin/app".to_owned(), "--serve".to_owned()][..])
         );
-        assert_eq!(request.package.compression.compression, Compression::Gzip);
+        assert_eq!(
+            request.package.compression.compression,
+            deploy_protocol::Compression::Gzip
+        );
         assert!(spec.validate().is_ok());
     }
 

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 use clap::ArgGroup;
+use deploy_protocol::Compression;
 
 use crate::pipeline::PackageParts;
 
-/// Where the image comes from: a Dockerfile to build, or an image already on the build host.
+/// Where the image comes from (a Dockerfile to build, or an image already on the build host) and
+/// how it is compressed.
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("image_source").required(true).args(["context", "image"])))]
 pub(crate) struct ImageSourceArgs {
@@ -29,6 +31,15 @@ pub(crate) struct ImageSourceArgs {
     /// Use an existing local image instead of building: `name:tag` or an image id.
     #[arg(long, env = "DEPLOY_IMAGE")]
     pub(crate) image: Option<String>,
+    /// Compression: zstd, gzip or none.
+    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
+    pub(crate) compression: Compression,
+    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
+    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
+    pub(crate) level: Option<i32>,
+    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
+    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
+    pub(crate) zstd_workers: Option<u32>,
 }
 
 impl ImageSourceArgs {
@@ -40,6 +51,9 @@ impl ImageSourceArgs {
             dockerfile: self.dockerfile.clone(),
             tag: self.tag.clone(),
             build_args: self.build_args.iter().cloned().collect(),
+            compression: Some(self.compression),
+            level: self.level,
+            zstd_workers: self.zstd_workers,
             ..PackageParts::default()
         }
     }

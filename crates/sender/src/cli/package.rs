@@ -1,7 +1,6 @@
 //! `deploy-sender package`: build an image (or take an existing one) and store it as a
 //! compressed package.
 
-use deploy_protocol::Compression;
 use uuid::Uuid;
 
 use super::image::ImageSourceArgs;
@@ -22,15 +21,6 @@ pub(crate) struct PackageArgs {
     /// Package id (default: a new UUID).
     #[arg(long, env = "DEPLOY_PACKAGE_ID")]
     pub(crate) package_id: Option<Uuid>,
-    /// Compression: zstd, gzip or none.
-    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
-    pub(crate) compression: Compression,
-    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
-    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
-    pub(crate) level: Option<i32>,
-    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
-    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
-    pub(crate) zstd_workers: Option<u32>,
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
@@ -43,9 +33,6 @@ pub(super) async fn run(args: PackageArgs) -> Result<(), SenderError> {
     let request = PackageParts {
         container_name: args.container_name,
         package_id: args.package_id,
-        compression: Some(args.compression),
-        level: args.level,
-        zstd_workers: args.zstd_workers,
         max_package_size: Some(args.store.max_package_size),
         ..args.source.parts()
     }
