@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # the workspace's test binaries) and time.
 if [[ -n "${CI:-}" ]]; then
     export CARGO_INCREMENTAL=0
+    # The build and the test hosts need a few GiB: say what there is, so a full disk is plain.
+    df -h . /tmp /var/lib/docker 2>/dev/null | sed 's/^/disk: /' || true
 fi
 scripts/prereqs.sh
 cargo fmt --all -- --check
