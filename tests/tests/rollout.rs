@@ -297,7 +297,6 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         .await
         .expect("layer cache");
     let v2_layers = layers(&docker, &cache, &v2).await;
-    let unhealthy_layers = layers(&docker, &cache, &unhealthy).await;
 
     // A healthy release reaches every host, the canary first, through the CLI
     // (`deploy --to A,B,C,D`), which records the ROLLOUT_* events in its outbox.
@@ -342,8 +341,11 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     }
 
     // An unhealthy release stops at the canary (rolled back there by its receiver); no other
-    // host is touched: not even the image reaches them.
-    let report = rollout(&fleet, &unhealthy_layers, spec(&name), &|_| {}).await;
+    // host is touched: not even the image reaches them. This one goes as a whole package
+    // (`--full`), the canary receiving all of it.
+    let whole = Payload::Package(Box::new(unhealthy.clone()));
+    let report = rollout(&fleet, &whole, spec(&name), &|_| {}).await;
+    assert_eq!(report.hosts[0].bytes, unhealthy.package_size);
     assert_eq!(
         outcomes(&report),
         [Failed, NotReached, NotReached, NotReached],
