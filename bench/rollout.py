@@ -16,7 +16,7 @@ Needs root (network namespaces), Docker, GNU time, /bin/busybox.
     sudo bench/rollout.py                          # 100 MiB, 4 and 8 hosts
     sudo bench/rollout.py --bin-dir target/debug --fleets 4
 
-Targets (issue 14): 4-host rollout wall <= 1.5 x the single-host deploy; uplink <= 1.05 x
+Targets: 4-host rollout wall <= 1.5 x the single-host deploy; uplink <= 1.05 x
 (hosts x bytes missing per host). See docs/PERFORMANCE.md.
 """
 
