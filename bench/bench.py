@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""End-to-end performance bench (issue 7): the docker save|load floor, the naive
+"""End-to-end performance bench: the docker save|load floor, the naive
 save|gzip|curl way, and deploy-sender -> deploy-receiver with the real binaries, on one host's
 Docker Engine. Standard library only; needs Docker, curl, gzip, GNU time (/usr/bin/time) and Debian's busybox-static.
 

@@ -25,6 +25,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "prereqs: installing ${need_apt[*]}"
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    apt-get clean
   else
     echo "prereqs: missing Debian packages: ${need_apt[*]} (install them, then re-run)" >&2
     exit 1

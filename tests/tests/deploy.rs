@@ -427,12 +427,35 @@ async fn child_process_deploys_with_docker_unreachable() {
 
 #[tokio::test]
 async fn the_cli_deploy_records_build_and_transfer_events_like_the_service() {
+    // The default, layer-aware path: the events are keyed by the release id.
+    let (rig, events) = cli_deploy_events(&[]).await;
+    assert_eq!(events[1].payload["layers"], 2, "{:?}", events[1]);
+    assert_eq!(events[2].payload["endpoint"], "release");
+    assert_eq!(
+        events[3].payload["release_id"].as_str(),
+        events[0].package_id.map(|id| id.to_string()).as_deref()
+    );
+    assert!(rig.store.list().await.expect("the store").is_empty());
+}
+
+#[tokio::test]
+async fn the_cli_deploy_of_a_whole_package_records_the_same_events() {
+    let (rig, events) = cli_deploy_events(&["--full"]).await;
+    assert_eq!(events[2].payload["endpoint"], "full");
+    let stored = rig.store.list().await.expect("the store");
+    assert_eq!(events[0].package_id, Some(stored[0].package_id));
+}
+
+/// Deploys a built image with the CLI (plus `extra` flags) and returns the events it recorded,
+/// oldest first, after checking what both paths share: the four event types in order, one
+/// correlation id, container name and key, and the receiver.
+async fn cli_deploy_events(extra: &[&str]) -> (Rig, Vec<deploy_events::LifecycleEvent>) {
     let rig = Rig::new().await;
     let context = busybox_context(&rig.host, &httpd_dockerfile(80), "cli");
     let state_dir = rig.store_dir.path().join("cli-state");
     let dockerfile = context.path().join("Dockerfile");
     let tag = rig.host.image("cli");
-    let args = [
+    let mut args = vec![
         "deploy-sender",
         "deploy",
         "--dockerfile",
@@ -458,10 +481,8 @@ async fn the_cli_deploy_records_build_and_transfer_events_like_the_service() {
         "--correlation-id",
         "e2e-cli",
         "--json",
-        // The whole-package path: the layer-aware default does not record lifecycle events yet
-        // (left open on the sender issue).
-        "--full",
     ];
+    args.extend_from_slice(extra);
     let cli = deploy_sender::cli::Cli::try_parse_from(args).expect("valid flags");
     deploy_sender::cli::run(cli).await.expect("the CLI deploys");
 
@@ -496,12 +517,12 @@ async fn the_cli_deploy_records_build_and_transfer_events_like_the_service() {
         );
         assert_eq!(event.package_id, events[0].package_id);
     }
-    let stored = rig.store.list().await.expect("the store");
-    assert_eq!(events[0].package_id, Some(stored[0].package_id));
     assert_eq!(
         events[3].payload["receiver"],
         format!("{}/", rig.receiver.url)
     );
+    drop(outbox);
+    (rig, events)
 }
 
 fn path_str(path: &Path) -> &str {

@@ -8,14 +8,17 @@ mod layers_common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use deploy_protocol::release::ReleaseManifest;
 use deploy_protocol::{DeploymentSpec, HealthCheckKind};
 use deploy_sender::{
-    deploy_release, prepare_image, send_release, CompressionOptions, DeployRequest, ImageSource,
-    LayerCache, LayerFate, NoProgress, PackageRequest, ReceiverTarget, ReleaseAction, ReleaseCalls,
-    ReleaseOutcome, RetryPolicy,
+    deploy_release, prepare_image, release_manifest, send_manifest, send_release,
+    CompressionOptions, DeployRequest, ImageSource, LayerCache, LayerFate, Lifecycle, NoProgress,
+    PackageRequest, PreparedImage, ReceiverTarget, ReleaseAction, ReleaseCalls, ReleaseOutcome,
+    RetryPolicy,
 };
 use layers_common::{
-    cold_host, container_image, workspace_binary, Daemon, Fault, Images, Proxy, SECRET,
+    cold_host, container_image, copy_image, host_has_image, workspace_binary, Daemon, Fault,
+    Images, Proxy, SECRET,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -24,6 +27,7 @@ const MIB: usize = 1024 * 1024;
 struct Sender {
     docker: bollard::Docker,
     cache: LayerCache,
+    events: Lifecycle,
     http: reqwest::Client,
     policy: RetryPolicy,
     _dir: tempfile::TempDir,
@@ -39,6 +43,9 @@ impl Sender {
             cache: LayerCache::open(dir.path().join("layers"), u64::MAX)
                 .await
                 .expect("cache"),
+            events: Lifecycle::open(dir.path().join("state"), None, "deployments".into())
+                .await
+                .expect("the outbox"),
             http: reqwest::Client::new(),
             policy: RetryPolicy {
                 max_attempts: 6,
@@ -70,6 +77,7 @@ impl Sender {
             calls,
             &request,
             Arc::new(NoProgress),
+            &self.events,
         )
         .await
         {
@@ -98,6 +106,61 @@ impl Sender {
         send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
             .await
             .expect("load")
+    }
+}
+
+impl Sender {
+    /// Registers a release of `tag` (to be loaded) on the receiver at `url` and sends nothing:
+    /// a transfer that has begun, which [`Sender::finish`] completes.
+    async fn register(&self, url: &str, tag: &str) -> (PreparedImage, ReleaseManifest) {
+        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
+        let calls = ReleaseCalls {
+            http: &self.http,
+            target: &target,
+            correlation_id: None,
+            policy: &self.policy,
+        };
+        let image = prepare_image(
+            &self.docker,
+            &self.cache,
+            tag,
+            &options(),
+            Arc::new(NoProgress),
+        )
+        .await
+        .expect("prepare");
+        let manifest = release_manifest(&image, &ReleaseAction::Load).expect("manifest");
+        calls
+            .inventory(manifest.chain_ids())
+            .await
+            .expect("inventory");
+        calls.register(&manifest).await.expect("register");
+        (image, manifest)
+    }
+
+    /// Sends what a [`Sender::register`]ed release lacks and has it loaded.
+    async fn finish(
+        &self,
+        url: &str,
+        image: &PreparedImage,
+        manifest: ReleaseManifest,
+    ) -> ReleaseOutcome {
+        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
+        let calls = ReleaseCalls {
+            http: &self.http,
+            target: &target,
+            correlation_id: None,
+            policy: &self.policy,
+        };
+        send_manifest(
+            calls,
+            image,
+            manifest,
+            &ReleaseAction::Load,
+            Arc::new(NoProgress),
+        )
+        .await
+        .expect("load")
     }
 }
 
@@ -331,4 +394,94 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
         "the rerun took the layers from the cache"
     );
     assert_eq!(container_image(&host, &name), images.id(&app));
+}
+
+#[tokio::test]
+async fn a_layer_gone_from_the_target_between_inventory_and_load_is_sent_and_the_deploy_succeeds() {
+    let images = Images::default();
+    let base = images.base(2 * MIB);
+    let app = images.app(&base, MIB);
+    let host = cold_host("ltx-race").await;
+    // The target's operator loaded the base: the engine holds its layers, no receiver kept a blob.
+    copy_image(&base, &host);
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let removed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flag, docker_host, base_tag) = (removed.clone(), host.docker_host(), base.clone());
+    // After the inventory said "present", and before the receiver loads: the base goes.
+    proxy.before("/deploy HTTP/1.1", move || {
+        let out = std::process::Command::new("docker")
+            .env("DOCKER_HOST", docker_host)
+            .args(["rmi", &base_tag])
+            .output()
+            .expect("docker rmi runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let sender = Sender::new().await;
+    let name = format!(
+        "layers-race-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+
+    let outcome = sender.deploy(&proxy.url, &app, &name).await;
+    assert!(
+        removed.load(std::sync::atomic::Ordering::SeqCst),
+        "the base was removed mid-deploy"
+    );
+    assert_eq!(
+        fates(&outcome),
+        vec![LayerFate::Sent; 3],
+        "the two base layers, present at inventory, were sent after LAYERS_MISSING: {:?}",
+        outcome.layers
+    );
+    assert_eq!(container_image(&host, &name), images.id(&app));
+}
+
+#[tokio::test]
+async fn layers_a_registered_release_relies_on_are_not_pruned_from_under_it() {
+    let images = Images::default();
+    let (base, other_base) = (images.base(2 * MIB), images.base(MIB));
+    let old = images.app(&base, MIB);
+    let (next, last) = (
+        images.app(&other_base, 64 * 1024),
+        images.app(&other_base, 64 * 1024),
+    );
+    let later = images.app(&base, 128 * 1024);
+    let host = cold_host("ltx-prune").await;
+    // IMAGE_HISTORY=1: the current image and one earlier one are kept; older ones are pruned.
+    let daemon = Daemon::start_with(&host.docker_host(), &[("IMAGE_HISTORY", "1")]);
+    let sender = Sender::new().await;
+    let name = format!(
+        "layers-prune-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let old_id = images.id(&old);
+
+    sender.deploy(&daemon.url, &old, &name).await;
+    sender.deploy(&daemon.url, &next, &name).await;
+    // A transfer of `later` (on `old`'s base) has begun: registered, nothing sent yet.
+    let (image, manifest) = sender.register(&daemon.url, &later).await;
+    sender.deploy(&daemon.url, &last, &name).await;
+    assert!(
+        host_has_image(&host, &old_id),
+        "`old` is past IMAGE_HISTORY but holds the base a registered release relies on"
+    );
+    let loaded = sender.finish(&daemon.url, &image, manifest).await;
+    assert_eq!(
+        fates(&loaded)[..2],
+        [LayerFate::Present, LayerFate::Present],
+        "the base stayed on the target: {:?}",
+        loaded.layers
+    );
+
+    // Once nothing pending relies on it, the next deployment prunes `old` as usual.
+    sender.deploy(&daemon.url, &next, &name).await;
+    assert!(
+        !host_has_image(&host, &old_id),
+        "with no release pending, `old` is pruned"
+    );
 }

@@ -1,29 +1,33 @@
 //! Fleet rollouts against real hosts: four extra Docker engines, each in its own network namespace
 //! (deploy-testkit's `TestHost`), each with its own real receiver on loopback, and the sender's
-//! rollout moving images built `FROM scratch` on the main engine. After every rollout, what runs
-//! on each host is read from that host's own engine.
+//! rollout moving images built on the main engine as layers prepared once (each host receives only
+//! the blobs it lacks). After every rollout, what runs on each host is read from that host's own
+//! engine.
 
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::Docker;
+use clap::Parser;
 use common::docker::{busybox_context, docker, httpd_dockerfile, Guard};
 use common::{spawn_receiver, Receiver, KEY_ID, SECRET};
+use deploy_protocol::events::EventType;
 use deploy_protocol::{
     DeploymentSpec, ErrorCode, HealthCheckKind, HealthCheckSpec, PortMapping, RestartPolicy,
 };
 use deploy_sender::config::ServeConfig;
 use deploy_sender::rollout::{
-    roll_out, BatchSize, FleetState, HostOutcome, Phase, Release, RolloutEvent, RolloutOptions,
-    RolloutReport, RolloutStatus,
+    roll_out, BatchSize, FleetState, HostOutcome, Payload, Phase, Plan, Release, RolloutEvent,
+    RolloutOptions, RolloutReport, RolloutStatus,
 };
 use deploy_sender::service::AppState as SenderState;
 use deploy_sender::{
-    package_image, BuildSpec, ImageSource, NoProgress, PackageInfo, PackageRequest, PackageStore,
-    ReceiverClient, ReceiverTarget,
+    package_image, prepare_image, BuildSpec, CompressionOptions, ImageSource, LayerCache,
+    NoProgress, PackageInfo, PackageRequest, PackageStore, ReceiverClient, ReceiverTarget,
 };
 use deploy_testkit::hosts::{main_bridge_exists, TestHost};
 use serde_json::{json, Value};
@@ -135,6 +139,36 @@ async fn package(
         .expect("package")
 }
 
+/// The image of `package` as layers in `cache`, prepared once for every host.
+async fn layers(docker: &Docker, cache: &LayerCache, package: &PackageInfo) -> Payload {
+    let image = prepare_image(
+        docker,
+        cache,
+        &package.image_id,
+        &CompressionOptions::default(),
+        Arc::new(NoProgress),
+    )
+    .await
+    .expect("prepared layers");
+    let mut image = image;
+    image.tags = package.image_tags.clone();
+    Payload::Layers(Arc::new(image))
+}
+
+/// Blob bytes of the distinct layers of `new` that `old` does not have.
+fn lacking_bytes(new: &Payload, old: &Payload) -> u64 {
+    let (Payload::Layers(new), Payload::Layers(old)) = (new, old) else {
+        panic!("layers expected");
+    };
+    let mut seen = std::collections::HashSet::new();
+    new.layers
+        .iter()
+        .filter(|l| old.layers.iter().all(|o| o.diff_id != l.diff_id))
+        .filter(|l| seen.insert(l.diff_id.clone()))
+        .map(|l| l.blob.size)
+        .sum()
+}
+
 fn options() -> RolloutOptions {
     RolloutOptions {
         canary: Some(1),
@@ -147,12 +181,12 @@ fn options() -> RolloutOptions {
 
 async fn rollout(
     fleet: &Fleet,
-    package: &PackageInfo,
+    payload: &Payload,
     spec: DeploymentSpec,
     on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
 ) -> RolloutReport {
     let release = Release {
-        package: package.clone(),
+        payload: payload.clone(),
         spec,
         correlation_id: Some("rollout-e2e-fleet".into()),
     };
@@ -165,6 +199,73 @@ async fn rollout(
     )
     .await
     .expect("a rollout")
+}
+
+/// Runs `deploy-sender deploy --image TAG --to <the four hosts>` in this process; answers its
+/// exit code and the lifecycle events in its outbox, oldest first.
+async fn cli_rollout(
+    fleet: &Fleet,
+    tag: &str,
+    name: &str,
+    package_dir: &Path,
+    state_dir: &Path,
+) -> (u8, Vec<deploy_events::LifecycleEvent>) {
+    let to = fleet
+        .targets
+        .iter()
+        .map(|t| t.target().base_url.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let layer_cache = package_dir.join("cli-layers");
+    let args = [
+        "deploy-sender",
+        "deploy",
+        "--image",
+        tag,
+        "--name",
+        name,
+        "--health",
+        "docker",
+        "--health-timeout",
+        "30",
+        "--restart",
+        "no",
+        "--to",
+        &to,
+        "--canary",
+        "1",
+        "--batch",
+        "50%",
+        "--host-timeout",
+        "180",
+        "--key-id",
+        KEY_ID,
+        "--secret",
+        SECRET,
+        "--package-dir",
+        path_str(package_dir),
+        "--layer-cache-dir",
+        path_str(&layer_cache),
+        "--state-dir",
+        path_str(state_dir),
+        "--correlation-id",
+        "rollout-e2e-cli",
+    ];
+    let cli = deploy_sender::cli::Cli::try_parse_from(args).expect("valid flags");
+    let code = deploy_sender::cli::run(cli)
+        .await
+        .expect("the CLI rolls out");
+    let outbox =
+        deploy_events::EventSink::open(deploy_events::EventConfig::new(state_dir, "deploy-sender"))
+            .await
+            .expect("the CLI's outbox");
+    let mut events = outbox.list(100);
+    events.reverse();
+    (code, events)
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
 }
 
 fn outcomes(report: &RolloutReport) -> Vec<HostOutcome> {
@@ -191,21 +292,60 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     let mut fleet = Fleet::start(4).await;
     use HostOutcome::*;
 
-    // A healthy release reaches every host, the canary first.
-    let report = rollout(&fleet, &v1, spec(&name), &|_| {}).await;
-    assert_eq!(outcomes(&report), [Deployed; 4], "{}", report.table());
-    assert_eq!(
-        (report.status, report.fleet),
-        (RolloutStatus::Completed, FleetState::NewRelease)
-    );
-    assert_eq!(report.hosts[0].phase, Phase::Canary);
-    assert!(report.hosts.iter().all(|h| h.bytes == v1.package_size));
+    let cache_dir = tempfile::tempdir().expect("layer cache dir");
+    let cache = LayerCache::open(cache_dir.path(), 1 << 30)
+        .await
+        .expect("layer cache");
+    let v2_layers = layers(&docker, &cache, &v2).await;
+
+    // A healthy release reaches every host, the canary first, through the CLI
+    // (`deploy --to A,B,C,D`), which records the ROLLOUT_* events in its outbox.
+    let state_dir = store_dir.path().join("cli-state");
+    let (code, events) = cli_rollout(
+        &fleet,
+        &guard.image("v1"),
+        &name,
+        store_dir.path(),
+        &state_dir,
+    )
+    .await;
+    assert_eq!(code, 0, "the fleet ends on the new release: {events:#?}");
     let on_v1 = fleet.running(&name).await;
     assert_eq!(images(&on_v1), [Some(v1.image_id.as_str()); 4]);
+    let steps = Plan::new(4, Some(1), BatchSize::Percent(50))
+        .expect("plan")
+        .steps
+        .len();
+    let mut expected = vec![EventType::RolloutStarted];
+    expected.extend(std::iter::repeat_n(EventType::RolloutBatchCompleted, steps));
+    expected.push(EventType::RolloutCompleted);
+    let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
+    assert_eq!(types, expected, "{events:#?}");
+    let rollout_id = &events[0].payload["rollout_id"];
+    for event in &events {
+        assert_eq!(&event.payload["rollout_id"], rollout_id, "{event:?}");
+        assert_eq!(event.correlation_id.as_deref(), Some("rollout-e2e-cli"));
+        assert_eq!(event.container_name.as_deref(), Some(name.as_str()));
+    }
+    let last = &events[events.len() - 1].payload["report"];
+    assert_eq!(last["fleet"], json!("NEW_RELEASE"), "{last}");
+    let v1_layers = layers(&docker, &cache, &v1).await;
+    let v1_bytes = v1_layers.total_bytes();
+    for host in last["hosts"].as_array().expect("hosts") {
+        assert_eq!(host["outcome"], json!("DEPLOYED"), "{host}");
+        assert_eq!(
+            host["bytes"],
+            json!(v1_bytes),
+            "a fresh host receives every blob of the image: {host}"
+        );
+    }
 
     // An unhealthy release stops at the canary (rolled back there by its receiver); no other
-    // host is touched: not even the image reaches them.
-    let report = rollout(&fleet, &unhealthy, spec(&name), &|_| {}).await;
+    // host is touched: not even the image reaches them. This one goes as a whole package
+    // (`--full`), the canary receiving all of it.
+    let whole = Payload::Package(Box::new(unhealthy.clone()));
+    let report = rollout(&fleet, &whole, spec(&name), &|_| {}).await;
+    assert_eq!(report.hosts[0].bytes, unhealthy.package_size);
     assert_eq!(
         outcomes(&report),
         [Failed, NotReached, NotReached, NotReached],
@@ -247,7 +387,7 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         protocol: Default::default(),
         host_ip: None,
     }];
-    let report = rollout(&fleet, &v2, with_port.clone(), &|_| {}).await;
+    let report = rollout(&fleet, &v2_layers, with_port.clone(), &|_| {}).await;
     eprintln!("{}", report.table());
     let _ = listener.kill();
     let _ = listener.wait();
@@ -278,6 +418,15 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     );
     assert_eq!(now[3], on_v1[3], "the fourth host was not touched");
     assert_eq!(fleet.holds(&v2.image_id).await, [true, true, true, false]);
+    // The hosts it reached received the blobs of v2 they lacked (the layers v2 does not share
+    // with v1; the test images copy busybox afresh, so none), the failed host as many before its
+    // deployment failed.
+    let lacking = lacking_bytes(&v2_layers, &v1_layers);
+    assert!(lacking > 0);
+    for h in &report.hosts[..3] {
+        assert_eq!(h.bytes, lacking, "{}", report.table());
+    }
+    assert_eq!(report.hosts[3].bytes, 0);
 
     // Abort through the REST API once the canary is healthy on the new release: the rollout stops, the
     // hosts it moved are rolled back, the last batch is never started; the SSE stream ends with
@@ -406,7 +555,13 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     let _ = stop_sender.send(());
 
     // A receiver that goes away mid-rollout (the fourth, once the canary is healthy) is a failed
-    // host, and the hosts moved by then are rolled back.
+    // host, and the hosts moved by then are rolled back. The release is the one the REST rollout
+    // moved (at least) the canary to: a host whose engine still holds it (the receiver keeps the
+    // images of its last deployments) receives nothing of it, the others what they lack.
+    let v2_stored_layers = layers(&docker, &cache, &v2_stored).await;
+    let lacking = lacking_bytes(&v2_stored_layers, &v1_layers);
+    let had = fleet.holds(&v2_stored.image_id).await;
+    assert!(had[0], "the canary keeps the image it ran last");
     let victim = Mutex::new(fleet.receivers[3].take());
     let kill_after_canary = |event: RolloutEvent| {
         if let RolloutEvent::StepCompleted {
@@ -419,7 +574,7 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
             }
         }
     };
-    let report = rollout(&fleet, &v2, with_port, &kill_after_canary).await;
+    let report = rollout(&fleet, &v2_stored_layers, with_port, &kill_after_canary).await;
     assert_eq!(
         outcomes(&report),
         [RolledBack, RolledBack, RolledBack, Failed],
@@ -430,6 +585,14 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         report.hosts[3].error.as_ref().map(|e| e.code),
         Some(ErrorCode::RemoteUnreachable)
     );
+    for (h, had) in report.hosts[..3].iter().zip(&had) {
+        assert_eq!(
+            h.bytes,
+            if *had { 0 } else { lacking },
+            "held the image before: {had}\n{}",
+            report.table()
+        );
+    }
     assert_eq!(report.fleet, FleetState::OldRelease);
     let now = fleet.running(&name).await;
     assert_eq!(

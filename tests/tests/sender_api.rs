@@ -1103,3 +1103,78 @@ async fn transfer_with_a_deployment_runs_it_and_reports_a_failed_one() {
         (400, "VALIDATION_ERROR")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_transfer_to_a_cold_host_deploys_every_layer_and_a_second_sends_none() {
+    common::docker::docker().await;
+    let images = common::docker::host_guard();
+    let host = tokio::task::spawn_blocking(|| deploy_testkit::hosts::TestHost::start("sapicold"))
+        .await
+        .expect("test host");
+    let receiver = spawn_receiver(|c| c.docker_host = Some(host.docker_host())).await;
+    let sender = spawn_sender(|_| {}).await;
+    let context = busybox_context(&images);
+    let tag = images.image("cold");
+    let package = sender
+        .post("/api/v1/packages", build_input(&context, &tag))
+        .await;
+    assert_eq!(package.status, 201, "{}", package.text);
+    let id = package.body["package_id"].as_str().expect("id").to_owned();
+    let transfer = json!({"package_id": id, "receivers": [receiver.url],
+        "deployment": {"container_name": "sender-api-cold", "health_check": {"kind": "none", "settle_secs": 0.5}}});
+
+    let accepted = call(
+        "POST",
+        &format!("{}/api/v1/transfers", sender.url),
+        Some(transfer.clone()),
+        &[("Prefer", "respond-async")],
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text);
+    let events_url = format!(
+        "{}{}",
+        sender.url,
+        accepted.body["events_url"].as_str().expect("url")
+    );
+    let events = read_sse(&events_url).await;
+    let (_, finished) = events.last().expect("events");
+    assert_eq!(finished["state"], "succeeded", "{finished}");
+    assert!(
+        events
+            .iter()
+            .any(|(name, data)| name == "progress" && data["stage"] == "upload"),
+        "upload progress was streamed: {events:?}"
+    );
+    let result = &finished["result"];
+    assert_eq!(result["endpoint"], "release", "{result}");
+    let outcome = &result["receivers"][0]["response"];
+    let layers = outcome["layers"].as_array().expect("per-layer report");
+    assert!(
+        !layers.is_empty() && layers.iter().all(|l| l["fate"] == "sent"),
+        "a cold host lacks every layer: {outcome}"
+    );
+    assert!(
+        outcome["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("(0.0 % already there)")),
+        "{outcome}"
+    );
+    assert_eq!(outcome["deployment"]["status"], "SUCCEEDED", "{outcome}");
+    let running = host
+        .docker_cli()
+        .args(["inspect", "-f", "{{.Image}}", "sender-api-cold"])
+        .output()
+        .expect("docker inspect");
+    assert_eq!(
+        String::from_utf8_lossy(&running.stdout).trim(),
+        package.body["image_id"].as_str().expect("image id"),
+        "the cold host runs the build host's image id"
+    );
+
+    let again = sender.post("/api/v1/transfers", transfer).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    let outcome = &again.body["receivers"][0];
+    assert_eq!(outcome["bytes"], 0, "{outcome}");
+    let totals = &outcome["response"]["totals"];
+    assert_eq!(totals["present"], totals["layers"], "{outcome}");
+}

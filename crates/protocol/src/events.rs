@@ -57,7 +57,8 @@ pub struct LifecycleEvent {
     /// Correlation id of the operation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
-    /// Package id (also the message key).
+    /// Package id (also the message key); on the layer-aware path, which makes no package, the
+    /// release id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_id: Option<Uuid>,
     /// Container name.

@@ -152,6 +152,60 @@ async fn an_image_the_host_had_is_never_run_retagged_or_pruned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_an_image_never_verified_is_refused_and_changes_nothing() {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let host = format!("{name}-host:v1");
+    build_image(&docker, &mut cleanup, &host, ImageSpec::healthy("host")).await;
+    let v2 = format!("{name}:v2");
+    build_image(&docker, &mut cleanup, &v2, ImageSpec::healthy("v2")).await;
+    let dir = temp_dir();
+
+    // The host's own image, run by naming it while ALLOW_UNVERIFIED_IMAGES was on...
+    let receiver = start_receiver_with(dir.path(), |c| c.allow_unverified_images = true).await;
+    let mut spec = web_spec(&name);
+    spec.image = Some(host.clone());
+    let (status, body) = receiver
+        .post("/deployment/deploy", &json!({ "deployment": spec }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    receiver.stop().await;
+
+    // ...then, the setting off, a verified package replaces it.
+    let receiver = start_receiver(dir.path()).await;
+    let (status, body) = receiver
+        .full(&[&v2], save_image(&docker, &v2).await, &web_spec(&name))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let second = record(&body);
+    let running = inspect(&docker, &name).await.id;
+    assert_eq!(page(&docker, &name).await, "v2");
+
+    // Rolling v2 back would run the unverified image again: refused, v2's container untouched.
+    let (status, body) = receiver
+        .post(
+            &format!("/deployments/{}/rollback", second.deployment_id),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "POLICY_DENIED"),
+        "{body}"
+    );
+    assert_eq!(inspect(&docker, &name).await.id, running);
+    assert_eq!(page(&docker, &name).await, "v2");
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name))
+            .await
+            .len(),
+        1
+    );
+    receiver.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_the_receiver_did_not_create_is_left_alone_unless_adopted() {
     let docker = docker().await;
     let mut cleanup = guard();

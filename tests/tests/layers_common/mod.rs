@@ -111,8 +111,12 @@ pub struct Proxy {
     pub url: String,
     pub sent: Arc<AtomicU64>,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
+    hook: Arc<Mutex<Option<Hook>>>,
     stop: Arc<AtomicBool>,
 }
+
+/// Something to do (once) before forwarding the first client bytes that contain `needle`.
+type Hook = (Vec<u8>, Box<dyn FnOnce() + Send>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -140,8 +144,9 @@ impl Proxy {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let sent = Arc::new(AtomicU64::new(0));
         let fault: Arc<Mutex<Option<(u64, Fault)>>> = Arc::default();
+        let hook: Arc<Mutex<Option<Hook>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
-        let (s, f, st) = (sent.clone(), fault.clone(), stop.clone());
+        let (s, f, h, st) = (sent.clone(), fault.clone(), hook.clone(), stop.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if st.load(Ordering::Relaxed) {
@@ -150,15 +155,23 @@ impl Proxy {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     continue;
                 };
-                tokio::spawn(pipe(client, server, s.clone(), f.clone()));
+                tokio::spawn(pipe(client, server, s.clone(), f.clone(), h.clone()));
             }
         });
         Self {
             url,
             sent,
             fault,
+            hook,
             stop,
         }
+    }
+
+    /// Runs `action` (blocking, off the runtime) once, before forwarding the first client bytes
+    /// that contain `needle` (e.g. a request line), so a test can change the target host at an
+    /// exact point of the protocol.
+    pub fn before(&self, needle: &str, action: impl FnOnce() + Send + 'static) {
+        *self.hook.lock().expect("lock") = Some((needle.as_bytes().to_vec(), Box::new(action)));
     }
 
     /// From now on, `fault` once `after` more client bytes have passed.
@@ -183,6 +196,7 @@ async fn pipe(
     server: tokio::net::TcpStream,
     sent: Arc<AtomicU64>,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
+    hook: Arc<Mutex<Option<Hook>>>,
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
@@ -196,6 +210,21 @@ async fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        let due = {
+            let mut guard = hook.lock().expect("lock");
+            let hit = matches!(&*guard, Some((needle, _))
+                if buf[..n].windows(needle.len()).any(|w| w == needle.as_slice()));
+            if hit {
+                guard.take()
+            } else {
+                None
+            }
+        };
+        if let Some((_, action)) = due {
+            tokio::task::spawn_blocking(action)
+                .await
+                .expect("the proxy's hook ran");
+        }
         let before = sent.load(Ordering::Relaxed);
         let hit = {
             let mut guard = fault.lock().expect("lock");
@@ -331,4 +360,34 @@ pub fn container_image(host: &TestHost, container: &str) -> String {
         .output()
         .expect("docker inspect");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Copies `tag` from the main engine into `host`'s engine as its operator would
+/// (`docker save | docker load`), not through a receiver.
+pub fn copy_image(tag: &str, host: &TestHost) {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "docker save \"$1\" | DOCKER_HOST=\"$2\" docker load -q",
+            "sh",
+        ])
+        .args([tag, &host.docker_host()])
+        .output()
+        .expect("sh runs");
+    assert!(
+        out.status.success(),
+        "docker save | docker load of {tag} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `host`'s engine holds image `id_or_tag`.
+pub fn host_has_image(host: &TestHost, id_or_tag: &str) -> bool {
+    host.docker_cli()
+        .args(["image", "inspect", id_or_tag])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("docker image inspect runs")
+        .success()
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use deploy_protocol::api::{DeploymentRecord, StageOutcome};
 use deploy_protocol::display::short;
 use deploy_protocol::{
-    Compression, DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping,
-    PortProtocol, RestartPolicy,
+    DeploymentSpec, ErrorBody, HealthCheckKind, HealthCheckSpec, PortMapping, PortProtocol,
+    RestartPolicy,
 };
 use serde::Serialize;
 
@@ -19,9 +19,8 @@ use super::terminal::{print_json, TerminalProgress};
 use crate::client::{ReceiverTarget, RetryPolicy};
 use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
-    default_container_name, deploy, deploy_release, CompressionOptions, DeployFailure,
-    DeployOutcome, DeployRequest, ImageSource, LayerFate, PackageInfo, PackageRequest,
-    PackageStore, ReleaseOutcome,
+    default_container_name, deploy, deploy_release, DeployFailure, DeployOutcome, DeployRequest,
+    FrontDoor, LayerFate, PackageInfo, PackageParts, PackageStore, ReleaseOutcome,
 };
 use crate::SenderError;
 
@@ -60,15 +59,10 @@ pub(crate) struct DeployArgs {
     /// Seconds to wait for the new container to be healthy before rolling back.
     #[arg(long, env = "DEPLOY_HEALTH_TIMEOUT_SECS", default_value_t = 120.0)]
     pub(crate) health_timeout: f64,
-    /// Compression: zstd, gzip or none.
-    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
-    pub(crate) compression: Compression,
-    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
-    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
-    pub(crate) level: Option<i32>,
-    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
-    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
-    pub(crate) zstd_workers: Option<u32>,
+    /// For `--health none` (and `auto` on an image without a HEALTHCHECK): seconds the new
+    /// container must keep running to count as healthy (0: as soon as it runs).
+    #[arg(long, env = "DEPLOY_SETTLE_SECS", default_value_t = 3.0)]
+    pub(crate) settle: f64,
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
@@ -142,12 +136,16 @@ pub(crate) fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
 impl DeployArgs {
     /// The library request these flags describe.
     pub(crate) fn request(&self) -> Result<DeployRequest, SenderError> {
-        let source = self.source.source()?;
-        let container_name = match (&self.name, &source) {
-            (Some(name), _) => name.clone(),
-            (None, ImageSource::Build(spec)) => default_container_name(&spec.tag),
-            (None, ImageSource::Existing(image)) => default_container_name(image),
-        };
+        let package = PackageParts {
+            container_name: self.name.clone(),
+            max_package_size: Some(self.store.max_package_size),
+            ..self.source.parts()
+        }
+        .request(FrontDoor::Cli)?;
+        let container_name = package
+            .container_name
+            .clone()
+            .unwrap_or_else(|| default_container_name(package.source.reference()));
         let deployment = DeploymentSpec {
             container_name,
             image: None,
@@ -161,14 +159,11 @@ impl DeployArgs {
                 path: self.health.path.clone(),
                 port: self.health_port,
                 deadline_secs: self.health_timeout,
+                settle_secs: self.settle,
                 ..HealthCheckSpec::default()
             },
             ..DeploymentSpec::default()
         };
-        let mut package = PackageRequest::new(source);
-        package.compression =
-            CompressionOptions::new(self.compression, self.level, self.zstd_workers);
-        package.max_package_size = self.store.max_package_size;
         Ok(DeployRequest {
             package,
             deployment,
@@ -182,33 +177,19 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     let client = args.receiver.client()?;
     let docker = crate::pipeline::connect_docker().await?;
     let bars = Arc::new(TerminalProgress::default());
+    let events = args.events.open(&args.store.package_dir).await?;
     if !args.full {
         let cache = args.store.open_layer_cache().await?;
         let policy = RetryPolicy::default();
         let calls = client.release_calls(request.correlation_id.as_deref(), &policy);
-        let result = deploy_release(&docker, &cache, calls, &request, bars.clone()).await;
+        let result = deploy_release(&docker, &cache, calls, &request, bars.clone(), &events).await;
         bars.clear();
-        return match result {
-            Ok(outcome) => {
-                if args.json {
-                    print_json(&outcome);
-                } else {
-                    print_release(&outcome, &request.deployment, client.target());
-                }
-                Ok(())
-            }
-            Err(failure) => {
-                if args.json {
-                    print_json(&FailureJson::of(&failure));
-                } else {
-                    print_failure(&failure);
-                }
-                Err(failure.into())
-            }
-        };
+        events.close().await;
+        return report(args.json, result, |outcome| {
+            print_release(outcome, &request.deployment, client.target())
+        });
     }
     let store = PackageStore::open(&args.store.package_dir).await?;
-    let events = args.events.open(&args.store.package_dir).await?;
     let result = deploy(&docker, &store, &client, &request, bars.clone(), &events).await;
     bars.clear();
     events.close().await;
@@ -220,17 +201,29 @@ pub(super) async fn run(args: DeployArgs) -> Result<(), SenderError> {
     if let Some(id) = made {
         args.store.retain(&store, id).await;
     }
+    report(args.json, result, |outcome| {
+        print_success(outcome, &request.deployment, client.target())
+    })
+}
+
+/// Prints a deployment's outcome (one JSON document with `json`, else `print`'s text) or its
+/// failure, and returns the failure as the command's error.
+fn report<T: Serialize>(
+    json: bool,
+    result: Result<T, DeployFailure>,
+    print: impl FnOnce(&T),
+) -> Result<(), SenderError> {
     match result {
         Ok(outcome) => {
-            if args.json {
+            if json {
                 print_json(&outcome);
             } else {
-                print_success(&outcome, &request.deployment, client.target());
+                print(&outcome);
             }
             Ok(())
         }
         Err(failure) => {
-            if args.json {
+            if json {
                 print_json(&FailureJson::of(&failure));
             } else {
                 print_failure(&failure);
@@ -430,6 +423,7 @@ fn reach(spec: &DeploymentSpec, receiver_host: &str) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::ImageSource;
     use clap::Parser;
 
     fn parse(args: &[&str]) -> Result<DeployArgs, clap::Error> {
@@ -487,7 +481,10 @@ mod tests {
             spec.command.as_deref(),
             Some(&["/bin/app".to_owned(), "--serve".to_owned()][..])
         );
-        assert_eq!(request.package.compression.compression, Compression::Gzip);
+        assert_eq!(
+            request.package.compression.compression,
+            deploy_protocol::Compression::Gzip
+        );
         assert!(spec.validate().is_ok());
     }
 
@@ -512,10 +509,43 @@ mod tests {
         let request = args.request().expect("request");
         assert_eq!(request.deployment.container_name, "front");
         assert_eq!(request.deployment.health_check.kind, HealthCheckKind::Auto);
+        assert_eq!(request.deployment.health_check.settle_secs, 3.0);
+        let quick = parse(&["--image", "web:v1", "--health", "none", "--settle", "0"]);
+        let quick = quick.expect("valid").request().expect("request");
+        assert_eq!(quick.deployment.health_check.settle_secs, 0.0);
         assert_eq!(
             request.package.source,
             ImageSource::Existing("web:v1".into())
         );
+    }
+
+    #[test]
+    fn a_build_is_named_by_the_same_rule_as_in_the_api() {
+        let tag_of = |flags: &[&str]| {
+            let request = parse(flags).expect("flags").request().expect("request");
+            match request.package.source {
+                ImageSource::Build(spec) => (spec.tag, spec.dockerfile, request.deployment),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (tag, dockerfile, deployment) =
+            tag_of(&["--context", "app", "--tag", "1.0", "--name", "web"]);
+        assert_eq!(tag, "web:1.0");
+        assert_eq!(dockerfile, std::path::PathBuf::from("Dockerfile"));
+        assert_eq!(deployment.container_name, "web");
+        assert_eq!(
+            tag_of(&["--context", "app", "--name", "web"]).0,
+            "web:latest"
+        );
+        let (tag, _, deployment) = tag_of(&["--context", "app", "--tag", "reg.io/team/api:2"]);
+        assert_eq!(tag, "reg.io/team/api:2");
+        assert_eq!(deployment.container_name, "api");
+        let bare = parse(&["--context", "app", "--tag", "1.0"]).expect("flags");
+        let err = bare
+            .request()
+            .expect_err("a bare tag needs --name")
+            .to_string();
+        assert!(err.contains("--tag") && err.contains("--name"), "{err}");
     }
 
     #[test]

@@ -4,54 +4,57 @@
 use std::path::PathBuf;
 
 use clap::ArgGroup;
+use deploy_protocol::Compression;
 
-use crate::pipeline::{BuildSpec, ImageSource};
-use crate::SenderError;
+use crate::pipeline::PackageParts;
 
-/// Where the image comes from: a Dockerfile to build, or an image already on the build host.
+/// Where the image comes from (a Dockerfile to build, or an image already on the build host) and
+/// how it is compressed.
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("image_source").required(true).args(["dockerfile", "image"])))]
+#[command(group(ArgGroup::new("image_source").required(true).args(["context", "image"])))]
 pub(crate) struct ImageSourceArgs {
     /// Dockerfile to build: relative to --context unless absolute (as the API's
     /// `dockerfile_path`), and inside the context.
-    #[arg(long, env = "DEPLOY_DOCKERFILE", requires_all = ["context", "tag"])]
+    #[arg(long, env = "DEPLOY_DOCKERFILE", requires = "context")]
     pub(crate) dockerfile: Option<PathBuf>,
-    /// Build context directory (its root .dockerignore is honoured).
-    #[arg(long, env = "DEPLOY_BUILD_CONTEXT", requires = "dockerfile")]
+    /// Build context directory (its root .dockerignore is honoured); the Dockerfile defaults
+    /// to `Dockerfile` in it.
+    #[arg(long, env = "DEPLOY_BUILD_CONTEXT")]
     pub(crate) context: Option<PathBuf>,
-    /// Tag for the built image, `name:tag` (the image a receiver runs).
-    #[arg(long, env = "DEPLOY_IMAGE_TAG", requires = "dockerfile")]
+    /// Tag for the built image, `name:tag` (the image a receiver runs); a bare `tag` is
+    /// named by --name (`NAME:tag`), and without --tag the image is `NAME:latest`.
+    #[arg(long, env = "DEPLOY_IMAGE_TAG", requires = "context")]
     pub(crate) tag: Option<String>,
     /// Build argument `KEY=VALUE` (repeatable).
-    #[arg(long = "build-arg", env = "DEPLOY_BUILD_ARG", value_parser = parse_key_value, requires = "dockerfile")]
+    #[arg(long = "build-arg", env = "DEPLOY_BUILD_ARG", value_parser = parse_key_value, requires = "context")]
     pub(crate) build_args: Vec<(String, String)>,
     /// Use an existing local image instead of building: `name:tag` or an image id.
     #[arg(long, env = "DEPLOY_IMAGE")]
     pub(crate) image: Option<String>,
+    /// Compression: zstd, gzip or none.
+    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
+    pub(crate) compression: Compression,
+    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
+    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
+    pub(crate) level: Option<i32>,
+    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
+    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
+    pub(crate) zstd_workers: Option<u32>,
 }
 
 impl ImageSourceArgs {
-    /// The library's description of the image source.
-    pub(crate) fn source(&self) -> Result<ImageSource, SenderError> {
-        match (&self.image, &self.dockerfile, &self.context, &self.tag) {
-            (Some(image), ..) => Ok(ImageSource::Existing(image.clone())),
-            (None, Some(dockerfile), Some(context), Some(tag)) => {
-                if !deploy_protocol::manifest::is_valid_image_reference(tag) {
-                    return Err(SenderError::Validation(format!(
-                        "--tag {tag:?} is not an image tag: use name:tag with a lower-case name, \
-                         e.g. myapp:1.0.0"
-                    )));
-                }
-                Ok(ImageSource::Build(BuildSpec {
-                    dockerfile: dockerfile.clone(),
-                    context: context.clone(),
-                    build_args: self.build_args.iter().cloned().collect(),
-                    tag: tag.clone(),
-                }))
-            }
-            _ => Err(SenderError::Validation(
-                "pass --image REF, or --dockerfile, --context and --tag".into(),
-            )),
+    /// The image-source half of the package these flags describe (the rest is the caller's).
+    pub(crate) fn parts(&self) -> PackageParts {
+        PackageParts {
+            image: self.image.clone(),
+            context: self.context.clone(),
+            dockerfile: self.dockerfile.clone(),
+            tag: self.tag.clone(),
+            build_args: self.build_args.iter().cloned().collect(),
+            compression: Some(self.compression),
+            level: self.level,
+            zstd_workers: self.zstd_workers,
+            ..PackageParts::default()
         }
     }
 }

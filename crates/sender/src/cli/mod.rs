@@ -195,7 +195,7 @@ mod tests {
             panic!("package")
         };
         assert_eq!(args.source.build_args, [("A".to_owned(), "b=c".to_owned())]);
-        assert_eq!(args.compression, Compression::Gzip);
+        assert_eq!(args.source.compression, Compression::Gzip);
     }
 
     #[test]

@@ -1,15 +1,12 @@
 //! `deploy-sender package`: build an image (or take an existing one) and store it as a
 //! compressed package.
 
-use deploy_protocol::Compression;
 use uuid::Uuid;
 
 use super::image::ImageSourceArgs;
 use super::terminal::{print_json, TerminalProgress};
 use crate::config::StoreConfig;
-use crate::pipeline::{
-    package_image, CompressionOptions, PackageInfo, PackageRequest, PackageStore,
-};
+use crate::pipeline::{package_image, FrontDoor, PackageInfo, PackageParts, PackageStore};
 use crate::SenderError;
 
 /// `deploy-sender package`.
@@ -19,20 +16,11 @@ pub(crate) struct PackageArgs {
     #[command(flatten)]
     pub(crate) source: ImageSourceArgs,
     /// Container the package is for (default: the image name's last component).
-    #[arg(long, env = "DEPLOY_CONTAINER_NAME")]
+    #[arg(long, visible_alias = "name", env = "DEPLOY_CONTAINER_NAME")]
     pub(crate) container_name: Option<String>,
     /// Package id (default: a new UUID).
     #[arg(long, env = "DEPLOY_PACKAGE_ID")]
     pub(crate) package_id: Option<Uuid>,
-    /// Compression: zstd, gzip or none.
-    #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
-    pub(crate) compression: Compression,
-    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
-    #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
-    pub(crate) level: Option<i32>,
-    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
-    #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
-    pub(crate) zstd_workers: Option<u32>,
     /// Package store.
     #[command(flatten)]
     pub(crate) store: StoreConfig,
@@ -42,14 +30,13 @@ pub(crate) struct PackageArgs {
 }
 
 pub(super) async fn run(args: PackageArgs) -> Result<(), SenderError> {
-    let source = args.source.source()?;
-    let request = PackageRequest {
-        source,
+    let request = PackageParts {
         container_name: args.container_name,
         package_id: args.package_id,
-        compression: CompressionOptions::new(args.compression, args.level, args.zstd_workers),
-        max_package_size: args.store.max_package_size,
-    };
+        max_package_size: Some(args.store.max_package_size),
+        ..args.source.parts()
+    }
+    .request(FrontDoor::Cli)?;
     let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
     let bars = TerminalProgress::default();

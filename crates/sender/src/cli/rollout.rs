@@ -1,5 +1,6 @@
 //! `deploy-sender deploy` to several receivers (`--to URL1,URL2` or `--hosts FILE`): the fleet
-//! flags, then the run: package the release once, roll it out (canary, batches, rollback), print a
+//! flags, then the run: prepare the release's layers once (or, with `--full`, package it once),
+//! roll it out (canary, batches, rollback), print a
 //! line per host as it changes and the final table; the exit code says where the fleet ended (0
 //! new release, 3 old release, 4 mixed).
 
@@ -14,9 +15,10 @@ use super::deploy::DeployArgs;
 use super::terminal::{print_json, TerminalProgress};
 use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
-    roll_out, BatchSize, HostOutcome, Plan, Release, RolloutEvent, RolloutOptions,
+    roll_out, BatchSize, HostOutcome, Payload, Plan, Release, RolloutEvent, RolloutOptions,
+    RolloutRecorder,
 };
-use crate::pipeline::{package_image, PackageStore};
+use crate::pipeline::{package_image, prepare_source, PackageStore, Subject};
 use crate::SenderError;
 
 /// How a release goes to several receivers (`--to URL1,URL2` or `--hosts FILE`).
@@ -111,17 +113,26 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         .into_iter()
         .map(|target| ReceiverClient::new(http.clone(), target))
         .collect();
-    let store = PackageStore::open(&args.store.package_dir).await?;
     let docker = crate::pipeline::connect_docker().await?;
-    let mut package_request = request.package.clone();
-    package_request.container_name = Some(request.deployment.container_name.clone());
     let bars = Arc::new(TerminalProgress::default());
-    let package = package_image(&docker, &store, &package_request, &*bars).await;
-    bars.clear();
-    let package = package?;
+    let payload = if args.full {
+        let store = PackageStore::open(&args.store.package_dir).await?;
+        let mut package_request = request.package.clone();
+        package_request.container_name = Some(request.deployment.container_name.clone());
+        let package = package_image(&docker, &store, &package_request, &*bars).await;
+        bars.clear();
+        let package = package?;
+        args.store.retain(&store, package.package_id).await;
+        Payload::Package(Box::new(package))
+    } else {
+        let cache = args.store.open_layer_cache().await?;
+        let image = prepare_source(&docker, &cache, &request.package, bars.clone()).await;
+        bars.clear();
+        Payload::Layers(Arc::new(image?))
+    };
     let rollout_id = Uuid::new_v4();
     let release = Release {
-        package,
+        payload,
         spec: request.deployment.clone(),
         correlation_id: Some(
             request
@@ -130,12 +141,43 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
                 .unwrap_or_else(|| format!("rollout-{rollout_id}")),
         ),
     };
+    let (what, package_id, tag) = match &release.payload {
+        Payload::Layers(image) => (
+            format!(
+                "image {} as {} layers, {:.2} MB compressed ({} compressed now, {} from the layer cache)",
+                image.tags.first().unwrap_or(&image.image_id),
+                image.layers.len(),
+                image.total_blob_bytes() as f64 / 1e6,
+                image.stats.compressed_layers,
+                image.stats.cached_layers
+            ),
+            None,
+            image.tags.first().cloned(),
+        ),
+        Payload::Package(package) => (
+            format!(
+                "package {}, {:.2} MB, sent whole (--full)",
+                package.package_id, package.package_size_mb
+            ),
+            Some(package.package_id),
+            package.image_tags.first().cloned(),
+        ),
+    };
     eprintln!(
-        "rollout {rollout_id}: {} to {} hosts (package {}, {:.2} MB)",
+        "rollout {rollout_id}: {} to {} hosts ({what})",
         release.spec.container_name,
         receivers.len(),
-        release.package.package_id,
-        release.package.package_size_mb
+    );
+    let events = args.events.open(&args.store.package_dir).await?;
+    let recorder = RolloutRecorder::spawn(
+        events.clone(),
+        Subject {
+            package_id,
+            correlation_id: release.correlation_id.clone(),
+            container_name: Some(release.spec.container_name.clone()),
+            image_tag: tag,
+        },
+        rollout_id,
     );
 
     let abort = CancellationToken::new();
@@ -149,8 +191,14 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
             }
         }
     });
-    let report = roll_out(&receivers, &release, &options, abort, &print_event).await;
+    let on_event = |event: RolloutEvent| {
+        recorder.observe(&event);
+        print_event(event);
+    };
+    let report = roll_out(&receivers, &release, &options, abort, &on_event).await;
     watcher.abort();
+    recorder.finish().await;
+    events.close().await;
     let report = report?;
     if args.json {
         print_json(&report);

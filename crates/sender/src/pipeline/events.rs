@@ -11,7 +11,9 @@ use deploy_protocol::api::DeploymentRecord;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::layers::PreparedImage;
 use super::package::{ImageSource, PackageRequest};
+use super::release::ReleaseOutcome;
 use super::store::PackageInfo;
 use crate::client::TransferStats;
 use crate::SenderError;
@@ -147,6 +149,52 @@ impl Lifecycle {
                     .await
             }
         }
+    }
+
+    /// BUILD_COMPLETED with the release's image and what preparing its layers cost, or
+    /// BUILD_FAILED with the error (the layer-aware path, which makes no package).
+    pub async fn layers_prepared(
+        &self,
+        subject: &Subject,
+        request: &PackageRequest,
+        result: Result<&PreparedImage, &SenderError>,
+    ) {
+        match result {
+            Ok(image) => {
+                let stats = &image.stats;
+                let payload = json!({ "image_id": image.image_id, "layers": image.layers.len(),
+                        "blob_bytes": image.total_blob_bytes(),
+                        "compression": request.compression.compression,
+                        "exported": stats.exported,
+                        "compressed_layers": stats.compressed_layers,
+                        "cached_layers": stats.cached_layers,
+                        "prepare_duration_ms": stats.duration_ms });
+                self.emit(EventType::BuildCompleted, subject, payload).await;
+            }
+            Err(e) => {
+                self.emit(EventType::BuildFailed, subject, error_payload(e))
+                    .await
+            }
+        }
+    }
+
+    /// TRANSFER_COMPLETED of a release: every layer reached `receiver`, which loaded and
+    /// deployed it.
+    pub async fn release_transferred(
+        &self,
+        subject: &Subject,
+        receiver: &str,
+        outcome: &ReleaseOutcome,
+    ) {
+        let totals = &outcome.totals;
+        let payload = json!({ "receiver": receiver, "bytes": totals.bytes_sent,
+                "bytes_total": totals.bytes_total,
+                "percent_already_there": totals.percent_already_there,
+                "duration_ms": outcome.transfer_duration_ms,
+                "release_id": outcome.release_id,
+                "remote_deployment_id": outcome.deployment.as_ref().map(|d| d.deployment_id) });
+        self.emit(EventType::TransferCompleted, subject, payload)
+            .await;
     }
 
     /// TRANSFER_STARTED of a package to `receiver`'s `endpoint` (`upload` or `full`).

@@ -35,12 +35,12 @@ pub use layers::{
     PrepareStats, PreparedImage, PreparedLayer, DEFAULT_LAYER_CACHE_SIZE,
 };
 pub use package::{
-    compression_from_path, default_container_name, manifest_for_file, package_image, ImageSource,
-    PackageRequest, DEFAULT_MAX_PACKAGE_SIZE,
+    compression_from_path, default_container_name, manifest_for_file, package_image, FrontDoor,
+    ImageSource, PackageParts, PackageRequest, DEFAULT_MAX_PACKAGE_SIZE,
 };
 pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
 pub use release::{
-    deploy_release, prepare_source, release_manifest, send_release, LayerFate, LayerReport,
-    ReleaseAction, ReleaseOutcome, ReleaseTotals,
+    deploy_release, prepare_source, release_manifest, send_manifest, send_release, LayerFate,
+    LayerReport, ReleaseAction, ReleaseOutcome, ReleaseTotals,
 };
 pub use store::{hash_file, now_rfc3339, PackageInfo, PackageStore};

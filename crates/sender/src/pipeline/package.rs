@@ -73,6 +73,140 @@ impl PackageRequest {
     }
 }
 
+/// Which front door a [`PackageParts`] came through: names the fields in its errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontDoor {
+    /// `deploy-sender deploy` / `package` flags.
+    Cli,
+    /// The REST API's JSON fields.
+    Api,
+}
+
+impl FrontDoor {
+    fn names(self) -> [&'static str; 5] {
+        match self {
+            FrontDoor::Cli => ["--image", "--context", "--dockerfile", "--tag", "--name"],
+            FrontDoor::Api => [
+                "`image`",
+                "`build_context`",
+                "`dockerfile_path`",
+                "`image_tag`",
+                "`container_name`",
+            ],
+        }
+    }
+}
+
+/// What any front door (the CLI's flags, the REST body) says about a package, before it is
+/// checked: [`PackageParts::request`] is the one place a [`PackageRequest`] is made from it, so
+/// the CLI and the API share one rule for every default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackageParts {
+    /// An existing local image (`name:tag` or an id); excludes the build fields.
+    pub image: Option<String>,
+    /// Build context directory.
+    pub context: Option<PathBuf>,
+    /// Dockerfile, relative to the context unless absolute (default `Dockerfile`).
+    pub dockerfile: Option<PathBuf>,
+    /// Tag of the image to build: `name:tag`, or a bare `tag` named by `container_name`.
+    pub tag: Option<String>,
+    /// Build arguments.
+    pub build_args: std::collections::BTreeMap<String, String>,
+    /// The container the package is for (also names a built image without a `name:tag`).
+    pub container_name: Option<String>,
+    /// Package id (default: a new one when packaged).
+    pub package_id: Option<Uuid>,
+    /// Compression (default zstd).
+    pub compression: Option<Compression>,
+    /// Compression level (default per compression).
+    pub level: Option<i32>,
+    /// zstd worker threads (default one per core).
+    pub zstd_workers: Option<u32>,
+    /// Largest package accepted (default [`DEFAULT_MAX_PACKAGE_SIZE`]).
+    pub max_package_size: Option<u64>,
+}
+
+impl PackageParts {
+    /// Checks the parts and makes the request (`VALIDATION_ERROR` naming, in `door`'s words,
+    /// what is wrong). The rule for a build's tag: `name:tag` (or `registry/name`) as given; a
+    /// bare `tag` with a container name is `container_name:tag`; no tag with a container name
+    /// is `container_name:latest`.
+    pub fn request(self, door: FrontDoor) -> Result<PackageRequest, SenderError> {
+        let [image_f, context_f, dockerfile_f, tag_f, name_f] = door.names();
+        let building = self.context.is_some() || self.dockerfile.is_some();
+        let source = match (self.image.filter(|i| !i.trim().is_empty()), building) {
+            (Some(_), true) => {
+                return Err(SenderError::Validation(format!(
+                    "pass either {image_f} (an existing image) or {context_f} (and \
+                     {dockerfile_f}, {tag_f}) to build one, not both"
+                )))
+            }
+            (Some(image), false) => ImageSource::Existing(image),
+            (None, _) => {
+                let context = self.context.ok_or_else(|| {
+                    SenderError::Validation(format!(
+                        "nothing to package: pass {context_f} (and {dockerfile_f}, {tag_f}) to \
+                         build an image, or {image_f} to package an existing one"
+                    ))
+                })?;
+                let name = self.container_name.as_deref();
+                let tag = match (self.tag.as_deref(), name) {
+                    (Some(tag), _) if tag.contains(':') || tag.contains('/') => tag.to_owned(),
+                    (Some(tag), Some(name)) => format!("{name}:{tag}"),
+                    (None, Some(name)) => format!("{name}:latest"),
+                    (Some(tag), None) => {
+                        return Err(SenderError::Validation(format!(
+                            "{tag_f} {tag:?} has no image name: use name:tag (e.g. \
+                             myapp:{tag}), or give {name_f} to name the image"
+                        )))
+                    }
+                    (None, None) => {
+                        return Err(SenderError::Validation(format!(
+                            "a build needs {tag_f} as name:tag (e.g. myapp:1.0.0), or {name_f} \
+                             to name the image"
+                        )))
+                    }
+                };
+                if !is_valid_image_reference(&tag) {
+                    return Err(SenderError::Validation(format!(
+                        "{tag_f} {tag:?} is not an image tag: use name:tag with a lower-case \
+                         name, e.g. myapp:1.0.0"
+                    )));
+                }
+                ImageSource::Build(BuildSpec {
+                    dockerfile: self
+                        .dockerfile
+                        .unwrap_or_else(|| PathBuf::from("Dockerfile")),
+                    context,
+                    build_args: self.build_args,
+                    tag,
+                })
+            }
+        };
+        if let Some(name) = &self.container_name {
+            if !is_valid_container_name(name) {
+                return Err(SenderError::Validation(format!(
+                    "{name_f} {name:?} is not a container name: letters, digits, `_`, `.` and \
+                     `-`, starting with a letter or digit"
+                )));
+            }
+        }
+        let compression = CompressionOptions::new(
+            self.compression.unwrap_or(Compression::Zstd),
+            self.level,
+            self.zstd_workers,
+        );
+        compression.effective_level()?;
+        Ok(PackageRequest {
+            source,
+            container_name: self.container_name,
+            package_id: self.package_id,
+            compression,
+            max_package_size: self.max_package_size.unwrap_or(DEFAULT_MAX_PACKAGE_SIZE),
+        })
+    }
+}
+
 /// Builds (if asked) and packages an image into `store`.
 pub async fn package_image(
     docker: &Docker,
@@ -405,6 +539,74 @@ mod tests {
     fn package_future_is_send(docker: &Docker, store: &PackageStore, request: &PackageRequest) {
         fn is_send<T: Send>(_: &T) {}
         is_send(&package_image(docker, store, request, &crate::NoProgress));
+    }
+
+    fn build(tag: Option<&str>, name: Option<&str>) -> PackageParts {
+        PackageParts {
+            context: Some(PathBuf::from("app")),
+            tag: tag.map(str::to_owned),
+            container_name: name.map(str::to_owned),
+            ..PackageParts::default()
+        }
+    }
+
+    fn built_tag(parts: PackageParts, door: FrontDoor) -> Result<String, String> {
+        match parts.request(door) {
+            Ok(request) => Ok(request.source.reference().to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn one_tag_rule_for_every_front_door() {
+        for door in [FrontDoor::Cli, FrontDoor::Api] {
+            let tag = |t, n| built_tag(build(t, n), door);
+            assert_eq!(tag(Some("web:1.0"), None), Ok("web:1.0".into()));
+            assert_eq!(tag(Some("web:1.0"), Some("api")), Ok("web:1.0".into()));
+            assert_eq!(tag(Some("1.0"), Some("api")), Ok("api:1.0".into()));
+            assert_eq!(tag(None, Some("api")), Ok("api:latest".into()));
+            assert!(tag(Some("1.0"), None).is_err());
+            assert!(tag(None, None).is_err());
+            assert!(tag(Some("Web:1.0"), None).is_err());
+        }
+    }
+
+    #[test]
+    fn errors_name_the_fields_of_the_front_door_used() {
+        let cli = built_tag(build(Some("1.0"), None), FrontDoor::Cli).expect_err("no name");
+        assert!(cli.contains("--tag") && cli.contains("--name"), "{cli}");
+        let api = built_tag(build(Some("1.0"), None), FrontDoor::Api).expect_err("invalid");
+        assert!(
+            api.contains("`image_tag`") && api.contains("`container_name`"),
+            "{api}"
+        );
+        let bad_name = built_tag(build(None, Some("-x")), FrontDoor::Api).expect_err("invalid");
+        assert!(bad_name.contains("`container_name`"), "{bad_name}");
+        let both = PackageParts {
+            image: Some("web:1".into()),
+            ..build(Some("web:2"), None)
+        };
+        assert!(built_tag(both, FrontDoor::Cli)
+            .expect_err("both sources")
+            .contains("not both"));
+        let level = PackageParts {
+            compression: Some(Compression::Gzip),
+            level: Some(12),
+            ..build(Some("web:2"), None)
+        };
+        assert!(built_tag(level, FrontDoor::Cli).is_err());
+    }
+
+    #[test]
+    fn a_build_defaults_to_the_contexts_dockerfile() {
+        let request = build(Some("web:1"), None)
+            .request(FrontDoor::Cli)
+            .expect("valid");
+        match request.source {
+            ImageSource::Build(spec) => assert_eq!(spec.dockerfile, PathBuf::from("Dockerfile")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(request.max_package_size, DEFAULT_MAX_PACKAGE_SIZE);
     }
 
     #[test]

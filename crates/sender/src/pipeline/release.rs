@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::build::build_image;
 use super::deploy::{DeployFailure, DeployRequest};
+use super::events::{Lifecycle, Subject};
 use super::layers::{prepare_image, LayerCache, PrepareStats, PreparedImage, PreparedLayer};
 use super::package::{ImageSource, PackageRequest};
 use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
@@ -225,8 +226,20 @@ pub async fn send_release(
     action: &ReleaseAction,
     progress: Arc<dyn Progress>,
 ) -> Result<ReleaseOutcome, SenderError> {
-    let started = Instant::now();
     let manifest = release_manifest(image, action)?;
+    send_manifest(calls, image, manifest, action, progress).await
+}
+
+/// [`send_release`] with the signed manifest already made by [`release_manifest`] for `action`
+/// (its release id chosen, or the release registered already: registering it again is a no-op).
+pub async fn send_manifest(
+    calls: ReleaseCalls<'_>,
+    image: &PreparedImage,
+    manifest: ReleaseManifest,
+    action: &ReleaseAction,
+    progress: Arc<dyn Progress>,
+) -> Result<ReleaseOutcome, SenderError> {
+    let started = Instant::now();
     let inventory = calls.inventory(manifest.chain_ids()).await?;
     let status = calls.register(&manifest).await?;
     let by_blake3: HashMap<_, _> = image.layers.iter().map(|l| (l.blob.blake3, l)).collect();
@@ -461,13 +474,15 @@ fn totals(reports: &[LayerReport]) -> ReleaseTotals {
 
 /// Builds the image of `request` if asked, prepares its layers in `cache` and deploys it to
 /// `target` as a release (only the layers the target lacks travel). The layer-aware counterpart
-/// of [`deploy`](super::deploy::deploy); a failure carries no package (there is none).
+/// of [`deploy`](super::deploy::deploy), recording the same lifecycle events (BUILD_*, TRANSFER_*,
+/// DEPLOYMENT_FAILED) keyed by the release id; a failure carries no package (there is none).
 pub async fn deploy_release(
     docker: &bollard::Docker,
     cache: &LayerCache,
     calls: ReleaseCalls<'_>,
     request: &DeployRequest,
     progress: Arc<dyn Progress>,
+    events: &Lifecycle,
 ) -> Result<ReleaseOutcome, DeployFailure> {
     let fail = |error| DeployFailure {
         package: None,
@@ -478,13 +493,43 @@ pub async fn deploy_release(
     check
         .validate()
         .map_err(|e| fail(SenderError::Validation(e)))?;
-    let image = prepare_source(docker, cache, &request.package, Arc::clone(&progress))
-        .await
-        .map_err(fail)?;
+    let release_id = Uuid::new_v4();
+    let subject = Subject {
+        package_id: Some(release_id),
+        correlation_id: request.correlation_id.clone(),
+        container_name: Some(request.deployment.container_name.clone()),
+        image_tag: Some(request.package.source.reference().to_owned()),
+    };
+    events.build_started(&subject, &request.package).await;
+    let prepared = prepare_source(docker, cache, &request.package, Arc::clone(&progress)).await;
+    events
+        .layers_prepared(&subject, &request.package, prepared.as_ref())
+        .await;
+    let image = prepared.map_err(fail)?;
+
+    let receiver = calls.target.base_url.to_string();
+    events
+        .transfer_started(&subject, &receiver, "release", image.total_blob_bytes())
+        .await;
     let action = ReleaseAction::Deploy(Box::new(request.deployment.clone()));
-    send_release(calls, &image, &action, progress)
-        .await
-        .map_err(fail)
+    let mut manifest = release_manifest(&image, &action).map_err(fail)?;
+    manifest.release_id = release_id;
+    let sent = send_manifest(calls, &image, manifest, &action, progress).await;
+    match &sent {
+        Ok(outcome) => {
+            events
+                .release_transferred(&subject, &receiver, outcome)
+                .await
+        }
+        Err(error @ SenderError::Deployment(record)) => {
+            // Every layer reached the receiver and was verified; the deployment failed.
+            events
+                .deployment_failed(&subject, &receiver, error, record)
+                .await;
+        }
+        Err(error) => events.transfer_failed(&subject, &receiver, error).await,
+    }
+    sent.map_err(fail)
 }
 
 /// Builds (for [`ImageSource::Build`]) or takes the image, and prepares its layers.

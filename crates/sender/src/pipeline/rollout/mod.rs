@@ -5,13 +5,15 @@
 //! deploy to one host and roll one host back, and [`report`] says what became of each host and of
 //! the fleet. Nothing here knows HTTP routes or terminals; the CLI and the REST service wire it.
 
+pub mod lifecycle;
 pub mod plan;
 pub mod receivers;
 pub mod report;
 pub mod run;
 
+pub use lifecycle::{lifecycle_event, RolloutRecorder};
 pub use plan::{BatchSize, Phase, Plan};
-pub use receivers::{roll_out, Release};
+pub use receivers::{roll_out, Payload, Release};
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
 

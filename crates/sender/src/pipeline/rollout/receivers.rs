@@ -1,7 +1,9 @@
-//! The rollout against real receivers: a host is deployed to through
-//! [`deploy_package`](crate::pipeline::deploy_package), the one function that sends a release to
-//! one receiver, and rolled back with [`ReceiverClient::rollback`].
+//! The rollout against real receivers: a host is deployed to as a release (protocol v2,
+//! [`send_release`]: the layers were prepared once, each host receives only the blobs it lacks)
+//! or, with `--full`, through [`deploy_package`](crate::pipeline::deploy_package) as one whole
+//! package; it is rolled back with [`ReceiverClient::rollback`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +14,51 @@ use uuid::Uuid;
 
 use super::report::{HostError, RolloutReport};
 use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
-use crate::client::ReceiverClient;
-use crate::pipeline::{deploy_package, NoProgress, PackageInfo};
+use crate::client::{ReceiverClient, RetryPolicy};
+use crate::pipeline::{
+    deploy_package, send_release, NoProgress, PackageInfo, PreparedImage, Progress, ProgressEvent,
+    ReleaseAction, Stage,
+};
 use crate::SenderError;
 
 /// Longest wait for the journal query before a deployment (a rollback, which health-checks the
 /// earlier release, is bounded by the rollout's own rollback deadline instead).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// What to roll out: a stored package and the spec to run from it.
+/// What travels to each host.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// The image's layers, prepared (exported, compressed) once in the layer cache; the same
+    /// blobs serve every host, and each host receives only those its engine and receiver lack.
+    Layers(Arc<PreparedImage>),
+    /// A stored v1 package, sent whole to every host's `/deployment/full` (`--full`, or an image
+    /// no longer in the local engine).
+    Package(Box<PackageInfo>),
+}
+
+impl Payload {
+    /// The image id (`sha256:...`).
+    pub fn image_id(&self) -> &str {
+        match self {
+            Payload::Layers(image) => &image.image_id,
+            Payload::Package(package) => &package.image_id,
+        }
+    }
+
+    /// Bytes a host that has none of it would receive: all distinct blobs, or the package.
+    pub fn total_bytes(&self) -> u64 {
+        match self {
+            Payload::Layers(image) => image.total_blob_bytes(),
+            Payload::Package(package) => package.package_size,
+        }
+    }
+}
+
+/// What to roll out: the image (as layers or a package) and the spec to run from it.
 #[derive(Debug, Clone)]
 pub struct Release {
-    /// The package (sent whole to each host, or as the current transfer path sends it).
-    pub package: PackageInfo,
+    /// What travels.
+    pub payload: Payload,
     /// What each receiver runs.
     pub spec: DeploymentSpec,
     /// Sent to every receiver (their logs, events and records carry it).
@@ -47,33 +81,9 @@ pub async fn roll_out(
     let deploy = |i: usize| async move {
         let receiver = &receivers[i];
         let before = running_image(receiver, name).await;
-        match deploy_package(
-            receiver,
-            &release.package,
-            &release.spec,
-            release.correlation_id.as_deref(),
-            Arc::new(NoProgress),
-        )
-        .await
-        {
-            Ok((transfer, record)) => Ok(Moved {
-                deployment_id: record.deployment_id,
-                version_before: record.previous_container_id.as_ref().and(before),
-                version_after: record.image,
-                bytes: transfer.bytes,
-            }),
-            Err(e) => Err(NotMoved {
-                // A record means the receiver got the whole package and ran the deployment.
-                bytes: match &e {
-                    SenderError::Deployment(_) => release.package.package_size,
-                    _ => 0,
-                },
-                error: HostError {
-                    code: e.code(),
-                    message: e.to_string(),
-                },
-                version_before: before,
-            }),
+        match &release.payload {
+            Payload::Layers(image) => deploy_layers(receiver, image, release, before).await,
+            Payload::Package(package) => deploy_whole(receiver, package, release, before).await,
         }
     };
     let rollback = |i: usize, deployment: Uuid| async move {
@@ -89,6 +99,100 @@ pub async fn roll_out(
     run(&hosts, options, deploy, rollback, abort, on_event)
         .await
         .map_err(SenderError::Validation)
+}
+
+/// Deploys `image` to `receiver` as a release; the bytes are the blob bytes put on the wire,
+/// counted as they are sent (also when the deployment then fails).
+async fn deploy_layers(
+    receiver: &ReceiverClient,
+    image: &PreparedImage,
+    release: &Release,
+    before: Option<String>,
+) -> Result<Moved, NotMoved> {
+    let policy = RetryPolicy::default();
+    let calls = receiver.release_calls(release.correlation_id.as_deref(), &policy);
+    let action = ReleaseAction::Deploy(Box::new(release.spec.clone()));
+    let sent = Arc::new(UploadCounter::default());
+    let result = send_release(calls, image, &action, sent.clone()).await;
+    let failed = |e: SenderError, bytes: u64, before: Option<String>| NotMoved {
+        bytes,
+        error: HostError {
+            code: e.code(),
+            message: e.to_string(),
+        },
+        version_before: before,
+    };
+    match result {
+        Ok(outcome) => match outcome.deployment {
+            Some(record) => Ok(Moved {
+                deployment_id: record.deployment_id,
+                version_before: record.previous_container_id.as_ref().and(before),
+                version_after: record.image,
+                bytes: outcome.totals.bytes_sent,
+            }),
+            None => Err(failed(
+                SenderError::Internal("the receiver answered a deploy without a record".into()),
+                outcome.totals.bytes_sent,
+                before,
+            )),
+        },
+        Err(e) => Err(failed(e, sent.bytes(), before)),
+    }
+}
+
+/// Deploys the whole `package` to `receiver` (`/deployment/full`).
+async fn deploy_whole(
+    receiver: &ReceiverClient,
+    package: &PackageInfo,
+    release: &Release,
+    before: Option<String>,
+) -> Result<Moved, NotMoved> {
+    match deploy_package(
+        receiver,
+        package,
+        &release.spec,
+        release.correlation_id.as_deref(),
+        Arc::new(NoProgress),
+    )
+    .await
+    {
+        Ok((transfer, record)) => Ok(Moved {
+            deployment_id: record.deployment_id,
+            version_before: record.previous_container_id.as_ref().and(before),
+            version_after: record.image,
+            bytes: transfer.bytes,
+        }),
+        Err(e) => Err(NotMoved {
+            // A record means the receiver got the whole package and ran the deployment.
+            bytes: match &e {
+                SenderError::Deployment(_) => package.package_size,
+                _ => 0,
+            },
+            error: HostError {
+                code: e.code(),
+                message: e.to_string(),
+            },
+            version_before: before,
+        }),
+    }
+}
+
+/// The upload bytes a release transfer reported, the most it reached.
+#[derive(Debug, Default)]
+struct UploadCounter(AtomicU64);
+
+impl UploadCounter {
+    fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Progress for UploadCounter {
+    fn report(&self, event: ProgressEvent<'_>) {
+        if event.stage == Stage::Upload && event.message.is_none() {
+            self.0.fetch_max(event.done, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The image the receiver's newest successful deployment of `name` runs, if it can tell.

@@ -8,15 +8,14 @@ use deploy_protocol::Compression;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::pipeline::CompressionOptions;
 use crate::pipeline::PackageInfo;
 use crate::pipeline::Progress;
 use crate::pipeline::Subject;
-use crate::pipeline::{package_image, ImageSource, PackageRequest};
+use crate::pipeline::{package_image, FrontDoor, ImageSource, PackageParts, PackageRequest};
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
 use crate::service::state::AppState;
-use crate::{BuildSpec, SenderError};
+use crate::SenderError;
 
 use super::serde_defaults::yes;
 
@@ -84,71 +83,37 @@ impl PackageInput {
         zstd_workers: Option<u32>,
         max_package_size: u64,
     ) -> Result<PackagePlan, SenderError> {
-        let building = self.build_context.is_some() || self.dockerfile_path.is_some();
+        // The document's rules (PackageRequest) that the shared PackageParts rule is looser
+        // about: an `image` given is not blank, and a level is 1-19 whatever the compression.
         if self.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
             return Err(SenderError::Validation(
                 "`image` is empty: name an image, or leave `image` out to build one".into(),
             ));
         }
-        let source = match (self.image, building) {
-            (Some(_), true) => {
-                return Err(SenderError::Validation(
-                    "pass either `image` (package an existing image) or `build_context` and \
-                     `dockerfile_path` (build one), not both"
-                        .into(),
-                ))
-            }
-            (Some(image), false) => ImageSource::Existing(image),
-            (None, _) => {
-                let context = self.build_context.ok_or_else(|| {
-                    SenderError::Validation(
-                        "nothing to package: pass `build_context` (and `dockerfile_path`, \
-                         `image_tag`) to build an image, or `image` to package an existing one"
-                            .into(),
-                    )
-                })?;
-                let context = PathBuf::from(context);
-                // Relative to the build context unless absolute (resolved by the build).
-                let dockerfile =
-                    PathBuf::from(self.dockerfile_path.as_deref().unwrap_or("Dockerfile"));
-                let tag =
-                    match (self.image_tag.as_deref(), self.container_name.as_deref()) {
-                        (Some(tag), _) if tag.contains(':') || tag.contains('/') => tag.to_owned(),
-                        (Some(tag), Some(name)) => format!("{name}:{tag}"),
-                        (None, Some(name)) => format!("{name}:latest"),
-                        (Some(_), None) | (None, None) => return Err(SenderError::Validation(
-                            "a build needs `image_tag` as `name:tag`, or `container_name` (and a \
-                             bare `image_tag`) to name the image"
-                                .into(),
-                        )),
-                    };
-                ImageSource::Build(BuildSpec {
-                    dockerfile,
-                    context,
-                    build_args: self.build_args,
-                    tag,
-                })
-            }
-        };
-        let image_tag = match &source {
-            ImageSource::Build(spec) => spec.tag.clone(),
-            ImageSource::Existing(image) => image.clone(),
-        };
         if let Some(level) = self.compression_level.filter(|l| !(1..=19).contains(l)) {
             return Err(SenderError::Validation(format!(
                 "compression_level {level} is out of range 1-19 (gzip 1-9)"
             )));
         }
-        let compression = CompressionOptions::new(
-            self.compression.unwrap_or(Compression::Zstd),
-            self.compression_level,
-            zstd_workers,
-        );
-        compression.effective_level()?;
         let package_id = self.package_id.unwrap_or_else(Uuid::new_v4);
+        let request = PackageParts {
+            image: self.image,
+            context: self.build_context.map(PathBuf::from),
+            dockerfile: self.dockerfile_path.map(PathBuf::from),
+            tag: self.image_tag,
+            build_args: self.build_args,
+            container_name: self.container_name,
+            package_id: Some(package_id),
+            compression: self.compression,
+            level: self.compression_level,
+            zstd_workers,
+            max_package_size: Some(max_package_size),
+        }
+        .request(FrontDoor::Api)?;
+        let image_tag = request.source.reference().to_owned();
         // The name the package will carry when none is given (as `package_image` picks it), so
         // that BUILD_STARTED names the container as the events after it do.
-        let container_name = self.container_name.clone().or_else(|| {
+        let container_name = request.container_name.clone().or_else(|| {
             (!image_tag.starts_with("sha256:")).then(|| crate::default_container_name(&image_tag))
         });
         Ok(PackagePlan {
@@ -158,13 +123,7 @@ impl PackageInput {
                 container_name,
                 image_tag: Some(image_tag),
             },
-            request: PackageRequest {
-                source,
-                container_name: self.container_name,
-                package_id: Some(package_id),
-                compression,
-                max_package_size,
-            },
+            request,
             verify: self.verify_checksum,
         })
     }

@@ -6,20 +6,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deploy_events::EventType;
 use deploy_protocol::DeploymentSpec;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::serde_defaults::yes;
 use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
-    roll_out, BatchSize, Plan, Release, RolloutEvent, RolloutOptions, RolloutReport, RolloutStatus,
+    roll_out, BatchSize, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
+    RolloutReport, RolloutStatus,
 };
-use crate::pipeline::Subject;
+use crate::pipeline::{prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject};
 use crate::service::error::correlation_id;
 use crate::service::state::AppState;
 use crate::SenderError;
@@ -148,7 +147,7 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
     let id = Uuid::new_v4();
     let correlation_id = correlation_id().unwrap_or_else(|| format!("rollout-{id}"));
     let release = Release {
-        package: package.clone(),
+        payload: Payload::Package(Box::new(package.clone())),
         spec: input.deployment,
         correlation_id: Some(correlation_id.clone()),
     };
@@ -177,40 +176,15 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         container_name: Some(release.spec.container_name.clone()),
         image_tag: package.image_tags.first().cloned(),
     };
-    // Events go out in order from one task; the engine's callback only queues them.
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<(EventType, serde_json::Value)>();
-    let lifecycle = state.events().clone();
+    let recorder = RolloutRecorder::spawn(state.events().clone(), subject, id);
+    let state = state.clone();
     tokio::spawn(async move {
-        while let Some((event_type, payload)) = events_rx.recv().await {
-            lifecycle.emit(event_type, &subject, payload).await;
-        }
-    });
-    tokio::spawn(async move {
+        let release = Release {
+            payload: payload(&state, package).await,
+            ..release
+        };
         let on_event = |event: RolloutEvent| {
-            let lifecycle_event = match &event {
-                RolloutEvent::Started { report } => Some((
-                    EventType::RolloutStarted,
-                    json!({"rollout_id": id, "hosts": report.hosts.iter().map(|h| &h.host).collect::<Vec<_>>(), "steps_planned": report.steps_planned}),
-                )),
-                RolloutEvent::StepCompleted { phase, report } => Some((
-                    EventType::RolloutBatchCompleted,
-                    json!({"rollout_id": id, "phase": phase.to_string(), "steps_completed": report.steps_completed}),
-                )),
-                RolloutEvent::Finished { report } => Some((
-                    match report.status {
-                        RolloutStatus::Completed => EventType::RolloutCompleted,
-                        RolloutStatus::RolledBack | RolloutStatus::Aborted => {
-                            EventType::RolloutRolledBack
-                        }
-                        RolloutStatus::Failed | RolloutStatus::Running => EventType::RolloutFailed,
-                    },
-                    json!({"rollout_id": id, "report": report}),
-                )),
-                RolloutEvent::Host { .. } | RolloutEvent::RollingBack { .. } => None,
-            };
-            if let Some(e) = lifecycle_event {
-                let _ = events_tx.send(e);
-            }
+            recorder.observe(&event);
             let report = match event {
                 RolloutEvent::Started { report }
                 | RolloutEvent::Host { report, .. }
@@ -228,6 +202,46 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
                 v.report.reason = Some(e.to_string());
             });
         }
+        recorder.finish().await;
     });
     Ok(first)
+}
+
+/// The package's image as layers prepared in the layer cache (each host then receives only the
+/// blobs it lacks), or the whole package when its image is no longer in the local engine (or
+/// cannot be prepared).
+async fn payload(state: &AppState, package: PackageInfo) -> Payload {
+    let docker = match state.docker().await {
+        Ok(docker) => docker,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Docker engine: the rollout sends the whole package");
+            return Payload::Package(Box::new(package));
+        }
+    };
+    let options = CompressionOptions {
+        compression: package.compression,
+        level: package.compression_level,
+        zstd_workers: state
+            .config()
+            .zstd_workers
+            .unwrap_or_else(crate::pipeline::default_zstd_workers),
+    };
+    match prepare_image(
+        &docker,
+        state.layer_cache(),
+        &package.image_id,
+        &options,
+        Arc::new(NoProgress),
+    )
+    .await
+    {
+        Ok(mut image) => {
+            image.tags = package.image_tags.clone();
+            Payload::Layers(Arc::new(image))
+        }
+        Err(e) => {
+            tracing::warn!(image = %package.image_id, error = %e, "cannot prepare the image's layers: the rollout sends the whole package");
+            Payload::Package(Box::new(package))
+        }
+    }
 }
