@@ -150,13 +150,15 @@ def receiver(host, work, name):
     pkg = work / f"{name}-receiver"
     shutil.rmtree(pkg, ignore_errors=True)
     pkg.mkdir(parents=True)
+    # The sender addresses the counting proxy: the receiver answers to it (RECEIVER_AUTHORITIES).
+    proxy = Proxy(port)
     env = dict(os.environ, RECEIVER_BIND=f"127.0.0.1:{port}", PACKAGE_DIR=str(pkg),
                DEPLOY_HMAC_SECRET=SECRET, ALLOWED_NETWORKS="127.0.0.0/8", RUST_LOG="warn",
-               DOCKER_HOST=host.docker_host)
+               DOCKER_HOST=host.docker_host, RECEIVER_AUTHORITIES=f"127.0.0.1:{proxy.port}")
     service = bench.Service([str(BIN / "deploy-receiver")], env,
                             work / f"{name}-receiver.log")
     bench.wait_http(f"http://127.0.0.1:{port}/health")
-    return service, Proxy(port)
+    return service, proxy
 
 
 def build(tag, dockerfile, files):
@@ -196,6 +198,8 @@ def main():
     ap.add_argument("--base-mib", type=int, default=128)
     ap.add_argument("--top-mib", type=int, default=16)
     ap.add_argument("--cut-mib", type=int, default=96)
+    ap.add_argument("--cold-runs", type=int, default=3,
+                    help="cold-deploy runs (fresh hosts and sender cache each); the median is shown")
     ap.add_argument("--rss-mib", type=int, default=1024)
     ap.add_argument("--work", default=str(REPO / "target/bench-layers"))
     ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
@@ -257,16 +261,29 @@ def main():
                      f"{w5} B / {big['size']} B = {w5 / big['size']:.3f} (fate {big['fate']},"
                      f" resumed from {big['resumed_from']} B, no rerun)", "<= 1.15"))
 
-        h3 = Host(3, work); hosts.append(h3)
-        h4 = Host(4, work); hosts.append(h4)
-        s3, p3 = receiver(h3, work, "h3"); services.append(s3)
-        m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / "cold-sender")
-        rec = o6["deployment"]
-        ours = m6.wall - (stage(rec, "start") + stage(rec, "health_check") + stage(rec, "health")) / 1000
-        floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
-        rows.append(("cold deploy to loaded / docker save \\| docker load into a cold engine",
-                     f"{ours:.2f} s / {floor.wall:.2f} s = {ours / floor.wall:.2f} (wall {m6.wall:.2f} s"
-                     f" minus the receiver's start and health stages)", "<= 1.32"))
+        # Cold deploys: each run a fresh host for us (and a fresh sender cache) and another for
+        # Docker's own pipe, one after the other, so both see the same machine at the same time.
+        ratios, lines = [], []
+        for run in range(args.cold_runs):
+            h3 = Host(30 + run, work); hosts.append(h3)
+            h4 = Host(60 + run, work); hosts.append(h4)
+            s3, p3 = receiver(h3, work, f"h3r{run}"); services.append(s3)
+            m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / f"cold-sender-{run}")
+            rec = o6["deployment"]
+            ours = m6.wall - (stage(rec, "start") + stage(rec, "health_check") + stage(rec, "health")) / 1000
+            floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
+            ratios.append(ours / floor.wall)
+            lines.append(f"{ours:.2f} s / {floor.wall:.2f} s = {ours / floor.wall:.2f}")
+            print(f"cold run {run + 1}: {lines[-1]} (prepare {o6['prepare']['duration_ms']} ms,"
+                  f" transfer+load {o6['transfer_duration_ms']} ms, receiver stages "
+                  f"{[(s['stage'], s['duration_ms']) for s in rec.get('stages', [])]})", file=sys.stderr)
+            s3.stop(); services.remove(s3)
+            for h in (h3, h4):
+                h.stop(); hosts.remove(h)
+        median = sorted(ratios)[len(ratios) // 2]
+        rows.append((f"cold deploy to loaded / docker save \\| docker load into a cold engine (median of {len(ratios)})",
+                     f"**{median:.2f}** ({'; '.join(lines)}; ours = wall minus the receiver's start and health stages)",
+                     "<= 1.32"))
 
         s1.stop(); services.remove(s1)
         h5 = Host(5, work); hosts.append(h5)
