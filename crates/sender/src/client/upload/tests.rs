@@ -243,8 +243,19 @@ async fn spawn_raw(response: &'static str) -> std::net::SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf).await;
+            // Take the whole request before answering, as a server does: answering and closing
+            // mid-body makes the client's write fail ("Broken pipe") instead of reading the
+            // answer. The request ends with the multipart's closing boundary, or with the last
+            // chunk of a chunked body; a read that waits 2 s ends it too.
+            let (mut buf, mut request) = ([0u8; 4096], Vec::new());
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await
+            {
+                request.extend_from_slice(&buf[..n]);
+                if n == 0 || request.ends_with(b"--\r\n") || request.ends_with(b"\r\n0\r\n\r\n") {
+                    break;
+                }
+            }
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
         }
