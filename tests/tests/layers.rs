@@ -57,14 +57,30 @@ impl Sender {
         }
     }
 
-    async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
-        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
-        let calls = ReleaseCalls {
+    fn calls<'a>(&'a self, target: &'a ReceiverTarget) -> ReleaseCalls<'a> {
+        ReleaseCalls {
             http: &self.http,
-            target: &target,
+            target,
             correlation_id: None,
             policy: &self.policy,
-        };
+        }
+    }
+
+    async fn prepare(&self, tag: &str) -> PreparedImage {
+        prepare_image(
+            &self.docker,
+            &self.cache,
+            tag,
+            &options(),
+            Arc::new(NoProgress),
+        )
+        .await
+        .expect("prepare")
+    }
+
+    async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
+        let target = target(url);
+        let calls = self.calls(&target);
         let mut request = DeployRequest {
             package: PackageRequest::new(ImageSource::Existing(tag.to_owned())),
             deployment: spec(name),
@@ -87,22 +103,9 @@ impl Sender {
     }
 
     async fn load(&self, url: &str, tag: &str) -> ReleaseOutcome {
-        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
-        let calls = ReleaseCalls {
-            http: &self.http,
-            target: &target,
-            correlation_id: None,
-            policy: &self.policy,
-        };
-        let image = prepare_image(
-            &self.docker,
-            &self.cache,
-            tag,
-            &options(),
-            Arc::new(NoProgress),
-        )
-        .await
-        .expect("prepare");
+        let target = target(url);
+        let calls = self.calls(&target);
+        let image = self.prepare(tag).await;
         send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
             .await
             .expect("load")
@@ -113,22 +116,9 @@ impl Sender {
     /// Registers a release of `tag` (to be loaded) on the receiver at `url` and sends nothing:
     /// a transfer that has begun, which [`Sender::finish`] completes.
     async fn register(&self, url: &str, tag: &str) -> (PreparedImage, ReleaseManifest) {
-        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
-        let calls = ReleaseCalls {
-            http: &self.http,
-            target: &target,
-            correlation_id: None,
-            policy: &self.policy,
-        };
-        let image = prepare_image(
-            &self.docker,
-            &self.cache,
-            tag,
-            &options(),
-            Arc::new(NoProgress),
-        )
-        .await
-        .expect("prepare");
+        let target = target(url);
+        let calls = self.calls(&target);
+        let image = self.prepare(tag).await;
         let manifest = release_manifest(&image, &ReleaseAction::Load).expect("manifest");
         calls
             .inventory(manifest.chain_ids())
@@ -145,13 +135,8 @@ impl Sender {
         image: &PreparedImage,
         manifest: ReleaseManifest,
     ) -> ReleaseOutcome {
-        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
-        let calls = ReleaseCalls {
-            http: &self.http,
-            target: &target,
-            correlation_id: None,
-            policy: &self.policy,
-        };
+        let target = target(url);
+        let calls = self.calls(&target);
         send_manifest(
             calls,
             image,
@@ -162,6 +147,10 @@ impl Sender {
         .await
         .expect("load")
     }
+}
+
+fn target(url: &str) -> ReceiverTarget {
+    ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target")
 }
 
 fn options() -> CompressionOptions {

@@ -88,6 +88,31 @@ pub async fn build_image(
         add(path, bytes, 0o644);
     }
     let context = context.into_inner().expect("tar");
+    run_build(docker, tag, context).await;
+}
+
+/// Builds `context` (a tar holding `Dockerfile`) as `tag` with the legacy builder. A build whose
+/// stream reports an error is tried once more before the test panics with that error in full:
+/// concurrent builds of identical layers on this engine (Docker 20.10, fuse-overlayfs) failed
+/// once in CI with an error in the build stream while every other build passed.
+pub async fn run_build(docker: &Docker, tag: &str, context: Vec<u8>) {
+    let mut failure = None;
+    for attempt in 1..=2 {
+        match build_once(docker, tag, context.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("building {tag}, attempt {attempt}: {e}");
+                failure = Some(e);
+            }
+        }
+    }
+    panic!(
+        "building {tag}: {}",
+        failure.unwrap_or_else(|| "no attempt ran".into())
+    );
+}
+
+async fn build_once(docker: &Docker, tag: &str, context: Vec<u8>) -> Result<(), String> {
     let options = BuildImageOptions {
         dockerfile: "Dockerfile".to_owned(),
         t: tag.to_owned(),
@@ -98,9 +123,10 @@ pub async fn build_image(
     };
     let mut stream = docker.build_image(options, None, Some(context.into()));
     while let Some(item) = stream.next().await {
-        let info = item.unwrap_or_else(|e| panic!("building {tag}: {e}"));
+        let info = item.map_err(|e| format!("{e:?}"))?;
         if let Some(error) = info.error {
-            panic!("building {tag}: {error}");
+            return Err(error);
         }
     }
+    Ok(())
 }

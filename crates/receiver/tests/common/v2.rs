@@ -371,7 +371,6 @@ pub async fn build(
     dockerfile: &str,
     files: &[(&str, Vec<u8>, u32)],
 ) {
-    use futures::StreamExt;
     let mut context = tar::Builder::new(Vec::new());
     let mut add = |path: &str, bytes: &[u8], mode: u32| {
         let mut header = tar::Header::new_gnu();
@@ -388,21 +387,7 @@ pub async fn build(
         add(path, bytes, *mode);
     }
     let context = context.into_inner().expect("tar");
-    let options = bollard::image::BuildImageOptions {
-        dockerfile: "Dockerfile".to_owned(),
-        t: tag.to_owned(),
-        rm: true,
-        forcerm: true,
-        pull: false,
-        ..Default::default()
-    };
-    let mut stream = docker.build_image(options, None, Some(context.into()));
-    while let Some(item) = stream.next().await {
-        let info = item.unwrap_or_else(|e| panic!("building {tag}: {e}"));
-        if let Some(error) = info.error {
-            panic!("building {tag}: {error}");
-        }
-    }
+    deploy_testkit::images::run_build(docker, tag, context).await;
 }
 
 /// A raw signed `PATCH` over TCP that sends the head (declaring `declared` body bytes) and
