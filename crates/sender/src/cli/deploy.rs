@@ -268,6 +268,11 @@ fn print_release(outcome: &ReleaseOutcome, spec: &DeploymentSpec, target: &Recei
         return;
     };
     print_stages(None, Some(record));
+    print_running(record, spec, target);
+}
+
+/// The lines of a deployment that succeeded: what runs, its container, and where to reach it.
+fn print_running(record: &DeploymentRecord, spec: &DeploymentSpec, target: &ReceiverTarget) {
     println!(
         "status     SUCCEEDED: {} runs {} (deployment {})",
         record.container_name, record.image, record.deployment_id
@@ -311,22 +316,7 @@ fn print_success(outcome: &DeployOutcome, spec: &DeploymentSpec, target: &Receiv
     let record = &outcome.deployment;
     print_package(&outcome.package);
     print_stages(Some(&outcome.package), Some(record));
-    println!(
-        "status     SUCCEEDED: {} runs {} (deployment {})",
-        record.container_name, record.image, record.deployment_id
-    );
-    if let Some(id) = &record.container_id {
-        let replaced = record
-            .previous_container_id
-            .as_deref()
-            .map(|p| format!(", replaced {}", short(p)))
-            .unwrap_or_default();
-        println!("container  {}{replaced}", short(id));
-    }
-    let host = target.base_url.host_str().unwrap_or("localhost");
-    for line in reach(spec, host) {
-        println!("reach it   {line}");
-    }
+    print_running(record, spec, target);
 }
 
 fn print_failure(failure: &DeployFailure) {
