@@ -33,23 +33,7 @@ impl Images {
     fn build(&self, dockerfile: &str, files: &[(&str, &[u8])]) -> String {
         let tag = format!("deploy-sender-layers-tx/{}:v1", Uuid::new_v4().simple());
         self.tags.lock().expect("lock").push(tag.clone());
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
-        for (name, bytes) in files {
-            std::fs::write(dir.path().join(name), bytes).expect("context file");
-        }
-        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
-        let out = Command::new("docker")
-            .args(["build", "-q", "-t", &tag])
-            .arg(dir.path())
-            .env("DOCKER_BUILDKIT", "0")
-            .output()
-            .expect("docker build runs");
-        assert!(
-            out.status.success(),
-            "docker build failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        deploy_testkit::images::build_with_cli(&tag, dockerfile, files);
         tag
     }
 

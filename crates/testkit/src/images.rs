@@ -130,3 +130,25 @@ async fn build_once(docker: &Docker, tag: &str, context: Vec<u8>) -> Result<(), 
     }
     Ok(())
 }
+
+/// Builds `tag` with the `docker` CLI's legacy builder from a context holding the static busybox
+/// (as `busybox`), `files` (path, bytes) and `dockerfile`. Panics with the build's stderr.
+pub fn build_with_cli(tag: &str, dockerfile: &str, files: &[(&str, &[u8])]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(BUSYBOX, dir.path().join("busybox")).expect("copy the static busybox");
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).expect("context file");
+    }
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
+    let out = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(dir.path())
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build runs");
+    assert!(
+        out.status.success(),
+        "docker build of {tag} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -271,23 +271,8 @@ impl Images {
     pub fn build(&self, dockerfile: &str, files: &[(&str, Vec<u8>)]) -> String {
         let tag = format!("deploy-e2e-layers-tx/{}:v1", uuid::Uuid::new_v4().simple());
         self.tags.lock().expect("lock").push(tag.clone());
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy /bin/busybox");
-        for (name, bytes) in files {
-            std::fs::write(dir.path().join(name), bytes).expect("context file");
-        }
-        std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
-        let out = Command::new("docker")
-            .args(["build", "-q", "-t", &tag])
-            .arg(dir.path())
-            .env("DOCKER_BUILDKIT", "0")
-            .output()
-            .expect("docker build runs");
-        assert!(
-            out.status.success(),
-            "docker build failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        deploy_testkit::images::build_with_cli(&tag, dockerfile, &files);
         tag
     }
 

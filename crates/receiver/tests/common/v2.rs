@@ -71,10 +71,28 @@ pub async fn split(
     }
     let manifest: Value = serde_json::from_slice(&files["manifest.json"]).expect("manifest.json");
     let config = files[manifest[0]["Config"].as_str().expect("Config")].clone();
+    let tars: Vec<&[u8]> = manifest[0]["Layers"]
+        .as_array()
+        .expect("Layers")
+        .iter()
+        .map(|path| files[path.as_str().expect("layer path")].as_slice())
+        .collect();
+    let mut built = release_of(config, &tars, compression, tags).await;
+    built.manifest.created_at = Some("2026-11-29T12:00:00Z".into());
+    built.manifest.deployment = deployment;
+    built
+}
+
+/// A release of `config` and these layer tars, each compressed into its blob.
+async fn release_of(
+    config: Vec<u8>,
+    tars: &[&[u8]],
+    compression: Compression,
+    tags: &[&str],
+) -> Built {
     let mut layers = Vec::new();
     let mut blobs = HashMap::new();
-    for path in manifest[0]["Layers"].as_array().expect("Layers") {
-        let tar = &files[path.as_str().expect("layer path")];
+    for tar in tars {
         let blob = compress(tar, compression).await;
         let blake3 = Checksum::of(&blob);
         layers.push(LayerEntry {
@@ -95,8 +113,8 @@ pub async fn split(
             config,
             layers,
             image_tags: tags.iter().map(|t| (*t).to_owned()).collect(),
-            created_at: Some("2026-11-29T12:00:00Z".into()),
-            deployment,
+            created_at: None,
+            deployment: None,
         },
         blobs,
     }
@@ -316,7 +334,7 @@ pub fn layer_tar(name: &str, size: usize, seed: u8) -> Vec<u8> {
 }
 
 /// An image config over these layer tars.
-pub fn config_for(tars: &[Vec<u8>]) -> Vec<u8> {
+pub fn config_for(tars: &[&[u8]]) -> Vec<u8> {
     let diff_ids: Vec<Sha256Digest> = tars.iter().map(|t| Sha256Digest::of(t)).collect();
     let history: Vec<Value> = tars
         .iter()
@@ -333,35 +351,8 @@ pub fn config_for(tars: &[Vec<u8>]) -> Vec<u8> {
 
 /// A release of an image made of these layer tars (not built by Docker: layers no engine holds).
 pub async fn synthetic(tars: &[Vec<u8>], compression: Compression, tags: &[&str]) -> Built {
-    let config = config_for(tars);
-    let mut layers = Vec::new();
-    let mut blobs = HashMap::new();
-    for tar in tars {
-        let blob = compress(tar, compression).await;
-        let blake3 = Checksum::of(&blob);
-        layers.push(LayerEntry {
-            diff_id: Sha256Digest::of(tar),
-            blob: BlobRef {
-                blake3,
-                size: blob.len() as u64,
-                compression,
-            },
-            uncompressed_size: Some(tar.len() as u64),
-        });
-        blobs.insert(blake3, blob);
-    }
-    Built {
-        manifest: ReleaseManifest {
-            release_id: Uuid::new_v4(),
-            image_id: Sha256Digest::of(&config),
-            config,
-            layers,
-            image_tags: tags.iter().map(|t| (*t).to_owned()).collect(),
-            created_at: None,
-            deployment: None,
-        },
-        blobs,
-    }
+    let tars: Vec<&[u8]> = tars.iter().map(Vec::as_slice).collect();
+    release_of(config_for(&tars), &tars, compression, tags).await
 }
 
 /// Builds `tag` on `docker` from `dockerfile` and a context of `files` (path, bytes, mode).
