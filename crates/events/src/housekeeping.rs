@@ -37,6 +37,11 @@ pub(crate) async fn checkpoint(outbox: &Arc<Outbox>) {
     match tokio::task::spawn_blocking(move || outbox.checkpoint()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "event outbox checkpoint failed; will retry"),
+        // The runtime is shutting down (e.g. a command that failed at start-up) and dropped the
+        // task before it ran: the cursor stays where it was, which means redelivery, not loss.
+        Err(e) if e.is_cancelled() => {
+            tracing::debug!("event outbox checkpoint cancelled by the runtime's shutdown");
+        }
         Err(e) => tracing::error!(error = %e, "event outbox checkpoint panicked"),
     }
 }
