@@ -397,7 +397,7 @@ async fn a_layer_gone_from_the_target_between_inventory_and_load_is_sent_and_the
     let removed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (flag, docker_host, base_tag) = (removed.clone(), host.docker_host(), base.clone());
     // After the inventory said "present", and before the receiver loads: the base goes.
-    proxy.before("/deploy HTTP/1.1", move || {
+    proxy.before("/deploy?await_blobs=true HTTP/1.1", move || {
         let out = std::process::Command::new("docker")
             .env("DOCKER_HOST", docker_host)
             .args(["rmi", &base_tag])

@@ -173,12 +173,13 @@ pub fn release_spec(
 pub async fn deploy_release(
     state: &AppState,
     release: &ReleaseManifest,
+    arrival: crate::v2::load::Arrival,
 ) -> Result<DeploymentRecord> {
     let (spec, image) = release_spec(state, release)?;
     if let Ok(docker) = state.docker().client().await {
         containers::refuse_unmanaged(&docker, &spec).await?;
     }
-    let plan = crate::v2::load::plan(state, release).await?;
+    let plan = crate::v2::load::plan(state, release, arrival).await?;
     let mut deployment = Deployment::begin(state, &spec, &image, None).await?;
     deployment.record.package_id = Some(release.release_id);
     deployment.stage(
@@ -186,13 +187,19 @@ pub async fn deploy_release(
         StageOutcome::Ok,
         Duration::ZERO,
         Some(format!(
-            "release {}: {} layer(s) held by the engine, {} received and verified against the signed diffIDs",
+            "release {}: {} layer(s) held by the engine, {} {}",
             release.release_id,
             plan.omitted.len(),
-            plan.plan.carried.len()
+            plan.plan.carried.len(),
+            match arrival {
+                crate::v2::load::Arrival::Received =>
+                    "received and verified against the signed diffIDs",
+                crate::v2::load::Arrival::Awaited =>
+                    "received or arriving, each checked against its signed BLAKE3 and diffID as it loads",
+            }
         )),
     );
-    let load = crate::v2::load::load_release(state, release.release_id);
+    let load = crate::v2::load::load_release(state, release.release_id, arrival);
     load_and_replace(state, deployment, &spec, &image, load).await
 }
 

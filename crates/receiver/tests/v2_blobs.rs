@@ -328,3 +328,176 @@ async fn a_load_whose_stream_carries_an_error_fails_and_tags_nothing() {
     );
     receiver.stop().await;
 }
+
+/// Waits up to `within` for `task`; `None` if it is still running.
+async fn finished_within<T>(
+    task: &mut tokio::task::JoinHandle<T>,
+    within: std::time::Duration,
+) -> Option<T> {
+    tokio::time::timeout(within, task)
+        .await
+        .ok()
+        .map(|r| r.expect("task"))
+}
+
+#[tokio::test]
+async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("awaited");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    let tars = [
+        layer_tar("base", 3 << 20, 21),
+        layer_tar("top", 64 * 1024, 22),
+    ];
+    let built = synthetic(&tars, Compression::Zstd, &[&image]).await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+
+    // The load is asked for before any byte of either blob was sent.
+    let id = built.manifest.release_id;
+    let loader = V2::new(&receiver.base);
+    let mut load = tokio::spawn(async move { loader.load_awaiting(id).await });
+    let (base, base_blob) = built.blob(0);
+    let half = base_blob.len() / 2;
+    assert_eq!(
+        v2.patch(&base, 0, &base_blob[..half]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        finished_within(&mut load, std::time::Duration::from_millis(400))
+            .await
+            .is_none(),
+        "the load waits for the rest of the blobs"
+    );
+    assert_eq!(
+        v2.patch(&base, half as u64, &base_blob[half..])
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    let (top, top_blob) = built.blob(1);
+    assert_eq!(
+        v2.patch(&top, 0, top_blob).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let answer = finished_within(&mut load, std::time::Duration::from_secs(60))
+        .await
+        .expect("the load ends once the last blob arrived");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let docker = common::docker().await;
+    let inspect = docker.inspect_image(&image).await.expect("loaded");
+    assert_eq!(
+        inspect.id.as_deref(),
+        Some(built.manifest.image_id.to_string().as_str())
+    );
+    // Both blobs are in the engine now: their files go once their uploads are done with them.
+    let blobs = receiver.state.layers().blobs();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (blobs.complete_path(&base).exists() || blobs.complete_path(&top).exists())
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!blobs.complete_path(&base).exists() && !blobs.complete_path(&top).exists());
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("awaited-bad");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    let built = synthetic(
+        &[layer_tar("only", 1 << 20, 23)],
+        Compression::Zstd,
+        &[&image],
+    )
+    .await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+    let id = built.manifest.release_id;
+    let loader = V2::new(&receiver.base);
+    let mut load = tokio::spawn(async move { loader.load_awaiting(id).await });
+    let (blake3, blob) = built.blob(0);
+    let mut tampered = blob.to_vec();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x55;
+    let answer = v2.patch(&blake3, 0, &tampered).await;
+    assert_eq!(answer.code(), "CHECKSUM_MISMATCH", "{}", answer.body);
+    let load = finished_within(&mut load, std::time::Duration::from_secs(30))
+        .await
+        .expect("the load fails once the blob is known to be bad");
+    assert_eq!(
+        (load.status, load.code()),
+        (StatusCode::CONFLICT, "LAYERS_MISSING"),
+        "the discarded blob is missing again: {}",
+        load.body
+    );
+    let docker = common::docker().await;
+    assert!(
+        docker.inspect_image(&image).await.is_err(),
+        "nothing tagged"
+    );
+    assert!(
+        docker
+            .inspect_image(&built.manifest.image_id.to_string())
+            .await
+            .is_err(),
+        "nothing loaded"
+    );
+    // Sent again, intact, it loads.
+    assert_eq!(
+        v2.patch(&blake3, 0, blob).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let load = v2.load(id).await;
+    assert_eq!(load.status, StatusCode::OK, "{}", load.body);
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn an_awaited_blob_that_never_comes_is_layers_missing_after_the_idle_timeout() {
+    let dir = temp_dir();
+    let receiver = start_receiver_with(dir.path(), |c| c.upload_idle_timeout_secs = 1).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("awaited-never");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    let built = synthetic(
+        &[layer_tar("only", 64 * 1024, 24)],
+        Compression::Zstd,
+        &[&image],
+    )
+    .await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+    let started = std::time::Instant::now();
+    let load = v2.load_awaiting(built.manifest.release_id).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        (load.status, load.code()),
+        (StatusCode::CONFLICT, "LAYERS_MISSING"),
+        "{}",
+        load.body
+    );
+    assert_eq!(
+        load.body["missing_diff_ids"],
+        serde_json::json!([built.manifest.layers[0].diff_id])
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(1),
+        "it waited for the blob: {waited:?}"
+    );
+    let docker = common::docker().await;
+    assert!(
+        docker.inspect_image(&image).await.is_err(),
+        "nothing tagged"
+    );
+    receiver.stop().await;
+}

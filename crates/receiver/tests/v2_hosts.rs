@@ -220,7 +220,7 @@ impl Drop for Namespace {
 
 #[tokio::test]
 async fn the_assembled_archive_imports_with_containerds_importer_also_without_held_layers() {
-    use deploy_receiver::v2::assemble::{archive, CarriedLayer, Plan};
+    use deploy_receiver::v2::assemble::{archive, BlobSource, CarriedLayer, Plan};
     use tokio::io::AsyncReadExt;
 
     let docker = common::docker().await;
@@ -250,7 +250,7 @@ async fn the_assembled_archive_imports_with_containerds_importer_also_without_he
                     carried.push(CarriedLayer {
                         diff_id: layer.diff_id,
                         size,
-                        path: blob_path,
+                        source: BlobSource::Complete(blob_path),
                         compression: layer.blob.compression,
                     });
                 }

@@ -12,16 +12,26 @@
 //! decompressed from the blob store while streaming and their sha256 and size compared with the
 //! signed diffID at their end; a difference breaks the stream, which the tar gate turns into a
 //! refused load.
+//!
+//! A carried layer's blob may still be arriving ([`BlobSource::Arriving`]): its file is then
+//! followed as the upload writes it, so Docker reads a layer while the rest of it is on the wire.
+//! Such a blob's bytes are also checked against the signed size and BLAKE3 before its layer's
+//! end, so every byte Docker keeps was checked against the signed release, as for a complete one.
 
 use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deploy_protocol::{Compression, ReleaseManifest, Sha256Digest};
+use deploy_protocol::{BlobRef, Checksum, Compression, ReleaseManifest, Sha256Digest};
 use futures::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::blobs::BlobStore;
 use crate::archive::normalize_reference;
 
 const BLOCK: usize = 512;
@@ -31,18 +41,37 @@ const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+/// How long a followed blob's reader waits before looking at its file again.
+const FOLLOW_POLL: Duration = Duration::from_millis(10);
 
-/// A layer the archive carries: read from a verified blob.
+/// A layer the archive carries.
 #[derive(Debug, Clone)]
 pub struct CarriedLayer {
     /// The signed diffID.
     pub diff_id: Sha256Digest,
-    /// Uncompressed size (from the blob's verification).
+    /// Uncompressed size (from the blob's verification, or the signed size of an arriving one).
     pub size: u64,
-    /// The complete blob file.
-    pub path: std::path::PathBuf,
+    /// Where its blob is read from.
+    pub source: BlobSource,
     /// Its compression.
     pub compression: Compression,
+}
+
+/// Where a carried layer's blob is read from.
+#[derive(Debug, Clone)]
+pub enum BlobSource {
+    /// A complete blob file (its BLAKE3 checked when it completed).
+    Complete(PathBuf),
+    /// A blob still arriving in `store`: followed as it is written, its bytes checked against the
+    /// signed size and BLAKE3; waiting ends with an error after `idle` without a new byte.
+    Arriving {
+        /// The blob store it is written to.
+        store: Arc<BlobStore>,
+        /// The signed blob.
+        blob: BlobRef,
+        /// Longest wait for a new byte.
+        idle: Duration,
+    },
 }
 
 /// What goes into the archive besides the manifest.
@@ -128,9 +157,15 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
     let body = stream::unfold(Some(start), |state| async move {
         let mut s = state?;
         if s.reader.is_none() {
-            match tokio::fs::File::open(&s.layer.path).await {
-                Ok(f) => s.reader = Some(crate::load::decompress(f, s.layer.compression)),
-                Err(e) => return Some((Err(e), None)),
+            match &s.layer.source {
+                BlobSource::Complete(path) => match tokio::fs::File::open(path).await {
+                    Ok(f) => s.reader = Some(crate::load::decompress(f, s.layer.compression)),
+                    Err(e) => return Some((Err(e), None)),
+                },
+                BlobSource::Arriving { store, blob, idle } => {
+                    let followed = follow(Arc::clone(store), *blob, *idle);
+                    s.reader = Some(crate::load::decompress(followed, s.layer.compression));
+                }
             }
         }
         let reader = s.reader.as_mut()?;
@@ -164,6 +199,112 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
         }
     });
     head.chain(body).chain(tail).boxed()
+}
+
+/// The bytes of an arriving blob as its upload writes them: its partial file (or, once it
+/// completed, the same file in the complete store) read up to the signed size, then checked
+/// against the signed BLAKE3. An error when no byte comes for `idle`, or when the file being
+/// followed was discarded (it failed its own check) or replaced.
+fn follow(store: Arc<BlobStore>, blob: BlobRef, idle: Duration) -> impl AsyncRead + Send {
+    struct Following {
+        store: Arc<BlobStore>,
+        blob: BlobRef,
+        idle: Duration,
+        file: Option<(tokio::fs::File, u64)>,
+        read: u64,
+        hasher: blake3::Hasher,
+        last_byte: Instant,
+    }
+    let start = Following {
+        store,
+        blob,
+        idle,
+        file: None,
+        read: 0,
+        hasher: blake3::Hasher::new(),
+        last_byte: Instant::now(),
+    };
+    let bytes = stream::unfold(Some(start), |state| async move {
+        let mut s = state?;
+        loop {
+            if s.read == s.blob.size {
+                let got = Checksum::from_hasher(&s.hasher);
+                if got != s.blob.blake3 {
+                    let e = std::io::Error::other(format!(
+                        "blob {} arrived as bytes with BLAKE3 {got}: not the signed blob",
+                        s.blob.blake3
+                    ));
+                    return Some((Err(e), None));
+                }
+                return None;
+            }
+            if s.last_byte.elapsed() > s.idle {
+                let e = std::io::Error::other(format!(
+                    "blob {} stopped arriving at {} of {} bytes (nothing for {} s)",
+                    s.blob.blake3,
+                    s.read,
+                    s.blob.size,
+                    s.idle.as_secs()
+                ));
+                return Some((Err(e), None));
+            }
+            let Some((file, inode)) = s.file.as_mut() else {
+                s.file = open_blob(&s.store, &s.blob.blake3).await;
+                if s.file.is_none() {
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+                continue;
+            };
+            let want = usize::try_from(s.blob.size - s.read).map_or(CHUNK, |left| left.min(CHUNK));
+            let mut buf = vec![0u8; want];
+            match file.read(&mut buf).await {
+                Err(e) => return Some((Err(e), None)),
+                Ok(0) => {
+                    if !still_followed(&s.store, &s.blob.blake3, *inode).await {
+                        let e = std::io::Error::other(format!(
+                            "blob {} was discarded while it was being loaded (it failed its check, or is being sent again)",
+                            s.blob.blake3
+                        ));
+                        return Some((Err(e), None));
+                    }
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    s.read += n as u64;
+                    s.hasher.update(&buf);
+                    s.last_byte = Instant::now();
+                    return Some((Ok(Bytes::from(buf)), Some(s)));
+                }
+            }
+        }
+    });
+    tokio_util::io::StreamReader::new(bytes)
+}
+
+/// The blob's file, partial or complete, with its inode.
+async fn open_blob(store: &BlobStore, blake3: &Checksum) -> Option<(tokio::fs::File, u64)> {
+    // The partial first: a completion renames it, so the complete one is tried after it.
+    for path in [store.partial_path(blake3), store.complete_path(blake3)] {
+        if let Ok(file) = tokio::fs::File::open(&path).await {
+            let inode = file.metadata().await.ok()?.ino();
+            return Some((file, inode));
+        }
+    }
+    None
+}
+
+/// Whether the file with `inode` is still the blob's (partial, or renamed complete).
+async fn still_followed(store: &BlobStore, blake3: &Checksum, inode: u64) -> bool {
+    for path in [store.partial_path(blake3), store.complete_path(blake3)] {
+        if tokio::fs::metadata(&path)
+            .await
+            .is_ok_and(|m| m.ino() == inode)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 fn oci_manifest(manifest: &ReleaseManifest, sizes: &[u64]) -> Vec<u8> {

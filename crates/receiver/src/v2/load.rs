@@ -11,7 +11,7 @@ use deploy_protocol::api::LoadResponse;
 use deploy_protocol::{Compression, ReleaseManifest, Sha256Digest};
 use uuid::Uuid;
 
-use super::assemble::{self, CarriedLayer, Plan};
+use super::assemble::{self, BlobSource, CarriedLayer, Plan};
 use crate::archive::Policy;
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
@@ -36,8 +36,25 @@ pub fn release(state: &AppState, id: Uuid) -> Result<ReleaseManifest> {
     })
 }
 
-/// Which layers the engine holds now and which blobs are received; LAYERS_MISSING for the rest.
-pub async fn plan(state: &AppState, manifest: &ReleaseManifest) -> Result<LayerPlan> {
+/// Whether a load waits for blobs still on their way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Only complete blobs count; a layer without one is LAYERS_MISSING at once.
+    Received,
+    /// A blob not complete yet that the release's latest status told the client to send is read
+    /// as it arrives (`?await_blobs=true`): its upload may run beside the load, which fails when
+    /// no byte of it comes for UPLOAD_IDLE_TIMEOUT_SECS. Any other layer neither held nor
+    /// received (e.g. present at registration, removed since) is LAYERS_MISSING at once.
+    Awaited,
+}
+
+/// Which layers the engine holds now and which blobs are received (or, with
+/// [`Arrival::Awaited`], will be read as they arrive); LAYERS_MISSING for the rest.
+pub async fn plan(
+    state: &AppState,
+    manifest: &ReleaseManifest,
+    arrival: Arrival,
+) -> Result<LayerPlan> {
     let docker = state.docker().client().await?;
     let held = state.layers().chains().held(&docker).await?;
     let blobs = state.layers().blobs();
@@ -66,7 +83,26 @@ pub async fn plan(state: &AppState, manifest: &ReleaseManifest) -> Result<LayerP
             plan.plan.carried.push(CarriedLayer {
                 diff_id: layer.diff_id,
                 size: meta.uncompressed_size,
-                path: blobs.complete_path(&layer.blob.blake3),
+                source: BlobSource::Complete(blobs.complete_path(&layer.blob.blake3)),
+                compression: layer.blob.compression,
+            });
+        } else if let (Arrival::Awaited, Some(size), true) = (
+            arrival,
+            layer.uncompressed_size,
+            state
+                .layers()
+                .announced(manifest.release_id, &layer.blob.blake3),
+        ) {
+            plan.plan.carried.push(CarriedLayer {
+                diff_id: layer.diff_id,
+                size,
+                source: BlobSource::Arriving {
+                    store: std::sync::Arc::clone(blobs),
+                    blob: layer.blob,
+                    idle: std::time::Duration::from_secs(
+                        state.config().upload_idle_timeout_secs.max(1),
+                    ),
+                },
                 compression: layer.blob.compression,
             });
         } else {
@@ -80,11 +116,11 @@ pub async fn plan(state: &AppState, manifest: &ReleaseManifest) -> Result<LayerP
 }
 
 /// Loads release `id` (one load at a time) and checks the result.
-pub async fn load_release(state: &AppState, id: Uuid) -> Result<LoadResponse> {
+pub async fn load_release(state: &AppState, id: Uuid, arrival: Arrival) -> Result<LoadResponse> {
     let manifest = release(state, id)?;
     let _turn = crate::load::load_turn().await;
     let started = Instant::now();
-    let layer_plan = plan(state, &manifest).await?;
+    let layer_plan = plan(state, &manifest, arrival).await?;
     let docker = state.docker().client().await?;
     let before = tag_targets(&docker, &manifest.image_tags).await;
     let omitted_paths: Vec<String> = layer_plan
@@ -111,21 +147,31 @@ pub async fn load_release(state: &AppState, id: Uuid) -> Result<LoadResponse> {
         Err(e) => {
             restore_tags(&docker, &before).await;
             // A layer held at planning time may have been removed since: name it, not a failure.
-            if let Err(missing @ ReceiverError::LayersMissing(_)) = plan(state, &manifest).await {
+            if let Err(missing @ ReceiverError::LayersMissing(_)) =
+                plan(state, &manifest, Arrival::Received).await
+            {
                 return Err(missing);
             }
             return Err(e);
         }
     };
     state.layers().releases().mark_loaded(id);
+    state.layers().forget_announced(id);
     let metrics = state.layers().metrics();
     metrics.skipped(
         layer_plan.omitted.len() as u64,
         layer_plan.omitted_blob_bytes,
     );
     for layer in &manifest.layers {
-        if carried.iter().any(|c| c.diff_id == layer.diff_id) {
-            state.layers().blobs().remove_complete(&layer.blob.blake3);
+        if let Some(c) = carried.iter().find(|c| c.diff_id == layer.diff_id) {
+            let blobs = state.layers().blobs();
+            match c.source {
+                BlobSource::Complete(_) => blobs.remove_complete(&layer.blob.blake3),
+                // Its upload may still be checking it: removed once it completes.
+                BlobSource::Arriving { .. } => {
+                    remove_when_complete(std::sync::Arc::clone(blobs), layer.blob.blake3)
+                }
+            }
         }
     }
     let duration = started.elapsed();
@@ -137,6 +183,26 @@ pub async fn load_release(state: &AppState, id: Uuid) -> Result<LoadResponse> {
         image_tags: tags,
         duration_ms: duration.as_millis() as u64,
     })
+}
+
+/// Removes an awaited blob once its upload has finished with it (its own check and commit run
+/// after the load read its last byte). A blob no writer finishes within a minute is left to the
+/// sweep.
+fn remove_when_complete(
+    blobs: std::sync::Arc<super::blobs::BlobStore>,
+    blake3: deploy_protocol::Checksum,
+) {
+    tokio::spawn(async move {
+        for _ in 0..600 {
+            match blobs.state(&blake3) {
+                super::blobs::BlobState::Partial(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                super::blobs::BlobState::Complete(_) | super::blobs::BlobState::Missing => break,
+            }
+        }
+        blobs.remove_complete(&blake3);
+    });
 }
 
 /// The loaded image must be the signed one: same id, same RootFS layers, every tag on it.

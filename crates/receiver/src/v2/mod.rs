@@ -11,8 +11,12 @@ pub mod metrics;
 pub mod releases;
 pub mod status;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use deploy_protocol::Checksum;
+use uuid::Uuid;
 
 use crate::config::Config;
 
@@ -24,7 +28,14 @@ pub struct Layers {
     metrics: metrics::LayerMetrics,
     partial_ttl: Duration,
     partial_budget: u64,
+    /// Per release, the blobs its latest status told the client to send (partial or missing):
+    /// the ones a `?await_blobs=true` load waits for. In memory only.
+    announced: Mutex<HashMap<Uuid, HashSet<Checksum>>>,
 }
+
+/// Most releases whose announced blobs are remembered at once (beyond it the oldest are
+/// forgotten all together: their loads then wait for nothing, as after a restart).
+const MAX_ANNOUNCED: usize = 1024;
 
 impl Layers {
     /// Opens the release store (`<STATE_DIR>/releases`) and the blob store
@@ -48,6 +59,7 @@ impl Layers {
             metrics: metrics::LayerMetrics::new(metrics)?,
             partial_ttl: config.partial_ttl,
             partial_budget: config.partial_budget,
+            announced: Mutex::default(),
         };
         layers.sweep();
         Ok(layers)
@@ -71,6 +83,35 @@ impl Layers {
     /// Layer transfer metrics.
     pub fn metrics(&self) -> &metrics::LayerMetrics {
         &self.metrics
+    }
+
+    /// Records the blobs release `id`'s status just told its client to send.
+    pub fn announce(&self, id: Uuid, blobs: HashSet<Checksum>) {
+        let mut announced = self
+            .announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if announced.len() >= MAX_ANNOUNCED && !announced.contains_key(&id) {
+            announced.clear();
+        }
+        announced.insert(id, blobs);
+    }
+
+    /// Whether release `id`'s latest status told its client to send `blob`.
+    pub fn announced(&self, id: Uuid, blob: &Checksum) -> bool {
+        self.announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .is_some_and(|blobs| blobs.contains(blob))
+    }
+
+    /// Forgets what was announced for release `id` (it loaded).
+    pub fn forget_announced(&self, id: Uuid) {
+        self.announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
     }
 
     /// Removes releases and blobs older than PARTIAL_TTL, then partials beyond PARTIAL_BUDGET.

@@ -7,12 +7,13 @@ use super::blobs::BlobState;
 use crate::error::Result;
 use crate::state::AppState;
 
-/// Where each layer of `manifest` stands now.
+/// Where each layer of `manifest` stands now. The blobs it reports partial or missing are
+/// remembered as the ones the client will send ([`super::Layers::announce`]).
 pub async fn status(state: &AppState, manifest: &ReleaseManifest) -> Result<ReleaseStatus> {
     let docker = state.docker().client().await?;
     let held = state.layers().chains().held(&docker).await?;
     let blobs = state.layers().blobs();
-    let layers = manifest
+    let layers: Vec<LayerStatus> = manifest
         .layers
         .iter()
         .zip(manifest.chain_ids())
@@ -38,6 +39,14 @@ pub async fn status(state: &AppState, manifest: &ReleaseManifest) -> Result<Rele
             }
         })
         .collect();
+    state.layers().announce(
+        manifest.release_id,
+        layers
+            .iter()
+            .filter(|l| matches!(l.state, LayerState::Partial | LayerState::Missing))
+            .map(|l| l.blake3)
+            .collect(),
+    );
     Ok(ReleaseStatus {
         release_id: manifest.release_id,
         image_id: manifest.image_id,

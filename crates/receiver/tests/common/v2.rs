@@ -285,6 +285,12 @@ impl V2 {
             .await
     }
 
+    /// `load` with `?await_blobs=true`: blobs not complete yet are read as they arrive.
+    pub async fn load_awaiting(&self, id: Uuid) -> Answer {
+        let path = format!("{}?await_blobs=true", paths::release_load(id));
+        self.json(Method::POST, &path, &Value::Null).await
+    }
+
     pub async fn deploy(&self, id: Uuid) -> Answer {
         self.json(Method::POST, &paths::release_deploy(id), &Value::Null)
             .await

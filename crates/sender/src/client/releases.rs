@@ -23,10 +23,14 @@ use crate::SenderError;
 /// The URL of `path` (a `/deployment/v2/...` path) below the target's base URL.
 pub(crate) fn url_of(target: &ReceiverTarget, path: &str) -> Url {
     let mut url = target.base_url.clone();
+    let (path, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
     url.set_path(&format!(
         "{}{path}",
         target.base_url.path().trim_end_matches('/')
     ));
+    url.set_query(query);
     url
 }
 
@@ -54,6 +58,15 @@ pub(crate) fn backoff(policy: &RetryPolicy) -> impl Iterator<Item = Duration> {
         .with_max_times(policy.max_attempts.saturating_sub(1))
         .with_jitter()
         .build()
+}
+
+/// `path` with `?await_blobs=true` when asked.
+fn with_arrival(path: String, await_blobs: bool) -> String {
+    if await_blobs {
+        format!("{path}?await_blobs=true")
+    } else {
+        path
+    }
 }
 
 /// Why `load`/`deploy` of a release did not succeed.
@@ -112,16 +125,35 @@ impl ReleaseCalls<'_> {
     }
 
     /// `docker load` of release `id` on the receiver (its `LoadResponse`).
-    pub async fn load(&self, id: Uuid) -> Result<serde_json::Value, FinishError> {
-        self.json(Method::POST, &paths::release_load(id), Vec::new())
-            .await
+    /// With `await_blobs`, blobs still on their way are loaded as they arrive (their uploads run
+    /// beside this request).
+    pub async fn load(
+        &self,
+        id: Uuid,
+        await_blobs: bool,
+    ) -> Result<serde_json::Value, FinishError> {
+        self.json(
+            Method::POST,
+            &with_arrival(paths::release_load(id), await_blobs),
+            Vec::new(),
+        )
+        .await
     }
 
     /// Load, deploy and health-check release `id`. A deployment that ran and failed is
     /// [`SenderError::Deployment`].
-    pub async fn deploy(&self, id: Uuid) -> Result<DeploymentRecord, FinishError> {
-        self.json(Method::POST, &paths::release_deploy(id), Vec::new())
-            .await
+    /// `await_blobs` as for [`Self::load`].
+    pub async fn deploy(
+        &self,
+        id: Uuid,
+        await_blobs: bool,
+    ) -> Result<DeploymentRecord, FinishError> {
+        self.json(
+            Method::POST,
+            &with_arrival(paths::release_deploy(id), await_blobs),
+            Vec::new(),
+        )
+        .await
     }
 
     async fn json<T: DeserializeOwned>(

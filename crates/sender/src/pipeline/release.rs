@@ -244,62 +244,118 @@ pub async fn send_manifest(
     let status = calls.register(&manifest).await?;
     let by_blake3: HashMap<_, _> = image.layers.iter().map(|l| (l.blob.blake3, l)).collect();
 
-    let mut reports = initial_reports(&status);
+    let reports = std::sync::Mutex::new(initial_reports(&status));
     let to_send: u64 = status
         .blobs_to_send()
         .iter()
         .map(|l| l.size - l.offset.min(l.size))
         .sum();
     progress.advance(Stage::Upload, 0, Some(to_send));
-    for report in reports.iter().filter(|r| r.fate != LayerFate::Sent) {
+    for report in reports
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|r| r.fate != LayerFate::Sent)
+    {
         progress.message(Stage::Upload, &layer_line(report));
     }
     let sent_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    for layer in status.blobs_to_send() {
-        let prepared = by_blake3.get(&layer.blake3).ok_or_else(|| {
-            SenderError::Internal(format!(
-                "the receiver asked for unknown blob {}",
-                layer.blake3
-            ))
-        })?;
-        let outcome = send_one(
-            &calls,
-            prepared,
-            layer.offset,
-            &progress,
-            &sent_before,
-            to_send,
-        )
-        .await?;
-        if let Some(report) = reports
-            .iter_mut()
-            .find(|r| r.blake3 == layer.blake3.to_hex())
-        {
-            record(report, &outcome);
-            progress.message(Stage::Upload, &layer_line(report));
+    let uploads = async {
+        for layer in status.blobs_to_send() {
+            let prepared = by_blake3.get(&layer.blake3).ok_or_else(|| {
+                SenderError::Internal(format!(
+                    "the receiver asked for unknown blob {}",
+                    layer.blake3
+                ))
+            })?;
+            let outcome = send_one(
+                &calls,
+                prepared,
+                layer.offset,
+                &progress,
+                &sent_before,
+                to_send,
+            )
+            .await?;
+            if let Some(report) = reports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter_mut()
+                .find(|r| r.blake3 == layer.blake3.to_hex())
+            {
+                record(report, &outcome);
+                progress.message(Stage::Upload, &layer_line(report));
+            }
         }
+        progress.finish(
+            Stage::Upload,
+            sent_before.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        Ok::<(), SenderError>(())
+    };
+    let finish = |await_blobs: bool| async move {
+        match action {
+            ReleaseAction::Store => Ok((None, None)),
+            ReleaseAction::Load => calls
+                .load(manifest.release_id, await_blobs)
+                .await
+                .map(|l| (Some(l), None)),
+            ReleaseAction::Deploy(_) => calls
+                .deploy(manifest.release_id, await_blobs)
+                .await
+                .map(|d| (None, Some(d))),
+        }
+    };
+
+    // The load overlaps the upload: the receiver reads each blob as it arrives (`await_blobs`),
+    // so Docker has the layers as soon as their last byte is checked.
+    let mut pending = None;
+    if *action != ReleaseAction::Store
+        && !status.blobs_to_send().is_empty()
+        && std::env::var("DEPLOY_AWAIT_BLOBS").as_deref() != Ok("0")
+    {
+        progress.message(
+            Stage::Deploy,
+            "receiver: assemble, verify, load as the blobs arrive",
+        );
+        let uploads = uploads;
+        let finish = finish(true);
+        tokio::pin!(uploads, finish);
+        let mut uploaded = false;
+        while pending.is_none() || !uploaded {
+            tokio::select! {
+                sent = &mut uploads, if !uploaded => {
+                    // A failed upload ends the load too (its request is dropped).
+                    sent?;
+                    uploaded = true;
+                }
+                done = &mut finish, if pending.is_none() => match done {
+                    Err(FinishError::Other(e)) => {
+                        progress.finish(Stage::Deploy, 0);
+                        return Err(e);
+                    }
+                    done => pending = Some(done),
+                },
+            }
+        }
+    } else {
+        uploads.await?;
     }
-    progress.finish(
-        Stage::Upload,
-        sent_before.load(std::sync::atomic::Ordering::Relaxed),
-    );
+    let mut reports = reports
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
 
     let mut retried = false;
     let (load, deployment) = loop {
         if *action == ReleaseAction::Store {
             break (None, None);
         }
-        progress.message(Stage::Deploy, "receiver: assemble, verify, load");
-        let result = match action {
-            ReleaseAction::Store => Ok((None, None)),
-            ReleaseAction::Load => calls
-                .load(manifest.release_id)
-                .await
-                .map(|l| (Some(l), None)),
-            ReleaseAction::Deploy(_) => calls
-                .deploy(manifest.release_id)
-                .await
-                .map(|d| (None, Some(d))),
+        let result = match pending.take() {
+            Some(done) => done,
+            None => {
+                progress.message(Stage::Deploy, "receiver: assemble, verify, load");
+                finish(false).await
+            }
         };
         match result {
             Ok(done) => break done,

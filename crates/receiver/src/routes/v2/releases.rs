@@ -1,8 +1,8 @@
 //! `/deployment/v2/releases`: register a signed release manifest, read its status, load it,
 //! deploy it.
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use deploy_protocol::api::{DeploymentRecord, LoadResponse};
@@ -14,7 +14,33 @@ use super::SignedJson;
 use crate::auth::Signed;
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
+use crate::v2::load::Arrival;
 use crate::v2::releases::{Registered, ReleaseStoreError};
+
+/// How `/load` and `/deploy` treat blobs that are not complete yet.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ArrivalQuery {
+    /// `true`: a layer whose blob is not complete yet is loaded from the blob as it arrives
+    /// (its upload runs beside this request), each byte checked against the signed size and
+    /// BLAKE3 and the layer against its diffID before Docker may keep it; the request fails when
+    /// no byte of such a blob comes for UPLOAD_IDLE_TIMEOUT_SECS. Default `false`: such a layer
+    /// is 409 LAYERS_MISSING at once.
+    #[serde(default)]
+    pub await_blobs: bool,
+}
+
+impl ArrivalQuery {
+    fn arrival(query: std::result::Result<Query<Self>, QueryRejection>) -> Result<Arrival> {
+        let Query(query) = query.map_err(|e| ReceiverError::Validation(e.body_text()))?;
+        Ok(if query.await_blobs {
+            Arrival::Awaited
+        } else {
+            Arrival::Received
+        })
+    }
+}
 
 /// Register a release: the config (its sha256 is the image id, its `rootfs.diff_ids` the layers'
 /// diffIDs in order), per layer the blob that carries it, the tags, and for `/deploy` the spec.
@@ -95,10 +121,10 @@ pub async fn get(
 /// layers are checked against their signed diffIDs on the way), `docker load` it through the
 /// tar gate, and check that the image is the signed one (id, RootFS layers, tags).
 #[utoipa::path(post, path = "/deployment/v2/releases/{id}/load", operation_id = "load_release", tag = "deployment",
-    params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
+    params(("id" = Uuid, Path, description = "Release id"), ArrivalQuery, crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
-        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
+        (status = 400, description = "VALIDATION_ERROR: not a UUID, or a bad query", body = ErrorBody),
         (status = 200, description = "Loaded (`package_id` is the release id)", body = LoadResponse),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 403, description = "FORBIDDEN", body = ErrorBody),
@@ -110,19 +136,23 @@ pub async fn get(
 pub async fn load(
     State(state): State<AppState>,
     id: std::result::Result<Path<Uuid>, PathRejection>,
+    query: std::result::Result<Query<ArrivalQuery>, QueryRejection>,
     Signed(()): Signed<()>,
 ) -> Result<Json<LoadResponse>> {
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
-    Ok(Json(crate::v2::load::load_release(&state, id).await?))
+    let arrival = ArrivalQuery::arrival(query)?;
+    Ok(Json(
+        crate::v2::load::load_release(&state, id, arrival).await?,
+    ))
 }
 
 /// Load the release, then deploy the spec it signs, health-check, and roll back on failure,
 /// exactly as `/deployment/full`.
 #[utoipa::path(post, path = "/deployment/v2/releases/{id}/deploy", operation_id = "deploy_release", tag = "deployment",
-    params(("id" = Uuid, Path, description = "Release id"), crate::routes::SignatureHeaderParams),
+    params(("id" = Uuid, Path, description = "Release id"), ArrivalQuery, crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
     responses(
-        (status = 400, description = "VALIDATION_ERROR: not a UUID", body = ErrorBody),
+        (status = 400, description = "VALIDATION_ERROR: not a UUID, or a bad query", body = ErrorBody),
         (status = 200, description = "SUCCEEDED", body = DeploymentRecord),
         (status = 400, description = "VALIDATION_ERROR: no `deployment` in the release, bad spec", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
@@ -136,11 +166,13 @@ pub async fn load(
 pub async fn deploy(
     State(state): State<AppState>,
     id: std::result::Result<Path<Uuid>, PathRejection>,
+    query: std::result::Result<Query<ArrivalQuery>, QueryRejection>,
     Signed(()): Signed<()>,
 ) -> Result<Json<DeploymentRecord>> {
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
+    let arrival = ArrivalQuery::arrival(query)?;
     let manifest = crate::v2::load::release(&state, id)?;
     Ok(Json(
-        crate::deploy::deploy_release(&state, &manifest).await?,
+        crate::deploy::deploy_release(&state, &manifest, arrival).await?,
     ))
 }
