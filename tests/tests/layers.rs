@@ -63,6 +63,7 @@ impl Sender {
             target,
             correlation_id: None,
             policy: &self.policy,
+            await_blobs: true,
         }
     }
 

@@ -221,6 +221,7 @@ fn receiver_config(url: &str, ca_cert: Option<PathBuf>) -> ReceiverConfig {
         secret: Some(SECRET.to_owned()),
         connect_timeout_secs: 5,
         ca_cert,
+        ..ReceiverConfig::default()
     }
 }
 

@@ -224,7 +224,15 @@ async fn load_and_replace(
         ),
         Err(e) => {
             timed.failed(&mut deployment, &e);
-            return outcome(deployment.finish(DeploymentStatus::Failed, Some(&e)).await);
+            let record = deployment.finish(DeploymentStatus::Failed, Some(&e)).await;
+            // Layers that are not there (gone since the check, or an awaited blob that never
+            // completed) are the client's to send: the same 409 as before the deployment began,
+            // the FAILED record kept in the journal.
+            if let ReceiverError::LayersMissing(missing) = e {
+                tracing::info!(deployment_id = %record.deployment_id, "deployment failed: layers missing");
+                return Err(ReceiverError::LayersMissing(missing));
+            }
+            return outcome(record);
         }
     }
     let timed = Deployment::time(Stage::Start);

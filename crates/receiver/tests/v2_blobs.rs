@@ -408,13 +408,13 @@ async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
 #[tokio::test]
 async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
     let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
+    let receiver = start_receiver_with(dir.path(), |c| c.upload_idle_timeout_secs = 2).await;
     let v2 = V2::new(&receiver.base);
     let image = tag("awaited-bad");
     let mut cleanup = guard();
     cleanup.remove_image(&image.clone());
     let built = synthetic(
-        &[layer_tar("only", 1 << 20, 23)],
+        &[layer_tar("only", 2 << 20, 23)],
         Compression::Zstd,
         &[&image],
     )
@@ -425,10 +425,22 @@ async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
     let loader = V2::new(&receiver.base);
     let mut load = tokio::spawn(async move { loader.load_awaiting(id).await });
     let (blake3, blob) = built.blob(0);
-    let mut tampered = blob.to_vec();
+    let half = blob.len() / 2;
+    // The load is following the blob when the bad bytes come.
+    assert_eq!(
+        v2.patch(&blake3, 0, &blob[..half]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        finished_within(&mut load, std::time::Duration::from_millis(400))
+            .await
+            .is_none(),
+        "the load waits for the rest of the blob"
+    );
+    let mut tampered = blob[half..].to_vec();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x55;
-    let answer = v2.patch(&blake3, 0, &tampered).await;
+    let answer = v2.patch(&blake3, half as u64, &tampered).await;
     assert_eq!(answer.code(), "CHECKSUM_MISMATCH", "{}", answer.body);
     let load = finished_within(&mut load, std::time::Duration::from_secs(30))
         .await
@@ -469,31 +481,52 @@ async fn an_awaited_blob_that_never_comes_is_layers_missing_after_the_idle_timeo
     let image = tag("awaited-never");
     let mut cleanup = guard();
     cleanup.remove_image(&image.clone());
-    let built = synthetic(
+    let mut built = synthetic(
         &[layer_tar("only", 64 * 1024, 24)],
         Compression::Zstd,
         &[&image],
     )
     .await;
     cleanup.remove_image(&built.manifest.image_id.to_string());
+    let mut spec = common::web_spec(&format!("awaited-never-{}", uuid::Uuid::new_v4().simple()));
+    spec.image = Some(image.clone());
+    built.manifest.deployment = Some(spec);
     registered(&v2, &built).await;
-    let started = std::time::Instant::now();
-    let load = v2.load_awaiting(built.manifest.release_id).await;
-    let waited = started.elapsed();
-    assert_eq!(
-        (load.status, load.code()),
-        (StatusCode::CONFLICT, "LAYERS_MISSING"),
-        "{}",
-        load.body
-    );
-    assert_eq!(
-        load.body["missing_diff_ids"],
-        serde_json::json!([built.manifest.layers[0].diff_id])
-    );
-    assert!(
-        waited >= std::time::Duration::from_secs(1),
-        "it waited for the blob: {waited:?}"
-    );
+    for (what, path) in [
+        (
+            "load",
+            deploy_protocol::release::paths::release_load(built.manifest.release_id),
+        ),
+        (
+            "deploy",
+            deploy_protocol::release::paths::release_deploy(built.manifest.release_id),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let answer = v2
+            .json(
+                reqwest::Method::POST,
+                &format!("{path}?await_blobs=true"),
+                &serde_json::Value::Null,
+            )
+            .await;
+        let waited = started.elapsed();
+        assert_eq!(
+            (answer.status, answer.code()),
+            (StatusCode::CONFLICT, "LAYERS_MISSING"),
+            "{what}: {}",
+            answer.body
+        );
+        assert_eq!(
+            answer.body["missing_diff_ids"],
+            serde_json::json!([built.manifest.layers[0].diff_id]),
+            "{what}"
+        );
+        assert!(
+            waited >= std::time::Duration::from_secs(1),
+            "{what} waited for the blob: {waited:?}"
+        );
+    }
     let docker = common::docker().await;
     assert!(
         docker.inspect_image(&image).await.is_err(),

@@ -111,6 +111,11 @@ pub struct ReceiverConfig {
     /// system's (e.g. the private CA that signed the TLS proxy's certificate).
     #[arg(long, env = "DEPLOY_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
+    /// Protocol v2: ask the receiver to load a release while its blobs are still arriving
+    /// (`true`), or only once every blob is sent (`false`).
+    #[arg(long, env = "DEPLOY_AWAIT_BLOBS", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub await_blobs: bool,
 }
 
 impl fmt::Debug for ReceiverConfig {
@@ -122,6 +127,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("ca_cert", &self.ca_cert)
+            .field("await_blobs", &self.await_blobs)
             .finish()
     }
 }
@@ -135,6 +141,7 @@ impl Default for ReceiverConfig {
             secret: None,
             connect_timeout_secs: 10,
             ca_cert: None,
+            await_blobs: true,
         }
     }
 }
@@ -162,7 +169,8 @@ impl ReceiverConfig {
 
     /// The client for the receiver and key these settings name.
     pub fn client(&self) -> Result<ReceiverClient, SenderError> {
-        Ok(ReceiverClient::new(self.http_client()?, self.target()?))
+        Ok(ReceiverClient::new(self.http_client()?, self.target()?)
+            .with_await_blobs(self.await_blobs))
     }
 
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large

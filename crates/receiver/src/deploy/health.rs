@@ -2,10 +2,12 @@
 //! receiver to a published port, or (no check) the container staying up for a settle period.
 //! Every wait is bounded by the spec's deadline and ends early when the container stops.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bollard::container::LogsOptions;
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
+use bollard::system::EventsOptions;
 use bollard::Docker;
 use deploy_protocol::display::error_chain;
 use deploy_protocol::{HealthCheckKind, HealthCheckSpec};
@@ -14,7 +16,8 @@ use futures::StreamExt;
 use crate::docker::map_err;
 use crate::error::{ReceiverError, Result};
 
-/// How often Docker's health status and the container state are read.
+/// How often Docker's health status and the container state are read (besides whenever Docker
+/// reports a health or state change of the container).
 const POLL: Duration = Duration::from_millis(250);
 /// Longest health output kept (Docker's log lines can be long).
 const MAX_OUTPUT: usize = 2000;
@@ -98,6 +101,23 @@ async fn wait_docker(
     spec: &HealthCheckSpec,
     deadline: Instant,
 ) -> Result<Verdict> {
+    // Docker's events wake the wait as soon as the status changes; the poll stays as the floor
+    // (an event stream that fails or ends only leaves the poll).
+    let mut changes = docker.events(Some(EventsOptions {
+        since: None,
+        until: None,
+        filters: HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("container".to_owned(), vec![container.to_owned()]),
+            (
+                "event".to_owned(),
+                ["health_status", "die", "oom", "stop", "kill", "destroy"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
+        ]),
+    }));
+    let mut listening = true;
     loop {
         let inspect = inspect(docker, container).await?;
         if let Some(stopped) = stopped(docker, container, &inspect).await {
@@ -134,7 +154,13 @@ async fn wait_docker(
                 )),
             ));
         }
-        tokio::time::sleep(POLL).await;
+        let wait = POLL.min(deadline.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            change = changes.next(), if listening => {
+                listening = matches!(change, Some(Ok(_)));
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
     }
 }
 

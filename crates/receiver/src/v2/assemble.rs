@@ -63,12 +63,16 @@ pub enum BlobSource {
     /// A complete blob file (its BLAKE3 checked when it completed).
     Complete(PathBuf),
     /// A blob still arriving in `store`: followed as it is written, its bytes checked against the
-    /// signed size and BLAKE3; waiting ends with an error after `idle` without a new byte.
+    /// signed size and BLAKE3; waiting ends with an error after `idle` without a new byte while
+    /// none of `release_blobs` is being written (a client busy sending, or the receiver busy
+    /// checking, an earlier blob of the release is not idle).
     Arriving {
         /// The blob store it is written to.
         store: Arc<BlobStore>,
         /// The signed blob.
         blob: BlobRef,
+        /// Every blob the load awaits.
+        release_blobs: Arc<Vec<Checksum>>,
         /// Longest wait for a new byte.
         idle: Duration,
     },
@@ -162,8 +166,14 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
                     Ok(f) => s.reader = Some(crate::load::decompress(f, s.layer.compression)),
                     Err(e) => return Some((Err(e), None)),
                 },
-                BlobSource::Arriving { store, blob, idle } => {
-                    let followed = follow(Arc::clone(store), *blob, *idle);
+                BlobSource::Arriving {
+                    store,
+                    blob,
+                    release_blobs,
+                    idle,
+                } => {
+                    let followed =
+                        follow(Arc::clone(store), *blob, Arc::clone(release_blobs), *idle);
                     s.reader = Some(crate::load::decompress(followed, s.layer.compression));
                 }
             }
@@ -203,12 +213,19 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
 
 /// The bytes of an arriving blob as its upload writes them: its partial file (or, once it
 /// completed, the same file in the complete store) read up to the signed size, then checked
-/// against the signed BLAKE3. An error when no byte comes for `idle`, or when the file being
-/// followed was discarded (it failed its own check) or replaced.
-fn follow(store: Arc<BlobStore>, blob: BlobRef, idle: Duration) -> impl AsyncRead + Send {
+/// against the signed BLAKE3. An error when no byte comes for `idle` while none of
+/// `release_blobs` is being written, or when the file being followed was discarded (it failed
+/// its own check) or replaced.
+fn follow(
+    store: Arc<BlobStore>,
+    blob: BlobRef,
+    release_blobs: Arc<Vec<Checksum>>,
+    idle: Duration,
+) -> impl AsyncRead + Send {
     struct Following {
         store: Arc<BlobStore>,
         blob: BlobRef,
+        release_blobs: Arc<Vec<Checksum>>,
         idle: Duration,
         file: Option<(tokio::fs::File, u64)>,
         read: u64,
@@ -218,6 +235,7 @@ fn follow(store: Arc<BlobStore>, blob: BlobRef, idle: Duration) -> impl AsyncRea
     let start = Following {
         store,
         blob,
+        release_blobs,
         idle,
         file: None,
         read: 0,
@@ -238,9 +256,12 @@ fn follow(store: Arc<BlobStore>, blob: BlobRef, idle: Duration) -> impl AsyncRea
                 }
                 return None;
             }
+            if s.last_byte.elapsed() > s.idle && s.store.any_being_written(&s.release_blobs) {
+                s.last_byte = Instant::now();
+            }
             if s.last_byte.elapsed() > s.idle {
                 let e = std::io::Error::other(format!(
-                    "blob {} stopped arriving at {} of {} bytes (nothing for {} s)",
+                    "blob {} stopped arriving at {} of {} bytes (nothing for {} s, and no blob of the release being written)",
                     s.blob.blake3,
                     s.read,
                     s.blob.size,

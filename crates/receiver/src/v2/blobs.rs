@@ -127,6 +127,12 @@ impl BlobStore {
         }
     }
 
+    /// Whether any of `blobs` is being written now (a `PATCH` appending, verifying or committing).
+    pub fn any_being_written(&self, blobs: &[Checksum]) -> bool {
+        let active = self.lock();
+        blobs.iter().any(|b| active.contains_key(b))
+    }
+
     /// The meta of a complete blob.
     pub fn meta(&self, blake3: &Checksum) -> Option<BlobMeta> {
         if !self.complete_path(blake3).is_file() {

@@ -67,6 +67,14 @@ pub async fn plan(
         omitted_blob_bytes: 0,
     };
     let mut missing = Vec::new();
+    let awaited: std::sync::Arc<Vec<deploy_protocol::Checksum>> = std::sync::Arc::new(
+        manifest
+            .layers
+            .iter()
+            .map(|l| l.blob.blake3)
+            .filter(|b| state.layers().announced(manifest.release_id, b))
+            .collect(),
+    );
     for (layer, chain_id) in manifest.layers.iter().zip(manifest.chain_ids()) {
         let meta = blobs
             .meta(&layer.blob.blake3)
@@ -99,6 +107,7 @@ pub async fn plan(
                 source: BlobSource::Arriving {
                     store: std::sync::Arc::clone(blobs),
                     blob: layer.blob,
+                    release_blobs: std::sync::Arc::clone(&awaited),
                     idle: std::time::Duration::from_secs(
                         state.config().upload_idle_timeout_secs.max(1),
                     ),

@@ -33,8 +33,9 @@ pub struct Layers {
     announced: Mutex<HashMap<Uuid, HashSet<Checksum>>>,
 }
 
-/// Most releases whose announced blobs are remembered at once (beyond it the oldest are
-/// forgotten all together: their loads then wait for nothing, as after a restart).
+/// Most releases whose announced blobs are remembered at once; beyond it all are forgotten at
+/// once (their loads then wait for nothing, as after a restart: a layer not received is
+/// LAYERS_MISSING, which the client answers by sending it).
 const MAX_ANNOUNCED: usize = 1024;
 
 impl Layers {
@@ -118,6 +119,10 @@ impl Layers {
     pub fn sweep(&self) {
         let releases = self.releases.sweep(self.partial_ttl);
         let blobs = self.blobs.sweep(self.partial_ttl, self.partial_budget);
+        self.announced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| self.releases.get(*id).is_some());
         if releases + blobs > 0 {
             tracing::info!(releases, blobs, "swept expired releases and blobs");
         }

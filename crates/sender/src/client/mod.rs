@@ -33,12 +33,26 @@ pub use upload::{throughput_mbps, Upload, UploadOutcome};
 pub struct ReceiverClient {
     http: reqwest::Client,
     target: ReceiverTarget,
+    await_blobs: bool,
 }
 
 impl ReceiverClient {
     /// A client for `target` over `http` (whose connection pool, timeouts and trusted CAs apply).
+    /// Release loads overlap their blob uploads (see [`Self::with_await_blobs`]).
     pub fn new(http: reqwest::Client, target: ReceiverTarget) -> Self {
-        Self { http, target }
+        Self {
+            http,
+            target,
+            await_blobs: true,
+        }
+    }
+
+    /// Whether a release's load or deploy is asked for right after registering, beside the blob
+    /// uploads (`?await_blobs=true`: the receiver loads the blobs as they arrive), or only once
+    /// every blob is sent (DEPLOY_AWAIT_BLOBS=false).
+    pub fn with_await_blobs(mut self, await_blobs: bool) -> Self {
+        self.await_blobs = await_blobs;
+        self
     }
 
     /// The receiver this client talks to.

@@ -95,6 +95,8 @@ pub struct ReleaseCalls<'a> {
     pub correlation_id: Option<&'a str>,
     /// Retries of requests whose connection could not be made, and of blob transfers.
     pub policy: &'a RetryPolicy,
+    /// Ask for the load beside the blob uploads (see [`super::ReceiverClient::with_await_blobs`]).
+    pub await_blobs: bool,
 }
 
 impl ReleaseCalls<'_> {
@@ -263,6 +265,7 @@ impl super::ReceiverClient {
             target: &self.target,
             correlation_id,
             policy,
+            await_blobs: self.await_blobs,
         }
     }
 }

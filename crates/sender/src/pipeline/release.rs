@@ -310,10 +310,7 @@ pub async fn send_manifest(
     // The load overlaps the upload: the receiver reads each blob as it arrives (`await_blobs`),
     // so Docker has the layers as soon as their last byte is checked.
     let mut pending = None;
-    if *action != ReleaseAction::Store
-        && !status.blobs_to_send().is_empty()
-        && std::env::var("DEPLOY_AWAIT_BLOBS").as_deref() != Ok("0")
-    {
+    if *action != ReleaseAction::Store && !status.blobs_to_send().is_empty() && calls.await_blobs {
         progress.message(
             Stage::Deploy,
             "receiver: assemble, verify, load as the blobs arrive",
@@ -325,8 +322,22 @@ pub async fn send_manifest(
         while pending.is_none() || !uploaded {
             tokio::select! {
                 sent = &mut uploads, if !uploaded => {
-                    // A failed upload ends the load too (its request is dropped).
-                    sent?;
+                    match (sent, &pending) {
+                        (Ok(()), _) => {
+                            progress.message(Stage::Deploy, "receiver: load, deploy, health check");
+                        }
+                        // The receiver loaded (or deployed) the release: it had every blob,
+                        // checked; what failed was only an answer to one of the uploads.
+                        (Err(e), Some(Ok(_))) => tracing::warn!(
+                            error = %e,
+                            "a blob upload reported an error after the receiver had loaded the release"
+                        ),
+                        // A failed upload ends the load too (its request is dropped).
+                        (Err(e), _) => {
+                            progress.finish(Stage::Deploy, 0);
+                            return Err(e);
+                        }
+                    }
                     uploaded = true;
                 }
                 done = &mut finish, if pending.is_none() => match done {

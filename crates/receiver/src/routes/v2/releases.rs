@@ -158,7 +158,7 @@ pub async fn load(
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 403, description = "FORBIDDEN, or POLICY_DENIED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND: no such release", body = ErrorBody),
-        (status = 409, description = "LAYERS_MISSING: an ErrorBody with `missing_diff_ids` (the LayersMissingBody schema), before any deployment record; or the FAILED record, if a layer went between the check and the load: send them and retry", body = ErrorBody),
+        (status = 409, description = "LAYERS_MISSING: an ErrorBody with `missing_diff_ids` (the LayersMissingBody schema); when a layer went (or an awaited blob never completed) after the deployment began, its FAILED record stays in the journal: send them and retry", body = ErrorBody),
         (status = 422, description = "LOAD_FAILED or HEALTH_CHECK_FAILED: the record, FAILED or ROLLED_BACK, with `error`", body = DeploymentRecord),
         (status = 500, description = "DEPLOY_FAILED: the record with `error`", body = DeploymentRecord),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = ErrorBody),

@@ -134,8 +134,10 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         .receivers
         .iter()
         .map(|url| {
-            ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
-                .map(|target| ReceiverClient::new(state.http().clone(), target))
+            ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()).map(|target| {
+                ReceiverClient::new(state.http().clone(), target)
+                    .with_await_blobs(receiver.await_blobs)
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut check = input.deployment.clone();

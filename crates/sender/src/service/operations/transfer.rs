@@ -137,8 +137,10 @@ impl TransferInput {
         let receivers = urls
             .iter()
             .map(|url| {
-                ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
-                    .map(|target| ReceiverClient::new(state.http().clone(), target))
+                ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()).map(|target| {
+                    ReceiverClient::new(state.http().clone(), target)
+                        .with_await_blobs(receiver.await_blobs)
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(spec) = &self.deployment {
