@@ -66,6 +66,7 @@ impl RolloutArgs {
             host_timeout: Duration::from_secs(self.host_timeout.max(1)),
             rollback_timeout: Duration::from_secs(self.rollback_timeout.max(1)),
             max_concurrent: self.max_concurrent_transfers.max(1),
+            slots: None,
         }
     }
 

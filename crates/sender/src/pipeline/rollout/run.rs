@@ -34,6 +34,9 @@ pub struct RolloutOptions {
     pub rollback_timeout: Duration,
     /// Hosts deployed to at the same time.
     pub max_concurrent: usize,
+    /// Slots shared with other transfers (the service's MAX_CONCURRENT_TRANSFERS): each host's
+    /// deployment holds one while it runs. `None`: only `max_concurrent` bounds the rollout.
+    pub slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl Default for RolloutOptions {
@@ -48,6 +51,7 @@ impl Default for RolloutOptions {
             host_timeout: Duration::from_secs(600),
             rollback_timeout: Duration::from_secs(300),
             max_concurrent: 5,
+            slots: None,
         }
     }
 }
@@ -184,8 +188,19 @@ where
             break;
         }
         let concurrency = options.max_concurrent.max(1);
+        let (ledger, deploy, abort, slots) = (&ledger, &deploy, &abort, &options.slots);
         let mut done = stream::iter(members.iter().copied())
-            .map(|i| deploy_one(&ledger, i, &deploy, options.host_timeout, &abort))
+            .map(|i| async move {
+                // Waiting for a shared slot is not part of the host's deadline.
+                let _slot = match slots {
+                    Some(slots) => tokio::select! {
+                        slot = slots.acquire() => slot.ok(),
+                        () = abort.cancelled() => None,
+                    },
+                    None => None,
+                };
+                deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
+            })
             .buffer_unordered(concurrency);
         while done.next().await.is_some() {}
         drop(done);

@@ -320,6 +320,37 @@ async fn hosts_of_a_batch_deploy_at_once_up_to_the_limit() {
 }
 
 #[tokio::test]
+async fn slots_shared_with_other_transfers_bound_the_hosts_in_flight() {
+    let fleet = Fleet::failing(&[]);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(3));
+    // Another transfer of the service holds two of the three slots for a while.
+    let held = std::sync::Arc::clone(&slots)
+        .acquire_many_owned(2)
+        .await
+        .expect("slots");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held);
+    });
+    let options = RolloutOptions {
+        canary: Some(0),
+        batch: BatchSize::Hosts(6),
+        max_concurrent: 6,
+        slots: Some(std::sync::Arc::clone(&slots)),
+        ..RolloutOptions::default()
+    };
+    let report = roll_out(&fleet, 6, options).await;
+    release.await.expect("release");
+    assert_eq!(report.fleet, FleetState::NewRelease);
+    assert!(
+        fleet.most_in_flight.load(Ordering::SeqCst) <= 3,
+        "at most the three shared slots: {}",
+        fleet.most_in_flight.load(Ordering::SeqCst)
+    );
+    assert_eq!(slots.available_permits(), 3, "every slot given back");
+}
+
+#[tokio::test]
 async fn events_tell_start_steps_and_end() {
     let fleet = Fleet::failing(&[]);
     let seen = Mutex::new(Vec::new());

@@ -124,6 +124,7 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         rollback: input.rollback,
         host_timeout: Duration::from_secs(input.host_timeout_secs.unwrap_or(600).max(1)),
         max_concurrent: state.config().max_concurrent_transfers.max(1),
+        slots: Some(std::sync::Arc::clone(state.transfer_slots())),
         ..RolloutOptions::default()
     };
     let plan = Plan::new(input.receivers.len(), options.canary, options.batch)
