@@ -340,6 +340,31 @@ async fn finished_within<T>(
         .map(|r| r.expect("task"))
 }
 
+/// Asks for `built`'s load with `?await_blobs=true` before any byte of blob `i` is sent, sends
+/// its first half, and checks the load is still waiting; returns the load and that half's length.
+async fn load_waiting_on_half_of(
+    v2: &V2,
+    built: &Built,
+    i: usize,
+) -> (tokio::task::JoinHandle<common::v2::Answer>, usize) {
+    let id = built.manifest.release_id;
+    let loader = V2::new(&v2.base);
+    let mut load = tokio::spawn(async move { loader.load_awaiting(id).await });
+    let (blake3, blob) = built.blob(i);
+    let half = blob.len() / 2;
+    assert_eq!(
+        v2.patch(&blake3, 0, &blob[..half]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        finished_within(&mut load, std::time::Duration::from_millis(400))
+            .await
+            .is_none(),
+        "the load waits for the rest of the blob"
+    );
+    (load, half)
+}
+
 #[tokio::test]
 async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
     let dir = temp_dir();
@@ -357,21 +382,8 @@ async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
     registered(&v2, &built).await;
 
     // The load is asked for before any byte of either blob was sent.
-    let id = built.manifest.release_id;
-    let loader = V2::new(&receiver.base);
-    let mut load = tokio::spawn(async move { loader.load_awaiting(id).await });
+    let (mut load, half) = load_waiting_on_half_of(&v2, &built, 0).await;
     let (base, base_blob) = built.blob(0);
-    let half = base_blob.len() / 2;
-    assert_eq!(
-        v2.patch(&base, 0, &base_blob[..half]).await.status,
-        StatusCode::NO_CONTENT
-    );
-    assert!(
-        finished_within(&mut load, std::time::Duration::from_millis(400))
-            .await
-            .is_none(),
-        "the load waits for the rest of the blobs"
-    );
     assert_eq!(
         v2.patch(&base, half as u64, &base_blob[half..])
             .await
@@ -422,21 +434,9 @@ async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
     cleanup.remove_image(&built.manifest.image_id.to_string());
     registered(&v2, &built).await;
     let id = built.manifest.release_id;
-    let loader = V2::new(&receiver.base);
-    let mut load = tokio::spawn(async move { loader.load_awaiting(id).await });
-    let (blake3, blob) = built.blob(0);
-    let half = blob.len() / 2;
     // The load is following the blob when the bad bytes come.
-    assert_eq!(
-        v2.patch(&blake3, 0, &blob[..half]).await.status,
-        StatusCode::NO_CONTENT
-    );
-    assert!(
-        finished_within(&mut load, std::time::Duration::from_millis(400))
-            .await
-            .is_none(),
-        "the load waits for the rest of the blob"
-    );
+    let (mut load, half) = load_waiting_on_half_of(&v2, &built, 0).await;
+    let (blake3, blob) = built.blob(0);
     let mut tampered = blob[half..].to_vec();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x55;

@@ -67,14 +67,18 @@ pub async fn plan(
         omitted_blob_bytes: 0,
     };
     let mut missing = Vec::new();
-    let awaited: std::sync::Arc<Vec<deploy_protocol::Checksum>> = std::sync::Arc::new(
-        manifest
-            .layers
-            .iter()
-            .map(|l| l.blob.blake3)
-            .filter(|b| state.layers().announced(manifest.release_id, b))
-            .collect(),
-    );
+    // The blobs this load may wait for: those the release's latest status asked for.
+    let awaited: std::sync::Arc<Vec<deploy_protocol::Checksum>> = match arrival {
+        Arrival::Received => std::sync::Arc::default(),
+        Arrival::Awaited => std::sync::Arc::new(
+            manifest
+                .layers
+                .iter()
+                .map(|l| l.blob.blake3)
+                .filter(|b| state.layers().announced(manifest.release_id, b))
+                .collect(),
+        ),
+    };
     for (layer, chain_id) in manifest.layers.iter().zip(manifest.chain_ids()) {
         let meta = blobs
             .meta(&layer.blob.blake3)
@@ -94,12 +98,9 @@ pub async fn plan(
                 source: BlobSource::Complete(blobs.complete_path(&layer.blob.blake3)),
                 compression: layer.blob.compression,
             });
-        } else if let (Arrival::Awaited, Some(size), true) = (
-            arrival,
+        } else if let (Some(size), true) = (
             layer.uncompressed_size,
-            state
-                .layers()
-                .announced(manifest.release_id, &layer.blob.blake3),
+            awaited.contains(&layer.blob.blake3),
         ) {
             plan.plan.carried.push(CarriedLayer {
                 diff_id: layer.diff_id,
