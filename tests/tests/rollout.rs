@@ -201,8 +201,8 @@ async fn rollout(
     .expect("a rollout")
 }
 
-/// Runs `deploy-sender deploy --image TAG --to <the four hosts>` in this process; answers its
-/// exit code and the lifecycle events in its outbox, oldest first.
+/// Runs `deploy-sender deploy --image TAG --to <the four hosts> --preload` in this process;
+/// answers its exit code and the lifecycle events in its outbox, oldest first.
 async fn cli_rollout(
     fleet: &Fleet,
     tag: &str,
@@ -250,6 +250,7 @@ async fn cli_rollout(
         path_str(state_dir),
         "--correlation-id",
         "rollout-e2e-cli",
+        "--preload",
     ];
     let cli = deploy_sender::cli::Cli::try_parse_from(args).expect("valid flags");
     let code = deploy_sender::cli::run(cli)
@@ -331,13 +332,17 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     assert_eq!(last["fleet"], json!("NEW_RELEASE"), "{last}");
     let v1_layers = layers(&docker, &cache, &v1).await;
     let v1_bytes = v1_layers.total_bytes();
-    for host in last["hosts"].as_array().expect("hosts") {
+    for (i, host) in last["hosts"].as_array().expect("hosts").iter().enumerate() {
         assert_eq!(host["outcome"], json!("DEPLOYED"), "{host}");
         assert_eq!(
             host["bytes"],
             json!(v1_bytes),
-            "a fresh host receives every blob of the image: {host}"
+            "a fresh host receives every blob of the image once (preloaded or not): {host}"
         );
+        // `--preload`: every host after the canary was sent and loaded the release ahead of its
+        // step; the canary was not.
+        assert_eq!(host["preload_ms"].is_u64(), i > 0, "{host}");
+        assert!(host.get("preload_error").is_none(), "{host}");
     }
 
     // An unhealthy release stops at the canary (rolled back there by its receiver); no other
@@ -367,6 +372,53 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         fleet.holds(&unhealthy.image_id).await[1..],
         [false, false, false]
     );
+
+    // The same unhealthy release as layers with preload: the hosts after the canary receive and
+    // load it while the canary is checked, but when the canary fails none of them moves: each
+    // holds the image and still runs the very container it ran before.
+    let unhealthy_layers = layers(&docker, &cache, &unhealthy).await;
+    let release = Release {
+        payload: unhealthy_layers,
+        spec: spec(&name),
+        correlation_id: Some("rollout-e2e-preload".into()),
+    };
+    let preloading = RolloutOptions {
+        preload: true,
+        ..options()
+    };
+    let report = roll_out(
+        &fleet.targets,
+        &release,
+        &preloading,
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("a rollout");
+    assert_eq!(
+        outcomes(&report),
+        [Failed, NotReached, NotReached, NotReached],
+        "{}",
+        report.table()
+    );
+    assert_eq!(
+        report.hosts[0].error.as_ref().map(|e| e.code),
+        Some(ErrorCode::HealthCheckFailed)
+    );
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    let now = fleet.running(&name).await;
+    assert_eq!(images(&now), [Some(v1.image_id.as_str()); 4]);
+    assert_eq!(now[1..], on_v1[1..], "the same containers run on hosts 2-4");
+    assert_eq!(
+        fleet.holds(&unhealthy.image_id).await[1..],
+        [true, true, true],
+        "preloaded: {}",
+        report.table()
+    );
+    for h in &report.hosts[1..] {
+        assert!(h.preload_ms.is_some(), "{}", report.table());
+        assert!(h.bytes > 0, "{}", report.table());
+    }
 
     // A release whose new published port is taken on the third host alone: that host fails,
     // the canary and the second host (already moved) are rolled back to v1, the fourth is never

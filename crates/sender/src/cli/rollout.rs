@@ -50,6 +50,12 @@ pub struct RolloutArgs {
     /// Seconds one host's rollback may take.
     #[arg(long, env = "DEPLOY_ROLLBACK_TIMEOUT_SECS", default_value_t = 300)]
     pub rollback_timeout: u64,
+    /// Send and load the release on every host after the canary while the canary is deployed
+    /// and checked, so that each later batch only switches containers. Hosts a stopped rollout
+    /// did not reach then hold the new image (never a container of it). Layer transfers only
+    /// (not `--full`).
+    #[arg(long, env = "DEPLOY_PRELOAD")]
+    pub preload: bool,
     /// Hosts sent to at the same time (one host's transfer proceeds while others load).
     #[arg(long, env = "MAX_CONCURRENT_TRANSFERS", default_value_t = 5)]
     pub max_concurrent_transfers: usize,
@@ -67,6 +73,7 @@ impl RolloutArgs {
             rollback_timeout: Duration::from_secs(self.rollback_timeout.max(1)),
             max_concurrent: self.max_concurrent_transfers.max(1),
             slots: None,
+            preload: self.preload,
         }
     }
 

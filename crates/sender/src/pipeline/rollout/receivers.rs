@@ -77,6 +77,10 @@ pub async fn roll_out(
         .iter()
         .map(|r| r.target().base_url.to_string())
         .collect();
+    let options = &RolloutOptions {
+        preload: options.preload && matches!(release.payload, Payload::Layers(_)),
+        ..options.clone()
+    };
     let name = release.spec.container_name.as_str();
     let deploy = |i: usize| async move {
         let receiver = &receivers[i];
@@ -84,6 +88,14 @@ pub async fn roll_out(
         match &release.payload {
             Payload::Layers(image) => deploy_layers(receiver, image, release, before).await,
             Payload::Package(package) => deploy_whole(receiver, package, release, before).await,
+        }
+    };
+    // A preload sends and loads the release's layers; a whole package (`--full`) is not
+    // preloaded (above): each host's deployment sends it, as without preload.
+    let preload = |i: usize| async move {
+        match &release.payload {
+            Payload::Layers(image) => preload_layers(&receivers[i], image, release).await,
+            Payload::Package(_) => Ok(0),
         }
     };
     let rollback = |i: usize, deployment: Uuid| async move {
@@ -96,7 +108,7 @@ pub async fn roll_out(
                 message: e.to_string(),
             })
     };
-    run(&hosts, options, deploy, rollback, abort, on_event)
+    run(&hosts, options, deploy, preload, rollback, abort, on_event)
         .await
         .map_err(SenderError::Validation)
 }
@@ -137,6 +149,29 @@ async fn deploy_layers(
             )),
         },
         Err(e) => Err(failed(e, sent.bytes(), before)),
+    }
+}
+
+/// Sends `image` to `receiver` and loads it there (no container is touched); answers the blob
+/// bytes sent. The deployment after it finds every layer present and sends none of them again.
+async fn preload_layers(
+    receiver: &ReceiverClient,
+    image: &PreparedImage,
+    release: &Release,
+) -> Result<u64, NotMoved> {
+    let policy = RetryPolicy::default();
+    let calls = receiver.release_calls(release.correlation_id.as_deref(), &policy);
+    let sent = Arc::new(UploadCounter::default());
+    match send_release(calls, image, &ReleaseAction::Load, sent.clone()).await {
+        Ok(outcome) => Ok(outcome.totals.bytes_sent),
+        Err(e) => Err(NotMoved {
+            bytes: sent.bytes(),
+            error: HostError {
+                code: e.code(),
+                message: e.to_string(),
+            },
+            version_before: None,
+        }),
     }
 }
 

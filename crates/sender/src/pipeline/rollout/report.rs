@@ -62,9 +62,17 @@ pub struct HostReport {
     pub rollback_error: Option<HostError>,
     /// Package bytes sent to it.
     pub bytes: u64,
-    /// The deployment, from the first byte sent to the receiver's answer.
+    /// The deployment, from the first byte sent to the receiver's answer (after the preload,
+    /// when there was one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_ms: Option<u64>,
+    /// With preload: sending and loading the release there ahead of its step, from the first
+    /// request to the receiver's answer (its bytes are in `bytes`); set once it has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preload_ms: Option<u64>,
+    /// With preload: why it failed (the host's own deployment then sends what it lacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preload_error: Option<HostError>,
     /// The rollback, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_ms: Option<u64>,
@@ -173,6 +181,8 @@ impl RolloutReport {
                     rollback_error: None,
                     bytes: 0,
                     deploy_ms: None,
+                    preload_ms: None,
+                    preload_error: None,
                     rollback_ms: None,
                 })
                 .collect(),
@@ -189,17 +199,22 @@ impl RolloutReport {
             "AFTER".to_owned(),
             "OUTCOME".to_owned(),
             "BYTES".to_owned(),
+            "PRELOAD".to_owned(),
             "DEPLOY".to_owned(),
             "ROLLBACK".to_owned(),
             "ERROR".to_owned(),
         ]];
         for h in &self.hosts {
-            let error = [&h.error, &h.rollback_error]
-                .into_iter()
-                .flatten()
-                .map(|e| format!("{}: {}", e.code, e.message))
-                .collect::<Vec<_>>()
-                .join("; rollback: ");
+            let error = [
+                ("preload: ", &h.preload_error),
+                ("", &h.error),
+                ("rollback: ", &h.rollback_error),
+            ]
+            .into_iter()
+            .filter_map(|(what, e)| e.as_ref().map(|e| (what, e)))
+            .map(|(what, e)| format!("{what}{}: {}", e.code, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
             rows.push([
                 h.host.clone(),
                 h.phase.to_string(),
@@ -210,12 +225,13 @@ impl RolloutReport {
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default(),
                 h.bytes.to_string(),
+                secs(h.preload_ms),
                 secs(h.deploy_ms),
                 secs(h.rollback_ms),
                 error,
             ]);
         }
-        let mut widths = [0usize; 9];
+        let mut widths = [0usize; 10];
         for row in &rows {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.chars().count());

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use deploy_protocol::ErrorCode;
+use futures::future::FutureExt as _;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -37,11 +38,15 @@ pub struct RolloutOptions {
     /// Slots shared with other transfers (the service's MAX_CONCURRENT_TRANSFERS): each host's
     /// deployment holds one while it runs. `None`: only `max_concurrent` bounds the rollout.
     pub slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// Send and load the release on the hosts after the first step while that step is deployed
+    /// and health-checked, so that each later step only switches containers. Hosts a stopped
+    /// rollout did not reach then hold the new image (never a container of it).
+    pub preload: bool,
 }
 
 impl Default for RolloutOptions {
     /// Default canary, batches of 25 %, no failure tolerated, rollback on, 10 min per host,
-    /// 5 min per rollback, 5 hosts at a time.
+    /// 5 min per rollback, 5 hosts at a time, no preload.
     fn default() -> Self {
         Self {
             canary: None,
@@ -52,6 +57,7 @@ impl Default for RolloutOptions {
             rollback_timeout: Duration::from_secs(300),
             max_concurrent: 5,
             slots: None,
+            preload: false,
         }
     }
 }
@@ -154,13 +160,16 @@ impl Ledger<'_> {
 }
 
 /// Rolls a release out to `hosts` (receiver URLs, in order): `deploy(i)` deploys it to host `i`,
-/// `rollback(i, deployment_id)` undoes that deployment there and answers the image the host runs
-/// afterwards. `abort` stops the rollout between hosts (hosts being deployed to finish first) and
-/// rolls back. Refuses only an impossible plan; everything else is in the report.
-pub async fn run<D, DF, R, RF>(
+/// `preload(i)` (with [`RolloutOptions::preload`]) sends and loads it there ahead of the host's
+/// step and answers the bytes it sent, `rollback(i, deployment_id)` undoes that deployment there
+/// and answers the image the host runs afterwards. `abort` stops the rollout between hosts (hosts
+/// being deployed to finish first) and rolls back. Refuses only an impossible plan; everything
+/// else is in the report.
+pub async fn run<D, DF, P, PF, R, RF>(
     hosts: &[String],
     options: &RolloutOptions,
     deploy: D,
+    preload: P,
     rollback: R,
     abort: CancellationToken,
     on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
@@ -168,6 +177,8 @@ pub async fn run<D, DF, R, RF>(
 where
     D: Fn(usize) -> DF,
     DF: Future<Output = Result<Moved, NotMoved>>,
+    P: Fn(usize) -> PF,
+    PF: Future<Output = Result<u64, NotMoved>>,
     R: Fn(usize, Uuid) -> RF,
     RF: Future<Output = Result<Option<String>, HostError>>,
 {
@@ -181,71 +192,146 @@ where
         report: ledger.snapshot(),
     });
 
-    let mut stop: Option<(String, bool)> = None;
-    for (phase, members) in &plan.steps {
-        if abort.is_cancelled() {
-            stop = Some(("aborted on request".into(), true));
-            break;
+    // Preloads: every host after the first step, started at once (as many at a time as
+    // deployments) and awaited by the host's own deployment; each runs once, whichever of the
+    // two polls it first.
+    let (ledger, preload, abort_ref) = (&ledger, &preload, &abort);
+    let ahead: Vec<usize> = if options.preload && plan.steps.len() > 1 {
+        plan.steps[1..]
+            .iter()
+            .flat_map(|(_, members)| members.iter().copied())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut preloads = vec![None; hosts.len()];
+    for &i in &ahead {
+        let one = async move {
+            let started = Instant::now();
+            let result = tokio::time::timeout(options.host_timeout, preload(i)).await;
+            let elapsed = Some(millis(started.elapsed()));
+            ledger.host(i, |h| {
+                h.preload_ms = elapsed;
+                match result {
+                    Ok(Ok(bytes)) => h.bytes += bytes,
+                    Ok(Err(failed)) => {
+                        h.bytes += failed.bytes;
+                        h.preload_error = Some(failed.error);
+                    }
+                    Err(_) => {
+                        h.preload_error = Some(HostError {
+                            code: ErrorCode::Timeout,
+                            message: format!(
+                                "no answer to the preload within {} s",
+                                options.host_timeout.as_secs()
+                            ),
+                        })
+                    }
+                }
+            });
+        };
+        if let Some(slot) = preloads.get_mut(i) {
+            *slot = Some(one.shared());
         }
-        let concurrency = options.max_concurrent.max(1);
-        let (ledger, deploy, abort, slots) = (&ledger, &deploy, &abort, &options.slots);
-        let mut done = stream::iter(members.iter().copied())
-            .map(|i| async move {
-                // Waiting for a shared slot is not part of the host's deadline.
-                let _slot = match slots {
-                    Some(slots) => tokio::select! {
-                        slot = slots.acquire() => slot.ok(),
-                        () = abort.cancelled() => None,
-                    },
-                    None => None,
-                };
-                deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
-            })
-            .buffer_unordered(concurrency);
-        while done.next().await.is_some() {}
-        drop(done);
-
-        let (failed_here, failed_total) = ledger.update(|r| {
-            let failed = |h: &&HostReport| h.outcome == HostOutcome::Failed;
-            let here: Vec<String> = members
-                .iter()
-                .filter_map(|&i| r.hosts.get(i))
-                .filter(failed)
-                .map(|h| h.host.clone())
-                .collect();
-            (here, r.hosts.iter().filter(failed).count())
-        });
-        if *phase == Phase::Canary && !failed_here.is_empty() {
-            stop = Some((
-                format!(
-                    "canary {} failed: no other host was touched",
-                    failed_here.join(", ")
-                ),
-                false,
-            ));
-            break;
-        }
-        if failed_total > options.max_failures {
-            stop = Some((
-                format!(
-                    "{failed_total} host(s) failed ({}), more than --max-failures {}",
-                    failed_here.join(", "),
-                    options.max_failures
-                ),
-                false,
-            ));
-            break;
-        }
-        if abort.is_cancelled() {
-            stop = Some(("aborted on request".into(), true));
-            break;
-        }
-        ledger.update(|r| r.steps_completed += 1);
-        on_event(RolloutEvent::StepCompleted {
-            phase: *phase,
-            report: ledger.snapshot(),
-        });
     }
+    let driver = {
+        let slots = &options.slots;
+        let all: Vec<_> = preloads.iter().flatten().cloned().collect();
+        async move {
+            stream::iter(all)
+                .for_each_concurrent(options.max_concurrent.max(1), |one| async move {
+                    let _slot = match slots {
+                        Some(slots) => slots.acquire().await.ok(),
+                        None => None,
+                    };
+                    one.await;
+                })
+                .await;
+            std::future::pending::<()>().await;
+        }
+    };
+    let preloads = &preloads;
+
+    let steps = async {
+        let mut stop: Option<(String, bool)> = None;
+        for (phase, members) in &plan.steps {
+            if abort_ref.is_cancelled() {
+                stop = Some(("aborted on request".into(), true));
+                break;
+            }
+            let concurrency = options.max_concurrent.max(1);
+            let (deploy, abort, slots) = (&deploy, abort_ref, &options.slots);
+            let mut done = stream::iter(members.iter().copied())
+                .map(|i| async move {
+                    // Waiting for a shared slot is not part of the host's deadline.
+                    let _slot = match slots {
+                        Some(slots) => tokio::select! {
+                            slot = slots.acquire() => slot.ok(),
+                            () = abort.cancelled() => None,
+                        },
+                        None => None,
+                    };
+                    // The host's own preload ends first (it is not part of its deadline either).
+                    if let Some(Some(one)) = preloads.get(i) {
+                        if !abort.is_cancelled() {
+                            one.clone().await;
+                        }
+                    }
+                    deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
+                })
+                .buffer_unordered(concurrency);
+            while done.next().await.is_some() {}
+            drop(done);
+
+            let (failed_here, failed_total) = ledger.update(|r| {
+                let failed = |h: &&HostReport| h.outcome == HostOutcome::Failed;
+                let here: Vec<String> = members
+                    .iter()
+                    .filter_map(|&i| r.hosts.get(i))
+                    .filter(failed)
+                    .map(|h| h.host.clone())
+                    .collect();
+                (here, r.hosts.iter().filter(failed).count())
+            });
+            if *phase == Phase::Canary && !failed_here.is_empty() {
+                stop = Some((
+                    format!(
+                        "canary {} failed: no other host was touched",
+                        failed_here.join(", ")
+                    ),
+                    false,
+                ));
+                break;
+            }
+            if failed_total > options.max_failures {
+                stop = Some((
+                    format!(
+                        "{failed_total} host(s) failed ({}), more than --max-failures {}",
+                        failed_here.join(", "),
+                        options.max_failures
+                    ),
+                    false,
+                ));
+                break;
+            }
+            if abort.is_cancelled() {
+                stop = Some(("aborted on request".into(), true));
+                break;
+            }
+            ledger.update(|r| r.steps_completed += 1);
+            on_event(RolloutEvent::StepCompleted {
+                phase: *phase,
+                report: ledger.snapshot(),
+            });
+        }
+        stop
+    };
+    // The steps decide; preloads still running when they end (a stopped rollout) are dropped,
+    // and stop on abort.
+    let stop = tokio::select! {
+        stop = steps => stop,
+        () = async { tokio::select! { () = driver => {}, () = abort.cancelled() => std::future::pending().await } } => None,
+    };
 
     let status = match stop {
         None => RolloutStatus::Completed,
@@ -257,7 +343,7 @@ where
                     reason,
                     report: ledger.snapshot(),
                 });
-                undone = roll_back_moved(&ledger, &rollback, options.rollback_timeout).await;
+                undone = roll_back_moved(ledger, &rollback, options.rollback_timeout).await;
             } else {
                 ledger.update(|r| {
                     let kept = r.hosts.iter().any(|h| h.outcome == HostOutcome::Deployed);
@@ -319,13 +405,13 @@ async fn deploy_one<D, DF>(
                 h.deployment_id = Some(moved.deployment_id);
                 h.version_before = moved.version_before;
                 h.version_after = Some(moved.version_after);
-                h.bytes = moved.bytes;
+                h.bytes += moved.bytes;
             }
             Ok(Err(failed)) => {
                 h.outcome = HostOutcome::Failed;
                 h.version_after = failed.version_before.clone();
                 h.version_before = failed.version_before;
-                h.bytes = failed.bytes;
+                h.bytes += failed.bytes;
                 h.error = Some(failed.error);
             }
             Err(_) => {

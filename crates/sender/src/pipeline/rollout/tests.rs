@@ -26,6 +26,7 @@ struct Fleet {
     bad: BTreeSet<usize>,
     broken_rollback: BTreeSet<usize>,
     started: Mutex<Vec<usize>>,
+    preloaded: Mutex<Vec<usize>>,
     rolled_back: Mutex<BTreeSet<usize>>,
     in_flight: AtomicUsize,
     most_in_flight: AtomicUsize,
@@ -63,6 +64,14 @@ impl Fleet {
         })
     }
 
+    /// A preload: recorded when it starts, 70 bytes, ends after 10 ms (before the canary's
+    /// deployment does).
+    async fn preload(&self, i: usize) -> Result<u64, NotMoved> {
+        self.preloaded.lock().expect("lock").push(i);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok(70)
+    }
+
     async fn rollback(&self, i: usize, deployment: Uuid) -> Result<Option<String>, HostError> {
         assert_eq!(
             deployment,
@@ -81,6 +90,12 @@ impl Fleet {
 
     fn started(&self) -> Vec<usize> {
         self.started.lock().expect("lock").clone()
+    }
+
+    fn preloaded(&self) -> Vec<usize> {
+        let mut hosts = self.preloaded.lock().expect("lock").clone();
+        hosts.sort_unstable();
+        hosts
     }
 
     fn rolled_back(&self) -> Vec<usize> {
@@ -110,6 +125,10 @@ async fn roll_out_with(
         |i| {
             let fleet = Arc::clone(fleet);
             async move { fleet.deploy(i).await }
+        },
+        |i| {
+            let fleet = Arc::clone(fleet);
+            async move { fleet.preload(i).await }
         },
         |i, d| {
             let fleet = Arc::clone(fleet);
@@ -259,6 +278,10 @@ async fn a_host_that_never_answers_fails_at_its_deadline() {
                 fleet.deploy(i).await
             }
         },
+        |i| {
+            let fleet = Arc::clone(&fleet);
+            async move { fleet.preload(i).await }
+        },
         |i, d| {
             let fleet = Arc::clone(&fleet);
             async move { fleet.rollback(i, d).await }
@@ -369,4 +392,106 @@ async fn events_tell_start_steps_and_end() {
         *seen.lock().expect("lock"),
         ["started", "step", "step", "finished"]
     );
+}
+
+#[tokio::test]
+async fn without_preload_no_host_is_preloaded() {
+    let fleet = Fleet::failing(&[]);
+    let report = roll_out(&fleet, 4, half()).await;
+    assert_eq!(report.fleet, FleetState::NewRelease);
+    assert_eq!(fleet.preloaded(), Vec::<usize>::new());
+    assert!(report.hosts.iter().all(|h| h.preload_ms.is_none()));
+}
+
+#[tokio::test]
+async fn with_preload_later_hosts_load_while_the_canary_deploys_and_switch_in_their_step() {
+    let fleet = Fleet::failing(&[]);
+    let options = RolloutOptions {
+        preload: true,
+        ..half()
+    };
+    let report = roll_out(&fleet, 4, options).await;
+    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+    // Every host but the canary was preloaded, all before the canary's deployment ended (each
+    // preload takes 10 ms, a deployment 20 ms); the steps kept their order.
+    assert_eq!(fleet.preloaded(), [1, 2, 3]);
+    assert_eq!(fleet.started(), [0, 1, 2, 3]);
+    assert!(report.hosts[0].preload_ms.is_none());
+    for h in &report.hosts[1..] {
+        assert!(h.preload_ms.is_some(), "{h:?}");
+        assert_eq!(h.bytes, 170, "preload and deployment bytes: {h:?}");
+    }
+    assert_eq!(report.hosts[0].bytes, 100);
+}
+
+#[tokio::test]
+async fn with_preload_a_failed_canary_moves_no_other_host() {
+    let fleet = Fleet::failing(&[0]);
+    let options = RolloutOptions {
+        preload: true,
+        ..half()
+    };
+    let report = roll_out(&fleet, 4, options).await;
+    use HostOutcome::*;
+    assert_eq!(
+        outcomes(&report),
+        [Failed, NotReached, NotReached, NotReached],
+        "{}",
+        report.table()
+    );
+    assert_eq!(fleet.started(), [0], "no deployment beyond the canary");
+    assert_eq!(fleet.rolled_back(), Vec::<usize>::new());
+    // The preloads had ended (10 ms) before the canary failed (20 ms): their hosts hold the
+    // image, which the report says.
+    assert_eq!(fleet.preloaded(), [1, 2, 3]);
+    for h in &report.hosts[1..] {
+        assert!(h.preload_ms.is_some(), "{h:?}");
+        assert_eq!(h.bytes, 70);
+    }
+}
+
+#[tokio::test]
+async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
+    let fleet = Fleet::failing(&[]);
+    let options = RolloutOptions {
+        preload: true,
+        ..half()
+    };
+    let report = run(
+        &hosts(4),
+        &options,
+        |i| {
+            let fleet = Arc::clone(&fleet);
+            async move { fleet.deploy(i).await }
+        },
+        |i| async move {
+            if i == 2 {
+                return Err(NotMoved {
+                    error: HostError {
+                        code: ErrorCode::RemoteUnreachable,
+                        message: "connection refused".into(),
+                    },
+                    version_before: None,
+                    bytes: 5,
+                });
+            }
+            Ok(70)
+        },
+        |i, d| {
+            let fleet = Arc::clone(&fleet);
+            async move { fleet.rollback(i, d).await }
+        },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("plan");
+    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+    let failed = &report.hosts[2];
+    assert_eq!(
+        failed.preload_error.as_ref().map(|e| e.code),
+        Some(ErrorCode::RemoteUnreachable)
+    );
+    assert_eq!(failed.bytes, 105);
+    assert_eq!(failed.outcome, HostOutcome::Deployed);
 }

@@ -48,6 +48,11 @@ pub struct RolloutInput {
     /// Longest wait for one host's deployment, seconds (default 600).
     #[serde(default)]
     pub host_timeout_secs: Option<u64>,
+    /// Send and load the release on every host after the first step while that step is deployed
+    /// and checked, so that later steps only switch containers (default false). Hosts a stopped
+    /// rollout did not reach then hold the new image, never a container of it.
+    #[serde(default)]
+    pub preload: bool,
 }
 
 /// A rollout as the service shows it.
@@ -125,6 +130,7 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         host_timeout: Duration::from_secs(input.host_timeout_secs.unwrap_or(600).max(1)),
         max_concurrent: state.config().max_concurrent_transfers.max(1),
         slots: Some(std::sync::Arc::clone(state.transfer_slots())),
+        preload: input.preload,
         ..RolloutOptions::default()
     };
     let plan = Plan::new(input.receivers.len(), options.canary, options.batch)
