@@ -198,7 +198,9 @@ pub struct HealthCheckSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub port: Option<u16>,
-    /// Seconds between probes (0.05 to 3600).
+    /// Seconds between probes (0.05 to 3600): `http` probes, and for `docker` the receiver's own
+    /// runs of the image's check while Docker still reports `starting` (the first right after
+    /// the start; the first pass counts as healthy).
     #[cfg_attr(feature = "openapi", schema(minimum = 0.05, maximum = 3600))]
     pub interval_secs: f64,
     /// Seconds one probe may take (0.05 to 3600).

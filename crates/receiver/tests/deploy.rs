@@ -396,6 +396,54 @@ async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_check_passes_on_the_images_own_command_before_dockers_first_interval() {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let tag = format!("{name}:slowcheck");
+    // Docker's own first check would run 300 s after start (the later HEALTHCHECK replaces the
+    // image's 1 s one): only the receiver's run of the image's command can make this deployment
+    // healthy within its 30 s deadline.
+    build_image_with(
+        &docker,
+        &mut cleanup,
+        &tag,
+        ImageSpec::healthy("slow"),
+        &format!("HEALTHCHECK --interval=300s --timeout=2s CMD {HEALTHY}\n"),
+    )
+    .await;
+    let dir = temp_dir();
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
+
+    let mut spec = web_spec(&name);
+    spec.image = Some(tag.clone());
+    spec.health_check.kind = HealthCheckKind::Docker;
+    spec.health_check.deadline_secs = 30.0;
+    let (status, body) = receiver
+        .post("/deployment/deploy", &json!({"deployment": spec}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deployed = record(&body);
+    assert_eq!(deployed.status, DeploymentStatus::Succeeded);
+    assert!(
+        deployed.stages.iter().any(|s| s
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("run by the receiver"))),
+        "{body}"
+    );
+    // Docker itself has not run the check yet.
+    let health = inspect(&docker, &name)
+        .await
+        .state
+        .and_then(|s| s.health)
+        .and_then(|h| h.status);
+    assert_eq!(health, Some(bollard::models::HealthStatusEnum::STARTING));
+    assert_eq!(page(&docker, &name).await, "slow");
+    receiver.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_deploy_that_fails_is_failed_and_leaves_no_container() {
     let docker = docker().await;
     let mut cleanup = guard();

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bollard::container::LogsOptions;
+use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
 use bollard::system::EventsOptions;
 use bollard::Docker;
@@ -118,8 +119,16 @@ async fn wait_docker(
         ]),
     }));
     let mut listening = true;
+    // While Docker says `starting`, the image's own check is also run here every interval (the
+    // first right away), as Docker 25's `--health-start-interval` would: the first pass counts
+    // as healthy, a failed run counts for nothing (only Docker's `unhealthy` fails the wait).
+    let mut next_probe = Instant::now();
+    let mut command = None;
     loop {
         let inspect = inspect(docker, container).await?;
+        if command.is_none() {
+            command = Some(check_command(&inspect));
+        }
         if let Some(stopped) = stopped(docker, container, &inspect).await {
             return Ok((false, Some(stopped)));
         }
@@ -144,6 +153,21 @@ async fn wait_docker(
             }
             Some(HealthStatusEnum::STARTING) => {}
         }
+        if let Some(Some(cmd)) = &command {
+            if Instant::now() >= next_probe {
+                let limit =
+                    secs(spec.timeout_secs).min(deadline.saturating_duration_since(Instant::now()));
+                if let Some(output) = run_check(docker, container, cmd, limit).await {
+                    return Ok((
+                        true,
+                        Some(format!(
+                            "{output} (the image's HEALTHCHECK, run by the receiver before Docker's own first check)"
+                        )),
+                    ));
+                }
+                next_probe = Instant::now() + secs(spec.interval_secs);
+            }
+        }
         if Instant::now() >= deadline {
             return Ok((
                 false,
@@ -154,7 +178,13 @@ async fn wait_docker(
                 )),
             ));
         }
-        let wait = POLL.min(deadline.saturating_duration_since(Instant::now()));
+        let wait = POLL
+            .min(deadline.saturating_duration_since(Instant::now()))
+            .min(
+                next_probe
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10)),
+            );
         tokio::select! {
             change = changes.next(), if listening => {
                 listening = matches!(change, Some(Ok(_)));
@@ -162,6 +192,64 @@ async fn wait_docker(
             () = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// The container's HEALTHCHECK as a command to exec: `CMD a b` runs `a b`, `CMD-SHELL s` runs
+/// `/bin/sh -c s`; none for `NONE` or no check.
+fn check_command(inspect: &ContainerInspectResponse) -> Option<Vec<String>> {
+    let test = inspect
+        .config
+        .as_ref()?
+        .healthcheck
+        .as_ref()?
+        .test
+        .as_ref()?;
+    let (kind, rest) = test.split_first()?;
+    match kind.as_str() {
+        "CMD" if !rest.is_empty() => Some(rest.to_vec()),
+        "CMD-SHELL" if !rest.is_empty() => {
+            Some(vec!["/bin/sh".into(), "-c".into(), rest.join(" ")])
+        }
+        _ => None,
+    }
+}
+
+/// Runs `cmd` in `container` (as Docker runs a health check: an exec); its output when it exits
+/// 0 within `limit`, none otherwise (or when it cannot be run).
+async fn run_check(
+    docker: &Docker,
+    container: &str,
+    cmd: &[String],
+    limit: Duration,
+) -> Option<String> {
+    let exec = docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                cmd: Some(cmd.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .ok()?;
+    let run = async {
+        let mut text = String::new();
+        if let Ok(StartExecResults::Attached { mut output, .. }) =
+            docker.start_exec(&exec.id, None).await
+        {
+            while let Some(Ok(chunk)) = output.next().await {
+                if text.len() < MAX_OUTPUT {
+                    text.push_str(&chunk.to_string());
+                }
+            }
+        }
+        text
+    };
+    let text = tokio::time::timeout(limit, run).await.ok()?;
+    let code = docker.inspect_exec(&exec.id).await.ok()?.exit_code?;
+    (code == 0).then(|| format!("exit code 0: {}", text.trim()))
 }
 
 async fn wait_http(
