@@ -8,12 +8,14 @@ journal queries, inventory, release registration, blob bodies). One run, side by
   1. a single-host deploy of an image of --mib MiB (busybox plus incompressible data), to a cold
      host, with a cold layer cache: the reference wall time and the bytes a cold host lacks;
   2. a rollout of the same image to 4 and to 8 cold hosts (--canary 1 --batch 50%), each with a
-     cold layer cache of its own, through `deploy --to A,B,...`.
+     cold layer cache of its own, through `deploy --to A,B,...`, without and with `--preload`
+     (the hosts after the canary receive and load the release while the canary is checked).
 
 Needs root (network namespaces), Docker, GNU time, /bin/busybox.
 
     cargo build --release -p deploy-sender -p deploy-receiver
-    sudo bench/rollout.py                          # 100 MiB, 4 and 8 hosts
+    sudo bench/rollout.py                          # 100 MiB, 4 and 8 hosts, --health none
+    sudo bench/rollout.py --health docker          # gated on the image's HEALTHCHECK (1 s)
     sudo bench/rollout.py --bin-dir target/debug --fleets 4
 
 Targets: 4-host rollout wall <= 1.5 x the single-host deploy; uplink <= 1.05 x
@@ -107,6 +109,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=100, help="image data size (incompressible)")
     ap.add_argument("--fleets", default="4,8", help="rollout sizes, comma-separated")
+    ap.add_argument("--health", choices=["none", "docker"], default="none",
+                    help="none: --health none (the 3 s settle gate); docker: the image gets a"
+                         " HEALTHCHECK with a 1 s interval and hosts are gated on it")
+    ap.add_argument("--preload", choices=["both", "off", "on"], default="both",
+                    help="rollouts without --preload, with it, or both side by side (default)")
     ap.add_argument("--work", default=str(REPO / "target/bench-rollout"))
     ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
                     help="where deploy-sender and deploy-receiver are (default target/release)")
@@ -120,10 +127,13 @@ def main():
     work.mkdir(parents=True)
     fleets = [int(n) for n in args.fleets.split(",") if n]
     u = uuid.uuid4().hex[:8]
+    healthcheck = ("HEALTHCHECK --interval=1s --timeout=2s CMD [\"/bin/busybox\",\"true\"]\n"
+                   if args.health == "docker" else "")
     image = build(f"rollb-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY data /data.bin\n"
-                  "CMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n", {"data": args.mib * MIB})
+                  + healthcheck + "CMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n", {"data": args.mib * MIB})
     name = f"rollb-{u}"
-    common = ["deploy", "--image", image, "--name", name, "--health", "none", "--json"]
+    common = ["deploy", "--image", image, "--name", name, "--health", args.health, "--json"]
+    modes = {"both": [False, True], "off": [False], "on": [True]}[args.preload]
     rows = []
     try:
         # 1. One cold host, cold layer cache.
@@ -145,33 +155,35 @@ def main():
 
         # 2. Rollouts to cold fleets, each with a cold layer cache.
         first = 1
-        for n in fleets:
+        for n, preload in [(n, p) for n in fleets for p in modes]:
             fleet = start_hosts(first, n, work)
             first += n
+            flag = ["--preload"] if preload else []
+            label = f"{n}-host rollout{' --preload' if preload else ''}"
             try:
                 to = ",".join(p.url for _, _, p in fleet)
-                m = sender(common + ["--to", to, "--canary", "1", "--batch", "50%"],
-                           work / f"fleet{n}-sender")
+                m = sender(common + ["--to", to, "--canary", "1", "--batch", "50%"] + flag,
+                           work / f"fleet{n}{'p' if preload else ''}-sender")
                 wire = sum(p.sent for _, _, p in fleet)
             finally:
                 stop_fleet(fleet)
             if m.rc != 0:
-                raise RuntimeError(f"{n}-host rollout ended with {m.rc}: {m.err[-3000:]}{m.out[-3000:]}")
+                raise RuntimeError(f"{label} ended with {m.rc}: {m.err[-3000:]}{m.out[-3000:]}")
             report = json.loads(m.out)
             reported = sum(h["bytes"] for h in report["hosts"])
             steps = {}
             for h in report["hosts"]:
                 phase = h["phase"] if isinstance(h["phase"], str) else json.dumps(h["phase"])
-                steps.setdefault(phase, []).append(h["deploy_ms"] / 1000)
-            per_step = "; ".join(f"{p}: " + ", ".join(f"{s:.1f}" for s in v) + " s"
-                                 for p, v in steps.items())
+                pre = f" (preload {h['preload_ms'] / 1000:.1f})" if h.get("preload_ms") is not None else ""
+                steps.setdefault(phase, []).append(f"{h['deploy_ms'] / 1000:.1f}{pre}")
+            per_step = "; ".join(f"{p}: " + ", ".join(v) + " s" for p, v in steps.items())
             ratio = m.wall / single_wall
-            rows.append((f"{n}-host rollout (canary 1, batch 50 %, {report['steps_planned']} steps):"
+            rows.append((f"{label} (canary 1, batch 50 %, {report['steps_planned']} steps):"
                          " wall / single-host deploy",
                          f"{m.wall:.2f} s / {single_wall:.2f} s = **{ratio:.2f}** (per host deploy:"
                          f" {per_step}; sender CPU {m.cpu:.2f} s)",
                          "<= 1.5" if n == 4 else "-"))
-            rows.append((f"{n}-host rollout: uplink / ({n} x missing per host)",
+            rows.append((f"{label}: uplink / ({n} x missing per host)",
                          f"{wire} B / {n * missing} B = **{wire / (n * missing):.4f}** (blob bytes in"
                          f" the report: {reported} B = {reported / (n * missing):.4f})", "<= 1.05"))
     finally:
