@@ -153,20 +153,27 @@ async fn wait_docker(
             }
             Some(HealthStatusEnum::STARTING) => {}
         }
-        if let Some(Some(cmd)) = &command {
-            if Instant::now() >= next_probe {
-                let limit =
-                    secs(spec.timeout_secs).min(deadline.saturating_duration_since(Instant::now()));
-                if let Some(output) = run_check(docker, container, cmd, limit).await {
-                    return Ok((
-                        true,
-                        Some(format!(
-                            "{output} (the image's HEALTHCHECK, run by the receiver before Docker's own first check)"
-                        )),
-                    ));
+        let now = Instant::now();
+        match &command {
+            Some(Some(cmd)) if now >= next_probe && now < deadline => {
+                let limit = secs(spec.timeout_secs).min(deadline - now);
+                match run_check(docker, container, cmd, limit).await {
+                    Probe::Passed(output) => {
+                        return Ok((
+                            true,
+                            Some(format!(
+                                "the image's HEALTHCHECK, run by the receiver before Docker's own first check: {output}"
+                            )),
+                        ))
+                    }
+                    Probe::Failed => next_probe = Instant::now() + secs(spec.interval_secs),
+                    // A run that hung is left to Docker's own checks from here (Docker kills its
+                    // timed-out checks; an exec cannot be killed through the API).
+                    Probe::TimedOut => command = Some(None),
                 }
-                next_probe = Instant::now() + secs(spec.interval_secs);
             }
+            Some(None) => next_probe = deadline,
+            _ => {}
         }
         if Instant::now() >= deadline {
             return Ok((
@@ -194,47 +201,53 @@ async fn wait_docker(
     }
 }
 
-/// The container's HEALTHCHECK as a command to exec: `CMD a b` runs `a b`, `CMD-SHELL s` runs
-/// `/bin/sh -c s`; none for `NONE` or no check.
+/// The container's HEALTHCHECK as a command to exec, as Docker builds it: `CMD a b` runs `a b`,
+/// `CMD-SHELL s` runs the container's shell (`SHELL`, default `/bin/sh -c`) followed by `s`; none
+/// for `NONE` or no check.
 fn check_command(inspect: &ContainerInspectResponse) -> Option<Vec<String>> {
-    let test = inspect
-        .config
-        .as_ref()?
-        .healthcheck
-        .as_ref()?
-        .test
-        .as_ref()?;
+    let config = inspect.config.as_ref()?;
+    let test = config.healthcheck.as_ref()?.test.as_ref()?;
     let (kind, rest) = test.split_first()?;
     match kind.as_str() {
         "CMD" if !rest.is_empty() => Some(rest.to_vec()),
         "CMD-SHELL" if !rest.is_empty() => {
-            Some(vec!["/bin/sh".into(), "-c".into(), rest.join(" ")])
+            let mut cmd = config
+                .shell
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()]);
+            cmd.extend(rest.iter().cloned());
+            Some(cmd)
         }
         _ => None,
     }
 }
 
-/// Runs `cmd` in `container` (as Docker runs a health check: an exec); its output when it exits
-/// 0 within `limit`, none otherwise (or when it cannot be run).
-async fn run_check(
-    docker: &Docker,
-    container: &str,
-    cmd: &[String],
-    limit: Duration,
-) -> Option<String> {
-    let exec = docker
-        .create_exec(
-            container,
-            CreateExecOptions {
-                cmd: Some(cmd.to_vec()),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                ..Default::default()
-            },
-        )
-        .await
-        .ok()?;
+/// How one run of the image's check ended.
+enum Probe {
+    /// Exit code 0; its output.
+    Passed(String),
+    /// Another exit code, or it could not be run.
+    Failed,
+    /// Not done within its time.
+    TimedOut,
+}
+
+/// Runs `cmd` in `container` (as Docker runs a health check: an exec), all of it within `limit`.
+async fn run_check(docker: &Docker, container: &str, cmd: &[String], limit: Duration) -> Probe {
     let run = async {
+        let exec = docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    cmd: Some(cmd.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .ok()?;
         let mut text = String::new();
         if let Ok(StartExecResults::Attached { mut output, .. }) =
             docker.start_exec(&exec.id, None).await
@@ -245,11 +258,14 @@ async fn run_check(
                 }
             }
         }
-        text
+        let code = docker.inspect_exec(&exec.id).await.ok()?.exit_code?;
+        (code == 0).then(|| format!("exit code 0: {}", text.trim()))
     };
-    let text = tokio::time::timeout(limit, run).await.ok()?;
-    let code = docker.inspect_exec(&exec.id).await.ok()?.exit_code?;
-    (code == 0).then(|| format!("exit code 0: {}", text.trim()))
+    match tokio::time::timeout(limit, run).await {
+        Ok(Some(output)) => Probe::Passed(output),
+        Ok(None) => Probe::Failed,
+        Err(_) => Probe::TimedOut,
+    }
 }
 
 async fn wait_http(

@@ -52,8 +52,8 @@ pub struct RolloutArgs {
     pub rollback_timeout: u64,
     /// Send and load the release on every host after the canary while the canary is deployed
     /// and checked, so that each later batch only switches containers. Hosts a stopped rollout
-    /// did not reach then hold the new image (never a container of it). Layer transfers only
-    /// (not `--full`).
+    /// did not reach may then hold the new image (never a container of it). Layer transfers
+    /// only (not `--full`).
     #[arg(long, env = "DEPLOY_PRELOAD")]
     pub preload: bool,
     /// Hosts sent to at the same time (one host's transfer proceeds while others load).

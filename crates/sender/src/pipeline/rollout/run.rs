@@ -234,12 +234,15 @@ where
             *slot = Some(one.shared());
         }
     }
+    // The first step's hosts take their share of `max_concurrent` first.
+    let first = plan.steps.first().map_or(0, |(_, members)| members.len());
+    let preload_concurrency = options.max_concurrent.saturating_sub(first).max(1);
     let driver = {
         let slots = &options.slots;
         let all: Vec<_> = preloads.iter().flatten().cloned().collect();
         async move {
             stream::iter(all)
-                .for_each_concurrent(options.max_concurrent.max(1), |one| async move {
+                .for_each_concurrent(preload_concurrency, |one| async move {
                     let _slot = match slots {
                         Some(slots) => slots.acquire().await.ok(),
                         None => None,
@@ -247,10 +250,12 @@ where
                     one.await;
                 })
                 .await;
+            // Every preload ended; the steps alone decide from here.
             std::future::pending::<()>().await;
         }
     };
-    let preloads = &preloads;
+    let owned_preloads = preloads;
+    let preloads = &owned_preloads;
 
     let steps = async {
         let mut stop: Option<(String, bool)> = None;
@@ -263,7 +268,14 @@ where
             let (deploy, abort, slots) = (&deploy, abort_ref, &options.slots);
             let mut done = stream::iter(members.iter().copied())
                 .map(|i| async move {
-                    // Waiting for a shared slot is not part of the host's deadline.
+                    // The host's own preload ends first, before it takes a slot (the preload
+                    // holds one while it runs); neither wait is part of the host's deadline.
+                    if let Some(Some(one)) = preloads.get(i) {
+                        tokio::select! {
+                            () = one.clone() => {}
+                            () = abort.cancelled() => {}
+                        }
+                    }
                     let _slot = match slots {
                         Some(slots) => tokio::select! {
                             slot = slots.acquire() => slot.ok(),
@@ -271,12 +283,6 @@ where
                         },
                         None => None,
                     };
-                    // The host's own preload ends first (it is not part of its deadline either).
-                    if let Some(Some(one)) = preloads.get(i) {
-                        if !abort.is_cancelled() {
-                            one.clone().await;
-                        }
-                    }
                     deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
                 })
                 .buffer_unordered(concurrency);
@@ -296,7 +302,7 @@ where
             if *phase == Phase::Canary && !failed_here.is_empty() {
                 stop = Some((
                     format!(
-                        "canary {} failed: no other host was touched",
+                        "canary {} failed: no other host moved",
                         failed_here.join(", ")
                     ),
                     false,
@@ -326,12 +332,34 @@ where
         }
         stop
     };
-    // The steps decide; preloads still running when they end (a stopped rollout) are dropped,
-    // and stop on abort.
+    // The steps decide; the driver never ends (it stops driving preloads on abort).
     let stop = tokio::select! {
         stop = steps => stop,
-        () = async { tokio::select! { () = driver => {}, () = abort.cancelled() => std::future::pending().await } } => None,
+        () = async {
+            tokio::select! {
+                () = driver => {}
+                () = abort.cancelled() => {}
+            }
+            std::future::pending::<()>().await
+        } => unreachable!("the preload driver never ends"),
     };
+    // Preloads still running (a stopped rollout) end here, before any rollback: their hosts may
+    // hold part of the release (blobs the receiver sweeps after PARTIAL_TTL), never a container.
+    let unfinished: Vec<usize> = owned_preloads
+        .iter()
+        .enumerate()
+        .filter(|(_, one)| one.as_ref().is_some_and(|one| one.peek().is_none()))
+        .map(|(i, _)| i)
+        .collect();
+    drop(owned_preloads);
+    for i in unfinished {
+        ledger.host(i, |h| {
+            h.preload_error = Some(HostError {
+                code: ErrorCode::TransferFailed,
+                message: "the rollout stopped before this host's preload ended: it may hold part of the release's blobs, never a container of it".into(),
+            });
+        });
+    }
 
     let status = match stop {
         None => RolloutStatus::Completed,

@@ -403,7 +403,8 @@ async fn without_preload_no_host_is_preloaded() {
     assert!(report.hosts.iter().all(|h| h.preload_ms.is_none()));
 }
 
-#[tokio::test]
+// Paused time: the 10 ms preloads end before the 20 ms canary, whatever the machine's load.
+#[tokio::test(start_paused = true)]
 async fn with_preload_later_hosts_load_while_the_canary_deploys_and_switch_in_their_step() {
     let fleet = Fleet::failing(&[]);
     let options = RolloutOptions {
@@ -424,7 +425,8 @@ async fn with_preload_later_hosts_load_while_the_canary_deploys_and_switch_in_th
     assert_eq!(report.hosts[0].bytes, 100);
 }
 
-#[tokio::test]
+// Paused time: the 10 ms preloads end before the 20 ms canary, whatever the machine's load.
+#[tokio::test(start_paused = true)]
 async fn with_preload_a_failed_canary_moves_no_other_host() {
     let fleet = Fleet::failing(&[0]);
     let options = RolloutOptions {
@@ -442,15 +444,74 @@ async fn with_preload_a_failed_canary_moves_no_other_host() {
     assert_eq!(fleet.started(), [0], "no deployment beyond the canary");
     assert_eq!(fleet.rolled_back(), Vec::<usize>::new());
     // The preloads had ended (10 ms) before the canary failed (20 ms): their hosts hold the
-    // image, which the report says.
+    // image, which the report says, and the reason does not claim they were untouched.
     assert_eq!(fleet.preloaded(), [1, 2, 3]);
     for h in &report.hosts[1..] {
         assert!(h.preload_ms.is_some(), "{h:?}");
+        assert!(h.preload_error.is_none(), "{h:?}");
         assert_eq!(h.bytes, 70);
+    }
+    assert!(
+        report
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no other host moved")),
+        "{:?}",
+        report.reason
+    );
+}
+
+// Paused time: the canary (20 ms) fails long before the slow preloads (10 s) end.
+#[tokio::test(start_paused = true)]
+async fn a_stopped_rollout_ends_the_preloads_still_running_and_says_so() {
+    let fleet = Fleet::failing(&[0]);
+    let options = RolloutOptions {
+        preload: true,
+        ..half()
+    };
+    let started = tokio::time::Instant::now();
+    let report = run(
+        &hosts(4),
+        &options,
+        |i| {
+            let fleet = Arc::clone(&fleet);
+            async move { fleet.deploy(i).await }
+        },
+        |_| async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok(70)
+        },
+        |i, d| {
+            let fleet = Arc::clone(&fleet);
+            async move { fleet.rollback(i, d).await }
+        },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("plan");
+    use HostOutcome::*;
+    assert_eq!(
+        outcomes(&report),
+        [Failed, NotReached, NotReached, NotReached]
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "the rollout waited for the preloads: {waited:?} of (virtual) time"
+    );
+    for h in &report.hosts[1..] {
+        assert!(h.preload_ms.is_none(), "{h:?}");
+        assert_eq!(
+            h.preload_error.as_ref().map(|e| e.code),
+            Some(ErrorCode::TransferFailed),
+            "{h:?}"
+        );
     }
 }
 
-#[tokio::test]
+// Paused time: the 10 ms preloads end before the 20 ms canary, whatever the machine's load.
+#[tokio::test(start_paused = true)]
 async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
     let fleet = Fleet::failing(&[]);
     let options = RolloutOptions {

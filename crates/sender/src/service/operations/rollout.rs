@@ -50,7 +50,7 @@ pub struct RolloutInput {
     pub host_timeout_secs: Option<u64>,
     /// Send and load the release on every host after the first step while that step is deployed
     /// and checked, so that later steps only switch containers (default false). Hosts a stopped
-    /// rollout did not reach then hold the new image, never a container of it.
+    /// rollout did not reach may then hold the new image, never a container of it.
     #[serde(default)]
     pub preload: bool,
 }
