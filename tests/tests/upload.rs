@@ -203,7 +203,9 @@ async fn timestamps_301_seconds_old_or_ahead_are_refused() {
     let receiver = spawn_receiver(|_| {}).await;
     let bytes = vec![2u8; 1000];
     let manifest = manifest_for(&bytes).to_bytes();
-    for offset in [-301, 301] {
+    // Ahead by 302: the request may reach the receiver in the next second of its clock, which
+    // leaves 301 s of skew (whole seconds); a timestamp behind only gets older on the way.
+    for offset in [-301, 302] {
         let mut signing = Signing::post("/deployment/upload");
         signing.timestamp = now() + offset;
         let (status, body) = upload_with(&receiver, signing, &manifest, &manifest, &bytes).await;
