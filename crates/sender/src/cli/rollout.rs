@@ -237,7 +237,7 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
     Ok(report.fleet.exit_code())
 }
 
-/// One stderr line per host that finishes a step, and per gate.
+/// One stderr line per host that finishes a step or a preload, and per gate.
 fn print_event(event: RolloutEvent) {
     match event {
         RolloutEvent::Started { .. } => {}
@@ -273,7 +273,17 @@ fn print_event(event: RolloutEvent) {
                         .map(|e| format!("{}: {}", e.code, e.message))
                         .unwrap_or_default()
                 ),
-                HostOutcome::Pending | HostOutcome::NotReached => return,
+                // A preload ended (the host's own step comes later).
+                HostOutcome::Pending => match (&h.preload_error, h.preload_ms) {
+                    (Some(e), _) => format!("preload failed: {}: {}", e.code, e.message),
+                    (None, Some(ms)) => format!(
+                        "preloaded ({} bytes) in {:.1} s",
+                        h.bytes,
+                        ms as f64 / 1000.0
+                    ),
+                    (None, None) => return,
+                },
+                HostOutcome::NotReached => return,
             };
             eprintln!("  {:<8} {}  {what}", h.phase.to_string(), h.host);
         }
