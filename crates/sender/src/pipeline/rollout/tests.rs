@@ -141,6 +141,35 @@ async fn roll_out_with(
     .expect("a possible plan")
 }
 
+/// The fleet's deployments and rollbacks, with `preload` for the preloads.
+async fn roll_out_preloading<PF>(
+    fleet: &Arc<Fleet>,
+    n: usize,
+    options: RolloutOptions,
+    preload: impl Fn(usize) -> PF,
+) -> RolloutReport
+where
+    PF: std::future::Future<Output = Result<u64, NotMoved>>,
+{
+    run(
+        &hosts(n),
+        &options,
+        |i| {
+            let fleet = Arc::clone(fleet);
+            async move { fleet.deploy(i).await }
+        },
+        preload,
+        |i, d| {
+            let fleet = Arc::clone(fleet);
+            async move { fleet.rollback(i, d).await }
+        },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("a possible plan")
+}
+
 fn outcomes(report: &RolloutReport) -> Vec<HostOutcome> {
     report.hosts.iter().map(|h| h.outcome).collect()
 }
@@ -470,26 +499,11 @@ async fn a_stopped_rollout_ends_the_preloads_still_running_and_says_so() {
         ..half()
     };
     let started = tokio::time::Instant::now();
-    let report = run(
-        &hosts(4),
-        &options,
-        |i| {
-            let fleet = Arc::clone(&fleet);
-            async move { fleet.deploy(i).await }
-        },
-        |_| async move {
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            Ok(70)
-        },
-        |i, d| {
-            let fleet = Arc::clone(&fleet);
-            async move { fleet.rollback(i, d).await }
-        },
-        CancellationToken::new(),
-        &|_| {},
-    )
-    .await
-    .expect("plan");
+    let report = roll_out_preloading(&fleet, 4, options, |_| async move {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok(70)
+    })
+    .await;
     use HostOutcome::*;
     assert_eq!(
         outcomes(&report),
@@ -518,35 +532,20 @@ async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
         preload: true,
         ..half()
     };
-    let report = run(
-        &hosts(4),
-        &options,
-        |i| {
-            let fleet = Arc::clone(&fleet);
-            async move { fleet.deploy(i).await }
-        },
-        |i| async move {
-            if i == 2 {
-                return Err(NotMoved {
-                    error: HostError {
-                        code: ErrorCode::RemoteUnreachable,
-                        message: "connection refused".into(),
-                    },
-                    version_before: None,
-                    bytes: 5,
-                });
-            }
-            Ok(70)
-        },
-        |i, d| {
-            let fleet = Arc::clone(&fleet);
-            async move { fleet.rollback(i, d).await }
-        },
-        CancellationToken::new(),
-        &|_| {},
-    )
-    .await
-    .expect("plan");
+    let report = roll_out_preloading(&fleet, 4, options, |i| async move {
+        if i == 2 {
+            return Err(NotMoved {
+                error: HostError {
+                    code: ErrorCode::RemoteUnreachable,
+                    message: "connection refused".into(),
+                },
+                version_before: None,
+                bytes: 5,
+            });
+        }
+        Ok(70)
+    })
+    .await;
     assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
     let failed = &report.hosts[2];
     assert_eq!(
