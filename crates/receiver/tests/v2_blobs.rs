@@ -13,6 +13,21 @@ fn tag(what: &str) -> String {
     format!("layers-rx-{what}-{}:v1", uuid::Uuid::new_v4().simple())
 }
 
+/// How many completed blobs `by` (`upload` or `load`) decompressed and checked against their
+/// diffID, from the receiver's `/metrics`.
+async fn blob_checks(base: &str, by: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let name = format!("deploy_receiver_blob_checks_total{{by=\"{by}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .map_or(0.0, |v| v.parse().expect("a number"))
+}
+
 async fn registered(v2: &V2, built: &Built) -> ReleaseStatus {
     let answer = v2.register(&built.manifest).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
@@ -399,6 +414,15 @@ async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
         .await
         .expect("the load ends once the last blob arrived");
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    // The base blob completed while the load was reading it: its PATCH took the load's check of
+    // the content instead of decompressing the blob a second time. (The top blob may complete
+    // before the load reaches it; then its PATCH checks it itself.)
+    let (by_load, by_upload) = (
+        blob_checks(&receiver.base, "load").await,
+        blob_checks(&receiver.base, "upload").await,
+    );
+    assert!(by_load >= 1.0, "load {by_load}, upload {by_upload}");
+    assert_eq!(by_load + by_upload, 2.0, "one check per blob");
     let docker = common::docker().await;
     let inspect = docker.inspect_image(&image).await.expect("loaded");
     assert_eq!(
@@ -470,6 +494,64 @@ async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
     );
     let load = v2.load(id).await;
     assert_eq!(load.status, StatusCode::OK, "{}", load.body);
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn an_awaited_layer_that_is_not_its_diff_id_loads_nothing_and_its_patch_checks_it_itself() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let image = tag("awaited-liar");
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    // The signed blob entry names a blob (its BLAKE3 and size right) whose content is another
+    // layer of the same size: only the diffID check can tell.
+    let signed = layer_tar("signed", 2 << 20, 25);
+    let other = layer_tar("other", 2 << 20, 26);
+    assert_eq!(signed.len(), other.len());
+    let mut built = synthetic(&[signed], Compression::Zstd, &[&image]).await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    let liar = common::v2::compress(&other, Compression::Zstd).await;
+    let liar_blake3 = Checksum::of(&liar);
+    built.manifest.layers[0].blob.blake3 = liar_blake3;
+    built.manifest.layers[0].blob.size = liar.len() as u64;
+    built.blobs.insert(liar_blake3, liar.clone());
+    registered(&v2, &built).await;
+    let (mut load, half) = load_waiting_on_half_of(&v2, &built, 0).await;
+    let answer = v2.patch(&liar_blake3, half as u64, &liar[half..]).await;
+    // The load's own check failed, so it gave no verdict: the PATCH decompressed the blob itself.
+    assert_eq!(answer.code(), "CHECKSUM_MISMATCH", "{}", answer.body);
+    assert!(
+        answer.body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("diffID"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(blob_checks(&receiver.base, "load").await, 0.0);
+    assert_eq!(
+        v2.head(&liar_blake3).await.offset,
+        Some(0),
+        "discarded whole"
+    );
+    let load = finished_within(&mut load, std::time::Duration::from_secs(30))
+        .await
+        .expect("the load fails");
+    assert_ne!(load.status, StatusCode::OK, "{}", load.body);
+    let docker = common::docker().await;
+    assert!(
+        docker.inspect_image(&image).await.is_err(),
+        "nothing tagged"
+    );
+    assert!(
+        docker
+            .inspect_image(&built.manifest.image_id.to_string())
+            .await
+            .is_err(),
+        "nothing loaded"
+    );
     receiver.stop().await;
 }
 

@@ -16,7 +16,9 @@
 //! A carried layer's blob may still be arriving ([`BlobSource::Arriving`]): its file is then
 //! followed as the upload writes it, so Docker reads a layer while the rest of it is on the wire.
 //! Such a blob's bytes are also checked against the signed size and BLAKE3 before its layer's
-//! end, so every byte Docker keeps was checked against the signed release, as for a complete one.
+//! end, so every byte Docker keeps was checked against the signed release, as for a complete one;
+//! the verdict is published to the blob store, where the `PATCH` completing the blob takes it
+//! instead of decompressing the blob again.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt as _;
@@ -31,7 +33,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::blobs::BlobStore;
+use super::blobs::{BlobMeta, BlobStore, FollowGuard};
 use crate::archive::normalize_reference;
 
 const BLOCK: usize = 512;
@@ -151,12 +153,15 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
         hasher: sha2::Sha256,
         count: u64,
         layer: CarriedLayer,
+        /// For a blob still arriving: this load's registration as its follower.
+        following: Option<FollowGuard>,
     }
     let start = Reading {
         reader: None,
         hasher: sha2::Sha256::new(),
         count: 0,
         layer,
+        following: None,
     };
     let body = stream::unfold(Some(start), |state| async move {
         let mut s = state?;
@@ -172,6 +177,7 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
                     release_blobs,
                     idle,
                 } => {
+                    s.following = Some(store.start_following(&blob.blake3));
                     let followed =
                         follow(Arc::clone(store), *blob, Arc::clone(release_blobs), *idle);
                     s.reader = Some(crate::load::decompress(followed, s.layer.compression));
@@ -191,6 +197,13 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
                     ));
                     return Some((Err(e), None));
                 }
+                // The decompressor read its input to the end, so `follow` checked the BLAKE3.
+                if let Some(following) = &s.following {
+                    following.verified(BlobMeta {
+                        diff_id: diff,
+                        uncompressed_size: s.count,
+                    });
+                }
                 None
             }
             Ok(n) => {
@@ -204,6 +217,9 @@ fn layer_entry(layer: CarriedLayer) -> BoxStream<'static, std::io::Result<Bytes>
                     return Some((Err(e), None));
                 }
                 s.hasher.update(&buf);
+                if let Some(following) = &s.following {
+                    following.reading(s.count);
+                }
                 Some((Ok(Bytes::from(buf)), Some(s)))
             }
         }

@@ -1,7 +1,9 @@
 //! One `PATCH` of a blob: bytes appended at the receiver's durable offset only, fsynced before an
 //! offset is reported (every [`SYNC_EVERY`] bytes, and when the body ends or breaks off), never
 //! past the signed size; at the last byte the BLAKE3 and the layer's diffID are verified and the
-//! blob moves into the complete store (a blob that fails either is discarded whole).
+//! blob moves into the complete store (a blob that fails either is discarded whole). When a load
+//! is reading the blob as it arrives, its verdict on the diffID is taken instead of decompressing
+//! the blob a second time (the load checks the same bytes against the same signed release).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use futures::{Stream, StreamExt};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::blobs::{BlobMeta, BlobStore, WriteClaim};
+use super::blobs::{BlobMeta, BlobStore, Followed, WriteClaim};
 
 /// Bytes written between two fsyncs while a body streams.
 pub const SYNC_EVERY: u64 = 8 << 20;
@@ -37,8 +39,27 @@ pub struct Expected {
 pub enum Outcome {
     /// This many durable bytes held; send the rest.
     Partial(u64),
-    /// Complete and verified.
-    Complete(BlobMeta),
+    /// Complete and verified; who decompressed and hashed it (`None`: it was complete before).
+    Complete(BlobMeta, Option<CheckedBy>),
+}
+
+/// Who decompressed a completed blob and hashed its content against the signed diffID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckedBy {
+    /// The `PATCH` that completed it.
+    Upload,
+    /// The load reading it as it arrived.
+    Load,
+}
+
+impl CheckedBy {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckedBy::Upload => "upload",
+            CheckedBy::Load => "load",
+        }
+    }
 }
 
 /// Why a `PATCH` failed; `held` is the durable offset afterwards.
@@ -137,7 +158,7 @@ pub async fn receive<E: std::fmt::Display>(
     let blake3 = expected.blake3;
     if let Some(meta) = store.meta(&blake3) {
         return if offset == expected.size {
-            Ok(Outcome::Complete(meta))
+            Ok(Outcome::Complete(meta, None))
         } else {
             Err(UploadError::OffsetMismatch {
                 sent: offset,
@@ -156,7 +177,7 @@ pub async fn receive<E: std::fmt::Display>(
     if written < expected.size {
         return Ok(Outcome::Partial(written));
     }
-    let meta = verify(store, expected).await.inspect_err(|_| {
+    let (meta, checked) = verify(store, expected, idle).await.inspect_err(|_| {
         store.discard_partial(&blake3);
     })?;
     store
@@ -165,7 +186,7 @@ pub async fn receive<E: std::fmt::Display>(
             held: written,
             error,
         })?;
-    Ok(Outcome::Complete(meta))
+    Ok(Outcome::Complete(meta, Some(checked)))
 }
 
 fn claim_offset(store: &BlobStore, claim: &WriteClaim) -> u64 {
@@ -279,8 +300,13 @@ fn with_held(error: UploadError, written: u64) -> UploadError {
     }
 }
 
-/// Hashes the complete partial (BLAKE3 of the bytes, sha256 of their decompressed content).
-async fn verify(store: &BlobStore, expected: &Expected) -> Result<BlobMeta, UploadError> {
+/// Hashes the complete partial (BLAKE3 of the bytes, sha256 of their decompressed content; the
+/// latter from the load following the blob when one is and it verifies the blob).
+async fn verify(
+    store: &BlobStore,
+    expected: &Expected,
+    idle: Duration,
+) -> Result<(BlobMeta, CheckedBy), UploadError> {
     let path = store.partial_path(&expected.blake3);
     let io = |error| UploadError::Io {
         held: expected.size,
@@ -303,6 +329,9 @@ async fn verify(store: &BlobStore, expected: &Expected) -> Result<BlobMeta, Uplo
             ),
         });
     }
+    if let Some(meta) = follower_verdict(store, expected, idle).await {
+        return Ok((meta, CheckedBy::Load));
+    }
     let (diff_id, uncompressed_size) =
         layer_digest(&path, expected.compression, expected.max_uncompressed)
             .await
@@ -321,10 +350,42 @@ async fn verify(store: &BlobStore, expected: &Expected) -> Result<BlobMeta, Uplo
             ),
         });
     }
-    Ok(BlobMeta {
-        diff_id,
-        uncompressed_size,
-    })
+    Ok((
+        BlobMeta {
+            diff_id,
+            uncompressed_size,
+        },
+        CheckedBy::Upload,
+    ))
+}
+
+/// The verdict of the load reading this blob as it arrives, when one is: its [`BlobMeta`] once it
+/// read every byte, matching the signed BLAKE3, and the content hashed to one of the signed
+/// diffIDs. `None` (the caller checks the blob itself) when no load follows it, or the load stops
+/// following it, or reads nothing new for `idle`, or its content is not a signed layer.
+async fn follower_verdict(
+    store: &BlobStore,
+    expected: &Expected,
+    idle: Duration,
+) -> Option<BlobMeta> {
+    let mut followed = store.follower(&expected.blake3)?;
+    loop {
+        let now = *followed.borrow_and_update();
+        match now {
+            Followed::Verified(meta) => {
+                return (expected.diff_ids.contains(&meta.diff_id)
+                    && meta.uncompressed_size <= expected.max_uncompressed)
+                    .then_some(meta);
+            }
+            Followed::Reading(_) => {
+                // A closed channel (the load ended) or no progress for `idle`: check it here.
+                tokio::time::timeout(idle, followed.changed())
+                    .await
+                    .ok()?
+                    .ok()?;
+            }
+        }
+    }
 }
 
 /// The sha256 and size of a blob's decompressed content (at most `max` bytes).

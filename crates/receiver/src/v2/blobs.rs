@@ -5,6 +5,11 @@
 //! SIGKILL survive too, and a torn tail after a power cut fails the final BLAKE3 check, which
 //! discards the partial). `<dir>/complete/<blake3>` is a blob whose BLAKE3 and diffID verified,
 //! with `<blake3>.json` ([`BlobMeta`]) beside it. One writer per blob at a time.
+//!
+//! A load reading a blob while it arrives (`?await_blobs=true`) registers as its follower
+//! ([`BlobStore::start_following`]) and publishes its verdict: the follower decompresses and hashes
+//! the blob anyway to feed Docker, so the `PATCH` that completes the blob takes that verdict
+//! instead of decompressing and hashing the same bytes a second time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use deploy_protocol::{Checksum, Sha256Digest};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 /// What a verified blob carries (written beside it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +48,53 @@ pub struct BlobStore {
     complete: PathBuf,
     /// Blobs being written, with their durable offset.
     active: Mutex<HashMap<Checksum, Arc<AtomicU64>>>,
+    /// Blobs a load is reading as they arrive, by follower.
+    followers: Mutex<HashMap<Checksum, (u64, watch::Receiver<Followed>)>>,
+    next_follower: AtomicU64,
+}
+
+/// What a load reading an arriving blob knows of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Followed {
+    /// This many of its bytes read so far.
+    Reading(u64),
+    /// Every byte read: the signed size and BLAKE3, and the decompressed layer's sha256 is
+    /// `diff_id` over `uncompressed_size` bytes.
+    Verified(BlobMeta),
+}
+
+/// A load's registration as the follower of one blob; dropping it ends the registration (a
+/// `PATCH` waiting for its verdict then checks the blob itself).
+#[derive(Debug)]
+pub struct FollowGuard {
+    store: Arc<BlobStore>,
+    blake3: Checksum,
+    id: u64,
+    state: watch::Sender<Followed>,
+}
+
+impl FollowGuard {
+    /// Records that `read` bytes of the blob were read.
+    pub fn reading(&self, read: u64) {
+        self.state.send_replace(Followed::Reading(read));
+    }
+
+    /// Records that the whole blob was read and matched its signed BLAKE3, and its content `meta`.
+    pub fn verified(&self, meta: BlobMeta) {
+        self.state.send_replace(Followed::Verified(meta));
+    }
+}
+
+impl Drop for FollowGuard {
+    fn drop(&mut self) {
+        let mut followers = self.store.followers();
+        if followers
+            .get(&self.blake3)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            followers.remove(&self.blake3);
+        }
+    }
 }
 
 /// A claim on writing one blob; released on drop.
@@ -92,7 +145,35 @@ impl BlobStore {
             partial,
             complete,
             active: Mutex::new(HashMap::new()),
+            followers: Mutex::new(HashMap::new()),
+            next_follower: AtomicU64::new(0),
         })
+    }
+
+    fn followers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Checksum, (u64, watch::Receiver<Followed>)>> {
+        self.followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a load reading `blake3` as it arrives (the latest registration wins).
+    pub fn start_following(self: &Arc<Self>, blake3: &Checksum) -> FollowGuard {
+        let id = self.next_follower.fetch_add(1, Ordering::Relaxed);
+        let (state, receiver) = watch::channel(Followed::Reading(0));
+        self.followers().insert(*blake3, (id, receiver));
+        FollowGuard {
+            store: Arc::clone(self),
+            blake3: *blake3,
+            id,
+            state,
+        }
+    }
+
+    /// The load reading `blake3` as it arrives, if one is.
+    pub fn follower(&self, blake3: &Checksum) -> Option<watch::Receiver<Followed>> {
+        self.followers().get(blake3).map(|(_, r)| r.clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Checksum, Arc<AtomicU64>>> {

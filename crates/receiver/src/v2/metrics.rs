@@ -1,9 +1,12 @@
 //! Metrics of layer transfers: layers and bytes by result (`received`: a blob completed here;
 //! `skipped`: the engine held the layer, nothing was sent; `resumed`: a `PATCH` continued a
-//! partial blob).
+//! partial blob), and who checked each completed blob's content against its diffID (`upload`: the
+//! `PATCH` decompressed it; `load`: the load reading it as it arrived had, and the `PATCH` took its
+//! verdict).
 
 use prometheus::{IntCounterVec, Opts};
 
+use super::blob_upload::CheckedBy;
 use crate::metrics::Metrics;
 
 /// Layer transfer counters.
@@ -11,6 +14,7 @@ use crate::metrics::Metrics;
 pub struct LayerMetrics {
     layers: IntCounterVec,
     bytes: IntCounterVec,
+    checks: IntCounterVec,
 }
 
 impl LayerMetrics {
@@ -30,9 +34,26 @@ impl LayerMetrics {
             ),
             &["result"],
         )?;
+        let checks = IntCounterVec::new(
+            Opts::new(
+                "deploy_receiver_blob_checks_total",
+                "Completed blobs by who decompressed them and checked their diffID: upload (the PATCH that completed the blob), load (the load reading the blob as it arrived; the PATCH took its verdict)",
+            ),
+            &["by"],
+        )?;
         metrics.register(Box::new(layers.clone()))?;
         metrics.register(Box::new(bytes.clone()))?;
-        Ok(Self { layers, bytes })
+        metrics.register(Box::new(checks.clone()))?;
+        Ok(Self {
+            layers,
+            bytes,
+            checks,
+        })
+    }
+
+    /// A completed blob's content was checked against its diffID by `by`.
+    pub fn checked(&self, by: CheckedBy) {
+        self.checks.with_label_values(&[by.as_str()]).inc();
     }
 
     /// `n` bytes of blobs written.

@@ -142,7 +142,7 @@ pub async fn patch(
         .await;
         let after = match &result {
             Ok(Outcome::Partial(n)) => *n,
-            Ok(Outcome::Complete(_)) => expected.size,
+            Ok(Outcome::Complete(..)) => expected.size,
             Err(e) => e.held().unwrap_or(0),
         };
         if offset == before && after > before {
@@ -151,8 +151,13 @@ pub async fn patch(
                 layers.metrics().resumed(before);
             }
         }
-        if matches!(result, Ok(Outcome::Complete(_))) && offset < expected.size {
-            layers.metrics().received_layer();
+        if let Ok(Outcome::Complete(_, checked)) = &result {
+            if offset < expected.size {
+                layers.metrics().received_layer();
+            }
+            if let Some(by) = checked {
+                layers.metrics().checked(*by);
+            }
         }
         (result, expected.size)
     });
@@ -161,7 +166,7 @@ pub async fn patch(
         .map_err(|e| ReceiverError::Internal(format!("blob writer task failed: {e}")))?;
     match result {
         Ok(Outcome::Partial(n)) => Ok((StatusCode::NO_CONTENT, offset_headers(n, size))),
-        Ok(Outcome::Complete(_)) => Ok((StatusCode::NO_CONTENT, offset_headers(size, size))),
+        Ok(Outcome::Complete(..)) => Ok((StatusCode::NO_CONTENT, offset_headers(size, size))),
         Err(e) => Err(upload_error(e)),
     }
 }
