@@ -64,6 +64,7 @@ impl Sender {
             correlation_id: None,
             policy: &self.policy,
             await_blobs: true,
+            blob_connections: 1,
         }
     }
 
@@ -234,6 +235,51 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
         "{}",
         third.summary
     );
+}
+
+#[tokio::test]
+async fn blobs_go_on_as_many_connections_at_once_as_configured() {
+    let images = Images::default();
+    let host = cold_host("ltx7").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let sender = Sender::new().await;
+    let target = target(&proxy.url);
+    // The first app's three layers are all missing; the second shares the busybox layer.
+    for (connections, missing) in [(3, 3), (1, 2)] {
+        // A new connection pool each time.
+        let base = images.base(2 * MIB);
+        let app = images.app(&base, 2 * MIB);
+        let image = sender.prepare(&app).await;
+        let http = reqwest::Client::new();
+        let calls = ReleaseCalls {
+            http: &http,
+            blob_connections: connections,
+            ..sender.calls(&target)
+        };
+        let before = proxy
+            .patch_connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let outcome = send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
+            .await
+            .expect("load");
+        let sent = fates(&outcome)
+            .iter()
+            .filter(|f| **f == LayerFate::Sent)
+            .count();
+        assert_eq!(sent, missing, "{:?}", fates(&outcome));
+        let used = proxy
+            .patch_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - before;
+        assert_eq!(
+            used, connections as u64,
+            "{connections} blob(s) at once: the PATCHes went on {used} connection(s)"
+        );
+        assert!(
+            host_has_image(&host, &images.id(&app)),
+            "the build host's image"
+        );
+    }
 }
 
 #[tokio::test]

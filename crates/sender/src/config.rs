@@ -116,6 +116,10 @@ pub struct ReceiverConfig {
     #[arg(long, env = "DEPLOY_AWAIT_BLOBS", default_value_t = true, action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
     pub await_blobs: bool,
+    /// Protocol v2: most blobs of one release uploaded at once, each on its own connection.
+    #[arg(long, env = "DEPLOY_BLOB_CONNECTIONS", default_value_t = crate::client::DEFAULT_BLOB_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64), value_name = "N")]
+    pub blob_connections: usize,
 }
 
 impl fmt::Debug for ReceiverConfig {
@@ -128,6 +132,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("connect_timeout_secs", &self.connect_timeout_secs)
             .field("ca_cert", &self.ca_cert)
             .field("await_blobs", &self.await_blobs)
+            .field("blob_connections", &self.blob_connections)
             .finish()
     }
 }
@@ -142,6 +147,7 @@ impl Default for ReceiverConfig {
             connect_timeout_secs: 10,
             ca_cert: None,
             await_blobs: true,
+            blob_connections: crate::client::DEFAULT_BLOB_CONNECTIONS,
         }
     }
 }
@@ -169,8 +175,14 @@ impl ReceiverConfig {
 
     /// The client for the receiver and key these settings name.
     pub fn client(&self) -> Result<ReceiverClient, SenderError> {
-        Ok(ReceiverClient::new(self.http_client()?, self.target()?)
-            .with_await_blobs(self.await_blobs))
+        Ok(self.client_for(self.http_client()?, self.target()?))
+    }
+
+    /// A client for `target` over `http` with these settings' protocol v2 options.
+    pub fn client_for(&self, http: reqwest::Client, target: ReceiverTarget) -> ReceiverClient {
+        ReceiverClient::new(http, target)
+            .with_await_blobs(self.await_blobs)
+            .with_blob_connections(self.blob_connections)
     }
 
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large

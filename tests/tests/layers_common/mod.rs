@@ -110,6 +110,8 @@ impl Drop for Daemon {
 pub struct Proxy {
     pub url: String,
     pub sent: Arc<AtomicU64>,
+    /// Connections that carried at least one blob `PATCH`.
+    pub patch_connections: Arc<AtomicU64>,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
     hook: Arc<Mutex<Option<Hook>>>,
     stop: Arc<AtomicBool>,
@@ -146,7 +148,9 @@ impl Proxy {
         let fault: Arc<Mutex<Option<(u64, Fault)>>> = Arc::default();
         let hook: Arc<Mutex<Option<Hook>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let patch_connections = Arc::new(AtomicU64::new(0));
         let (s, f, h, st) = (sent.clone(), fault.clone(), hook.clone(), stop.clone());
+        let pc = patch_connections.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if st.load(Ordering::Relaxed) {
@@ -155,12 +159,17 @@ impl Proxy {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                     continue;
                 };
-                tokio::spawn(pipe(client, server, s.clone(), f.clone(), h.clone()));
+                let counters = Counters {
+                    sent: s.clone(),
+                    patch_connections: pc.clone(),
+                };
+                tokio::spawn(pipe(client, server, counters, f.clone(), h.clone()));
             }
         });
         Self {
             url,
             sent,
+            patch_connections,
             fault,
             hook,
             stop,
@@ -191,10 +200,16 @@ impl Drop for Proxy {
     }
 }
 
+/// What a proxied connection counts.
+struct Counters {
+    sent: Arc<AtomicU64>,
+    patch_connections: Arc<AtomicU64>,
+}
+
 async fn pipe(
     client: tokio::net::TcpStream,
     server: tokio::net::TcpStream,
-    sent: Arc<AtomicU64>,
+    counters: Counters,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
     hook: Arc<Mutex<Option<Hook>>>,
 ) {
@@ -204,12 +219,22 @@ async fn pipe(
         let _ = tokio::io::copy(&mut sr, &mut cw).await;
         let _ = cw.shutdown().await;
     });
+    let Counters {
+        sent,
+        patch_connections,
+    } = counters;
+    let mut carried_patch = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match cr.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        const PATCH: &[u8] = b"PATCH /deployment/v2/blobs/";
+        if !carried_patch && buf[..n].windows(PATCH.len()).any(|w| w == PATCH) {
+            carried_patch = true;
+            patch_connections.fetch_add(1, Ordering::Relaxed);
+        }
         let due = {
             let mut guard = hook.lock().expect("lock");
             let hit = matches!(&*guard, Some((needle, _))

@@ -119,9 +119,7 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
     let http = args.receiver.http_client()?;
     let receivers: Vec<ReceiverClient> = targets
         .into_iter()
-        .map(|target| {
-            ReceiverClient::new(http.clone(), target).with_await_blobs(args.receiver.await_blobs)
-        })
+        .map(|target| args.receiver.client_for(http.clone(), target))
         .collect();
     let docker = crate::pipeline::connect_docker().await?;
     let bars = Arc::new(TerminalProgress::default());

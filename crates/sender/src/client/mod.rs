@@ -28,12 +28,16 @@ pub use retry::RetryPolicy;
 pub use target::{Endpoint, ReceiverTarget};
 pub use upload::{throughput_mbps, Upload, UploadOutcome};
 
+/// Blobs of one release uploaded at once unless configured (DEPLOY_BLOB_CONNECTIONS).
+pub const DEFAULT_BLOB_CONNECTIONS: usize = 1;
+
 /// A deploy-receiver and the HTTP client to reach it. Cheap to clone (the HTTP client is shared).
 #[derive(Clone, Debug)]
 pub struct ReceiverClient {
     http: reqwest::Client,
     target: ReceiverTarget,
     await_blobs: bool,
+    blob_connections: usize,
 }
 
 impl ReceiverClient {
@@ -44,6 +48,7 @@ impl ReceiverClient {
             http,
             target,
             await_blobs: true,
+            blob_connections: DEFAULT_BLOB_CONNECTIONS,
         }
     }
 
@@ -52,6 +57,13 @@ impl ReceiverClient {
     /// every blob is sent (DEPLOY_AWAIT_BLOBS=false).
     pub fn with_await_blobs(mut self, await_blobs: bool) -> Self {
         self.await_blobs = await_blobs;
+        self
+    }
+
+    /// Most blobs of one release uploaded at once, each on its own connection (at least 1;
+    /// DEPLOY_BLOB_CONNECTIONS). Blobs start bottom layer first either way.
+    pub fn with_blob_connections(mut self, connections: usize) -> Self {
+        self.blob_connections = connections.max(1);
         self
     }
 

@@ -97,6 +97,8 @@ pub struct ReleaseCalls<'a> {
     pub policy: &'a RetryPolicy,
     /// Ask for the load beside the blob uploads (see [`super::ReceiverClient::with_await_blobs`]).
     pub await_blobs: bool,
+    /// Most blobs uploaded at once (see [`super::ReceiverClient::with_blob_connections`]).
+    pub blob_connections: usize,
 }
 
 impl ReleaseCalls<'_> {
@@ -266,6 +268,7 @@ impl super::ReceiverClient {
             correlation_id,
             policy,
             await_blobs: self.await_blobs,
+            blob_connections: self.blob_connections,
         }
     }
 }

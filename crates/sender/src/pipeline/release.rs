@@ -13,7 +13,8 @@ use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
 use deploy_protocol::release::{
     BlobRef, ImageStore, LayerEntry, LayerState, ReleaseManifest, ReleaseStatus, Sha256Digest,
 };
-use deploy_protocol::DeploymentSpec;
+use deploy_protocol::{Checksum, DeploymentSpec};
+use futures::StreamExt as _;
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -260,28 +261,37 @@ pub async fn send_manifest(
         progress.message(Stage::Upload, &layer_line(report));
     }
     let sent_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let shown = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let uploads = async {
-        for layer in status.blobs_to_send() {
-            let prepared = by_blake3.get(&layer.blake3).ok_or_else(|| {
-                SenderError::Internal(format!(
-                    "the receiver asked for unknown blob {}",
-                    layer.blake3
-                ))
-            })?;
-            let outcome = send_one(
-                &calls,
-                prepared,
-                layer.offset,
-                &progress,
-                &sent_before,
-                to_send,
-            )
-            .await?;
+        // Bottom layer first; up to `blob_connections` blobs at once, each on its own connection.
+        let upload = Upload {
+            progress: &progress,
+            sent_before: &sent_before,
+            shown: &shown,
+            to_send,
+        };
+        let mut queue = status.blobs_to_send().into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < calls.blob_connections.max(1) {
+                let Some(layer) = queue.next() else { break };
+                let prepared = by_blake3.get(&layer.blake3).copied().ok_or_else(|| {
+                    SenderError::Internal(format!(
+                        "the receiver asked for unknown blob {}",
+                        layer.blake3
+                    ))
+                })?;
+                running.push(send_one(&calls, prepared, layer.offset, &upload));
+            }
+            let Some(sent) = running.next().await else {
+                break;
+            };
+            let (blake3, outcome) = sent?;
             if let Some(report) = reports
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .iter_mut()
-                .find(|r| r.blake3 == layer.blake3.to_hex())
+                .find(|r| r.blake3 == blake3.to_hex())
             {
                 record(report, &outcome);
                 progress.message(Stage::Upload, &layer_line(report));
@@ -389,9 +399,13 @@ pub async fn send_manifest(
                                 ))
                             })?;
                     let offset = calls.blob_offset(&blob_ref(prepared)).await?;
-                    let outcome =
-                        send_one(&calls, prepared, offset, &progress, &sent_before, to_send)
-                            .await?;
+                    let upload = Upload {
+                        progress: &progress,
+                        sent_before: &sent_before,
+                        shown: &shown,
+                        to_send,
+                    };
+                    let (_, outcome) = send_one(&calls, prepared, offset, &upload).await?;
                     if let Some(report) = reports.iter_mut().find(|r| r.diff_id == text) {
                         record(report, &outcome);
                         progress.message(Stage::Upload, &layer_line(report));
@@ -429,30 +443,45 @@ pub async fn send_manifest(
     })
 }
 
+/// What the uploads of one release share, for their progress.
+struct Upload<'a> {
+    progress: &'a Arc<dyn Progress>,
+    /// Blob bytes of the uploads done (each blob's size less the offset it started from).
+    sent_before: &'a Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes shown as sent so far, across the uploads running at once.
+    shown: &'a Arc<std::sync::atomic::AtomicU64>,
+    to_send: u64,
+}
+
 async fn send_one(
     calls: &ReleaseCalls<'_>,
     layer: &PreparedLayer,
     offset: u64,
-    progress: &Arc<dyn Progress>,
-    sent_before: &Arc<std::sync::atomic::AtomicU64>,
-    to_send: u64,
-) -> Result<BlobOutcome, SenderError> {
-    use std::sync::atomic::Ordering;
-    let base = sent_before.load(Ordering::Relaxed);
-    let reporter = Arc::clone(progress);
-    let start = offset;
+    upload: &Upload<'_>,
+) -> Result<(Checksum, BlobOutcome), SenderError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let reporter = Arc::clone(upload.progress);
+    let shown = Arc::clone(upload.shown);
+    let to_send = upload.to_send;
+    // Each blob adds what it moved forward since its last report.
+    let last = Arc::new(AtomicU64::new(offset));
+    let reached_before = Arc::clone(&last);
     let on_progress = move |reached: u64| {
-        let done = base + reached.saturating_sub(start);
+        let before = reached_before.swap(reached, Ordering::Relaxed);
+        let done = shown.fetch_add(reached.saturating_sub(before), Ordering::Relaxed)
+            + reached.saturating_sub(before);
         reporter.advance(Stage::Upload, done, Some(to_send.max(done)));
     };
     let outcome = calls
         .send_blob(&blob_ref(layer), &layer.blob.path, offset, &on_progress)
         .await?;
-    sent_before.fetch_add(
+    let rest = layer.blob.size.saturating_sub(last.load(Ordering::Relaxed));
+    upload.shown.fetch_add(rest, Ordering::Relaxed);
+    upload.sent_before.fetch_add(
         layer.blob.size - offset.min(layer.blob.size),
         Ordering::Relaxed,
     );
-    Ok(outcome)
+    Ok((layer.blob.blake3, outcome))
 }
 
 fn initial_reports(status: &ReleaseStatus) -> Vec<LayerReport> {

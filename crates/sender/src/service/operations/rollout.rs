@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::serde_defaults::yes;
-use crate::client::{ReceiverClient, ReceiverTarget};
+use crate::client::ReceiverTarget;
 use crate::pipeline::rollout::{
     roll_out, BatchSize, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
     RolloutReport, RolloutStatus,
@@ -141,10 +141,8 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         .receivers
         .iter()
         .map(|url| {
-            ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()).map(|target| {
-                ReceiverClient::new(state.http().clone(), target)
-                    .with_await_blobs(receiver.await_blobs)
-            })
+            ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
+                .map(|target| receiver.client_for(state.http().clone(), target))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut check = input.deployment.clone();

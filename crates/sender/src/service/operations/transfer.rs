@@ -137,10 +137,8 @@ impl TransferInput {
         let receivers = urls
             .iter()
             .map(|url| {
-                ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes()).map(|target| {
-                    ReceiverClient::new(state.http().clone(), target)
-                        .with_await_blobs(receiver.await_blobs)
-                })
+                ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
+                    .map(|target| receiver.client_for(state.http().clone(), target))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(spec) = &self.deployment {
