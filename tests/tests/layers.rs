@@ -238,27 +238,48 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
 }
 
 #[tokio::test]
-async fn blobs_go_on_as_many_connections_at_once_as_configured() {
+async fn blobs_go_on_as_many_connections_at_once_as_configured_and_wait_out_a_busy_receiver() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let images = Images::default();
     let host = cold_host("ltx7").await;
-    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    // One upload slot: a second PATCH at once is answered 429 BUSY, and waits for the slot.
+    let (_daemon, proxy) =
+        Proxy::with_receiver_env(&host.docker_host(), &[("MAX_CONCURRENT_UPLOADS", "1")]).await;
     let sender = Sender::new().await;
     let target = target(&proxy.url);
     // The first app's three layers are all missing; the second shares the busybox layer.
     for (connections, missing) in [(3, 3), (1, 2)] {
-        // A new connection pool each time.
         let base = images.base(2 * MIB);
         let app = images.app(&base, 2 * MIB);
         let image = sender.prepare(&app).await;
+        let before = proxy.patch_connections.load(Ordering::Relaxed);
+        let busy_before = proxy.busy_answers.load(Ordering::Relaxed);
+        // With several connections, the first PATCH is held at the proxy until the others have
+        // started: they can only start if the sender does not wait for the first one's answer.
+        let all_started = Arc::new(AtomicBool::new(false));
+        if connections > 1 {
+            let (started, seen) = (
+                Arc::clone(&all_started),
+                Arc::clone(&proxy.patch_connections),
+            );
+            proxy.before("PATCH /deployment/v2/blobs/", move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while std::time::Instant::now() < deadline {
+                    if seen.load(Ordering::Relaxed) - before >= connections as u64 {
+                        started.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+        // A new connection pool each time.
         let http = reqwest::Client::new();
         let calls = ReleaseCalls {
             http: &http,
             blob_connections: connections,
             ..sender.calls(&target)
         };
-        let before = proxy
-            .patch_connections
-            .load(std::sync::atomic::Ordering::Relaxed);
         let outcome = send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
             .await
             .expect("load");
@@ -267,14 +288,30 @@ async fn blobs_go_on_as_many_connections_at_once_as_configured() {
             .filter(|f| **f == LayerFate::Sent)
             .count();
         assert_eq!(sent, missing, "{:?}", fates(&outcome));
-        let used = proxy
-            .patch_connections
-            .load(std::sync::atomic::Ordering::Relaxed)
-            - before;
-        assert_eq!(
-            used, connections as u64,
-            "{connections} blob(s) at once: the PATCHes went on {used} connection(s)"
-        );
+        let used = proxy.patch_connections.load(Ordering::Relaxed) - before;
+        let busy = proxy.busy_answers.load(Ordering::Relaxed) - busy_before;
+        if connections > 1 {
+            // A PATCH answered 429 before its body was read closes its connection: the retry
+            // may come on another one.
+            assert!(
+                used >= connections as u64,
+                "{connections} blobs at once: the PATCHes went on {used} connection(s)"
+            );
+            assert!(
+                all_started.load(Ordering::Relaxed),
+                "all {connections} PATCHes started while the first was held"
+            );
+            assert!(
+                busy > 0,
+                "the receiver's one slot answered 429 BUSY to the others"
+            );
+        } else {
+            assert_eq!(
+                used, 1,
+                "one blob at a time: the PATCHes went on {used} connections"
+            );
+            assert_eq!(busy, 0, "one blob at a time never finds the slot taken");
+        }
         assert!(
             host_has_image(&host, &images.id(&app)),
             "the build host's image"

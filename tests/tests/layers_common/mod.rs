@@ -112,6 +112,8 @@ pub struct Proxy {
     pub sent: Arc<AtomicU64>,
     /// Connections that carried at least one blob `PATCH`.
     pub patch_connections: Arc<AtomicU64>,
+    /// `429 Too Many Requests` answers the receiver sent.
+    pub busy_answers: Arc<AtomicU64>,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
     hook: Arc<Mutex<Option<Hook>>>,
     stop: Arc<AtomicBool>,
@@ -133,11 +135,18 @@ impl Proxy {
     /// authority (the sender addresses the proxy), so the receiver is told to answer to it, as
     /// behind any proxy (RECEIVER_AUTHORITIES).
     pub async fn with_receiver(docker_host: &str) -> (Daemon, Self) {
+        Self::with_receiver_env(docker_host, &[]).await
+    }
+
+    /// As [`Proxy::with_receiver`], with more receiver environment.
+    pub async fn with_receiver_env(docker_host: &str, env: &[(&str, &str)]) -> (Daemon, Self) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
         let authority = listener.local_addr().expect("addr").to_string();
-        let daemon = Daemon::start_with(docker_host, &[("RECEIVER_AUTHORITIES", &authority)]);
+        let mut env = env.to_vec();
+        env.push(("RECEIVER_AUTHORITIES", &authority));
+        let daemon = Daemon::start_with(docker_host, &env);
         let proxy = Self::serve(listener, daemon.addr);
         (daemon, proxy)
     }
@@ -149,8 +158,9 @@ impl Proxy {
         let hook: Arc<Mutex<Option<Hook>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let patch_connections = Arc::new(AtomicU64::new(0));
+        let busy_answers = Arc::new(AtomicU64::new(0));
         let (s, f, h, st) = (sent.clone(), fault.clone(), hook.clone(), stop.clone());
-        let pc = patch_connections.clone();
+        let (pc, ba) = (patch_connections.clone(), busy_answers.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if st.load(Ordering::Relaxed) {
@@ -162,6 +172,7 @@ impl Proxy {
                 let counters = Counters {
                     sent: s.clone(),
                     patch_connections: pc.clone(),
+                    busy_answers: ba.clone(),
                 };
                 tokio::spawn(pipe(client, server, counters, f.clone(), h.clone()));
             }
@@ -170,6 +181,7 @@ impl Proxy {
             url,
             sent,
             patch_connections,
+            busy_answers,
             fault,
             hook,
             stop,
@@ -204,6 +216,7 @@ impl Drop for Proxy {
 struct Counters {
     sent: Arc<AtomicU64>,
     patch_connections: Arc<AtomicU64>,
+    busy_answers: Arc<AtomicU64>,
 }
 
 async fn pipe(
@@ -215,14 +228,27 @@ async fn pipe(
 ) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
-    let down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut sr, &mut cw).await;
-        let _ = cw.shutdown().await;
-    });
     let Counters {
         sent,
         patch_connections,
+        busy_answers,
     } = counters;
+    let down = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = sr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            // Answers are small: a status line is within one read.
+            const BUSY: &[u8] = b"HTTP/1.1 429 ";
+            let busy = buf[..n].windows(BUSY.len()).filter(|w| *w == BUSY).count();
+            busy_answers.fetch_add(busy as u64, Ordering::Relaxed);
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = cw.shutdown().await;
+    });
     let mut carried_patch = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

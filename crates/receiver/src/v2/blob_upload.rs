@@ -359,23 +359,31 @@ async fn verify(
     ))
 }
 
-/// The verdict of the load reading this blob as it arrives, when one is: its [`BlobMeta`] once it
-/// read every byte, matching the signed BLAKE3, and the content hashed to one of the signed
-/// diffIDs. `None` (the caller checks the blob itself) when no load follows it, or the load stops
-/// following it, or reads nothing new for `idle`, or its content is not a signed layer.
+/// The verdict of a load that read (or is reading) this blob as it arrived: its [`BlobMeta`] once
+/// it read every byte, matching the signed BLAKE3, and the content hashed to one of the signed
+/// diffIDs. `None` (the caller checks the blob itself) when no load read it, or the load stops
+/// following it, or reads nothing new for `idle`, or its content is not a signed layer. (The
+/// caller checked the file's BLAKE3 first: the verdict is on the same bytes.)
 async fn follower_verdict(
     store: &BlobStore,
     expected: &Expected,
     idle: Duration,
 ) -> Option<BlobMeta> {
+    let signed = |meta: BlobMeta| {
+        (expected.diff_ids.contains(&meta.diff_id)
+            && meta.uncompressed_size <= expected.max_uncompressed)
+            .then_some(meta)
+    };
+    if let Some(meta) = store.take_verdict(&expected.blake3) {
+        return signed(meta);
+    }
     let mut followed = store.follower(&expected.blake3)?;
     loop {
         let now = *followed.borrow_and_update();
         match now {
             Followed::Verified(meta) => {
-                return (expected.diff_ids.contains(&meta.diff_id)
-                    && meta.uncompressed_size <= expected.max_uncompressed)
-                    .then_some(meta);
+                store.take_verdict(&expected.blake3);
+                return signed(meta);
             }
             Followed::Reading(_) => {
                 // A closed channel (the load ended) or no progress for `idle`: check it here.

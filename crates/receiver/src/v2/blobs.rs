@@ -51,7 +51,14 @@ pub struct BlobStore {
     /// Blobs a load is reading as they arrive, by follower.
     followers: Mutex<HashMap<Checksum, (u64, watch::Receiver<Followed>)>>,
     next_follower: AtomicU64,
+    /// Verdicts of loads that read a whole blob before its `PATCH` asked (a load keeping up with
+    /// the upload often ends its layer while the `PATCH` still syncs and hashes the file).
+    verified: Mutex<HashMap<Checksum, BlobMeta>>,
 }
+
+/// Most verdicts kept for `PATCH`es that have not asked yet; past it the store forgets them all
+/// (a `PATCH` then checks its blob itself).
+const MAX_VERDICTS: usize = 1024;
 
 /// What a load reading an arriving blob knows of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +86,15 @@ impl FollowGuard {
         self.state.send_replace(Followed::Reading(read));
     }
 
-    /// Records that the whole blob was read and matched its signed BLAKE3, and its content `meta`.
+    /// Records that the whole blob was read and matched its signed BLAKE3, and its content `meta`
+    /// (kept for the blob's `PATCH` after this registration ends).
     pub fn verified(&self, meta: BlobMeta) {
+        let mut verified = self.store.verified();
+        if verified.len() >= MAX_VERDICTS {
+            verified.clear();
+        }
+        verified.insert(self.blake3, meta);
+        drop(verified);
         self.state.send_replace(Followed::Verified(meta));
     }
 }
@@ -147,7 +161,17 @@ impl BlobStore {
             active: Mutex::new(HashMap::new()),
             followers: Mutex::new(HashMap::new()),
             next_follower: AtomicU64::new(0),
+            verified: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn verified(&self) -> std::sync::MutexGuard<'_, HashMap<Checksum, BlobMeta>> {
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The verdict a load gave on `blake3` after reading all of it, taken (once).
+    pub fn take_verdict(&self, blake3: &Checksum) -> Option<BlobMeta> {
+        self.verified().remove(blake3)
     }
 
     fn followers(
@@ -243,6 +267,7 @@ impl BlobStore {
     /// Moves a verified partial into the complete store with its meta (both fsynced).
     pub fn commit(&self, blake3: &Checksum, meta: &BlobMeta) -> std::io::Result<()> {
         use std::io::Write;
+        self.verified().remove(blake3);
         let temp = self.complete.join(format!("{}.json.tmp", blake3.to_hex()));
         let mut file = std::fs::File::create(&temp)?;
         file.write_all(&serde_json::to_vec(meta).map_err(std::io::Error::other)?)?;
@@ -255,6 +280,7 @@ impl BlobStore {
 
     /// Discards a partial (it failed verification).
     pub fn discard_partial(&self, blake3: &Checksum) {
+        self.verified().remove(blake3);
         let _ = std::fs::remove_file(self.partial_path(blake3));
     }
 

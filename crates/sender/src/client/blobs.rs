@@ -23,6 +23,9 @@ use crate::SenderError;
 
 /// Most `409` answers in a row before giving up (each is followed by a `HEAD`).
 const MAX_CONFLICTS: usize = 8;
+/// `429 BUSY` answers to one blob's `PATCH`es before the transfer fails (each waited out for the
+/// receiver's `Retry-After`, 2 s from deploy-receiver: about two minutes in all).
+const MAX_BUSY: usize = 60;
 
 /// How one blob went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,6 +45,9 @@ enum Attempt {
     Held(u64),
     /// 409: another offset, or another writer.
     Conflict,
+    /// 429: every upload slot of the receiver is taken (MAX_CONCURRENT_UPLOADS); try again after
+    /// its `Retry-After`.
+    Busy(Option<Duration>),
     /// Worth trying again after the backoff.
     Transient(SenderError),
     /// Not worth trying again.
@@ -83,6 +89,8 @@ impl ReleaseCalls<'_> {
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Transient(e) => e,
                 Attempt::Conflict => SenderError::TransferFailed("HEAD answered 409".into()),
+                // `head` reports a 429 as transient; a HEAD takes no upload slot.
+                Attempt::Busy(_) => SenderError::TransferFailed("HEAD answered 429".into()),
             };
             let Some(delay) = delays.next() else {
                 return Err(error);
@@ -148,6 +156,7 @@ impl ReleaseCalls<'_> {
         };
         let mut delays = backoff(self.policy);
         let mut conflicts = 0;
+        let mut busy = 0;
         while offset < blob.size {
             let sent = Arc::new(AtomicU64::new(0));
             let attempt = self
@@ -176,6 +185,23 @@ impl ReleaseCalls<'_> {
                         // Another writer (our own cut connection) may still be finishing.
                         tokio::time::sleep(self.policy.min_delay).await;
                     }
+                }
+                Attempt::Busy(after) => {
+                    // Nothing was written: wait for a slot (other uploads, ours included, are
+                    // using them) without spending the backoff meant for failures.
+                    busy += 1;
+                    if busy > MAX_BUSY {
+                        return Err(SenderError::TransferFailed(format!(
+                            "the receiver stayed busy (429 BUSY: every MAX_CONCURRENT_UPLOADS \
+                             slot taken) for {MAX_BUSY} attempts at blob {}",
+                            blob.blake3
+                        )));
+                    }
+                    let wait = after.unwrap_or(self.policy.min_delay).clamp(
+                        self.policy.min_delay,
+                        self.policy.max_retry_after.max(self.policy.min_delay),
+                    );
+                    tokio::time::sleep(wait).await;
                 }
                 Attempt::Transient(e) => {
                     outcome.interruptions += 1;
@@ -277,6 +303,15 @@ impl ReleaseCalls<'_> {
         }
         if status == StatusCode::CONFLICT {
             return Attempt::Conflict;
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok())
+                .map(Duration::from_secs);
+            return Attempt::Busy(after);
         }
         let body = response.bytes().await.unwrap_or_default();
         let error = remote_error(&url, status.as_u16(), &body);

@@ -463,11 +463,12 @@ async fn send_one(
     let reporter = Arc::clone(upload.progress);
     let shown = Arc::clone(upload.shown);
     let to_send = upload.to_send;
-    // Each blob adds what it moved forward since its last report.
+    // Each blob adds what it moved past the furthest point it reported (bytes sent again after
+    // an interruption are not counted twice).
     let last = Arc::new(AtomicU64::new(offset));
     let reached_before = Arc::clone(&last);
     let on_progress = move |reached: u64| {
-        let before = reached_before.swap(reached, Ordering::Relaxed);
+        let before = reached_before.fetch_max(reached, Ordering::Relaxed);
         let done = shown.fetch_add(reached.saturating_sub(before), Ordering::Relaxed)
             + reached.saturating_sub(before);
         reporter.advance(Stage::Upload, done, Some(to_send.max(done)));
