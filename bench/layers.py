@@ -11,7 +11,10 @@ figures side by side. Needs root (network namespaces), Docker, GNU time, /bin/bu
 Rows: (1) redeploy after a top-layer-only change: wire bytes vs that layer's compressed size;
 (2) the same image again; (3) a second host sharing the base: sender CPU vs the first host's;
 (4) a connection cut at 60 % of a 96 MiB incompressible layer: total sent vs the layer;
-(5) cold deploy to "loaded" vs `docker save | DOCKER_HOST=cold docker load`; (6) peak RSS of
+(5) cold deploy to "loaded" vs `docker save | DOCKER_HOST=cold docker load`, and the same
+deploy in a comparison setting side by side (by default every blob sent before the load,
+`DEPLOY_AWAIT_BLOBS=0`; `--compare-env KEY=VALUE` and `--compare-receiver PATH` choose another,
+e.g. `--compare-env DEPLOY_BLOB_CONNECTIONS=3`, or an older receiver binary); (6) peak RSS of
 both services moving an image of --rss-mib. See docs/PERFORMANCE.md.
 """
 
@@ -146,7 +149,7 @@ class Host:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def receiver(host, work, name):
+def receiver(host, work, name, binary=None):
     port = bench.free_port()
     pkg = work / f"{name}-receiver"
     shutil.rmtree(pkg, ignore_errors=True)
@@ -156,7 +159,7 @@ def receiver(host, work, name):
     env = dict(os.environ, RECEIVER_BIND=f"127.0.0.1:{port}", PACKAGE_DIR=str(pkg),
                DEPLOY_HMAC_SECRET=SECRET, ALLOWED_NETWORKS="127.0.0.0/8", RUST_LOG="warn",
                DOCKER_HOST=host.docker_host, RECEIVER_AUTHORITIES=f"127.0.0.1:{proxy.port}")
-    service = bench.Service([str(BIN / "deploy-receiver")], env,
+    service = bench.Service([str(binary or BIN / "deploy-receiver")], env,
                             work / f"{name}-receiver.log")
     bench.wait_http(f"http://127.0.0.1:{port}/health")
     return service, proxy
@@ -214,6 +217,17 @@ def time_to_healthy(host, container, wait=30.0):
         time.sleep(0.1)
 
 
+def blob_checks(proxy):
+    """The receiver's completed blobs by who checked their diffID (`upload` or `load`)."""
+    import urllib.request
+    with urllib.request.urlopen(f"{proxy.url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    prefix = "deploy_receiver_blob_checks_total{by=\""
+    found = {l[len(prefix):].split('"')[0]: int(float(l.rsplit(" ", 1)[1]))
+             for l in text.splitlines() if l.startswith(prefix)}
+    return f"blob checks by load {found.get('load', 0)}, by upload {found.get('upload', 0)}"
+
+
 def stage(record, name):
     return next((s["duration_ms"] for s in record.get("stages", []) if s["stage"] == name), 0)
 
@@ -229,7 +243,17 @@ def main():
     ap.add_argument("--work", default=str(REPO / "target/bench-layers"))
     ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
                     help="where deploy-sender and deploy-receiver are (default target/release)")
+    ap.add_argument("--compare-env", action="append", metavar="KEY=VALUE",
+                    help="the cold comparison deploy's sender environment (repeatable; default"
+                         " DEPLOY_AWAIT_BLOBS=0 unless --compare-receiver is given)")
+    ap.add_argument("--compare-receiver", metavar="PATH",
+                    help="the receiver binary of the cold comparison deploy's host (default: --bin-dir's)")
     args = ap.parse_args()
+    if args.compare_env is None:
+        args.compare_env = [] if args.compare_receiver else ["DEPLOY_AWAIT_BLOBS=0"]
+    compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
+    compare_label = ", ".join([f"`{kv}`" for kv in args.compare_env]
+                              + ([f"receiver `{args.compare_receiver}`"] if args.compare_receiver else []))
     global BIN
     BIN = Path(args.bin_dir)
     work = Path(args.work)
@@ -289,8 +313,8 @@ def main():
 
         # Cold deploys: each run a fresh host for us (and a fresh sender cache) and another for
         # Docker's own pipe, one after the other, so both see the same machine at the same time.
-        # Each run also deploys with DEPLOY_AWAIT_BLOBS=0 (every blob sent before the load is
-        # asked for) to a third fresh host: the overlap's own effect, side by side.
+        # Each run also deploys in the comparison setting (by default DEPLOY_AWAIT_BLOBS=0: every
+        # blob sent before the load is asked for) to a third fresh host, side by side.
         ratios, lines, serial_ratios, serial_lines = [], [], [], []
         whole_ratios, whole_lines = [], []
         for run in range(args.cold_runs):
@@ -298,14 +322,14 @@ def main():
             h4 = Host(60 + run, work); hosts.append(h4)
             h6 = Host(90 + run, work); hosts.append(h6)
             s3, p3 = receiver(h3, work, f"h3r{run}"); services.append(s3)
-            s6, p6 = receiver(h6, work, f"h6r{run}"); services.append(s6)
+            s6, p6 = receiver(h6, work, f"h6r{run}", args.compare_receiver); services.append(s6)
             m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / f"cold-sender-{run}", health="docker")
             rec = o6["deployment"]
             ours = m6.wall - (stage(rec, "start") + stage(rec, "health_check") + stage(rec, "health")) / 1000
             healthy = time_to_healthy(h3, "ltxb-cold")
             floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
             m7, o7, _ = deploy(cold, p6, "ltxb-cold", work / f"cold-serial-sender-{run}",
-                               extra_env={"DEPLOY_AWAIT_BLOBS": "0"}, health="docker")
+                               extra_env=compare_env, health="docker")
             rec7 = o7["deployment"]
             serial = m7.wall - (stage(rec7, "start") + stage(rec7, "health_check") + stage(rec7, "health")) / 1000
             ratios.append(ours / floor.wall)
@@ -320,9 +344,10 @@ def main():
                   f" (prepare {o6['prepare']['duration_ms']} ms,"
                   f" transfer+load {o6['transfer_duration_ms']} ms, receiver stages "
                   f"{[(s['stage'], s['duration_ms']) for s in rec.get('stages', [])]});"
-                  f" serial {serial_lines[-1]} (prepare {o7['prepare']['duration_ms']} ms,"
+                  f" compared ({compare_label}) {serial_lines[-1]} (prepare {o7['prepare']['duration_ms']} ms,"
                   f" transfer+load {o7['transfer_duration_ms']} ms, receiver stages "
                   f"{[(s['stage'], s['duration_ms']) for s in rec7.get('stages', [])]})", file=sys.stderr)
+            print(f"cold run {run + 1}: ours {blob_checks(p3)}; compared {blob_checks(p6)}", file=sys.stderr)
             for s_ in (s3, s6):
                 s_.stop(); services.remove(s_)
             for h in (h3, h4, h6):
@@ -336,7 +361,7 @@ def main():
                      f" start-to-healthy, from its engine) (median of {len(whole_ratios)})",
                      f"**{whole_median:.2f}** ({'; '.join(whole_lines)})", "<= 1.0"))
         serial_median = sorted(serial_ratios)[len(serial_ratios) // 2]
-        rows.append((f"the same, every blob sent before the load is asked for (`DEPLOY_AWAIT_BLOBS=0`; median of {len(serial_ratios)})",
+        rows.append((f"the same, compared: {compare_label} (median of {len(serial_ratios)})",
                      f"{serial_median:.2f} ({'; '.join(serial_lines)})", "(comparison)"))
 
         s1.stop(); services.remove(s1)
