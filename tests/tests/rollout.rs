@@ -375,7 +375,8 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
 
     // The same unhealthy release as layers with preload: the hosts after the canary receive and
     // load it while the canary is checked, but when the canary fails none of them moves: each
-    // holds the image and still runs the very container it ran before.
+    // holds the image (by id: its tag is the deployment's to set) and still runs the very
+    // container it ran before.
     let unhealthy_layers = layers(&docker, &cache, &unhealthy).await;
     let release = Release {
         payload: unhealthy_layers,
@@ -414,6 +415,12 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         [true, true, true],
         "preloaded: {}",
         report.table()
+    );
+    let tag = unhealthy.image_tags.first().expect("the release's tag");
+    assert_eq!(
+        fleet.holds(tag).await[1..],
+        [false, false, false],
+        "a preload does not set the tag {tag}: only a deployment does"
     );
     for h in &report.hosts[1..] {
         assert!(h.preload_ms.is_some(), "{}", report.table());

@@ -16,8 +16,8 @@ use super::report::{HostError, RolloutReport};
 use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
 use crate::client::{ReceiverClient, RetryPolicy};
 use crate::pipeline::{
-    deploy_package, send_release, NoProgress, PackageInfo, PreparedImage, Progress, ProgressEvent,
-    ReleaseAction, Stage,
+    deploy_package, release_manifest, send_manifest, send_release, NoProgress, PackageInfo,
+    PreparedImage, Progress, ProgressEvent, ReleaseAction, Stage,
 };
 use crate::SenderError;
 
@@ -152,8 +152,10 @@ async fn deploy_layers(
     }
 }
 
-/// Sends `image` to `receiver` and loads it there (no container is touched); answers the blob
-/// bytes sent. The deployment after it finds every layer present and sends none of them again.
+/// Sends `image` to `receiver` and loads it there by id, without its tags (no container and no
+/// tag is touched: a host the rollout then does not reach keeps only an untagged image, which
+/// `docker image prune` removes); answers the blob bytes sent. The deployment after it finds
+/// every layer present, sends none of them again, and its load sets the tags.
 async fn preload_layers(
     receiver: &ReceiverClient,
     image: &PreparedImage,
@@ -162,16 +164,19 @@ async fn preload_layers(
     let policy = RetryPolicy::default();
     let calls = receiver.release_calls(release.correlation_id.as_deref(), &policy);
     let sent = Arc::new(UploadCounter::default());
-    match send_release(calls, image, &ReleaseAction::Load, sent.clone()).await {
+    let failed = |e: SenderError, bytes: u64| NotMoved {
+        bytes,
+        error: HostError {
+            code: e.code(),
+            message: e.to_string(),
+        },
+        version_before: None,
+    };
+    let mut manifest = release_manifest(image, &ReleaseAction::Load).map_err(|e| failed(e, 0))?;
+    manifest.image_tags.clear();
+    match send_manifest(calls, image, manifest, &ReleaseAction::Load, sent.clone()).await {
         Ok(outcome) => Ok(outcome.totals.bytes_sent),
-        Err(e) => Err(NotMoved {
-            bytes: sent.bytes(),
-            error: HostError {
-                code: e.code(),
-                message: e.to_string(),
-            },
-            version_before: None,
-        }),
+        Err(e) => Err(failed(e, sent.bytes())),
     }
 }
 
