@@ -23,9 +23,10 @@ use crate::SenderError;
 
 /// Most `409` answers in a row before giving up (each is followed by a `HEAD`).
 const MAX_CONFLICTS: usize = 8;
-/// `429 BUSY` answers to one blob's `PATCH`es before the transfer fails (each waited out for the
-/// receiver's `Retry-After`, 2 s from deploy-receiver: about two minutes in all).
-const MAX_BUSY: usize = 60;
+/// Longest a blob waits, answered `429 BUSY` (each answer waited out for the receiver's
+/// `Retry-After`, 2 s from deploy-receiver), before the transfer fails; the wait starts again
+/// whenever the blob gets a slot and moves forward.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
 
 /// How one blob went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,7 +157,7 @@ impl ReleaseCalls<'_> {
         };
         let mut delays = backoff(self.policy);
         let mut conflicts = 0;
-        let mut busy = 0;
+        let mut busy = Duration::ZERO;
         while offset < blob.size {
             let sent = Arc::new(AtomicU64::new(0));
             let attempt = self
@@ -168,6 +169,7 @@ impl ReleaseCalls<'_> {
                 Attempt::Held(now) if now > offset => {
                     offset = now;
                     conflicts = 0;
+                    busy = Duration::ZERO;
                     delays = backoff(self.policy);
                     continue;
                 }
@@ -189,18 +191,31 @@ impl ReleaseCalls<'_> {
                 Attempt::Busy(after) => {
                     // Nothing was written: wait for a slot (other uploads, ours included, are
                     // using them) without spending the backoff meant for failures.
-                    busy += 1;
-                    if busy > MAX_BUSY {
+                    let wait = after.unwrap_or(self.policy.min_delay);
+                    if wait > self.policy.max_retry_after {
                         return Err(SenderError::TransferFailed(format!(
-                            "the receiver stayed busy (429 BUSY: every MAX_CONCURRENT_UPLOADS \
-                             slot taken) for {MAX_BUSY} attempts at blob {}",
+                            "the receiver is busy (429 BUSY) and asks to retry blob {} in {} s, \
+                             more than the {} s this sender waits",
+                            blob.blake3,
+                            wait.as_secs(),
+                            self.policy.max_retry_after.as_secs()
+                        )));
+                    }
+                    let wait = wait.max(self.policy.min_delay);
+                    if busy + wait > MAX_BUSY_WAIT {
+                        return Err(SenderError::TransferFailed(format!(
+                            "the receiver stayed busy (429 BUSY: its upload slots, \
+                             MAX_CONCURRENT_UPLOADS, all taken) for {} s at blob {}",
+                            busy.as_secs(),
                             blob.blake3
                         )));
                     }
-                    let wait = after.unwrap_or(self.policy.min_delay).clamp(
-                        self.policy.min_delay,
-                        self.policy.max_retry_after.max(self.policy.min_delay),
+                    tracing::debug!(
+                        blob = %blob.blake3, offset,
+                        wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                        "the receiver is busy (429); waiting for an upload slot"
                     );
+                    busy += wait;
                     tokio::time::sleep(wait).await;
                 }
                 Attempt::Transient(e) => {
@@ -223,6 +238,7 @@ impl ReleaseCalls<'_> {
             on_progress(offset);
             if offset > before {
                 delays = backoff(self.policy);
+                busy = Duration::ZERO;
             }
         }
         Ok(outcome)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deploy_protocol::api::{DeploymentList, DeploymentStatus};
+use deploy_protocol::release::ImageStore;
 use deploy_protocol::DeploymentSpec;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -152,10 +153,12 @@ async fn deploy_layers(
     }
 }
 
-/// Sends `image` to `receiver` and loads it there by id, without its tags (no container and no
-/// tag is touched: a host the rollout then does not reach keeps only an untagged image, which
-/// `docker image prune` removes); answers the blob bytes sent. The deployment after it finds
-/// every layer present, sends none of them again, and its load sets the tags.
+/// Sends `image` to `receiver` and loads it there (no container is touched); answers the blob
+/// bytes sent. On a graph-driver engine the image is loaded by id, without its tags, so a host
+/// the rollout then does not reach has no tag moved either, and keeps only an untagged image,
+/// which `docker image prune` removes. (Docker's containerd store keeps no image loaded without a
+/// name: there the tags are loaded too.) The deployment after it finds every layer present,
+/// sends none of them again, and its load sets the tags.
 async fn preload_layers(
     receiver: &ReceiverClient,
     image: &PreparedImage,
@@ -173,7 +176,14 @@ async fn preload_layers(
         version_before: None,
     };
     let mut manifest = release_manifest(image, &ReleaseAction::Load).map_err(|e| failed(e, 0))?;
-    manifest.image_tags.clear();
+    let store = calls
+        .inventory(Vec::new())
+        .await
+        .map_err(|e| failed(e, 0))?
+        .image_store;
+    if store == ImageStore::Graphdriver {
+        manifest.image_tags.clear();
+    }
     match send_manifest(calls, image, manifest, &ReleaseAction::Load, sent.clone()).await {
         Ok(outcome) => Ok(outcome.totals.bytes_sent),
         Err(e) => Err(failed(e, sent.bytes())),
