@@ -28,6 +28,19 @@ async fn blob_checks(base: &str, by: &str) -> f64 {
         .map_or(0.0, |v| v.parse().expect("a number"))
 }
 
+/// Asserts that the main engine has neither `image` (the release's tag) nor the release's image.
+async fn assert_nothing_loaded(image: &str, built: &Built) {
+    let docker = common::docker().await;
+    assert!(docker.inspect_image(image).await.is_err(), "nothing tagged");
+    assert!(
+        docker
+            .inspect_image(&built.manifest.image_id.to_string())
+            .await
+            .is_err(),
+        "nothing loaded"
+    );
+}
+
 async fn registered(v2: &V2, built: &Built) -> ReleaseStatus {
     let answer = v2.register(&built.manifest).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
@@ -475,18 +488,7 @@ async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
         "the discarded blob is missing again: {}",
         load.body
     );
-    let docker = common::docker().await;
-    assert!(
-        docker.inspect_image(&image).await.is_err(),
-        "nothing tagged"
-    );
-    assert!(
-        docker
-            .inspect_image(&built.manifest.image_id.to_string())
-            .await
-            .is_err(),
-        "nothing loaded"
-    );
+    assert_nothing_loaded(&image, &built).await;
     // Sent again, intact, it loads.
     assert_eq!(
         v2.patch(&blake3, 0, blob).await.status,
@@ -540,18 +542,7 @@ async fn an_awaited_layer_that_is_not_its_diff_id_loads_nothing_and_its_patch_ch
         .await
         .expect("the load fails");
     assert_ne!(load.status, StatusCode::OK, "{}", load.body);
-    let docker = common::docker().await;
-    assert!(
-        docker.inspect_image(&image).await.is_err(),
-        "nothing tagged"
-    );
-    assert!(
-        docker
-            .inspect_image(&built.manifest.image_id.to_string())
-            .await
-            .is_err(),
-        "nothing loaded"
-    );
+    assert_nothing_loaded(&image, &built).await;
     receiver.stop().await;
 }
 
