@@ -5,12 +5,20 @@
 mod common;
 
 use common::v2::{layer_tar, patch_cut, settled_offset, synthetic, Built, V2};
-use common::{guard, start_receiver, start_receiver_with, temp_dir};
+use common::{guard, start_receiver, start_receiver_with, temp_dir, Guard};
 use deploy_protocol::{Checksum, Compression, LayerState, ReleaseStatus};
 use reqwest::StatusCode;
 
 fn tag(what: &str) -> String {
     format!("layers-rx-{what}-{}:v1", uuid::Uuid::new_v4().simple())
+}
+
+/// A new tag for `what`, and a guard that removes it from the main engine when dropped.
+fn cleaned_tag(what: &str) -> (String, Guard) {
+    let image = tag(what);
+    let mut cleanup = guard();
+    cleanup.remove_image(&image.clone());
+    (image, cleanup)
 }
 
 /// How many completed blobs `by` (`upload` or `load`) decompressed and checked against their
@@ -220,9 +228,7 @@ async fn a_connection_cut_at_several_points_resumes_from_the_durable_offset() {
     let dir = temp_dir();
     let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("cut");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("cut");
     let tars = [layer_tar("one", 3 << 20, 7), layer_tar("two", 1 << 20, 8)];
     let built = synthetic(&tars, Compression::None, &[&image]).await;
     cleanup.remove_image(&built.manifest.image_id.to_string());
@@ -275,9 +281,7 @@ async fn a_release_naming_a_layer_nobody_holds_or_sent_is_layers_missing_until_s
     let dir = temp_dir();
     let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("missing");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("missing");
     let tars = [
         layer_tar("base", 32 * 1024, 9),
         layer_tar("top", 16 * 1024, 10),
@@ -324,9 +328,7 @@ async fn a_load_whose_stream_carries_an_error_fails_and_tags_nothing() {
     let dir = temp_dir();
     let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("broken");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("broken");
     // A "layer" that is not a tar: its diffID is honest, so it passes the blob checks, and
     // Docker's load fails on it (an `errorDetail` in the load stream).
     let mut garbage = vec![0u8; 10_000];
@@ -398,9 +400,7 @@ async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
     let dir = temp_dir();
     let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("awaited");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("awaited");
     let tars = [
         layer_tar("base", 3 << 20, 21),
         layer_tar("top", 64 * 1024, 22),
@@ -459,9 +459,7 @@ async fn an_awaited_blob_that_is_not_the_signed_one_loads_nothing() {
     let dir = temp_dir();
     let receiver = start_receiver_with(dir.path(), |c| c.upload_idle_timeout_secs = 2).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("awaited-bad");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("awaited-bad");
     let built = synthetic(
         &[layer_tar("only", 2 << 20, 23)],
         Compression::Zstd,
@@ -504,9 +502,7 @@ async fn an_awaited_layer_that_is_not_its_diff_id_loads_nothing_and_its_patch_ch
     let dir = temp_dir();
     let receiver = start_receiver(dir.path()).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("awaited-liar");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("awaited-liar");
     // The signed blob entry names a blob (its BLAKE3 and size right) whose content is another
     // layer of the same size: only the diffID check can tell.
     let signed = layer_tar("signed", 2 << 20, 25);
@@ -551,9 +547,7 @@ async fn an_awaited_blob_that_never_comes_is_layers_missing_after_the_idle_timeo
     let dir = temp_dir();
     let receiver = start_receiver_with(dir.path(), |c| c.upload_idle_timeout_secs = 1).await;
     let v2 = V2::new(&receiver.base);
-    let image = tag("awaited-never");
-    let mut cleanup = guard();
-    cleanup.remove_image(&image.clone());
+    let (image, mut cleanup) = cleaned_tag("awaited-never");
     let mut built = synthetic(
         &[layer_tar("only", 64 * 1024, 24)],
         Compression::Zstd,

@@ -260,13 +260,11 @@ pub async fn send_manifest(
     {
         progress.message(Stage::Upload, &layer_line(report));
     }
-    let sent_before = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let shown = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let uploads = async {
         // Bottom layer first; up to `blob_connections` blobs at once, each on its own connection.
         let upload = Upload {
             progress: &progress,
-            sent_before: &sent_before,
             shown: &shown,
             to_send,
         };
@@ -299,7 +297,7 @@ pub async fn send_manifest(
         }
         progress.finish(
             Stage::Upload,
-            sent_before.load(std::sync::atomic::Ordering::Relaxed),
+            shown.load(std::sync::atomic::Ordering::Relaxed),
         );
         Ok::<(), SenderError>(())
     };
@@ -401,7 +399,6 @@ pub async fn send_manifest(
                     let offset = calls.blob_offset(&blob_ref(prepared)).await?;
                     let upload = Upload {
                         progress: &progress,
-                        sent_before: &sent_before,
                         shown: &shown,
                         to_send,
                     };
@@ -446,9 +443,9 @@ pub async fn send_manifest(
 /// What the uploads of one release share, for their progress.
 struct Upload<'a> {
     progress: &'a Arc<dyn Progress>,
-    /// Blob bytes of the uploads done (each blob's size less the offset it started from).
-    sent_before: &'a Arc<std::sync::atomic::AtomicU64>,
-    /// Bytes shown as sent so far, across the uploads running at once.
+    /// Blob bytes sent so far, across the uploads running at once: each blob adds its size less
+    /// the offset it started from, as it moves forward (what the receiver already held is not
+    /// counted, nor bytes sent again after an interruption).
     shown: &'a Arc<std::sync::atomic::AtomicU64>,
     to_send: u64,
 }
@@ -478,10 +475,6 @@ async fn send_one(
         .await?;
     let rest = layer.blob.size.saturating_sub(last.load(Ordering::Relaxed));
     upload.shown.fetch_add(rest, Ordering::Relaxed);
-    upload.sent_before.fetch_add(
-        layer.blob.size - offset.min(layer.blob.size),
-        Ordering::Relaxed,
-    );
     Ok((layer.blob.blake3, outcome))
 }
 
