@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::{manifest_for, Daemon, Signer};
 use deploy_protocol::{Checksum, PackageManifest, SignatureHeaders};
 use deploy_testkit::receiver::files_in as names;
+use deploy_testkit::tmpfs::Tmpfs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -370,40 +371,9 @@ async fn sigkill_at_24_points_of_an_upload_leaves_no_partial_file_after_restart(
     );
 }
 
-/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop. None when mounting is not
-/// possible here (not root, no CAP_SYS_ADMIN).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::tempdir().ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_disk_is_refused_up_front_and_a_disk_filling_up_mid_write_is_a_clean_507() {
-    let Some(fs) = Tmpfs::mount("48m") else {
-        panic!("this test needs to mount a small tmpfs as the package directory (run as root, as CI does)");
-    };
+    let fs = Tmpfs::mount("48m");
     let (_dir, _, state) = dirs();
     let packages = fs.path().to_path_buf();
     let daemon = start_daemon(&packages, &state);

@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::v2::{layer_tar, patch_cut, synthetic, wait_offset, V2};
 use common::{guard, start_daemon, start_receiver_with, temp_dir};
 use deploy_protocol::Compression;
+use deploy_testkit::tmpfs::Tmpfs;
 use reqwest::StatusCode;
 
 #[tokio::test]
@@ -63,46 +63,12 @@ async fn receiver_sigkilled_mid_blob_resumes_from_its_durable_offset_after_resta
     drop(daemon);
 }
 
-/// A tmpfs mounted on a fresh directory; unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = temp_dir();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "this test needs to mount a small tmpfs as the package directory (run as root, as CI does)");
-        Self { dir }
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "remount the tmpfs larger");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 #[tokio::test]
 async fn disk_full_mid_blob_is_507_and_the_partial_is_kept_for_a_resume() {
     let fs = Tmpfs::mount("8m");
     let state_dir = temp_dir();
-    let receiver = start_receiver_with(fs.dir.path(), |c| {
-        c.package_dir = fs.dir.path().join("packages");
+    let receiver = start_receiver_with(fs.path(), |c| {
+        c.package_dir = fs.path().join("packages");
         c.state_dir = Some(state_dir.path().to_owned());
     })
     .await;

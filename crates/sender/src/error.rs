@@ -122,6 +122,9 @@ impl SenderError {
                 .error
                 .as_ref()
                 .map_or(ErrorCode::DeployFailed, |e| e.code),
+            SenderError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                ErrorCode::InsufficientStorage
+            }
             SenderError::Io { .. } | SenderError::Internal(_) => ErrorCode::InternalError,
         }
     }

@@ -8,9 +8,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use bollard::Docker;
-use deploy_protocol::{Checksum, Compression};
+use deploy_protocol::{Checksum, Compression, ErrorCode};
 use deploy_sender::{prepare_image, sha256_digest, LayerCache, PreparedImage};
 use deploy_sender::{CompressionOptions, NoProgress};
+use deploy_testkit::tmpfs::Tmpfs;
 use uuid::Uuid;
 
 async fn docker() -> Docker {
@@ -226,5 +227,48 @@ async fn stale_temp_files_are_swept_and_an_inconsistent_entry_is_made_again() {
         "the cut blob is made again"
     );
     assert_eq!(again.layers[2].blob.blake3, top.blake3);
+    assert_blobs_are_the_layers(&again, Compression::Zstd);
+}
+
+#[tokio::test]
+async fn a_cache_disk_filling_up_mid_layer_fails_with_insufficient_storage_and_leaves_no_temp_file()
+{
+    let docker = docker().await;
+    let images = Images::default();
+    // 6 MiB that zstd cannot shrink: the top layer's blob cannot fit the 4 MiB disk.
+    let mut noise = vec![0u8; 6 << 20];
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(Uuid::new_v4().as_bytes());
+    hasher.finalize_xof().fill(&mut noise);
+    let app = images.app(&images.base(), &noise);
+    let fs = Tmpfs::mount("4m");
+    let cache = LayerCache::open(fs.path(), u64::MAX).await.expect("cache");
+
+    let err = prepare_image(
+        &docker,
+        &cache,
+        &app,
+        &options(Compression::Zstd),
+        Arc::new(NoProgress),
+    )
+    .await
+    .expect_err("the disk fills up");
+    assert_eq!(err.code(), ErrorCode::InsufficientStorage, "{err}");
+    let left: Vec<String> = std::fs::read_dir(fs.path().join("blobs"))
+        .expect("blobs dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().all(|name| !name.starts_with(".tmp")),
+        "no temp file is left: {left:?}"
+    );
+
+    // With room, the same cache makes the image (keeping whatever layers it committed before).
+    fs.resize("64m");
+    let again = prepare(&docker, &cache, &app, Compression::Zstd).await;
+    assert!(
+        again.stats.compressed_layers >= 1,
+        "the top layer is made now"
+    );
     assert_blobs_are_the_layers(&again, Compression::Zstd);
 }

@@ -9,6 +9,7 @@
 //! - [`signing`]: the test key and hand-made signed requests.
 //! - [`hosts`]: extra, real Docker engines standing for cold target hosts, each in its own
 //!   network namespace (`../shared/TEST-HOSTS.md`).
+//! - [`tmpfs`]: a small tmpfs, for a disk that is really full.
 
 pub mod api;
 pub mod docker;
@@ -16,3 +17,4 @@ pub mod hosts;
 pub mod images;
 pub mod receiver;
 pub mod signing;
+pub mod tmpfs;

@@ -9,6 +9,12 @@
 //! turn out to be a missing one after all (two layers of equal size), it is reported in
 //! [`SplitOutcome::missed`] and the caller splits again without that shortcut. Docker 25's OCI
 //! layout names layer blobs by diffID (`blobs/sha256/<hex>`), so there the decision is exact.
+//!
+//! Three stages overlap: Docker's stream is read ahead on a task of its own and handed over in
+//! 1 MiB chunks (not one HTTP frame at a time), the split thread parses the tar and hashes each
+//! layer, and a layer's compression, BLAKE3 and file writes run on a thread of their own. Each
+//! hand-over holds at most [`QUEUED_CHUNKS`] chunks, so memory stays bounded (docs/PERFORMANCE.md,
+//! "Where `prepare` goes").
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -16,13 +22,14 @@ use std::path::{Component, Path};
 use std::sync::{Arc, Mutex};
 
 use bollard::Docker;
-use futures::StreamExt;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
-use tokio_util::io::{StreamReader, SyncIoBridge};
+use tokio::sync::mpsc;
 
 use super::cache::{CachedLayer, LayerCache, MAX_CONFIG_SIZE};
-use crate::pipeline::compress::{CompressionOptions, PackageSink};
+use crate::pipeline::compress::{CompressionOptions, PackageSink, SinkOutcome};
 use crate::pipeline::docker::docker_error;
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
 use crate::SenderError;
@@ -111,7 +118,7 @@ pub(crate) async fn split_save(
         })
     });
     let handle = Handle::current();
-    let reader = SyncIoBridge::new_with_handle(StreamReader::new(Box::pin(stream)), handle.clone());
+    let reader = read_ahead(stream);
     let cache = cache.clone();
     let result = tokio::task::spawn_blocking(move || {
         split_blocking(reader, &handle, &cache, &plan, &options, &*progress)
@@ -181,7 +188,9 @@ fn split_blocking(
                 if compress {
                     let (temp, file) = handle.block_on(cache.temp_file())?;
                     let guard = TempFile(temp);
-                    sink = Some((PackageSink::new(file, options, u64::MAX)?, guard));
+                    let writer =
+                        LayerWriter::spawn(handle, PackageSink::new(file, options, u64::MAX)?);
+                    sink = Some((writer, guard));
                 }
                 let mut sha = Sha256::new();
                 loop {
@@ -190,8 +199,8 @@ fn split_blocking(
                         break;
                     }
                     sha.update(&buf[..n]);
-                    if let Some((sink, _)) = sink.as_mut() {
-                        handle.block_on(sink.write(&buf[..n]))?;
+                    if let Some((writer, _)) = sink.as_mut() {
+                        writer.write(handle, Bytes::copy_from_slice(&buf[..n]))?;
                     }
                     outcome.read += n as u64;
                     progress.advance(Stage::Export, outcome.read, plan.size_hint);
@@ -205,8 +214,8 @@ fn split_blocking(
                 }
                 let wanted = plan.wanted.contains(&diff_id) && !stored.contains(&diff_id);
                 match sink {
-                    Some((sink, temp)) if wanted => {
-                        let out = handle.block_on(sink.finish())?;
+                    Some((writer, temp)) if wanted => {
+                        let out = writer.finish(handle)?;
                         handle.block_on(out.file.sync_all()).map_err(|e| {
                             SenderError::io(format!("cannot sync {}", temp.0.display()), e)
                         })?;
@@ -239,6 +248,115 @@ fn split_blocking(
     }
     progress.finish(Stage::Export, outcome.read);
     Ok(outcome)
+}
+
+/// Chunks waiting at each hand-over (Docker's stream to the split thread, the split thread to a
+/// layer's writer).
+const QUEUED_CHUNKS: usize = 2;
+/// Size of the chunks Docker's stream is handed over in.
+const CHUNK: usize = 1024 * 1024;
+
+/// Reads `stream` ahead on a task of its own, in chunks of [`CHUNK`] bytes (the last may be
+/// shorter), as a blocking [`Read`]. Dropping the reader ends the task, which drops the stream.
+fn read_ahead(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static) -> ChunkReader {
+    let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut chunk = BytesMut::with_capacity(CHUNK);
+        loop {
+            match stream.next().await {
+                Some(Ok(bytes)) => {
+                    chunk.extend_from_slice(&bytes);
+                    if chunk.len() >= CHUNK {
+                        let full = std::mem::replace(&mut chunk, BytesMut::with_capacity(CHUNK));
+                        if tx.send(Ok(full.freeze())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                None => {
+                    if !chunk.is_empty() {
+                        let _ = tx.send(Ok(chunk.freeze())).await;
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    ChunkReader {
+        rx,
+        current: Bytes::new(),
+    }
+}
+
+/// The blocking end of [`read_ahead`].
+struct ChunkReader {
+    rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(bytes)) => self.current = bytes,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// One layer's compression, BLAKE3 and file writes, on a blocking thread of its own.
+struct LayerWriter {
+    tx: mpsc::Sender<Bytes>,
+    task: tokio::task::JoinHandle<Result<SinkOutcome, SenderError>>,
+}
+
+impl LayerWriter {
+    fn spawn(handle: &Handle, mut sink: PackageSink) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
+        let runtime = handle.clone();
+        let task = handle.spawn_blocking(move || {
+            while let Some(chunk) = rx.blocking_recv() {
+                runtime.block_on(sink.write(&chunk))?;
+            }
+            runtime.block_on(sink.finish())
+        });
+        Self { tx, task }
+    }
+
+    /// Hands `chunk` over; the writer's own error when it has stopped.
+    fn write(&mut self, handle: &Handle, chunk: Bytes) -> Result<(), SenderError> {
+        if self.tx.blocking_send(chunk).is_ok() {
+            return Ok(());
+        }
+        match handle.block_on(&mut self.task) {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => Err(SenderError::Internal(
+                "the layer writer stopped before the layer's end".into(),
+            )),
+            Err(e) => Err(SenderError::Internal(format!(
+                "the layer writer failed: {e}"
+            ))),
+        }
+    }
+
+    /// Ends the layer: the compressed stream's tail written, the totals.
+    fn finish(self, handle: &Handle) -> Result<SinkOutcome, SenderError> {
+        drop(self.tx);
+        handle
+            .block_on(self.task)
+            .map_err(|e| SenderError::Internal(format!("the layer writer failed: {e}")))?
+    }
 }
 
 /// Removes a temp file unless disarmed.
