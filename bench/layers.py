@@ -13,8 +13,9 @@ Rows: (1) redeploy after a top-layer-only change: wire bytes vs that layer's com
 (4) a connection cut at 60 % of a 96 MiB incompressible layer: total sent vs the layer;
 (5) cold deploy to "loaded" vs `docker save | DOCKER_HOST=cold docker load`, and the same
 deploy in a comparison setting side by side (by default every blob sent before the load,
-`DEPLOY_AWAIT_BLOBS=0`; `--compare-env KEY=VALUE` and `--compare-receiver PATH` choose another,
-e.g. `--compare-env DEPLOY_BLOB_CONNECTIONS=3`, or an older receiver binary); (6) peak RSS of
+`DEPLOY_AWAIT_BLOBS=0`; `--compare-env KEY=VALUE`, `--compare-receiver PATH` and
+`--compare-sender PATH` choose another, e.g. `--compare-env DEPLOY_BLOB_CONNECTIONS=3`, or an
+older receiver or sender binary); (6) peak RSS of
 both services moving an image of --rss-mib. See docs/PERFORMANCE.md.
 """
 
@@ -181,8 +182,8 @@ def build(tag, dockerfile, files):
     return tag
 
 
-def deploy(image, proxy, name, pkg_dir, full=False, extra_env=None, health="none"):
-    argv = [str(BIN / "deploy-sender"), "deploy", "--image", image, "--name", name,
+def deploy(image, proxy, name, pkg_dir, full=False, extra_env=None, health="none", sender=None):
+    argv = [str(sender or BIN / "deploy-sender"), "deploy", "--image", image, "--name", name,
             "--health", health, "--to", proxy.url, "--json"] + (["--full"] if full else [])
     env = dict(os.environ, PACKAGE_DIR=str(pkg_dir), DEPLOY_HMAC_SECRET=SECRET, RUST_LOG="warn",
                **(extra_env or {}))
@@ -248,12 +249,16 @@ def main():
                          " DEPLOY_AWAIT_BLOBS=0 unless --compare-receiver is given)")
     ap.add_argument("--compare-receiver", metavar="PATH",
                     help="the receiver binary of the cold comparison deploy's host (default: --bin-dir's)")
+    ap.add_argument("--compare-sender", metavar="PATH",
+                    help="the sender binary of the cold comparison deploy (default: --bin-dir's)")
     args = ap.parse_args()
     if args.compare_env is None:
-        args.compare_env = [] if args.compare_receiver else ["DEPLOY_AWAIT_BLOBS=0"]
+        other_binary = args.compare_receiver or args.compare_sender
+        args.compare_env = [] if other_binary else ["DEPLOY_AWAIT_BLOBS=0"]
     compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
     compare_label = ", ".join([f"`{kv}`" for kv in args.compare_env]
-                              + ([f"receiver `{args.compare_receiver}`"] if args.compare_receiver else []))
+                              + ([f"receiver `{args.compare_receiver}`"] if args.compare_receiver else [])
+                              + ([f"sender `{args.compare_sender}`"] if args.compare_sender else []))
     global BIN
     BIN = Path(args.bin_dir)
     work = Path(args.work)
@@ -329,7 +334,7 @@ def main():
             healthy = time_to_healthy(h3, "ltxb-cold")
             floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
             m7, o7, _ = deploy(cold, p6, "ltxb-cold", work / f"cold-serial-sender-{run}",
-                               extra_env=compare_env, health="docker")
+                               extra_env=compare_env, health="docker", sender=args.compare_sender)
             rec7 = o7["deployment"]
             serial = m7.wall - (stage(rec7, "start") + stage(rec7, "health_check") + stage(rec7, "health")) / 1000
             ratios.append(ours / floor.wall)

@@ -11,10 +11,12 @@
 //! layout names layer blobs by diffID (`blobs/sha256/<hex>`), so there the decision is exact.
 //!
 //! Three stages overlap: Docker's stream is read ahead on a task of its own and handed over in
-//! 1 MiB chunks (not one HTTP frame at a time), the split thread parses the tar and hashes each
-//! layer, and a layer's compression, BLAKE3 and file writes run on a thread of their own. Each
-//! hand-over holds at most [`QUEUED_CHUNKS`] chunks, so memory stays bounded (docs/PERFORMANCE.md,
-//! "Where `prepare` goes").
+//! full chunks (not one HTTP frame at a time), the split thread parses the tar and hashes each
+//! layer, and a layer's compression (zstd on that one thread), BLAKE3 and file writes run on a
+//! thread of their own, which at the layer's end also syncs and commits it while the split thread
+//! reads on. Each hand-over has a fixed set of [`POOL`] buffers of [`CHUNK`] bytes going round, so
+//! memory stays bounded and nothing is allocated per chunk (docs/PERFORMANCE.md, "Where `prepare`
+//! goes").
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -22,14 +24,14 @@ use std::path::{Component, Path};
 use std::sync::{Arc, Mutex};
 
 use bollard::Docker;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 use super::cache::{CachedLayer, LayerCache, MAX_CONFIG_SIZE};
-use crate::pipeline::compress::{CompressionOptions, PackageSink, SinkOutcome};
+use crate::pipeline::compress::{CompressionOptions, PackageSink};
 use crate::pipeline::docker::docker_error;
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
 use crate::SenderError;
@@ -145,6 +147,48 @@ fn split_blocking(
     options: &CompressionOptions,
     progress: &dyn Progress,
 ) -> Result<SplitOutcome, SenderError> {
+    // Layers still being synced and committed by their writers, waited for whatever happened.
+    let mut committing = Vec::new();
+    let split = split_entries(
+        reader,
+        handle,
+        cache,
+        plan,
+        options,
+        progress,
+        &mut committing,
+    );
+    let mut committed = Vec::new();
+    let mut failed = None;
+    for task in committing {
+        match handle.block_on(task) {
+            Ok(Ok(Some(layer))) => committed.push(layer),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(e) => {
+                failed = failed.or(Some(SenderError::Internal(format!(
+                    "the layer writer failed: {e}"
+                ))))
+            }
+        }
+    }
+    let mut outcome = split?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    outcome.stored = committed;
+    Ok(outcome)
+}
+
+fn split_entries(
+    reader: impl Read,
+    handle: &Handle,
+    cache: &LayerCache,
+    plan: &SplitPlan,
+    options: &CompressionOptions,
+    progress: &dyn Progress,
+    committing: &mut Vec<Committing>,
+) -> Result<SplitOutcome, SenderError> {
     let broken = |e: std::io::Error| {
         SenderError::Internal(format!(
             "cannot read the archive Docker exported for {}: {e}",
@@ -187,20 +231,35 @@ fn split_blocking(
                 let mut sink = None;
                 if compress {
                     let (temp, file) = handle.block_on(cache.temp_file())?;
-                    let guard = TempFile(temp);
-                    let writer =
-                        LayerWriter::spawn(handle, PackageSink::new(file, options, u64::MAX)?);
-                    sink = Some((writer, guard));
+                    let temp = TempFile(temp);
+                    // zstd on the writer's own thread: the writer already runs beside the
+                    // split, and a multi-threaded zstd context per layer cost 30-40 MiB more
+                    // (docs/PERFORMANCE.md, "Where `prepare` goes").
+                    let single = CompressionOptions {
+                        zstd_workers: 0,
+                        ..*options
+                    };
+                    let sink_ = PackageSink::new(file, &single, u64::MAX)?;
+                    sink = Some(LayerWriter::spawn(
+                        handle,
+                        sink_,
+                        temp,
+                        cache.clone(),
+                        options,
+                    ));
                 }
                 let mut sha = Sha256::new();
                 loop {
-                    let n = entry.read(&mut buf).map_err(broken)?;
+                    // A layer being compressed is read straight into its writer's buffers.
+                    let mut chunk = sink.as_mut().map(LayerWriter::buffer);
+                    let into = chunk.as_deref_mut().unwrap_or(&mut buf);
+                    let n = entry.read(into).map_err(broken)?;
                     if n == 0 {
                         break;
                     }
-                    sha.update(&buf[..n]);
-                    if let Some((writer, _)) = sink.as_mut() {
-                        writer.write(handle, Bytes::copy_from_slice(&buf[..n]))?;
+                    sha.update(&into[..n]);
+                    if let (Some(writer), Some(chunk)) = (sink.as_mut(), chunk.take()) {
+                        writer.write(handle, chunk, n)?;
                     }
                     outcome.read += n as u64;
                     progress.advance(Stage::Export, outcome.read, plan.size_hint);
@@ -214,28 +273,15 @@ fn split_blocking(
                 }
                 let wanted = plan.wanted.contains(&diff_id) && !stored.contains(&diff_id);
                 match sink {
-                    Some((writer, temp)) if wanted => {
-                        let out = writer.finish(handle)?;
-                        handle.block_on(out.file.sync_all()).map_err(|e| {
-                            SenderError::io(format!("cannot sync {}", temp.0.display()), e)
-                        })?;
-                        drop(out.file);
-                        let layer = CachedLayer {
-                            diff_id: diff_id.clone(),
-                            compression: options.compression,
-                            blake3: out.checksum,
-                            size: out.size,
-                            uncompressed_size: size,
-                            created_at: String::new(),
-                            path: Default::default(),
-                        };
-                        let layer = handle.block_on(cache.commit(&temp.0, layer))?;
-                        temp.disarm();
+                    Some(writer) if wanted => {
+                        // Its writer syncs and commits it while the next entries are read.
+                        committing.push(writer.end(Some((diff_id.clone(), size))));
                         outcome.compressed_input += size;
                         stored.insert(diff_id);
-                        outcome.stored.push(layer);
                     }
-                    Some(_) => {}
+                    Some(writer) => {
+                        committing.push(writer.end(None));
+                    }
                     None if wanted => outcome.missed.push(diff_id),
                     None => {
                         if !plan.diff_ids.contains(&diff_id) {
@@ -252,91 +298,213 @@ fn split_blocking(
 
 /// Chunks waiting at each hand-over (Docker's stream to the split thread, the split thread to a
 /// layer's writer).
-const QUEUED_CHUNKS: usize = 2;
-/// Size of the chunks Docker's stream is handed over in.
-const CHUNK: usize = 1024 * 1024;
+const QUEUED_CHUNKS: usize = 4;
+/// Buffers of each hand-over: the queued ones, the one being filled and the one being used.
+const POOL: usize = QUEUED_CHUNKS + 2;
+/// Size of a hand-over's buffers.
+const CHUNK: usize = 256 * 1024;
 
-/// Reads `stream` ahead on a task of its own, in chunks of [`CHUNK`] bytes (the last may be
+/// A fixed set of [`CHUNK`]-sized buffers going round between two threads: taken from here,
+/// handed over, and sent back by the other side. No buffer is freed on another thread than the
+/// one that made it, which keeps the allocator from holding on to memory.
+struct Pool {
+    made: usize,
+    back: mpsc::UnboundedReceiver<Vec<u8>>,
+    returns: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl Pool {
+    fn new() -> Self {
+        let (returns, back) = mpsc::unbounded_channel();
+        Self {
+            made: 0,
+            back,
+            returns,
+        }
+    }
+
+    /// A buffer sent back, or a new one while fewer than [`POOL`] exist, or else `None` when
+    /// the other side is gone.
+    fn take_now(&mut self) -> Result<Vec<u8>, ()> {
+        match self.back.try_recv() {
+            Ok(buffer) => Ok(buffer),
+            Err(_) if self.made < POOL => {
+                self.made += 1;
+                Ok(vec![0u8; CHUNK])
+            }
+            Err(_) => Err(()),
+        }
+    }
+
+    /// A buffer, waiting for one to come back on a blocking thread.
+    fn take_blocking(&mut self) -> Option<Vec<u8>> {
+        self.take_now().ok().or_else(|| self.back.blocking_recv())
+    }
+
+    /// A buffer, waiting for one to come back on a task.
+    async fn take(&mut self) -> Option<Vec<u8>> {
+        match self.take_now() {
+            Ok(buffer) => Some(buffer),
+            Err(()) => self.back.recv().await,
+        }
+    }
+}
+
+/// Reads `stream` ahead on a task of its own, handing it over in full [`CHUNK`]s (the last may be
 /// shorter), as a blocking [`Read`]. Dropping the reader ends the task, which drops the stream.
 fn read_ahead(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static) -> ChunkReader {
     let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
+    let mut pool = Pool::new();
+    let returns = pool.returns.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut chunk = BytesMut::with_capacity(CHUNK);
+        let mut pending = Bytes::new();
         loop {
-            match stream.next().await {
-                Some(Ok(bytes)) => {
-                    chunk.extend_from_slice(&bytes);
-                    if chunk.len() >= CHUNK {
-                        let full = std::mem::replace(&mut chunk, BytesMut::with_capacity(CHUNK));
-                        if tx.send(Ok(full.freeze())).await.is_err() {
+            let Some(mut chunk) = pool.take().await else {
+                return;
+            };
+            let mut len = 0;
+            let mut ended = false;
+            while len < CHUNK {
+                if pending.is_empty() {
+                    match stream.next().await {
+                        Some(Ok(bytes)) => pending = bytes,
+                        Some(Err(e)) => {
+                            let _ = tx.send(Err(e)).await;
                             return;
+                        }
+                        None => {
+                            ended = true;
+                            break;
                         }
                     }
                 }
-                Some(Err(e)) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                None => {
-                    if !chunk.is_empty() {
-                        let _ = tx.send(Ok(chunk.freeze())).await;
-                    }
-                    return;
-                }
+                let n = pending.len().min(CHUNK - len);
+                chunk[len..len + n].copy_from_slice(&pending[..n]);
+                pending.advance(n);
+                len += n;
+            }
+            if len > 0 && tx.send(Ok((chunk, len))).await.is_err() {
+                return;
+            }
+            if ended {
+                return;
             }
         }
     });
     ChunkReader {
         rx,
-        current: Bytes::new(),
+        returns,
+        current: None,
     }
 }
 
 /// The blocking end of [`read_ahead`].
 struct ChunkReader {
-    rx: mpsc::Receiver<std::io::Result<Bytes>>,
-    current: Bytes,
+    rx: mpsc::Receiver<std::io::Result<(Vec<u8>, usize)>>,
+    returns: mpsc::UnboundedSender<Vec<u8>>,
+    /// The chunk being read, its length and how far it was read.
+    current: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(bytes)) => self.current = bytes,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
+        loop {
+            match self.current.take() {
+                Some((chunk, len, at)) if at < len => {
+                    let n = out.len().min(len - at);
+                    out[..n].copy_from_slice(&chunk[at..at + n]);
+                    self.current = Some((chunk, len, at + n));
+                    return Ok(n);
+                }
+                Some((chunk, _, _)) => {
+                    let _ = self.returns.send(chunk);
+                }
+                None => match self.rx.blocking_recv() {
+                    Some(Ok((chunk, len))) => self.current = Some((chunk, len, 0)),
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(0),
+                },
             }
         }
-        let n = out.len().min(self.current.len());
-        out[..n].copy_from_slice(&self.current[..n]);
-        self.current.advance(n);
-        Ok(n)
     }
 }
 
-/// One layer's compression, BLAKE3 and file writes, on a blocking thread of its own.
+/// A layer's writer ending: the layer committed to the cache, or `None` when it was not kept.
+type Committing = tokio::task::JoinHandle<Result<Option<CachedLayer>, SenderError>>;
+
+/// One layer's compression, BLAKE3 and file writes on a blocking thread of its own, which at the
+/// layer's end also syncs the file and commits it to the cache (or removes it), so the split
+/// thread goes on to the next entry meanwhile.
 struct LayerWriter {
-    tx: mpsc::Sender<Bytes>,
-    task: tokio::task::JoinHandle<Result<SinkOutcome, SenderError>>,
+    tx: mpsc::Sender<(Vec<u8>, usize)>,
+    pool: Pool,
+    /// Which layer it was (diffID, uncompressed size), or `None`: not kept.
+    verdict: tokio::sync::oneshot::Sender<Option<(String, u64)>>,
+    task: Committing,
 }
 
 impl LayerWriter {
-    fn spawn(handle: &Handle, mut sink: PackageSink) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUED_CHUNKS);
+    fn spawn(
+        handle: &Handle,
+        mut sink: PackageSink,
+        temp: TempFile,
+        cache: LayerCache,
+        options: &CompressionOptions,
+    ) -> Self {
+        let (tx, mut rx) = mpsc::channel::<(Vec<u8>, usize)>(QUEUED_CHUNKS);
+        let (verdict, verdict_rx) = tokio::sync::oneshot::channel();
+        let pool = Pool::new();
+        let returns = pool.returns.clone();
         let runtime = handle.clone();
+        let compression = options.compression;
         let task = handle.spawn_blocking(move || {
-            while let Some(chunk) = rx.blocking_recv() {
-                runtime.block_on(sink.write(&chunk))?;
+            while let Some((chunk, len)) = rx.blocking_recv() {
+                runtime.block_on(sink.write(&chunk[..len]))?;
+                let _ = returns.send(chunk);
             }
-            runtime.block_on(sink.finish())
+            let out = runtime.block_on(sink.finish())?;
+            let Ok(Some((diff_id, uncompressed_size))) = verdict_rx.blocking_recv() else {
+                return Ok(None);
+            };
+            runtime
+                .block_on(out.file.sync_all())
+                .map_err(|e| SenderError::io(format!("cannot sync {}", temp.0.display()), e))?;
+            drop(out.file);
+            let layer = CachedLayer {
+                diff_id,
+                compression,
+                blake3: out.checksum,
+                size: out.size,
+                uncompressed_size,
+                created_at: String::new(),
+                path: Default::default(),
+            };
+            let layer = runtime.block_on(cache.commit(&temp.0, layer))?;
+            temp.disarm();
+            Ok(Some(layer))
         });
-        Self { tx, task }
+        Self {
+            tx,
+            pool,
+            verdict,
+            task,
+        }
     }
 
-    /// Hands `chunk` over; the writer's own error when it has stopped.
-    fn write(&mut self, handle: &Handle, chunk: Bytes) -> Result<(), SenderError> {
-        if self.tx.blocking_send(chunk).is_ok() {
+    /// A buffer to read the next bytes into (a new one if the writer has stopped: [`write`]
+    /// then reports why).
+    ///
+    /// [`write`]: LayerWriter::write
+    fn buffer(&mut self) -> Vec<u8> {
+        self.pool
+            .take_blocking()
+            .unwrap_or_else(|| vec![0u8; CHUNK])
+    }
+
+    /// Hands the first `len` bytes of `chunk` over; the writer's own error when it has stopped.
+    fn write(&mut self, handle: &Handle, chunk: Vec<u8>, len: usize) -> Result<(), SenderError> {
+        if self.tx.blocking_send((chunk, len)).is_ok() {
             return Ok(());
         }
         match handle.block_on(&mut self.task) {
@@ -350,12 +518,11 @@ impl LayerWriter {
         }
     }
 
-    /// Ends the layer: the compressed stream's tail written, the totals.
-    fn finish(self, handle: &Handle) -> Result<SinkOutcome, SenderError> {
+    /// Ends the layer: kept as `verdict` (committed to the cache) or removed.
+    fn end(self, verdict: Option<(String, u64)>) -> Committing {
         drop(self.tx);
-        handle
-            .block_on(self.task)
-            .map_err(|e| SenderError::Internal(format!("the layer writer failed: {e}")))?
+        let _ = self.verdict.send(verdict);
+        self.task
     }
 }
 
