@@ -290,7 +290,8 @@ pub struct ServeConfig {
     /// Uploads to receivers running at once, over all requests.
     #[arg(long, env = "MAX_CONCURRENT_TRANSFERS", default_value_t = 5)]
     pub max_concurrent_transfers: usize,
-    /// zstd worker threads per packaging job (default: one per core).
+    /// zstd worker threads per whole-package job (default: one per core). Layer blobs are
+    /// compressed one thread per layer, beside the thread that reads and hashes the export.
     #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
     pub zstd_workers: Option<u32>,
     /// Finished jobs kept for `GET /api/v1/jobs/{id}`.

@@ -37,7 +37,9 @@ pub(crate) struct ImageSourceArgs {
     /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
     #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
     pub(crate) level: Option<i32>,
-    /// zstd worker threads (default: one per core; 0 compresses on the calling thread).
+    /// zstd worker threads for a whole package (`package`, `--full`; default: one per core; 0
+    /// compresses on the calling thread). Layer blobs are compressed one thread per layer, beside
+    /// the thread that reads and hashes the export.
     #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
     pub(crate) zstd_workers: Option<u32>,
 }

@@ -109,18 +109,10 @@ pub(crate) async fn split_save(
     progress: Arc<dyn Progress>,
 ) -> Result<SplitOutcome, SenderError> {
     let docker_failure: Arc<Mutex<Option<SenderError>>> = Arc::default();
-    let slot = Arc::clone(&docker_failure);
     let what = format!("exporting {}", plan.image_id);
-    let stream = docker.export_image(&plan.image_id).map(move |chunk| {
-        chunk.map_err(|e| {
-            let message = e.to_string();
-            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-            slot.get_or_insert(docker_error(&what, e));
-            std::io::Error::other(message)
-        })
-    });
+    let stream = docker.export_image(&plan.image_id);
     let handle = Handle::current();
-    let reader = read_ahead(stream);
+    let reader = read_ahead(stream, Arc::clone(&docker_failure), what);
     let cache = cache.clone();
     let result = tokio::task::spawn_blocking(move || {
         split_blocking(reader, &handle, &cache, &plan, &options, &*progress)
@@ -172,10 +164,11 @@ fn split_blocking(
             }
         }
     }
-    let mut outcome = split?;
+    // A writer's own failure (a full disk) is the cause of the split's, when both failed.
     if let Some(e) = failed {
         return Err(e);
     }
+    let mut outcome = split?;
     outcome.stored = committed;
     Ok(outcome)
 }
@@ -198,6 +191,7 @@ fn split_entries(
     let mut outcome = SplitOutcome::default();
     let mut stored: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; 1024 * 1024];
+    let writers = Arc::new(tokio::sync::Semaphore::new(MAX_WRITERS));
     let mut archive = tar::Archive::new(reader);
     progress.advance(Stage::Export, 0, plan.size_hint);
     for entry in archive.entries().map_err(broken)? {
@@ -230,6 +224,10 @@ fn split_entries(
                 let compress = named.is_some() || !plan.cached_sizes.contains(&size);
                 let mut sink = None;
                 if compress {
+                    // At most MAX_WRITERS layers compressing or committing at once.
+                    let permit = handle
+                        .block_on(Arc::clone(&writers).acquire_owned())
+                        .map_err(|e| SenderError::Internal(format!("layer writers: {e}")))?;
                     let (temp, file) = handle.block_on(cache.temp_file())?;
                     let temp = TempFile(temp);
                     // zstd on the writer's own thread: the writer already runs beside the
@@ -239,38 +237,34 @@ fn split_entries(
                         zstd_workers: 0,
                         ..*options
                     };
-                    let sink_ = PackageSink::new(file, &single, u64::MAX)?;
-                    sink = Some(LayerWriter::spawn(
-                        handle,
-                        sink_,
-                        temp,
-                        cache.clone(),
-                        options,
-                    ));
+                    let file_sink = PackageSink::new(file, &single, u64::MAX)?;
+                    let (cache, compression) = (cache.clone(), options.compression);
+                    let writer =
+                        LayerWriter::spawn(handle, file_sink, temp, cache, compression, permit);
+                    sink = Some(writer);
                 }
-                let mut sha = Sha256::new();
-                loop {
-                    // A layer being compressed is read straight into its writer's buffers.
-                    let mut chunk = sink.as_mut().map(LayerWriter::buffer);
-                    let into = chunk.as_deref_mut().unwrap_or(&mut buf);
-                    let n = entry.read(into).map_err(broken)?;
-                    if n == 0 {
-                        break;
+                let counted = (&mut outcome.read, progress, plan.size_hint);
+                let read = read_layer(&mut entry, sink.as_mut(), &mut buf, counted)
+                    .map_err(|e| match e {
+                        LayerReadError::Archive(e) => broken(e),
+                        LayerReadError::Writer(e) => e,
+                    })
+                    .and_then(|diff_id| match named {
+                        Some(named) if named != diff_id => Err(SenderError::ChecksumMismatch(
+                            format!("layer blob {named} Docker exported hashes to {diff_id}"),
+                        )),
+                        _ => Ok(diff_id),
+                    });
+                let diff_id = match read {
+                    Ok(diff_id) => diff_id,
+                    Err(e) => {
+                        // Its writer removes its temp file; the caller waits for that.
+                        if let Some(writer) = sink {
+                            committing.push(writer.end(None));
+                        }
+                        return Err(e);
                     }
-                    sha.update(&into[..n]);
-                    if let (Some(writer), Some(chunk)) = (sink.as_mut(), chunk.take()) {
-                        writer.write(handle, chunk, n)?;
-                    }
-                    outcome.read += n as u64;
-                    progress.advance(Stage::Export, outcome.read, plan.size_hint);
-                }
-                let diff_id = format!("sha256:{}", hex::encode(sha.finalize()));
-                if named.as_ref().is_some_and(|n| *n != diff_id) {
-                    return Err(SenderError::ChecksumMismatch(format!(
-                        "layer blob {} Docker exported hashes to {diff_id}",
-                        named.unwrap_or_default()
-                    )));
-                }
+                };
                 let wanted = plan.wanted.contains(&diff_id) && !stored.contains(&diff_id);
                 match sink {
                     Some(writer) if wanted => {
@@ -296,6 +290,43 @@ fn split_entries(
     Ok(outcome)
 }
 
+/// Why a layer could not be read to its end.
+enum LayerReadError {
+    /// The archive (Docker's stream) broke.
+    Archive(std::io::Error),
+    /// The layer's writer stopped (its own error is what its task returns).
+    Writer(SenderError),
+}
+
+/// Reads one layer tar to its end, hashing it and handing it to `writer` when it is compressed;
+/// its diffID. `counted` is the count of archive bytes read, advanced on the progress as it goes.
+fn read_layer(
+    entry: &mut impl Read,
+    mut writer: Option<&mut LayerWriter>,
+    buf: &mut [u8],
+    counted: (&mut u64, &dyn Progress, Option<u64>),
+) -> Result<String, LayerReadError> {
+    let (read, progress, size_hint) = counted;
+    let mut sha = Sha256::new();
+    loop {
+        // A layer being compressed is read straight into its writer's buffers.
+        let mut chunk = writer.as_deref_mut().map(LayerWriter::buffer);
+        let into = chunk.as_deref_mut().unwrap_or(&mut *buf);
+        let n = entry.read(into).map_err(LayerReadError::Archive)?;
+        if n == 0 {
+            return Ok(format!("sha256:{}", hex::encode(sha.finalize())));
+        }
+        sha.update(&into[..n]);
+        if let (Some(writer), Some(chunk)) = (writer.as_deref_mut(), chunk.take()) {
+            writer.write(chunk, n).map_err(LayerReadError::Writer)?;
+        }
+        *read += n as u64;
+        progress.advance(Stage::Export, *read, size_hint);
+    }
+}
+
+/// Layer writers alive at once: one compressing while the last one syncs and commits its file.
+const MAX_WRITERS: usize = 2;
 /// Chunks waiting at each hand-over (Docker's stream to the split thread, the split thread to a
 /// layer's writer).
 const QUEUED_CHUNKS: usize = 4;
@@ -305,57 +336,58 @@ const POOL: usize = QUEUED_CHUNKS + 2;
 const CHUNK: usize = 256 * 1024;
 
 /// A fixed set of [`CHUNK`]-sized buffers going round between two threads: taken from here,
-/// handed over, and sent back by the other side. No buffer is freed on another thread than the
-/// one that made it, which keeps the allocator from holding on to memory.
+/// handed over, and sent back by the other side, so that no buffer is allocated per chunk.
 struct Pool {
     made: usize,
     back: mpsc::UnboundedReceiver<Vec<u8>>,
-    returns: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl Pool {
-    fn new() -> Self {
+    /// The pool, and the sender the other side returns buffers with (when every such sender is
+    /// gone, a pool with no buffer left to give has none: the other side stopped).
+    fn new() -> (Self, mpsc::UnboundedSender<Vec<u8>>) {
         let (returns, back) = mpsc::unbounded_channel();
-        Self {
-            made: 0,
-            back,
-            returns,
-        }
+        (Self { made: 0, back }, returns)
     }
 
-    /// A buffer sent back, or a new one while fewer than [`POOL`] exist, or else `None` when
-    /// the other side is gone.
-    fn take_now(&mut self) -> Result<Vec<u8>, ()> {
+    /// A buffer sent back, or a new one while fewer than [`POOL`] exist.
+    fn take_now(&mut self) -> Option<Vec<u8>> {
         match self.back.try_recv() {
-            Ok(buffer) => Ok(buffer),
+            Ok(buffer) => Some(buffer),
             Err(_) if self.made < POOL => {
                 self.made += 1;
-                Ok(vec![0u8; CHUNK])
+                Some(vec![0u8; CHUNK])
             }
-            Err(_) => Err(()),
+            Err(_) => None,
         }
     }
 
-    /// A buffer, waiting for one to come back on a blocking thread.
+    /// A buffer, waiting on a blocking thread for one to come back; `None`: the other side
+    /// stopped.
     fn take_blocking(&mut self) -> Option<Vec<u8>> {
-        self.take_now().ok().or_else(|| self.back.blocking_recv())
+        self.take_now().or_else(|| self.back.blocking_recv())
     }
 
-    /// A buffer, waiting for one to come back on a task.
+    /// A buffer, waiting on a task for one to come back; `None`: the other side stopped.
     async fn take(&mut self) -> Option<Vec<u8>> {
         match self.take_now() {
-            Ok(buffer) => Some(buffer),
-            Err(()) => self.back.recv().await,
+            Some(buffer) => Some(buffer),
+            None => self.back.recv().await,
         }
     }
 }
 
-/// Reads `stream` ahead on a task of its own, handing it over in full [`CHUNK`]s (the last may be
-/// shorter), as a blocking [`Read`]. Dropping the reader ends the task, which drops the stream.
-fn read_ahead(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static) -> ChunkReader {
+/// Reads Docker's export `stream` ahead on a task of its own, handing it over in full [`CHUNK`]s
+/// (the last may be shorter), as a blocking [`Read`]. Docker's error, when the reader comes to it,
+/// goes into `docker_failure` (converted with `what`). Dropping the reader ends the task at once,
+/// which drops the stream (and so ends the export).
+fn read_ahead(
+    stream: impl Stream<Item = Result<Bytes, bollard::errors::Error>> + Send + 'static,
+    docker_failure: Arc<Mutex<Option<SenderError>>>,
+    what: String,
+) -> ChunkReader {
     let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
-    let mut pool = Pool::new();
-    let returns = pool.returns.clone();
+    let (mut pool, returns) = Pool::new();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut pending = Bytes::new();
@@ -367,7 +399,11 @@ fn read_ahead(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'stati
             let mut ended = false;
             while len < CHUNK {
                 if pending.is_empty() {
-                    match stream.next().await {
+                    let next = tokio::select! {
+                        next = stream.next() => next,
+                        () = tx.closed() => return,
+                    };
+                    match next {
                         Some(Ok(bytes)) => pending = bytes,
                         Some(Err(e)) => {
                             let _ = tx.send(Err(e)).await;
@@ -396,15 +432,19 @@ fn read_ahead(stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'stati
         rx,
         returns,
         current: None,
+        docker_failure,
+        what,
     }
 }
 
 /// The blocking end of [`read_ahead`].
 struct ChunkReader {
-    rx: mpsc::Receiver<std::io::Result<(Vec<u8>, usize)>>,
+    rx: mpsc::Receiver<Result<(Vec<u8>, usize), bollard::errors::Error>>,
     returns: mpsc::UnboundedSender<Vec<u8>>,
     /// The chunk being read, its length and how far it was read.
     current: Option<(Vec<u8>, usize, usize)>,
+    docker_failure: Arc<Mutex<Option<SenderError>>>,
+    what: String,
 }
 
 impl Read for ChunkReader {
@@ -422,7 +462,15 @@ impl Read for ChunkReader {
                 }
                 None => match self.rx.blocking_recv() {
                     Some(Ok((chunk, len))) => self.current = Some((chunk, len, 0)),
-                    Some(Err(e)) => return Err(e),
+                    Some(Err(e)) => {
+                        let message = e.to_string();
+                        let mut slot = self
+                            .docker_failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(docker_error(&self.what, e));
+                        return Err(std::io::Error::other(message));
+                    }
                     None => return Ok(0),
                 },
             }
@@ -450,23 +498,26 @@ impl LayerWriter {
         mut sink: PackageSink,
         temp: TempFile,
         cache: LayerCache,
-        options: &CompressionOptions,
+        compression: deploy_protocol::Compression,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Self {
         let (tx, mut rx) = mpsc::channel::<(Vec<u8>, usize)>(QUEUED_CHUNKS);
         let (verdict, verdict_rx) = tokio::sync::oneshot::channel();
-        let pool = Pool::new();
-        let returns = pool.returns.clone();
+        let (pool, returns) = Pool::new();
         let runtime = handle.clone();
-        let compression = options.compression;
         let task = handle.spawn_blocking(move || {
+            // Released when this task ends, however it ends.
+            let _permit = permit;
             while let Some((chunk, len)) = rx.blocking_recv() {
                 runtime.block_on(sink.write(&chunk[..len]))?;
                 let _ = returns.send(chunk);
             }
-            let out = runtime.block_on(sink.finish())?;
+            drop(returns);
+            // Not kept (or the split stopped): the temp file goes with `temp`, unfinished.
             let Ok(Some((diff_id, uncompressed_size))) = verdict_rx.blocking_recv() else {
                 return Ok(None);
             };
+            let out = runtime.block_on(sink.finish())?;
             runtime
                 .block_on(out.file.sync_all())
                 .map_err(|e| SenderError::io(format!("cannot sync {}", temp.0.display()), e))?;
@@ -493,7 +544,7 @@ impl LayerWriter {
     }
 
     /// A buffer to read the next bytes into (a new one if the writer has stopped: [`write`]
-    /// then reports why).
+    /// then says so).
     ///
     /// [`write`]: LayerWriter::write
     fn buffer(&mut self) -> Vec<u8> {
@@ -502,20 +553,12 @@ impl LayerWriter {
             .unwrap_or_else(|| vec![0u8; CHUNK])
     }
 
-    /// Hands the first `len` bytes of `chunk` over; the writer's own error when it has stopped.
-    fn write(&mut self, handle: &Handle, chunk: Vec<u8>, len: usize) -> Result<(), SenderError> {
-        if self.tx.blocking_send((chunk, len)).is_ok() {
-            return Ok(());
-        }
-        match handle.block_on(&mut self.task) {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(_)) => Err(SenderError::Internal(
-                "the layer writer stopped before the layer's end".into(),
-            )),
-            Err(e) => Err(SenderError::Internal(format!(
-                "the layer writer failed: {e}"
-            ))),
-        }
+    /// Hands the first `len` bytes of `chunk` over. An error when the writer has stopped: its own
+    /// error is what its task returns, once [`end`](LayerWriter::end)ed.
+    fn write(&mut self, chunk: Vec<u8>, len: usize) -> Result<(), SenderError> {
+        self.tx.blocking_send((chunk, len)).map_err(|_| {
+            SenderError::Internal("the layer writer stopped before the layer's end".into())
+        })
     }
 
     /// Ends the layer: kept as `verdict` (committed to the cache) or removed.
@@ -544,6 +587,8 @@ impl Drop for TempFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::layers::digest_hex;
+    use crate::pipeline::progress::NoProgress;
 
     fn plan() -> SplitPlan {
         let wanted = format!("sha256:{}", "b".repeat(64));
@@ -575,5 +620,88 @@ mod tests {
         assert_eq!(kind(&format!("blobs/sha256/{a}")), "config");
         assert_eq!(kind(&format!("blobs/sha256/{b}")), format!("sha256:{b}"));
         assert_eq!(kind(&format!("blobs/sha256/{}", "c".repeat(64))), "skip");
+    }
+
+    /// An archive of one entry `path` holding `size` bytes of a pattern.
+    fn archive(path: &str, size: usize) -> Vec<u8> {
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(size as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, path, data.as_slice())
+            .expect("entry");
+        builder.into_inner().expect("tar")
+    }
+
+    /// A reader that breaks off with an error after `limit` bytes. A fake, for a fault that
+    /// cannot be caused for real: Docker's export stream failing mid-layer.
+    struct BreaksAfter {
+        bytes: std::io::Cursor<Vec<u8>>,
+        limit: u64,
+    }
+
+    impl Read for BreaksAfter {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let left = self.limit.saturating_sub(self.bytes.position());
+            if left == 0 {
+                return Err(std::io::Error::other("the export broke off"));
+            }
+            let n = out.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            self.bytes.read(&mut out[..n])
+        }
+    }
+
+    async fn split(
+        reader: impl Read + Send + 'static,
+        plan: SplitPlan,
+    ) -> (SenderError, Vec<String>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = LayerCache::open(dir.path(), u64::MAX).await.expect("cache");
+        let handle = Handle::current();
+        let options = CompressionOptions::default();
+        let blobs = cache.blobs_dir();
+        let err = tokio::task::spawn_blocking(move || {
+            split_blocking(reader, &handle, &cache, &plan, &options, &NoProgress)
+        })
+        .await
+        .expect("split task")
+        .expect_err("the split fails");
+        let left = std::fs::read_dir(blobs)
+            .expect("blobs dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        (err, left)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_export_breaking_off_mid_layer_fails_and_leaves_no_temp_file_once_split_returns() {
+        let bytes = archive(&format!("{}/layer.tar", "c".repeat(64)), 3 << 20);
+        let reader = BreaksAfter {
+            bytes: std::io::Cursor::new(bytes),
+            limit: 2 << 20,
+        };
+        let (err, left) = split(reader, plan()).await;
+        assert!(err.to_string().contains("the export broke off"), "{err}");
+        assert!(left.is_empty(), "nothing is left in the cache: {left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_named_layer_hashing_to_another_diff_id_fails_and_leaves_no_temp_file() {
+        let plan = plan();
+        let named = plan.wanted.iter().next().expect("wanted").clone();
+        let bytes = archive(
+            &format!("blobs/sha256/{}", digest_hex(&named).expect("hex")),
+            1 << 20,
+        );
+        let (err, left) = split(std::io::Cursor::new(bytes), plan).await;
+        assert_eq!(
+            err.code(),
+            deploy_protocol::ErrorCode::ChecksumMismatch,
+            "{err}"
+        );
+        assert!(left.is_empty(), "nothing is left in the cache: {left:?}");
     }
 }
