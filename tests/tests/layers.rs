@@ -283,11 +283,23 @@ async fn blobs_go_on_as_many_connections_at_once_as_configured_and_wait_out_a_bu
         let outcome = send_release(calls, &image, &ReleaseAction::Load, Arc::new(NoProgress))
             .await
             .expect("load");
-        let sent = fates(&outcome)
+        let fates = fates(&outcome);
+        let sent = fates.iter().filter(|f| **f == LayerFate::Sent).count();
+        // Every missing layer went over the wire. With several connections, a PATCH the receiver
+        // answers 429 before reading its body may see its connection closed while it is still
+        // writing the body: a send error instead of the 429, which the sender counts as an
+        // interruption and reports as resumed (from offset 0).
+        let transferred = fates
             .iter()
-            .filter(|f| **f == LayerFate::Sent)
+            .filter(|f| matches!(f, LayerFate::Sent | LayerFate::Resumed))
             .count();
-        assert_eq!(sent, missing, "{:?}", fates(&outcome));
+        assert_eq!(transferred, missing, "{fates:?}");
+        if connections == 1 {
+            assert_eq!(
+                sent, missing,
+                "one blob at a time is never interrupted: {fates:?}"
+            );
+        }
         let used = proxy.patch_connections.load(Ordering::Relaxed) - before;
         let busy = proxy.busy_answers.load(Ordering::Relaxed) - busy_before;
         if connections > 1 {
