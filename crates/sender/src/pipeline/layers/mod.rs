@@ -5,6 +5,7 @@
 
 mod cache;
 mod chain;
+mod handover;
 mod lru;
 mod split;
 
