@@ -15,7 +15,8 @@ Rows: (1) redeploy after a top-layer-only change: wire bytes vs that layer's com
 deploy in a comparison setting side by side (by default every blob sent before the load,
 `DEPLOY_AWAIT_BLOBS=0`; `--compare-env KEY=VALUE`, `--compare-receiver PATH` and
 `--compare-sender PATH` choose another, e.g. `--compare-env DEPLOY_BLOB_CONNECTIONS=3`, or an
-older receiver or sender binary); (6) peak RSS of
+older receiver or sender binary; `--compare-full` deploys the whole image as one v1 package
+(`deploy --full`), the path every deploy took before protocol v2); (6) peak RSS of
 both services moving an image of --rss-mib. See docs/PERFORMANCE.md.
 """
 
@@ -229,6 +230,16 @@ def blob_checks(proxy):
     return f"blob checks by load {found.get('load', 0)}, by upload {found.get('upload', 0)}"
 
 
+def before_send(outcome):
+    """What a deploy's --json says of its time before the receiver's stages: a release's prepare
+    and inventory-to-answer, or a v1 package's size and request time."""
+    if "prepare" in outcome:
+        return (f"prepare {outcome['prepare']['duration_ms']} ms,"
+                f" transfer+load {outcome['transfer_duration_ms']} ms")
+    return (f"package {outcome['package']['package_size']} B,"
+            f" request {outcome['transfer']['request_duration_ms']} ms")
+
+
 def stage(record, name):
     return next((s["duration_ms"] for s in record.get("stages", []) if s["stage"] == name), 0)
 
@@ -249,16 +260,19 @@ def main():
                          " DEPLOY_AWAIT_BLOBS=0 unless --compare-receiver is given)")
     ap.add_argument("--compare-receiver", metavar="PATH",
                     help="the receiver binary of the cold comparison deploy's host (default: --bin-dir's)")
+    ap.add_argument("--compare-full", action="store_true",
+                    help="the comparison deploy sends the whole image as one v1 package (--full)")
     ap.add_argument("--compare-sender", metavar="PATH",
                     help="the sender binary of the cold comparison deploy (default: --bin-dir's)")
     args = ap.parse_args()
     if args.compare_env is None:
-        other_binary = args.compare_receiver or args.compare_sender
-        args.compare_env = [] if other_binary else ["DEPLOY_AWAIT_BLOBS=0"]
+        other = args.compare_receiver or args.compare_sender or args.compare_full
+        args.compare_env = [] if other else ["DEPLOY_AWAIT_BLOBS=0"]
     compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
     compare_label = ", ".join([f"`{kv}`" for kv in args.compare_env]
                               + ([f"receiver `{args.compare_receiver}`"] if args.compare_receiver else [])
-                              + ([f"sender `{args.compare_sender}`"] if args.compare_sender else []))
+                              + ([f"sender `{args.compare_sender}`"] if args.compare_sender else [])
+                              + (["the whole image as a v1 package (`--full`)"] if args.compare_full else []))
     global BIN
     BIN = Path(args.bin_dir)
     work = Path(args.work)
@@ -334,7 +348,8 @@ def main():
             healthy = time_to_healthy(h3, "ltxb-cold")
             floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
             m7, o7, _ = deploy(cold, p6, "ltxb-cold", work / f"cold-serial-sender-{run}",
-                               extra_env=compare_env, health="docker", sender=args.compare_sender)
+                               extra_env=compare_env, health="docker", sender=args.compare_sender,
+                               full=args.compare_full)
             rec7 = o7["deployment"]
             serial = m7.wall - (stage(rec7, "start") + stage(rec7, "health_check") + stage(rec7, "health")) / 1000
             ratios.append(ours / floor.wall)
@@ -349,8 +364,8 @@ def main():
                   f" (prepare {o6['prepare']['duration_ms']} ms,"
                   f" transfer+load {o6['transfer_duration_ms']} ms, receiver stages "
                   f"{[(s['stage'], s['duration_ms']) for s in rec.get('stages', [])]});"
-                  f" compared ({compare_label}) {serial_lines[-1]} (prepare {o7['prepare']['duration_ms']} ms,"
-                  f" transfer+load {o7['transfer_duration_ms']} ms, receiver stages "
+                  f" compared ({compare_label}) {serial_lines[-1]} ({before_send(o7)},"
+                  f" receiver stages "
                   f"{[(s['stage'], s['duration_ms']) for s in rec7.get('stages', [])]})", file=sys.stderr)
             print(f"cold run {run + 1}: ours {blob_checks(p3)}; compared {blob_checks(p6)}", file=sys.stderr)
             for s_ in (s3, s6):

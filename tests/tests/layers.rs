@@ -285,10 +285,11 @@ async fn blobs_go_on_as_many_connections_at_once_as_configured_and_wait_out_a_bu
             .expect("load");
         let fates = fates(&outcome);
         let sent = fates.iter().filter(|f| **f == LayerFate::Sent).count();
-        // Every missing layer went over the wire. With several connections, a PATCH the receiver
-        // answers 429 before reading its body may see its connection closed while it is still
-        // writing the body: a send error instead of the 429, which the sender counts as an
-        // interruption and reports as resumed (from offset 0).
+        // Every missing layer went over the wire. With several connections a layer was once
+        // reported resumed (from offset 0) in CI: its PATCH saw a send error, probably a 429
+        // answered before the body was read and the connection closed under the writing client.
+        // The receiver now drains a refused body while it answers (receiver tests/v2_blobs.rs,
+        // `a_busy_patch_is_answered_...`), but that cause was never proven, so this stays lenient.
         let transferred = fates
             .iter()
             .filter(|f| matches!(f, LayerFate::Sent | LayerFate::Resumed))

@@ -201,20 +201,27 @@ impl SharedBody {
     }
 
     fn drain_in_background(&self) {
-        let Some(mut stream) = self.body.lock().ok().and_then(|mut b| b.take()) else {
-            return;
-        };
-        tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + DRAIN_TIME;
-            let mut drained = 0u64;
-            while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
-                drained += chunk.len() as u64;
-                if drained > DRAIN_LIMIT {
-                    break;
-                }
-            }
-        });
+        if let Some(stream) = self.body.lock().ok().and_then(|mut b| b.take()) {
+            drain_in_background(stream);
+        }
     }
+}
+
+/// Reads and discards the rest of a refused request's body on a task of its own (at most
+/// [`DRAIN_LIMIT`] bytes for [`DRAIN_TIME`]) while the answer goes out. Without it the connection
+/// closes with the client's bytes unread, the kernel answers them with a reset, and a client still
+/// sending its body can see that reset instead of the answer.
+pub fn drain_in_background(mut stream: BodyDataStream) {
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+        let mut drained = 0u64;
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
+            drained += chunk.len() as u64;
+            if drained > DRAIN_LIMIT {
+                break;
+            }
+        }
+    });
 }
 
 async fn receive(

@@ -8,6 +8,7 @@ use common::v2::{layer_tar, patch_cut, settled_offset, synthetic, Built, V2};
 use common::{guard, start_receiver, start_receiver_with, temp_dir, Guard};
 use deploy_protocol::{Checksum, Compression, LayerState, ReleaseStatus};
 use reqwest::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn tag(what: &str) -> String {
     format!("layers-rx-{what}-{}:v1", uuid::Uuid::new_v4().simple())
@@ -189,6 +190,86 @@ async fn a_blob_no_signed_release_names_is_not_found() {
         .blobs()
         .partial_path(&blake3)
         .exists());
+    receiver.stop().await;
+}
+
+/// A `PATCH` that finds every upload slot taken is answered `429 BUSY` while its client is still
+/// sending a large body, nothing of that body is written, and the same body goes in once the
+/// slot is free. The receiver reads and discards a refused body while it answers: a client that
+/// writes its whole body before reading (as a sender behind a proxy effectively does) otherwise
+/// gets a reset instead of the `429` (this test's raw client did, every time, before the drain),
+/// and a sender counts a reset as an interruption, not as "busy, wait".
+#[tokio::test]
+async fn a_busy_patch_is_answered_while_its_body_is_still_coming_and_writes_none_of_it() {
+    let dir = temp_dir();
+    let receiver = start_receiver_with(dir.path(), |c| c.max_concurrent_uploads = 1).await;
+    let v2 = V2::new(&receiver.base);
+    let tars = [
+        layer_tar("slow", 64 * 1024, 11),
+        layer_tar("big", 24 << 20, 12),
+    ];
+    let built = synthetic(&tars, Compression::None, &[]).await;
+    registered(&v2, &built).await;
+    let addr: std::net::SocketAddr = receiver
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let in_flight = |want: i64| {
+        let gauge = receiver.state.metrics().uploads_in_flight().clone();
+        async move {
+            let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while gauge.get() != want {
+                assert!(
+                    std::time::Instant::now() < give_up,
+                    "uploads in flight: {} (want {want})",
+                    gauge.get()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // Holds the one upload slot: its head and 100 bytes sent, the rest withheld.
+    let (slow, slow_blob) = built.blob(0);
+    let holder = patch_cut(addr, &slow, 0, slow_blob.len(), &slow_blob[..100]).await;
+    in_flight(1).await;
+    let (big, big_blob) = built.blob(1);
+    for round in 1..=3 {
+        let answer = v2
+            .try_patch(&big, 0, big_blob.to_vec())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:?} instead of the 429"));
+        assert_eq!(
+            (answer.status, answer.code()),
+            (StatusCode::TOO_MANY_REQUESTS, "BUSY"),
+            "round {round}: {}",
+            answer.body
+        );
+    }
+    // A client that writes its whole body before it reads (as one behind a proxy may): the
+    // receiver reads the body on after answering, so the write completes and the 429 is there.
+    let mut raw = patch_cut(addr, &big, 0, big_blob.len(), &[]).await;
+    raw.write_all(big_blob)
+        .await
+        .expect("the whole body written: the receiver drains it after answering");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), raw.read(&mut byte))
+            .await
+            .expect("the answer within 10 s")
+            .expect("the answer, not a reset");
+        assert_eq!(read, 1, "connection closed before the answer: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    drop(raw);
+    assert_eq!(v2.head(&big).await.offset, Some(0), "nothing of it written");
+    drop(holder);
+    in_flight(0).await;
+    let sent = v2.patch(&big, 0, big_blob).await;
+    assert_eq!(sent.status, StatusCode::NO_CONTENT, "{}", sent.body);
     receiver.stop().await;
 }
 

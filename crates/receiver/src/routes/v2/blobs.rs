@@ -12,7 +12,8 @@ use deploy_protocol::{Checksum, ErrorBody};
 
 use crate::auth::{authenticate, Signed};
 use crate::error::{ReceiverError, Result};
-use crate::state::AppState;
+use crate::spool::drain_in_background;
+use crate::state::{AppState, UploadSlot};
 use crate::v2::blob_upload::{self, Expected, Outcome, UploadError};
 use crate::v2::blobs::BlobState;
 
@@ -103,6 +104,7 @@ pub async fn patch(
     request: Request,
 ) -> Result<impl IntoResponse> {
     let (parts, body) = request.into_parts();
+    let mut body = body.into_data_stream();
     // The path's digest is the signed content: a malformed one cannot have been signed.
     let parsed = parse(&hex);
     authenticate(
@@ -110,36 +112,35 @@ pub async fn patch(
         &parts,
         parsed.as_ref().unwrap_or(&Checksum::empty()),
     )?;
-    let blake3 = parsed?;
-    let offset: u64 = parts
-        .headers
-        .get(UPLOAD_OFFSET)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            ReceiverError::Validation(format!("{UPLOAD_OFFSET} is required: a byte offset"))
-        })?;
-    let expected = expected(&state, &blake3)?;
-    let slot = state.upload_slot()?;
+    // Authenticated: a refusal from here on (BUSY above all, when a sender's blob connections
+    // outnumber the free upload slots) drains the body while the answer goes out, so that the
+    // sender reads the answer instead of a reset it would count as an interruption.
+    let (expected, offset, slot) = match admit(&state, &parts, parsed) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            drain_in_background(body);
+            return Err(refusal);
+        }
+    };
     let idle = Duration::from_secs(state.config().upload_idle_timeout_secs.max(1));
     // The write runs in its own task: if the connection goes and this handler is dropped, what
     // arrived is still fsynced and the writer slot released.
     let task_state = state.clone();
     let task = tokio::spawn(async move {
-        let _slot = slot;
         let layers = task_state.layers();
         let before = match layers.blobs().state(&expected.blake3) {
             BlobState::Partial(n) => n,
             _ => 0,
         };
-        let result = blob_upload::receive(
-            layers.blobs(),
-            &expected,
-            offset,
-            body.into_data_stream(),
-            idle,
-        )
-        .await;
+        let result = blob_upload::receive(layers.blobs(), &expected, offset, &mut body, idle).await;
+        drop(slot);
+        if let Err(e) = &result {
+            if !matches!(e, UploadError::Cut { .. } | UploadError::Idle { .. }) {
+                // Refused, or failed, with the body not read to its end: drain it, so that the
+                // answer (409, 413, 507...) is what the sender reads.
+                drain_in_background(body);
+            }
+        }
         let after = match &result {
             Ok(Outcome::Partial(n)) => *n,
             Ok(Outcome::Complete(..)) => expected.size,
@@ -169,6 +170,26 @@ pub async fn patch(
         Ok(Outcome::Complete(..)) => Ok((StatusCode::NO_CONTENT, offset_headers(size, size))),
         Err(e) => Err(upload_error(e)),
     }
+}
+
+/// An authenticated `PATCH`'s blob, its `Upload-Offset` and an upload slot, or the refusal.
+fn admit(
+    state: &AppState,
+    parts: &http::request::Parts,
+    parsed: Result<Checksum>,
+) -> Result<(Expected, u64, UploadSlot)> {
+    let blake3 = parsed?;
+    let offset: u64 = parts
+        .headers
+        .get(UPLOAD_OFFSET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            ReceiverError::Validation(format!("{UPLOAD_OFFSET} is required: a byte offset"))
+        })?;
+    let expected = expected(state, &blake3)?;
+    let slot = state.upload_slot()?;
+    Ok((expected, offset, slot))
 }
 
 fn upload_error(e: UploadError) -> ReceiverError {
