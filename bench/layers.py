@@ -257,7 +257,8 @@ def main():
                     help="where deploy-sender and deploy-receiver are (default target/release)")
     ap.add_argument("--compare-env", action="append", metavar="KEY=VALUE",
                     help="the cold comparison deploy's sender environment (repeatable; default"
-                         " DEPLOY_AWAIT_BLOBS=0 unless --compare-receiver is given)")
+                         " DEPLOY_AWAIT_BLOBS=0 unless --compare-receiver, --compare-sender or"
+                         " --compare-full is given)")
     ap.add_argument("--compare-receiver", metavar="PATH",
                     help="the receiver binary of the cold comparison deploy's host (default: --bin-dir's)")
     ap.add_argument("--compare-full", action="store_true",
@@ -344,14 +345,14 @@ def main():
             s6, p6 = receiver(h6, work, f"h6r{run}", args.compare_receiver); services.append(s6)
             m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / f"cold-sender-{run}", health="docker")
             rec = o6["deployment"]
-            ours = m6.wall - (stage(rec, "start") + stage(rec, "health_check") + stage(rec, "health")) / 1000
+            ours = m6.wall - (stage(rec, "start") + stage(rec, "health")) / 1000
             healthy = time_to_healthy(h3, "ltxb-cold")
             floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
             m7, o7, _ = deploy(cold, p6, "ltxb-cold", work / f"cold-serial-sender-{run}",
                                extra_env=compare_env, health="docker", sender=args.compare_sender,
                                full=args.compare_full)
             rec7 = o7["deployment"]
-            serial = m7.wall - (stage(rec7, "start") + stage(rec7, "health_check") + stage(rec7, "health")) / 1000
+            serial = m7.wall - (stage(rec7, "start") + stage(rec7, "health")) / 1000
             ratios.append(ours / floor.wall)
             serial_ratios.append(serial / floor.wall)
             whole_ratios.append(m6.wall / (floor.wall + healthy))
