@@ -193,6 +193,53 @@ async fn a_blob_no_signed_release_names_is_not_found() {
     receiver.stop().await;
 }
 
+/// The status line and headers of the answer on a raw connection (within 10 s).
+async fn answer_head(raw: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), raw.read(&mut byte))
+            .await
+            .expect("the answer within 10 s")
+            .expect("the answer, not a reset");
+        assert_eq!(read, 1, "connection closed before the answer: {head:?}");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A `PATCH` whose body stalls is answered `408 TIMEOUT` (which a sender retries from the
+/// offset), with the bytes it sent kept and reported in `Upload-Offset`.
+#[tokio::test]
+async fn a_stalled_patch_is_a_timeout_with_what_it_sent_kept() {
+    let dir = temp_dir();
+    let receiver = start_receiver_with(dir.path(), |c| c.upload_idle_timeout_secs = 1).await;
+    let v2 = V2::new(&receiver.base);
+    let built = synthetic(
+        &[layer_tar("stall", 256 * 1024, 41)],
+        Compression::None,
+        &[],
+    )
+    .await;
+    registered(&v2, &built).await;
+    let addr: std::net::SocketAddr = receiver
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let (blake3, blob) = built.blob(0);
+    // The head and 10000 bytes, then nothing, the connection held open.
+    let mut raw = patch_cut(addr, &blake3, 0, blob.len(), &blob[..10_000]).await;
+    let head = answer_head(&mut raw).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(head.contains("upload-offset: 10000\r\n"), "{head}");
+    drop(raw);
+    assert_eq!(v2.head(&blake3).await.offset, Some(10_000));
+    let rest = v2.patch(&blake3, 10_000, &blob[10_000..]).await;
+    assert_eq!(rest.status, StatusCode::NO_CONTENT, "{}", rest.body);
+    receiver.stop().await;
+}
+
 /// A `PATCH` that finds every upload slot taken is answered `429 BUSY` while its client is still
 /// sending a large body, nothing of that body is written, and the same body goes in once the
 /// slot is free. The receiver reads and discards a refused body while it answers: a client that
@@ -252,17 +299,7 @@ async fn a_busy_patch_is_answered_while_its_body_is_still_coming_and_writes_none
     raw.write_all(big_blob)
         .await
         .expect("the whole body written: the receiver drains it after answering");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), raw.read(&mut byte))
-            .await
-            .expect("the answer within 10 s")
-            .expect("the answer, not a reset");
-        assert_eq!(read, 1, "connection closed before the answer: {head:?}");
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let head = answer_head(&mut raw).await;
     assert!(head.starts_with("HTTP/1.1 429"), "{head}");
     drop(raw);
     assert_eq!(v2.head(&big).await.offset, Some(0), "nothing of it written");
@@ -474,6 +511,59 @@ async fn load_waiting_on_half_of(
         "the load waits for the rest of the blob"
     );
     (load, half)
+}
+
+/// A client that goes away while its load is under way does not cut the load short: the load
+/// runs to its end in the receiver (the image loaded, checked against the signed one and
+/// tagged), as a deployment does, and the client finds it done when it asks again.
+#[tokio::test]
+async fn a_load_whose_client_went_away_still_runs_to_its_end() {
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    let v2 = V2::new(&receiver.base);
+    let (image, mut cleanup) = cleaned_tag("orphaned");
+    let tars = [
+        layer_tar("base", 1 << 20, 31),
+        layer_tar("top", 64 * 1024, 32),
+    ];
+    let built = synthetic(&tars, Compression::Zstd, &[&image]).await;
+    cleanup.remove_image(&built.manifest.image_id.to_string());
+    registered(&v2, &built).await;
+    let (load, half) = load_waiting_on_half_of(&v2, &built, 0).await;
+    // The client goes away: its request and connection are dropped mid-load.
+    load.abort();
+    assert!(load.await.is_err(), "the client's request was dropped");
+    let (base, base_blob) = built.blob(0);
+    assert_eq!(
+        v2.patch(&base, half as u64, &base_blob[half..])
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    let (top, top_blob) = built.blob(1);
+    assert_eq!(
+        v2.patch(&top, 0, top_blob).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let docker = common::docker().await;
+    let want = built.manifest.image_id.to_string();
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Ok(found) = docker.inspect_image(&image).await {
+            assert_eq!(found.id.as_deref(), Some(want.as_str()), "the signed image");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the load of a client that went away never tagged {image}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Asked again, the release loads at once: every layer is the engine's now.
+    let again = v2.load(built.manifest.release_id).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(again.body["image_id"], want);
+    receiver.stop().await;
 }
 
 #[tokio::test]

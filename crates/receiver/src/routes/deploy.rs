@@ -30,5 +30,7 @@ pub async fn create(
     State(state): State<AppState>,
     Signed(request): Signed<DeployRequest>,
 ) -> Result<Json<DeploymentRecord>> {
-    Ok(Json(deploy::deploy(&state, request).await?))
+    Ok(Json(
+        super::to_the_end(async move { deploy::deploy(&state, request).await }).await?,
+    ))
 }

@@ -15,6 +15,7 @@ use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::blobs::{BlobMeta, BlobStore, Followed, WriteClaim};
+use crate::deadline::BodyTimeout;
 
 /// Bytes written between two fsyncs while a body streams.
 pub const SYNC_EVERY: u64 = 8 << 20;
@@ -113,6 +114,14 @@ pub enum UploadError {
         /// Durable offset.
         held: u64,
     },
+    /// The body missed its deadline (the request's idle or minimum-rate deadline).
+    #[error("{why}; {held} bytes are kept")]
+    Deadline {
+        /// Durable offset.
+        held: u64,
+        /// Which deadline.
+        why: String,
+    },
     /// The connection broke off mid-body.
     #[error("the request body broke off after {held} durable bytes: {why}")]
     Cut {
@@ -140,6 +149,7 @@ impl UploadError {
             | UploadError::TooLarge { held, .. }
             | UploadError::StorageFull { held, .. }
             | UploadError::Idle { held, .. }
+            | UploadError::Deadline { held, .. }
             | UploadError::Cut { held, .. }
             | UploadError::Io { held, .. } => Some(*held),
             UploadError::Mismatch { .. } => None,
@@ -148,7 +158,7 @@ impl UploadError {
 }
 
 /// Appends `body` to the blob at `offset`.
-pub async fn receive<E: std::fmt::Display>(
+pub async fn receive<E: std::error::Error + 'static>(
     store: &Arc<BlobStore>,
     expected: &Expected,
     offset: u64,
@@ -194,7 +204,7 @@ fn claim_offset(store: &BlobStore, claim: &WriteClaim) -> u64 {
 }
 
 /// Writes the body after `held` bytes; returns the durable length.
-async fn append<E: std::fmt::Display>(
+async fn append<E: std::error::Error + 'static>(
     claim: &WriteClaim,
     expected: &Expected,
     held: u64,
@@ -222,10 +232,15 @@ async fn append<E: std::fmt::Display>(
             }
             Ok(None) => break Ok(()),
             Ok(Some(Err(e))) => {
-                break Err(UploadError::Cut {
-                    held: 0,
-                    why: e.to_string(),
-                })
+                // The request's own deadline (crate::deadline) ends the body with an error of
+                // its own: a stall, as the idle timer here would have called it, not a cut.
+                break Err(match BodyTimeout::find(&e) {
+                    Some(why) => UploadError::Deadline { held: 0, why },
+                    None => UploadError::Cut {
+                        held: 0,
+                        why: e.to_string(),
+                    },
+                });
             }
             Ok(Some(Ok(chunk))) => chunk,
         };
@@ -283,6 +298,7 @@ fn with_held(error: UploadError, written: u64) -> UploadError {
             held: written,
         },
         UploadError::Cut { why, .. } => UploadError::Cut { held: written, why },
+        UploadError::Deadline { why, .. } => UploadError::Deadline { held: written, why },
         UploadError::TooLarge { blake3, size, .. } => UploadError::TooLarge {
             blake3,
             size,

@@ -135,7 +135,10 @@ pub async fn patch(
         let result = blob_upload::receive(layers.blobs(), &expected, offset, &mut body, idle).await;
         drop(slot);
         if let Err(e) = &result {
-            if !matches!(e, UploadError::Cut { .. } | UploadError::Idle { .. }) {
+            if !matches!(
+                e,
+                UploadError::Cut { .. } | UploadError::Idle { .. } | UploadError::Deadline { .. }
+            ) {
                 // Refused, or failed, with the body not read to its end: drain it, so that the
                 // answer (409, 413, 507...) is what the sender reads.
                 drain_in_background(body);
@@ -146,7 +149,13 @@ pub async fn patch(
             Ok(Outcome::Complete(..)) => expected.size,
             Err(e) => e.held().unwrap_or(0),
         };
-        if offset == before && after > before {
+        // A request refused for another writer's sake (409) wrote nothing: what its answer
+        // reports is that writer's, counted by that writer's request.
+        let wrote = !matches!(
+            result,
+            Err(UploadError::InUse { .. } | UploadError::OffsetMismatch { .. })
+        );
+        if wrote && offset == before && after > before {
             layers.metrics().received_bytes(after - before);
             if before > 0 {
                 layers.metrics().resumed(before);
@@ -204,7 +213,7 @@ fn upload_error(e: UploadError) -> ReceiverError {
         },
         UploadError::Mismatch { .. } => ReceiverError::ChecksumMismatch(message),
         UploadError::StorageFull { .. } => ReceiverError::InsufficientStorage(message),
-        UploadError::Idle { .. } => ReceiverError::Timeout(message),
+        UploadError::Idle { .. } | UploadError::Deadline { .. } => ReceiverError::Timeout(message),
         UploadError::Cut { .. } => ReceiverError::Validation(message),
         UploadError::Io { error, .. } => ReceiverError::Io(error),
     };

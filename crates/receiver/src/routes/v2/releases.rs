@@ -142,7 +142,10 @@ pub async fn load(
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     let arrival = ArrivalQuery::arrival(query)?;
     Ok(Json(
-        crate::v2::load::load_release(&state, id, arrival).await?,
+        super::super::to_the_end(async move {
+            crate::v2::load::load_release(&state, id, arrival).await
+        })
+        .await?,
     ))
 }
 
@@ -173,6 +176,9 @@ pub async fn deploy(
     let arrival = ArrivalQuery::arrival(query)?;
     let manifest = crate::v2::load::release(&state, id)?;
     Ok(Json(
-        crate::deploy::deploy_release(&state, &manifest, arrival).await?,
+        super::super::to_the_end(async move {
+            crate::deploy::deploy_release(&state, &manifest, arrival).await
+        })
+        .await?,
     ))
 }
