@@ -414,6 +414,69 @@ async fn a_connection_cut_mid_blob_resumes_from_the_receivers_offset_without_a_r
     assert_eq!(container_image(&host, &name), images.id(&app));
 }
 
+/// A transfer whose blob another writer holds (here an earlier transfer stalled mid-blob, its
+/// `PATCH` kept by the receiver until its idle timeout) is answered `409 CONFLICT` until then: it
+/// waits the other writer out and sends the rest, instead of failing after a few answers.
+#[tokio::test]
+async fn a_blob_held_by_a_stalled_writer_is_waited_for_and_then_sent() {
+    let images = Images::default();
+    let base = images.base(64 * 1024);
+    let app = images.app(&base, 8 * MIB);
+    let host = cold_host("ltx9").await;
+    let (_daemon, proxy) =
+        Proxy::with_receiver_env(&host.docker_host(), &[("UPLOAD_IDLE_TIMEOUT_SECS", "6")]).await;
+    let sender = Sender::new().await;
+    let target = target(&proxy.url);
+    let image = sender.prepare(&app).await;
+    let below: u64 = image.layers[..2].iter().map(|l| l.blob.size).sum();
+    let top = image.layers[2].blob.size;
+    let stall_at = below + top / 2;
+    proxy.fault_after(stall_at, Fault::Stall);
+
+    // The first transfer stalls half-way through the top blob and never ends by itself.
+    let stalled = send_release(
+        sender.calls(&target),
+        &image,
+        &ReleaseAction::Load,
+        Arc::new(NoProgress),
+    );
+    let second = async {
+        while proxy.sent() < stall_at {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        let outcome = send_release(
+            sender.calls(&target),
+            &image,
+            &ReleaseAction::Load,
+            Arc::new(NoProgress),
+        )
+        .await;
+        (outcome, started.elapsed())
+    };
+    tokio::pin!(stalled, second);
+    let (outcome, took) = tokio::select! {
+        out = &mut second => out,
+        _ = &mut stalled => second.await,
+    };
+    let outcome = outcome.expect("the second transfer waits out the stalled writer");
+    assert_eq!(
+        outcome.layers[2].fate,
+        LayerFate::Resumed,
+        "{:?}",
+        outcome.layers
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "it waited for the receiver to end the stalled writer ({took:?})"
+    );
+    assert!(
+        host_has_image(&host, &images.id(&app)),
+        "the build host's image"
+    );
+}
+
 #[tokio::test]
 async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
     let images = Images::default();

@@ -3,17 +3,19 @@
 //! busy receiver is followed by the backoff, a `HEAD` and a `PATCH` from the offset it reports; a
 //! `409` (offset mismatch, or another writer still finishing) by a `HEAD`: bytes are never sent
 //! at an offset the receiver has not confirmed. An attempt that moves the offset forward starts
-//! the backoff afresh, so a flaky link still finishes.
+//! the backoff afresh, so a flaky link still finishes. Another writer holding the blob is waited
+//! for as long as it moves the blob forward, and up to [`MAX_CONFLICT_WAIT`] when it does not. A
+//! `PATCH` answered before its body ended (a refusal) stops sending the body there.
 
 use std::io::SeekFrom;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deploy_protocol::release::{paths, BlobRef, BLOB_CONTENT_TYPE, UPLOAD_OFFSET};
 use deploy_protocol::{Checksum, ErrorCode};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, StatusCode, Url};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -21,8 +23,12 @@ use super::releases::{backoff, signed, ReleaseCalls};
 use super::retry::{classify_send_error, remote_error};
 use crate::SenderError;
 
-/// Most `409` answers in a row before giving up (each is followed by a `HEAD`).
-const MAX_CONFLICTS: usize = 8;
+/// Longest a blob waits while another writer holds it (`409 CONFLICT`: another transfer of the
+/// same blob, or our own cut connection the receiver has not noticed yet) and its offset does not
+/// move: the receiver ends a stalled writer after its `UPLOAD_IDLE_TIMEOUT_SECS` (30 s by default).
+const MAX_CONFLICT_WAIT: Duration = Duration::from_secs(120);
+/// Longest pause between two looks at a blob another writer holds.
+const MAX_CONFLICT_DELAY: Duration = Duration::from_secs(2);
 /// Longest a blob waits, answered `429 BUSY` (each answer waited out for the receiver's
 /// `Retry-After`, 2 s from deploy-receiver), before the transfer fails; the wait starts again
 /// whenever the blob gets a slot and moves forward.
@@ -156,7 +162,10 @@ impl ReleaseCalls<'_> {
             ..BlobOutcome::default()
         };
         let mut delays = backoff(self.policy);
-        let mut conflicts = 0;
+        let mut conflicts = 0u32;
+        // Since when another writer has held the blob without moving it forward.
+        let mut stuck_since: Option<Instant> = None;
+        let mut conflict_delay = self.policy.min_delay;
         let mut busy = Duration::ZERO;
         while offset < blob.size {
             let sent = Arc::new(AtomicU64::new(0));
@@ -169,6 +178,8 @@ impl ReleaseCalls<'_> {
                 Attempt::Held(now) if now > offset => {
                     offset = now;
                     conflicts = 0;
+                    stuck_since = None;
+                    conflict_delay = self.policy.min_delay;
                     busy = Duration::ZERO;
                     delays = backoff(self.policy);
                     continue;
@@ -176,16 +187,20 @@ impl ReleaseCalls<'_> {
                 Attempt::Held(_) | Attempt::Conflict => {
                     conflicts += 1;
                     outcome.interruptions += 1;
-                    if conflicts > MAX_CONFLICTS {
+                    let since = *stuck_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > MAX_CONFLICT_WAIT {
                         return Err(SenderError::TransferFailed(format!(
-                            "blob {} kept conflicting at offset {offset}: is another sender \
-                             uploading it at the same time?",
-                            blob.blake3
+                            "blob {} stayed held by another writer at offset {offset} for {} s \
+                             (409 CONFLICT): is another sender uploading it at the same time?",
+                            blob.blake3,
+                            since.elapsed().as_secs()
                         )));
                     }
                     if conflicts > 1 {
-                        // Another writer (our own cut connection) may still be finishing.
-                        tokio::time::sleep(self.policy.min_delay).await;
+                        // Another writer (another transfer, or our own cut connection) is still
+                        // at it: look again after a pause, longer each time up to 2 s.
+                        tokio::time::sleep(conflict_delay).await;
+                        conflict_delay = (conflict_delay * 2).min(MAX_CONFLICT_DELAY);
                     }
                 }
                 Attempt::Busy(after) => {
@@ -237,8 +252,10 @@ impl ReleaseCalls<'_> {
             outcome.resumed_from = outcome.resumed_from.max(offset.min(blob.size));
             on_progress(offset);
             if offset > before {
+                // Moved forward (by us, or by another writer holding the blob).
                 delays = backoff(self.policy);
                 busy = Duration::ZERO;
+                stuck_since = None;
             }
         }
         Ok(outcome)
@@ -280,7 +297,19 @@ impl ReleaseCalls<'_> {
         }
         let remaining = blob.size - offset;
         let counter = Arc::clone(&sent);
+        // Set once the receiver has answered with a refusal while the body was still going: the
+        // body then ends with an error, which closes the connection, instead of sending on what
+        // the receiver only discards.
+        let refused = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&refused);
         let body = tokio_util::io::ReaderStream::with_capacity(file.take(remaining), 256 * 1024)
+            .map(move |chunk| {
+                if stop.load(Ordering::Relaxed) {
+                    Err(std::io::Error::other("answered before the body ended"))
+                } else {
+                    chunk
+                }
+            })
             .inspect_ok(move |chunk| {
                 counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             });
@@ -311,6 +340,9 @@ impl ReleaseCalls<'_> {
             Err(e) => return send_failure(&url, e),
         };
         let status = response.status();
+        if !status.is_success() {
+            refused.store(true, Ordering::Relaxed);
+        }
         let held = upload_offset(&response);
         if status.is_success() {
             let now = held.unwrap_or(offset + remaining);
