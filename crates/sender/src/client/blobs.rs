@@ -340,9 +340,6 @@ impl ReleaseCalls<'_> {
             Err(e) => return send_failure(&url, e),
         };
         let status = response.status();
-        if !status.is_success() {
-            refused.store(true, Ordering::Relaxed);
-        }
         let held = upload_offset(&response);
         if status.is_success() {
             let now = held.unwrap_or(offset + remaining);
@@ -350,6 +347,7 @@ impl ReleaseCalls<'_> {
             return Attempt::Held(now);
         }
         if status == StatusCode::CONFLICT {
+            refused.store(true, Ordering::Relaxed);
             return Attempt::Conflict;
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
@@ -359,9 +357,13 @@ impl ReleaseCalls<'_> {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse().ok())
                 .map(Duration::from_secs);
+            refused.store(true, Ordering::Relaxed);
             return Attempt::Busy(after);
         }
+        // The answer's body (the error) first: stopping the request's body may close the
+        // connection it comes on.
         let body = response.bytes().await.unwrap_or_default();
+        refused.store(true, Ordering::Relaxed);
         let error = remote_error(&url, status.as_u16(), &body);
         if is_transient(status) {
             Attempt::Transient(error)
