@@ -293,6 +293,15 @@ impl BlobStore {
     /// Sweeps blobs not being written: partial and complete files older than `ttl`, then the
     /// oldest partials until all partials fit in `budget` bytes. Returns how many went.
     pub fn sweep(&self, ttl: Duration, budget: u64) -> usize {
+        // Whether a blob is being written is checked again under the claim lock as each file
+        // goes: a `PATCH` that claims it meanwhile keeps it (and reads the offset it finds).
+        let remove = |hex: &str, path: &Path| {
+            let active = self.lock();
+            let claimed = hex
+                .parse::<Checksum>()
+                .is_ok_and(|blake3| active.contains_key(&blake3));
+            !claimed && std::fs::remove_file(path).is_ok()
+        };
         let active: Vec<String> = self.lock().keys().map(Checksum::to_hex).collect();
         let now = SystemTime::now();
         let mut removed = 0;
@@ -311,21 +320,21 @@ impl BlobStore {
                 let modified = meta.modified().unwrap_or(now);
                 let age = now.duration_since(modified).unwrap_or_default();
                 if age > ttl {
-                    if std::fs::remove_file(entry.path()).is_ok() {
+                    if remove(hex, &entry.path()) {
                         removed += 1;
                     }
                 } else if is_partial {
-                    partials.push((modified, meta.len(), entry.path()));
+                    partials.push((modified, meta.len(), entry.path(), hex.to_owned()));
                 }
             }
         }
         let mut total: u64 = partials.iter().map(|p| p.1).sum();
         partials.sort();
-        for (_, len, path) in partials {
+        for (_, len, path, hex) in partials {
             if total <= budget {
                 break;
             }
-            if std::fs::remove_file(&path).is_ok() {
+            if remove(&hex, &path) {
                 total -= len;
                 removed += 1;
             }
