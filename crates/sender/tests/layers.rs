@@ -195,6 +195,44 @@ async fn the_cache_keeps_its_budget_by_evicting_least_recently_used_unpinned_blo
 }
 
 #[tokio::test]
+async fn layers_made_for_a_transfer_are_not_evicted_by_another_job_before_it_has_them_pinned() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let docker = docker().await;
+    let images = Images::default();
+    let app = images.app(&images.base(), &vec![b'c'; 64 * 1024]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A budget of one byte: whatever is not pinned goes at the next eviction.
+    let cache = LayerCache::open(dir.path(), 1).await.expect("cache");
+    // Another job sharing the cache evicts all the while this one prepares.
+    let stop = Arc::new(AtomicBool::new(false));
+    let evictor = {
+        let (other, stop) = (cache.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut runs = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                other.evict().await.expect("evict");
+                runs += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            runs
+        })
+    };
+    let prepared = prepare(&docker, &cache, &app, Compression::Zstd).await;
+    stop.store(true, Ordering::Relaxed);
+    let runs = evictor.await.expect("evictor");
+    assert!(runs > 0, "the other job evicted while this one prepared");
+    assert_eq!(prepared.stats.compressed_layers, 3);
+    for layer in &prepared.layers {
+        assert!(
+            layer.blob.path.exists(),
+            "{} was evicted from under the transfer ({runs} evictions ran)",
+            layer.diff_id
+        );
+    }
+    assert_blobs_are_the_layers(&prepared, Compression::Zstd);
+}
+
+#[tokio::test]
 async fn stale_temp_files_are_swept_and_an_inconsistent_entry_is_made_again() {
     let docker = docker().await;
     let images = Images::default();

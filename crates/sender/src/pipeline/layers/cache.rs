@@ -172,13 +172,16 @@ impl LayerCache {
         }
     }
 
-    /// Moves a finished, fsynced temp blob into place as `layer` and records it.
+    /// Moves a finished, fsynced temp blob into place as `layer` and records it, pinned from
+    /// before it is in place (another job's eviction never takes a layer just made for a
+    /// transfer in progress).
     pub(crate) async fn commit(
         &self,
         temp: &Path,
         mut layer: CachedLayer,
-    ) -> Result<CachedLayer, SenderError> {
+    ) -> Result<(CachedLayer, PinGuard), SenderError> {
         let blob = self.blob_path(digest_hex(&layer.diff_id)?, layer.compression);
+        let pin = self.pin_paths(vec![blob.clone()]);
         layer.created_at = now_rfc3339();
         let bytes = serde_json::to_vec_pretty(&layer)
             .map_err(|e| SenderError::Internal(format!("cannot serialise a layer record: {e}")))?;
@@ -188,7 +191,7 @@ impl LayerCache {
         self.write_atomically(&self.record_path(&blob), &bytes)
             .await?;
         layer.path = blob;
-        Ok(layer)
+        Ok((layer, pin))
     }
 
     /// The config bytes of `image_id`, when cached and still hashing to it.
@@ -241,7 +244,10 @@ impl LayerCache {
 
     /// Keeps `layers` from eviction until the returned guard is dropped.
     pub fn pin<'a>(&self, layers: impl IntoIterator<Item = &'a CachedLayer>) -> PinGuard {
-        let paths: Vec<PathBuf> = layers.into_iter().map(|l| l.path.clone()).collect();
+        self.pin_paths(layers.into_iter().map(|l| l.path.clone()).collect())
+    }
+
+    fn pin_paths(&self, paths: Vec<PathBuf>) -> PinGuard {
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         for path in &paths {
             *pins.entry(path.clone()).or_default() += 1;

@@ -12,7 +12,7 @@ use futures::{Stream, StreamExt};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use super::cache::{CachedLayer, LayerCache};
+use super::cache::{CachedLayer, LayerCache, PinGuard};
 use crate::pipeline::compress::PackageSink;
 use crate::pipeline::docker::docker_error;
 use crate::SenderError;
@@ -171,7 +171,8 @@ impl Read for ChunkReader {
 }
 
 /// A layer's writer ending: the layer committed to the cache, or `None` when it was not kept.
-pub(super) type Committing = tokio::task::JoinHandle<Result<Option<CachedLayer>, SenderError>>;
+pub(super) type Committing =
+    tokio::task::JoinHandle<Result<Option<(CachedLayer, PinGuard)>, SenderError>>;
 
 /// One layer's compression, BLAKE3 and file writes on a blocking thread of its own, which at the
 /// layer's end also syncs the file and commits it to the cache (or removes it), so the split
@@ -223,9 +224,9 @@ impl LayerWriter {
                 created_at: String::new(),
                 path: Default::default(),
             };
-            let layer = runtime.block_on(cache.commit(&temp.0, layer))?;
+            let committed = runtime.block_on(cache.commit(&temp.0, layer))?;
             temp.disarm();
-            Ok(Some(layer))
+            Ok(Some(committed))
         });
         Self {
             tx,

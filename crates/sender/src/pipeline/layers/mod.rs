@@ -130,6 +130,8 @@ pub async fn prepare_image(
         .collect();
     // Hold what is cached already while the rest is exported (another job may be evicting).
     let early_pin = cache.pin(cached.values());
+    // And each layer made here, from the moment it is committed.
+    let mut fresh_pins = Vec::new();
 
     if config.is_none() || !missing.is_empty() {
         let mut plan = SplitPlan {
@@ -150,6 +152,7 @@ pub async fn prepare_image(
                 cache.put_config(&image.id, &bytes).await?;
                 config = Some(bytes);
             }
+            fresh_pins.extend(outcome.pins);
             for layer in outcome.stored {
                 stats.compressed_layers += 1;
                 plan.wanted.remove(&layer.diff_id);
@@ -186,7 +189,7 @@ pub async fn prepare_image(
         });
     }
     let pin = cache.pin(layers.iter().map(|l| &l.blob));
-    drop(early_pin);
+    drop((early_pin, fresh_pins));
     cache.evict().await?;
     stats.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(

@@ -25,7 +25,7 @@ use bollard::Docker;
 use sha2::{Digest, Sha256};
 use tokio::runtime::Handle;
 
-use super::cache::{CachedLayer, LayerCache, MAX_CONFIG_SIZE};
+use super::cache::{CachedLayer, LayerCache, PinGuard, MAX_CONFIG_SIZE};
 use super::handover::{read_ahead, Committing, LayerWriter, TempFile, MAX_WRITERS};
 use crate::pipeline::compress::{CompressionOptions, PackageSink};
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
@@ -55,6 +55,8 @@ pub(crate) struct SplitOutcome {
     pub config: Option<Vec<u8>>,
     /// Layers compressed and committed to the cache.
     pub stored: Vec<CachedLayer>,
+    /// Pins on `stored` (taken as each was committed), held until the caller pins the image.
+    pub pins: Vec<PinGuard>,
     /// Wanted layers that were only hashed (size collision with a cached one).
     pub missed: Vec<String>,
     /// Uncompressed layer bytes compressed.
@@ -146,10 +148,14 @@ fn split_blocking(
         &mut committing,
     );
     let mut committed = Vec::new();
+    let mut pins = Vec::new();
     let mut failed = None;
     for task in committing {
         match handle.block_on(task) {
-            Ok(Ok(Some(layer))) => committed.push(layer),
+            Ok(Ok(Some((layer, pin)))) => {
+                committed.push(layer);
+                pins.push(pin);
+            }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => failed = failed.or(Some(e)),
             Err(e) => {
@@ -165,6 +171,7 @@ fn split_blocking(
     }
     let mut outcome = split?;
     outcome.stored = committed;
+    outcome.pins = pins;
     Ok(outcome)
 }
 
