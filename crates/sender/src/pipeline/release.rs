@@ -80,6 +80,11 @@ pub struct LayerReport {
     pub bytes_sent: u64,
     /// The receiver's offset when sending started (> 0: resumed from there).
     pub resumed_from: u64,
+    /// What the receiver held of the blob before this transfer began (a partial left by an
+    /// earlier one): the part of it "already there", unlike offsets this transfer reached itself
+    /// before an interruption.
+    #[serde(skip)]
+    pub held_before: u64,
 }
 
 /// Totals of a release transfer: "sent X of Y (Z % already there)".
@@ -500,6 +505,11 @@ fn initial_reports(status: &ReleaseStatus) -> Vec<LayerReport> {
             } else {
                 0
             },
+            held_before: if l.state == LayerState::Partial {
+                l.offset
+            } else {
+                0
+            },
         })
         .collect()
 }
@@ -550,8 +560,7 @@ fn totals(reports: &[LayerReport]) -> ReleaseTotals {
         }
         t.bytes_already_there += match r.fate {
             LayerFate::Present | LayerFate::Received => r.size,
-            LayerFate::Resumed => r.resumed_from,
-            LayerFate::Sent => 0,
+            LayerFate::Resumed | LayerFate::Sent => r.held_before,
         };
     }
     t.percent_already_there = if t.bytes_total > 0 {
@@ -648,6 +657,8 @@ mod tests {
             fate,
             bytes_sent,
             resumed_from,
+            // As from the release's status: what the receiver held when the transfer began.
+            held_before: resumed_from,
         }
     }
 
@@ -688,5 +699,27 @@ mod tests {
             (LayerFate::Resumed, 60, 40)
         );
         assert!(layer_line(&r).contains("resumed from"));
+    }
+
+    #[test]
+    fn offsets_this_transfer_reached_itself_are_not_already_there() {
+        // Missing at the start, cut at 80 of 100 bytes, finished from there.
+        let mut r = report(100, LayerFate::Sent, 0, 0);
+        record(
+            &mut r,
+            &BlobOutcome {
+                sent: 100,
+                resumed_from: 80,
+                interruptions: 1,
+            },
+        );
+        assert_eq!((r.fate, r.resumed_from), (LayerFate::Resumed, 80));
+        let t = totals(&[r]);
+        assert_eq!(t.bytes_already_there, 0, "all of it came in this transfer");
+        assert!(
+            t.summary().ends_with("(0.0 % already there)"),
+            "{}",
+            t.summary()
+        );
     }
 }
