@@ -513,59 +513,6 @@ async fn load_waiting_on_half_of(
     (load, half)
 }
 
-/// A client that goes away while its load is under way does not cut the load short: the load
-/// runs to its end in the receiver (the image loaded, checked against the signed one and
-/// tagged), as a deployment does, and the client finds it done when it asks again.
-#[tokio::test]
-async fn a_load_whose_client_went_away_still_runs_to_its_end() {
-    let dir = temp_dir();
-    let receiver = start_receiver(dir.path()).await;
-    let v2 = V2::new(&receiver.base);
-    let (image, mut cleanup) = cleaned_tag("orphaned");
-    let tars = [
-        layer_tar("base", 1 << 20, 31),
-        layer_tar("top", 64 * 1024, 32),
-    ];
-    let built = synthetic(&tars, Compression::Zstd, &[&image]).await;
-    cleanup.remove_image(&built.manifest.image_id.to_string());
-    registered(&v2, &built).await;
-    let (load, half) = load_waiting_on_half_of(&v2, &built, 0).await;
-    // The client goes away: its request and connection are dropped mid-load.
-    load.abort();
-    assert!(load.await.is_err(), "the client's request was dropped");
-    let (base, base_blob) = built.blob(0);
-    assert_eq!(
-        v2.patch(&base, half as u64, &base_blob[half..])
-            .await
-            .status,
-        StatusCode::NO_CONTENT
-    );
-    let (top, top_blob) = built.blob(1);
-    assert_eq!(
-        v2.patch(&top, 0, top_blob).await.status,
-        StatusCode::NO_CONTENT
-    );
-    let docker = common::docker().await;
-    let want = built.manifest.image_id.to_string();
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if let Ok(found) = docker.inspect_image(&image).await {
-            assert_eq!(found.id.as_deref(), Some(want.as_str()), "the signed image");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < give_up,
-            "the load of a client that went away never tagged {image}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    // Asked again, the release loads at once: every layer is the engine's now.
-    let again = v2.load(built.manifest.release_id).await;
-    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
-    assert_eq!(again.body["image_id"], want);
-    receiver.stop().await;
-}
-
 #[tokio::test]
 async fn an_awaited_load_reads_the_blobs_as_they_arrive() {
     let dir = temp_dir();

@@ -30,7 +30,5 @@ pub async fn create(
     State(state): State<AppState>,
     Signed(request): Signed<DeployRequest>,
 ) -> Result<Json<DeploymentRecord>> {
-    Ok(Json(
-        super::to_the_end(async move { deploy::deploy(&state, request).await }).await?,
-    ))
+    Ok(Json(deploy::deploy(&state, request).await?))
 }

@@ -95,7 +95,5 @@ pub async fn rollback(
     Signed(()): Signed<()>,
 ) -> Result<Json<RollbackResponse>> {
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
-    Ok(Json(
-        super::to_the_end(async move { crate::deploy::roll_back(&state, id).await }).await?,
-    ))
+    Ok(Json(crate::deploy::roll_back(&state, id).await?))
 }

@@ -58,8 +58,5 @@ pub async fn create(
         Ok(_) => state.metrics().upload("ok"),
         Err(e) => state.metrics().upload(e.code().as_str()),
     }
-    let received = received?;
-    Ok(Json(
-        super::to_the_end(async move { deploy::deploy_package(&state, received).await }).await?,
-    ))
+    Ok(Json(deploy::deploy_package(&state, received?).await?))
 }

@@ -37,7 +37,5 @@ pub async fn create(
             "no stored package {id}: upload it first (/deployment/upload)"
         ))
     })?;
-    Ok(Json(
-        super::to_the_end(async move { crate::load::load_package(&state, &package).await }).await?,
-    ))
+    Ok(Json(crate::load::load_package(&state, &package).await?))
 }

@@ -25,18 +25,6 @@ pub mod receive;
 pub mod upload;
 pub mod v2;
 
-/// Runs `work` (a load, a deployment, a rollback) on a task of its own and answers its result. A
-/// client that goes away mid-request drops the handler, not the work: a load still checks the
-/// image and sets its tags (or leaves none), a deployment still ends healthy or rolled back and
-/// journaled; only the answer is not delivered.
-pub(crate) async fn to_the_end<T: Send + 'static>(
-    work: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
-) -> crate::error::Result<T> {
-    tokio::spawn(work).await.map_err(|e| {
-        crate::error::ReceiverError::Internal(format!("the request's task failed: {e}"))
-    })?
-}
-
 /// The signature headers every `/deployment` request carries (see docs/PROTOCOL.md).
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]

@@ -409,6 +409,11 @@ pub async fn send_manifest(
                     };
                     let (_, outcome) = send_one(&calls, prepared, offset, &upload).await?;
                     if let Some(report) = reports.iter_mut().find(|r| r.diff_id == text) {
+                        if matches!(report.fate, LayerFate::Present | LayerFate::Received) {
+                            // Counted as the engine's at the start: what the receiver held of
+                            // its blob now is what was there before this sending.
+                            report.held_before = offset;
+                        }
                         record(report, &outcome);
                         progress.message(Stage::Upload, &layer_line(report));
                     }

@@ -142,10 +142,7 @@ pub async fn load(
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     let arrival = ArrivalQuery::arrival(query)?;
     Ok(Json(
-        super::super::to_the_end(async move {
-            crate::v2::load::load_release(&state, id, arrival).await
-        })
-        .await?,
+        crate::v2::load::load_release(&state, id, arrival).await?,
     ))
 }
 
@@ -176,9 +173,6 @@ pub async fn deploy(
     let arrival = ArrivalQuery::arrival(query)?;
     let manifest = crate::v2::load::release(&state, id)?;
     Ok(Json(
-        super::super::to_the_end(async move {
-            crate::deploy::deploy_release(&state, &manifest, arrival).await
-        })
-        .await?,
+        crate::deploy::deploy_release(&state, &manifest, arrival).await?,
     ))
 }
