@@ -50,6 +50,11 @@ async fn assert_nothing_loaded(image: &str, built: &Built) {
     );
 }
 
+/// The receiver's address, for raw connections.
+fn socket_addr(base: &str) -> std::net::SocketAddr {
+    base.trim_start_matches("http://").parse().expect("addr")
+}
+
 async fn registered(v2: &V2, built: &Built) -> ReleaseStatus {
     let answer = v2.register(&built.manifest).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.body);
@@ -222,11 +227,7 @@ async fn a_stalled_patch_is_a_timeout_with_what_it_sent_kept() {
     )
     .await;
     registered(&v2, &built).await;
-    let addr: std::net::SocketAddr = receiver
-        .base
-        .trim_start_matches("http://")
-        .parse()
-        .expect("addr");
+    let addr = socket_addr(&receiver.base);
     let (blake3, blob) = built.blob(0);
     // The head and 10000 bytes, then nothing, the connection held open.
     let mut raw = patch_cut(addr, &blake3, 0, blob.len(), &blob[..10_000]).await;
@@ -257,11 +258,7 @@ async fn a_busy_patch_is_answered_while_its_body_is_still_coming_and_writes_none
     ];
     let built = synthetic(&tars, Compression::None, &[]).await;
     registered(&v2, &built).await;
-    let addr: std::net::SocketAddr = receiver
-        .base
-        .trim_start_matches("http://")
-        .parse()
-        .expect("addr");
+    let addr = socket_addr(&receiver.base);
     let in_flight = |want: i64| {
         let gauge = receiver.state.metrics().uploads_in_flight().clone();
         async move {
@@ -351,11 +348,7 @@ async fn a_connection_cut_at_several_points_resumes_from_the_durable_offset() {
     let built = synthetic(&tars, Compression::None, &[&image]).await;
     cleanup.remove_image(&built.manifest.image_id.to_string());
     registered(&v2, &built).await;
-    let addr: std::net::SocketAddr = receiver
-        .base
-        .trim_start_matches("http://")
-        .parse()
-        .expect("addr");
+    let addr = socket_addr(&receiver.base);
     let mut kept_exactly = 0;
     for layer in 0..2 {
         let (blake3, blob) = built.blob(layer);
