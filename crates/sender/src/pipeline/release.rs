@@ -494,27 +494,28 @@ fn initial_reports(status: &ReleaseStatus) -> Vec<LayerReport> {
         .layers
         .iter()
         .filter(|l| seen.insert(l.blake3))
-        .map(|l| LayerReport {
-            diff_id: l.diff_id.to_string(),
-            blake3: l.blake3.to_hex(),
-            size: l.size,
-            fate: match l.state {
-                LayerState::Present => LayerFate::Present,
-                LayerState::Received => LayerFate::Received,
-                LayerState::Partial => LayerFate::Resumed,
-                LayerState::Missing => LayerFate::Sent,
-            },
-            bytes_sent: 0,
-            resumed_from: if l.state == LayerState::Partial {
+        .map(|l| {
+            // A partial the receiver held when the transfer began: sending resumes from there,
+            // and it was already there.
+            let held = if l.state == LayerState::Partial {
                 l.offset
             } else {
                 0
-            },
-            held_before: if l.state == LayerState::Partial {
-                l.offset
-            } else {
-                0
-            },
+            };
+            LayerReport {
+                diff_id: l.diff_id.to_string(),
+                blake3: l.blake3.to_hex(),
+                size: l.size,
+                fate: match l.state {
+                    LayerState::Present => LayerFate::Present,
+                    LayerState::Received => LayerFate::Received,
+                    LayerState::Partial => LayerFate::Resumed,
+                    LayerState::Missing => LayerFate::Sent,
+                },
+                bytes_sent: 0,
+                resumed_from: held,
+                held_before: held,
+            }
         })
         .collect()
 }
