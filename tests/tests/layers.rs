@@ -65,6 +65,8 @@ impl Sender {
             policy: &self.policy,
             await_blobs: true,
             blob_connections: 1,
+            // These tests are about layers; a cold host's stream has tests of its own (stream.rs).
+            stream_cold: false,
         }
     }
 
@@ -498,6 +500,8 @@ async fn a_killed_sender_is_rerun_and_resumes_from_the_receivers_offset() {
         .env("DEPLOY_HMAC_SECRET", SECRET)
         .env("PACKAGE_DIR", dir.path())
         .env("DEPLOY_ZSTD_WORKERS", "2")
+        // Layers, which resume (a cold host's stream would not).
+        .env("DEPLOY_STREAM_COLD", "0")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true);

@@ -13,6 +13,7 @@ pub mod events;
 pub mod manifest;
 pub mod multipart;
 pub mod release;
+pub mod stream;
 
 pub use checksum::{Checksum, ChecksumError};
 pub use deployment::{

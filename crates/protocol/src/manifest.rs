@@ -124,38 +124,17 @@ impl PackageManifest {
 
     /// Checks what serde cannot: sizes, tag and name forms, the deployment spec.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let invalid = |m: String| Err(ManifestError::Invalid(m));
         if self.package_size == 0 {
-            return invalid("package_size must be greater than zero".into());
+            return Err(ManifestError::Invalid(
+                "package_size must be greater than zero".into(),
+            ));
         }
-        if self.image_tags.len() > 64 {
-            return invalid("at most 64 image_tags".into());
-        }
-        for tag in &self.image_tags {
-            if !is_valid_image_reference(tag) {
-                return invalid(format!(
-                    "image tag {tag:?} is not a valid name:tag reference"
-                ));
-            }
-        }
-        if let Some(name) = &self.container_name {
-            if !is_valid_container_name(name) {
-                return invalid(format!(
-                    "container_name {name:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,127}}"
-                ));
-            }
-        }
-        if let Some(created_at) = &self.created_at {
-            if !is_rfc3339(created_at) {
-                return invalid(format!(
-                    "created_at {created_at:?} is not an RFC 3339 time (2025-10-25T12:00:00Z)"
-                ));
-            }
-        }
-        if let Some(spec) = &self.deployment {
-            spec.validate().map_err(ManifestError::Invalid)?;
-        }
-        Ok(())
+        validate_described(
+            &self.image_tags,
+            self.container_name.as_deref(),
+            self.created_at.as_deref(),
+            self.deployment.as_ref(),
+        )
     }
 
     /// Serialises the manifest to the bytes that are sent and signed.
@@ -163,6 +142,45 @@ impl PackageManifest {
         // Serialising plain data with string keys cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+}
+
+/// The checks every package description shares (a [`PackageManifest`] and a streamed package's
+/// [`StreamManifest`](crate::stream::StreamManifest)): tag and name forms, the time, the spec.
+pub(crate) fn validate_described(
+    image_tags: &[String],
+    container_name: Option<&str>,
+    created_at: Option<&str>,
+    deployment: Option<&DeploymentSpec>,
+) -> Result<(), ManifestError> {
+    let invalid = |m: String| Err(ManifestError::Invalid(m));
+    if image_tags.len() > 64 {
+        return invalid("at most 64 image_tags".into());
+    }
+    for tag in image_tags {
+        if !is_valid_image_reference(tag) {
+            return invalid(format!(
+                "image tag {tag:?} is not a valid name:tag reference"
+            ));
+        }
+    }
+    if let Some(name) = container_name {
+        if !is_valid_container_name(name) {
+            return invalid(format!(
+                "container_name {name:?} must match [a-zA-Z0-9][a-zA-Z0-9_.-]{{0,127}}"
+            ));
+        }
+    }
+    if let Some(created_at) = created_at {
+        if !is_rfc3339(created_at) {
+            return invalid(format!(
+                "created_at {created_at:?} is not an RFC 3339 time (2025-10-25T12:00:00Z)"
+            ));
+        }
+    }
+    if let Some(spec) = deployment {
+        spec.validate().map_err(ManifestError::Invalid)?;
+    }
+    Ok(())
 }
 
 /// Whether `s` is an RFC 3339 date-time: `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, with

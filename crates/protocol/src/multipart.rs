@@ -14,3 +14,7 @@ pub const MAX_BYTES_BEFORE_AUTHENTICATION: usize = MAX_MANIFEST_BYTES + 16 * 102
 pub const MANIFEST_CONTENT_TYPE: &str = "application/json";
 /// Content type of the package part.
 pub const PACKAGE_CONTENT_TYPE: &str = "application/octet-stream";
+/// Name of the last part of a streamed upload (`/deployment/stream`): the signed seal.
+pub const PART_SEAL: &str = "seal";
+/// Largest seal part accepted.
+pub const MAX_SEAL_BYTES: usize = 4 * 1024;

@@ -203,9 +203,49 @@ pub async fn deploy_release(
     load_and_replace(state, deployment, &spec, &image, load).await
 }
 
+/// The spec `/deployment/stream` runs for `manifest`: as [`full_spec`], checked as soon as the
+/// manifest is authenticated, before a byte of the package is read.
+pub fn stream_spec(
+    state: &AppState,
+    manifest: &deploy_protocol::stream::StreamManifest,
+) -> Result<(DeploymentSpec, String)> {
+    let mut spec = manifest.deployment.clone();
+    spec.image = spec.image.or_else(|| manifest.image_tags.first().cloned());
+    let image = spec.image.clone().ok_or_else(|| {
+        ReceiverError::Validation(
+            "neither deployment.image nor the manifest's image_tags name the image to run".into(),
+        )
+    })?;
+    spec.validate().map_err(ReceiverError::Validation)?;
+    policy::check_policy(state.config(), &spec)?;
+    if !state.config().allow_unverified_images && !manifest.image_tags.contains(&image) {
+        return Err(ReceiverError::PolicyDenied(format!(
+            "deployment.image {image} is not one of the package's image_tags: a streamed package runs the image it loads (ALLOW_UNVERIFIED_IMAGES lets it run another)"
+        )));
+    }
+    Ok((spec, image))
+}
+
+/// The deployment of a streamed package (`/deployment/stream`), begun before its package is read.
+pub(crate) async fn begin_streamed(
+    state: &AppState,
+    spec: &DeploymentSpec,
+    image: &str,
+    package_id: uuid::Uuid,
+) -> Result<Deployment> {
+    let mut deployment = Deployment::begin(state, spec, image, None).await?;
+    deployment.record.package_id = Some(package_id);
+    Ok(deployment)
+}
+
+/// Refuses to replace a container of the spec's name that this receiver does not manage.
+pub(crate) async fn refuse_unmanaged(docker: &Docker, spec: &DeploymentSpec) -> Result<()> {
+    containers::refuse_unmanaged(docker, spec).await
+}
+
 /// Runs `load`, then replaces the container with one of `image`, health-checked, rolled back on
 /// failure; every step in `deployment`'s record.
-async fn load_and_replace(
+pub(crate) async fn load_and_replace(
     state: &AppState,
     mut deployment: Deployment,
     spec: &DeploymentSpec,

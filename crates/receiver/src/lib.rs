@@ -20,6 +20,7 @@ pub mod routes;
 pub mod spool;
 pub mod state;
 pub mod store;
+pub mod stream;
 pub mod v2;
 
 use std::future::Future;

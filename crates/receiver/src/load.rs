@@ -87,6 +87,11 @@ pub async fn load_turn() -> tokio::sync::MutexGuard<'static, ()> {
     LOAD_LOCK.lock().await
 }
 
+/// The turn to load if no load is in progress.
+pub fn try_load_turn() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    LOAD_LOCK.try_lock().ok()
+}
+
 /// Streams `reader` (an archive, `compression` only naming its source's format in messages)
 /// through the gate into `docker load`; with a `check`, the source must hash to it before the
 /// archive's tail goes to Docker. The caller holds [`load_turn`]. Returns the gate's summary,

@@ -58,17 +58,122 @@ pub async fn receive_multipart(
     body: Body,
     admit: impl FnOnce(&PackageManifest) -> Result<()>,
 ) -> Result<Received> {
-    let budget = Budget::new();
-    let shared = SharedBody::new(
-        Arc::new(Mutex::new(Some(body.into_data_stream()))),
-        budget.clone(),
-    );
-    let reader = SharedBody::new(Arc::clone(&shared.body), budget.clone());
-    let result = receive(state, parts, reader, &budget, admit).await;
+    let upload = MultipartUpload::new(body);
+    let drain = upload.drain_handle();
+    let result = receive(state, parts, upload, admit).await;
     if result.is_err() {
-        shared.drain_in_background();
+        drain.drain_in_background();
     }
     result
+}
+
+/// A multipart upload being read part by part: the signed `manifest` part first, with at most
+/// [`MAX_BYTES_BEFORE_AUTHENTICATION`] bytes read until it is authenticated. After a refusal the
+/// caller drains the rest of the body with [`MultipartUpload::drain_handle`]'s handle.
+pub(crate) struct MultipartUpload {
+    reader: Option<SharedBody>,
+    budget: Budget,
+    body: Arc<Mutex<Option<BodyDataStream>>>,
+}
+
+/// The body of a refused upload, to be drained (see [`drain_in_background`]).
+pub(crate) struct DrainHandle(Arc<Mutex<Option<BodyDataStream>>>);
+
+impl DrainHandle {
+    /// Reads and discards the rest of the body on a task of its own.
+    pub(crate) fn drain_in_background(&self) {
+        if let Some(stream) = self.0.lock().ok().and_then(|mut b| b.take()) {
+            drain_in_background(stream);
+        }
+    }
+}
+
+/// An upload whose `manifest` part was read and authenticated.
+pub(crate) struct OpenedUpload {
+    /// The reader, positioned after the manifest part.
+    pub multipart: multer::Multipart<'static>,
+    /// The manifest part's bytes (the signed content).
+    pub manifest_bytes: Vec<u8>,
+    /// BLAKE3 of `manifest_bytes`.
+    pub manifest_digest: Checksum,
+    /// The request's verified envelope.
+    pub headers: deploy_protocol::SignatureHeaders,
+    /// When the first byte of the manifest part was asked for.
+    pub started: Instant,
+}
+
+impl MultipartUpload {
+    pub(crate) fn new(body: Body) -> Self {
+        let budget = Budget::new();
+        let body = Arc::new(Mutex::new(Some(body.into_data_stream())));
+        let reader = SharedBody::new(Arc::clone(&body), budget.clone());
+        Self {
+            reader: Some(reader),
+            budget,
+            body,
+        }
+    }
+
+    pub(crate) fn drain_handle(&self) -> DrainHandle {
+        DrainHandle(Arc::clone(&self.body))
+    }
+
+    /// Reads the `manifest` part (whole within one idle period, at most
+    /// [`MAX_MANIFEST_BYTES`]) and authenticates the request over its bytes; then lifts the bound
+    /// on what may be read. `fields` are the parts this upload has, in order (for messages).
+    pub(crate) async fn open(
+        mut self,
+        state: &AppState,
+        parts: &Parts,
+        fields: &'static [&'static str],
+        sizes: multer::SizeLimit,
+    ) -> Result<OpenedUpload> {
+        let started = Instant::now();
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let boundary = multer::parse_boundary(content_type).map_err(|_| {
+            ReceiverError::Validation("expected a multipart/form-data body with a boundary".into())
+        })?;
+        let constraints = multer::Constraints::new()
+            .allowed_fields(fields.to_vec())
+            .size_limit(sizes.for_field(PART_MANIFEST, MAX_MANIFEST_BYTES as u64));
+        let reader = self
+            .reader
+            .take()
+            .ok_or_else(|| ReceiverError::Internal("upload opened twice".into()))?;
+        let mut multipart = multer::Multipart::with_constraints(reader, boundary, constraints);
+        let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
+        // Until the signature is checked, the whole (at most 64 KiB) manifest must come within
+        // one idle period: an unauthenticated client cannot hold the upload slot by trickling it.
+        let pace = Pace::new(idle, started + idle, "the manifest part");
+        let mut field = next_field(&mut multipart, &pace).await?.ok_or_else(|| {
+            ReceiverError::Validation(format!("empty upload: expected parts {fields:?}"))
+        })?;
+        expect_part(&field, PART_MANIFEST, MANIFEST_CONTENT_TYPE, fields)?;
+        let mut manifest_bytes = Vec::new();
+        while let Some(chunk) = next_chunk(&mut field, &pace).await? {
+            if manifest_bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(ReceiverError::Validation(format!(
+                    "manifest part is larger than {MAX_MANIFEST_BYTES} bytes"
+                )));
+            }
+            manifest_bytes.extend_from_slice(&chunk);
+        }
+        drop(field);
+        let manifest_digest = Checksum::of(&manifest_bytes);
+        let headers = authenticate(state, parts, &manifest_digest)?;
+        self.budget.lift();
+        Ok(OpenedUpload {
+            multipart,
+            manifest_bytes,
+            manifest_digest,
+            headers,
+            started,
+        })
+    }
 }
 
 /// Most body bytes read and discarded after a refusal.
@@ -199,12 +304,6 @@ impl SharedBody {
             starved: 0,
         }
     }
-
-    fn drain_in_background(&self) {
-        if let Some(stream) = self.body.lock().ok().and_then(|mut b| b.take()) {
-            drain_in_background(stream);
-        }
-    }
 }
 
 /// Reads and discards the rest of a refused request's body on a task of its own (at most
@@ -227,47 +326,19 @@ pub fn drain_in_background(mut stream: BodyDataStream) {
 async fn receive(
     state: &AppState,
     parts: &Parts,
-    body: SharedBody,
-    budget: &Budget,
+    upload: MultipartUpload,
     admit: impl FnOnce(&PackageManifest) -> Result<()>,
 ) -> Result<Received> {
-    let started = Instant::now();
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let boundary = multer::parse_boundary(content_type).map_err(|_| {
-        ReceiverError::Validation("expected a multipart/form-data body with a boundary".into())
-    })?;
-    let constraints = multer::Constraints::new()
-        .allowed_fields(vec![PART_MANIFEST, PART_PACKAGE])
-        .size_limit(multer::SizeLimit::new().for_field(PART_MANIFEST, MAX_MANIFEST_BYTES as u64));
-    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
+    const FIELDS: &[&str] = &[PART_MANIFEST, PART_PACKAGE];
+    let OpenedUpload {
+        mut multipart,
+        manifest_bytes,
+        started,
+        ..
+    } = upload
+        .open(state, parts, FIELDS, multer::SizeLimit::new())
+        .await?;
     let idle = Duration::from_secs(state.config().upload_idle_timeout_secs);
-    // Until the signature is checked, the whole (at most 64 KiB) manifest must come within one
-    // idle period: an unauthenticated client cannot hold the upload slot by trickling it.
-    let mut pace = Pace::new(idle, started + idle, "the manifest part");
-
-    // Part 1: the manifest, capped, then the signature over its bytes.
-    let mut field = next_field(&mut multipart, &pace).await?.ok_or_else(|| {
-        ReceiverError::Validation(format!(
-            "empty upload: expected parts {PART_MANIFEST:?} then {PART_PACKAGE:?}"
-        ))
-    })?;
-    expect_part(&field, PART_MANIFEST, MANIFEST_CONTENT_TYPE)?;
-    let mut manifest_bytes = Vec::new();
-    while let Some(chunk) = next_chunk(&mut field, &pace).await? {
-        if manifest_bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
-            return Err(ReceiverError::Validation(format!(
-                "manifest part is larger than {MAX_MANIFEST_BYTES} bytes"
-            )));
-        }
-        manifest_bytes.extend_from_slice(&chunk);
-    }
-    drop(field);
-    authenticate(state, parts, &Checksum::of(&manifest_bytes))?;
-    budget.lift();
     let manifest = PackageManifest::from_slice(&manifest_bytes)
         .map_err(|e| ReceiverError::Validation(e.to_string()))?;
     let id = manifest.package_id;
@@ -303,11 +374,11 @@ async fn receive(
     // Part 2: the package, streamed, at no less than UPLOAD_MIN_RATE on average.
     let min_rate = state.config().upload_min_rate.max(1);
     let allowed = Duration::from_secs(manifest.package_size / min_rate + 1);
-    pace = Pace::new(idle, Instant::now() + idle + allowed, "the upload");
+    let pace = Pace::new(idle, Instant::now() + idle + allowed, "the upload");
     let mut field = next_field(&mut multipart, &pace).await?.ok_or_else(|| {
         ReceiverError::Validation(format!("missing part {PART_PACKAGE:?} after the manifest"))
     })?;
-    expect_part(&field, PART_PACKAGE, PACKAGE_CONTENT_TYPE)?;
+    expect_part(&field, PART_PACKAGE, PACKAGE_CONTENT_TYPE, FIELDS)?;
     let temp = match existing {
         // An idempotent repeat is hashed to prove it is the same, but not written.
         Some(_) => None,
@@ -372,14 +443,25 @@ async fn receive(
     })
 }
 
-/// The part must be `expected`, with `content_type` (parameters aside, any case).
-fn expect_part(field: &multer::Field<'_>, expected: &str, content_type: &str) -> Result<()> {
+/// The part must be `expected`, with `content_type` (parameters aside, any case); `fields` are
+/// the upload's parts in order, for the message.
+pub(crate) fn expect_part(
+    field: &multer::Field<'_>,
+    expected: &str,
+    content_type: &str,
+    fields: &[&str],
+) -> Result<()> {
     match field.name() {
         Some(name) if name == expected => {}
         other => {
             return Err(ReceiverError::Validation(format!(
-                "expected part {expected:?} here, got {:?}: parts are {PART_MANIFEST:?} then {PART_PACKAGE:?}",
-                other.unwrap_or("<unnamed>")
+                "expected part {expected:?} here, got {:?}: parts are {}",
+                other.unwrap_or("<unnamed>"),
+                fields
+                    .iter()
+                    .map(|f| format!("{f:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" then ")
             )))
         }
     }
@@ -396,14 +478,14 @@ fn expect_part(field: &multer::Field<'_>, expected: &str, content_type: &str) ->
 }
 
 /// How long the next read may take: an idle limit between bytes, and a deadline for the phase.
-struct Pace {
+pub(crate) struct Pace {
     idle: Duration,
     deadline: Instant,
     what: &'static str,
 }
 
 impl Pace {
-    fn new(idle: Duration, deadline: Instant, what: &'static str) -> Self {
+    pub(crate) fn new(idle: Duration, deadline: Instant, what: &'static str) -> Self {
         Self {
             idle,
             deadline,
@@ -429,7 +511,7 @@ impl Pace {
     }
 }
 
-async fn next_field<'a>(
+pub(crate) async fn next_field<'a>(
     multipart: &mut multer::Multipart<'a>,
     pace: &Pace,
 ) -> Result<Option<multer::Field<'a>>> {
@@ -438,7 +520,10 @@ async fn next_field<'a>(
         .map_err(multipart_error)
 }
 
-async fn next_chunk(field: &mut multer::Field<'_>, pace: &Pace) -> Result<Option<Bytes>> {
+pub(crate) async fn next_chunk(
+    field: &mut multer::Field<'_>,
+    pace: &Pace,
+) -> Result<Option<Bytes>> {
     pace.limit(field.chunk()).await?.map_err(multipart_error)
 }
 

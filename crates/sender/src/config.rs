@@ -120,6 +120,13 @@ pub struct ReceiverConfig {
     #[arg(long, env = "DEPLOY_BLOB_CONNECTIONS", default_value_t = crate::client::DEFAULT_BLOB_CONNECTIONS,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64), value_name = "N")]
     pub blob_connections: usize,
+    /// Protocol v2: a deploy to a host whose engine holds none of the image's layers, of an image
+    /// the layer cache lacks, streams `docker save` compressed straight into the receiver's
+    /// `docker load` (`/deployment/stream`) instead of splitting it into layers first (`true`);
+    /// `false` always sends layers.
+    #[arg(long, env = "DEPLOY_STREAM_COLD", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub stream_cold: bool,
 }
 
 impl fmt::Debug for ReceiverConfig {
@@ -133,6 +140,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("ca_cert", &self.ca_cert)
             .field("await_blobs", &self.await_blobs)
             .field("blob_connections", &self.blob_connections)
+            .field("stream_cold", &self.stream_cold)
             .finish()
     }
 }
@@ -148,6 +156,7 @@ impl Default for ReceiverConfig {
             ca_cert: None,
             await_blobs: true,
             blob_connections: crate::client::DEFAULT_BLOB_CONNECTIONS,
+            stream_cold: true,
         }
     }
 }
@@ -183,6 +192,7 @@ impl ReceiverConfig {
         ReceiverClient::new(http, target)
             .with_await_blobs(self.await_blobs)
             .with_blob_connections(self.blob_connections)
+            .with_stream_cold(self.stream_cold)
     }
 
     /// An HTTP client for uploads: a connect timeout, and no overall timeout (packages are large

@@ -22,6 +22,7 @@ pub mod health_check;
 pub mod load;
 pub mod metrics;
 pub mod receive;
+pub mod stream;
 pub mod upload;
 pub mod v2;
 
@@ -114,6 +115,7 @@ pub fn table() -> Vec<(Access, UtoipaMethodRouter<AppState>)> {
         (Signed, routes!(deploy::create)),
         (Signed, routes!(health_check::create)),
         (Signed, routes!(full::create)),
+        (Signed, routes!(stream::create)),
         (Signed, routes!(deployments::list)),
         (Signed, routes!(deployments::get)),
         (Signed, routes!(deployments::rollback)),

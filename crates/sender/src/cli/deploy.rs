@@ -20,7 +20,7 @@ use crate::client::{ReceiverTarget, RetryPolicy};
 use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::{
     default_container_name, deploy, deploy_release, DeployFailure, DeployOutcome, DeployRequest,
-    FrontDoor, LayerFate, PackageInfo, PackageParts, PackageStore, ReleaseOutcome,
+    FrontDoor, LayerFate, PackageInfo, PackageParts, PackageStore, ReleaseOutcome, TransferMode,
 };
 use crate::SenderError;
 
@@ -235,6 +235,23 @@ fn report<T: Serialize>(
 
 fn print_release(outcome: &ReleaseOutcome, spec: &DeploymentSpec, target: &ReceiverTarget) {
     let prep = &outcome.prepare;
+    if outcome.mode == TransferMode::Stream {
+        println!(
+            "image      {} {} ({} layers, streamed whole: a cold host)",
+            outcome
+                .image_tags
+                .first()
+                .map_or(outcome.image_id.as_str(), String::as_str),
+            short(&outcome.image_id),
+            outcome.totals.layers,
+        );
+        println!("transfer   {}", outcome.summary);
+        if let Some(record) = &outcome.deployment {
+            print_stages(None, Some(record));
+            print_running(record, spec, target);
+        }
+        return;
+    }
     println!(
         "image      {} {} ({} layers: {} compressed now, {} from the layer cache{})",
         outcome

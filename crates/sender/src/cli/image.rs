@@ -39,7 +39,7 @@ pub(crate) struct ImageSourceArgs {
     pub(crate) level: Option<i32>,
     /// zstd worker threads for a whole package (`package`, `--full`; default: one per core; 0
     /// compresses on the calling thread). Layer blobs are compressed one thread per layer, beside
-    /// the thread that reads and hashes the export.
+    /// the thread that reads and hashes the export; a cold host's stream on one thread.
     #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
     pub(crate) zstd_workers: Option<u32>,
 }

@@ -10,6 +10,7 @@
 //! - `retry`: which failures are transient, and how often to try again.
 //! - `releases`: protocol v2 calls (inventory, releases, load/deploy), signed in one place.
 //! - `blobs`: resumable blob upload (`HEAD` / `PATCH` from the receiver's durable offset).
+//! - `stream`: a package streamed as it is made (`/deployment/stream`), sealed at its end.
 
 mod blobs;
 mod deploy;
@@ -18,6 +19,7 @@ mod releases;
 mod retry;
 mod rollback;
 mod sign;
+mod stream;
 mod target;
 mod upload;
 
@@ -25,6 +27,7 @@ pub use blobs::BlobOutcome;
 pub use deploy::TransferStats;
 pub use releases::{FinishError, ReleaseCalls};
 pub use retry::RetryPolicy;
+pub use stream::StreamFailure;
 pub use target::{Endpoint, ReceiverTarget};
 pub use upload::{throughput_mbps, Upload, UploadOutcome};
 
@@ -38,6 +41,7 @@ pub struct ReceiverClient {
     target: ReceiverTarget,
     await_blobs: bool,
     blob_connections: usize,
+    stream_cold: bool,
 }
 
 impl ReceiverClient {
@@ -49,7 +53,15 @@ impl ReceiverClient {
             target,
             await_blobs: true,
             blob_connections: DEFAULT_BLOB_CONNECTIONS,
+            stream_cold: true,
         }
+    }
+
+    /// Whether a deploy to a host that holds none of the image's layers streams the image
+    /// (`/deployment/stream`) when the layer cache lacks it (DEPLOY_STREAM_COLD).
+    pub fn with_stream_cold(mut self, stream_cold: bool) -> Self {
+        self.stream_cold = stream_cold;
+        self
     }
 
     /// Whether a release's load or deploy is asked for right after registering, beside the blob

@@ -99,6 +99,8 @@ pub struct ReleaseCalls<'a> {
     pub await_blobs: bool,
     /// Most blobs uploaded at once (see [`super::ReceiverClient::with_blob_connections`]).
     pub blob_connections: usize,
+    /// Stream a cold deploy (see [`super::ReceiverClient::with_stream_cold`]).
+    pub stream_cold: bool,
 }
 
 impl ReleaseCalls<'_> {
@@ -269,6 +271,7 @@ impl super::ReceiverClient {
             policy,
             await_blobs: self.await_blobs,
             blob_connections: self.blob_connections,
+            stream_cold: self.stream_cold,
         }
     }
 }

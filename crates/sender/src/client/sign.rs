@@ -41,6 +41,20 @@ pub(crate) fn sign_request(
     digest: &Checksum,
     correlation_id: Option<&str>,
 ) -> RequestBuilder {
+    let nonce = envelope::new_nonce();
+    sign_with_nonce(http, target, method, url, digest, correlation_id, nonce)
+}
+
+/// [`sign_request`] with the nonce given (a streamed upload's seal signs it too).
+pub(crate) fn sign_with_nonce(
+    http: &reqwest::Client,
+    target: &super::ReceiverTarget,
+    method: Method,
+    url: Url,
+    digest: &Checksum,
+    correlation_id: Option<&str>,
+    nonce: String,
+) -> RequestBuilder {
     let path_and_query = match url.query() {
         Some(query) => format!("{}?{query}", url.path()),
         None => url.path().to_owned(),
@@ -53,7 +67,7 @@ pub(crate) fn sign_request(
         &path_and_query,
         digest,
         envelope::unix_now(),
-        envelope::new_nonce(),
+        nonce,
     );
     let mut request = http.request(method, url);
     for (name, value) in headers.to_pairs() {

@@ -87,6 +87,8 @@ pub enum Endpoint {
     Upload,
     /// `POST /deployment/full`: upload, verify, load, deploy and health-check.
     Full,
+    /// `POST /deployment/stream`: a package streamed as it is made, then deployed.
+    Stream,
 }
 
 impl Endpoint {
@@ -95,6 +97,7 @@ impl Endpoint {
         match self {
             Endpoint::Upload => "/deployment/upload",
             Endpoint::Full => "/deployment/full",
+            Endpoint::Stream => "/deployment/stream",
         }
     }
 }

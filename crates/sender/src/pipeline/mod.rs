@@ -12,6 +12,7 @@
 //! - [`rollout`]: one release to many receivers (canary, health-gated batches, fleet rollback).
 //! - `layers`: the layer cache: an image as compressed layer blobs, each made once.
 //! - `release`: an image sent as a protocol v2 release (only the layers the target lacks).
+//! - `stream`: a cold host's deploy, `docker save` streamed into its `docker load` as it is made.
 
 mod build;
 mod compress;
@@ -24,6 +25,7 @@ mod progress;
 mod release;
 pub mod rollout;
 mod store;
+mod stream;
 
 pub use build::{build_image, BuildSpec, BuiltImage, LOG_TAIL_LINES};
 pub use compress::{default_zstd_workers, CompressionOptions};
@@ -41,6 +43,6 @@ pub use package::{
 pub use progress::{NoProgress, Progress, ProgressEvent, Stage};
 pub use release::{
     deploy_release, prepare_source, release_manifest, send_manifest, send_release, LayerFate,
-    LayerReport, ReleaseAction, ReleaseOutcome, ReleaseTotals,
+    LayerReport, ReleaseAction, ReleaseOutcome, ReleaseTotals, TransferMode,
 };
 pub use store::{hash_file, now_rfc3339, PackageInfo, PackageStore};

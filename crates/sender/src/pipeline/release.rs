@@ -23,7 +23,7 @@ use super::deploy::{DeployFailure, DeployRequest};
 use super::events::{Lifecycle, Subject};
 use super::layers::{prepare_image, LayerCache, PrepareStats, PreparedImage, PreparedLayer};
 use super::package::{ImageSource, PackageRequest};
-use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
+use crate::client::{BlobOutcome, FinishError, ReleaseCalls, StreamFailure};
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
 use crate::pipeline::store::now_rfc3339;
 use crate::SenderError;
@@ -134,9 +134,22 @@ fn human(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// How a release's image travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferMode {
+    /// Protocol v2: only the layers the target lacked, as blobs from the layer cache.
+    Layers,
+    /// A host holding none of the image's layers: `docker save` compressed and streamed into its
+    /// `docker load` as it was made (`/deployment/stream`); no layer reports.
+    Stream,
+}
+
 /// A release delivered: per layer what happened, the totals, and the receiver's answer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReleaseOutcome {
+    /// How the image travelled: as layers, or streamed whole to a cold host.
+    pub mode: TransferMode,
     /// The release id.
     pub release_id: Uuid,
     /// The image id (the build host's; the receiver checks the loaded image has it).
@@ -435,6 +448,7 @@ pub async fn send_manifest(
     let summary = totals.summary();
     progress.message(Stage::Upload, &summary);
     Ok(ReleaseOutcome {
+        mode: TransferMode::Layers,
         release_id: manifest.release_id,
         image_id: image.image_id.clone(),
         image_tags: image.tags.clone(),
@@ -606,13 +620,84 @@ pub async fn deploy_release(
         image_tag: Some(request.package.source.reference().to_owned()),
     };
     events.build_started(&subject, &request.package).await;
-    let prepared = prepare_source(docker, cache, &request.package, Arc::clone(&progress)).await;
+    let reference = match &request.package.source {
+        ImageSource::Build(spec) => {
+            let built = build_image(docker, spec, &*progress).await;
+            if let Err(e) = &built {
+                events
+                    .layers_prepared(&subject, &request.package, Err(e))
+                    .await;
+            }
+            built.map_err(fail)?.tag
+        }
+        ImageSource::Existing(reference) => reference.clone(),
+    };
+    let receiver = calls.target.base_url.to_string();
+
+    // A host that holds none of the image's layers, of an image the layer cache lacks: stream it.
+    if calls.stream_cold {
+        let options = &request.package.compression;
+        match super::stream::cold_target(docker, cache, &calls, &reference, options).await {
+            Ok(Some(cold)) => {
+                events
+                    .transfer_started(&subject, &receiver, "stream", cold.image.size.unwrap_or(0))
+                    .await;
+                let streamed = super::stream::stream_deploy(
+                    docker,
+                    &calls,
+                    &cold,
+                    request,
+                    release_id,
+                    Arc::clone(&progress),
+                )
+                .await;
+                match streamed {
+                    Ok(outcome) => {
+                        events
+                            .release_transferred(&subject, &receiver, &outcome)
+                            .await;
+                        return Ok(outcome);
+                    }
+                    Err(StreamFailure::Final(error)) => {
+                        match &error {
+                            SenderError::Deployment(record) => {
+                                events
+                                    .deployment_failed(&subject, &receiver, &error, record)
+                                    .await
+                            }
+                            _ => events.transfer_failed(&subject, &receiver, &error).await,
+                        }
+                        return Err(fail(error));
+                    }
+                    Err(StreamFailure::Fallback(error)) => {
+                        tracing::warn!(error = %error, "the streamed deploy did not get through; sending the image as layers");
+                        progress.message(
+                            Stage::Upload,
+                            &format!("streaming did not get through ({error}); sending layers"),
+                        );
+                        events.transfer_failed(&subject, &receiver, &error).await;
+                    }
+                }
+            }
+            Ok(None) => {}
+            // The layer path asks again, and reports what it finds.
+            Err(e) => tracing::debug!(error = %e, "could not tell whether the host is cold"),
+        }
+    }
+
+    let prepared = prepare_image(
+        docker,
+        cache,
+        &reference,
+        &request.package.compression,
+        Arc::clone(&progress),
+    )
+    .await;
     events
         .layers_prepared(&subject, &request.package, prepared.as_ref())
         .await;
     let image = prepared.map_err(fail)?;
 
-    let receiver = calls.target.base_url.to_string();
     events
         .transfer_started(&subject, &receiver, "release", image.total_blob_bytes())
         .await;

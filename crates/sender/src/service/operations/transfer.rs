@@ -246,6 +246,7 @@ fn endpoint_name(endpoint: Endpoint) -> &'static str {
     match endpoint {
         Endpoint::Upload => "upload",
         Endpoint::Full => "full",
+        Endpoint::Stream => "stream",
     }
 }
 

@@ -1,0 +1,206 @@
+//! Streamed uploads (`POST /deployment/stream`): a package sent while it is being made. The
+//! request is signed over a [`StreamManifest`] (no size, no checksum); the package part is
+//! hashed and counted as it goes; the `seal` part after it carries both, HMAC-signed over the
+//! request's nonce and manifest. Made once: a stream cannot be replayed, so a failure that
+//! another path could get past is handed back as [`StreamFailure::Fallback`], not retried here.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus};
+use deploy_protocol::display::millis;
+use deploy_protocol::envelope;
+use deploy_protocol::multipart::{
+    MANIFEST_CONTENT_TYPE, PACKAGE_CONTENT_TYPE, PART_MANIFEST, PART_PACKAGE, PART_SEAL,
+};
+use deploy_protocol::stream::{Seal, StreamManifest};
+use deploy_protocol::{Checksum, ErrorCode};
+use futures::Stream;
+use reqwest::multipart::{Form, Part};
+use reqwest::Method;
+use tokio::sync::oneshot;
+
+use super::retry::{classify_send_error, remote_error};
+use super::sign::sign_with_nonce;
+use super::{Endpoint, ReceiverClient, TransferStats};
+use crate::SenderError;
+
+/// Why a stream did not deliver.
+#[derive(Debug)]
+pub enum StreamFailure {
+    /// Nothing was run, and the image may still be delivered another way (as layers): the
+    /// receiver does not know `/deployment/stream` (an older one), is loading another image
+    /// (`429`), or the connection failed or broke before an answer.
+    Fallback(SenderError),
+    /// The outcome: a refusal (signature, policy, spec...), a package that failed on its way
+    /// (`docker save`), or a deployment that ran and failed (its record).
+    Final(SenderError),
+}
+
+impl StreamFailure {
+    /// The error either way.
+    pub fn into_error(self) -> SenderError {
+        match self {
+            StreamFailure::Fallback(e) | StreamFailure::Final(e) => e,
+        }
+    }
+}
+
+/// The package stream as sent: hashed and counted, the totals handed to the seal at its end, its
+/// bytes so far to `on_sent`.
+struct Sealing<S> {
+    inner: S,
+    hasher: blake3::Hasher,
+    count: u64,
+    done: Option<oneshot::Sender<(Checksum, u64)>>,
+    on_sent: Arc<dyn Fn(u64) + Send + Sync>,
+    sent: Arc<Mutex<u64>>,
+}
+
+impl<S> Stream for Sealing<S>
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Unpin,
+{
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_next(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(chunk))) => {
+                this.hasher.update(chunk);
+                this.count += chunk.len() as u64;
+                if let Ok(mut sent) = this.sent.lock() {
+                    *sent = this.count;
+                }
+                (this.on_sent)(this.count);
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    let _ = done.send((Checksum::from_hasher(&this.hasher), this.count));
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl ReceiverClient {
+    /// Streams `package` (the compressed archive, as it is made) to `/deployment/stream` with
+    /// `manifest`, then its seal, and returns the receiver's record of a deployment that
+    /// succeeded. `on_sent` hears the package bytes sent so far.
+    pub async fn stream_deploy<S>(
+        &self,
+        manifest: &StreamManifest,
+        package: S,
+        correlation_id: Option<&str>,
+        on_sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<(TransferStats, DeploymentRecord), StreamFailure>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin + 'static,
+    {
+        let url = self.target().endpoint_url(Endpoint::Stream);
+        let manifest_bytes = manifest.to_bytes();
+        let manifest_digest = Checksum::of(&manifest_bytes);
+        let nonce = envelope::new_nonce();
+        let request = sign_with_nonce(
+            &self.http,
+            self.target(),
+            Method::POST,
+            url.clone(),
+            &manifest_digest,
+            correlation_id,
+            nonce.clone(),
+        );
+        let (done, sealed) = oneshot::channel();
+        let sent = Arc::new(Mutex::new(0u64));
+        let body = Sealing {
+            inner: package,
+            hasher: blake3::Hasher::new(),
+            count: 0,
+            done: Some(done),
+            on_sent: Arc::new(on_sent),
+            sent: Arc::clone(&sent),
+        };
+        let secret = self.target().secret.clone();
+        let seal = futures::stream::once(async move {
+            let (checksum, size) = sealed.await.map_err(|_| {
+                std::io::Error::other("the package stream ended without its totals")
+            })?;
+            let seal = Seal::sign(&secret, &nonce, &manifest_digest, checksum, size);
+            Ok::<_, std::io::Error>(Bytes::from(seal.to_bytes()))
+        });
+        let internal = |e: reqwest::Error| {
+            StreamFailure::Final(SenderError::Internal(format!("cannot build request: {e}")))
+        };
+        let form = Form::new()
+            .part(
+                PART_MANIFEST,
+                Part::bytes(manifest_bytes)
+                    .mime_str(MANIFEST_CONTENT_TYPE)
+                    .map_err(internal)?,
+            )
+            .part(
+                PART_PACKAGE,
+                Part::stream(reqwest::Body::wrap_stream(body))
+                    .file_name(format!(
+                        "{}.{}",
+                        manifest.package_id,
+                        manifest.compression.extension()
+                    ))
+                    .mime_str(PACKAGE_CONTENT_TYPE)
+                    .map_err(internal)?,
+            )
+            .part(
+                PART_SEAL,
+                Part::stream(reqwest::Body::wrap_stream(seal))
+                    .mime_str(MANIFEST_CONTENT_TYPE)
+                    .map_err(internal)?,
+            );
+
+        let started = Instant::now();
+        tracing::info!(url = %url, package_id = %manifest.package_id, "stream started");
+        let response = request
+            .multipart(form)
+            .send()
+            .await
+            .map_err(|e| StreamFailure::Fallback(classify_send_error(&url, e)))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| {
+            StreamFailure::Fallback(SenderError::TransferFailed(format!(
+                "reading the answer of {url} failed after status {status}: {e}"
+            )))
+        })?;
+        let duration = started.elapsed();
+        if !status.is_success() {
+            let error = remote_error(&url, status.as_u16(), &body);
+            return Err(match (status.as_u16(), error.code()) {
+                // An older receiver without the endpoint, or one loading another image.
+                (404 | 405, _) | (_, ErrorCode::Busy) => StreamFailure::Fallback(error),
+                _ => StreamFailure::Final(error),
+            });
+        }
+        let record: DeploymentRecord = serde_json::from_slice(&body).map_err(|e| {
+            StreamFailure::Final(SenderError::TransferFailed(format!(
+                "{url} answered {status} without a deployment record ({e}): is it a deploy-receiver?"
+            )))
+        })?;
+        if record.status != DeploymentStatus::Succeeded {
+            return Err(StreamFailure::Final(SenderError::Deployment(Box::new(
+                record,
+            ))));
+        }
+        let bytes = sent.lock().map_or(0, |n| *n);
+        Ok((
+            TransferStats {
+                bytes,
+                request_duration_ms: millis(duration),
+            },
+            record,
+        ))
+    }
+}

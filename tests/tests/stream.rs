@@ -1,0 +1,164 @@
+//! Cold deploys streamed end to end: the real sender library, the real receiver binary and cold
+//! target hosts (extra Docker engines, deploy-testkit). To a host that holds none of the image's
+//! layers, `deploy_release` streams `docker save` into the host's `docker load`
+//! (`/deployment/stream`); a host that holds some gets layers; a stream that breaks is sent as
+//! layers instead. The loopback proxy in front of the receiver counts the bytes and cuts the
+//! connection for the fallback test (a real fault on a real socket).
+
+mod layers_common;
+
+use std::sync::Arc;
+
+use deploy_protocol::{DeploymentSpec, HealthCheckKind};
+use deploy_sender::{
+    deploy_release, CompressionOptions, DeployRequest, ImageSource, LayerCache, LayerFate,
+    Lifecycle, NoProgress, PackageRequest, ReceiverTarget, ReleaseCalls, ReleaseOutcome,
+    RetryPolicy, TransferMode,
+};
+use layers_common::{cold_host, container_image, host_has_image, Fault, Images, Proxy, SECRET};
+
+const MIB: usize = 1024 * 1024;
+
+struct Sender {
+    docker: bollard::Docker,
+    cache: LayerCache,
+    events: Lifecycle,
+    http: reqwest::Client,
+    policy: RetryPolicy,
+    _dir: tempfile::TempDir,
+}
+
+impl Sender {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self {
+            docker: deploy_sender::connect_docker()
+                .await
+                .expect("these tests need the Docker engine"),
+            cache: LayerCache::open(dir.path().join("layers"), u64::MAX)
+                .await
+                .expect("cache"),
+            events: Lifecycle::open(dir.path().join("state"), None, "deployments".into())
+                .await
+                .expect("the outbox"),
+            http: reqwest::Client::new(),
+            policy: RetryPolicy {
+                max_attempts: 4,
+                min_delay: std::time::Duration::from_millis(100),
+                max_delay: std::time::Duration::from_secs(1),
+                max_retry_after: std::time::Duration::from_secs(5),
+            },
+            _dir: dir,
+        }
+    }
+
+    async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
+        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
+        let calls = ReleaseCalls {
+            http: &self.http,
+            target: &target,
+            correlation_id: None,
+            policy: &self.policy,
+            await_blobs: true,
+            blob_connections: 1,
+            stream_cold: true,
+        };
+        let mut spec = DeploymentSpec {
+            container_name: name.to_owned(),
+            ..DeploymentSpec::default()
+        };
+        spec.health_check.kind = HealthCheckKind::None;
+        let mut request = DeployRequest {
+            package: PackageRequest::new(ImageSource::Existing(tag.to_owned())),
+            deployment: spec,
+            correlation_id: None,
+        };
+        request.package.compression = CompressionOptions {
+            zstd_workers: 0,
+            ..CompressionOptions::default()
+        };
+        match deploy_release(
+            &self.docker,
+            &self.cache,
+            calls,
+            &request,
+            Arc::new(NoProgress),
+            &self.events,
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => panic!("deploy of {tag} failed: {e}"),
+        }
+    }
+}
+
+fn container_name() -> String {
+    format!(
+        "stream-tx-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+#[tokio::test]
+async fn a_cold_host_gets_the_image_streamed_and_a_new_version_as_layers() {
+    let images = Images::default();
+    let base = images.base(3 * MIB);
+    let v1 = images.app(&base, MIB);
+    let v2 = images.app(&base, MIB);
+    let host = cold_host("lst1").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let sender = Sender::new().await;
+    let name = container_name();
+
+    let first = sender.deploy(&proxy.url, &v1, &name).await;
+    assert_eq!(first.mode, TransferMode::Stream, "{first:#?}");
+    assert_eq!(first.totals.layers, 3);
+    assert!(first.layers.is_empty(), "a stream has no per-layer reports");
+    // 4 MiB of noise cannot be compressed: it was all on the wire, once.
+    let wire = proxy.sent();
+    assert!(
+        first.totals.bytes_sent >= 4 * MIB as u64 && wire >= first.totals.bytes_sent,
+        "{} bytes in the package, {wire} on the wire",
+        first.totals.bytes_sent
+    );
+    assert!(
+        wire < first.totals.bytes_sent + MIB as u64 / 4,
+        "{wire} bytes on the wire for a {}-byte package",
+        first.totals.bytes_sent
+    );
+    assert_eq!(container_image(&host, &name), images.id(&v1));
+    let record = first.deployment.as_ref().expect("the deployment record");
+    assert_eq!(record.image_id.as_deref(), Some(images.id(&v1).as_str()));
+
+    // The host holds v1's layers now: v2 travels as layers, only its top one sent.
+    let before = proxy.sent();
+    let second = sender.deploy(&proxy.url, &v2, &name).await;
+    assert_eq!(second.mode, TransferMode::Layers);
+    let fates: Vec<LayerFate> = second.layers.iter().map(|l| l.fate).collect();
+    assert_eq!(
+        fates,
+        [LayerFate::Present, LayerFate::Present, LayerFate::Sent]
+    );
+    assert!(proxy.sent() - before < 2 * MIB as u64);
+    assert_eq!(container_image(&host, &name), images.id(&v2));
+}
+
+#[tokio::test]
+async fn a_stream_cut_midway_is_sent_as_layers_and_the_deploy_succeeds() {
+    let images = Images::default();
+    let base = images.base(4 * MIB);
+    let app = images.app(&base, 2 * MIB);
+    let host = cold_host("lst2").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let sender = Sender::new().await;
+    let name = container_name();
+
+    // Cut 2 MiB into the stream (the first connection that carries the package).
+    proxy.fault_after(2 * MIB as u64, Fault::Cut);
+    let outcome = sender.deploy(&proxy.url, &app, &name).await;
+    assert_eq!(outcome.mode, TransferMode::Layers, "{outcome:#?}");
+    assert_eq!(outcome.totals.present, 0, "the cut stream left no layer");
+    assert_eq!(container_image(&host, &name), images.id(&app));
+    assert!(host_has_image(&host, &app));
+}
