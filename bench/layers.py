@@ -11,13 +11,15 @@ figures side by side. Needs root (network namespaces), Docker, GNU time, /bin/bu
 Rows: (1) redeploy after a top-layer-only change: wire bytes vs that layer's compressed size;
 (2) the same image again; (3) a second host sharing the base: sender CPU vs the first host's;
 (4) a connection cut at 60 % of a 96 MiB incompressible layer: total sent vs the layer;
-(5) cold deploy to "loaded" vs `docker save | DOCKER_HOST=cold docker load`, and the same
-deploy in a comparison setting side by side (by default every blob sent before the load,
-`DEPLOY_AWAIT_BLOBS=0`; `--compare-env KEY=VALUE`, `--compare-receiver PATH` and
-`--compare-sender PATH` choose another, e.g. `--compare-env DEPLOY_BLOB_CONNECTIONS=3`, or an
-older receiver or sender binary; `--compare-full` deploys the whole image as one v1 package
-(`deploy --full`), the path every deploy took before protocol v2); (6) peak RSS of
-both services moving an image of --rss-mib. See docs/PERFORMANCE.md.
+(5) cold deploy to "loaded" vs `docker save | DOCKER_HOST=cold docker load` (the default path:
+a host holding none of the layers gets the image streamed, `/deployment/stream`), and the same
+deploy in a comparison setting side by side (by default as layers, `DEPLOY_STREAM_COLD=0`;
+`--compare-env KEY=VALUE`, `--compare-receiver PATH` and `--compare-sender PATH` choose another,
+e.g. `--compare-env DEPLOY_STREAM_COLD=0 --compare-env DEPLOY_AWAIT_BLOBS=0`, or an older
+receiver or sender binary; `--compare-full` deploys the whole image as one v1 package (`deploy
+--full`), the path every deploy took before protocol v2); (6) peak RSS of both services moving an
+image of --rss-mib to a cold host (streamed). Rows 1-4 are about layers: their deploys run with
+`DEPLOY_STREAM_COLD=0`. See docs/PERFORMANCE.md.
 """
 
 import argparse
@@ -257,7 +259,7 @@ def main():
                     help="where deploy-sender and deploy-receiver are (default target/release)")
     ap.add_argument("--compare-env", action="append", metavar="KEY=VALUE",
                     help="the cold comparison deploy's sender environment (repeatable; default"
-                         " DEPLOY_AWAIT_BLOBS=0 unless --compare-receiver, --compare-sender or"
+                         " DEPLOY_STREAM_COLD=0 unless --compare-receiver, --compare-sender or"
                          " --compare-full is given)")
     ap.add_argument("--compare-receiver", metavar="PATH",
                     help="the receiver binary of the cold comparison deploy's host (default: --bin-dir's)")
@@ -268,7 +270,7 @@ def main():
     args = ap.parse_args()
     if args.compare_env is None:
         other = args.compare_receiver or args.compare_sender or args.compare_full
-        args.compare_env = [] if other else ["DEPLOY_AWAIT_BLOBS=0"]
+        args.compare_env = [] if other else ["DEPLOY_STREAM_COLD=0"]
     compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
     compare_label = ", ".join([f"`{kv}`" for kv in args.compare_env]
                               + ([f"receiver `{args.compare_receiver}`"] if args.compare_receiver else [])
@@ -304,20 +306,21 @@ def main():
         pkg = work / "sender"
         h1 = Host(1, work); hosts.append(h1)
         s1, p1 = receiver(h1, work, "h1"); services.append(s1)
-        m1, o1, w1 = deploy(v1, p1, "ltxb-app", pkg)
-        m2, o2, w2 = deploy(v2, p1, "ltxb-app", pkg)
+        layered = {"DEPLOY_STREAM_COLD": "0"}
+        m1, o1, w1 = deploy(v1, p1, "ltxb-app", pkg, extra_env=layered)
+        m2, o2, w2 = deploy(v2, p1, "ltxb-app", pkg, extra_env=layered)
         top = o2["layers"][-1]["size"]
         rows.append(("redeploy after a top-layer-only change: wire bytes / (1.05 x top layer blob + 256 KiB)",
                      f"{w2} B / {int(1.05 * top + 256 * 1024)} B = {w2 / (1.05 * top + 256 * 1024):.3f}"
                      f" (top blob {top} B; {o2['summary']})", "<= 1"))
-        m3, o3, w3 = deploy(v2, p1, "ltxb-app", pkg)
+        m3, o3, w3 = deploy(v2, p1, "ltxb-app", pkg, extra_env=layered)
         rows.append(("the same image again: wire bytes", f"{w3} B ({w3 / MIB:.3f} MiB)", "< 1 MiB"))
 
         h2 = Host(2, work); hosts.append(h2)
         subprocess.run(f"docker save {base} | DOCKER_HOST={h2.docker_host} docker load -q",
                        shell=True, check=True, capture_output=True)
         s2, p2 = receiver(h2, work, "h2"); services.append(s2)
-        m4, o4, w4 = deploy(v1, p2, "ltxb-app", pkg)
+        m4, o4, w4 = deploy(v1, p2, "ltxb-app", pkg, extra_env=layered)
         rows.append(("second host sharing the base: sender CPU s vs the first host's",
                      f"{m4.cpu:.2f} s / {m1.cpu:.2f} s = {m4.cpu / m1.cpu:.3f} (sent {w4} B;"
                      f" {o4['summary']}; compressed now: {o4['prepare']['compressed_layers']})", "<= 0.2"))
@@ -325,7 +328,7 @@ def main():
         # The cut image's bottom layer (busybox) is host 1's already (same chain ID): the big
         # blob is the only one on the wire, after a few KiB of inventory and release requests.
         p1.cut_at = p1.sent + int(0.6 * args.cut_mib * MIB)
-        m5, o5, w5 = deploy(cut, p1, "ltxb-cut", pkg)
+        m5, o5, w5 = deploy(cut, p1, "ltxb-cut", pkg, extra_env=layered)
         big = o5["layers"][-1]
         rows.append(("cut at 60 % of a 96 MiB incompressible layer: total sent / layer blob",
                      f"{w5} B / {big['size']} B = {w5 / big['size']:.3f} (fate {big['fate']},"
@@ -362,11 +365,12 @@ def main():
             lines.append(f"{ours:.2f} s / {floor.wall:.2f} s = {ours / floor.wall:.2f}")
             serial_lines.append(f"{serial:.2f} s / {floor.wall:.2f} s = {serial / floor.wall:.2f}")
             print(f"cold run {run + 1}: {lines[-1]}; whole deploy {whole_lines[-1]}"
-                  f" (prepare {o6['prepare']['duration_ms']} ms,"
+                  f" ({o6.get('mode', 'package')}, wire {w6} B,"
+                  f" prepare {o6['prepare']['duration_ms']} ms,"
                   f" transfer+load {o6['transfer_duration_ms']} ms, receiver stages "
                   f"{[(s['stage'], s['duration_ms']) for s in rec.get('stages', [])]});"
                   f" compared ({compare_label}) {serial_lines[-1]} ({before_send(o7)},"
-                  f" receiver stages "
+                  f" {o7.get('mode', 'package')}, receiver stages "
                   f"{[(s['stage'], s['duration_ms']) for s in rec7.get('stages', [])]})", file=sys.stderr)
             print(f"cold run {run + 1}: ours {blob_checks(p3)}; compared {blob_checks(p6)}", file=sys.stderr)
             for s_ in (s3, s6):
@@ -374,9 +378,9 @@ def main():
             for h in (h3, h4, h6):
                 h.stop(); hosts.remove(h)
         median = sorted(ratios)[len(ratios) // 2]
-        rows.append((f"cold deploy to loaded / docker save \\| docker load into a cold engine (median of {len(ratios)})",
+        rows.append((f"cold deploy ({o6.get('mode')}) to loaded / docker save \\| docker load into a cold engine (median of {len(ratios)})",
                      f"**{median:.2f}** ({'; '.join(lines)}; ours = wall minus the receiver's start and health stages)",
-                     "<= 1.32"))
+                     "<= 1.0"))
         whole_median = sorted(whole_ratios)[len(whole_ratios) // 2]
         rows.append((f"whole cold deploy with the image's Docker HEALTHCHECK (1 s interval) / (pipe + the container's"
                      f" start-to-healthy, from its engine) (median of {len(whole_ratios)})",

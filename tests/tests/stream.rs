@@ -159,6 +159,15 @@ async fn a_stream_cut_midway_is_sent_as_layers_and_the_deploy_succeeds() {
     let outcome = sender.deploy(&proxy.url, &app, &name).await;
     assert_eq!(outcome.mode, TransferMode::Layers, "{outcome:#?}");
     assert_eq!(outcome.totals.present, 0, "the cut stream left no layer");
+    // The stream was tried: its 2 MiB went before the layers, sent whole (a cut blob upload
+    // would have resumed instead, and the wire would carry little more than the image).
+    assert!(
+        proxy.sent() >= outcome.totals.bytes_sent + 2 * MIB as u64,
+        "{} bytes on the wire, {} in the layers",
+        proxy.sent(),
+        outcome.totals.bytes_sent
+    );
+    assert_eq!(outcome.totals.bytes_sent, outcome.totals.bytes_total);
     assert_eq!(container_image(&host, &name), images.id(&app));
     assert!(host_has_image(&host, &app));
 }

@@ -180,8 +180,8 @@ pub async fn deploy_release(
         containers::refuse_unmanaged(&docker, &spec).await?;
     }
     let plan = crate::v2::load::plan(state, release, arrival).await?;
-    let mut deployment = Deployment::begin(state, &spec, &image, None).await?;
-    deployment.record.package_id = Some(release.release_id);
+    let mut deployment =
+        Deployment::begin_for(state, &spec, &image, Some((release.release_id, None))).await?;
     deployment.stage(
         Stage::Verify,
         StageOutcome::Ok,
@@ -233,9 +233,7 @@ pub(crate) async fn begin_streamed(
     image: &str,
     package_id: uuid::Uuid,
 ) -> Result<Deployment> {
-    let mut deployment = Deployment::begin(state, spec, image, None).await?;
-    deployment.record.package_id = Some(package_id);
-    Ok(deployment)
+    Deployment::begin_for(state, spec, image, Some((package_id, None))).await
 }
 
 /// Refuses to replace a container of the spec's name that this receiver does not manage.

@@ -57,7 +57,7 @@ pub async fn load_package(state: &AppState, package: &StoredPackage) -> Result<L
         inner: file,
         hashed: hashed.clone(),
     };
-    let check = BodyCheck {
+    let check = BodyCheck::Hashed {
         hashed,
         size: package.manifest.package_size,
         checksum: package.manifest.package_checksum,
@@ -193,26 +193,48 @@ impl AsyncRead for HashingReader {
     }
 }
 
-/// What the package file must hash to before the archive's tail goes to Docker.
-pub(crate) struct BodyCheck {
-    hashed: Hashed,
-    size: u64,
-    checksum: Checksum,
+/// What must hold before the archive's tail goes to Docker.
+pub(crate) enum BodyCheck {
+    /// The package file read must hash to its verified size and checksum.
+    Hashed {
+        hashed: Hashed,
+        size: u64,
+        checksum: Checksum,
+    },
+    /// A streamed package: its seal must have checked out (set by the receiving side only after
+    /// the seal's signature and the size and BLAKE3 of every byte matched). A stream that ends
+    /// any other way, a dropped request included, is refused.
+    Sealed(Arc<std::sync::atomic::AtomicBool>),
 }
 
 impl BodyCheck {
     /// Whether the bytes read are the verified package.
     fn verify(&self) -> std::result::Result<(), ArchiveError> {
-        let (checksum, size) = match self.hashed.lock() {
+        let (hashed, size, checksum) = match self {
+            BodyCheck::Sealed(sealed) => {
+                return if sealed.load(std::sync::atomic::Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(ArchiveError::Corrupt(
+                        "the stream ended before its seal checked out".into(),
+                    ))
+                };
+            }
+            BodyCheck::Hashed {
+                hashed,
+                size,
+                checksum,
+            } => (hashed, *size, checksum),
+        };
+        let (read, count) = match hashed.lock() {
             Ok(hasher) => (Checksum::from_hasher(&hasher), hasher.count()),
             Err(_) => return Err(ArchiveError::Corrupt("package hash state lost".into())),
         };
-        if size == self.size && checksum == self.checksum {
+        if count == size && read == *checksum {
             Ok(())
         } else {
             Err(ArchiveError::Corrupt(format!(
-                "the package file changed after it was verified: read {size} bytes hashing to {checksum}, the signed manifest says {} bytes hashing to {}",
-                self.size, self.checksum
+                "the package file changed after it was verified: read {count} bytes hashing to {read}, the signed manifest says {size} bytes hashing to {checksum}"
             )))
         }
     }

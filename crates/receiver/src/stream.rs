@@ -6,6 +6,8 @@
 //! checked out (its signature, then the size and BLAKE3 of every byte that went by), and poisons
 //! the archive otherwise, so Docker never keeps an image from bytes that were not verified.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -30,7 +32,8 @@ use crate::state::{AppState, InFlight};
 
 /// The parts of a streamed upload, in order.
 const FIELDS: &[&str] = &[PART_MANIFEST, PART_PACKAGE, PART_SEAL];
-/// Package chunks queued between the network and the load, at most (each about 1 MiB).
+/// Package chunks queued between the network and the load, at most (each what the multipart
+/// reader yields: at most about 1 MiB).
 const QUEUE_CHUNKS: usize = 4;
 
 /// Receives, loads and deploys one streamed package; the deployment record, or the error that
@@ -136,6 +139,8 @@ async fn receive_and_load(
 ) -> Result<LoadResponse> {
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(QUEUE_CHUNKS);
+    // Set only once the seal checked out: the gate releases the archive's tail on nothing else.
+    let sealed = Arc::new(AtomicBool::new(false));
     let reader = tokio_util::io::StreamReader::new(ReceiverStream::new(rx));
     let policy = Policy {
         allowed_tags: manifest.image_tags.clone(),
@@ -148,10 +153,10 @@ async fn receive_and_load(
         &what,
         load::decompress(reader, manifest.compression),
         manifest.compression,
-        None,
+        Some(load::BodyCheck::Sealed(Arc::clone(&sealed))),
         policy,
     );
-    let receiving = receive(state, opened, tx);
+    let receiving = receive(state, opened, tx, &sealed);
     let (received, loaded) = tokio::join!(receiving, loading);
     let (seal, (summary, image_id, tags)) = match (received, loaded) {
         // The load ended first and the receiving side only saw it go: the load's error says why.
@@ -203,8 +208,12 @@ async fn receive(
     state: &AppState,
     opened: OpenedUpload,
     tx: mpsc::Sender<std::io::Result<Bytes>>,
+    sealed: &AtomicBool,
 ) -> Result<Seal> {
     let result = read_parts(state, opened, &tx).await;
+    if result.is_ok() {
+        sealed.store(true, Ordering::SeqCst);
+    }
     if let Err(e) = &result {
         // The load must not see a clean end: hand it the refusal (it may be gone already).
         let _ = tx

@@ -48,14 +48,26 @@ impl Deployment {
         image: &str,
         manifest: Option<&PackageManifest>,
     ) -> Result<Self> {
+        let package = manifest.map(|m| (m.package_id, Some(m.package_checksum)));
+        Self::begin_for(state, spec, image, package).await
+    }
+
+    /// As [`Deployment::begin`], for the package of `package` (its id, and its checksum when it
+    /// is known before the deployment starts).
+    pub async fn begin_for(
+        state: &AppState,
+        spec: &DeploymentSpec,
+        image: &str,
+        package: Option<(Uuid, Option<deploy_protocol::Checksum>)>,
+    ) -> Result<Self> {
         let record = DeploymentRecord {
             deployment_id: Uuid::new_v4(),
             status: DeploymentStatus::InProgress,
             container_name: spec.container_name.clone(),
             image: image.to_owned(),
             image_id: None,
-            package_id: manifest.map(|m| m.package_id),
-            package_checksum: manifest.map(|m| m.package_checksum),
+            package_id: package.map(|(id, _)| id),
+            package_checksum: package.and_then(|(_, checksum)| checksum),
             container_id: None,
             previous_container_id: None,
             correlation_id: correlation_id(),

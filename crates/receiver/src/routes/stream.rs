@@ -31,21 +31,21 @@ pub(crate) struct StreamForm {
 /// signed). The package goes into `docker load` as it arrives; Docker gets the archive's tail
 /// only once the seal checks out. Nothing is stored, so nothing resumes: a cut stream is sent
 /// again (`deploy-sender` then sends the image as a release). A load in progress on this host is
-/// `429 BUSY` (a stream is not queued).
+/// `429 BUSY` (a stream is not queued). Once the package is being read, a failure is answered
+/// with the deployment's record (`error` says why).
 #[utoipa::path(post, path = "/deployment/stream", operation_id = "stream_and_deploy", tag = "deployment",
     params(crate::routes::SignatureHeaderParams),
     request_body(content = StreamForm, content_type = "multipart/form-data"),
     security(("deploy_hmac" = [])),
     responses(
         (status = 200, description = "SUCCEEDED", body = DeploymentRecord),
-        (status = 400, description = "VALIDATION_ERROR: wrong parts, bad manifest, spec or seal", body = ErrorBody),
-        (status = 401, description = "UNAUTHORIZED: the request's signature, or the seal's", body = ErrorBody),
+        (status = 400, description = "VALIDATION_ERROR: wrong parts, bad manifest or spec (error body), or a bad seal or cut stream (the record)", body = RecordOrError),
+        (status = 401, description = "UNAUTHORIZED: the request's signature (error body), or the seal's (the record; Docker kept nothing)", body = RecordOrError),
         (status = 403, description = "FORBIDDEN, or POLICY_DENIED (nothing was changed)", body = ErrorBody),
-        (status = 408, description = "TIMEOUT: the client stopped sending", body = ErrorBody),
-        (status = 409, description = "CONFLICT: the package id is being received already", body = ErrorBody),
-        (status = 413, description = "PACKAGE_TOO_LARGE: more than MAX_PACKAGE_SIZE bytes", body = ErrorBody),
-        (status = 422, description = "CHECKSUM_MISMATCH (error body; Docker kept nothing); LOAD_FAILED or HEALTH_CHECK_FAILED (the record, with `error`)", body = RecordOrError),
-        (status = 429, description = "BUSY: too many uploads, or a load in progress; see Retry-After", body = ErrorBody),
+        (status = 408, description = "TIMEOUT: the client stopped sending (the record)", body = RecordOrError),
+        (status = 413, description = "PACKAGE_TOO_LARGE: more than MAX_PACKAGE_SIZE bytes (the record)", body = RecordOrError),
+        (status = 422, description = "CHECKSUM_MISMATCH (Docker kept nothing), LOAD_FAILED or HEALTH_CHECK_FAILED: the record, with `error`", body = RecordOrError),
+        (status = 429, description = "BUSY: too many uploads, this package id being received already, or a load in progress; see Retry-After", body = ErrorBody),
         (status = 500, description = "DEPLOY_FAILED: the record with `error`", body = RecordOrError),
         (status = 503, description = "DOCKER_UNAVAILABLE", body = RecordOrError),
     ))]

@@ -5,6 +5,7 @@
 //! another path could get past is handed back as [`StreamFailure::Fallback`], not retried here.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -127,11 +128,16 @@ impl ReceiverClient {
             sent: Arc::clone(&sent),
         };
         let secret = self.target().secret.clone();
+        // Set once the seal was handed to the connection: from then on the receiver may have
+        // everything it needs to deploy, and a failure is no longer safe to send again.
+        let seal_out = Arc::new(AtomicBool::new(false));
+        let seal_flag = Arc::clone(&seal_out);
         let seal = futures::stream::once(async move {
             let (checksum, size) = sealed.await.map_err(|_| {
                 std::io::Error::other("the package stream ended without its totals")
             })?;
             let seal = Seal::sign(&secret, &nonce, &manifest_digest, checksum, size);
+            seal_flag.store(true, Ordering::SeqCst);
             Ok::<_, std::io::Error>(Bytes::from(seal.to_bytes()))
         });
         let internal = |e: reqwest::Error| {
@@ -164,24 +170,31 @@ impl ReceiverClient {
 
         let started = Instant::now();
         tracing::info!(url = %url, package_id = %manifest.package_id, "stream started");
-        let response = request
-            .multipart(form)
-            .send()
-            .await
-            .map_err(|e| StreamFailure::Fallback(classify_send_error(&url, e)))?;
+        let response = match request.multipart(form).send().await {
+            Ok(response) => response,
+            Err(e) if seal_out.load(Ordering::SeqCst) => {
+                return Err(StreamFailure::Final(SenderError::TransferFailed(format!(
+                    "the whole stream and its seal were sent to {url}, but no answer came ({}): the receiver may have deployed it; see its GET /deployments (package_id {})",
+                    classify_send_error(&url, e),
+                    manifest.package_id
+                ))))
+            }
+            Err(e) => return Err(StreamFailure::Fallback(classify_send_error(&url, e))),
+        };
         let status = response.status();
         let body = response.bytes().await.map_err(|e| {
-            StreamFailure::Fallback(SenderError::TransferFailed(format!(
-                "reading the answer of {url} failed after status {status}: {e}"
+            StreamFailure::Final(SenderError::TransferFailed(format!(
+                "reading the answer of {url} failed after status {status}: {e}: the receiver may have deployed it; see its GET /deployments (package_id {})",
+                manifest.package_id
             )))
         })?;
         let duration = started.elapsed();
         if !status.is_success() {
             let error = remote_error(&url, status.as_u16(), &body);
-            return Err(match (status.as_u16(), error.code()) {
-                // An older receiver without the endpoint, or one loading another image.
-                (404 | 405, _) | (_, ErrorCode::Busy) => StreamFailure::Fallback(error),
-                _ => StreamFailure::Final(error),
+            return Err(if nothing_ran(status.as_u16(), &error) {
+                StreamFailure::Fallback(error)
+            } else {
+                StreamFailure::Final(error)
             });
         }
         let record: DeploymentRecord = serde_json::from_slice(&body).map_err(|e| {
@@ -202,5 +215,53 @@ impl ReceiverClient {
             },
             record,
         ))
+    }
+}
+
+/// Whether an error answer to a stream says that nothing was run and the image may go another
+/// way: an older receiver without the endpoint (a `404`/`405` that is no protocol answer), a
+/// receiver busy loading another image (`429`), or a stream the receiver stopped reading (too
+/// large for `MAX_PACKAGE_SIZE` as a whole, which applies per blob to layers; or stalled).
+fn nothing_ran(status: u16, error: &SenderError) -> bool {
+    let protocol_answer = matches!(
+        error,
+        SenderError::Remote { .. } | SenderError::Deployment(_)
+    );
+    match error.code() {
+        _ if matches!(status, 404 | 405) => !protocol_answer,
+        ErrorCode::Busy | ErrorCode::PackageTooLarge | ErrorCode::Timeout => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(status: u16, code: ErrorCode) -> SenderError {
+        SenderError::Remote {
+            status,
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_answers_that_ran_nothing_fall_back() {
+        let plain_404 = SenderError::TransferFailed("answered 404 without a protocol body".into());
+        assert!(nothing_ran(404, &plain_404), "an older receiver");
+        assert!(!nothing_ran(404, &remote(404, ErrorCode::NotFound)));
+        assert!(nothing_ran(429, &remote(429, ErrorCode::Busy)));
+        assert!(nothing_ran(413, &remote(413, ErrorCode::PackageTooLarge)));
+        for code in [
+            ErrorCode::Unauthorized,
+            ErrorCode::PolicyDenied,
+            ErrorCode::ChecksumMismatch,
+            ErrorCode::LoadFailed,
+            ErrorCode::HealthCheckFailed,
+            ErrorCode::DockerUnavailable,
+        ] {
+            assert!(!nothing_ran(422, &remote(422, code)), "{code:?}");
+        }
     }
 }

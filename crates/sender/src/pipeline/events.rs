@@ -178,6 +178,20 @@ impl Lifecycle {
         }
     }
 
+    /// BUILD_COMPLETED of an image about to be streamed to a cold host: it is exported and
+    /// compressed during the transfer, so nothing was prepared (`"mode": "stream"`).
+    pub async fn stream_ready(
+        &self,
+        subject: &Subject,
+        request: &PackageRequest,
+        image_id: &str,
+        layers: usize,
+    ) {
+        let payload = json!({ "image_id": image_id, "layers": layers, "mode": "stream",
+                "compression": request.compression.compression, "exported": false });
+        self.emit(EventType::BuildCompleted, subject, payload).await;
+    }
+
     /// TRANSFER_COMPLETED of a release: every layer reached `receiver`, which loaded and
     /// deployed it.
     pub async fn release_transferred(

@@ -640,6 +640,14 @@ pub async fn deploy_release(
         match super::stream::cold_target(docker, cache, &calls, &reference, options).await {
             Ok(Some(cold)) => {
                 events
+                    .stream_ready(
+                        &subject,
+                        &request.package,
+                        &cold.image.id,
+                        cold.diff_ids.len(),
+                    )
+                    .await;
+                events
                     .transfer_started(&subject, &receiver, "stream", cold.image.size.unwrap_or(0))
                     .await;
                 let streamed = super::stream::stream_deploy(

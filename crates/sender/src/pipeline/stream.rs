@@ -163,11 +163,28 @@ pub(crate) async fn stream_deploy(
                 }
             })
     };
-    let encoded = compress(
-        tokio_util::io::StreamReader::new(Box::pin(source)),
-        &options,
-    )
-    .map_err(StreamFailure::Final)?;
+    // The request starts with Docker's first byte: Docker may spend seconds writing the export
+    // before it (about 5 s a GiB on this kind of host), and the receiver would count that as an
+    // idle stream.
+    let mut source = Box::pin(source);
+    let first = match source.next().await {
+        Some(Ok(bytes)) => bytes,
+        Some(Err(_)) => {
+            let error = export_error.lock().ok().and_then(|mut slot| slot.take());
+            return Err(StreamFailure::Final(error.unwrap_or_else(|| {
+                SenderError::Internal(format!("exporting {} failed", image.reference))
+            })));
+        }
+        None => {
+            return Err(StreamFailure::Final(SenderError::Internal(format!(
+                "Docker exported nothing for {}",
+                image.reference
+            ))))
+        }
+    };
+    let source = futures::stream::iter([Ok(first)]).chain(source);
+    let encoded = compress(tokio_util::io::StreamReader::new(source), &options)
+        .map_err(StreamFailure::Final)?;
     let body = tokio_util::io::ReaderStream::with_capacity(encoded, CHUNK);
     let client = ReceiverClient::new(calls.http.clone(), calls.target.clone());
     let sent_progress = Arc::clone(&progress);
@@ -182,10 +199,12 @@ pub(crate) async fn stream_deploy(
         .await;
     let taken = export_error.lock().ok().and_then(|mut slot| slot.take());
     let (transfer, record) = match (result, taken) {
-        // The export broke the stream: that is the cause, and a retry as layers would export
-        // again and most likely fail the same way.
-        (Err(_), Some(export)) => return Err(StreamFailure::Final(export)),
-        (Err(failure), None) => return Err(failure),
+        // The export broke the stream before an answer: that is the cause, and a retry as layers
+        // would export again and most likely fail the same way.
+        (Err(StreamFailure::Fallback(_)), Some(export)) => {
+            return Err(StreamFailure::Final(export))
+        }
+        (Err(failure), _) => return Err(failure),
         (Ok(done), _) => done,
     };
     let uncompressed = exported.load(Ordering::Relaxed);
