@@ -201,7 +201,9 @@ pub(crate) async fn stream_deploy(
     let (transfer, record) = match (result, taken) {
         // The export broke the stream before an answer: that is the cause, and a retry as layers
         // would export again and most likely fail the same way.
-        (Err(StreamFailure::Fallback(_)), Some(export)) => {
+        (Err(StreamFailure::Fallback(e)), Some(export))
+            if !matches!(e, SenderError::Remote { .. } | SenderError::Deployment(_)) =>
+        {
             return Err(StreamFailure::Final(export))
         }
         (Err(failure), _) => return Err(failure),
