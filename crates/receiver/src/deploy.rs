@@ -72,23 +72,43 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
 /// the first image tag, validated and within policy. Checked as soon as the manifest is
 /// authenticated, before the package is read: a refused spec stores nothing.
 pub fn full_spec(state: &AppState, manifest: &PackageManifest) -> Result<(DeploymentSpec, String)> {
-    let mut spec = manifest.deployment.clone().ok_or_else(|| {
+    let spec = manifest.deployment.clone().ok_or_else(|| {
         ReceiverError::Validation(format!(
             "the manifest of package {} has no `deployment` spec, which /deployment/full needs (upload it with /deployment/upload, then /deployment/load and /deployment/deploy)",
             manifest.package_id
         ))
     })?;
-    spec.image = spec.image.or_else(|| manifest.image_tags.first().cloned());
+    image_of(
+        state,
+        spec,
+        &manifest.image_tags,
+        "the manifest's",
+        "the package's image_tags: /deployment/full runs the image its package loads",
+    )
+}
+
+/// `spec` with `image` defaulting to the first of `tags`, validated and within policy, and (unless
+/// ALLOW_UNVERIFIED_IMAGES) running one of `tags`; with the image. `named` says whose tags they
+/// are in "neither deployment.image nor {named} image_tags", `rule` ends "deployment.image X is
+/// not one of {rule}".
+fn image_of(
+    state: &AppState,
+    mut spec: DeploymentSpec,
+    tags: &[String],
+    named: &str,
+    rule: &str,
+) -> Result<(DeploymentSpec, String)> {
+    spec.image = spec.image.or_else(|| tags.first().cloned());
     let image = spec.image.clone().ok_or_else(|| {
-        ReceiverError::Validation(
-            "neither deployment.image nor the manifest's image_tags name the image to run".into(),
-        )
+        ReceiverError::Validation(format!(
+            "neither deployment.image nor {named} image_tags name the image to run"
+        ))
     })?;
     spec.validate().map_err(ReceiverError::Validation)?;
     policy::check_policy(state.config(), &spec)?;
-    if !state.config().allow_unverified_images && !manifest.image_tags.contains(&image) {
+    if !state.config().allow_unverified_images && !tags.contains(&image) {
         return Err(ReceiverError::PolicyDenied(format!(
-            "deployment.image {image} is not one of the package's image_tags: /deployment/full runs the image its package loads (ALLOW_UNVERIFIED_IMAGES lets it run another)"
+            "deployment.image {image} is not one of {rule} (ALLOW_UNVERIFIED_IMAGES lets it run another)"
         )));
     }
     Ok((spec, image))
@@ -145,26 +165,19 @@ pub fn release_spec(
     state: &AppState,
     release: &ReleaseManifest,
 ) -> Result<(DeploymentSpec, String)> {
-    let mut spec = release.deployment.clone().ok_or_else(|| {
+    let spec = release.deployment.clone().ok_or_else(|| {
         ReceiverError::Validation(format!(
             "release {} has no `deployment` spec, which /deploy needs (load it with /load instead)",
             release.release_id
         ))
     })?;
-    spec.image = spec.image.or_else(|| release.image_tags.first().cloned());
-    let image = spec.image.clone().ok_or_else(|| {
-        ReceiverError::Validation(
-            "neither deployment.image nor the release's image_tags name the image to run".into(),
-        )
-    })?;
-    spec.validate().map_err(ReceiverError::Validation)?;
-    policy::check_policy(state.config(), &spec)?;
-    if !state.config().allow_unverified_images && !release.image_tags.contains(&image) {
-        return Err(ReceiverError::PolicyDenied(format!(
-            "deployment.image {image} is not one of the release's image_tags: a release runs the image it loads (ALLOW_UNVERIFIED_IMAGES lets it run another)"
-        )));
-    }
-    Ok((spec, image))
+    image_of(
+        state,
+        spec,
+        &release.image_tags,
+        "the release's",
+        "the release's image_tags: a release runs the image it loads",
+    )
 }
 
 /// `POST /deployment/v2/releases/{id}/deploy`: load the release (LAYERS_MISSING, before any
@@ -209,21 +222,13 @@ pub fn stream_spec(
     state: &AppState,
     manifest: &deploy_protocol::stream::StreamManifest,
 ) -> Result<(DeploymentSpec, String)> {
-    let mut spec = manifest.deployment.clone();
-    spec.image = spec.image.or_else(|| manifest.image_tags.first().cloned());
-    let image = spec.image.clone().ok_or_else(|| {
-        ReceiverError::Validation(
-            "neither deployment.image nor the manifest's image_tags name the image to run".into(),
-        )
-    })?;
-    spec.validate().map_err(ReceiverError::Validation)?;
-    policy::check_policy(state.config(), &spec)?;
-    if !state.config().allow_unverified_images && !manifest.image_tags.contains(&image) {
-        return Err(ReceiverError::PolicyDenied(format!(
-            "deployment.image {image} is not one of the package's image_tags: a streamed package runs the image it loads (ALLOW_UNVERIFIED_IMAGES lets it run another)"
-        )));
-    }
-    Ok((spec, image))
+    image_of(
+        state,
+        manifest.deployment.clone(),
+        &manifest.image_tags,
+        "the manifest's",
+        "the package's image_tags: a streamed package runs the image it loads",
+    )
 }
 
 /// The deployment of a streamed package (`/deployment/stream`), begun before its package is read.

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_compression::tokio::bufread::{GzipEncoder, ZstdEncoder};
-use async_compression::zstd::CParameter;
 use async_compression::Level;
 use bollard::Docker;
 use deploy_protocol::release::InventoryResponse;
@@ -24,7 +23,7 @@ use futures::StreamExt;
 use tokio::io::AsyncRead;
 use uuid::Uuid;
 
-use super::compress::{CompressionOptions, ZSTD_JOB_SIZE};
+use super::compress::CompressionOptions;
 use super::deploy::DeployRequest;
 use super::docker::docker_error;
 use super::layers::{chain_ids, LayerCache, PrepareStats};
@@ -111,13 +110,9 @@ pub(crate) async fn stream_deploy(
 ) -> Result<ReleaseOutcome, StreamFailure> {
     let started = Instant::now();
     let image = &cold.image;
-    // One thread: Docker's load is slower than one zstd thread, and zstd's workers take CPU
-    // from the two engines (docs/PERFORMANCE.md: 1.06x the pipe with one thread, 1.24x with two
-    // workers on two cores).
-    let options = CompressionOptions {
-        zstd_workers: 0,
-        ..request.package.compression
-    };
+    // One thread (see `compress`): Docker's load is slower than one zstd thread, and zstd's
+    // workers take CPU from the two engines (docs/PERFORMANCE.md, "Cold hosts streamed").
+    let options = request.package.compression;
     let mut spec = request.deployment.clone();
     if spec.image.is_none() {
         spec.image = image.tags.first().cloned();
@@ -250,7 +245,7 @@ pub(crate) async fn stream_deploy(
     })
 }
 
-/// `reader` compressed as `options` say, read as it is compressed.
+/// `reader` compressed as `options` say (zstd on the calling thread), read as it is compressed.
 fn compress(
     reader: impl tokio::io::AsyncBufRead + Send + 'static,
     options: &CompressionOptions,
@@ -261,19 +256,7 @@ fn compress(
             Box::pin(GzipEncoder::with_quality(reader, Level::Precise(l)))
         }
         (Compression::Zstd, Some(l)) => {
-            let params: &[CParameter] = if options.zstd_workers > 0 {
-                &[
-                    CParameter::nb_workers(options.zstd_workers),
-                    CParameter::job_size(ZSTD_JOB_SIZE),
-                ]
-            } else {
-                &[]
-            };
-            Box::pin(ZstdEncoder::with_quality_and_params(
-                reader,
-                Level::Precise(l),
-                params,
-            ))
+            Box::pin(ZstdEncoder::with_quality(reader, Level::Precise(l)))
         }
         _ => Box::pin(reader),
     })
