@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::compress::CompressionOptions;
 use super::deploy::DeployRequest;
 use super::docker::docker_error;
-use super::layers::{chain_ids, LayerCache, PrepareStats};
+use super::layers::{chain_ids, image_diff_ids, LayerCache, PrepareStats};
 use super::package::{resolve_image, ResolvedImage};
 use super::progress::{Progress, ProgressExt, Stage};
 use super::release::{ReleaseOutcome, ReleaseTotals, TransferMode};
@@ -64,11 +64,7 @@ pub(crate) async fn cold_target(
     if image.tags.is_empty() {
         return Ok(None);
     }
-    let inspected = docker
-        .inspect_image(&image.id)
-        .await
-        .map_err(|e| docker_error(&format!("image {}", image.id), e))?;
-    let diff_ids: Vec<String> = inspected.root_fs.and_then(|r| r.layers).unwrap_or_default();
+    let diff_ids = image_diff_ids(docker, &image.id).await?;
     if diff_ids.is_empty() {
         return Ok(None);
     }

@@ -83,6 +83,15 @@ impl PreparedImage {
     }
 }
 
+/// The diffIDs of image `id`'s layers, bottom first, as the engine reports them.
+pub(crate) async fn image_diff_ids(docker: &Docker, id: &str) -> Result<Vec<String>, SenderError> {
+    let inspected = docker
+        .inspect_image(id)
+        .await
+        .map_err(|e| docker_error(&format!("image {id}"), e))?;
+    Ok(inspected.root_fs.and_then(|r| r.layers).unwrap_or_default())
+}
+
 /// Makes sure `reference` (a tag or an image id in the local engine) is in `cache` as blobs of
 /// `options.compression`, exporting and compressing only what is missing, then keeps the cache
 /// within its budget (never evicting this image's layers while the result lives).
@@ -96,11 +105,7 @@ pub async fn prepare_image(
     options.effective_level()?;
     let started = Instant::now();
     let image = resolve_image(docker, reference).await?;
-    let inspected = docker
-        .inspect_image(&image.id)
-        .await
-        .map_err(|e| docker_error(&format!("image {}", image.id), e))?;
-    let diff_ids: Vec<String> = inspected.root_fs.and_then(|r| r.layers).unwrap_or_default();
+    let diff_ids = image_diff_ids(docker, &image.id).await?;
     if diff_ids.is_empty() {
         return Err(SenderError::Validation(format!(
             "image {reference} has no layers to send"
