@@ -7,6 +7,7 @@ figures side by side. Needs root (network namespaces), Docker, GNU time, /bin/bu
 
     bench/layers.py                 # 128 MiB base + 16 MiB top, 96 MiB cut, 1 GiB RSS run
     bench/layers.py --rss-mib 256   # a smaller image for the RSS row
+    bench/layers.py --content binaries   # cold and RSS images of real programs (compressible)
 
 Rows: (1) redeploy after a top-layer-only change: wire bytes vs that layer's compressed size;
 (2) the same image again; (3) a second host sharing the base: sender CPU vs the first host's;
@@ -169,25 +170,57 @@ def receiver(host, work, name, binary=None):
     return service, proxy
 
 
-def build(tag, dockerfile, files):
+def system_binaries():
+    """The bytes of this machine's programs and libraries (/usr/bin, /usr/lib, ...), file after
+    file in name order, round and round: what an application image's layers mostly hold, and
+    about as compressible (zstd level 3 makes them 2.5-3x smaller)."""
+    while True:
+        for top in ("/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share"):
+            for root, dirs, names in os.walk(top):
+                dirs.sort()
+                for name in sorted(names):
+                    path = os.path.join(root, name)
+                    if os.path.islink(path) or not os.path.isfile(path):
+                        continue
+                    try:
+                        with open(path, "rb") as f:
+                            while chunk := f.read(4 * MIB):
+                                yield chunk
+                    except OSError:
+                        continue
+
+
+BINARIES = system_binaries()
+
+
+def fill(f, size, content):
+    left = size
+    while left:
+        if content == "random":
+            chunk = os.urandom(min(left, 4 * MIB))
+        else:
+            chunk = next(BINARIES)[:left]
+        f.write(chunk)
+        left -= len(chunk)
+
+
+def build(tag, dockerfile, files, content="random"):
     with tempfile.TemporaryDirectory() as ctx:
         shutil.copy("/bin/busybox", Path(ctx) / "busybox")
         for name, size in files.items():
             with open(Path(ctx) / name, "wb") as f:
-                left = size
-                while left:
-                    chunk = os.urandom(min(left, 4 * MIB))
-                    f.write(chunk)
-                    left -= len(chunk)
+                fill(f, size, content)
         (Path(ctx) / "Dockerfile").write_text(dockerfile)
         subprocess.run(["docker", "build", "-q", "-t", tag, ctx], check=True, capture_output=True,
                        env=dict(os.environ, DOCKER_BUILDKIT="0"))
     return tag
 
 
-def deploy(image, proxy, name, pkg_dir, full=False, extra_env=None, health="none", sender=None):
+def deploy(image, proxy, name, pkg_dir, full=False, extra_env=None, health="none", sender=None,
+           extra_args=()):
     argv = [str(sender or BIN / "deploy-sender"), "deploy", "--image", image, "--name", name,
             "--health", health, "--to", proxy.url, "--json"] + (["--full"] if full else [])
+    argv += list(extra_args)
     env = dict(os.environ, PACKAGE_DIR=str(pkg_dir), DEPLOY_HMAC_SECRET=SECRET, RUST_LOG="warn",
                **(extra_env or {}))
     before = proxy.sent
@@ -254,6 +287,10 @@ def main():
     ap.add_argument("--cold-runs", type=int, default=3,
                     help="cold-deploy runs (fresh hosts and sender cache each); the median is shown")
     ap.add_argument("--rss-mib", type=int, default=1024)
+    ap.add_argument("--content", choices=("random", "binaries"), default="random",
+                    help="what the cold and RSS images' layers hold: random bytes (incompressible,"
+                         " the default) or this machine's programs and libraries (compressible like"
+                         " a real application image); the other images are always random")
     ap.add_argument("--work", default=str(REPO / "target/bench-layers"))
     ap.add_argument("--bin-dir", default=str(REPO / "target/release"),
                     help="where deploy-sender and deploy-receiver are (default target/release)")
@@ -263,16 +300,23 @@ def main():
                          " --compare-full is given)")
     ap.add_argument("--compare-receiver", metavar="PATH",
                     help="the receiver binary of the cold comparison deploy's host (default: --bin-dir's)")
+    ap.add_argument("--arg", action="append", default=[], metavar="ARG",
+                    help="an extra `deploy` argument for the cold and RSS deploys (repeatable, e.g."
+                         " --arg=--level --arg=1)")
+    ap.add_argument("--compare-arg", action="append", default=[], metavar="ARG",
+                    help="an extra `deploy` argument for the cold comparison deploy (repeatable)")
     ap.add_argument("--compare-full", action="store_true",
                     help="the comparison deploy sends the whole image as one v1 package (--full)")
     ap.add_argument("--compare-sender", metavar="PATH",
                     help="the sender binary of the cold comparison deploy (default: --bin-dir's)")
     args = ap.parse_args()
     if args.compare_env is None:
-        other = args.compare_receiver or args.compare_sender or args.compare_full
+        other = (args.compare_receiver or args.compare_sender or args.compare_full
+                 or args.compare_arg)
         args.compare_env = [] if other else ["DEPLOY_STREAM_COLD=0"]
     compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
     compare_label = ", ".join([f"`{kv}`" for kv in args.compare_env]
+                              + ([f"`{' '.join(args.compare_arg)}`"] if args.compare_arg else [])
                               + ([f"receiver `{args.compare_receiver}`"] if args.compare_receiver else [])
                               + ([f"sender `{args.compare_sender}`"] if args.compare_sender else [])
                               + (["the whole image as a v1 package (`--full`)"] if args.compare_full else []))
@@ -295,10 +339,10 @@ def main():
     cold = build(f"ltxb-cold-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY a /a.bin\n"
                  "COPY b /b.bin\nHEALTHCHECK --interval=1s --timeout=2s CMD [\"/bin/busybox\",\"true\"]\n"
                  "CMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n",
-                 {"a": args.base_mib * MIB, "b": args.top_mib * MIB})
+                 {"a": args.base_mib * MIB, "b": args.top_mib * MIB}, args.content)
     rss = build(f"ltxb-rss-{u}:v1", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY r1 /r1\nCOPY r2 /r2\n"
                 "COPY r3 /r3\nCOPY r4 /r4\nCMD [\"/bin/busybox\",\"sleep\",\"3600\"]\n",
-                {f"r{i}": args.rss_mib * MIB // 4 for i in range(1, 5)})
+                {f"r{i}": args.rss_mib * MIB // 4 for i in range(1, 5)}, args.content)
     images = [rss, cold, cut, v2, v1, base]
     hosts, services = [], []
     rows = []
@@ -346,14 +390,15 @@ def main():
             h6 = Host(90 + run, work); hosts.append(h6)
             s3, p3 = receiver(h3, work, f"h3r{run}"); services.append(s3)
             s6, p6 = receiver(h6, work, f"h6r{run}", args.compare_receiver); services.append(s6)
-            m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / f"cold-sender-{run}", health="docker")
+            m6, o6, w6 = deploy(cold, p3, "ltxb-cold", work / f"cold-sender-{run}", health="docker",
+                                extra_args=args.arg)
             rec = o6["deployment"]
             ours = m6.wall - (stage(rec, "start") + stage(rec, "health")) / 1000
             healthy = time_to_healthy(h3, "ltxb-cold")
             floor = bench.run(f"docker save {cold} | DOCKER_HOST={h4.docker_host} docker load -q", shell=True)
             m7, o7, _ = deploy(cold, p6, "ltxb-cold", work / f"cold-serial-sender-{run}",
                                extra_env=compare_env, health="docker", sender=args.compare_sender,
-                               full=args.compare_full)
+                               full=args.compare_full, extra_args=args.compare_arg)
             rec7 = o7["deployment"]
             serial = m7.wall - (stage(rec7, "start") + stage(rec7, "health")) / 1000
             ratios.append(ours / floor.wall)
@@ -392,7 +437,7 @@ def main():
         s1.stop(); services.remove(s1)
         h5 = Host(5, work); hosts.append(h5)
         s5, p5 = receiver(h5, work, "h5")
-        m7, o7, w7 = deploy(rss, p5, "ltxb-rss", work / "rss-sender")
+        m7, o7, w7 = deploy(rss, p5, "ltxb-rss", work / "rss-sender", extra_args=args.arg)
         r5 = s5.stop()
         rows.append((f"peak RSS moving {args.rss_mib} MiB (sender / receiver)",
                      f"{m7.rss_mib:.1f} MiB / {r5.rss_mib:.1f} MiB (wire {w7 / MIB:.1f} MiB)", "< 64 MiB"))

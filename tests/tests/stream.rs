@@ -53,6 +53,17 @@ impl Sender {
     }
 
     async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
+        self.deploy_at(url, tag, name, None).await
+    }
+
+    /// As [`Sender::deploy`], at a zstd `level` (`None`: the default, chosen per stream).
+    async fn deploy_at(
+        &self,
+        url: &str,
+        tag: &str,
+        name: &str,
+        level: Option<i32>,
+    ) -> ReleaseOutcome {
         let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
         let calls = ReleaseCalls {
             http: &self.http,
@@ -75,6 +86,7 @@ impl Sender {
         };
         request.package.compression = CompressionOptions {
             zstd_workers: 0,
+            level,
             ..CompressionOptions::default()
         };
         match deploy_release(
@@ -115,7 +127,19 @@ async fn a_cold_host_gets_the_image_streamed_and_a_new_version_as_layers() {
     assert_eq!(first.mode, TransferMode::Stream, "{first:#?}");
     assert_eq!(first.totals.layers, 3);
     assert!(first.layers.is_empty(), "a stream has no per-layer reports");
-    // 4 MiB of noise cannot be compressed: it was all on the wire, once.
+    // The receiver is on this machine (loopback): by default its stream is not compressed.
+    assert!(
+        first
+            .summary
+            .contains("uncompressed: the receiver is on this machine"),
+        "{}",
+        first.summary
+    );
+    assert_eq!(
+        first.totals.bytes_sent, first.prepare.compressed_bytes,
+        "an uncompressed stream is the archive, byte for byte"
+    );
+    // The package was all on the wire, once.
     let wire = proxy.sent();
     assert!(
         first.totals.bytes_sent >= 4 * MIB as u64 && wire >= first.totals.bytes_sent,
@@ -170,4 +194,24 @@ async fn a_stream_cut_midway_is_sent_as_layers_and_the_deploy_succeeds() {
     assert_eq!(outcome.totals.bytes_sent, outcome.totals.bytes_total);
     assert_eq!(container_image(&host, &name), images.id(&app));
     assert!(host_has_image(&host, &app));
+}
+
+#[tokio::test]
+async fn a_named_level_compresses_the_stream_even_to_this_machine() {
+    let images = Images::default();
+    let base = images.base(2 * MIB);
+    let v1 = images.app(&base, MIB);
+    let host = cold_host("lst3").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    let sender = Sender::new().await;
+    let name = container_name();
+
+    let outcome = sender.deploy_at(&proxy.url, &v1, &name, Some(2)).await;
+    assert_eq!(outcome.mode, TransferMode::Stream, "{outcome:#?}");
+    assert!(
+        outcome.summary.contains("zstd level 2"),
+        "{}",
+        outcome.summary
+    );
+    assert_eq!(container_image(&host, &name), images.id(&v1));
 }

@@ -23,7 +23,7 @@ use super::deploy::{DeployFailure, DeployRequest};
 use super::events::{Lifecycle, Subject};
 use super::layers::{prepare_image, LayerCache, PrepareStats, PreparedImage, PreparedLayer};
 use super::package::{ImageSource, PackageRequest};
-use crate::client::{BlobOutcome, FinishError, ReleaseCalls, StreamFailure};
+use crate::client::{BlobOutcome, FinishError, ReleaseCalls};
 use crate::pipeline::progress::{Progress, ProgressExt, Stage};
 use crate::pipeline::store::now_rfc3339;
 use crate::SenderError;
@@ -636,60 +636,18 @@ pub async fn deploy_release(
 
     // A host that holds none of the image's layers, of an image the layer cache lacks: stream it.
     if calls.stream_cold {
-        let options = &request.package.compression;
-        match super::stream::cold_target(docker, cache, &calls, &reference, options).await {
-            Ok(Some(cold)) => {
-                events
-                    .stream_ready(
-                        &subject,
-                        &request.package,
-                        &cold.image.id,
-                        cold.diff_ids.len(),
-                    )
-                    .await;
-                events
-                    .transfer_started(&subject, &receiver, "stream", cold.image.size.unwrap_or(0))
-                    .await;
-                let streamed = super::stream::stream_deploy(
-                    docker,
-                    &calls,
-                    &cold,
-                    request,
-                    release_id,
-                    Arc::clone(&progress),
-                )
-                .await;
-                match streamed {
-                    Ok(outcome) => {
-                        events
-                            .release_transferred(&subject, &receiver, &outcome)
-                            .await;
-                        return Ok(outcome);
-                    }
-                    Err(StreamFailure::Final(error)) => {
-                        match &error {
-                            SenderError::Deployment(record) => {
-                                events
-                                    .deployment_failed(&subject, &receiver, &error, record)
-                                    .await
-                            }
-                            _ => events.transfer_failed(&subject, &receiver, &error).await,
-                        }
-                        return Err(fail(error));
-                    }
-                    Err(StreamFailure::Fallback(error)) => {
-                        tracing::warn!(error = %error, "the streamed deploy did not get through; sending the image as layers");
-                        progress.message(
-                            Stage::Upload,
-                            &format!("streaming did not get through ({error}); sending layers"),
-                        );
-                        events.transfer_failed(&subject, &receiver, &error).await;
-                    }
-                }
-            }
-            Ok(None) => {}
-            // The layer path asks again, and reports what it finds.
-            Err(e) => tracing::debug!(error = %e, "could not tell whether the host is cold"),
+        let attempt = super::stream::StreamAttempt {
+            docker,
+            cache,
+            calls: &calls,
+            request,
+            reference: &reference,
+            release_id,
+            subject: &subject,
+            receiver: &receiver,
+        };
+        if let Some(done) = attempt.run(Arc::clone(&progress), events).await {
+            return done.map_err(fail);
         }
     }
 

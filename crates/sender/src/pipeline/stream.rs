@@ -26,6 +26,7 @@ use uuid::Uuid;
 use super::compress::CompressionOptions;
 use super::deploy::DeployRequest;
 use super::docker::docker_error;
+use super::events::{Lifecycle, Subject};
 use super::layers::{chain_ids, image_diff_ids, LayerCache, PrepareStats};
 use super::package::{resolve_image, ResolvedImage};
 use super::progress::{Progress, ProgressExt, Stage};
@@ -106,9 +107,10 @@ pub(crate) async fn stream_deploy(
 ) -> Result<ReleaseOutcome, StreamFailure> {
     let started = Instant::now();
     let image = &cold.image;
-    // One thread (see `compress`): Docker's load is slower than one zstd thread, and zstd's
-    // workers take CPU from the two engines (docs/PERFORMANCE.md, "Cold hosts streamed").
-    let options = request.package.compression;
+    // One thread (see `compress`): zstd's workers take CPU from the two engines
+    // (docs/PERFORMANCE.md, "Cold hosts streamed").
+    let local = receiver_is_local(&calls.target.base_url).await;
+    let options = stream_options(&request.package.compression, local);
     let mut spec = request.deployment.clone();
     if spec.image.is_none() {
         spec.image = image.tags.first().cloned();
@@ -212,8 +214,16 @@ pub(crate) async fn stream_deploy(
         bytes_sent: transfer.bytes,
         ..ReleaseTotals::default()
     };
+    let how = match (options.compression, options.level) {
+        (Compression::None, _) if local => {
+            "uncompressed: the receiver is on this machine".to_owned()
+        }
+        (Compression::None, _) => "uncompressed".to_owned(),
+        (compression, Some(level)) => format!("{compression} level {level}"),
+        (compression, None) => compression.to_string(),
+    };
     let summary = format!(
-        "streamed {:.1} MB ({:.1} MB uncompressed) into the host's docker load while docker save made it: the host held none of the image's {layers} layer(s)",
+        "streamed {:.1} MB ({:.1} MB uncompressed; {how}) into the host's docker load while docker save made it: the host held none of the image's {layers} layer(s)",
         transfer.bytes as f64 / 1e6,
         uncompressed as f64 / 1e6
     );
@@ -241,6 +251,53 @@ pub(crate) async fn stream_deploy(
     })
 }
 
+/// The zstd level of a stream when the deploy names none: a stream is compressed on the deploy's
+/// critical path, for one host, where the layer cache's blobs (level 3) are compressed once for
+/// every host. Level 1 makes a program's bytes about 2.6x smaller at twice level 3's speed, which
+/// keeps the compressor ahead of a 1 Gbit/s link (docs/PERFORMANCE.md, "Cold hosts streamed").
+pub(crate) const STREAM_ZSTD_LEVEL: i32 = 1;
+
+/// How a stream is compressed. A deploy that names a level, or another algorithm than zstd, gets
+/// exactly that. Otherwise (the default: zstd, no level) a receiver on this machine gets the
+/// stream uncompressed, since its bytes cross no network and a compressor would only take CPU
+/// from that host's own `docker load`; any other gets zstd at [`STREAM_ZSTD_LEVEL`].
+pub(crate) fn stream_options(options: &CompressionOptions, local: bool) -> CompressionOptions {
+    let mut chosen = *options;
+    if options.compression != Compression::Zstd || options.level.is_some() {
+        return chosen;
+    }
+    if local {
+        chosen.compression = Compression::None;
+        chosen.level = None;
+    } else {
+        chosen.level = Some(STREAM_ZSTD_LEVEL);
+    }
+    chosen
+}
+
+/// Whether `url` names this machine: a loopback address, `localhost`, or a name that resolves
+/// to loopback addresses only. A name that does not resolve is not local.
+pub(crate) async fn receiver_is_local(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let port = url.port_or_known_default().unwrap_or(80);
+    match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
 /// `reader` compressed as `options` say (zstd on the calling thread), read as it is compressed.
 fn compress(
     reader: impl tokio::io::AsyncBufRead + Send + 'static,
@@ -256,4 +313,151 @@ fn compress(
         }
         _ => Box::pin(reader),
     })
+}
+
+/// A single-host deploy's try at streaming: what [`StreamAttempt::run`] needs of it.
+pub(crate) struct StreamAttempt<'a> {
+    pub docker: &'a Docker,
+    pub cache: &'a LayerCache,
+    pub calls: &'a ReleaseCalls<'a>,
+    pub request: &'a DeployRequest,
+    /// The image, built already if the request asked for a build.
+    pub reference: &'a str,
+    pub release_id: Uuid,
+    pub subject: &'a Subject,
+    /// The target's URL, as events name it.
+    pub receiver: &'a str,
+}
+
+impl StreamAttempt<'_> {
+    /// Streams the image when the host is cold ([`cold_target`]) and records the lifecycle
+    /// events: `Some` with the deploy's end (success, or a failure after which nothing may be
+    /// sent again), `None` when the caller should send the image as layers (the host is not
+    /// cold, it could not be told, or the stream did not get through with nothing run).
+    pub(crate) async fn run(
+        &self,
+        progress: Arc<dyn Progress>,
+        events: &Lifecycle,
+    ) -> Option<Result<ReleaseOutcome, SenderError>> {
+        let options = &self.request.package.compression;
+        let cold =
+            match cold_target(self.docker, self.cache, self.calls, self.reference, options).await {
+                Ok(Some(cold)) => cold,
+                Ok(None) => return None,
+                Err(e) => {
+                    // The layer path asks again, and reports what it finds.
+                    tracing::debug!(error = %e, "could not tell whether the host is cold");
+                    return None;
+                }
+            };
+        let (subject, receiver) = (self.subject, self.receiver);
+        events
+            .stream_ready(
+                subject,
+                &self.request.package,
+                &cold.image.id,
+                cold.diff_ids.len(),
+            )
+            .await;
+        events
+            .transfer_started(subject, receiver, "stream", cold.image.size.unwrap_or(0))
+            .await;
+        let streamed = stream_deploy(
+            self.docker,
+            self.calls,
+            &cold,
+            self.request,
+            self.release_id,
+            Arc::clone(&progress),
+        )
+        .await;
+        match streamed {
+            Ok(outcome) => {
+                events
+                    .release_transferred(subject, receiver, &outcome)
+                    .await;
+                Some(Ok(outcome))
+            }
+            Err(StreamFailure::Final(error)) => {
+                match &error {
+                    SenderError::Deployment(record) => {
+                        events
+                            .deployment_failed(subject, receiver, &error, record)
+                            .await
+                    }
+                    _ => events.transfer_failed(subject, receiver, &error).await,
+                }
+                Some(Err(error))
+            }
+            Err(StreamFailure::Fallback(error)) => {
+                tracing::warn!(error = %error, "the streamed deploy did not get through; sending the image as layers");
+                progress.message(
+                    Stage::Upload,
+                    &format!("streaming did not get through ({error}); sending layers"),
+                );
+                events.transfer_failed(subject, receiver, &error).await;
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(compression: Compression, level: Option<i32>) -> CompressionOptions {
+        CompressionOptions {
+            compression,
+            level,
+            ..CompressionOptions::default()
+        }
+    }
+
+    #[test]
+    fn a_default_stream_is_uncompressed_to_this_machine_and_zstd_level_1_elsewhere() {
+        let default = CompressionOptions::default();
+        let local = stream_options(&default, true);
+        assert_eq!((local.compression, local.level), (Compression::None, None));
+        let remote = stream_options(&default, false);
+        assert_eq!(
+            (remote.compression, remote.level),
+            (Compression::Zstd, Some(STREAM_ZSTD_LEVEL))
+        );
+    }
+
+    #[test]
+    fn a_named_level_or_algorithm_is_kept_wherever_the_receiver_is() {
+        for local in [true, false] {
+            for asked in [
+                options(Compression::Zstd, Some(3)),
+                options(Compression::Gzip, None),
+                options(Compression::Gzip, Some(6)),
+                options(Compression::None, None),
+            ] {
+                let chosen = stream_options(&asked, local);
+                assert_eq!(
+                    (chosen.compression, chosen.level),
+                    (asked.compression, asked.level)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn loopback_receivers_are_local_and_others_are_not() {
+        for (url, local) in [
+            ("http://127.0.0.1:8001", true),
+            ("http://127.9.8.7:8001/prefix/", true),
+            ("http://[::1]:8001", true),
+            ("http://localhost:8001", true),
+            ("http://LOCALHOST", true),
+            ("http://192.168.86.200:8001", false),
+            ("http://[2001:db8::1]:8001", false),
+            ("http://10.0.0.1", false),
+        ] {
+            let parsed: reqwest::Url = url.parse().expect("test url");
+            assert_eq!(receiver_is_local(&parsed).await, local, "{url}");
+        }
+    }
 }
