@@ -34,7 +34,8 @@ pub(crate) struct ImageSourceArgs {
     /// Compression: zstd, gzip or none.
     #[arg(long, env = "DEPLOY_COMPRESSION", default_value = "zstd")]
     pub(crate) compression: Compression,
-    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3).
+    /// Compression level: gzip 1-9 (default 1), zstd 1-19 (default 3; a cold host's stream
+    /// without a level: uncompressed to a receiver on this machine, zstd 1 to others).
     #[arg(long, env = "DEPLOY_COMPRESSION_LEVEL")]
     pub(crate) level: Option<i32>,
     /// zstd worker threads for a whole package (`package`, `--full`; default: one per core; 0
