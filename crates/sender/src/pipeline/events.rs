@@ -11,6 +11,7 @@ use deploy_protocol::api::DeploymentRecord;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::compress::CompressionOptions;
 use super::layers::PreparedImage;
 use super::package::{ImageSource, PackageRequest};
 use super::release::ReleaseOutcome;
@@ -183,12 +184,13 @@ impl Lifecycle {
     pub async fn stream_ready(
         &self,
         subject: &Subject,
-        request: &PackageRequest,
+        compression: &CompressionOptions,
         image_id: &str,
         layers: usize,
     ) {
         let payload = json!({ "image_id": image_id, "layers": layers, "mode": "stream",
-                "compression": request.compression.compression, "exported": false });
+                "compression": compression.compression,
+                "compression_level": compression.level, "exported": false });
         self.emit(EventType::BuildCompleted, subject, payload).await;
     }
 

@@ -1,8 +1,9 @@
 //! Cold deploys, streamed: to a host whose engine holds none of the image's layers, layer reuse
 //! saves nothing, and splitting the image into cached blobs before the first byte is sent only
-//! adds time. So `docker save` is compressed as Docker writes it and streamed in one signed
-//! request into the receiver's `docker load` (`/deployment/stream`), which Docker reads while the
-//! sender is still exporting: Docker's own `save | load` pipe, plus compression and the network.
+//! adds time. So `docker save` is streamed as Docker writes it, compressed for the link it
+//! crosses ([`stream_options`]), in one signed request into the receiver's `docker load`
+//! (`/deployment/stream`), which Docker reads while the sender is still exporting: Docker's own
+//! `save | load` pipe, plus the network.
 //! The receiver verifies every byte against the seal that ends the request before Docker may keep
 //! the image. When the stream cannot get through (an older receiver, a load in progress there,
 //! a broken connection), the caller sends the image as layers instead.
@@ -103,14 +104,14 @@ pub(crate) async fn stream_deploy(
     cold: &ColdTarget,
     request: &DeployRequest,
     release_id: Uuid,
+    chosen: &StreamCompression,
     progress: Arc<dyn Progress>,
 ) -> Result<ReleaseOutcome, StreamFailure> {
     let started = Instant::now();
     let image = &cold.image;
     // One thread (see `compress`): zstd's workers take CPU from the two engines
     // (docs/PERFORMANCE.md, "Cold hosts streamed").
-    let local = receiver_is_local(&calls.target.base_url).await;
-    let options = stream_options(&request.package.compression, local);
+    let options = chosen.options;
     let mut spec = request.deployment.clone();
     if spec.image.is_none() {
         spec.image = image.tags.first().cloned();
@@ -215,12 +216,13 @@ pub(crate) async fn stream_deploy(
         ..ReleaseTotals::default()
     };
     let how = match (options.compression, options.level) {
-        (Compression::None, _) if local => {
-            "uncompressed: the receiver is on this machine".to_owned()
-        }
         (Compression::None, _) => "uncompressed".to_owned(),
         (compression, Some(level)) => format!("{compression} level {level}"),
         (compression, None) => compression.to_string(),
+    };
+    let how = match chosen.reason {
+        Some(reason) => format!("{how}: {reason}"),
+        None => how,
     };
     let summary = format!(
         "streamed {:.1} MB ({:.1} MB uncompressed; {how}) into the host's docker load while docker save made it: the host held none of the image's {layers} layer(s)",
@@ -253,48 +255,88 @@ pub(crate) async fn stream_deploy(
 
 /// The zstd level of a stream when the deploy names none: a stream is compressed on the deploy's
 /// critical path, for one host, where the layer cache's blobs (level 3) are compressed once for
-/// every host. Level 1 makes a program's bytes about 2.6x smaller at twice level 3's speed, which
-/// keeps the compressor ahead of a 1 Gbit/s link (docs/PERFORMANCE.md, "Cold hosts streamed").
+/// every host. On this project's bench machine level 1 compresses programs and libraries at
+/// 150-230 MB/s on one core, level 3 at 87-100 MB/s: level 1 keeps ahead of a 1 Gbit/s link
+/// where level 3 would be the slowest stage (docs/PERFORMANCE.md, "A compressible image").
 pub(crate) const STREAM_ZSTD_LEVEL: i32 = 1;
 
-/// How a stream is compressed. A deploy that names a level, or another algorithm than zstd, gets
-/// exactly that. Otherwise (the default: zstd, no level) a receiver on this machine gets the
-/// stream uncompressed, since its bytes cross no network and a compressor would only take CPU
-/// from that host's own `docker load`; any other gets zstd at [`STREAM_ZSTD_LEVEL`].
-pub(crate) fn stream_options(options: &CompressionOptions, local: bool) -> CompressionOptions {
-    let mut chosen = *options;
-    if options.compression != Compression::Zstd || options.level.is_some() {
-        return chosen;
-    }
-    if local {
-        chosen.compression = Compression::None;
-        chosen.level = None;
-    } else {
-        chosen.level = Some(STREAM_ZSTD_LEVEL);
-    }
-    chosen
+/// The largest image sent uncompressed to a receiver on this machine; a larger one (or one whose
+/// size Docker does not tell) is compressed, so that it stays under the receiver's
+/// `MAX_PACKAGE_SIZE` (5 GiB by default), which counts the bytes of the stream.
+pub(crate) const LOCAL_UNCOMPRESSED_MAX: u64 = 4 << 30;
+
+/// How a stream is compressed, and why when it is not as the deploy asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamCompression {
+    pub options: CompressionOptions,
+    /// Set when the deploy's own options were not taken as they are: for its summary.
+    pub reason: Option<&'static str>,
 }
 
-/// Whether `url` names this machine: a loopback address, `localhost`, or a name that resolves
-/// to loopback addresses only. A name that does not resolve is not local.
+/// How a stream is compressed. A deploy that names a level, or another algorithm than zstd, gets
+/// exactly that. Otherwise (the default: zstd, no level) a receiver on this machine gets an image
+/// of up to [`LOCAL_UNCOMPRESSED_MAX`] uncompressed, since its bytes cross no network and a
+/// compressor would only take CPU from that host's own `docker load`; any other stream is zstd
+/// at [`STREAM_ZSTD_LEVEL`]. `image_size` is Docker's size of the image.
+pub(crate) fn stream_options(
+    asked: &CompressionOptions,
+    local: bool,
+    image_size: Option<u64>,
+) -> StreamCompression {
+    let mut options = *asked;
+    if asked.compression != Compression::Zstd || asked.level.is_some() {
+        return StreamCompression {
+            options,
+            reason: None,
+        };
+    }
+    let small = image_size.is_some_and(|size| size <= LOCAL_UNCOMPRESSED_MAX);
+    let reason = match (local, small) {
+        (true, true) => {
+            options.compression = Compression::None;
+            "the receiver is on this machine"
+        }
+        (true, false) => {
+            options.level = Some(STREAM_ZSTD_LEVEL);
+            "the receiver is on this machine, but the image is over 4 GiB (or of unknown size)"
+        }
+        (false, _) => {
+            options.level = Some(STREAM_ZSTD_LEVEL);
+            "a stream's default level"
+        }
+    };
+    StreamCompression {
+        options,
+        reason: Some(reason),
+    }
+}
+
+/// How long [`receiver_is_local`] waits for a name to resolve.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `url` names this machine: a loopback address (IPv4-mapped too), `localhost`, or a
+/// name that resolves to loopback addresses only within [`RESOLVE_TIMEOUT`]. A name that does
+/// not resolve in time is not local. A tunnel's local end (`ssh -L`, a port forward) is local by
+/// this test although its receiver is not: name a level to compress such a stream.
 pub(crate) async fn receiver_is_local(url: &reqwest::Url) -> bool {
     let Some(host) = url.host_str() else {
         return false;
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-        return ip.is_loopback();
+        return ip.to_canonical().is_loopback();
     }
+    let host = host.strip_suffix('.').unwrap_or(host);
     if host.eq_ignore_ascii_case("localhost") {
         return true;
     }
     let port = url.port_or_known_default().unwrap_or(80);
-    match tokio::net::lookup_host((host, port)).await {
-        Ok(addrs) => {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => {
             let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().to_canonical().is_loopback())
         }
-        Err(_) => false,
+        _ => false,
     }
 }
 
@@ -351,10 +393,12 @@ impl StreamAttempt<'_> {
                 }
             };
         let (subject, receiver) = (self.subject, self.receiver);
+        let local = receiver_is_local(&self.calls.target.base_url).await;
+        let chosen = stream_options(&self.request.package.compression, local, cold.image.size);
         events
             .stream_ready(
                 subject,
-                &self.request.package,
+                &chosen.options,
                 &cold.image.id,
                 cold.diff_ids.len(),
             )
@@ -368,6 +412,7 @@ impl StreamAttempt<'_> {
             &cold,
             self.request,
             self.release_id,
+            &chosen,
             Arc::clone(&progress),
         )
         .await;
@@ -417,13 +462,29 @@ mod tests {
     #[test]
     fn a_default_stream_is_uncompressed_to_this_machine_and_zstd_level_1_elsewhere() {
         let default = CompressionOptions::default();
-        let local = stream_options(&default, true);
-        assert_eq!((local.compression, local.level), (Compression::None, None));
-        let remote = stream_options(&default, false);
+        let small = Some(300 << 20);
+        let local = stream_options(&default, true, small);
+        assert_eq!(
+            (local.options.compression, local.options.level),
+            (Compression::None, None)
+        );
+        assert_eq!(local.reason, Some("the receiver is on this machine"));
+        let remote = stream_options(&default, false, small).options;
         assert_eq!(
             (remote.compression, remote.level),
             (Compression::Zstd, Some(STREAM_ZSTD_LEVEL))
         );
+        // Up to the limit uncompressed; over it, or of unknown size, a local stream is compressed.
+        let at_limit = stream_options(&default, true, Some(LOCAL_UNCOMPRESSED_MAX));
+        assert_eq!(at_limit.options.compression, Compression::None);
+        for size in [Some(LOCAL_UNCOMPRESSED_MAX + 1), None] {
+            let big = stream_options(&default, true, size).options;
+            assert_eq!(
+                (big.compression, big.level),
+                (Compression::Zstd, Some(STREAM_ZSTD_LEVEL)),
+                "{size:?}"
+            );
+        }
     }
 
     #[test]
@@ -435,14 +496,14 @@ mod tests {
                 options(Compression::Gzip, Some(6)),
                 options(Compression::None, None),
             ] {
-                let chosen = stream_options(&asked, local);
-                assert_eq!(
-                    (chosen.compression, chosen.level),
-                    (asked.compression, asked.level)
-                );
+                let chosen = stream_options(&asked, local, Some(MIB_FOR_TESTS));
+                assert_eq!(chosen.options, asked);
+                assert_eq!(chosen.reason, None, "taken as asked: no reason to give");
             }
         }
     }
+
+    const MIB_FOR_TESTS: u64 = 1 << 20;
 
     #[tokio::test]
     async fn loopback_receivers_are_local_and_others_are_not() {
@@ -450,9 +511,12 @@ mod tests {
             ("http://127.0.0.1:8001", true),
             ("http://127.9.8.7:8001/prefix/", true),
             ("http://[::1]:8001", true),
+            ("http://[::ffff:127.0.0.1]:8001", true),
             ("http://localhost:8001", true),
+            ("http://localhost.:8001", true),
             ("http://LOCALHOST", true),
             ("http://192.168.86.200:8001", false),
+            ("http://[::ffff:192.168.86.200]:8001", false),
             ("http://[2001:db8::1]:8001", false),
             ("http://10.0.0.1", false),
         ] {
