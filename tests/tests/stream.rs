@@ -52,6 +52,22 @@ impl Sender {
         }
     }
 
+    /// The compression the newest streamed deploy's BUILD_COMPLETED names: `(compression, level)`.
+    fn streamed_compression(&self) -> (serde_json::Value, serde_json::Value) {
+        let events = self.events.sink().list(100);
+        let event = events
+            .iter()
+            .find(|e| {
+                e.event_type == deploy_protocol::events::EventType::BuildCompleted
+                    && e.payload["mode"] == "stream"
+            })
+            .unwrap_or_else(|| panic!("no BUILD_COMPLETED of a stream in {events:#?}"));
+        (
+            event.payload["compression"].clone(),
+            event.payload["compression_level"].clone(),
+        )
+    }
+
     async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
         self.deploy_at(url, tag, name, None).await
     }
@@ -139,6 +155,11 @@ async fn a_cold_host_gets_the_image_streamed_and_a_new_version_as_layers() {
         first.totals.bytes_sent, first.prepare.compressed_bytes,
         "an uncompressed stream is the archive, byte for byte"
     );
+    assert_eq!(
+        sender.streamed_compression(),
+        (serde_json::json!("none"), serde_json::Value::Null),
+        "the event names the compression sent, not the deploy's default"
+    );
     // The package was all on the wire, once.
     let wire = proxy.sent();
     assert!(
@@ -212,6 +233,10 @@ async fn a_named_level_compresses_the_stream_even_to_this_machine() {
         outcome.summary.contains("zstd level 2"),
         "{}",
         outcome.summary
+    );
+    assert_eq!(
+        sender.streamed_compression(),
+        (serde_json::json!("zstd"), serde_json::json!(2))
     );
     assert_eq!(container_image(&host, &name), images.id(&v1));
 }

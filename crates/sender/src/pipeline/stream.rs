@@ -54,7 +54,7 @@ pub(crate) struct ColdTarget {
 /// sets), the layer cache lacks at least one of its layers in `options.compression` (else the
 /// blobs are ready and the layer path sends them at once), and the receiver's engine holds none
 /// of them.
-pub(crate) async fn cold_target(
+async fn cold_target(
     docker: &Docker,
     cache: &LayerCache,
     calls: &ReleaseCalls<'_>,
@@ -98,7 +98,7 @@ pub(crate) async fn cold_target(
 
 /// Streams `cold.image` to the receiver and deploys it with `request.deployment`; the outcome in
 /// the shape of a release's (mode `stream`, no per-layer reports).
-pub(crate) async fn stream_deploy(
+async fn stream_deploy(
     docker: &Docker,
     calls: &ReleaseCalls<'_>,
     cold: &ColdTarget,
