@@ -140,12 +140,24 @@ pub fn build_with_cli(tag: &str, dockerfile: &str, files: &[(&str, &[u8])]) {
         std::fs::write(dir.path().join(name), bytes).expect("context file");
     }
     std::fs::write(dir.path().join("Dockerfile"), dockerfile).expect("Dockerfile");
-    let out = std::process::Command::new("docker")
-        .args(["build", "-q", "-t", tag])
-        .arg(dir.path())
-        .env("DOCKER_BUILDKIT", "0")
-        .output()
-        .expect("docker build runs");
+    let build = |extra: &[&str]| {
+        std::process::Command::new("docker")
+            .args(["build", "-q", "-t", tag])
+            .args(extra)
+            .arg(dir.path())
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .expect("docker build runs")
+    };
+    let mut out = build(&[]);
+    // Tests run at once and remove their images: a cached step (the shared busybox layer) can
+    // lose its image between the builder's cache lookup and its commit ("unknown parent image
+    // ID"). That is the other test's clean-up, not this build: build once more without the cache.
+    if !out.status.success()
+        && String::from_utf8_lossy(&out.stderr).contains("unknown parent image ID")
+    {
+        out = build(&["--no-cache"]);
+    }
     assert!(
         out.status.success(),
         "docker build of {tag} failed: {}",
