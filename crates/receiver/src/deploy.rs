@@ -59,13 +59,37 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
     let docker = state.docker().client().await?;
     let image_id = inspect_image(&docker, &image, &spec).await?;
     check_verified(state, &image, &image_id)?;
-    let _turn = state.container_lock(&spec.container_name).await;
-    containers::refuse_unmanaged(&docker, &spec).await?;
-    let mut deployment = Deployment::begin(state, &spec, &image, manifest.as_ref()).await?;
-    deployment.record.package_id = deployment.record.package_id.or(request.package_id);
-    deployment.record.image_id = Some(image_id);
-    deployment.save().await;
-    outcome(replace::replace(deployment, &docker, &spec, &image).await)
+    let state = state.clone();
+    detached(async move {
+        let _turn = state.container_lock(&spec.container_name).await;
+        containers::refuse_unmanaged(&docker, &spec).await?;
+        let mut deployment = Deployment::begin(&state, &spec, &image, manifest.as_ref()).await?;
+        deployment.record.package_id = deployment.record.package_id.or(request.package_id);
+        deployment.record.image_id = Some(image_id);
+        deployment.save().await;
+        outcome(replace::replace(deployment, &docker, &spec, &image).await)
+    })
+    .await
+}
+
+/// Runs `work` in a task of its own and waits for it. A deployment goes on this way from the
+/// moment its request's body has been read: a client that hangs up drops its request's future,
+/// which would cut the deployment off halfway (a container started but never health-checked, its
+/// record IN_PROGRESS until the receiver's next start); in a task of its own it ends, healthy or
+/// rolled back, and is journaled either way.
+/// The task keeps the request's correlation id (its records carry it) and its log span.
+pub(crate) async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    use tracing::Instrument as _;
+    let work = work.instrument(tracing::Span::current());
+    let task = match deploy_http::correlation_id() {
+        Some(id) => tokio::spawn(deploy_http::with_correlation_id(id, work)),
+        None => tokio::spawn(work),
+    };
+    task.await.map_err(|e| {
+        ReceiverError::Internal(format!("the deployment's task ended abnormally: {e}"))
+    })?
 }
 
 /// The spec `/deployment/full` runs for `manifest`: its `deployment` with `image` defaulting to
@@ -278,6 +302,18 @@ pub(crate) async fn load_and_replace(
             return outcome(record);
         }
     }
+    let (state, spec, image) = (state.clone(), spec.clone(), image.to_owned());
+    detached(async move { start_loaded(&state, deployment, &spec, &image).await }).await
+}
+
+/// The deployment of a loaded image: the image checked, then the container replaced under the
+/// name's lock, health-checked, rolled back on failure.
+async fn start_loaded(
+    state: &AppState,
+    mut deployment: Deployment,
+    spec: &DeploymentSpec,
+    image: &str,
+) -> Result<DeploymentRecord> {
     let timed = Deployment::time(Stage::Start);
     let prepared = async {
         let docker = state.docker().client().await?;

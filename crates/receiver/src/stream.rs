@@ -64,7 +64,13 @@ pub async fn receive_and_deploy(
         _slot,
         _in_flight,
     } = admitted;
-    let result = async {
+    // From here the deployment runs in a task of its own (`deploy::detached`): a client that
+    // hangs up ends the package's body, so the load fails and the record says so, instead of the
+    // whole deployment being dropped with the request halfway.
+    let state = state.clone();
+    let result = deploy::detached(async move {
+        let _held = (_slot, _in_flight);
+        let state = &state;
         let mut deployment =
             deploy::begin_streamed(state, &spec, &image, manifest.package_id).await?;
         deployment.stage(
@@ -78,7 +84,7 @@ pub async fn receive_and_deploy(
         );
         let load = receive_and_load(state, opened, &manifest, turn);
         deploy::load_and_replace(state, deployment, &spec, &image, load).await
-    }
+    })
     .await;
     if result.is_err() {
         // A load refused mid-stream leaves the client sending: let it read the answer.

@@ -582,6 +582,62 @@ async fn concurrent_deploys_to_one_name_take_turns() {
     receiver.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_correlation_id() {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let (a, b) = (format!("{name}:a"), format!("{name}:b"));
+    build_image(&docker, &mut cleanup, &a, ImageSpec::healthy("a")).await;
+    build_image(&docker, &mut cleanup, &b, ImageSpec::healthy("b")).await;
+    let dir = temp_dir();
+    let receiver = start_receiver_with(dir.path(), run_local_images).await;
+    let request = |image: &str, settle: f64| {
+        let mut spec = web_spec(&name);
+        spec.image = Some(image.to_owned());
+        spec.health_check.kind = HealthCheckKind::None;
+        spec.health_check.settle_secs = settle;
+        json!({ "deployment": spec })
+    };
+    let (status, body) = receiver.post("/deployment/deploy", &request(&a, 0.2)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The client (a sender that dies) goes away while the new container settles for 4 s: the
+    // request's future is dropped, the deployment goes on to its verdict.
+    let body = serde_json::to_vec(&request(&b, 4.0)).expect("json");
+    let sent = Signer::new("POST", "/deployment/deploy")
+        .request(&http(), &receiver.url, &body)
+        .header("content-type", "application/json")
+        .header("x-correlation-id", "client-hung-up")
+        .body(body)
+        .send();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), sent)
+            .await
+            .is_err(),
+        "the deployment answered within its settle time"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let (status, list) = receiver.get("/deployments?limit=10").await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let newest = record(&list["deployments"][0]);
+        if newest.status != DeploymentStatus::InProgress {
+            break newest;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deployment never ended: {newest:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ended.status, DeploymentStatus::Succeeded, "{ended:?}");
+    assert_eq!(ended.image, b);
+    assert_eq!(ended.correlation_id.as_deref(), Some("client-hung-up"));
+    assert_eq!(page(&docker, &name).await, "b");
+    receiver.stop().await;
+}
+
 /// Leaves what a receiver killed mid-deploy leaves: the container named `name` stopped and set
 /// aside, a new one from `image` started under the name, the journal saying IN_PROGRESS.
 /// Returns the deployment id, the old and the new container id.

@@ -95,5 +95,8 @@ pub async fn rollback(
     Signed(()): Signed<()>,
 ) -> Result<Json<RollbackResponse>> {
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
-    Ok(Json(crate::deploy::roll_back(&state, id).await?))
+    // The rollback re-runs a deployment: it goes on when the client hangs up.
+    let response =
+        crate::deploy::detached(async move { crate::deploy::roll_back(&state, id).await }).await?;
+    Ok(Json(response))
 }

@@ -58,5 +58,9 @@ pub async fn create(
         Ok(_) => state.metrics().upload("ok"),
         Err(e) => state.metrics().upload(e.code().as_str()),
     }
-    Ok(Json(deploy::deploy_package(&state, received?).await?))
+    // The package is received whole: its deployment goes on if the client hangs up now.
+    let received = received?;
+    let record =
+        deploy::detached(async move { deploy::deploy_package(&state, received).await }).await?;
+    Ok(Json(record))
 }

@@ -172,7 +172,10 @@ pub async fn deploy(
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     let arrival = ArrivalQuery::arrival(query)?;
     let manifest = crate::v2::load::release(&state, id)?;
-    Ok(Json(
-        crate::deploy::deploy_release(&state, &manifest, arrival).await?,
-    ))
+    // Nothing more comes from the client: the deployment goes on if it hangs up.
+    let record = crate::deploy::detached(async move {
+        crate::deploy::deploy_release(&state, &manifest, arrival).await
+    })
+    .await?;
+    Ok(Json(record))
 }
