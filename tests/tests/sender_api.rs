@@ -813,6 +813,7 @@ const ENDPOINTS: &[&str] = &[
     "DELETE /api/v1/packages/{id}",
     "POST /api/v1/transfers",
     "POST /api/v1/rollouts",
+    "GET /api/v1/rollouts",
     "GET /api/v1/rollouts/{id}",
     "DELETE /api/v1/rollouts/{id}",
     "GET /api/v1/rollouts/{id}/events",

@@ -32,19 +32,24 @@ struct Inner {
 }
 
 impl AppState {
-    /// Opens the package store and the event outbox. Docker is connected at first use, so the
+    /// Opens the package store, the event outbox and the rollout records. Docker is connected at first use, so the
     /// service starts (and reports `docker_available: false`) without an engine.
     pub async fn new(config: ServeConfig) -> Result<Self, SenderError> {
         let store = PackageStore::open(&config.store.package_dir).await?;
         let layers = config.store.open_layer_cache().await?;
         let events = config.events.open(&config.store.package_dir).await?;
+        let rollouts = crate::service::operations::Rollouts::open(
+            config.state_dir().join("rollouts"),
+            &events,
+        )
+        .await?;
         let metrics = Metrics::new()
             .map_err(|e| SenderError::Internal(format!("cannot register metrics: {e}")))?;
         Ok(Self(Arc::new(Inner {
             http: config.receiver.http_client()?,
             transfer_slots: Arc::new(Semaphore::new(config.max_concurrent_transfers.max(1))),
             jobs: Jobs::new(config.job_history),
-            rollouts: Default::default(),
+            rollouts,
             config,
             store,
             layers,
@@ -114,7 +119,7 @@ impl AppState {
         &self.0.jobs
     }
 
-    /// Fleet rollouts of this run.
+    /// Fleet rollouts: this run's and those kept from earlier runs.
     pub fn rollouts(&self) -> &crate::service::operations::Rollouts {
         &self.0.rollouts
     }

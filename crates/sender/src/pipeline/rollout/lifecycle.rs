@@ -33,7 +33,9 @@ pub fn lifecycle_event(
             match report.status {
                 RolloutStatus::Completed => EventType::RolloutCompleted,
                 RolloutStatus::RolledBack | RolloutStatus::Aborted => EventType::RolloutRolledBack,
-                RolloutStatus::Failed | RolloutStatus::Running => EventType::RolloutFailed,
+                RolloutStatus::Failed | RolloutStatus::Running | RolloutStatus::Interrupted => {
+                    EventType::RolloutFailed
+                }
             },
             json!({"rollout_id": rollout_id, "report": report}),
         )),
@@ -118,6 +120,7 @@ mod tests {
             (RolloutStatus::RolledBack, EventType::RolloutRolledBack),
             (RolloutStatus::Aborted, EventType::RolloutRolledBack),
             (RolloutStatus::Failed, EventType::RolloutFailed),
+            (RolloutStatus::Interrupted, EventType::RolloutFailed),
         ] {
             let mut report = report.clone();
             report.status = status;

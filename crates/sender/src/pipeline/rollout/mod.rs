@@ -3,19 +3,22 @@
 //!
 //! [`plan`] orders the hosts, [`run`](run::run) drives them through caller-given functions that
 //! deploy to one host and roll one host back, and [`report`] says what became of each host and of
-//! the fleet. Nothing here knows HTTP routes or terminals; the CLI and the REST service wire it.
+//! the fleet; [`undo`] rolls back what a rollout nobody drives any more (the sender stopped)
+//! moved. Nothing here knows HTTP routes or terminals; the CLI and the REST service wire it.
 
 pub mod lifecycle;
 pub mod plan;
 pub mod receivers;
 pub mod report;
 pub mod run;
+pub mod undo;
 
 pub use lifecycle::{lifecycle_event, RolloutRecorder};
 pub use plan::{BatchSize, Phase, Plan};
-pub use receivers::{roll_out, Payload, Release};
+pub use receivers::{roll_out, settle_interrupted, Payload, Release};
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
+pub use undo::{interrupted, undo_interrupted, Settled};
 
 #[cfg(test)]
 mod tests;

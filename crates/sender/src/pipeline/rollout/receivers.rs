@@ -7,14 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deploy_protocol::api::{DeploymentList, DeploymentStatus};
+use deploy_protocol::api::{DeploymentList, DeploymentRecord, DeploymentStatus};
 use deploy_protocol::release::ImageStore;
-use deploy_protocol::DeploymentSpec;
+use deploy_protocol::{DeploymentSpec, ErrorBody, ErrorCode};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::report::{HostError, RolloutReport};
 use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
+use super::undo::Settled;
 use crate::client::{ReceiverClient, RetryPolicy};
 use crate::pipeline::{
     deploy_package, release_manifest, send_manifest, send_release, NoProgress, PackageInfo,
@@ -247,16 +248,101 @@ impl Progress for UploadCounter {
 
 /// The image the receiver's newest successful deployment of `name` runs, if it can tell.
 pub async fn running_image(receiver: &ReceiverClient, name: &str) -> Option<String> {
-    let response = receiver
-        .signed_get("/deployments?limit=1000", None, QUERY_TIMEOUT)
+    journal(receiver)
         .await
-        .ok()?;
-    if response.status() != 200 {
-        return None;
-    }
-    let list: DeploymentList = response.json().await.ok()?;
-    list.deployments
+        .ok()?
         .into_iter()
         .find(|r| r.container_name == name && r.status == DeploymentStatus::Succeeded)
         .map(|r| r.image)
+}
+
+/// How often [`settle_interrupted`] asks again while a deployment runs there.
+const SETTLE_POLL: Duration = Duration::from_millis(500);
+
+/// Where `receiver` stands after a rollout that was interrupted while it deployed there (or
+/// rolled it back): its journal's deployment of `name` carrying the rollout's `correlation_id`,
+/// and any rollback of it, waited for while either still runs (the caller bounds the wait).
+pub async fn settle_interrupted(
+    receiver: &ReceiverClient,
+    name: &str,
+    correlation_id: &str,
+) -> Result<Settled, HostError> {
+    let error = |record: &DeploymentRecord, what: &str| match &record.error {
+        Some(e) => HostError {
+            code: e.code,
+            message: e.message.clone(),
+        },
+        None => HostError {
+            code: ErrorCode::DeployFailed,
+            message: format!("{what} {} ended {:?}", record.deployment_id, record.status),
+        },
+    };
+    loop {
+        let records = journal(receiver).await?;
+        let ours: Vec<&DeploymentRecord> = records
+            .iter()
+            .filter(|r| r.container_name == name)
+            .filter(|r| r.correlation_id.as_deref() == Some(correlation_id))
+            .collect();
+        // Newest first: the rollout's own deployment is the newest that is not a rollback.
+        let Some(deployment) = ours.iter().find(|r| r.rollback_of.is_none()) else {
+            return Ok(Settled::NotStarted);
+        };
+        let undo = ours
+            .iter()
+            .find(|r| r.rollback_of == Some(deployment.deployment_id));
+        match (deployment.status, undo) {
+            (_, Some(undo)) if undo.status == DeploymentStatus::Succeeded => {
+                return Ok(Settled::RolledBack(Some(undo.image.clone())))
+            }
+            (_, Some(undo)) if undo.status != DeploymentStatus::InProgress => {
+                return Err(error(undo, "its rollback"))
+            }
+            (DeploymentStatus::Succeeded, None) => {
+                return Ok(Settled::Moved {
+                    deployment_id: deployment.deployment_id,
+                    version_after: deployment.image.clone(),
+                })
+            }
+            (DeploymentStatus::Failed | DeploymentStatus::RolledBack, None) => {
+                return Ok(Settled::Failed(error(deployment, "deployment")))
+            }
+            _ => tokio::time::sleep(SETTLE_POLL).await,
+        }
+    }
+}
+
+/// The receiver's deployment records, newest first.
+async fn journal(receiver: &ReceiverClient) -> Result<Vec<DeploymentRecord>, HostError> {
+    let failed = |e: reqwest::Error| HostError {
+        code: ErrorCode::RemoteUnreachable,
+        message: format!(
+            "{} cannot be asked for its journal: {}",
+            receiver.target().base_url,
+            deploy_protocol::display::error_chain(&e)
+        ),
+    };
+    let response = receiver
+        .signed_get("/deployments?limit=1000", None, QUERY_TIMEOUT)
+        .await
+        .map_err(failed)?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(ErrorBody { error }) => HostError {
+                code: error.code,
+                message: error.message,
+            },
+            Err(_) => HostError {
+                code: ErrorCode::TransferFailed,
+                message: format!("the receiver answered {status} to its journal query"),
+            },
+        });
+    }
+    let list: DeploymentList = response.json().await.map_err(|e| HostError {
+        code: ErrorCode::TransferFailed,
+        message: format!("the receiver's journal could not be read: {e}"),
+    })?;
+    Ok(list.deployments)
 }

@@ -136,6 +136,11 @@ pub enum RolloutStatus {
     Failed,
     /// Aborted on request; the hosts it moved were rolled back.
     Aborted,
+    /// The sender stopped (a restart, a crash) while the rollout ran: nothing drives it any more.
+    /// Hosts shown IN_PROGRESS may run either release; hosts not reached were never touched.
+    /// `DELETE` finds out where each host stands and rolls back those it moved (the service
+    /// only; the CLI's rollouts live as long as the command).
+    Interrupted,
 }
 
 /// The whole rollout, as the final table and the REST resource show it.

@@ -124,14 +124,30 @@ pub enum RolloutEvent {
 }
 
 /// The report under construction, shared by the host futures.
-struct Ledger<'a> {
+pub(super) struct Ledger<'a> {
     report: Mutex<RolloutReport>,
     started: Instant,
     on_event: &'a (dyn Fn(RolloutEvent) + Send + Sync),
 }
 
-impl Ledger<'_> {
-    fn snapshot(&self) -> RolloutReport {
+impl<'a> Ledger<'a> {
+    /// A ledger that goes on from `report`: its duration counts on from the report's.
+    pub(super) fn resume(
+        report: RolloutReport,
+        on_event: &'a (dyn Fn(RolloutEvent) + Send + Sync),
+    ) -> Self {
+        let now = Instant::now();
+        let started = now
+            .checked_sub(Duration::from_millis(report.duration_ms))
+            .unwrap_or(now);
+        Self {
+            report: Mutex::new(report),
+            started,
+            on_event,
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> RolloutReport {
         let mut report = self
             .report
             .lock()
@@ -141,12 +157,12 @@ impl Ledger<'_> {
         report
     }
 
-    fn update<T>(&self, change: impl FnOnce(&mut RolloutReport) -> T) -> T {
+    pub(super) fn update<T>(&self, change: impl FnOnce(&mut RolloutReport) -> T) -> T {
         let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
         change(&mut report)
     }
 
-    fn host(&self, index: usize, change: impl FnOnce(&mut HostReport)) {
+    pub(super) fn host(&self, index: usize, change: impl FnOnce(&mut HostReport)) {
         self.update(|r| {
             if let Some(h) = r.hosts.get_mut(index) {
                 change(h);
@@ -457,7 +473,11 @@ async fn deploy_one<D, DF>(
 }
 
 /// Rolls back every DEPLOYED host at once; true when all of them were.
-async fn roll_back_moved<R, RF>(ledger: &Ledger<'_>, rollback: &R, deadline: Duration) -> bool
+pub(super) async fn roll_back_moved<R, RF>(
+    ledger: &Ledger<'_>,
+    rollback: &R,
+    deadline: Duration,
+) -> bool
 where
     R: Fn(usize, Uuid) -> RF,
     RF: Future<Output = Result<Option<String>, HostError>>,

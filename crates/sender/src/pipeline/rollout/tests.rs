@@ -555,3 +555,141 @@ async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
     assert_eq!(failed.bytes, 105);
     assert_eq!(failed.outcome, HostOutcome::Deployed);
 }
+
+/// An interrupted rollout of six hosts, as the sender left it: 0 moved, 1-4 IN_PROGRESS (their
+/// receivers then tell: moved, failed, rolled back already, never started), 5 PENDING.
+fn interrupted_report() -> RolloutReport {
+    let plan = Plan::new(6, Some(1), BatchSize::Hosts(5)).expect("plan");
+    let mut report = RolloutReport::planned(&hosts(6), &plan);
+    report.hosts[0].outcome = HostOutcome::Deployed;
+    report.hosts[0].deployment_id = Some(id(0));
+    report.hosts[0].version_before = Some("app:v1".into());
+    for h in &mut report.hosts[1..5] {
+        h.outcome = HostOutcome::InProgress;
+        h.version_before = Some("app:v1".into());
+    }
+    report.steps_completed = 1;
+    report.duration_ms = 5_000;
+    interrupted(report, "at start")
+}
+
+#[test]
+fn an_interrupted_report_is_mixed_while_any_host_is_unknown_and_names_what_to_do() {
+    let report = interrupted_report();
+    assert_eq!(report.status, RolloutStatus::Interrupted);
+    assert_eq!(report.fleet, FleetState::Mixed);
+    assert_eq!(report.hosts[5].outcome, HostOutcome::NotReached);
+    let reason = report.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("sender stopped"), "{reason}");
+    assert!(reason.contains("DELETE"), "{reason}");
+
+    // With nothing unknown it is judged by its hosts.
+    let plan = Plan::new(2, Some(0), BatchSize::Hosts(1)).expect("plan");
+    let mut report = RolloutReport::planned(&hosts(2), &plan);
+    report.reason = Some("host 1 failed".into());
+    let report = interrupted(report, "at start");
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    assert!(report
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with("host 1 failed; then the sender stopped")));
+}
+
+#[tokio::test]
+async fn undoing_an_interrupted_rollout_settles_each_unknown_host_then_rolls_back_the_moved() {
+    let rolled_back = Mutex::new(BTreeSet::new());
+    let settle = |i: usize| async move {
+        match i {
+            1 => Ok(Settled::Moved {
+                deployment_id: id(1),
+                version_after: "app:v2".into(),
+            }),
+            2 => Ok(Settled::Failed(HostError {
+                code: ErrorCode::HealthCheckFailed,
+                message: "unhealthy".into(),
+            })),
+            3 => Ok(Settled::RolledBack(Some("app:v1".into()))),
+            4 => Ok(Settled::NotStarted),
+            _ => panic!("host {i} was not IN_PROGRESS"),
+        }
+    };
+    let rollback = |i: usize, deployment: Uuid| {
+        let rolled_back = &rolled_back;
+        async move {
+            assert_eq!(deployment, id(i), "the host's own deployment");
+            rolled_back.lock().expect("lock").insert(i);
+            Ok(Some("app:v1".to_owned()))
+        }
+    };
+    let events = Mutex::new(Vec::new());
+    let on_event = |e: RolloutEvent| events.lock().expect("lock").push(e);
+    let report = undo_interrupted(
+        interrupted_report(),
+        settle,
+        rollback,
+        Duration::from_secs(5),
+        &on_event,
+    )
+    .await;
+    use HostOutcome::*;
+    let outcomes: Vec<_> = report.hosts.iter().map(|h| h.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [RolledBack, RolledBack, Failed, RolledBack, NotReached, NotReached]
+    );
+    assert_eq!(*rolled_back.lock().expect("lock"), BTreeSet::from([0, 1]));
+    assert_eq!(report.status, RolloutStatus::Aborted);
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    assert_eq!(report.hosts[2].version_after.as_deref(), Some("app:v1"));
+    assert!(report.duration_ms >= 5_000, "the duration goes on");
+    let events = events.lock().expect("lock");
+    assert!(matches!(events.last(), Some(RolloutEvent::Finished { .. })));
+}
+
+#[tokio::test]
+async fn a_host_that_cannot_be_settled_or_rolled_back_leaves_the_undo_failed() {
+    let settle = |i: usize| async move {
+        match i {
+            1 => Err(HostError {
+                code: ErrorCode::RemoteUnreachable,
+                message: "gone".into(),
+            }),
+            // Its deployment never ends within the deadline.
+            2 => std::future::pending().await,
+            _ => Ok(Settled::NotStarted),
+        }
+    };
+    let rollback = |_: usize, _: Uuid| async move {
+        Err::<Option<String>, _>(HostError {
+            code: ErrorCode::Conflict,
+            message: "replaced since".into(),
+        })
+    };
+    let report = undo_interrupted(
+        interrupted_report(),
+        settle,
+        rollback,
+        Duration::from_millis(50),
+        &|_| {},
+    )
+    .await;
+    use HostOutcome::*;
+    let outcomes: Vec<_> = report.hosts.iter().map(|h| h.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            RollbackFailed,
+            RollbackFailed,
+            RollbackFailed,
+            NotReached,
+            NotReached,
+            NotReached
+        ]
+    );
+    assert_eq!(report.status, RolloutStatus::Failed);
+    assert_eq!(report.fleet, FleetState::Mixed);
+    assert_eq!(
+        report.hosts[2].rollback_error.as_ref().map(|e| e.code),
+        Some(ErrorCode::Timeout)
+    );
+}

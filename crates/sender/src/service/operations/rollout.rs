@@ -1,8 +1,12 @@
 //! Fleet rollouts as a service resource: a stored package rolled out to several receivers in the
 //! background ([`crate::pipeline::rollout`]), its report kept for `GET`, followed as server-sent events,
-//! stoppable (`DELETE`: stop and roll back), and told as ROLLOUT_* lifecycle events.
+//! stoppable (`DELETE`: stop and roll back), and told as ROLLOUT_* lifecycle events. Each
+//! rollout's record is kept in the state directory: a restarted service shows the rollouts of
+//! earlier runs, those it was running then as INTERRUPTED, which `DELETE` undoes.
 
 use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,12 +17,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::serde_defaults::yes;
-use crate::client::ReceiverTarget;
+use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
-    roll_out, BatchSize, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
-    RolloutReport, RolloutStatus,
+    lifecycle_event, roll_out, settle_interrupted, undo_interrupted, BatchSize, HostError, Payload,
+    Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder, RolloutReport, RolloutStatus,
 };
-use crate::pipeline::{prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject};
+use crate::pipeline::{
+    now_rfc3339, prepare_image, CompressionOptions, Lifecycle, NoProgress, PackageInfo, Subject,
+};
 use crate::service::error::correlation_id;
 use crate::service::state::AppState;
 use crate::SenderError;
@@ -55,8 +61,9 @@ pub struct RolloutInput {
     pub preload: bool,
 }
 
-/// A rollout as the service shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+/// A rollout as the service shows it. Kept in the state directory (`rollouts/<id>.json`), so a
+/// restarted service still shows it; one that was running then is INTERRUPTED.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutView {
     /// The rollout's id.
     pub rollout_id: Uuid,
@@ -64,7 +71,11 @@ pub struct RolloutView {
     pub package_id: Uuid,
     /// The container name on every host.
     pub container_name: String,
-    /// True once `DELETE` asked it to stop.
+    /// Sent with every request to the receivers: their deployment records carry it.
+    pub correlation_id: String,
+    /// When it was started (RFC 3339).
+    pub started_at: String,
+    /// True once `DELETE` asked it to stop (or, INTERRUPTED, to be undone).
     pub abort_requested: bool,
     /// Hosts, outcomes, and where the fleet stands.
     pub report: RolloutReport,
@@ -75,24 +86,131 @@ struct Entry {
     abort: CancellationToken,
 }
 
-/// The rollouts of this service run.
+/// Rollout records kept in the state directory; the oldest finished ones beyond this are removed
+/// when the service starts.
+const KEPT_ROLLOUTS: usize = 1000;
+
+/// The rollouts of this service: those it runs, and those kept from earlier runs.
 #[derive(Clone, Default)]
-pub struct Rollouts(Arc<Mutex<HashMap<Uuid, Arc<Entry>>>>);
+pub struct Rollouts {
+    entries: Arc<Mutex<HashMap<Uuid, Arc<Entry>>>>,
+    /// Where each rollout's record is written; `None`: kept in memory only.
+    dir: Option<Arc<PathBuf>>,
+}
 
 impl std::fmt::Debug for Rollouts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Rollouts").finish_non_exhaustive()
+        f.debug_struct("Rollouts")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
 impl Rollouts {
+    /// Opens the records in `dir` (created if missing). Records of rollouts that were running
+    /// when the service last stopped become INTERRUPTED (written back, and told as
+    /// ROLLOUT_FAILED through `events`); the oldest finished records beyond [`KEPT_ROLLOUTS`]
+    /// are removed. An unreadable record is logged and left alone.
+    pub async fn open(dir: PathBuf, events: &Lifecycle) -> Result<Self, SenderError> {
+        let found = now_rfc3339();
+        let (views, interrupted) = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || load_records(&dir, &found)
+        })
+        .await
+        .map_err(|e| SenderError::Internal(format!("reading the rollout records: {e}")))?
+        .map_err(|e| {
+            SenderError::Internal(format!(
+                "cannot read the rollout records in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        for view in &interrupted {
+            tracing::warn!(rollout_id = %view.rollout_id, "a rollout was running when the service stopped: it is INTERRUPTED; DELETE /api/v1/rollouts/{} rolls back the hosts it moved", view.rollout_id);
+            let event = RolloutEvent::Finished {
+                report: view.report.clone(),
+            };
+            if let Some((event_type, payload)) = lifecycle_event(view.rollout_id, &event) {
+                events.emit(event_type, &subject_of(view), payload).await;
+            }
+        }
+        let entries = views
+            .into_iter()
+            .map(|view| {
+                let (tx, _) = watch::channel(view);
+                let id = tx.borrow().rollout_id;
+                let entry = Entry {
+                    view: tx,
+                    abort: CancellationToken::new(),
+                };
+                (id, Arc::new(entry))
+            })
+            .collect();
+        Ok(Self {
+            entries: Arc::new(Mutex::new(entries)),
+            dir: Some(Arc::new(dir)),
+        })
+    }
+
     fn get(&self, id: Uuid) -> Result<Arc<Entry>, SenderError> {
-        self.0
+        self.entries
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
             .cloned()
-            .ok_or_else(|| SenderError::NotFound(format!("no rollout {id} in this service run")))
+            .ok_or_else(|| SenderError::NotFound(format!("no rollout {id}")))
+    }
+
+    fn insert(&self, entry: &Arc<Entry>) {
+        let id = entry.view.borrow().rollout_id;
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(entry));
+    }
+
+    /// Writes the entry's record now and at every change, until it is no longer RUNNING (each
+    /// write whole: a new file renamed over the old one).
+    fn keep(&self, entry: &Arc<Entry>) {
+        let Some(dir) = self.dir.clone() else {
+            return;
+        };
+        let mut updates = entry.view.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let view = updates.borrow_and_update().clone();
+                let running = view.report.status == RolloutStatus::Running;
+                let id = view.rollout_id;
+                let dir = Arc::clone(&dir);
+                match tokio::task::spawn_blocking(move || write_record(&dir, &view)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(rollout_id = %id, error = %e, "cannot write the rollout's record")
+                    }
+                    Err(e) => {
+                        tracing::error!(rollout_id = %id, error = %e, "cannot write the rollout's record")
+                    }
+                }
+                if !running || updates.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// The views of the rollouts (in `status`, when given), newest first, at most `limit`.
+    pub fn list(&self, status: Option<RolloutStatus>, limit: usize) -> Vec<RolloutView> {
+        let mut views: Vec<RolloutView> = self
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|entry| entry.view.borrow().clone())
+            .filter(|v| status.is_none_or(|s| v.report.status == s))
+            .collect();
+        views.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        views.truncate(limit);
+        views
     }
 
     /// The rollout's view, followed.
@@ -100,19 +218,167 @@ impl Rollouts {
         Ok(self.get(id)?.view.subscribe())
     }
 
-    /// Asks the rollout to stop and roll back; CONFLICT when it has already finished.
-    pub fn abort(&self, id: Uuid) -> Result<RolloutView, SenderError> {
+    /// Asks a running rollout to stop and roll back; undoes an INTERRUPTED one (finds where each
+    /// host stands, rolls back those it moved); CONFLICT when it has already finished.
+    pub fn abort(&self, state: &AppState, id: Uuid) -> Result<RolloutView, SenderError> {
         let entry = self.get(id)?;
-        if entry.view.borrow().report.status != RolloutStatus::Running {
+        let undo = entry.view.send_if_modified(|v| {
+            let interrupted = v.report.status == RolloutStatus::Interrupted;
+            if interrupted {
+                v.abort_requested = true;
+                v.report.status = RolloutStatus::Running;
+                v.report.reason = v
+                    .report
+                    .reason
+                    .take()
+                    .map(|r| format!("{r}; undone on request"));
+            }
+            interrupted
+        });
+        if undo {
+            self.keep(&entry);
+            tokio::spawn(undo_interrupted_rollout(state.clone(), Arc::clone(&entry)));
+        } else if entry.view.borrow().report.status != RolloutStatus::Running {
             return Err(SenderError::Conflict(format!(
                 "rollout {id} has already finished"
             )));
+        } else {
+            entry.abort.cancel();
+            entry.view.send_modify(|v| v.abort_requested = true);
         }
-        entry.abort.cancel();
-        entry.view.send_modify(|v| v.abort_requested = true);
         let view = entry.view.borrow().clone();
         Ok(view)
     }
+}
+
+/// The events' subject of a rollout.
+fn subject_of(view: &RolloutView) -> Subject {
+    Subject {
+        package_id: Some(view.package_id),
+        correlation_id: Some(view.correlation_id.clone()),
+        container_name: Some(view.container_name.clone()),
+        image_tag: None,
+    }
+}
+
+/// Reads every record in `dir`: all of them, and (also among them) those that were RUNNING,
+/// now INTERRUPTED and written back. Removes the oldest finished records beyond
+/// [`KEPT_ROLLOUTS`] and leftover temporary files.
+fn load_records(dir: &Path, found: &str) -> std::io::Result<(Vec<RolloutView>, Vec<RolloutView>)> {
+    std::fs::create_dir_all(dir)?;
+    let mut views = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let path = item?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.ends_with(".json.tmp") {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if !name.ends_with(".json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<RolloutView>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(view) => views.push(view),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping a rollout record that cannot be read")
+            }
+        }
+    }
+    views.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+    let mut interrupted = Vec::new();
+    for view in &mut views {
+        if view.report.status == RolloutStatus::Running {
+            view.report = crate::pipeline::rollout::interrupted(view.report.clone(), found);
+            write_record(dir, view)?;
+            interrupted.push(view.clone());
+        }
+    }
+    if views.len() > KEPT_ROLLOUTS {
+        for old in views.split_off(KEPT_ROLLOUTS) {
+            let path = dir.join(format!("{}.json", old.rollout_id));
+            if old.report.status == RolloutStatus::Interrupted {
+                views.push(old);
+            } else {
+                std::fs::remove_file(path)?;
+            }
+        }
+    }
+    Ok((views, interrupted))
+}
+
+/// Writes `view` as `<dir>/<id>.json`, whole (a new file, synced, renamed over the old one).
+fn write_record(dir: &Path, view: &RolloutView) -> std::io::Result<()> {
+    let path = dir.join(format!("{}.json", view.rollout_id));
+    let partial = dir.join(format!("{}.json.tmp", view.rollout_id));
+    let bytes = serde_json::to_vec_pretty(view).map_err(std::io::Error::other)?;
+    let mut file = std::fs::File::create(&partial)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&partial, &path)
+}
+
+/// Undoes an INTERRUPTED rollout: each host left IN_PROGRESS is looked up on its receiver (its
+/// deployment of this rollout, waited for while it runs), then every host on the new release is
+/// rolled back at once, as a stopped rollout's are; told as ROLLOUT_ROLLED_BACK or _FAILED.
+async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
+    let view = entry.view.borrow().clone();
+    let receiver = &state.config().receiver;
+    let secret = receiver.secret.as_deref().unwrap_or_default();
+    let clients: Vec<Result<ReceiverClient, HostError>> = view
+        .report
+        .hosts
+        .iter()
+        .map(|h| {
+            ReceiverTarget::new(&h.host, &receiver.key_id, secret.as_bytes())
+                .map(|target| receiver.client_for(state.http().clone(), target))
+                .map_err(|e| HostError {
+                    code: e.code(),
+                    message: e.to_string(),
+                })
+        })
+        .collect();
+    let name = view.container_name.as_str();
+    let correlation_id = view.correlation_id.as_str();
+    let recorder =
+        RolloutRecorder::spawn(state.events().clone(), subject_of(&view), view.rollout_id);
+    let on_event = |event: RolloutEvent| {
+        recorder.observe(&event);
+        let report = match event {
+            RolloutEvent::Started { report }
+            | RolloutEvent::Host { report, .. }
+            | RolloutEvent::StepCompleted { report, .. }
+            | RolloutEvent::RollingBack { report, .. }
+            | RolloutEvent::Finished { report } => report,
+        };
+        entry.view.send_modify(|v| v.report = report);
+    };
+    let clients = &clients;
+    let settle = |i: usize| async move {
+        match &clients[i] {
+            Ok(client) => settle_interrupted(client, name, correlation_id).await,
+            Err(e) => Err(e.clone()),
+        }
+    };
+    let rollback = |i: usize, deployment: Uuid| async move {
+        let client = clients[i].as_ref().map_err(Clone::clone)?;
+        client
+            .rollback(deployment, Some(correlation_id))
+            .await
+            .map(|r| r.image)
+            .map_err(|e| HostError {
+                code: e.code(),
+                message: e.to_string(),
+            })
+    };
+    let deadline = RolloutOptions::default().rollback_timeout;
+    undo_interrupted(view.report.clone(), settle, rollback, deadline, &on_event).await;
+    recorder.finish().await;
 }
 
 /// Checks `input` and starts the rollout in the background; answers its first view.
@@ -162,6 +428,8 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         rollout_id: id,
         package_id: package.package_id,
         container_name: release.spec.container_name.clone(),
+        correlation_id: correlation_id.clone(),
+        started_at: now_rfc3339(),
         abort_requested: false,
         report: RolloutReport::planned(&input.receivers, &plan),
     });
@@ -169,12 +437,8 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         view: tx,
         abort: CancellationToken::new(),
     });
-    state
-        .rollouts()
-        .0
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, Arc::clone(&entry));
+    state.rollouts().insert(&entry);
+    state.rollouts().keep(&entry);
     let first = entry.view.borrow().clone();
 
     let subject = Subject {
@@ -250,5 +514,135 @@ async fn payload(state: &AppState, package: PackageInfo) -> Payload {
             tracing::warn!(image = %package.image_id, error = %e, "cannot prepare the image's layers: the rollout sends the whole package");
             Payload::Package(Box::new(package))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::rollout::HostOutcome;
+    use deploy_protocol::events::EventType;
+
+    fn view(status: RolloutStatus, started_at: &str) -> RolloutView {
+        let hosts = vec!["http://a/".to_owned(), "http://b/".to_owned()];
+        let plan = Plan::new(2, Some(0), BatchSize::Hosts(1)).expect("plan");
+        let mut report = RolloutReport::planned(&hosts, &plan);
+        report.status = status;
+        report.hosts[0].outcome = HostOutcome::InProgress;
+        RolloutView {
+            rollout_id: Uuid::new_v4(),
+            package_id: Uuid::new_v4(),
+            container_name: "web".into(),
+            correlation_id: "rollout-test".into(),
+            started_at: started_at.into(),
+            abort_requested: false,
+            report,
+        }
+    }
+
+    fn stored(dir: &Path, id: Uuid) -> RolloutView {
+        let bytes = std::fs::read(dir.join(format!("{id}.json"))).expect("the record");
+        serde_json::from_slice(&bytes).expect("a rollout view")
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_finished_rollouts_and_marks_running_ones_interrupted() {
+        let state = tempfile::tempdir().expect("state dir");
+        let dir = state.path().join("rollouts");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let running = view(RolloutStatus::Running, "2026-12-01T10:00:00Z");
+        let done = view(RolloutStatus::Completed, "2026-12-01T09:00:00Z");
+        for v in [&running, &done] {
+            write_record(&dir, v).expect("write");
+        }
+        std::fs::write(dir.join("not-a-rollout.json"), b"{").expect("garbage");
+        std::fs::write(dir.join("cut-off.json.tmp"), b"{\"rollout").expect("partial");
+        let events = Lifecycle::open(state.path().to_path_buf(), None, "t".into())
+            .await
+            .expect("outbox");
+
+        let rollouts = Rollouts::open(dir.clone(), &events).await.expect("open");
+        let shown = rollouts
+            .watch(running.rollout_id)
+            .expect("kept")
+            .borrow()
+            .clone();
+        assert_eq!(shown.report.status, RolloutStatus::Interrupted);
+        assert_eq!(shown.report.hosts[1].outcome, HostOutcome::NotReached);
+        assert_eq!(
+            stored(&dir, running.rollout_id).report.status,
+            RolloutStatus::Interrupted,
+            "written back"
+        );
+        let finished = rollouts
+            .watch(done.rollout_id)
+            .expect("kept")
+            .borrow()
+            .clone();
+        assert_eq!(
+            finished.report, done.report,
+            "a finished record is as it was"
+        );
+        assert!(dir.join("not-a-rollout.json").exists(), "left alone");
+        assert!(
+            !dir.join("cut-off.json.tmp").exists(),
+            "a partial write goes"
+        );
+        let told = events.sink().list(10);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].event_type, EventType::RolloutFailed);
+        assert_eq!(told[0].payload["report"]["status"], "INTERRUPTED");
+        assert_eq!(told[0].correlation_id.as_deref(), Some("rollout-test"));
+
+        // Opened again, nothing new is told.
+        let again = Rollouts::open(dir.clone(), &events).await.expect("open");
+        assert!(again.watch(running.rollout_id).is_ok());
+        assert_eq!(events.sink().list(10).len(), 1);
+        assert!(matches!(
+            again.watch(Uuid::new_v4()),
+            Err(SenderError::NotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_kept_rollout_is_written_at_every_change_until_it_ends() {
+        let state = tempfile::tempdir().expect("state dir");
+        let dir = state.path().join("rollouts");
+        let events = Lifecycle::open(state.path().to_path_buf(), None, "t".into())
+            .await
+            .expect("outbox");
+        let rollouts = Rollouts::open(dir.clone(), &events).await.expect("open");
+        let v = view(RolloutStatus::Running, "2026-12-01T10:00:00Z");
+        let (tx, _) = watch::channel(v.clone());
+        let entry = Arc::new(Entry {
+            view: tx,
+            abort: CancellationToken::new(),
+        });
+        rollouts.insert(&entry);
+        rollouts.keep(&entry);
+        let until = |status: RolloutStatus| {
+            let dir = dir.clone();
+            async move {
+                for _ in 0..200 {
+                    if dir.join(format!("{}.json", v.rollout_id)).exists()
+                        && stored(&dir, v.rollout_id).report.status == status
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("the record never said {status:?}");
+            }
+        };
+        until(RolloutStatus::Running).await;
+        entry
+            .view
+            .send_modify(|v| v.report.status = RolloutStatus::Completed);
+        until(RolloutStatus::Completed).await;
+        assert_eq!(
+            std::fs::read_dir(&dir).expect("dir").count(),
+            1,
+            "one record, no partial file left"
+        );
     }
 }

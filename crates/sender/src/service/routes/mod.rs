@@ -65,7 +65,7 @@ pub(super) fn router_and_document(state: AppState) -> (Router<AppState>, utoipa:
         .routes(routes!(packages::create, packages::list))
         .routes(routes!(packages::get, packages::delete))
         .routes(routes!(transfers::create))
-        .routes(routes!(rollouts::create))
+        .routes(routes!(rollouts::create, rollouts::list))
         .routes(routes!(rollouts::get, rollouts::delete))
         .routes(routes!(rollouts::events))
         .routes(routes!(events::create, events::list))

@@ -9,10 +9,12 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use deploy_protocol::ErrorBody;
 use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::pipeline::rollout::RolloutStatus;
-use crate::service::error::{ApiJson, ApiPath, ApiResult};
+use crate::service::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::service::operations::{self, RolloutInput, RolloutView};
 use crate::service::state::AppState;
 
@@ -37,8 +39,57 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
+/// Rollouts listed when no `limit` is given.
+const DEFAULT_LIMIT: usize = 100;
+
+/// The most rollouts one `GET /api/v1/rollouts` lists (the service keeps at most 1000 records).
+const MAX_LIMIT: usize = 1000;
+
+/// `GET /api/v1/rollouts` parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ListParams {
+    /// How many rollouts, newest first (default 100, at most 1000).
+    #[param(minimum = 0, maximum = 1000)]
+    pub limit: Option<usize>,
+    /// Only rollouts in this state (`INTERRUPTED`: those the service was running when it stopped).
+    pub status: Option<RolloutStatus>,
+}
+
+/// Rollouts, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct RolloutList {
+    /// Newest first.
+    pub rollouts: Vec<RolloutView>,
+}
+
+/// The rollouts of this service, those of its earlier runs included, newest first.
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", operation_id = "list_rollouts",
+    params(ListParams),
+    security((), ("api_token" = [])),
+    responses(
+        (status = 200, description = "Rollouts, newest first", body = RolloutList),
+        (status = 400, description = "VALIDATION_ERROR: bad limit or status", body = ErrorBody),
+        (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
+    ))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> ApiResult<Json<RolloutList>> {
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit > MAX_LIMIT {
+        return Err(ApiError::validation(format!(
+            "limit {limit} is over {MAX_LIMIT}"
+        )));
+    }
+    Ok(Json(RolloutList {
+        rollouts: state.rollouts().list(params.status, limit),
+    }))
+}
+
 /// A rollout: each host's phase, outcome, versions before and after, error, bytes and durations,
-/// and where the fleet stands.
+/// and where the fleet stands. Rollouts of earlier runs of the service are kept (the state
+/// directory's `rollouts/`); one it was running when it stopped is INTERRUPTED.
 #[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts", operation_id = "get_rollout",
     params(("id" = Uuid, Path, description = "Rollout id")),
     security((), ("api_token" = [])),
@@ -58,7 +109,10 @@ pub async fn get(
 
 /// Stop a rollout: no further host is started, hosts being deployed to finish, and every host it
 /// moved is rolled back (unless it was started with `rollback: false`). Answers 202; the rollout
-/// ends ABORTED (or FAILED when a rollback failed).
+/// ends ABORTED (or FAILED when a rollback failed). An INTERRUPTED rollout (the service stopped
+/// while it ran) is undone: each host it left IN_PROGRESS is looked up in its receiver's journal
+/// (a deployment still under way there is waited for), and every host on the new release is
+/// rolled back; it turns RUNNING, then ends ABORTED (or FAILED).
 #[utoipa::path(delete, path = "/api/v1/rollouts/{id}", tag = "rollouts", operation_id = "abort_rollout",
     params(("id" = Uuid, Path, description = "Rollout id")),
     security((), ("api_token" = [])),
@@ -67,13 +121,13 @@ pub async fn get(
         (status = 400, description = "VALIDATION_ERROR: the id is not a UUID", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
-        (status = 409, description = "CONFLICT: it has already finished", body = ErrorBody),
+        (status = 409, description = "CONFLICT: it has already finished (or been undone)", body = ErrorBody),
     ))]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<(StatusCode, Json<RolloutView>)> {
-    let view = state.rollouts().abort(id)?;
+    let view = state.rollouts().abort(&state, id)?;
     Ok((StatusCode::ACCEPTED, Json(view)))
 }
 

@@ -1,0 +1,156 @@
+//! Undoing a rollout that nothing drives any more (`deploy-sender serve` stopped while it ran):
+//! each host it left IN_PROGRESS is looked up on its receiver (waiting out a deployment still
+//! under way there), then every host on the new release is rolled back at once, as the hosts of
+//! a stopped rollout are.
+
+use std::future::Future;
+use std::time::Duration;
+
+use deploy_protocol::ErrorCode;
+use uuid::Uuid;
+
+use super::report::{FleetState, HostError, HostOutcome, RolloutReport, RolloutStatus};
+use super::run::{roll_back_moved, Ledger, RolloutEvent};
+
+/// Where a host the rollout left IN_PROGRESS stands now, from its receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The rollout's deployment finished there: the host runs the new release.
+    Moved {
+        /// The receiver's deployment id (what a rollback undoes).
+        deployment_id: Uuid,
+        /// The image it runs.
+        version_after: String,
+    },
+    /// The rollout's deployment failed there; the receiver kept (or restored) what ran before.
+    Failed(HostError),
+    /// The rollout's deployment there is rolled back already (it was being rolled back when the
+    /// rollout stopped); the image it runs now, when known.
+    RolledBack(Option<String>),
+    /// No deployment of this rollout ever started there: its container was never touched.
+    NotStarted,
+}
+
+/// Undoes the interrupted rollout `report`: `settle(i)` says where host `i`, left IN_PROGRESS,
+/// stands now (bounded by `deadline`; no answer leaves it ROLLBACK_FAILED, the new release
+/// possibly running), then `rollback(i, deployment_id)` undoes every DEPLOYED host at once, as
+/// [`run`](super::run::run) does for a stopped rollout. Ends ABORTED when no host is left on the
+/// new release (or unknown), FAILED otherwise.
+pub async fn undo_interrupted<S, SF, R, RF>(
+    report: RolloutReport,
+    settle: S,
+    rollback: R,
+    deadline: Duration,
+    on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
+) -> RolloutReport
+where
+    S: Fn(usize) -> SF,
+    SF: Future<Output = Result<Settled, HostError>>,
+    R: Fn(usize, Uuid) -> RF,
+    RF: Future<Output = Result<Option<String>, HostError>>,
+{
+    let ledger = Ledger::resume(report, on_event);
+    let open: Vec<usize> = ledger.update(|r| {
+        r.status = RolloutStatus::Running;
+        r.hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.outcome == HostOutcome::InProgress)
+            .map(|(i, _)| i)
+            .collect()
+    });
+    let ledger = &ledger;
+    let settle = &settle;
+    futures::future::join_all(open.into_iter().map(|i| async move {
+        let result = tokio::time::timeout(deadline, settle(i)).await;
+        ledger.host(i, |h| match result {
+            Ok(Ok(Settled::Moved {
+                deployment_id,
+                version_after,
+            })) => {
+                h.outcome = HostOutcome::Deployed;
+                h.deployment_id = Some(deployment_id);
+                h.version_after = Some(version_after);
+            }
+            Ok(Ok(Settled::Failed(error))) => {
+                h.outcome = HostOutcome::Failed;
+                h.version_after.clone_from(&h.version_before);
+                h.error = Some(error);
+            }
+            Ok(Ok(Settled::RolledBack(now))) => {
+                h.outcome = HostOutcome::RolledBack;
+                h.version_after = now;
+            }
+            Ok(Ok(Settled::NotStarted)) => h.outcome = HostOutcome::NotReached,
+            Ok(Err(error)) => {
+                h.outcome = HostOutcome::RollbackFailed;
+                h.rollback_error = Some(error);
+            }
+            Err(_) => {
+                h.outcome = HostOutcome::RollbackFailed;
+                h.rollback_error = Some(HostError {
+                    code: ErrorCode::Timeout,
+                    message: format!(
+                        "its deployment did not end within {} s: the host may run the new release",
+                        deadline.as_secs()
+                    ),
+                });
+            }
+        });
+    }))
+    .await;
+    roll_back_moved(ledger, &rollback, deadline).await;
+    ledger.update(|r| {
+        for h in &mut r.hosts {
+            if h.outcome == HostOutcome::Pending {
+                h.outcome = HostOutcome::NotReached;
+            }
+        }
+        let undone = !r.hosts.iter().any(|h| {
+            matches!(
+                h.outcome,
+                HostOutcome::Deployed | HostOutcome::RollbackFailed
+            )
+        });
+        r.status = if undone {
+            RolloutStatus::Aborted
+        } else {
+            RolloutStatus::Failed
+        };
+        r.fleet = FleetState::of(&r.hosts);
+    });
+    let report = ledger.snapshot();
+    on_event(RolloutEvent::Finished {
+        report: report.clone(),
+    });
+    report
+}
+
+/// What an interrupted rollout's report says: nothing drives it; hosts not reached never will
+/// be; the fleet is MIXED while any host's state is unknown (IN_PROGRESS).
+pub fn interrupted(mut report: RolloutReport, found: &str) -> RolloutReport {
+    for h in &mut report.hosts {
+        if h.outcome == HostOutcome::Pending {
+            h.outcome = HostOutcome::NotReached;
+        }
+    }
+    let unknown = report
+        .hosts
+        .iter()
+        .any(|h| h.outcome == HostOutcome::InProgress);
+    report.fleet = if unknown {
+        FleetState::Mixed
+    } else {
+        FleetState::of(&report.hosts)
+    };
+    report.status = RolloutStatus::Interrupted;
+    let stopped = match report.reason.take() {
+        Some(reason) => format!("{reason}; then the sender stopped while it ran"),
+        None => "the sender stopped while this rollout ran".to_owned(),
+    };
+    report.reason = Some(format!(
+        "{stopped} (found {found}): hosts IN_PROGRESS may run either release, hosts NOT_REACHED \
+         were never touched; DELETE rolls back the hosts it moved"
+    ));
+    report
+}

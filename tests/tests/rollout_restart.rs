@@ -1,0 +1,333 @@
+//! A `deploy-sender serve` killed (SIGKILL) in the middle of a REST rollout, and started again on
+//! the same directories: the rollout is kept and shown INTERRUPTED, with the host it was
+//! deploying to IN_PROGRESS, and `DELETE` undoes it: the host whose deployment had ended is
+//! rolled back by its deployment id, the host whose deployment was still running when the sender
+//! died is found in its receiver's journal, waited for and rolled back. Two cold hosts (extra
+//! Docker engines in their own network namespaces), each with the real receiver binary; the
+//! sender is the real binary too. What runs afterwards is read from each host's own engine.
+
+mod layers_common;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use deploy_testkit::hosts::{main_bridge_exists, TestHost};
+use layers_common::{cold_host, workspace_binary, Daemon, Images, SECRET};
+use serde_json::{json, Value};
+
+/// The real `deploy-sender serve` on 127.0.0.1:<ephemeral>, on `dir` (packages, layer cache and
+/// state); SIGKILLed on drop.
+struct Serve {
+    child: Child,
+    api: String,
+}
+
+impl Serve {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(workspace_binary("deploy-sender"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SENDER_BIND", "127.0.0.1:0")
+            .env("PACKAGE_DIR", dir.join("packages"))
+            .env("DEPLOY_HMAC_SECRET", SECRET)
+            .env("DEPLOY_ZSTD_WORKERS", "2")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn deploy-sender serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("deploy-sender listening on ") {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("deploy-sender serve announced its address");
+        Self {
+            child,
+            api: format!("{url}/api/v1"),
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL the sender");
+        let _ = self.child.wait();
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.api));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("a sender answer");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    /// Stores the local image `tag` as a package; answers its id.
+    async fn package(&self, tag: &str) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/packages",
+                Some(json!({"image": tag})),
+            )
+            .await;
+        assert!(status == 200 || status == 201, "POST /packages: {body}");
+        body["package_id"]
+            .as_str()
+            .expect("a package id")
+            .to_owned()
+    }
+
+    /// Starts a rollout of `package` to `receivers`, one host per step, each host's container
+    /// settling for `settle` seconds; answers its id.
+    async fn roll_out(&self, package: &str, receivers: &[&str], name: &str, settle: f64) -> String {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/rollouts",
+                Some(json!({
+                    "package_id": package,
+                    "receivers": receivers,
+                    "deployment": {
+                        "container_name": name,
+                        "restart_policy": "no",
+                        "health_check": {"kind": "none", "settle_secs": settle},
+                    },
+                    "canary": 0,
+                    "batch": "1",
+                })),
+            )
+            .await;
+        assert_eq!(status, 202, "POST /rollouts: {body}");
+        body["rollout_id"]
+            .as_str()
+            .expect("a rollout id")
+            .to_owned()
+    }
+
+    /// Polls the rollout until `done` holds for its view; panics after `limit`.
+    async fn wait_for(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let view = self.get(&format!("/rollouts/{id}")).await;
+            if done(&view) {
+                return view;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {limit:?} in vain: {view:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The image id of the running container `name` on `host`, if one runs.
+fn running_image(host: &TestHost, name: &str) -> Option<String> {
+    let out = host
+        .docker_cli()
+        .args(["inspect", "-f", "{{.State.Running}} {{.Image}}", name])
+        .output()
+        .expect("docker inspect");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    text.strip_prefix("true ").map(str::to_owned)
+}
+
+fn outcomes(view: &Value) -> Vec<&str> {
+    view["report"]["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["outcome"].as_str().unwrap_or("?"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_what_it_moved() {
+    let images = Images::default();
+    let base = images.base(64 * 1024);
+    let v1 = images.app(&base, 64 * 1024);
+    let v2 = images.app(&base, 64 * 1024);
+    let (v1_id, v2_id) = (images.id(&v1), images.id(&v2));
+    let hosts = [cold_host("rrs0").await, cold_host("rrs1").await];
+    let receivers: Vec<Daemon> = hosts
+        .iter()
+        .map(|h| Daemon::start(&h.docker_host()))
+        .collect();
+    let urls: Vec<&str> = receivers.iter().map(|r| r.url.as_str()).collect();
+    let name = format!(
+        "rollout-restart-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dir = tempfile::tempdir().expect("sender dir");
+
+    // v1 everywhere, through the service.
+    let sender = Serve::start(dir.path());
+    let p1 = sender.package(&v1).await;
+    let first = sender.roll_out(&p1, &urls, &name, 0.5).await;
+    let done = sender
+        .wait_for(&first, Duration::from_secs(180), |v| {
+            v["report"]["status"] != "RUNNING"
+        })
+        .await;
+    assert_eq!(done["report"]["status"], "COMPLETED", "{done:#}");
+    for host in &hosts {
+        assert_eq!(running_image(host, &name).as_deref(), Some(v1_id.as_str()));
+    }
+
+    // v2, host by host, each container settling for 10 s: the sender dies while the second
+    // host's new container settles (the first host is on v2 by then).
+    let p2 = sender.package(&v2).await;
+    let second = sender.roll_out(&p2, &urls, &name, 10.0).await;
+    sender
+        .wait_for(&second, Duration::from_secs(180), |v| {
+            outcomes(v) == ["DEPLOYED", "IN_PROGRESS"]
+        })
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while running_image(&hosts[1], &name).as_deref() != Some(v2_id.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the second host never started v2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sender.kill();
+
+    // Started again on the same directories: both rollouts are there, the second INTERRUPTED,
+    // and ROLLOUT_FAILED told it.
+    let sender = Serve::start(dir.path());
+    let kept = sender.get(&format!("/rollouts/{first}")).await;
+    assert_eq!(kept["report"]["status"], "COMPLETED", "{kept:#}");
+    let interrupted = sender.get(&format!("/rollouts/{second}")).await;
+    assert_eq!(
+        interrupted["report"]["status"], "INTERRUPTED",
+        "{interrupted:#}"
+    );
+    assert_eq!(interrupted["report"]["fleet"], "MIXED");
+    assert_eq!(outcomes(&interrupted), ["DEPLOYED", "IN_PROGRESS"]);
+    assert!(
+        interrupted["report"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("sender stopped")),
+        "{interrupted:#}"
+    );
+    let listed = sender.get("/rollouts?status=INTERRUPTED").await;
+    let listed: Vec<&Value> = listed["rollouts"]
+        .as_array()
+        .expect("rollouts")
+        .iter()
+        .map(|v| &v["rollout_id"])
+        .collect();
+    assert_eq!(listed, [&json!(second)]);
+    let all = sender.get("/rollouts").await;
+    assert_eq!(
+        all["rollouts"][0]["rollout_id"],
+        json!(second),
+        "newest first"
+    );
+    assert_eq!(all["rollouts"][1]["rollout_id"], json!(first));
+    let outbox = sender.get("/events?limit=100").await;
+    let failed: Vec<&Value> = outbox["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["event_type"] == "ROLLOUT_FAILED")
+        .collect();
+    assert_eq!(failed.len(), 1, "{outbox:#}");
+    assert_eq!(failed[0]["payload"]["rollout_id"], json!(second));
+    assert_eq!(
+        failed[0]["payload"]["report"]["status"], "INTERRUPTED",
+        "{outbox:#}"
+    );
+
+    // DELETE undoes it: the first host by its deployment id, the second once its receiver has
+    // ended the deployment the dead sender left running.
+    let (status, undoing) = sender
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/rollouts/{second}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{undoing:#}");
+    assert_eq!(undoing["abort_requested"], true);
+    let undone = sender
+        .wait_for(&second, Duration::from_secs(180), |v| {
+            v["report"]["status"] != "RUNNING"
+        })
+        .await;
+    assert_eq!(undone["report"]["status"], "ABORTED", "{undone:#}");
+    assert_eq!(undone["report"]["fleet"], "OLD_RELEASE", "{undone:#}");
+    assert_eq!(
+        outcomes(&undone),
+        ["ROLLED_BACK", "ROLLED_BACK"],
+        "{undone:#}"
+    );
+    for host in &hosts {
+        assert_eq!(
+            running_image(host, &name).as_deref(),
+            Some(v1_id.as_str()),
+            "{undone:#}"
+        );
+    }
+    let (status, again) = sender
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/rollouts/{second}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{again:#}");
+    let outbox = sender.get("/events?limit=100").await;
+    let last = outbox["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["event_type"] == "ROLLOUT_ROLLED_BACK")
+        .expect("ROLLOUT_ROLLED_BACK for the undone rollout");
+    assert_eq!(last["payload"]["rollout_id"], json!(second));
+
+    // And a third start still shows it as it ended.
+    sender.kill();
+    let sender = Serve::start(dir.path());
+    let kept = sender.get(&format!("/rollouts/{second}")).await;
+    assert_eq!(kept["report"]["status"], "ABORTED", "{kept:#}");
+    drop(sender);
+
+    drop(receivers);
+    tokio::task::spawn_blocking(move || drop(hosts))
+        .await
+        .expect("hosts stopped");
+    assert!(main_bridge_exists(), "the main engine's docker0 survives");
+}
