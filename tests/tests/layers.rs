@@ -9,67 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deploy_protocol::release::ReleaseManifest;
-use deploy_protocol::{DeploymentSpec, HealthCheckKind};
 use deploy_sender::{
-    deploy_release, prepare_image, release_manifest, send_manifest, send_release,
-    CompressionOptions, DeployRequest, ImageSource, LayerCache, LayerFate, Lifecycle, NoProgress,
-    PackageRequest, PreparedImage, ReceiverTarget, ReleaseAction, ReleaseCalls, ReleaseOutcome,
-    RetryPolicy,
+    prepare_image, release_manifest, send_manifest, send_release, CompressionOptions, LayerFate,
+    NoProgress, PreparedImage, ReleaseAction, ReleaseCalls, ReleaseOutcome,
 };
 use layers_common::{
-    cold_host, container_image, copy_image, host_has_image, workspace_binary, Daemon, Fault,
-    Images, Proxy, SECRET,
+    cold_host, container_image, copy_image, host_has_image, target, workspace_binary, Daemon,
+    Fault, Images, Proxy, Sender, SECRET,
 };
 
 const MIB: usize = 1024 * 1024;
 
-/// The sender library with its own layer cache.
-struct Sender {
-    docker: bollard::Docker,
-    cache: LayerCache,
-    events: Lifecycle,
-    http: reqwest::Client,
-    policy: RetryPolicy,
-    _dir: tempfile::TempDir,
-}
-
 impl Sender {
-    async fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        Self {
-            docker: deploy_sender::connect_docker()
-                .await
-                .expect("these tests need the Docker engine"),
-            cache: LayerCache::open(dir.path().join("layers"), u64::MAX)
-                .await
-                .expect("cache"),
-            events: Lifecycle::open(dir.path().join("state"), None, "deployments".into())
-                .await
-                .expect("the outbox"),
-            http: reqwest::Client::new(),
-            policy: RetryPolicy {
-                max_attempts: 6,
-                min_delay: Duration::from_millis(100),
-                max_delay: Duration::from_secs(1),
-                max_retry_after: Duration::from_secs(5),
-            },
-            _dir: dir,
-        }
-    }
-
-    fn calls<'a>(&'a self, target: &'a ReceiverTarget) -> ReleaseCalls<'a> {
-        ReleaseCalls {
-            http: &self.http,
-            target,
-            correlation_id: None,
-            policy: &self.policy,
-            await_blobs: true,
-            blob_connections: 1,
-            // These tests are about layers; a cold host's stream has tests of its own (stream.rs).
-            stream_cold: false,
-        }
-    }
-
     async fn prepare(&self, tag: &str) -> PreparedImage {
         prepare_image(
             &self.docker,
@@ -83,27 +34,7 @@ impl Sender {
     }
 
     async fn deploy(&self, url: &str, tag: &str, name: &str) -> ReleaseOutcome {
-        let target = target(url);
-        let calls = self.calls(&target);
-        let mut request = DeployRequest {
-            package: PackageRequest::new(ImageSource::Existing(tag.to_owned())),
-            deployment: spec(name),
-            correlation_id: None,
-        };
-        request.package.compression = options();
-        match deploy_release(
-            &self.docker,
-            &self.cache,
-            calls,
-            &request,
-            Arc::new(NoProgress),
-            &self.events,
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(e) => panic!("deploy of {tag} failed: {e}"),
-        }
+        self.deploy_with(url, tag, name, options()).await
     }
 
     async fn load(&self, url: &str, tag: &str) -> ReleaseOutcome {
@@ -153,24 +84,11 @@ impl Sender {
     }
 }
 
-fn target(url: &str) -> ReceiverTarget {
-    ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target")
-}
-
 fn options() -> CompressionOptions {
     CompressionOptions {
         zstd_workers: 2,
         ..CompressionOptions::default()
     }
-}
-
-fn spec(name: &str) -> DeploymentSpec {
-    let mut spec = DeploymentSpec {
-        container_name: name.to_owned(),
-        ..DeploymentSpec::default()
-    };
-    spec.health_check.kind = HealthCheckKind::None;
-    spec
 }
 
 fn fates(outcome: &ReleaseOutcome) -> Vec<LayerFate> {
@@ -185,7 +103,7 @@ async fn a_cold_host_gets_every_layer_then_only_a_changed_top_layer_then_almost_
     let v2 = images.app(&base, MIB);
     let host = cold_host("ltx1").await;
     let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let name = format!(
         "layers-tx-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -247,7 +165,7 @@ async fn blobs_go_on_as_many_connections_at_once_as_configured_and_wait_out_a_bu
     // One upload slot: a second PATCH at once is answered 429 BUSY, and waits for the slot.
     let (_daemon, proxy) =
         Proxy::with_receiver_env(&host.docker_host(), &[("MAX_CONCURRENT_UPLOADS", "1")]).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let target = target(&proxy.url);
     // The first app's three layers are all missing; the second shares the busybox layer.
     for (connections, missing) in [(3, 3), (1, 2)] {
@@ -344,7 +262,7 @@ async fn a_second_host_sharing_the_base_gets_only_its_missing_layers_and_nothing
         Daemon::start(&first_host.docker_host()),
         Daemon::start(&second_host.docker_host()),
     );
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let name = format!(
         "layers-tx-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -378,7 +296,7 @@ async fn a_connection_cut_mid_blob_resumes_from_the_receivers_offset_without_a_r
     let app = images.app(&base, 8 * MIB);
     let host = cold_host("ltx4").await;
     let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let name = format!(
         "layers-tx-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -427,7 +345,7 @@ async fn a_blob_held_by_a_stalled_writer_is_waited_for_and_then_sent() {
     let host = cold_host("ltx9").await;
     let (_daemon, proxy) =
         Proxy::with_receiver_env(&host.docker_host(), &[("UPLOAD_IDLE_TIMEOUT_SECS", "6")]).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let target = target(&proxy.url);
     let image = sender.prepare(&app).await;
     let below: u64 = image.layers[..2].iter().map(|l| l.blob.size).sum();
@@ -574,7 +492,7 @@ async fn a_layer_gone_from_the_target_between_inventory_and_load_is_sent_and_the
         );
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
     });
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let name = format!(
         "layers-race-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -607,7 +525,7 @@ async fn layers_a_registered_release_relies_on_are_not_pruned_from_under_it() {
     let host = cold_host("ltx-prune").await;
     // IMAGE_HISTORY=1: the current image and one earlier one are kept; older ones are pruned.
     let daemon = Daemon::start_with(&host.docker_host(), &[("IMAGE_HISTORY", "1")]);
-    let sender = Sender::new().await;
+    let sender = Sender::new(false).await;
     let name = format!(
         "layers-prune-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]

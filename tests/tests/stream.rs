@@ -7,51 +7,12 @@
 
 mod layers_common;
 
-use std::sync::Arc;
-
-use deploy_protocol::{DeploymentSpec, HealthCheckKind};
-use deploy_sender::{
-    deploy_release, CompressionOptions, DeployRequest, ImageSource, LayerCache, LayerFate,
-    Lifecycle, NoProgress, PackageRequest, ReceiverTarget, ReleaseCalls, ReleaseOutcome,
-    RetryPolicy, TransferMode,
-};
-use layers_common::{cold_host, container_image, host_has_image, Fault, Images, Proxy, SECRET};
+use deploy_sender::{CompressionOptions, LayerFate, ReleaseOutcome, TransferMode};
+use layers_common::{cold_host, container_image, host_has_image, Fault, Images, Proxy, Sender};
 
 const MIB: usize = 1024 * 1024;
 
-struct Sender {
-    docker: bollard::Docker,
-    cache: LayerCache,
-    events: Lifecycle,
-    http: reqwest::Client,
-    policy: RetryPolicy,
-    _dir: tempfile::TempDir,
-}
-
 impl Sender {
-    async fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        Self {
-            docker: deploy_sender::connect_docker()
-                .await
-                .expect("these tests need the Docker engine"),
-            cache: LayerCache::open(dir.path().join("layers"), u64::MAX)
-                .await
-                .expect("cache"),
-            events: Lifecycle::open(dir.path().join("state"), None, "deployments".into())
-                .await
-                .expect("the outbox"),
-            http: reqwest::Client::new(),
-            policy: RetryPolicy {
-                max_attempts: 4,
-                min_delay: std::time::Duration::from_millis(100),
-                max_delay: std::time::Duration::from_secs(1),
-                max_retry_after: std::time::Duration::from_secs(5),
-            },
-            _dir: dir,
-        }
-    }
-
     /// The compression the newest streamed deploy's BUILD_COMPLETED names: `(compression, level)`.
     fn streamed_compression(&self) -> (serde_json::Value, serde_json::Value) {
         let events = self.events.sink().list(100);
@@ -80,44 +41,12 @@ impl Sender {
         name: &str,
         level: Option<i32>,
     ) -> ReleaseOutcome {
-        let target = ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target");
-        let calls = ReleaseCalls {
-            http: &self.http,
-            target: &target,
-            correlation_id: None,
-            policy: &self.policy,
-            await_blobs: true,
-            blob_connections: 1,
-            stream_cold: true,
-        };
-        let mut spec = DeploymentSpec {
-            container_name: name.to_owned(),
-            ..DeploymentSpec::default()
-        };
-        spec.health_check.kind = HealthCheckKind::None;
-        let mut request = DeployRequest {
-            package: PackageRequest::new(ImageSource::Existing(tag.to_owned())),
-            deployment: spec,
-            correlation_id: None,
-        };
-        request.package.compression = CompressionOptions {
+        let compression = CompressionOptions {
             zstd_workers: 0,
             level,
             ..CompressionOptions::default()
         };
-        match deploy_release(
-            &self.docker,
-            &self.cache,
-            calls,
-            &request,
-            Arc::new(NoProgress),
-            &self.events,
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(e) => panic!("deploy of {tag} failed: {e}"),
-        }
+        self.deploy_with(url, tag, name, compression).await
     }
 }
 
@@ -136,7 +65,7 @@ async fn a_cold_host_gets_the_image_streamed_and_a_new_version_as_layers() {
     let v2 = images.app(&base, MIB);
     let host = cold_host("lst1").await;
     let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(true).await;
     let name = container_name();
 
     let first = sender.deploy(&proxy.url, &v1, &name).await;
@@ -196,7 +125,7 @@ async fn a_stream_cut_midway_is_sent_as_layers_and_the_deploy_succeeds() {
     let app = images.app(&base, 2 * MIB);
     let host = cold_host("lst2").await;
     let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(true).await;
     let name = container_name();
 
     // Cut 2 MiB into the stream (the first connection that carries the package).
@@ -224,7 +153,7 @@ async fn a_named_level_compresses_the_stream_even_to_this_machine() {
     let v1 = images.app(&base, MIB);
     let host = cold_host("lst3").await;
     let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
-    let sender = Sender::new().await;
+    let sender = Sender::new(true).await;
     let name = container_name();
 
     let outcome = sender.deploy_at(&proxy.url, &v1, &name, Some(2)).await;

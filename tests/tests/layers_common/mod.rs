@@ -13,11 +13,112 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deploy_protocol::{DeploymentSpec, HealthCheckKind};
+use deploy_sender::{
+    deploy_release, CompressionOptions, DeployRequest, ImageSource, LayerCache, Lifecycle,
+    NoProgress, PackageRequest, ReceiverTarget, ReleaseCalls, ReleaseOutcome, RetryPolicy,
+};
 use deploy_testkit::hosts::TestHost;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The shared secret of the test receivers.
 pub const SECRET: &str = "layers-tx-e2e-secret-0123456789abcdef01234567";
+
+/// The sender library with its own layer cache and event outbox, as `deploy-sender deploy` uses
+/// it; whether a cold host gets a stream is the sender's `stream_cold`.
+pub struct Sender {
+    pub docker: bollard::Docker,
+    pub cache: LayerCache,
+    pub events: Lifecycle,
+    http: reqwest::Client,
+    policy: RetryPolicy,
+    stream_cold: bool,
+    _dir: tempfile::TempDir,
+}
+
+impl Sender {
+    pub async fn new(stream_cold: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self {
+            docker: deploy_sender::connect_docker()
+                .await
+                .expect("these tests need the Docker engine"),
+            cache: LayerCache::open(dir.path().join("layers"), u64::MAX)
+                .await
+                .expect("cache"),
+            events: Lifecycle::open(dir.path().join("state"), None, "deployments".into())
+                .await
+                .expect("the outbox"),
+            http: reqwest::Client::new(),
+            policy: RetryPolicy {
+                max_attempts: 6,
+                min_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(1),
+                max_retry_after: Duration::from_secs(5),
+            },
+            stream_cold,
+            _dir: dir,
+        }
+    }
+
+    pub fn calls<'a>(&'a self, target: &'a ReceiverTarget) -> ReleaseCalls<'a> {
+        ReleaseCalls {
+            http: &self.http,
+            target,
+            correlation_id: None,
+            policy: &self.policy,
+            await_blobs: true,
+            blob_connections: 1,
+            stream_cold: self.stream_cold,
+        }
+    }
+
+    /// `deploy_release` of the local image `tag` as container `name` (no health check) to the
+    /// receiver at `url`, compressed with `compression`; panics when it fails.
+    pub async fn deploy_with(
+        &self,
+        url: &str,
+        tag: &str,
+        name: &str,
+        compression: CompressionOptions,
+    ) -> ReleaseOutcome {
+        let target = target(url);
+        let mut request = DeployRequest {
+            package: PackageRequest::new(ImageSource::Existing(tag.to_owned())),
+            deployment: spec(name),
+            correlation_id: None,
+        };
+        request.package.compression = compression;
+        match deploy_release(
+            &self.docker,
+            &self.cache,
+            self.calls(&target),
+            &request,
+            Arc::new(NoProgress),
+            &self.events,
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(e) => panic!("deploy of {tag} failed: {e}"),
+        }
+    }
+}
+
+/// The test receivers' target at `url`.
+pub fn target(url: &str) -> ReceiverTarget {
+    ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target")
+}
+
+/// Container `name`, without a health check.
+pub fn spec(name: &str) -> DeploymentSpec {
+    let mut spec = DeploymentSpec {
+        container_name: name.to_owned(),
+        ..DeploymentSpec::default()
+    };
+    spec.health_check.kind = HealthCheckKind::None;
+    spec
+}
 
 /// A binary of this workspace next to the test executable (`target/<profile>/<name>`).
 pub fn workspace_binary(name: &str) -> PathBuf {
