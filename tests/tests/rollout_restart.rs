@@ -68,8 +68,11 @@ impl Serve {
         let _ = self.child.wait();
     }
 
+    /// One API call; every call carries the same `X-Correlation-Id`, as a CI job's calls would.
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = reqwest::Client::new().request(method, format!("{}{path}", self.api));
+        let mut request = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.api))
+            .header("x-correlation-id", "ci-job-42");
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -235,6 +238,11 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         "{interrupted:#}"
     );
     assert_eq!(interrupted["report"]["fleet"], "MIXED");
+    assert_eq!(
+        interrupted["correlation_id"],
+        json!(format!("ci-job-42.rollout-{second}")),
+        "the client's id, made the rollout's own"
+    );
     assert_eq!(outcomes(&interrupted), ["DEPLOYED", "IN_PROGRESS"]);
     assert!(
         interrupted["report"]["reason"]

@@ -60,7 +60,7 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
     let image_id = inspect_image(&docker, &image, &spec).await?;
     check_verified(state, &image, &image_id)?;
     let state = state.clone();
-    detached(async move {
+    detached(&state.clone(), async move {
         let _turn = state.container_lock(&spec.container_name).await;
         containers::refuse_unmanaged(&docker, &spec).await?;
         let mut deployment = Deployment::begin(&state, &spec, &image, manifest.as_ref()).await?;
@@ -77,15 +77,18 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
 /// which would cut the deployment off halfway (a container started but never health-checked, its
 /// record IN_PROGRESS until the receiver's next start); in a task of its own it ends, healthy or
 /// rolled back, and is journaled either way.
-/// The task keeps the request's correlation id (its records carry it) and its log span.
+/// The task keeps the request's correlation id (its records carry it) and its log span, and a
+/// stop of the receiver waits for it (`AppState::deployment_tasks`, within SHUTDOWN_GRACE_SECS).
 pub(crate) async fn detached<T: Send + 'static>(
+    state: &AppState,
     work: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     use tracing::Instrument as _;
     let work = work.instrument(tracing::Span::current());
+    let tasks = state.deployment_tasks();
     let task = match deploy_http::correlation_id() {
-        Some(id) => tokio::spawn(deploy_http::with_correlation_id(id, work)),
-        None => tokio::spawn(work),
+        Some(id) => tasks.spawn(deploy_http::with_correlation_id(id, work)),
+        None => tasks.spawn(work),
     };
     task.await.map_err(|e| {
         ReceiverError::Internal(format!("the deployment's task ended abnormally: {e}"))
@@ -302,8 +305,7 @@ pub(crate) async fn load_and_replace(
             return outcome(record);
         }
     }
-    let (state, spec, image) = (state.clone(), spec.clone(), image.to_owned());
-    detached(async move { start_loaded(&state, deployment, &spec, &image).await }).await
+    start_loaded(state, deployment, spec, image).await
 }
 
 /// The deployment of a loaded image: the image checked, then the container replaced under the

@@ -77,6 +77,7 @@ pub async fn serve(
         state.config().max_connections_per_ip,
     );
     let events = state.events().clone();
+    let deployments = state.deployment_tasks().clone();
     let state_bind = state.config().bind;
     let app = app(state);
     let graceful = GracefulShutdown::new();
@@ -130,13 +131,18 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Requests in flight, then deployments whose client went away (they run in tasks of their
+    // own), within one grace period.
+    deployments.close();
+    let drained = async {
+        graceful.shutdown().await;
+        deployments.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             grace_secs = grace.as_secs(),
-            "requests still in flight after SHUTDOWN_GRACE_SECS: their connections are closed"
+            deployments_running = deployments.len(),
+            "requests or deployments still in flight after SHUTDOWN_GRACE_SECS: their connections are closed, and a deployment cut off is settled at the next start"
         );
     }
     events.close(events::SHUTDOWN_FLUSH).await;

@@ -42,6 +42,7 @@ struct Inner {
     journal: Journal,
     container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     layers: crate::v2::Layers,
+    deployments: tokio_util::task::TaskTracker,
     started: Instant,
 }
 
@@ -103,6 +104,7 @@ impl AppState {
             journal,
             container_locks: Mutex::new(HashMap::new()),
             layers,
+            deployments: tokio_util::task::TaskTracker::new(),
             started: Instant::now(),
         })))
     }
@@ -155,6 +157,12 @@ impl AppState {
     /// Protocol v2: releases, blobs, the layer inventory.
     pub fn layers(&self) -> &crate::v2::Layers {
         &self.0.layers
+    }
+
+    /// The deployments running in tasks of their own (`deploy::detached`): a stop waits for them
+    /// within SHUTDOWN_GRACE_SECS, as for requests in flight.
+    pub fn deployment_tasks(&self) -> &tokio_util::task::TaskTracker {
+        &self.0.deployments
     }
 
     /// The deployment journal.

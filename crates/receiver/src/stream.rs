@@ -68,7 +68,7 @@ pub async fn receive_and_deploy(
     // hangs up ends the package's body, so the load fails and the record says so, instead of the
     // whole deployment being dropped with the request halfway.
     let state = state.clone();
-    let result = deploy::detached(async move {
+    let result = deploy::detached(&state.clone(), async move {
         let _held = (_slot, _in_flight);
         let state = &state;
         let mut deployment =

@@ -96,7 +96,9 @@ pub async fn rollback(
 ) -> Result<Json<RollbackResponse>> {
     let Path(id) = id.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     // The rollback re-runs a deployment: it goes on when the client hangs up.
-    let response =
-        crate::deploy::detached(async move { crate::deploy::roll_back(&state, id).await }).await?;
+    let response = crate::deploy::detached(&state.clone(), async move {
+        crate::deploy::roll_back(&state, id).await
+    })
+    .await?;
     Ok(Json(response))
 }

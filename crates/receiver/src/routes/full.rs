@@ -60,7 +60,9 @@ pub async fn create(
     }
     // The package is received whole: its deployment goes on if the client hangs up now.
     let received = received?;
-    let record =
-        deploy::detached(async move { deploy::deploy_package(&state, received).await }).await?;
+    let record = deploy::detached(&state.clone(), async move {
+        deploy::deploy_package(&state, received).await
+    })
+    .await?;
     Ok(Json(record))
 }

@@ -173,7 +173,7 @@ pub async fn deploy(
     let arrival = ArrivalQuery::arrival(query)?;
     let manifest = crate::v2::load::release(&state, id)?;
     // Nothing more comes from the client: the deployment goes on if it hangs up.
-    let record = crate::deploy::detached(async move {
+    let record = crate::deploy::detached(&state.clone(), async move {
         crate::deploy::deploy_release(&state, &manifest, arrival).await
     })
     .await?;

@@ -259,9 +259,24 @@ pub async fn running_image(receiver: &ReceiverClient, name: &str) -> Option<Stri
 /// How often [`settle_interrupted`] asks again while a deployment runs there.
 const SETTLE_POLL: Duration = Duration::from_millis(500);
 
+/// Journal reads [`settle_interrupted`] tries before it gives up on a receiver that does not
+/// answer (one every [`SETTLE_POLL`]).
+const SETTLE_READS: u32 = 20;
+
+/// How long [`settle_interrupted`] looks again before it takes "no deployment of this rollout in
+/// the journal" for an answer (a request still on its way there, or waiting for the name's turn,
+/// has no record yet).
+const SETTLE_NOTHING_FOR: Duration = Duration::from_secs(3);
+
+/// The records one journal read asks for: when as many come back and the rollout's deployment is
+/// not among them, the receiver may have more, so the host's state is not known.
+const JOURNAL_PAGE: usize = 1000;
+
 /// Where `receiver` stands after a rollout that was interrupted while it deployed there (or
-/// rolled it back): its journal's deployment of `name` carrying the rollout's `correlation_id`,
-/// and any rollback of it, waited for while either still runs (the caller bounds the wait).
+/// rolled it back, or was about to deploy there): its journal's deployment of `name` carrying the
+/// rollout's `correlation_id` (unique to the rollout), and any rollback of it, waited for while
+/// either still runs (the caller bounds the wait). A receiver that does not answer is asked again
+/// for a while before its error is the answer.
 pub async fn settle_interrupted(
     receiver: &ReceiverClient,
     name: &str,
@@ -277,8 +292,20 @@ pub async fn settle_interrupted(
             message: format!("{what} {} ended {:?}", record.deployment_id, record.status),
         },
     };
+    let mut failed_reads = 0;
+    let mut nothing_since: Option<std::time::Instant> = None;
     loop {
-        let records = journal(receiver).await?;
+        let records = match journal(receiver).await {
+            Ok(records) => records,
+            Err(e) => {
+                failed_reads += 1;
+                if failed_reads >= SETTLE_READS {
+                    return Err(e);
+                }
+                tokio::time::sleep(SETTLE_POLL).await;
+                continue;
+            }
+        };
         let ours: Vec<&DeploymentRecord> = records
             .iter()
             .filter(|r| r.container_name == name)
@@ -286,7 +313,20 @@ pub async fn settle_interrupted(
             .collect();
         // Newest first: the rollout's own deployment is the newest that is not a rollback.
         let Some(deployment) = ours.iter().find(|r| r.rollback_of.is_none()) else {
-            return Ok(Settled::NotStarted);
+            if records.len() >= JOURNAL_PAGE {
+                return Err(HostError {
+                    code: ErrorCode::Conflict,
+                    message: format!(
+                        "its receiver's newest {JOURNAL_PAGE} deployments do not include this rollout's: whether it ran there cannot be told (look for correlation id {correlation_id} in its journal)"
+                    ),
+                });
+            }
+            let since = *nothing_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= SETTLE_NOTHING_FOR {
+                return Ok(Settled::NotStarted);
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+            continue;
         };
         let undo = ours
             .iter()
@@ -323,7 +363,11 @@ async fn journal(receiver: &ReceiverClient) -> Result<Vec<DeploymentRecord>, Hos
         ),
     };
     let response = receiver
-        .signed_get("/deployments?limit=1000", None, QUERY_TIMEOUT)
+        .signed_get(
+            &format!("/deployments?limit={JOURNAL_PAGE}"),
+            None,
+            QUERY_TIMEOUT,
+        )
         .await
         .map_err(failed)?;
     let status = response.status().as_u16();

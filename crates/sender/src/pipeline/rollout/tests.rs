@@ -556,11 +556,12 @@ async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
     assert_eq!(failed.outcome, HostOutcome::Deployed);
 }
 
-/// An interrupted rollout of six hosts, as the sender left it: 0 moved, 1-4 IN_PROGRESS (their
-/// receivers then tell: moved, failed, rolled back already, never started), 5 PENDING.
+/// An interrupted rollout of seven hosts, as the sender left it: 0 moved, 1-4 IN_PROGRESS (their
+/// receivers then tell: moved, failed, rolled back already, never started), 5 PENDING (its
+/// deployment may have begun just before the stop), 6 moved and its rollback failed.
 fn interrupted_report() -> RolloutReport {
-    let plan = Plan::new(6, Some(1), BatchSize::Hosts(5)).expect("plan");
-    let mut report = RolloutReport::planned(&hosts(6), &plan);
+    let plan = Plan::new(7, Some(1), BatchSize::Hosts(6)).expect("plan");
+    let mut report = RolloutReport::planned(&hosts(7), &plan);
     report.hosts[0].outcome = HostOutcome::Deployed;
     report.hosts[0].deployment_id = Some(id(0));
     report.hosts[0].version_before = Some("app:v1".into());
@@ -568,6 +569,8 @@ fn interrupted_report() -> RolloutReport {
         h.outcome = HostOutcome::InProgress;
         h.version_before = Some("app:v1".into());
     }
+    report.hosts[6].outcome = HostOutcome::RollbackFailed;
+    report.hosts[6].deployment_id = Some(id(6));
     report.steps_completed = 1;
     report.duration_ms = 5_000;
     interrupted(report, "at start")
@@ -610,7 +613,12 @@ async fn undoing_an_interrupted_rollout_settles_each_unknown_host_then_rolls_bac
             })),
             3 => Ok(Settled::RolledBack(Some("app:v1".into()))),
             4 => Ok(Settled::NotStarted),
-            _ => panic!("host {i} was not IN_PROGRESS"),
+            // Shown not reached, but its receiver has the rollout's deployment.
+            5 => Ok(Settled::Moved {
+                deployment_id: id(5),
+                version_after: "app:v2".into(),
+            }),
+            _ => panic!("host {i}'s state was known"),
         }
     };
     let rollback = |i: usize, deployment: Uuid| {
@@ -635,9 +643,13 @@ async fn undoing_an_interrupted_rollout_settles_each_unknown_host_then_rolls_bac
     let outcomes: Vec<_> = report.hosts.iter().map(|h| h.outcome).collect();
     assert_eq!(
         outcomes,
-        [RolledBack, RolledBack, Failed, RolledBack, NotReached, NotReached]
+        [RolledBack, RolledBack, Failed, RolledBack, NotReached, RolledBack, RolledBack]
     );
-    assert_eq!(*rolled_back.lock().expect("lock"), BTreeSet::from([0, 1]));
+    assert_eq!(
+        *rolled_back.lock().expect("lock"),
+        BTreeSet::from([0, 1, 5, 6]),
+        "the moved, the settled moved, and the one whose rollback had failed"
+    );
     assert_eq!(report.status, RolloutStatus::Aborted);
     assert_eq!(report.fleet, FleetState::OldRelease);
     assert_eq!(report.hosts[2].version_after.as_deref(), Some("app:v1"));
@@ -656,6 +668,11 @@ async fn a_host_that_cannot_be_settled_or_rolled_back_leaves_the_undo_failed() {
             }),
             // Its deployment never ends within the deadline.
             2 => std::future::pending().await,
+            // Shown not reached, and its receiver cannot be asked: it stays not reached.
+            5 => Err(HostError {
+                code: ErrorCode::RemoteUnreachable,
+                message: "gone".into(),
+            }),
             _ => Ok(Settled::NotStarted),
         }
     };
@@ -683,7 +700,8 @@ async fn a_host_that_cannot_be_settled_or_rolled_back_leaves_the_undo_failed() {
             RollbackFailed,
             NotReached,
             NotReached,
-            NotReached
+            NotReached,
+            RollbackFailed
         ]
     );
     assert_eq!(report.status, RolloutStatus::Failed);

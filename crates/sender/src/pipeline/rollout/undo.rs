@@ -31,11 +31,12 @@ pub enum Settled {
     NotStarted,
 }
 
-/// Undoes the interrupted rollout `report`: `settle(i)` says where host `i`, left IN_PROGRESS,
-/// stands now (bounded by `deadline`; no answer leaves it ROLLBACK_FAILED, the new release
-/// possibly running), then `rollback(i, deployment_id)` undoes every DEPLOYED host at once, as
-/// [`run`](super::run::run) does for a stopped rollout. Ends ABORTED when no host is left on the
-/// new release (or unknown), FAILED otherwise.
+/// Undoes the interrupted rollout `report`: `settle(i)` says where host `i`, left IN_PROGRESS or
+/// NOT_REACHED, stands now (bounded by `deadline`; no answer leaves an IN_PROGRESS host
+/// ROLLBACK_FAILED, the new release possibly running, and a NOT_REACHED one as it was), then
+/// `rollback(i, deployment_id)` undoes every DEPLOYED host at once (and those whose rollback had
+/// failed), as [`run`](super::run::run) does for a stopped rollout. Ends ABORTED when no host is
+/// left on the new release (or unknown), FAILED otherwise.
 pub async fn undo_interrupted<S, SF, R, RF>(
     report: RolloutReport,
     settle: S,
@@ -50,19 +51,36 @@ where
     RF: Future<Output = Result<Option<String>, HostError>>,
 {
     let ledger = Ledger::resume(report, on_event);
-    let open: Vec<usize> = ledger.update(|r| {
+    // Hosts whose state the record cannot tell: IN_PROGRESS, and NOT_REACHED (the record is
+    // written just after a host's deployment begins, so a stop in between shows it not reached).
+    // A host whose rollback failed is tried again (a receiver answers a repeated rollback alike).
+    let open: Vec<(usize, bool)> = ledger.update(|r| {
         r.status = RolloutStatus::Running;
+        for h in &mut r.hosts {
+            if h.outcome == HostOutcome::RollbackFailed && h.deployment_id.is_some() {
+                h.outcome = HostOutcome::Deployed;
+            }
+        }
         r.hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.outcome == HostOutcome::InProgress)
-            .map(|(i, _)| i)
+            .filter(|(_, h)| {
+                matches!(
+                    h.outcome,
+                    HostOutcome::InProgress | HostOutcome::NotReached | HostOutcome::Pending
+                )
+            })
+            .map(|(i, h)| (i, h.outcome == HostOutcome::InProgress))
             .collect()
     });
     let ledger = &ledger;
     let settle = &settle;
-    futures::future::join_all(open.into_iter().map(|i| async move {
+    futures::future::join_all(open.into_iter().map(|(i, in_progress)| async move {
         let result = tokio::time::timeout(deadline, settle(i)).await;
+        // A host the record shows not reached stays so when its receiver cannot tell.
+        if !in_progress && !matches!(result, Ok(Ok(_))) {
+            return;
+        }
         ledger.host(i, |h| match result {
             Ok(Ok(Settled::Moved {
                 deployment_id,

@@ -161,6 +161,21 @@ impl Rollouts {
             .ok_or_else(|| SenderError::NotFound(format!("no rollout {id}")))
     }
 
+    /// Shows `report` as the rollout's; a final one is written to its record first, so that a
+    /// rollout shown finished is never found RUNNING (and so INTERRUPTED) by the next start.
+    fn publish(&self, entry: &Entry, report: RolloutReport) {
+        if report.status != RolloutStatus::Running {
+            if let Some(dir) = &self.dir {
+                let mut view = entry.view.borrow().clone();
+                view.report = report.clone();
+                if let Err(e) = write_record(dir, &view) {
+                    tracing::error!(rollout_id = %view.rollout_id, error = %e, "cannot write the rollout's record");
+                }
+            }
+        }
+        entry.view.send_modify(|v| v.report = report);
+    }
+
     fn insert(&self, entry: &Arc<Entry>) {
         let id = entry.view.borrow().rollout_id;
         self.entries
@@ -208,7 +223,7 @@ impl Rollouts {
             .map(|entry| entry.view.borrow().clone())
             .filter(|v| status.is_none_or(|s| v.report.status == s))
             .collect();
-        views.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        views.sort_by(|a, b| (&b.started_at, b.rollout_id).cmp(&(&a.started_at, a.rollout_id)));
         views.truncate(limit);
         views
     }
@@ -251,6 +266,20 @@ impl Rollouts {
     }
 }
 
+/// `<the request's correlation id>.rollout-<id>` (the request's cut to fit the 128 characters a
+/// correlation id may have), or `rollout-<id>`.
+fn rollout_correlation_id(request: Option<&str>, id: Uuid) -> String {
+    let own = format!("rollout-{id}");
+    match request {
+        Some(theirs) if !theirs.is_empty() => {
+            let room = 128 - own.len() - 1;
+            let cut: String = theirs.chars().take(room).collect();
+            format!("{cut}.{own}")
+        }
+        _ => own,
+    }
+}
+
 /// The events' subject of a rollout.
 fn subject_of(view: &RolloutView) -> Subject {
     Subject {
@@ -272,7 +301,7 @@ fn load_records(dir: &Path, found: &str) -> std::io::Result<(Vec<RolloutView>, V
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if name.ends_with(".json.tmp") {
+        if name.ends_with(".tmp") {
             let _ = std::fs::remove_file(&path);
             continue;
         }
@@ -294,7 +323,10 @@ fn load_records(dir: &Path, found: &str) -> std::io::Result<(Vec<RolloutView>, V
     for view in &mut views {
         if view.report.status == RolloutStatus::Running {
             view.report = crate::pipeline::rollout::interrupted(view.report.clone(), found);
-            write_record(dir, view)?;
+            if let Err(e) = write_record(dir, view) {
+                // Shown INTERRUPTED all the same; the next start finds it RUNNING again.
+                tracing::error!(rollout_id = %view.rollout_id, error = %e, "cannot write the interrupted rollout's record");
+            }
             interrupted.push(view.clone());
         }
     }
@@ -303,24 +335,35 @@ fn load_records(dir: &Path, found: &str) -> std::io::Result<(Vec<RolloutView>, V
             let path = dir.join(format!("{}.json", old.rollout_id));
             if old.report.status == RolloutStatus::Interrupted {
                 views.push(old);
-            } else {
-                std::fs::remove_file(path)?;
+            } else if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an old rollout record");
             }
         }
     }
     Ok((views, interrupted))
 }
 
-/// Writes `view` as `<dir>/<id>.json`, whole (a new file, synced, renamed over the old one).
+/// Writes `view` as `<dir>/<id>.json`, whole: a new file (its own temporary name), synced, renamed
+/// over the old one, the directory synced.
 fn write_record(dir: &Path, view: &RolloutView) -> std::io::Result<()> {
     let path = dir.join(format!("{}.json", view.rollout_id));
-    let partial = dir.join(format!("{}.json.tmp", view.rollout_id));
     let bytes = serde_json::to_vec_pretty(view).map_err(std::io::Error::other)?;
-    let mut file = std::fs::File::create(&partial)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&partial, &path)
+    let partial = dir.join(format!(
+        "{}.{}.tmp",
+        view.rollout_id,
+        Uuid::new_v4().simple()
+    ));
+    let written = (|| {
+        let mut file = std::fs::File::create_new(&partial)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&partial, &path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Undoes an INTERRUPTED rollout: each host left IN_PROGRESS is looked up on its receiver (its
@@ -356,7 +399,7 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
             | RolloutEvent::RollingBack { report, .. }
             | RolloutEvent::Finished { report } => report,
         };
-        entry.view.send_modify(|v| v.report = report);
+        state.rollouts().publish(&entry, report);
     };
     let clients = &clients;
     let settle = |i: usize| async move {
@@ -418,7 +461,9 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         .map_err(|e| SenderError::Validation(format!("deployment: {e}")))?;
 
     let id = Uuid::new_v4();
-    let correlation_id = correlation_id().unwrap_or_else(|| format!("rollout-{id}"));
+    // Unique to the rollout (a client may send the same X-Correlation-Id again): the receivers'
+    // records of its deployments carry it, which is how an interrupted rollout finds them.
+    let correlation_id = rollout_correlation_id(correlation_id().as_deref(), id);
     let release = Release {
         payload: Payload::Package(Box::new(package.clone())),
         spec: input.deployment,
@@ -463,15 +508,15 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
                 | RolloutEvent::RollingBack { report, .. }
                 | RolloutEvent::Finished { report } => report,
             };
-            entry.view.send_modify(|v| v.report = report);
+            state.rollouts().publish(&entry, report);
         };
         let result = roll_out(&targets, &release, &options, entry.abort.clone(), &on_event).await;
         if let Err(e) = result {
             tracing::error!(rollout_id = %id, error = %e, "rollout could not run");
-            entry.view.send_modify(|v| {
-                v.report.status = RolloutStatus::Failed;
-                v.report.reason = Some(e.to_string());
-            });
+            let mut report = entry.view.borrow().report.clone();
+            report.status = RolloutStatus::Failed;
+            report.reason = Some(e.to_string());
+            state.rollouts().publish(&entry, report);
         }
         recorder.finish().await;
     });
@@ -543,6 +588,23 @@ mod tests {
     fn stored(dir: &Path, id: Uuid) -> RolloutView {
         let bytes = std::fs::read(dir.join(format!("{id}.json"))).expect("the record");
         serde_json::from_slice(&bytes).expect("a rollout view")
+    }
+
+    #[test]
+    fn a_rollouts_correlation_id_is_its_own_and_fits() {
+        let id = Uuid::from_u128(7);
+        assert_eq!(
+            rollout_correlation_id(Some("ci-42"), id),
+            format!("ci-42.rollout-{id}")
+        );
+        assert_eq!(rollout_correlation_id(None, id), format!("rollout-{id}"));
+        let long = "x".repeat(128);
+        let made = rollout_correlation_id(Some(&long), id);
+        assert!(made.ends_with(&format!(".rollout-{id}")), "{made}");
+        assert!(
+            deploy_protocol::envelope::is_valid_correlation_id(&made),
+            "{made}"
+        );
     }
 
     #[tokio::test]
