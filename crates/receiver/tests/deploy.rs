@@ -583,7 +583,8 @@ async fn concurrent_deploys_to_one_name_take_turns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_correlation_id() {
+async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_correlation_id_also_when_the_receiver_stops(
+) {
     let docker = docker().await;
     let mut cleanup = guard();
     let name = cleanup.name.clone();
@@ -635,7 +636,31 @@ async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_
     assert_eq!(ended.image, b);
     assert_eq!(ended.correlation_id.as_deref(), Some("client-hung-up"));
     assert_eq!(page(&docker, &name).await, "b");
+
+    // Hung up again, and the receiver is stopped at once: the stop waits for the deployment
+    // (within SHUTDOWN_GRACE_SECS), whose journal record on disk then says how it ended.
+    let body = serde_json::to_vec(&request(&a, 4.0)).expect("json");
+    let sent = Signer::new("POST", "/deployment/deploy")
+        .request(&http(), &receiver.url, &body)
+        .header("content-type", "application/json")
+        .header("x-correlation-id", "hung-up-then-stopped")
+        .body(body)
+        .send();
+    assert!(tokio::time::timeout(Duration::from_millis(1500), sent)
+        .await
+        .is_err());
     receiver.stop().await;
+    let records: Vec<DeploymentRecord> = std::fs::read_dir(state_dir(dir.path()))
+        .expect("the journal")
+        .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .collect();
+    let stopped = records
+        .iter()
+        .find(|r| r.correlation_id.as_deref() == Some("hung-up-then-stopped"))
+        .unwrap_or_else(|| panic!("no record of the second deployment in {records:#?}"));
+    assert_eq!(stopped.status, DeploymentStatus::Succeeded, "{stopped:?}");
+    assert_eq!(page(&docker, &name).await, "a");
 }
 
 /// Leaves what a receiver killed mid-deploy leaves: the container named `name` stopped and set
