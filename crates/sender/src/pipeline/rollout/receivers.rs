@@ -259,9 +259,9 @@ pub async fn running_image(receiver: &ReceiverClient, name: &str) -> Option<Stri
 /// How often [`settle_interrupted`] asks again while a deployment runs there.
 const SETTLE_POLL: Duration = Duration::from_millis(500);
 
-/// Journal reads [`settle_interrupted`] tries before it gives up on a receiver that does not
-/// answer (one every [`SETTLE_POLL`]).
-const SETTLE_READS: u32 = 20;
+/// How long [`settle_interrupted`] keeps asking a receiver that does not answer (counted from its
+/// first failed read in a row; a read that hangs takes up to QUERY_TIMEOUT by itself).
+const SETTLE_SILENCE: Duration = Duration::from_secs(10);
 
 /// How long [`settle_interrupted`] looks again before it takes "no deployment of this rollout in
 /// the journal" for an answer (a request still on its way there, or waiting for the name's turn,
@@ -292,14 +292,17 @@ pub async fn settle_interrupted(
             message: format!("{what} {} ended {:?}", record.deployment_id, record.status),
         },
     };
-    let mut failed_reads = 0;
+    let mut silent_since: Option<std::time::Instant> = None;
     let mut nothing_since: Option<std::time::Instant> = None;
     loop {
         let records = match journal(receiver).await {
-            Ok(records) => records,
+            Ok(records) => {
+                silent_since = None;
+                records
+            }
             Err(e) => {
-                failed_reads += 1;
-                if failed_reads >= SETTLE_READS {
+                let since = *silent_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= SETTLE_SILENCE {
                     return Err(e);
                 }
                 tokio::time::sleep(SETTLE_POLL).await;

@@ -631,14 +631,11 @@ async fn undoing_an_interrupted_rollout_settles_each_unknown_host_then_rolls_bac
     };
     let events = Mutex::new(Vec::new());
     let on_event = |e: RolloutEvent| events.lock().expect("lock").push(e);
-    let report = undo_interrupted(
-        interrupted_report(),
-        settle,
-        rollback,
-        Duration::from_secs(5),
-        &on_event,
-    )
-    .await;
+    // Host 4's settle failed in an earlier undo, itself interrupted: it is asked again.
+    let mut report = interrupted_report();
+    report.hosts[4].outcome = HostOutcome::RollbackFailed;
+    let report =
+        undo_interrupted(report, settle, rollback, Duration::from_secs(5), &on_event).await;
     use HostOutcome::*;
     let outcomes: Vec<_> = report.hosts.iter().map(|h| h.outcome).collect();
     assert_eq!(
@@ -649,6 +646,10 @@ async fn undoing_an_interrupted_rollout_settles_each_unknown_host_then_rolls_bac
         *rolled_back.lock().expect("lock"),
         BTreeSet::from([0, 1, 5, 6]),
         "the moved, the settled moved, and the one whose rollback had failed"
+    );
+    assert_eq!(
+        report.hosts[6].rollback_error, None,
+        "the retry's outcome only"
     );
     assert_eq!(report.status, RolloutStatus::Aborted);
     assert_eq!(report.fleet, FleetState::OldRelease);
@@ -710,4 +711,31 @@ async fn a_host_that_cannot_be_settled_or_rolled_back_leaves_the_undo_failed() {
         report.hosts[2].rollback_error.as_ref().map(|e| e.code),
         Some(ErrorCode::Timeout)
     );
+}
+
+#[tokio::test]
+async fn a_host_shown_not_reached_stays_so_only_when_its_receiver_cannot_be_reached() {
+    let plan = Plan::new(3, Some(0), BatchSize::Hosts(3)).expect("plan");
+    let report = interrupted(RolloutReport::planned(&hosts(3), &plan), "at start");
+    let settle = |i: usize| async move {
+        match i {
+            0 => Err(HostError {
+                code: ErrorCode::RemoteUnreachable,
+                message: "connection refused".into(),
+            }),
+            // Its deployment was found there, still running past the deadline.
+            1 => std::future::pending().await,
+            _ => Err(HostError {
+                code: ErrorCode::Unauthorized,
+                message: "bad signature".into(),
+            }),
+        }
+    };
+    let rollback = |_: usize, _: Uuid| async move { Ok(None) };
+    let report =
+        undo_interrupted(report, settle, rollback, Duration::from_millis(50), &|_| {}).await;
+    use HostOutcome::*;
+    let outcomes: Vec<_> = report.hosts.iter().map(|h| h.outcome).collect();
+    assert_eq!(outcomes, [NotReached, RollbackFailed, RollbackFailed]);
+    assert_eq!(report.status, RolloutStatus::Failed);
 }

@@ -54,11 +54,14 @@ where
     // Hosts whose state the record cannot tell: IN_PROGRESS, and NOT_REACHED (the record is
     // written just after a host's deployment begins, so a stop in between shows it not reached).
     // A host whose rollback failed is tried again (a receiver answers a repeated rollback alike).
+    // A host whose state was not settled (an undo itself interrupted) is asked again.
     let open: Vec<(usize, bool)> = ledger.update(|r| {
         r.status = RolloutStatus::Running;
         for h in &mut r.hosts {
             if h.outcome == HostOutcome::RollbackFailed && h.deployment_id.is_some() {
                 h.outcome = HostOutcome::Deployed;
+                h.rollback_error = None;
+                h.rollback_ms = None;
             }
         }
         r.hosts
@@ -67,18 +70,22 @@ where
             .filter(|(_, h)| {
                 matches!(
                     h.outcome,
-                    HostOutcome::InProgress | HostOutcome::NotReached | HostOutcome::Pending
+                    HostOutcome::InProgress
+                        | HostOutcome::NotReached
+                        | HostOutcome::Pending
+                        | HostOutcome::RollbackFailed
                 )
             })
-            .map(|(i, h)| (i, h.outcome == HostOutcome::InProgress))
+            .map(|(i, h)| (i, h.outcome == HostOutcome::NotReached))
             .collect()
     });
     let ledger = &ledger;
     let settle = &settle;
-    futures::future::join_all(open.into_iter().map(|(i, in_progress)| async move {
+    futures::future::join_all(open.into_iter().map(|(i, not_reached)| async move {
         let result = tokio::time::timeout(deadline, settle(i)).await;
-        // A host the record shows not reached stays so when its receiver cannot tell.
-        if !in_progress && !matches!(result, Ok(Ok(_))) {
+        // A host the record shows not reached stays so when its receiver cannot be reached (a
+        // deployment found there and still running past the deadline is another matter).
+        if not_reached && matches!(&result, Ok(Err(e)) if e.code == ErrorCode::RemoteUnreachable) {
             return;
         }
         ledger.host(i, |h| match result {

@@ -84,6 +84,38 @@ pub struct RolloutView {
 struct Entry {
     view: watch::Sender<RolloutView>,
     abort: CancellationToken,
+    /// Held while the record is written; true once a final report was: a RUNNING snapshot
+    /// still on its way to the disk is then not written after it.
+    written_final: Mutex<bool>,
+}
+
+impl Entry {
+    fn new(view: RolloutView) -> Self {
+        let (view, _) = watch::channel(view);
+        Self {
+            view,
+            abort: CancellationToken::new(),
+            written_final: Mutex::new(false),
+        }
+    }
+
+    /// Writes `view` as the record in `dir`, unless it is RUNNING and a final one was written.
+    fn write(&self, dir: &Path, view: &RolloutView) {
+        let mut written_final = self
+            .written_final
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let running = view.report.status == RolloutStatus::Running;
+        if running && *written_final {
+            return;
+        }
+        match write_record(dir, view) {
+            Ok(()) => *written_final = !running,
+            Err(e) => {
+                tracing::error!(rollout_id = %view.rollout_id, error = %e, "cannot write the rollout's record")
+            }
+        }
+    }
 }
 
 /// Rollout records kept in the state directory; the oldest finished ones beyond this are removed
@@ -136,15 +168,7 @@ impl Rollouts {
         }
         let entries = views
             .into_iter()
-            .map(|view| {
-                let (tx, _) = watch::channel(view);
-                let id = tx.borrow().rollout_id;
-                let entry = Entry {
-                    view: tx,
-                    abort: CancellationToken::new(),
-                };
-                (id, Arc::new(entry))
-            })
+            .map(|view| (view.rollout_id, Arc::new(Entry::new(view))))
             .collect();
         Ok(Self {
             entries: Arc::new(Mutex::new(entries)),
@@ -168,9 +192,7 @@ impl Rollouts {
             if let Some(dir) = &self.dir {
                 let mut view = entry.view.borrow().clone();
                 view.report = report.clone();
-                if let Err(e) = write_record(dir, &view) {
-                    tracing::error!(rollout_id = %view.rollout_id, error = %e, "cannot write the rollout's record");
-                }
+                entry.write(dir, &view);
             }
         }
         entry.view.send_modify(|v| v.report = report);
@@ -191,20 +213,16 @@ impl Rollouts {
             return;
         };
         let mut updates = entry.view.subscribe();
+        let entry = Arc::clone(entry);
         tokio::spawn(async move {
             loop {
                 let view = updates.borrow_and_update().clone();
                 let running = view.report.status == RolloutStatus::Running;
                 let id = view.rollout_id;
-                let dir = Arc::clone(&dir);
-                match tokio::task::spawn_blocking(move || write_record(&dir, &view)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::error!(rollout_id = %id, error = %e, "cannot write the rollout's record")
-                    }
-                    Err(e) => {
-                        tracing::error!(rollout_id = %id, error = %e, "cannot write the rollout's record")
-                    }
+                let (dir, writer) = (Arc::clone(&dir), Arc::clone(&entry));
+                if let Err(e) = tokio::task::spawn_blocking(move || writer.write(&dir, &view)).await
+                {
+                    tracing::error!(rollout_id = %id, error = %e, "cannot write the rollout's record");
                 }
                 if !running || updates.changed().await.is_err() {
                     break;
@@ -402,7 +420,20 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
         state.rollouts().publish(&entry, report);
     };
     let clients = &clients;
+    // Records written before a rollout had a correlation id of its own may share theirs with
+    // other rollouts: a host such a record shows not reached is not looked up.
+    let own_id = correlation_id.ends_with(&format!("rollout-{}", view.rollout_id));
+    let not_reached: Vec<bool> = view
+        .report
+        .hosts
+        .iter()
+        .map(|h| h.outcome == crate::pipeline::rollout::HostOutcome::NotReached)
+        .collect();
+    let not_reached = &not_reached;
     let settle = |i: usize| async move {
+        if !own_id && not_reached.get(i).copied().unwrap_or(false) {
+            return Ok(crate::pipeline::rollout::Settled::NotStarted);
+        }
         match &clients[i] {
             Ok(client) => settle_interrupted(client, name, correlation_id).await,
             Err(e) => Err(e.clone()),
@@ -469,7 +500,7 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         spec: input.deployment,
         correlation_id: Some(correlation_id.clone()),
     };
-    let (tx, _) = watch::channel(RolloutView {
+    let entry = Arc::new(Entry::new(RolloutView {
         rollout_id: id,
         package_id: package.package_id,
         container_name: release.spec.container_name.clone(),
@@ -477,11 +508,7 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         started_at: now_rfc3339(),
         abort_requested: false,
         report: RolloutReport::planned(&input.receivers, &plan),
-    });
-    let entry = Arc::new(Entry {
-        view: tx,
-        abort: CancellationToken::new(),
-    });
+    }));
     state.rollouts().insert(&entry);
     state.rollouts().keep(&entry);
     let first = entry.view.borrow().clone();
@@ -675,11 +702,7 @@ mod tests {
             .expect("outbox");
         let rollouts = Rollouts::open(dir.clone(), &events).await.expect("open");
         let v = view(RolloutStatus::Running, "2026-12-01T10:00:00Z");
-        let (tx, _) = watch::channel(v.clone());
-        let entry = Arc::new(Entry {
-            view: tx,
-            abort: CancellationToken::new(),
-        });
+        let entry = Arc::new(Entry::new(v.clone()));
         rollouts.insert(&entry);
         rollouts.keep(&entry);
         let until = |status: RolloutStatus| {
