@@ -603,21 +603,28 @@ async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_
     let (status, body) = receiver.post("/deployment/deploy", &request(&a, 0.2)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    // The client (a sender that dies) goes away while the new container settles for 4 s: the
-    // request's future is dropped, the deployment goes on to its verdict.
-    let body = serde_json::to_vec(&request(&b, 4.0)).expect("json");
-    let sent = Signer::new("POST", "/deployment/deploy")
-        .request(&http(), &receiver.url, &body)
-        .header("content-type", "application/json")
-        .header("x-correlation-id", "client-hung-up")
-        .body(body)
-        .send();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(1500), sent)
-            .await
-            .is_err(),
-        "the deployment answered within its settle time"
-    );
+    // Asks for `image` (settling for 4 s) under `correlation_id`, and hangs up after 1.5 s, as a
+    // sender that dies would: the request's future is dropped with the connection.
+    let hang_up = |image: String, correlation_id: &'static str| {
+        let body = serde_json::to_vec(&request(&image, 4.0)).expect("json");
+        let sent = Signer::new("POST", "/deployment/deploy")
+            .request(&http(), &receiver.url, &body)
+            .header("content-type", "application/json")
+            .header("x-correlation-id", correlation_id)
+            .body(body)
+            .send();
+        async move {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(1500), sent)
+                    .await
+                    .is_err(),
+                "the deployment answered within its settle time"
+            );
+        }
+    };
+
+    // The deployment goes on to its verdict.
+    hang_up(b.clone(), "client-hung-up").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let ended = loop {
         let (status, list) = receiver.get("/deployments?limit=10").await;
@@ -639,16 +646,7 @@ async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_
 
     // Hung up again, and the receiver is stopped at once: the stop waits for the deployment
     // (within SHUTDOWN_GRACE_SECS), whose journal record on disk then says how it ended.
-    let body = serde_json::to_vec(&request(&a, 4.0)).expect("json");
-    let sent = Signer::new("POST", "/deployment/deploy")
-        .request(&http(), &receiver.url, &body)
-        .header("content-type", "application/json")
-        .header("x-correlation-id", "hung-up-then-stopped")
-        .body(body)
-        .send();
-    assert!(tokio::time::timeout(Duration::from_millis(1500), sent)
-        .await
-        .is_err());
+    hang_up(a.clone(), "hung-up-then-stopped").await;
     receiver.stop().await;
     let records: Vec<DeploymentRecord> = std::fs::read_dir(state_dir(dir.path()))
         .expect("the journal")

@@ -123,6 +123,19 @@ pub enum RolloutEvent {
     },
 }
 
+impl RolloutEvent {
+    /// The report as it stands after the event.
+    pub fn into_report(self) -> RolloutReport {
+        match self {
+            RolloutEvent::Started { report }
+            | RolloutEvent::Host { report, .. }
+            | RolloutEvent::StepCompleted { report, .. }
+            | RolloutEvent::RollingBack { report, .. }
+            | RolloutEvent::Finished { report } => report,
+        }
+    }
+}
+
 /// The report under construction, shared by the host futures.
 pub(super) struct Ledger<'a> {
     report: Mutex<RolloutReport>,

@@ -1,96 +1,34 @@
-//! Fleet rollouts as a service resource: a stored package rolled out to several receivers in the
-//! background ([`crate::pipeline::rollout`]), its report kept for `GET`, followed as server-sent events,
-//! stoppable (`DELETE`: stop and roll back), and told as ROLLOUT_* lifecycle events. Each
-//! rollout's record is kept in the state directory: a restarted service shows the rollouts of
-//! earlier runs, those it was running then as INTERRUPTED, which `DELETE` undoes.
+//! The service's rollout records: each rollout's view kept in memory and written to
+//! `<state dir>/rollouts/<id>.json` at every change, read back when the service starts (those
+//! that were RUNNING then are INTERRUPTED), listed, followed, and stopped or undone.
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
-use deploy_protocol::DeploymentSpec;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::serde_defaults::yes;
-use crate::client::{ReceiverClient, ReceiverTarget};
-use crate::pipeline::rollout::{
-    lifecycle_event, roll_out, settle_interrupted, undo_interrupted, BatchSize, HostError, Payload,
-    Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder, RolloutReport, RolloutStatus,
-};
-use crate::pipeline::{
-    now_rfc3339, prepare_image, CompressionOptions, Lifecycle, NoProgress, PackageInfo, Subject,
-};
-use crate::service::error::correlation_id;
+use super::{subject_of, undo_interrupted_rollout, RolloutView};
+use crate::pipeline::now_rfc3339;
+use crate::pipeline::rollout::{lifecycle_event, RolloutEvent, RolloutReport, RolloutStatus};
+use crate::pipeline::Lifecycle;
 use crate::service::state::AppState;
 use crate::SenderError;
 
-/// `POST /api/v1/rollouts`: roll a stored package out to several receivers.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RolloutInput {
-    /// The stored package.
-    pub package_id: Uuid,
-    /// Receiver base URLs, in rollout order (the first `canary` are the canary).
-    pub receivers: Vec<String>,
-    /// What each receiver runs (`image` defaults to the package's first tag).
-    pub deployment: DeploymentSpec,
-    /// Canary hosts (default: 1 with 3 hosts or more, else 0).
-    #[serde(default)]
-    pub canary: Option<usize>,
-    /// Hosts per batch after the canary: `"2"` or `"25%"` (the default).
-    #[serde(default)]
-    pub batch: Option<String>,
-    /// Failed hosts tolerated (default 0; a failed canary always stops the rollout).
-    #[serde(default)]
-    pub max_failures: usize,
-    /// Roll back the hosts a stopped rollout moved (default true).
-    #[serde(default = "yes")]
-    pub rollback: bool,
-    /// Longest wait for one host's deployment, seconds (default 600).
-    #[serde(default)]
-    pub host_timeout_secs: Option<u64>,
-    /// Send and load the release on every host after the first step while that step is deployed
-    /// and checked, so that later steps only switch containers (default false). Hosts a stopped
-    /// rollout did not reach may then hold the new image, never a container of it.
-    #[serde(default)]
-    pub preload: bool,
-}
-
-/// A rollout as the service shows it. Kept in the state directory (`rollouts/<id>.json`), so a
-/// restarted service still shows it; one that was running then is INTERRUPTED.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct RolloutView {
-    /// The rollout's id.
-    pub rollout_id: Uuid,
-    /// The package rolled out.
-    pub package_id: Uuid,
-    /// The container name on every host.
-    pub container_name: String,
-    /// Sent with every request to the receivers: their deployment records carry it.
-    pub correlation_id: String,
-    /// When it was started (RFC 3339).
-    pub started_at: String,
-    /// True once `DELETE` asked it to stop (or, INTERRUPTED, to be undone).
-    pub abort_requested: bool,
-    /// Hosts, outcomes, and where the fleet stands.
-    pub report: RolloutReport,
-}
-
-struct Entry {
-    view: watch::Sender<RolloutView>,
-    abort: CancellationToken,
+/// A rollout the service shows: its view, followed, and how to stop it.
+pub(super) struct Entry {
+    pub(super) view: watch::Sender<RolloutView>,
+    pub(super) abort: CancellationToken,
     /// Held while the record is written; true once a final report was: a RUNNING snapshot
     /// still on its way to the disk is then not written after it.
     written_final: Mutex<bool>,
 }
 
 impl Entry {
-    fn new(view: RolloutView) -> Self {
+    pub(super) fn new(view: RolloutView) -> Self {
         let (view, _) = watch::channel(view);
         Self {
             view,
@@ -187,7 +125,7 @@ impl Rollouts {
 
     /// Shows `report` as the rollout's; a final one is written to its record first, so that a
     /// rollout shown finished is never found RUNNING (and so INTERRUPTED) by the next start.
-    fn publish(&self, entry: &Entry, report: RolloutReport) {
+    pub(super) fn publish(&self, entry: &Entry, report: RolloutReport) {
         if report.status != RolloutStatus::Running {
             if let Some(dir) = &self.dir {
                 let mut view = entry.view.borrow().clone();
@@ -198,7 +136,7 @@ impl Rollouts {
         entry.view.send_modify(|v| v.report = report);
     }
 
-    fn insert(&self, entry: &Arc<Entry>) {
+    pub(super) fn insert(&self, entry: &Arc<Entry>) {
         let id = entry.view.borrow().rollout_id;
         self.entries
             .lock()
@@ -208,7 +146,7 @@ impl Rollouts {
 
     /// Writes the entry's record now and at every change, until it is no longer RUNNING (each
     /// write whole: a new file renamed over the old one).
-    fn keep(&self, entry: &Arc<Entry>) {
+    pub(super) fn keep(&self, entry: &Arc<Entry>) {
         let Some(dir) = self.dir.clone() else {
             return;
         };
@@ -281,30 +219,6 @@ impl Rollouts {
         }
         let view = entry.view.borrow().clone();
         Ok(view)
-    }
-}
-
-/// `<the request's correlation id>.rollout-<id>` (the request's cut to fit the 128 characters a
-/// correlation id may have), or `rollout-<id>`.
-fn rollout_correlation_id(request: Option<&str>, id: Uuid) -> String {
-    let own = format!("rollout-{id}");
-    match request {
-        Some(theirs) if !theirs.is_empty() => {
-            let room = 128 - own.len() - 1;
-            let cut: String = theirs.chars().take(room).collect();
-            format!("{cut}.{own}")
-        }
-        _ => own,
-    }
-}
-
-/// The events' subject of a rollout.
-fn subject_of(view: &RolloutView) -> Subject {
-    Subject {
-        package_id: Some(view.package_id),
-        correlation_id: Some(view.correlation_id.clone()),
-        container_name: Some(view.container_name.clone()),
-        image_tag: None,
     }
 }
 
@@ -384,216 +298,13 @@ fn write_record(dir: &Path, view: &RolloutView) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Undoes an INTERRUPTED rollout: each host left IN_PROGRESS is looked up on its receiver (its
-/// deployment of this rollout, waited for while it runs), then every host on the new release is
-/// rolled back at once, as a stopped rollout's are; told as ROLLOUT_ROLLED_BACK or _FAILED.
-async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
-    let view = entry.view.borrow().clone();
-    let receiver = &state.config().receiver;
-    let secret = receiver.secret.as_deref().unwrap_or_default();
-    let clients: Vec<Result<ReceiverClient, HostError>> = view
-        .report
-        .hosts
-        .iter()
-        .map(|h| {
-            ReceiverTarget::new(&h.host, &receiver.key_id, secret.as_bytes())
-                .map(|target| receiver.client_for(state.http().clone(), target))
-                .map_err(|e| HostError {
-                    code: e.code(),
-                    message: e.to_string(),
-                })
-        })
-        .collect();
-    let name = view.container_name.as_str();
-    let correlation_id = view.correlation_id.as_str();
-    let recorder =
-        RolloutRecorder::spawn(state.events().clone(), subject_of(&view), view.rollout_id);
-    let on_event = |event: RolloutEvent| {
-        recorder.observe(&event);
-        let report = match event {
-            RolloutEvent::Started { report }
-            | RolloutEvent::Host { report, .. }
-            | RolloutEvent::StepCompleted { report, .. }
-            | RolloutEvent::RollingBack { report, .. }
-            | RolloutEvent::Finished { report } => report,
-        };
-        state.rollouts().publish(&entry, report);
-    };
-    let clients = &clients;
-    // Records written before a rollout had a correlation id of its own may share theirs with
-    // other rollouts: a host such a record shows not reached is not looked up.
-    let own_id = correlation_id.ends_with(&format!("rollout-{}", view.rollout_id));
-    let not_reached: Vec<bool> = view
-        .report
-        .hosts
-        .iter()
-        .map(|h| h.outcome == crate::pipeline::rollout::HostOutcome::NotReached)
-        .collect();
-    let not_reached = &not_reached;
-    let settle = |i: usize| async move {
-        if !own_id && not_reached.get(i).copied().unwrap_or(false) {
-            return Ok(crate::pipeline::rollout::Settled::NotStarted);
-        }
-        match &clients[i] {
-            Ok(client) => settle_interrupted(client, name, correlation_id).await,
-            Err(e) => Err(e.clone()),
-        }
-    };
-    let rollback = |i: usize, deployment: Uuid| async move {
-        let client = clients[i].as_ref().map_err(Clone::clone)?;
-        client
-            .rollback(deployment, Some(correlation_id))
-            .await
-            .map(|r| r.image)
-            .map_err(|e| HostError {
-                code: e.code(),
-                message: e.to_string(),
-            })
-    };
-    let deadline = RolloutOptions::default().rollback_timeout;
-    undo_interrupted(view.report.clone(), settle, rollback, deadline, &on_event).await;
-    recorder.finish().await;
-}
-
-/// Checks `input` and starts the rollout in the background; answers its first view.
-pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView, SenderError> {
-    let package = state.store().get(input.package_id).await?;
-    let batch = match input.batch.as_deref() {
-        Some(b) => b.parse::<BatchSize>().map_err(SenderError::Validation)?,
-        None => BatchSize::default(),
-    };
-    let options = RolloutOptions {
-        canary: input.canary,
-        batch,
-        max_failures: input.max_failures,
-        rollback: input.rollback,
-        host_timeout: Duration::from_secs(input.host_timeout_secs.unwrap_or(600).max(1)),
-        max_concurrent: state.config().max_concurrent_transfers.max(1),
-        slots: Some(std::sync::Arc::clone(state.transfer_slots())),
-        preload: input.preload,
-        ..RolloutOptions::default()
-    };
-    let plan = Plan::new(input.receivers.len(), options.canary, options.batch)
-        .map_err(SenderError::Validation)?;
-    let receiver = &state.config().receiver;
-    let secret = receiver.secret.as_deref().unwrap_or_default();
-    let targets = input
-        .receivers
-        .iter()
-        .map(|url| {
-            ReceiverTarget::new(url, &receiver.key_id, secret.as_bytes())
-                .map(|target| receiver.client_for(state.http().clone(), target))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut check = input.deployment.clone();
-    check.image = check.image.or_else(|| Some(package.image_id.clone()));
-    check
-        .validate()
-        .map_err(|e| SenderError::Validation(format!("deployment: {e}")))?;
-
-    let id = Uuid::new_v4();
-    // Unique to the rollout (a client may send the same X-Correlation-Id again): the receivers'
-    // records of its deployments carry it, which is how an interrupted rollout finds them.
-    let correlation_id = rollout_correlation_id(correlation_id().as_deref(), id);
-    let release = Release {
-        payload: Payload::Package(Box::new(package.clone())),
-        spec: input.deployment,
-        correlation_id: Some(correlation_id.clone()),
-    };
-    let entry = Arc::new(Entry::new(RolloutView {
-        rollout_id: id,
-        package_id: package.package_id,
-        container_name: release.spec.container_name.clone(),
-        correlation_id: correlation_id.clone(),
-        started_at: now_rfc3339(),
-        abort_requested: false,
-        report: RolloutReport::planned(&input.receivers, &plan),
-    }));
-    state.rollouts().insert(&entry);
-    state.rollouts().keep(&entry);
-    let first = entry.view.borrow().clone();
-
-    let subject = Subject {
-        package_id: Some(package.package_id),
-        correlation_id: Some(correlation_id),
-        container_name: Some(release.spec.container_name.clone()),
-        image_tag: package.image_tags.first().cloned(),
-    };
-    let recorder = RolloutRecorder::spawn(state.events().clone(), subject, id);
-    let state = state.clone();
-    tokio::spawn(async move {
-        let release = Release {
-            payload: payload(&state, package).await,
-            ..release
-        };
-        let on_event = |event: RolloutEvent| {
-            recorder.observe(&event);
-            let report = match event {
-                RolloutEvent::Started { report }
-                | RolloutEvent::Host { report, .. }
-                | RolloutEvent::StepCompleted { report, .. }
-                | RolloutEvent::RollingBack { report, .. }
-                | RolloutEvent::Finished { report } => report,
-            };
-            state.rollouts().publish(&entry, report);
-        };
-        let result = roll_out(&targets, &release, &options, entry.abort.clone(), &on_event).await;
-        if let Err(e) = result {
-            tracing::error!(rollout_id = %id, error = %e, "rollout could not run");
-            let mut report = entry.view.borrow().report.clone();
-            report.status = RolloutStatus::Failed;
-            report.reason = Some(e.to_string());
-            state.rollouts().publish(&entry, report);
-        }
-        recorder.finish().await;
-    });
-    Ok(first)
-}
-
-/// The package's image as layers prepared in the layer cache (each host then receives only the
-/// blobs it lacks), or the whole package when its image is no longer in the local engine (or
-/// cannot be prepared).
-async fn payload(state: &AppState, package: PackageInfo) -> Payload {
-    let docker = match state.docker().await {
-        Ok(docker) => docker,
-        Err(e) => {
-            tracing::warn!(error = %e, "no Docker engine: the rollout sends the whole package");
-            return Payload::Package(Box::new(package));
-        }
-    };
-    let options = CompressionOptions {
-        compression: package.compression,
-        level: package.compression_level,
-        zstd_workers: state
-            .config()
-            .zstd_workers
-            .unwrap_or_else(crate::pipeline::default_zstd_workers),
-    };
-    match prepare_image(
-        &docker,
-        state.layer_cache(),
-        &package.image_id,
-        &options,
-        Arc::new(NoProgress),
-    )
-    .await
-    {
-        Ok(mut image) => {
-            image.tags = package.image_tags.clone();
-            Payload::Layers(Arc::new(image))
-        }
-        Err(e) => {
-            tracing::warn!(image = %package.image_id, error = %e, "cannot prepare the image's layers: the rollout sends the whole package");
-            Payload::Package(Box::new(package))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pipeline::rollout::HostOutcome;
+    use crate::pipeline::rollout::{BatchSize, Plan};
     use deploy_protocol::events::EventType;
+    use std::time::Duration;
 
     fn view(status: RolloutStatus, started_at: &str) -> RolloutView {
         let hosts = vec!["http://a/".to_owned(), "http://b/".to_owned()];
@@ -615,23 +326,6 @@ mod tests {
     fn stored(dir: &Path, id: Uuid) -> RolloutView {
         let bytes = std::fs::read(dir.join(format!("{id}.json"))).expect("the record");
         serde_json::from_slice(&bytes).expect("a rollout view")
-    }
-
-    #[test]
-    fn a_rollouts_correlation_id_is_its_own_and_fits() {
-        let id = Uuid::from_u128(7);
-        assert_eq!(
-            rollout_correlation_id(Some("ci-42"), id),
-            format!("ci-42.rollout-{id}")
-        );
-        assert_eq!(rollout_correlation_id(None, id), format!("rollout-{id}"));
-        let long = "x".repeat(128);
-        let made = rollout_correlation_id(Some(&long), id);
-        assert!(made.ends_with(&format!(".rollout-{id}")), "{made}");
-        assert!(
-            deploy_protocol::envelope::is_valid_correlation_id(&made),
-            "{made}"
-        );
     }
 
     #[tokio::test]
