@@ -323,9 +323,17 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
     let types: Vec<EventType> = events.iter().map(|e| e.event_type).collect();
     assert_eq!(types, expected, "{events:#?}");
     let rollout_id = &events[0].payload["rollout_id"];
+    // `--correlation-id`, made the rollout's own.
+    let correlation_id = format!(
+        "rollout-e2e-cli.rollout-{}",
+        rollout_id.as_str().expect("a rollout id")
+    );
     for event in &events {
         assert_eq!(&event.payload["rollout_id"], rollout_id, "{event:?}");
-        assert_eq!(event.correlation_id.as_deref(), Some("rollout-e2e-cli"));
+        assert_eq!(
+            event.correlation_id.as_deref(),
+            Some(correlation_id.as_str())
+        );
         assert_eq!(event.container_name.as_deref(), Some(name.as_str()));
     }
     let last = &events[events.len() - 1].payload["report"];

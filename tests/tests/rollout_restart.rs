@@ -107,22 +107,35 @@ impl Serve {
     /// Starts a rollout of `package` to `receivers`, one host per step, each host's container
     /// settling for `settle` seconds; answers its id.
     async fn roll_out(&self, package: &str, receivers: &[&str], name: &str, settle: f64) -> String {
+        self.roll_out_with(package, receivers, name, settle, json!({}))
+            .await
+    }
+
+    /// As [`Serve::roll_out`], with more fields of the request from `more`.
+    async fn roll_out_with(
+        &self,
+        package: &str,
+        receivers: &[&str],
+        name: &str,
+        settle: f64,
+        more: Value,
+    ) -> String {
+        let mut request = json!({
+            "package_id": package,
+            "receivers": receivers,
+            "deployment": {
+                "container_name": name,
+                "restart_policy": "no",
+                "health_check": {"kind": "none", "settle_secs": settle},
+            },
+            "canary": 0,
+            "batch": "1",
+        });
+        if let (Some(request), Some(more)) = (request.as_object_mut(), more.as_object()) {
+            request.extend(more.clone());
+        }
         let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                "/rollouts",
-                Some(json!({
-                    "package_id": package,
-                    "receivers": receivers,
-                    "deployment": {
-                        "container_name": name,
-                        "restart_policy": "no",
-                        "health_check": {"kind": "none", "settle_secs": settle},
-                    },
-                    "canary": 0,
-                    "batch": "1",
-                })),
-            )
+            .call(reqwest::Method::POST, "/rollouts", Some(request))
             .await;
         assert_eq!(status, 202, "POST /rollouts: {body}");
         body["rollout_id"]
@@ -326,7 +339,34 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         .expect("ROLLOUT_ROLLED_BACK for the undone rollout");
     assert_eq!(last["payload"]["rollout_id"], json!(second));
 
-    // And a third start still shows it as it ended.
+    // A host that misses its deadline (3 s) while its container settles for 8 s: its receiver
+    // finishes the deployment anyway, so the stopped rollout finds it there and rolls it back
+    // with the hosts it moved; the second host is never reached. Both end on v1.
+    let late = sender
+        .roll_out_with(&p2, &urls, &name, 8.0, json!({"host_timeout_secs": 3}))
+        .await;
+    let ended = sender
+        .wait_for(&late, Duration::from_secs(180), |v| {
+            v["report"]["status"] != "RUNNING"
+        })
+        .await;
+    assert_eq!(ended["report"]["status"], "ROLLED_BACK", "{ended:#}");
+    assert_eq!(
+        outcomes(&ended),
+        ["ROLLED_BACK", "NOT_REACHED"],
+        "{ended:#}"
+    );
+    assert_eq!(ended["report"]["hosts"][0]["error"]["code"], "TIMEOUT");
+    assert_eq!(ended["report"]["fleet"], "OLD_RELEASE");
+    for host in &hosts {
+        assert_eq!(
+            running_image(host, &name).as_deref(),
+            Some(v1_id.as_str()),
+            "{ended:#}"
+        );
+    }
+
+    // And a third start still shows the undone one as it ended.
     sender.kill();
     let sender = Serve::start(dir.path());
     let kept = sender.get(&format!("/rollouts/{second}")).await;

@@ -44,7 +44,9 @@ pub struct RolloutArgs {
     #[arg(long, env = "DEPLOY_NO_ROLLBACK")]
     pub no_rollback: bool,
     /// Seconds one host's deployment (transfer, load, start, health check) may take before the
-    /// host counts as failed: a receiver that goes away cannot hang the rollout.
+    /// host counts as failed: a receiver that goes away cannot hang the rollout. Its receiver is
+    /// then asked for up to 60 s more whether it finished the deployment anyway (a stopped
+    /// rollout rolls such a host back).
     #[arg(long, env = "DEPLOY_HOST_TIMEOUT_SECS", default_value_t = 600)]
     pub host_timeout: u64,
     /// Seconds one host's rollback may take.
@@ -142,12 +144,12 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
     let release = Release {
         payload,
         spec: request.deployment.clone(),
-        correlation_id: Some(
-            request
-                .correlation_id
-                .clone()
-                .unwrap_or_else(|| format!("rollout-{rollout_id}")),
-        ),
+        // The rollout's own (`<--correlation-id>.rollout-<id>`): how a host that misses its
+        // deadline is found in its receiver's journal.
+        correlation_id: Some(crate::pipeline::rollout::rollout_correlation_id(
+            request.correlation_id.as_deref(),
+            rollout_id,
+        )),
     };
     let (what, package_id, tag) = match &release.payload {
         Payload::Layers(image) => (

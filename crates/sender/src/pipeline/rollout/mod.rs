@@ -15,7 +15,9 @@ pub mod undo;
 
 pub use lifecycle::{lifecycle_event, RolloutRecorder};
 pub use plan::{BatchSize, Phase, Plan};
-pub use receivers::{roll_out, settle_interrupted, Payload, Release};
+pub use receivers::{
+    is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, Payload, Release,
+};
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
 pub use undo::{interrupted, undo_interrupted, Settled};

@@ -79,17 +79,28 @@ pub async fn roll_out(
         .iter()
         .map(|r| r.target().base_url.to_string())
         .collect();
+    // A host's deadline is kept here, so that a deployment that outlives it (its receiver
+    // finishes it: it does not depend on the connection) can be looked up and, if it took
+    // effect, rolled back with the moved hosts; the engine's own deadline is a backstop past it.
+    let host_deadline = options.host_timeout;
     let options = &RolloutOptions {
         preload: options.preload && matches!(release.payload, Payload::Layers(_)),
+        host_timeout: host_deadline + LATE_SETTLE + Duration::from_secs(5),
         ..options.clone()
     };
     let name = release.spec.container_name.as_str();
     let deploy = |i: usize| async move {
         let receiver = &receivers[i];
-        let before = running_image(receiver, name).await;
-        match &release.payload {
-            Payload::Layers(image) => deploy_layers(receiver, image, release, before).await,
-            Payload::Package(package) => deploy_whole(receiver, package, release, before).await,
+        let attempt = async {
+            let before = running_image(receiver, name).await;
+            match &release.payload {
+                Payload::Layers(image) => deploy_layers(receiver, image, release, before).await,
+                Payload::Package(package) => deploy_whole(receiver, package, release, before).await,
+            }
+        };
+        match tokio::time::timeout(host_deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(late(receiver, name, release, host_deadline).await),
         }
     };
     // A preload sends and loads the release's layers; a whole package (`--full`) is not
@@ -115,6 +126,88 @@ pub async fn roll_out(
         .map_err(SenderError::Validation)
 }
 
+/// How long a host that missed its deadline is looked up on its receiver (its deployment waited
+/// for while it still runs there).
+const LATE_SETTLE: Duration = Duration::from_secs(60);
+
+/// `<request's correlation id>.rollout-<id>` (the request's cut to fit the 128 characters a
+/// correlation id may have), or `rollout-<id>`: a rollout's own, so that its deployments can be
+/// told from every other's in a receiver's journal.
+pub fn rollout_correlation_id(request: Option<&str>, id: Uuid) -> String {
+    let own = format!("rollout-{id}");
+    match request {
+        Some(theirs) if !theirs.is_empty() => {
+            let room = 128 - own.len() - 1;
+            let cut: String = theirs.chars().take(room).collect();
+            format!("{cut}.{own}")
+        }
+        _ => own,
+    }
+}
+
+/// Whether `correlation_id` is a rollout's own ([`rollout_correlation_id`]).
+pub fn is_rollouts_own(correlation_id: &str) -> bool {
+    correlation_id
+        .rsplit_once("rollout-")
+        .is_some_and(|(_, id)| Uuid::parse_str(id).is_ok())
+}
+
+/// A host whose deployment missed its `deadline`. Its receiver may finish it anyway: with a
+/// correlation id of the rollout's own, the deployment is looked up there for up to
+/// [`LATE_SETTLE`]; one that took effect is named (`finished_late`), to be rolled back with the
+/// moved hosts when the rollout stops.
+async fn late(
+    receiver: &ReceiverClient,
+    name: &str,
+    release: &Release,
+    deadline: Duration,
+) -> NotMoved {
+    let timed_out = |detail: String| HostError {
+        code: ErrorCode::Timeout,
+        message: format!("no answer within {} s{detail}", deadline.as_secs()),
+    };
+    let settled = match release.correlation_id.as_deref() {
+        Some(id) if is_rollouts_own(id) => {
+            tokio::time::timeout(LATE_SETTLE, settle_interrupted(receiver, name, id))
+                .await
+                .ok()
+        }
+        _ => None,
+    };
+    let (error, finished_late) = match settled {
+        Some(Ok(Settled::Moved {
+            deployment_id,
+            version_after,
+        })) => (
+            timed_out(format!(
+                "; its receiver finished the deployment afterwards: it runs {version_after}"
+            )),
+            Some((deployment_id, version_after)),
+        ),
+        Some(Ok(Settled::Failed(e))) => (
+            timed_out(format!(
+                "; then the deployment failed there ({}: {})",
+                e.code, e.message
+            )),
+            None,
+        ),
+        Some(Ok(Settled::RolledBack(_) | Settled::NotStarted)) => (
+            timed_out("; nothing of the release runs there".into()),
+            None,
+        ),
+        Some(Err(_)) | None => (
+            timed_out(": the receiver may have gone away; what the host runs is unknown".into()),
+            None,
+        ),
+    };
+    NotMoved {
+        error,
+        version_before: None,
+        bytes: 0,
+        finished_late,
+    }
+}
+
 /// Deploys `image` to `receiver` as a release; the bytes are the blob bytes put on the wire,
 /// counted as they are sent (also when the deployment then fails).
 async fn deploy_layers(
@@ -135,6 +228,7 @@ async fn deploy_layers(
             message: e.to_string(),
         },
         version_before: before,
+        finished_late: None,
     };
     match result {
         Ok(outcome) => match outcome.deployment {
@@ -175,6 +269,7 @@ async fn preload_layers(
             message: e.to_string(),
         },
         version_before: None,
+        finished_late: None,
     };
     let mut manifest = release_manifest(image, &ReleaseAction::Load).map_err(|e| failed(e, 0))?;
     let store = calls
@@ -224,6 +319,7 @@ async fn deploy_whole(
                 message: e.to_string(),
             },
             version_before: before,
+            finished_late: None,
         }),
     }
 }

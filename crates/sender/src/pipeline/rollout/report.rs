@@ -17,7 +17,9 @@ pub enum HostOutcome {
     /// Runs the new release, healthy.
     Deployed,
     /// The deployment failed here; the receiver kept (or restored) what ran before, or could not
-    /// be asked (unreachable, timed out: see the error).
+    /// be asked (unreachable, timed out: see the error). With a `deployment_id`, it missed its
+    /// deadline but its receiver finished it: the host runs the new release (`version_after`),
+    /// and a stopped rollout rolls it back with the moved hosts.
     Failed,
     /// Moved to the new release, then rolled back by the rollout: runs what it ran before.
     RolledBack,
@@ -110,7 +112,7 @@ impl FleetState {
                 matches!(
                     h.outcome,
                     HostOutcome::Deployed | HostOutcome::RollbackFailed
-                )
+                ) || (h.outcome == HostOutcome::Failed && h.deployment_id.is_some())
             })
             .count();
         match new {

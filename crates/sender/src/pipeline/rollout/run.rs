@@ -84,6 +84,10 @@ pub struct NotMoved {
     pub version_before: Option<String>,
     /// Package bytes sent before it failed.
     pub bytes: u64,
+    /// A deployment that missed the host's deadline but that its receiver finished anyway:
+    /// `(deployment id, image)`. The host runs the new release; it counts as failed, and a
+    /// stopped rollout rolls it back with the moved hosts.
+    pub finished_late: Option<(Uuid, String)>,
 }
 
 /// What happens during a rollout; every event carries the report as it stands after it.
@@ -470,6 +474,10 @@ async fn deploy_one<D, DF>(
                 h.version_before = failed.version_before;
                 h.bytes += failed.bytes;
                 h.error = Some(failed.error);
+                if let Some((deployment_id, image)) = failed.finished_late {
+                    h.deployment_id = Some(deployment_id);
+                    h.version_after = Some(image);
+                }
             }
             Err(_) => {
                 h.outcome = HostOutcome::Failed;
@@ -485,7 +493,8 @@ async fn deploy_one<D, DF>(
     });
 }
 
-/// Rolls back every DEPLOYED host at once; true when all of them were.
+/// Rolls back every host on the new release at once (DEPLOYED, and FAILED ones whose deployment
+/// finished after their deadline); true when all of them were.
 pub(super) async fn roll_back_moved<R, RF>(
     ledger: &Ledger<'_>,
     rollback: &R,
@@ -499,7 +508,7 @@ where
         r.hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.outcome == HostOutcome::Deployed)
+            .filter(|(_, h)| matches!(h.outcome, HostOutcome::Deployed | HostOutcome::Failed))
             .filter_map(|(i, h)| h.deployment_id.map(|id| (i, id)))
             .collect()
     });

@@ -54,6 +54,7 @@ impl Fleet {
                 },
                 version_before: Some("app:v1".into()),
                 bytes: 10,
+                finished_late: None,
             });
         }
         Ok(Moved {
@@ -541,6 +542,7 @@ async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
                 },
                 version_before: None,
                 bytes: 5,
+                finished_late: None,
             });
         }
         Ok(70)

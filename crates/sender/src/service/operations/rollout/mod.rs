@@ -18,8 +18,9 @@ use uuid::Uuid;
 use super::serde_defaults::yes;
 use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
-    roll_out, settle_interrupted, undo_interrupted, BatchSize, HostError, Payload, Plan, Release,
-    RolloutEvent, RolloutOptions, RolloutRecorder, RolloutReport, RolloutStatus,
+    is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, undo_interrupted,
+    BatchSize, HostError, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
+    RolloutReport, RolloutStatus,
 };
 use crate::pipeline::{
     now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
@@ -51,7 +52,8 @@ pub struct RolloutInput {
     /// Roll back the hosts a stopped rollout moved (default true).
     #[serde(default = "yes")]
     pub rollback: bool,
-    /// Longest wait for one host's deployment, seconds (default 600).
+    /// Longest wait for one host's deployment, seconds (default 600); its receiver is then asked
+    /// for up to 60 s more whether it finished the deployment anyway.
     #[serde(default)]
     pub host_timeout_secs: Option<u64>,
     /// Send and load the release on every host after the first step while that step is deployed
@@ -79,20 +81,6 @@ pub struct RolloutView {
     pub abort_requested: bool,
     /// Hosts, outcomes, and where the fleet stands.
     pub report: RolloutReport,
-}
-
-/// `<the request's correlation id>.rollout-<id>` (the request's cut to fit the 128 characters a
-/// correlation id may have), or `rollout-<id>`.
-fn rollout_correlation_id(request: Option<&str>, id: Uuid) -> String {
-    let own = format!("rollout-{id}");
-    match request {
-        Some(theirs) if !theirs.is_empty() => {
-            let room = 128 - own.len() - 1;
-            let cut: String = theirs.chars().take(room).collect();
-            format!("{cut}.{own}")
-        }
-        _ => own,
-    }
 }
 
 /// The events' subject of a rollout.
@@ -136,7 +124,7 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
     let clients = &clients;
     // Records written before a rollout had a correlation id of its own may share theirs with
     // other rollouts: a host such a record shows not reached is not looked up.
-    let own_id = correlation_id.ends_with(&format!("rollout-{}", view.rollout_id));
+    let own_id = is_rollouts_own(correlation_id);
     let not_reached: Vec<bool> = view
         .report
         .hosts
@@ -311,6 +299,10 @@ mod tests {
         let long = "x".repeat(128);
         let made = rollout_correlation_id(Some(&long), id);
         assert!(made.ends_with(&format!(".rollout-{id}")), "{made}");
+        assert!(is_rollouts_own(&made));
+        assert!(is_rollouts_own(&rollout_correlation_id(None, id)));
+        assert!(!is_rollouts_own("ci-42"));
+        assert!(!is_rollouts_own("rollout-e2e-fleet"));
         assert!(
             deploy_protocol::envelope::is_valid_correlation_id(&made),
             "{made}"
