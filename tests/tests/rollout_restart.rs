@@ -339,11 +339,11 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         .expect("ROLLOUT_ROLLED_BACK for the undone rollout");
     assert_eq!(last["payload"]["rollout_id"], json!(second));
 
-    // A host that misses its deadline (3 s) while its container settles for 8 s: its receiver
+    // A host that misses its deadline (5 s) while its container settles for 15 s: its receiver
     // finishes the deployment anyway, so the stopped rollout finds it there and rolls it back
     // with the hosts it moved; the second host is never reached. Both end on v1.
     let late = sender
-        .roll_out_with(&p2, &urls, &name, 8.0, json!({"host_timeout_secs": 3}))
+        .roll_out_with(&p2, &urls, &name, 15.0, json!({"host_timeout_secs": 5}))
         .await;
     let ended = sender
         .wait_for(&late, Duration::from_secs(180), |v| {
@@ -356,7 +356,14 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         ["ROLLED_BACK", "NOT_REACHED"],
         "{ended:#}"
     );
-    assert_eq!(ended["report"]["hosts"][0]["error"]["code"], "TIMEOUT");
+    let late_host = &ended["report"]["hosts"][0];
+    assert_eq!(late_host["error"]["code"], "TIMEOUT", "{ended:#}");
+    assert!(late_host["deployment_id"].is_string(), "{ended:#}");
+    let before = late_host["version_before"].as_str();
+    assert!(
+        before == Some(v1.as_str()) || before == Some(v1_id.as_str()),
+        "{ended:#}"
+    );
     assert_eq!(ended["report"]["fleet"], "OLD_RELEASE");
     for host in &hosts {
         assert_eq!(

@@ -75,7 +75,8 @@ pub(crate) struct DeployArgs {
     /// With several receivers: canary, batches, failures tolerated, rollback.
     #[command(flatten)]
     pub(crate) rollout: RolloutArgs,
-    /// Correlation id to send (echoed in the receiver's logs, events and record).
+    /// Correlation id to send (echoed in the receiver's logs, events and record); a rollout to
+    /// several receivers sends `<this>.rollout-<rollout id>`, its own.
     #[arg(long, env = "DEPLOY_CORRELATION_ID")]
     pub(crate) correlation_id: Option<String>,
     /// Print the outcome (package, transfer, deployment record) as JSON.

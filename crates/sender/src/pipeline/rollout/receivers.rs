@@ -91,25 +91,48 @@ pub async fn roll_out(
     let name = release.spec.container_name.as_str();
     let deploy = |i: usize| async move {
         let receiver = &receivers[i];
+        let before = running_image(receiver, name).await;
         let attempt = async {
-            let before = running_image(receiver, name).await;
             match &release.payload {
-                Payload::Layers(image) => deploy_layers(receiver, image, release, before).await,
-                Payload::Package(package) => deploy_whole(receiver, package, release, before).await,
+                Payload::Layers(image) => {
+                    deploy_layers(receiver, image, release, before.clone()).await
+                }
+                Payload::Package(package) => {
+                    deploy_whole(receiver, package, release, before.clone()).await
+                }
             }
         };
         match tokio::time::timeout(host_deadline, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(late(receiver, name, release, host_deadline).await),
+            Err(_) => Err(late(receiver, name, release, host_deadline, before).await),
         }
     };
     // A preload sends and loads the release's layers; a whole package (`--full`) is not
-    // preloaded (above): each host's deployment sends it, as without preload.
+    // preloaded (above): each host's deployment sends it, as without preload. Its deadline is
+    // the host's own (the engine's is a backstop past it).
     let preload = |i: usize| async move {
-        match &release.payload {
-            Payload::Layers(image) => preload_layers(&receivers[i], image, release).await,
-            Payload::Package(_) => Ok(0),
-        }
+        let attempt = async {
+            match &release.payload {
+                Payload::Layers(image) => preload_layers(&receivers[i], image, release).await,
+                Payload::Package(_) => Ok(0),
+            }
+        };
+        tokio::time::timeout(host_deadline, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(NotMoved {
+                    error: HostError {
+                        code: ErrorCode::Timeout,
+                        message: format!(
+                            "no answer to the preload within {} s",
+                            host_deadline.as_secs()
+                        ),
+                    },
+                    version_before: None,
+                    bytes: 0,
+                    finished_late: None,
+                })
+            })
     };
     let rollback = |i: usize, deployment: Uuid| async move {
         receivers[i]
@@ -161,6 +184,7 @@ async fn late(
     name: &str,
     release: &Release,
     deadline: Duration,
+    version_before: Option<String>,
 ) -> NotMoved {
     let timed_out = |detail: String| HostError {
         code: ErrorCode::Timeout,
@@ -202,7 +226,7 @@ async fn late(
     };
     NotMoved {
         error,
-        version_before: None,
+        version_before,
         bytes: 0,
         finished_late,
     }

@@ -80,6 +80,15 @@ pub struct HostReport {
     pub rollback_ms: Option<u64>,
 }
 
+impl HostReport {
+    /// Whether the rollout moved it to the new release and it is still there: DEPLOYED, or
+    /// FAILED past its deadline with a deployment its receiver finished anyway.
+    pub fn moved(&self) -> bool {
+        self.outcome == HostOutcome::Deployed
+            || (self.outcome == HostOutcome::Failed && self.deployment_id.is_some())
+    }
+}
+
 /// Where the fleet ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -108,12 +117,7 @@ impl FleetState {
     pub fn of(hosts: &[HostReport]) -> Self {
         let new = hosts
             .iter()
-            .filter(|h| {
-                matches!(
-                    h.outcome,
-                    HostOutcome::Deployed | HostOutcome::RollbackFailed
-                ) || (h.outcome == HostOutcome::Failed && h.deployment_id.is_some())
-            })
+            .filter(|h| h.moved() || h.outcome == HostOutcome::RollbackFailed)
             .count();
         match new {
             0 => FleetState::OldRelease,

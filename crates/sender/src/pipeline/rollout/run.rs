@@ -407,7 +407,7 @@ where
                 undone = roll_back_moved(ledger, &rollback, options.rollback_timeout).await;
             } else {
                 ledger.update(|r| {
-                    let kept = r.hosts.iter().any(|h| h.outcome == HostOutcome::Deployed);
+                    let kept = r.hosts.iter().any(HostReport::moved);
                     undone = !kept;
                     if kept {
                         r.reason = r.reason.take().map(|reason| {
@@ -508,7 +508,7 @@ where
         r.hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| matches!(h.outcome, HostOutcome::Deployed | HostOutcome::Failed))
+            .filter(|(_, h)| h.moved())
             .filter_map(|(i, h)| h.deployment_id.map(|id| (i, id)))
             .collect()
     });

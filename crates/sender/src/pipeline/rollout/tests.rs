@@ -741,3 +741,94 @@ async fn a_host_shown_not_reached_stays_so_only_when_its_receiver_cannot_be_reac
     assert_eq!(outcomes, [NotReached, RollbackFailed, RollbackFailed]);
     assert_eq!(report.status, RolloutStatus::Failed);
 }
+
+/// Three hosts, one per step; host 1 misses its deadline but its receiver finishes the
+/// deployment (`finished_late`), the others deploy.
+async fn roll_out_with_a_late_host(options: RolloutOptions) -> (RolloutReport, BTreeSet<usize>) {
+    let rolled_back = Mutex::new(BTreeSet::new());
+    let deploy = |i: usize| async move {
+        if i == 1 {
+            return Err(NotMoved {
+                error: HostError {
+                    code: ErrorCode::Timeout,
+                    message:
+                        "no answer within 3 s; its receiver finished the deployment afterwards"
+                            .into(),
+                },
+                version_before: Some("app:v1".into()),
+                bytes: 0,
+                finished_late: Some((id(1), "app:v2".into())),
+            });
+        }
+        Ok(Moved {
+            deployment_id: id(i),
+            version_before: Some("app:v1".into()),
+            version_after: "app:v2".into(),
+            bytes: 100,
+        })
+    };
+    let rollback = |i: usize, deployment: Uuid| {
+        let rolled_back = &rolled_back;
+        async move {
+            assert_eq!(deployment, id(i));
+            rolled_back.lock().expect("lock").insert(i);
+            Ok(Some("app:v1".to_owned()))
+        }
+    };
+    let report = run(
+        &hosts(3),
+        &RolloutOptions {
+            canary: Some(0),
+            batch: BatchSize::Hosts(1),
+            ..options
+        },
+        deploy,
+        |_| async { Ok(0) },
+        rollback,
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("a possible plan");
+    let rolled_back = rolled_back.into_inner().expect("lock");
+    (report, rolled_back)
+}
+
+#[tokio::test]
+async fn a_host_that_finished_after_its_deadline_counts_as_failed_and_moved() {
+    use HostOutcome::*;
+    // Stopped: it is rolled back with the moved host.
+    let (report, rolled_back) = roll_out_with_a_late_host(RolloutOptions::default()).await;
+    assert_eq!(outcomes(&report), [RolledBack, RolledBack, NotReached]);
+    assert_eq!(rolled_back, BTreeSet::from([0, 1]));
+    assert_eq!(report.status, RolloutStatus::RolledBack);
+    assert_eq!(report.fleet, FleetState::OldRelease);
+
+    // --no-rollback: it is left on the new release, and said so.
+    let (report, rolled_back) = roll_out_with_a_late_host(RolloutOptions {
+        rollback: false,
+        ..RolloutOptions::default()
+    })
+    .await;
+    assert!(rolled_back.is_empty());
+    assert_eq!(outcomes(&report), [Deployed, Failed, NotReached]);
+    assert_eq!(report.hosts[1].deployment_id, Some(id(1)));
+    assert_eq!(report.hosts[1].version_after.as_deref(), Some("app:v2"));
+    assert_eq!(report.status, RolloutStatus::Failed);
+    assert_eq!(report.fleet, FleetState::Mixed);
+    assert!(report
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("--no-rollback")));
+
+    // Tolerated: every host runs the new release.
+    let (report, rolled_back) = roll_out_with_a_late_host(RolloutOptions {
+        max_failures: 1,
+        ..RolloutOptions::default()
+    })
+    .await;
+    assert!(rolled_back.is_empty());
+    assert_eq!(outcomes(&report), [Deployed, Failed, Deployed]);
+    assert_eq!(report.status, RolloutStatus::Completed);
+    assert_eq!(report.fleet, FleetState::NewRelease);
+}
