@@ -144,6 +144,20 @@ impl Serve {
             .to_owned()
     }
 
+    /// Polls the rollout until it is no longer RUNNING (3 min at most); its view.
+    async fn ended(&self, id: &str) -> Value {
+        self.wait_for(id, Duration::from_secs(180), |v| {
+            v["report"]["status"] != "RUNNING"
+        })
+        .await
+    }
+
+    /// `DELETE /rollouts/{id}`: the status and the body.
+    async fn delete(&self, id: &str) -> (u16, Value) {
+        self.call(reqwest::Method::DELETE, &format!("/rollouts/{id}"), None)
+            .await
+    }
+
     /// Polls the rollout until `done` holds for its view; panics after `limit`.
     async fn wait_for(&self, id: &str, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + limit;
@@ -179,6 +193,17 @@ fn running_image(host: &TestHost, name: &str) -> Option<String> {
     text.strip_prefix("true ").map(str::to_owned)
 }
 
+/// Asserts that every host runs `name` from image `id` (`context` in the message).
+fn all_run(hosts: &[TestHost], name: &str, id: &str, context: &Value) {
+    for host in hosts {
+        assert_eq!(
+            running_image(host, name).as_deref(),
+            Some(id),
+            "{context:#}"
+        );
+    }
+}
+
 fn outcomes(view: &Value) -> Vec<&str> {
     view["report"]["hosts"]
         .as_array()
@@ -211,15 +236,9 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
     let sender = Serve::start(dir.path());
     let p1 = sender.package(&v1).await;
     let first = sender.roll_out(&p1, &urls, &name, 0.5).await;
-    let done = sender
-        .wait_for(&first, Duration::from_secs(180), |v| {
-            v["report"]["status"] != "RUNNING"
-        })
-        .await;
+    let done = sender.ended(&first).await;
     assert_eq!(done["report"]["status"], "COMPLETED", "{done:#}");
-    for host in &hosts {
-        assert_eq!(running_image(host, &name).as_deref(), Some(v1_id.as_str()));
-    }
+    all_run(&hosts, &name, &v1_id, &done);
 
     // v2, host by host, each container settling for 10 s: the sender dies while the second
     // host's new container settles (the first host is on v2 by then).
@@ -294,20 +313,10 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
 
     // DELETE undoes it: the first host by its deployment id, the second once its receiver has
     // ended the deployment the dead sender left running.
-    let (status, undoing) = sender
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/rollouts/{second}"),
-            None,
-        )
-        .await;
+    let (status, undoing) = sender.delete(&second).await;
     assert_eq!(status, 202, "{undoing:#}");
     assert_eq!(undoing["abort_requested"], true);
-    let undone = sender
-        .wait_for(&second, Duration::from_secs(180), |v| {
-            v["report"]["status"] != "RUNNING"
-        })
-        .await;
+    let undone = sender.ended(&second).await;
     assert_eq!(undone["report"]["status"], "ABORTED", "{undone:#}");
     assert_eq!(undone["report"]["fleet"], "OLD_RELEASE", "{undone:#}");
     assert_eq!(
@@ -315,20 +324,8 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         ["ROLLED_BACK", "ROLLED_BACK"],
         "{undone:#}"
     );
-    for host in &hosts {
-        assert_eq!(
-            running_image(host, &name).as_deref(),
-            Some(v1_id.as_str()),
-            "{undone:#}"
-        );
-    }
-    let (status, again) = sender
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/rollouts/{second}"),
-            None,
-        )
-        .await;
+    all_run(&hosts, &name, &v1_id, &undone);
+    let (status, again) = sender.delete(&second).await;
     assert_eq!(status, 409, "{again:#}");
     let outbox = sender.get("/events?limit=100").await;
     let last = outbox["events"]
@@ -345,11 +342,7 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
     let late = sender
         .roll_out_with(&p2, &urls, &name, 15.0, json!({"host_timeout_secs": 5}))
         .await;
-    let ended = sender
-        .wait_for(&late, Duration::from_secs(180), |v| {
-            v["report"]["status"] != "RUNNING"
-        })
-        .await;
+    let ended = sender.ended(&late).await;
     assert_eq!(ended["report"]["status"], "ROLLED_BACK", "{ended:#}");
     assert_eq!(
         outcomes(&ended),
@@ -365,13 +358,7 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         "{ended:#}"
     );
     assert_eq!(ended["report"]["fleet"], "OLD_RELEASE");
-    for host in &hosts {
-        assert_eq!(
-            running_image(host, &name).as_deref(),
-            Some(v1_id.as_str()),
-            "{ended:#}"
-        );
-    }
+    all_run(&hosts, &name, &v1_id, &ended);
 
     // And a third start still shows the undone one as it ended.
     sender.kill();
