@@ -643,6 +643,23 @@ async fn a_deployment_whose_client_hangs_up_still_ends_health_checked_under_its_
     assert_eq!(ended.image, b);
     assert_eq!(ended.correlation_id.as_deref(), Some("client-hung-up"));
     assert_eq!(page(&docker, &name).await, "b");
+    // The journal answers by correlation id (how an interrupted rollout finds its deployments),
+    // percent-encoded as `deploy-sender` sends it.
+    let (status, list) = receiver
+        .get("/deployments?correlation_id=client%2Dhung%2Dup")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let ids: Vec<_> = list["deployments"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|r| r["deployment_id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(ended.deployment_id)], "{list}");
+    let (_, list) = receiver
+        .get("/deployments?correlation_id=client-hung-up%26not")
+        .await;
+    assert_eq!(list["deployments"], json!([]), "{list}");
 
     // Hung up again, and the receiver is stopped at once: the stop waits for the deployment
     // (within SHUTDOWN_GRACE_SECS), whose journal record on disk then says how it ended.

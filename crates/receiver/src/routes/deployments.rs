@@ -25,9 +25,12 @@ const MAX_LIMIT: usize = 1000;
 pub struct ListParams {
     /// How many records, newest first (default 50, at most 1000).
     limit: Option<usize>,
+    /// Only the records carrying this correlation id (exactly), e.g. a rollout's own: those of
+    /// its deployments and of their rollbacks.
+    correlation_id: Option<String>,
 }
 
-/// Recent deployments, newest first.
+/// Recent deployments, newest first; with `correlation_id`, only those carrying it.
 #[utoipa::path(get, path = "/deployments", operation_id = "list_deployments", tag = "deployment",
     params(ListParams, crate::routes::SignatureHeaderParams),
     security(("deploy_hmac" = [])),
@@ -44,9 +47,16 @@ pub async fn list(
 ) -> Result<Json<DeploymentList>> {
     let Query(params) = query.map_err(|e| ReceiverError::Validation(e.body_text()))?;
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    Ok(Json(DeploymentList {
-        deployments: state.journal().list(limit)?,
-    }))
+    let deployments = match params.correlation_id.as_deref() {
+        None => state.journal().list(limit)?,
+        Some(id) => {
+            let mut matching = state.journal().all()?;
+            matching.retain(|r| r.correlation_id.as_deref() == Some(id));
+            matching.truncate(limit);
+            matching
+        }
+    };
+    Ok(Json(DeploymentList { deployments }))
 }
 
 /// One deployment's record, with its stages and error.

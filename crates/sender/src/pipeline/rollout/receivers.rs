@@ -368,7 +368,7 @@ impl Progress for UploadCounter {
 
 /// The image the receiver's newest successful deployment of `name` runs, if it can tell.
 pub async fn running_image(receiver: &ReceiverClient, name: &str) -> Option<String> {
-    journal(receiver)
+    journal(receiver, None)
         .await
         .ok()?
         .into_iter()
@@ -414,8 +414,19 @@ pub async fn settle_interrupted(
     };
     let mut silent_since: Option<std::time::Instant> = None;
     let mut nothing_since: Option<std::time::Instant> = None;
+    let is_ours = |r: &DeploymentRecord| {
+        r.container_name == name && r.correlation_id.as_deref() == Some(correlation_id)
+    };
     loop {
-        let records = match journal(receiver).await {
+        // The rollout's own records, asked for by its correlation id (a receiver without that
+        // filter answers its newest page, filtered here); when none is there, the newest page
+        // whole, which tells whether the journal reaches back to the rollout.
+        let records = match journal(receiver, Some(correlation_id)).await {
+            Ok(found) if found.iter().any(|r| is_ours(r) && r.rollback_of.is_none()) => Ok(found),
+            Ok(_) => journal(receiver, None).await,
+            Err(e) => Err(e),
+        };
+        let records = match records {
             Ok(records) => {
                 silent_since = None;
                 records
@@ -429,11 +440,7 @@ pub async fn settle_interrupted(
                 continue;
             }
         };
-        let ours: Vec<&DeploymentRecord> = records
-            .iter()
-            .filter(|r| r.container_name == name)
-            .filter(|r| r.correlation_id.as_deref() == Some(correlation_id))
-            .collect();
+        let ours: Vec<&DeploymentRecord> = records.iter().filter(|r| is_ours(r)).collect();
         // Newest first: the rollout's own deployment is the newest that is not a rollback.
         let Some(deployment) = ours.iter().find(|r| r.rollback_of.is_none()) else {
             if records.len() >= JOURNAL_PAGE {
@@ -475,8 +482,23 @@ pub async fn settle_interrupted(
     }
 }
 
-/// The receiver's deployment records, newest first.
-async fn journal(receiver: &ReceiverClient) -> Result<Vec<DeploymentRecord>, HostError> {
+/// The journal query's path: the newest [`JOURNAL_PAGE`] records, or those carrying
+/// `correlation_id` (percent-encoded: a correlation id is any printable ASCII).
+fn journal_query(correlation_id: Option<&str>) -> String {
+    let mut query = format!("/deployments?limit={JOURNAL_PAGE}");
+    if let Some(id) = correlation_id {
+        let id = percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC);
+        query.push_str(&format!("&correlation_id={id}"));
+    }
+    query
+}
+
+/// The receiver's deployment records, newest first: its newest [`JOURNAL_PAGE`], or with
+/// `correlation_id`, those carrying it.
+async fn journal(
+    receiver: &ReceiverClient,
+    correlation_id: Option<&str>,
+) -> Result<Vec<DeploymentRecord>, HostError> {
     let failed = |e: reqwest::Error| HostError {
         code: ErrorCode::RemoteUnreachable,
         message: format!(
@@ -486,11 +508,7 @@ async fn journal(receiver: &ReceiverClient) -> Result<Vec<DeploymentRecord>, Hos
         ),
     };
     let response = receiver
-        .signed_get(
-            &format!("/deployments?limit={JOURNAL_PAGE}"),
-            None,
-            QUERY_TIMEOUT,
-        )
+        .signed_get(&journal_query(correlation_id), None, QUERY_TIMEOUT)
         .await
         .map_err(failed)?;
     let status = response.status().as_u16();
@@ -512,4 +530,18 @@ async fn journal(receiver: &ReceiverClient) -> Result<Vec<DeploymentRecord>, Hos
         message: format!("the receiver's journal could not be read: {e}"),
     })?;
     Ok(list.deployments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_is_asked_for_a_correlation_id_percent_encoded() {
+        assert_eq!(journal_query(None), "/deployments?limit=1000");
+        assert_eq!(
+            journal_query(Some("ci#7&x=1.rollout-a")),
+            "/deployments?limit=1000&correlation_id=ci%237%26x%3D1%2Erollout%2Da"
+        );
+    }
 }
