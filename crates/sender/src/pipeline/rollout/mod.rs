@@ -20,7 +20,7 @@ pub use receivers::{
 };
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
-pub use undo::{interrupted, undo_interrupted, Settled};
+pub use undo::{interrupted, undo_interrupted, Settled, UndoOptions};
 
 #[cfg(test)]
 mod tests;

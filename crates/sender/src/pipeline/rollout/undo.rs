@@ -9,7 +9,7 @@ use std::time::Duration;
 use deploy_protocol::ErrorCode;
 use uuid::Uuid;
 
-use super::report::{FleetState, HostError, HostOutcome, RolloutReport, RolloutStatus};
+use super::report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 use super::run::{roll_back_moved, Ledger, RolloutEvent};
 
 /// Where a host the rollout left IN_PROGRESS stands now, from its receiver.
@@ -31,17 +31,30 @@ pub enum Settled {
     NotStarted,
 }
 
+/// How an interrupted rollout is undone: as it was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UndoOptions {
+    /// Roll back the hosts it moved (the rollout's `rollback`). Without it the hosts are only
+    /// looked up, and those on the new release stay there, as a stopped rollout's would.
+    pub rollback: bool,
+    /// Longest wait for one host's deployment to end on its receiver (the rollout's host
+    /// timeout: the deployment may still run there).
+    pub settle_timeout: Duration,
+    /// Longest wait for one host's rollback.
+    pub rollback_timeout: Duration,
+}
+
 /// Undoes the interrupted rollout `report`: `settle(i)` says where host `i`, left IN_PROGRESS or
-/// NOT_REACHED, stands now (bounded by `deadline`; no answer leaves an IN_PROGRESS host
-/// ROLLBACK_FAILED, the new release possibly running, and a NOT_REACHED one as it was), then
-/// `rollback(i, deployment_id)` undoes every DEPLOYED host at once (and those whose rollback had
-/// failed), as [`run`](super::run::run) does for a stopped rollout. Ends ABORTED when no host is
-/// left on the new release (or unknown), FAILED otherwise.
+/// NOT_REACHED, stands now (bounded by `options.settle_timeout`; no answer leaves an IN_PROGRESS
+/// host ROLLBACK_FAILED, the new release possibly running, and a NOT_REACHED one as it was), then
+/// with `options.rollback`, `rollback(i, deployment_id)` undoes every DEPLOYED host at once (and
+/// those whose rollback had failed), as [`run`](super::run::run) does for a stopped rollout. Ends
+/// ABORTED when no host is left on the new release (or unknown), FAILED otherwise.
 pub async fn undo_interrupted<S, SF, R, RF>(
     report: RolloutReport,
     settle: S,
     rollback: R,
-    deadline: Duration,
+    options: UndoOptions,
     on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
 ) -> RolloutReport
 where
@@ -58,7 +71,10 @@ where
     let open: Vec<(usize, bool)> = ledger.update(|r| {
         r.status = RolloutStatus::Running;
         for h in &mut r.hosts {
-            if h.outcome == HostOutcome::RollbackFailed && h.deployment_id.is_some() {
+            if options.rollback
+                && h.outcome == HostOutcome::RollbackFailed
+                && h.deployment_id.is_some()
+            {
                 h.outcome = HostOutcome::Deployed;
                 h.rollback_error = None;
                 h.rollback_ms = None;
@@ -67,14 +83,12 @@ where
         r.hosts
             .iter()
             .enumerate()
-            .filter(|(_, h)| {
-                matches!(
-                    h.outcome,
-                    HostOutcome::InProgress
-                        | HostOutcome::NotReached
-                        | HostOutcome::Pending
-                        | HostOutcome::RollbackFailed
-                )
+            .filter(|(_, h)| match h.outcome {
+                HostOutcome::InProgress | HostOutcome::NotReached | HostOutcome::Pending => true,
+                // Unsettled when it has no deployment id; one with it is left as it is when the
+                // rollout rolls nothing back.
+                HostOutcome::RollbackFailed => h.deployment_id.is_none(),
+                _ => false,
             })
             .map(|(i, h)| (i, h.outcome == HostOutcome::NotReached))
             .collect()
@@ -82,7 +96,7 @@ where
     let ledger = &ledger;
     let settle = &settle;
     futures::future::join_all(open.into_iter().map(|(i, not_reached)| async move {
-        let result = tokio::time::timeout(deadline, settle(i)).await;
+        let result = tokio::time::timeout(options.settle_timeout, settle(i)).await;
         // A host the record shows not reached stays so when its receiver cannot be reached (a
         // deployment found there and still running past the deadline is another matter).
         if not_reached && matches!(&result, Ok(Err(e)) if e.code == ErrorCode::RemoteUnreachable) {
@@ -117,14 +131,28 @@ where
                     code: ErrorCode::Timeout,
                     message: format!(
                         "its deployment did not end within {} s: the host may run the new release",
-                        deadline.as_secs()
+                        options.settle_timeout.as_secs()
                     ),
                 });
             }
         });
     }))
     .await;
-    roll_back_moved(ledger, &rollback, deadline).await;
+    if options.rollback {
+        roll_back_moved(ledger, &rollback, options.rollback_timeout).await;
+    } else {
+        ledger.update(|r| {
+            if r.hosts.iter().any(HostReport::moved) {
+                r.reason = Some(match r.reason.take() {
+                    Some(reason) => format!(
+                        "{reason}; moved hosts left on the new release (started with rollback: false)"
+                    ),
+                    None => "moved hosts left on the new release (started with rollback: false)"
+                        .to_owned(),
+                });
+            }
+        });
+    }
     ledger.update(|r| {
         for h in &mut r.hosts {
             if h.outcome == HostOutcome::Pending {
@@ -175,7 +203,11 @@ pub fn interrupted(mut report: RolloutReport, found: &str) -> RolloutReport {
     };
     report.reason = Some(format!(
         "{stopped} (found {found}): hosts IN_PROGRESS may run either release, hosts NOT_REACHED \
-         were never touched; DELETE rolls back the hosts it moved"
+         were never touched; DELETE looks them up and rolls back the hosts it moved (unless it was \
+         started with rollback: false)"
     ));
     report
 }
+
+#[cfg(test)]
+mod tests;

@@ -112,7 +112,8 @@ pub async fn get(
 /// ends ABORTED (or FAILED when a rollback failed). An INTERRUPTED rollout (the service stopped
 /// while it ran) is undone: each host it left IN_PROGRESS is looked up in its receiver's journal
 /// (a deployment still under way there is waited for), and every host on the new release is
-/// rolled back; it turns RUNNING, then ends ABORTED (or FAILED).
+/// rolled back (with `rollback: false`, only looked up); it turns RUNNING, then ends ABORTED (or
+/// FAILED).
 #[utoipa::path(delete, path = "/api/v1/rollouts/{id}", tag = "rollouts", operation_id = "abort_rollout",
     params(("id" = Uuid, Path, description = "Rollout id")),
     security((), ("api_token" = [])),

@@ -20,7 +20,7 @@ use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
     is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, undo_interrupted,
     BatchSize, HostError, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
-    RolloutReport, RolloutStatus,
+    RolloutReport, RolloutStatus, UndoOptions,
 };
 use crate::pipeline::{
     now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
@@ -63,6 +63,11 @@ pub struct RolloutInput {
     pub preload: bool,
 }
 
+/// A host's deadline when the request names none, seconds.
+fn default_host_timeout_secs() -> u64 {
+    600
+}
+
 /// A rollout as the service shows it. Kept in the state directory (`rollouts/<id>.json`), so a
 /// restarted service still shows it; one that was running then is INTERRUPTED.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -77,6 +82,14 @@ pub struct RolloutView {
     pub correlation_id: String,
     /// When it was started (RFC 3339).
     pub started_at: String,
+    /// Whether a stopped rollout rolls back the hosts it moved (the request's `rollback`; an
+    /// INTERRUPTED one's `DELETE` then only looks its hosts up).
+    #[serde(default = "yes")]
+    pub rollback: bool,
+    /// Longest wait for one host's deployment, seconds (the request's `host_timeout_secs`, or
+    /// its default).
+    #[serde(default = "default_host_timeout_secs")]
+    pub host_timeout_secs: u64,
     /// True once `DELETE` asked it to stop (or, INTERRUPTED, to be undone).
     pub abort_requested: bool,
     /// Hosts, outcomes, and where the fleet stands.
@@ -152,8 +165,12 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
                 message: e.to_string(),
             })
     };
-    let deadline = RolloutOptions::default().rollback_timeout;
-    undo_interrupted(view.report.clone(), settle, rollback, deadline, &on_event).await;
+    let options = UndoOptions {
+        rollback: view.rollback,
+        settle_timeout: Duration::from_secs(view.host_timeout_secs.max(1)),
+        rollback_timeout: RolloutOptions::default().rollback_timeout,
+    };
+    undo_interrupted(view.report.clone(), settle, rollback, options, &on_event).await;
     recorder.finish().await;
 }
 
@@ -164,12 +181,16 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         Some(b) => b.parse::<BatchSize>().map_err(SenderError::Validation)?,
         None => BatchSize::default(),
     };
+    let host_timeout_secs = input
+        .host_timeout_secs
+        .unwrap_or_else(default_host_timeout_secs)
+        .max(1);
     let options = RolloutOptions {
         canary: input.canary,
         batch,
         max_failures: input.max_failures,
         rollback: input.rollback,
-        host_timeout: Duration::from_secs(input.host_timeout_secs.unwrap_or(600).max(1)),
+        host_timeout: Duration::from_secs(host_timeout_secs),
         max_concurrent: state.config().max_concurrent_transfers.max(1),
         slots: Some(std::sync::Arc::clone(state.transfer_slots())),
         preload: input.preload,
@@ -208,6 +229,8 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         container_name: release.spec.container_name.clone(),
         correlation_id: correlation_id.clone(),
         started_at: now_rfc3339(),
+        rollback: options.rollback,
+        host_timeout_secs,
         abort_requested: false,
         report: RolloutReport::planned(&input.receivers, &plan),
     }));

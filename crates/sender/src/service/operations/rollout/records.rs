@@ -318,6 +318,8 @@ mod tests {
             container_name: "web".into(),
             correlation_id: "rollout-test".into(),
             started_at: started_at.into(),
+            rollback: true,
+            host_timeout_secs: 600,
             abort_requested: false,
             report,
         }
