@@ -7,8 +7,11 @@
 
 mod layers_common;
 
+use deploy_protocol::api::DeploymentStatus;
 use deploy_sender::{CompressionOptions, LayerFate, ReleaseOutcome, TransferMode};
-use layers_common::{cold_host, container_image, host_has_image, Fault, Images, Proxy, Sender};
+use layers_common::{
+    cold_host, container_image, host_has_image, journal, Fault, Images, Proxy, Sender,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -144,6 +147,99 @@ async fn a_stream_cut_midway_is_sent_as_layers_and_the_deploy_succeeds() {
     assert_eq!(outcome.totals.bytes_sent, outcome.totals.bytes_total);
     assert_eq!(container_image(&host, &name), images.id(&app));
     assert!(host_has_image(&host, &app));
+
+    // The receiver ended the cut stream's deployment FAILED (its client went away mid-package,
+    // so its load failed): no record is left IN_PROGRESS, and the layers' deployment is the one
+    // that took effect.
+    let records: Vec<_> = journal(&proxy.url)
+        .await
+        .into_iter()
+        .filter(|r| r.container_name == name)
+        .collect();
+    let statuses: Vec<_> = records.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [DeploymentStatus::Succeeded, DeploymentStatus::Failed],
+        "newest first: {records:#?}"
+    );
+    assert!(records[1].error.is_some(), "{:#?}", records[1]);
+}
+
+#[tokio::test]
+async fn a_stream_refused_busy_while_another_loads_is_sent_as_layers() {
+    let images = Images::default();
+    let first = images.app(&images.base(4 * MIB), 2 * MIB);
+    let second = images.app(&images.base(3 * MIB), MIB);
+    // A stream that stalls holds the host's load turn until the receiver's idle timeout ends it.
+    let host = cold_host("lst4").await;
+    let (_daemon, proxy) =
+        Proxy::with_receiver_env(&host.docker_host(), &[("UPLOAD_IDLE_TIMEOUT_SECS", "4")]).await;
+    let sender = Sender::new(true).await;
+    let (first_name, second_name) = (container_name(), container_name());
+
+    let stall_at = proxy.sent() + 2 * MIB as u64;
+    proxy.fault_after(2 * MIB as u64, Fault::Stall);
+    let stalled = sender.deploy(&proxy.url, &first, &first_name);
+    let busy = async {
+        // Once the first stream stalled mid-package (it holds the load turn), the second comes.
+        let waited = std::time::Instant::now();
+        while proxy.sent() < stall_at {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(60),
+                "the first stream never reached {stall_at} bytes"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let busy_before = proxy
+            .busy_answers
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let outcome = sender.deploy(&proxy.url, &second, &second_name).await;
+        let busy = proxy
+            .busy_answers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - busy_before;
+        (outcome, busy)
+    };
+    let (first_outcome, (second_outcome, busy)) = tokio::join!(stalled, busy);
+
+    // The second stream was refused before a byte of its package was read: 429 BUSY, told as
+    // TRANSFER_FAILED, then the image went as layers, whole, and was loaded once the turn came.
+    assert!(busy >= 1, "no 429 reached the sender");
+    assert_eq!(
+        second_outcome.mode,
+        TransferMode::Layers,
+        "{second_outcome:#?}"
+    );
+    assert_eq!(second_outcome.totals.present, 0);
+    assert_eq!(
+        second_outcome.totals.bytes_sent,
+        second_outcome.totals.bytes_total
+    );
+    let refused = sender
+        .events
+        .sink()
+        .list(100)
+        .into_iter()
+        .filter(|e| e.event_type == deploy_protocol::events::EventType::TransferFailed)
+        .any(|e| e.payload["code"] == "BUSY");
+    assert!(refused, "no TRANSFER_FAILED with BUSY among the events");
+    assert_eq!(container_image(&host, &second_name), images.id(&second));
+
+    // The stalled stream timed out on the receiver (408, which the sender also answers with
+    // layers), and its deployment went through as layers too.
+    assert_eq!(
+        first_outcome.mode,
+        TransferMode::Layers,
+        "{first_outcome:#?}"
+    );
+    assert_eq!(container_image(&host, &first_name), images.id(&first));
+    let journal = journal(&proxy.url).await;
+    assert!(
+        journal
+            .iter()
+            .all(|r| r.status != DeploymentStatus::InProgress),
+        "{journal:#?}"
+    );
 }
 
 #[tokio::test]

@@ -105,6 +105,22 @@ impl Sender {
     }
 }
 
+/// The receiver at `url`'s deployment journal (its newest 100 records, newest first), read with a
+/// signed `GET /deployments` as an operator would.
+pub async fn journal(url: &str) -> Vec<deploy_protocol::api::DeploymentRecord> {
+    let client = deploy_sender::ReceiverClient::new(reqwest::Client::new(), target(url));
+    let response = client
+        .signed_get("/deployments?limit=100", None, Duration::from_secs(10))
+        .await
+        .expect("the receiver answers its journal query");
+    assert_eq!(response.status(), 200, "the journal query");
+    response
+        .json::<deploy_protocol::api::DeploymentList>()
+        .await
+        .expect("a deployment list")
+        .deployments
+}
+
 /// The test receivers' target at `url`.
 pub fn target(url: &str) -> ReceiverTarget {
     ReceiverTarget::new(url, "default", SECRET.as_bytes()).expect("target")
