@@ -170,10 +170,12 @@ async fn a_stream_refused_busy_while_another_loads_is_sent_as_layers() {
     let images = Images::default();
     let first = images.app(&images.base(4 * MIB), 2 * MIB);
     let second = images.app(&images.base(3 * MIB), MIB);
-    // A stream that stalls holds the host's load turn until the receiver's idle timeout ends it.
+    // A stream that stalls holds the host's load turn until the receiver's idle timeout ends it
+    // (long enough for the second deploy to export its image and reach its stream request on a
+    // loaded machine).
     let host = cold_host("lst4").await;
     let (_daemon, proxy) =
-        Proxy::with_receiver_env(&host.docker_host(), &[("UPLOAD_IDLE_TIMEOUT_SECS", "4")]).await;
+        Proxy::with_receiver_env(&host.docker_host(), &[("UPLOAD_IDLE_TIMEOUT_SECS", "15")]).await;
     let sender = Sender::new(true).await;
     let (first_name, second_name) = (container_name(), container_name());
 
@@ -227,6 +229,13 @@ async fn a_stream_refused_busy_while_another_loads_is_sent_as_layers() {
 
     // The stalled stream timed out on the receiver (408, which the sender also answers with
     // layers), and its deployment went through as layers too.
+    assert!(
+        proxy
+            .timeout_answers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1,
+        "the receiver never answered the stalled stream 408"
+    );
     assert_eq!(
         first_outcome.mode,
         TransferMode::Layers,

@@ -231,6 +231,8 @@ pub struct Proxy {
     pub patch_connections: Arc<AtomicU64>,
     /// `429 Too Many Requests` answers the receiver sent.
     pub busy_answers: Arc<AtomicU64>,
+    /// `408 Request Timeout` answers the receiver sent.
+    pub timeout_answers: Arc<AtomicU64>,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
     hook: Arc<Mutex<Option<Hook>>>,
     stop: Arc<AtomicBool>,
@@ -276,8 +278,13 @@ impl Proxy {
         let stop = Arc::new(AtomicBool::new(false));
         let patch_connections = Arc::new(AtomicU64::new(0));
         let busy_answers = Arc::new(AtomicU64::new(0));
+        let timeout_answers = Arc::new(AtomicU64::new(0));
         let (s, f, h, st) = (sent.clone(), fault.clone(), hook.clone(), stop.clone());
-        let (pc, ba) = (patch_connections.clone(), busy_answers.clone());
+        let (pc, ba, ta) = (
+            patch_connections.clone(),
+            busy_answers.clone(),
+            timeout_answers.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if st.load(Ordering::Relaxed) {
@@ -290,6 +297,7 @@ impl Proxy {
                     sent: s.clone(),
                     patch_connections: pc.clone(),
                     busy_answers: ba.clone(),
+                    timeout_answers: ta.clone(),
                 };
                 tokio::spawn(pipe(client, server, counters, f.clone(), h.clone()));
             }
@@ -299,6 +307,7 @@ impl Proxy {
             sent,
             patch_connections,
             busy_answers,
+            timeout_answers,
             fault,
             hook,
             stop,
@@ -334,6 +343,7 @@ struct Counters {
     sent: Arc<AtomicU64>,
     patch_connections: Arc<AtomicU64>,
     busy_answers: Arc<AtomicU64>,
+    timeout_answers: Arc<AtomicU64>,
 }
 
 async fn pipe(
@@ -349,6 +359,7 @@ async fn pipe(
         sent,
         patch_connections,
         busy_answers,
+        timeout_answers,
     } = counters;
     let down = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -357,9 +368,9 @@ async fn pipe(
                 break;
             }
             // Answers are small: a status line is within one read.
-            const BUSY: &[u8] = b"HTTP/1.1 429 ";
-            let busy = buf[..n].windows(BUSY.len()).filter(|w| *w == BUSY).count();
-            busy_answers.fetch_add(busy as u64, Ordering::Relaxed);
+            let count = |line: &[u8]| buf[..n].windows(line.len()).filter(|w| *w == line).count();
+            busy_answers.fetch_add(count(b"HTTP/1.1 429 ") as u64, Ordering::Relaxed);
+            timeout_answers.fetch_add(count(b"HTTP/1.1 408 ") as u64, Ordering::Relaxed);
             if cw.write_all(&buf[..n]).await.is_err() {
                 break;
             }

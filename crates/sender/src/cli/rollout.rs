@@ -52,8 +52,9 @@ pub struct RolloutArgs {
     /// Seconds one host's rollback may take.
     #[arg(long, env = "DEPLOY_ROLLBACK_TIMEOUT_SECS", default_value_t = 300)]
     pub rollback_timeout: u64,
-    /// Send and load the release on every host after the canary while the canary is deployed
-    /// and checked, so that each later batch only switches containers. Hosts a stopped rollout
+    /// Send and load the release on every host after the canary while the canary is loaded
+    /// and checked (once the canary has been sent its bytes: they never share the uplink), so
+    /// that each later batch only switches containers. Hosts a stopped rollout
     /// did not reach may then hold the new image (never a container of it). Layer transfers
     /// only (not `--full`).
     #[arg(long, env = "DEPLOY_PRELOAD")]
@@ -76,6 +77,8 @@ impl RolloutArgs {
             max_concurrent: self.max_concurrent_transfers.max(1),
             slots: None,
             preload: self.preload,
+            // roll_out opens the gate when the first step's hosts have their bytes.
+            preload_after: None,
         }
     }
 

@@ -17,6 +17,7 @@ pub use lifecycle::{lifecycle_event, RolloutRecorder};
 pub use plan::{BatchSize, Phase, Plan};
 pub use receivers::{
     is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, Payload, Release,
+    LATE_SETTLE,
 };
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};

@@ -13,6 +13,7 @@ use deploy_protocol::{DeploymentSpec, ErrorBody, ErrorCode};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::plan::Plan;
 use super::report::{HostError, RolloutReport};
 use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
 use super::undo::Settled;
@@ -83,19 +84,33 @@ pub async fn roll_out(
     // finishes it: it does not depend on the connection) can be looked up and, if it took
     // effect, rolled back with the moved hosts; the engine's own deadline is a backstop past it.
     let host_deadline = options.host_timeout;
+    let preload = options.preload && matches!(release.payload, Payload::Layers(_));
+    // Preloads start once every host of the first step has its bytes (or has ended): they would
+    // share the sender's uplink with the step the rollout waits for.
+    let first_step = Plan::new(hosts.len(), options.canary, options.batch)
+        .ok()
+        .and_then(|plan| plan.steps.into_iter().next())
+        .map(|(_, members)| members)
+        .unwrap_or_default();
+    let first_sent = Arc::new(FirstStepSent::new(first_step));
     let options = &RolloutOptions {
-        preload: options.preload && matches!(release.payload, Payload::Layers(_)),
+        preload,
+        preload_after: preload.then(|| first_sent.opened()),
         host_timeout: host_deadline + LATE_SETTLE + Duration::from_secs(5),
         ..options.clone()
     };
     let name = release.spec.container_name.as_str();
+    let first_sent = &first_sent;
     let deploy = |i: usize| async move {
+        // However the host's deployment ends, its bytes are no longer on the wire then.
+        let _sent = SentOnDrop(first_sent, i);
         let receiver = &receivers[i];
         let before = running_image(receiver, name).await;
         let attempt = async {
             match &release.payload {
                 Payload::Layers(image) => {
-                    deploy_layers(receiver, image, release, before.clone()).await
+                    let sent = (Arc::clone(first_sent), i);
+                    deploy_layers(receiver, image, release, before.clone(), sent).await
                 }
                 Payload::Package(package) => {
                     deploy_whole(receiver, package, release, before.clone()).await
@@ -151,7 +166,7 @@ pub async fn roll_out(
 
 /// How long a host that missed its deadline is looked up on its receiver (its deployment waited
 /// for while it still runs there).
-const LATE_SETTLE: Duration = Duration::from_secs(60);
+pub const LATE_SETTLE: Duration = Duration::from_secs(60);
 
 /// `<request's correlation id>.rollout-<id>` (the request's cut to fit the 128 characters a
 /// correlation id may have), or `rollout-<id>`: a rollout's own, so that its deployments can be
@@ -239,11 +254,15 @@ async fn deploy_layers(
     image: &PreparedImage,
     release: &Release,
     before: Option<String>,
+    (first_sent, index): (Arc<FirstStepSent>, usize),
 ) -> Result<Moved, NotMoved> {
     let policy = RetryPolicy::default();
     let calls = receiver.release_calls(release.correlation_id.as_deref(), &policy);
     let action = ReleaseAction::Deploy(Box::new(release.spec.clone()));
-    let sent = Arc::new(UploadCounter::default());
+    let sent = Arc::new(UploadCounter {
+        uploaded: Some((first_sent, index)),
+        ..UploadCounter::default()
+    });
     let result = send_release(calls, image, &action, sent.clone()).await;
     let failed = |e: SenderError, bytes: u64, before: Option<String>| NotMoved {
         bytes,
@@ -348,20 +367,72 @@ async fn deploy_whole(
     }
 }
 
-/// The upload bytes a release transfer reported, the most it reached.
+/// The upload bytes a release transfer reported, the most it reached; and, for a host of the
+/// first step, the moment its upload ended.
 #[derive(Debug, Default)]
-struct UploadCounter(AtomicU64);
+struct UploadCounter {
+    bytes: AtomicU64,
+    uploaded: Option<(Arc<FirstStepSent>, usize)>,
+}
 
 impl UploadCounter {
     fn bytes(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Which hosts of a rollout's first step still have bytes to send; opens its gate (see
+/// [`RolloutOptions::preload_after`]) once none has.
+#[derive(Debug)]
+struct FirstStepSent {
+    pending: std::sync::Mutex<std::collections::BTreeSet<usize>>,
+    gate: tokio::sync::watch::Sender<bool>,
+}
+
+impl FirstStepSent {
+    fn new(hosts: Vec<usize>) -> Self {
+        let open = hosts.is_empty();
+        Self {
+            pending: std::sync::Mutex::new(hosts.into_iter().collect()),
+            gate: tokio::sync::watch::Sender::new(open),
+        }
+    }
+
+    /// The gate, open once every first-step host has sent its bytes.
+    fn opened(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.gate.subscribe()
+    }
+
+    /// Host `index` has sent its bytes (or ended); any other host is ignored.
+    fn sent(&self, index: usize) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.remove(&index) && pending.is_empty() {
+            self.gate.send_replace(true);
+        }
+    }
+}
+
+/// Tells [`FirstStepSent`] that host `.1` has ended when dropped.
+struct SentOnDrop<'a>(&'a FirstStepSent, usize);
+
+impl Drop for SentOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.sent(self.1);
     }
 }
 
 impl Progress for UploadCounter {
     fn report(&self, event: ProgressEvent<'_>) {
         if event.stage == Stage::Upload && event.message.is_none() {
-            self.0.fetch_max(event.done, Ordering::Relaxed);
+            self.bytes.fetch_max(event.done, Ordering::Relaxed);
+            if event.finished {
+                if let Some((first_sent, index)) = &self.uploaded {
+                    first_sent.sent(*index);
+                }
+            }
         }
     }
 }
@@ -487,7 +558,13 @@ pub async fn settle_interrupted(
 fn journal_query(correlation_id: Option<&str>) -> String {
     let mut query = format!("/deployments?limit={JOURNAL_PAGE}");
     if let Some(id) = correlation_id {
-        let id = percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC);
+        // RFC 3986's unreserved characters travel as they are (a proxy may decode them).
+        const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
+        let id = percent_encoding::utf8_percent_encode(id, ESCAPED);
         query.push_str(&format!("&correlation_id={id}"));
     }
     query
@@ -537,11 +614,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_preload_gate_opens_once_every_host_of_the_first_step_has_sent() {
+        let first = FirstStepSent::new(vec![0, 1]);
+        let gate = first.opened();
+        first.sent(3);
+        first.sent(0);
+        assert!(!*gate.borrow(), "host 1 still sends");
+        {
+            let _ended = SentOnDrop(&first, 1);
+        }
+        assert!(*gate.borrow());
+        first.sent(1);
+        assert!(*gate.borrow(), "told twice, it stays open");
+        assert!(*FirstStepSent::new(Vec::new()).opened().borrow());
+    }
+
+    #[test]
     fn the_journal_is_asked_for_a_correlation_id_percent_encoded() {
         assert_eq!(journal_query(None), "/deployments?limit=1000");
         assert_eq!(
-            journal_query(Some("ci#7&x=1.rollout-a")),
-            "/deployments?limit=1000&correlation_id=ci%237%26x%3D1%2Erollout%2Da"
+            journal_query(Some("ci#7&x=1 +/%.rollout-a_~")),
+            "/deployments?limit=1000&correlation_id=ci%237%26x%3D1%20%2B%2F%25.rollout-a_~"
         );
     }
 }

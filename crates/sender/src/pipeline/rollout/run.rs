@@ -42,6 +42,10 @@ pub struct RolloutOptions {
     /// and health-checked, so that each later step only switches containers. Hosts a stopped
     /// rollout did not reach then hold the new image (never a container of it).
     pub preload: bool,
+    /// With `preload`: no preload starts before this turns true (the caller opens it once the
+    /// first step's hosts have their bytes, so that preloads do not share the sender's uplink
+    /// with the step the rollout waits for). `None`: they start with the first step.
+    pub preload_after: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for RolloutOptions {
@@ -58,6 +62,7 @@ impl Default for RolloutOptions {
             max_concurrent: 5,
             slots: None,
             preload: false,
+            preload_after: None,
         }
     }
 }
@@ -273,7 +278,14 @@ where
     let driver = {
         let slots = &options.slots;
         let all: Vec<_> = preloads.iter().flatten().cloned().collect();
+        let mut after = options.preload_after.clone();
         async move {
+            if let Some(after) = after.as_mut() {
+                // A gate dropped unopened leaves the preloads to the hosts' own steps.
+                if after.wait_for(|open| *open).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
             stream::iter(all)
                 .for_each_concurrent(preload_concurrency, |one| async move {
                     let _slot = match slots {

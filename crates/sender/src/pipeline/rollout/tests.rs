@@ -455,6 +455,72 @@ async fn with_preload_later_hosts_load_while_the_canary_deploys_and_switch_in_th
     assert_eq!(report.hosts[0].bytes, 100);
 }
 
+// Paused time: the gate opens 5 ms into the canary's 20 ms deployment.
+#[tokio::test(start_paused = true)]
+async fn preloads_start_only_once_the_first_step_opens_their_gate() {
+    let fleet = Fleet::failing(&[]);
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let options = RolloutOptions {
+        preload: true,
+        preload_after: Some(opened),
+        ..half()
+    };
+    let began = tokio::time::Instant::now();
+    let preload_starts = Mutex::new(Vec::new());
+    let (fleet_ref, gate, starts) = (&fleet, &gate, &preload_starts);
+    let report = run(
+        &hosts(4),
+        &options,
+        |i| async move {
+            if i == 0 {
+                // The canary's bytes are out: as roll_out opens the gate.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                assert!(
+                    starts.lock().expect("lock").is_empty(),
+                    "a preload started before the canary's bytes were sent"
+                );
+                gate.send_replace(true);
+            }
+            fleet_ref.deploy(i).await
+        },
+        |i| async move {
+            starts.lock().expect("lock").push(began.elapsed());
+            fleet_ref.preload(i).await
+        },
+        |i, d| async move { fleet_ref.rollback(i, d).await },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("a possible plan");
+    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+    assert_eq!(fleet.preloaded(), [1, 2, 3]);
+    let starts = preload_starts.lock().expect("lock");
+    assert!(
+        starts
+            .iter()
+            .all(|t| *t >= Duration::from_millis(5) && *t < Duration::from_millis(20)),
+        "preloads start when the gate opens, while the canary still deploys: {starts:?}"
+    );
+}
+
+// A gate that is dropped unopened: each host's own step runs its preload.
+#[tokio::test(start_paused = true)]
+async fn preloads_behind_a_gate_never_opened_run_in_their_hosts_steps() {
+    let fleet = Fleet::failing(&[]);
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    drop(gate);
+    let options = RolloutOptions {
+        preload: true,
+        preload_after: Some(opened),
+        ..half()
+    };
+    let report = roll_out(&fleet, 4, options).await;
+    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+    assert_eq!(fleet.preloaded(), [1, 2, 3]);
+    assert_eq!(fleet.started(), [0, 1, 2, 3]);
+}
+
 // Paused time: the 10 ms preloads end before the 20 ms canary, whatever the machine's load.
 #[tokio::test(start_paused = true)]
 async fn with_preload_a_failed_canary_moves_no_other_host() {

@@ -159,12 +159,12 @@ where
                 h.outcome = HostOutcome::NotReached;
             }
         }
-        let undone = !r.hosts.iter().any(|h| {
-            matches!(
-                h.outcome,
-                HostOutcome::Deployed | HostOutcome::RollbackFailed
-            )
-        });
+        // A host that finished its deployment past its deadline (FAILED with a deployment id)
+        // is on the new release too.
+        let undone = !r
+            .hosts
+            .iter()
+            .any(|h| h.moved() || h.outcome == HostOutcome::RollbackFailed);
         r.status = if undone {
             RolloutStatus::Aborted
         } else {

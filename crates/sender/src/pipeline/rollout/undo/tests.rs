@@ -265,3 +265,26 @@ async fn a_rollout_started_without_rollback_has_its_hosts_settled_and_none_rolle
         "{reason}"
     );
 }
+
+#[tokio::test]
+async fn a_host_that_finished_late_keeps_an_undo_without_rollback_from_counting_as_undone() {
+    let plan = Plan::new(2, Some(0), BatchSize::Hosts(2)).expect("plan");
+    let mut report = RolloutReport::planned(&hosts(2), &plan);
+    // Host 0 missed its deadline, and its receiver finished the deployment anyway.
+    report.hosts[0].outcome = HostOutcome::Failed;
+    report.hosts[0].deployment_id = Some(id(0));
+    report.hosts[1].outcome = HostOutcome::InProgress;
+    let report = interrupted(report, "at start");
+    let settle = |_: usize| async move { Ok(Settled::NotStarted) };
+    let rollback = |i: usize, _: Uuid| async move {
+        panic!("host {i} was rolled back by a rollout started with rollback: false")
+    };
+    let options = UndoOptions {
+        rollback: false,
+        ..both(Duration::from_secs(5))
+    };
+    let report = undo_interrupted(report, settle, rollback, options, &|_| {}).await;
+    assert!(report.hosts[0].moved());
+    assert_eq!(report.status, RolloutStatus::Failed, "{report:#?}");
+    assert_eq!(report.fleet, FleetState::Mixed);
+}

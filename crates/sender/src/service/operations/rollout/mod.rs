@@ -20,7 +20,7 @@ use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
     is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, undo_interrupted,
     BatchSize, HostError, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
-    RolloutReport, RolloutStatus, UndoOptions,
+    RolloutReport, RolloutStatus, UndoOptions, LATE_SETTLE,
 };
 use crate::pipeline::{
     now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
@@ -167,7 +167,10 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
     };
     let options = UndoOptions {
         rollback: view.rollback,
-        settle_timeout: Duration::from_secs(view.host_timeout_secs.max(1)),
+        // As long as a live rollout waits for a host: its deadline, then the look-up of a
+        // deployment that outlived it (which also leaves room to tell "never started" from a
+        // receiver that does not answer).
+        settle_timeout: Duration::from_secs(view.host_timeout_secs.max(1)) + LATE_SETTLE,
         rollback_timeout: RolloutOptions::default().rollback_timeout,
     };
     undo_interrupted(view.report.clone(), settle, rollback, options, &on_event).await;

@@ -96,7 +96,12 @@ impl Rollouts {
             ))
         })?;
         for view in &interrupted {
-            tracing::warn!(rollout_id = %view.rollout_id, "a rollout was running when the service stopped: it is INTERRUPTED; DELETE /api/v1/rollouts/{} rolls back the hosts it moved", view.rollout_id);
+            let undo = if view.rollback {
+                "looks its hosts up and rolls back those it moved"
+            } else {
+                "looks its hosts up (it was started with rollback: false: none is rolled back)"
+            };
+            tracing::warn!(rollout_id = %view.rollout_id, "a rollout was running when the service stopped: it is INTERRUPTED; DELETE /api/v1/rollouts/{} {undo}", view.rollout_id);
             let event = RolloutEvent::Finished {
                 report: view.report.clone(),
             };
