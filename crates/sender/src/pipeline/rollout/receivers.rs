@@ -102,11 +102,13 @@ pub async fn roll_out(
     let name = release.spec.container_name.as_str();
     let first_sent = &first_sent;
     let deploy = |i: usize| async move {
-        // However the host's deployment ends, its bytes are no longer on the wire then.
-        let _sent = SentOnDrop(first_sent, i);
+        // However the host's deployment ends (or is given up at its deadline, before the
+        // look-up of a late host), its bytes are no longer on the wire then.
+        let _ended = SentOnDrop(first_sent, i);
         let receiver = &receivers[i];
         let before = running_image(receiver, name).await;
         let attempt = async {
+            let _given_up = SentOnDrop(first_sent, i);
             match &release.payload {
                 Payload::Layers(image) => {
                     let sent = (Arc::clone(first_sent), i);
@@ -627,6 +629,30 @@ mod tests {
         first.sent(1);
         assert!(*gate.borrow(), "told twice, it stays open");
         assert!(*FirstStepSent::new(Vec::new()).opened().borrow());
+    }
+
+    #[test]
+    fn a_first_step_hosts_finished_upload_opens_the_preload_gate_and_nothing_else_does() {
+        use crate::pipeline::progress::ProgressExt as _;
+        let first = Arc::new(FirstStepSent::new(vec![0]));
+        let gate = first.opened();
+        let counter = |index| UploadCounter {
+            uploaded: Some((Arc::clone(&first), index)),
+            ..UploadCounter::default()
+        };
+        let (canary, other) = (counter(0), counter(1));
+        canary.advance(Stage::Upload, 10, Some(20));
+        canary.message(Stage::Upload, "layer sent");
+        canary.finish(Stage::Deploy, 0);
+        other.finish(Stage::Upload, 5);
+        assert!(
+            !*gate.borrow(),
+            "only the canary's own upload's end opens it"
+        );
+        assert_eq!(canary.bytes(), 10);
+        canary.finish(Stage::Upload, 20);
+        assert!(*gate.borrow());
+        assert_eq!(canary.bytes(), 20);
     }
 
     #[test]

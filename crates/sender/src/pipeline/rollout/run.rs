@@ -42,9 +42,10 @@ pub struct RolloutOptions {
     /// and health-checked, so that each later step only switches containers. Hosts a stopped
     /// rollout did not reach then hold the new image (never a container of it).
     pub preload: bool,
-    /// With `preload`: no preload starts before this turns true (the caller opens it once the
-    /// first step's hosts have their bytes, so that preloads do not share the sender's uplink
-    /// with the step the rollout waits for). `None`: they start with the first step.
+    /// With `preload`: no preload starts before this turns true (except a host's own, when its
+    /// step comes first). `None`: they start with the first step. [`roll_out`](super::roll_out)
+    /// sets its own, open once the first step's hosts have been sent their bytes, so that the
+    /// preloads do not share the sender's uplink with the step the rollout waits for.
     pub preload_after: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -230,9 +231,9 @@ where
         report: ledger.snapshot(),
     });
 
-    // Preloads: every host after the first step, started at once (as many at a time as
-    // deployments) and awaited by the host's own deployment; each runs once, whichever of the
-    // two polls it first.
+    // Preloads: every host after the first step, started once `preload_after` opens (as many at a
+    // time as deployments) and awaited by the host's own deployment; each runs once, whichever
+    // of the two polls it first. `began` says which ever started.
     let (ledger, preload, abort_ref) = (&ledger, &preload, &abort);
     let ahead: Vec<usize> = if options.preload && plan.steps.len() > 1 {
         plan.steps[1..]
@@ -242,9 +243,16 @@ where
     } else {
         Vec::new()
     };
+    let began: Vec<std::sync::atomic::AtomicBool> = (0..hosts.len())
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
+    let began = &began;
     let mut preloads = vec![None; hosts.len()];
     for &i in &ahead {
         let one = async move {
+            if let Some(flag) = began.get(i) {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let started = Instant::now();
             let result = tokio::time::timeout(options.host_timeout, preload(i)).await;
             let elapsed = Some(millis(started.elapsed()));
@@ -390,9 +398,15 @@ where
     };
     // Preloads still running (a stopped rollout) end here, before any rollback: their hosts may
     // hold part of the release (blobs the receiver sweeps after PARTIAL_TTL), never a container.
+    // Those that never started touched nothing.
     let unfinished: Vec<usize> = owned_preloads
         .iter()
         .enumerate()
+        .filter(|(i, _)| {
+            began
+                .get(*i)
+                .is_some_and(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+        })
         .filter(|(_, one)| one.as_ref().is_some_and(|one| one.peek().is_none()))
         .map(|(i, _)| i)
         .collect();

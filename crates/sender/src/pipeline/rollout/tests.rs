@@ -455,10 +455,27 @@ async fn with_preload_later_hosts_load_while_the_canary_deploys_and_switch_in_th
     assert_eq!(report.hosts[0].bytes, 100);
 }
 
-// Paused time: the gate opens 5 ms into the canary's 20 ms deployment.
+// Paused time: the gate opens 5 ms into the canary's 25 ms deployment.
 #[tokio::test(start_paused = true)]
 async fn preloads_start_only_once_the_first_step_opens_their_gate() {
     let fleet = Fleet::failing(&[]);
+    let (report, starts) = roll_out_gated(&fleet, Some(5)).await;
+    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+    assert_eq!(fleet.preloaded(), [1, 2, 3]);
+    assert!(
+        starts
+            .iter()
+            .all(|(_, t)| *t >= Duration::from_millis(5) && *t < Duration::from_millis(25)),
+        "preloads start when the gate opens, while the canary still deploys: {starts:?}"
+    );
+}
+
+/// A rollout of four hosts with preload behind a gate that `open_after_ms` opens (never with
+/// `None`); answers the report and when each preload started.
+async fn roll_out_gated(
+    fleet: &Arc<Fleet>,
+    open_after_ms: Option<u64>,
+) -> (RolloutReport, Vec<(usize, Duration)>) {
     let (gate, opened) = tokio::sync::watch::channel(false);
     let options = RolloutOptions {
         preload: true,
@@ -466,59 +483,70 @@ async fn preloads_start_only_once_the_first_step_opens_their_gate() {
         ..half()
     };
     let began = tokio::time::Instant::now();
-    let preload_starts = Mutex::new(Vec::new());
-    let (fleet_ref, gate, starts) = (&fleet, &gate, &preload_starts);
+    let starts = Mutex::new(Vec::new());
+    let (gate, starts_ref) = (&gate, &starts);
     let report = run(
         &hosts(4),
         &options,
         |i| async move {
-            if i == 0 {
-                // The canary's bytes are out: as roll_out opens the gate.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                assert!(
-                    starts.lock().expect("lock").is_empty(),
-                    "a preload started before the canary's bytes were sent"
-                );
+            if let (0, Some(ms)) = (i, open_after_ms) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
                 gate.send_replace(true);
             }
-            fleet_ref.deploy(i).await
+            fleet.deploy(i).await
         },
         |i| async move {
-            starts.lock().expect("lock").push(began.elapsed());
-            fleet_ref.preload(i).await
+            starts_ref.lock().expect("lock").push((i, began.elapsed()));
+            fleet.preload(i).await
         },
-        |i, d| async move { fleet_ref.rollback(i, d).await },
+        |i, d| async move { fleet.rollback(i, d).await },
         CancellationToken::new(),
         &|_| {},
     )
     .await
     .expect("a possible plan");
-    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
-    assert_eq!(fleet.preloaded(), [1, 2, 3]);
-    let starts = preload_starts.lock().expect("lock");
-    assert!(
-        starts
-            .iter()
-            .all(|t| *t >= Duration::from_millis(5) && *t < Duration::from_millis(20)),
-        "preloads start when the gate opens, while the canary still deploys: {starts:?}"
-    );
+    let mut starts = starts.into_inner().expect("lock");
+    starts.sort_unstable();
+    (report, starts)
 }
 
-// A gate that is dropped unopened: each host's own step runs its preload.
+// Paused time: the canary's deployment takes 20 ms (or 25 with the gate), a preload 10 ms.
 #[tokio::test(start_paused = true)]
-async fn preloads_behind_a_gate_never_opened_run_in_their_hosts_steps() {
+async fn a_preload_whose_gate_is_still_closed_runs_in_its_hosts_own_step() {
     let fleet = Fleet::failing(&[]);
-    let (gate, opened) = tokio::sync::watch::channel(false);
-    drop(gate);
-    let options = RolloutOptions {
-        preload: true,
-        preload_after: Some(opened),
-        ..half()
-    };
-    let report = roll_out(&fleet, 4, options).await;
+    let (report, starts) = roll_out_gated(&fleet, None).await;
     assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
-    assert_eq!(fleet.preloaded(), [1, 2, 3]);
     assert_eq!(fleet.started(), [0, 1, 2, 3]);
+    // Step 2 (hosts 1, 2) begins after the canary's 20 ms; step 3 (host 3) after step 2's
+    // preload and deployment, 30 ms more.
+    let at = |host: usize| starts.iter().find(|(i, _)| *i == host).map(|(_, t)| *t);
+    assert!(at(1) >= Some(Duration::from_millis(20)), "{starts:?}");
+    assert!(at(2) >= Some(Duration::from_millis(20)), "{starts:?}");
+    assert!(at(3) >= Some(Duration::from_millis(50)), "{starts:?}");
+    assert!(report.hosts.iter().all(|h| h.preload_error.is_none()));
+    assert!(report.hosts[1..].iter().all(|h| h.preload_ms.is_some()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_canary_that_fails_before_the_gate_opens_leaves_every_later_host_untouched() {
+    let fleet = Fleet::failing(&[0]);
+    let (report, starts) = roll_out_gated(&fleet, None).await;
+    assert_eq!(
+        report.status,
+        RolloutStatus::RolledBack,
+        "{}",
+        report.table()
+    );
+    assert_eq!(report.fleet, FleetState::OldRelease);
+    assert_eq!(starts, [], "no preload started");
+    assert!(
+        report.hosts.iter().all(|h| h.preload_error.is_none()),
+        "a preload that never started is not reported as cut off: {}",
+        report.table()
+    );
+    assert!(report.hosts[1..]
+        .iter()
+        .all(|h| h.outcome == HostOutcome::NotReached && h.preload_ms.is_none()));
 }
 
 // Paused time: the 10 ms preloads end before the 20 ms canary, whatever the machine's load.
