@@ -321,13 +321,24 @@ where
             let (deploy, abort, slots) = (&deploy, abort_ref, &options.slots);
             let mut done = stream::iter(members.iter().copied())
                 .map(|i| async move {
-                    // The host's own preload ends first, before it takes a slot (the preload
-                    // holds one while it runs); neither wait is part of the host's deadline.
-                    if let Some(Some(one)) = preloads.get(i) {
-                        tokio::select! {
-                            () = one.clone() => {}
-                            () = abort.cancelled() => {}
+                    // The host's own preload ends first. One the driver runs holds a slot of
+                    // its own: it is awaited before this host takes one. One that has not
+                    // begun (its gate still closed) runs here, under the host's slot. Neither
+                    // wait is part of the host's deadline.
+                    let own = preloads.get(i).and_then(Option::as_ref);
+                    let wait_own = || async {
+                        if let Some(one) = own {
+                            tokio::select! {
+                                () = one.clone() => {}
+                                () = abort.cancelled() => {}
+                            }
                         }
+                    };
+                    let running = began
+                        .get(i)
+                        .is_some_and(|b| b.load(std::sync::atomic::Ordering::Relaxed));
+                    if running {
+                        wait_own().await;
                     }
                     let _slot = match slots {
                         Some(slots) => tokio::select! {
@@ -336,6 +347,9 @@ where
                         },
                         None => None,
                     };
+                    if !running {
+                        wait_own().await;
+                    }
                     deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
                 })
                 .buffer_unordered(concurrency);

@@ -527,6 +527,47 @@ async fn a_preload_whose_gate_is_still_closed_runs_in_its_hosts_own_step() {
     assert!(report.hosts[1..].iter().all(|h| h.preload_ms.is_some()));
 }
 
+// Paused time. One shared slot: a preload run in its host's step holds the host's slot.
+#[tokio::test(start_paused = true)]
+async fn a_preload_run_in_its_hosts_step_holds_that_hosts_slot() {
+    let fleet = Fleet::failing(&[]);
+    let (_gate, opened) = tokio::sync::watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(1));
+    let options = RolloutOptions {
+        preload: true,
+        preload_after: Some(opened),
+        slots: Some(Arc::clone(&slots)),
+        ..half()
+    };
+    let fleet_ref = &fleet;
+    let report = run(
+        &hosts(4),
+        &options,
+        |i| async move { fleet_ref.deploy(i).await },
+        |i| async move {
+            // Counted with the deployments: at most one of either at a time.
+            let now = fleet_ref.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            fleet_ref.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            let result = fleet_ref.preload(i).await;
+            fleet_ref.in_flight.fetch_sub(1, Ordering::SeqCst);
+            result
+        },
+        |i, d| async move { fleet_ref.rollback(i, d).await },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("a possible plan");
+    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+    assert_eq!(fleet.preloaded(), [1, 2, 3]);
+    assert_eq!(
+        fleet.most_in_flight.load(Ordering::SeqCst),
+        1,
+        "preloads and deployments took the one slot in turn"
+    );
+    assert_eq!(slots.available_permits(), 1, "the slot given back");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_canary_that_fails_before_the_gate_opens_leaves_every_later_host_untouched() {
     let fleet = Fleet::failing(&[0]);
