@@ -233,7 +233,8 @@ where
 
     // Preloads: every host after the first step, started once `preload_after` opens (as many at a
     // time as deployments) and awaited by the host's own deployment; each runs once, whichever
-    // of the two polls it first. `began` says which ever started.
+    // of the two polls it first, under a slot of its own taken before it touches the host (and
+    // given back before the host's deployment takes one). `began` says which ever started.
     let (ledger, preload, abort_ref) = (&ledger, &preload, &abort);
     let ahead: Vec<usize> = if options.preload && plan.steps.len() > 1 {
         plan.steps[1..]
@@ -248,8 +249,20 @@ where
         .collect();
     let began = &began;
     let mut preloads = vec![None; hosts.len()];
+    let slots = &options.slots;
     for &i in &ahead {
         let one = async move {
+            let _slot = match slots {
+                Some(slots) => tokio::select! {
+                    biased;
+                    () = abort_ref.cancelled() => return,
+                    slot = slots.acquire() => slot.ok(),
+                },
+                None => None,
+            };
+            if abort_ref.is_cancelled() {
+                return;
+            }
             if let Some(flag) = began.get(i) {
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -284,7 +297,6 @@ where
     let first = plan.steps.first().map_or(0, |(_, members)| members.len());
     let preload_concurrency = options.max_concurrent.saturating_sub(first).max(1);
     let driver = {
-        let slots = &options.slots;
         let all: Vec<_> = preloads.iter().flatten().cloned().collect();
         let mut after = options.preload_after.clone();
         async move {
@@ -295,13 +307,7 @@ where
                 }
             }
             stream::iter(all)
-                .for_each_concurrent(preload_concurrency, |one| async move {
-                    let _slot = match slots {
-                        Some(slots) => slots.acquire().await.ok(),
-                        None => None,
-                    };
-                    one.await;
-                })
+                .for_each_concurrent(preload_concurrency, |one| one)
                 .await;
             // Every preload ended; the steps alone decide from here.
             std::future::pending::<()>().await;
@@ -321,35 +327,24 @@ where
             let (deploy, abort, slots) = (&deploy, abort_ref, &options.slots);
             let mut done = stream::iter(members.iter().copied())
                 .map(|i| async move {
-                    // The host's own preload ends first. One the driver runs holds a slot of
-                    // its own: it is awaited before this host takes one. One that has not
-                    // begun (its gate still closed) runs here, under the host's slot. Neither
-                    // wait is part of the host's deadline.
-                    let own = preloads.get(i).and_then(Option::as_ref);
-                    let wait_own = || async {
-                        if let Some(one) = own {
-                            tokio::select! {
-                                () = one.clone() => {}
-                                () = abort.cancelled() => {}
-                            }
+                    // The host's own preload ends first (run by the driver, or here when its
+                    // gate is still closed; under a slot of its own either way), then the host
+                    // takes a slot. Neither wait is part of the host's deadline.
+                    if let Some(Some(one)) = preloads.get(i) {
+                        tokio::select! {
+                            biased;
+                            () = abort.cancelled() => {}
+                            () = one.clone() => {}
                         }
-                    };
-                    let running = began
-                        .get(i)
-                        .is_some_and(|b| b.load(std::sync::atomic::Ordering::Relaxed));
-                    if running {
-                        wait_own().await;
                     }
                     let _slot = match slots {
                         Some(slots) => tokio::select! {
-                            slot = slots.acquire() => slot.ok(),
+                            biased;
                             () = abort.cancelled() => None,
+                            slot = slots.acquire() => slot.ok(),
                         },
                         None => None,
                     };
-                    if !running {
-                        wait_own().await;
-                    }
                     deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
                 })
                 .buffer_unordered(concurrency);

@@ -42,11 +42,107 @@ async fn with_preload_later_hosts_load_while_the_canary_deploys_and_switch_in_th
     assert_eq!(report.hosts[0].bytes, 100);
 }
 
+/// When a gated rollout's gate opens.
+#[derive(Clone, Copy)]
+enum Gate {
+    /// Never (the first step's hosts are still sending).
+    Never,
+    /// This many ms into the canary's deployment (its bytes sent).
+    After(u64),
+    /// When the canary's deployment ends, as `roll_out` opens it for a host that failed.
+    AtCanaryEnd,
+}
+
+/// What a gated rollout did.
+struct Gated {
+    report: RolloutReport,
+    /// When each preload started, by host.
+    starts: Vec<(usize, Duration)>,
+    /// Most preloads and deployments at once.
+    most_in_flight: usize,
+}
+
+/// A rollout of `n` hosts (canary 1, batches of 50 %) with preload behind `gate`, sharing
+/// `slots` (if any) and aborted after `abort_after_ms` (if any).
+async fn roll_out_gated(
+    fleet: &Arc<Fleet>,
+    n: usize,
+    gate: Gate,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    abort_after_ms: Option<u64>,
+) -> Gated {
+    let (opener, opened) = tokio::sync::watch::channel(false);
+    let options = RolloutOptions {
+        preload: true,
+        preload_after: Some(opened),
+        slots,
+        ..half()
+    };
+    let abort = CancellationToken::new();
+    if let Some(ms) = abort_after_ms {
+        let abort = abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            abort.cancel();
+        });
+    }
+    let began = tokio::time::Instant::now();
+    let starts = Mutex::new(Vec::new());
+    let (opener, starts_ref) = (&opener, &starts);
+    // Preloads and deployments, counted together.
+    let counted = |work| async move {
+        let now = fleet.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        fleet.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let result = work.await;
+        fleet.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    };
+    let report = run(
+        &hosts(n),
+        &options,
+        |i| async move {
+            if i != 0 {
+                return fleet.deploy(i).await;
+            }
+            let result = match gate {
+                Gate::After(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    opener.send_replace(true);
+                    fleet.deploy(i).await
+                }
+                Gate::Never | Gate::AtCanaryEnd => fleet.deploy(i).await,
+            };
+            if let Gate::AtCanaryEnd = gate {
+                opener.send_replace(true);
+            }
+            result
+        },
+        |i| {
+            counted(async move {
+                starts_ref.lock().expect("lock").push((i, began.elapsed()));
+                fleet.preload(i).await
+            })
+        },
+        |i, d| async move { fleet.rollback(i, d).await },
+        abort,
+        &|_| {},
+    )
+    .await
+    .expect("a possible plan");
+    let mut starts = starts.into_inner().expect("lock");
+    starts.sort_unstable();
+    Gated {
+        report,
+        starts,
+        most_in_flight: fleet.most_in_flight.load(Ordering::SeqCst),
+    }
+}
+
 // Paused time: the gate opens 5 ms into the canary's 25 ms deployment.
 #[tokio::test(start_paused = true)]
 async fn preloads_start_only_once_the_first_step_opens_their_gate() {
     let fleet = Fleet::failing(&[]);
-    let (report, starts) = roll_out_gated(&fleet, Some(5)).await;
+    let Gated { report, starts, .. } = roll_out_gated(&fleet, 4, Gate::After(5), None, None).await;
     assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
     assert_eq!(fleet.preloaded(), [1, 2, 3]);
     assert!(
@@ -57,51 +153,11 @@ async fn preloads_start_only_once_the_first_step_opens_their_gate() {
     );
 }
 
-/// A rollout of four hosts with preload behind a gate that `open_after_ms` opens (never with
-/// `None`); answers the report and when each preload started.
-async fn roll_out_gated(
-    fleet: &Arc<Fleet>,
-    open_after_ms: Option<u64>,
-) -> (RolloutReport, Vec<(usize, Duration)>) {
-    let (gate, opened) = tokio::sync::watch::channel(false);
-    let options = RolloutOptions {
-        preload: true,
-        preload_after: Some(opened),
-        ..half()
-    };
-    let began = tokio::time::Instant::now();
-    let starts = Mutex::new(Vec::new());
-    let (gate, starts_ref) = (&gate, &starts);
-    let report = run(
-        &hosts(4),
-        &options,
-        |i| async move {
-            if let (0, Some(ms)) = (i, open_after_ms) {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                gate.send_replace(true);
-            }
-            fleet.deploy(i).await
-        },
-        |i| async move {
-            starts_ref.lock().expect("lock").push((i, began.elapsed()));
-            fleet.preload(i).await
-        },
-        |i, d| async move { fleet.rollback(i, d).await },
-        CancellationToken::new(),
-        &|_| {},
-    )
-    .await
-    .expect("a possible plan");
-    let mut starts = starts.into_inner().expect("lock");
-    starts.sort_unstable();
-    (report, starts)
-}
-
-// Paused time: the canary's deployment takes 20 ms (or 25 with the gate), a preload 10 ms.
+// Paused time: the canary's deployment takes 20 ms, a preload 10 ms.
 #[tokio::test(start_paused = true)]
 async fn a_preload_whose_gate_is_still_closed_runs_in_its_hosts_own_step() {
     let fleet = Fleet::failing(&[]);
-    let (report, starts) = roll_out_gated(&fleet, None).await;
+    let Gated { report, starts, .. } = roll_out_gated(&fleet, 4, Gate::Never, None, None).await;
     assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
     assert_eq!(fleet.started(), [0, 1, 2, 3]);
     // Step 2 (hosts 1, 2) begins after the canary's 20 ms; step 3 (host 3) after step 2's
@@ -114,51 +170,57 @@ async fn a_preload_whose_gate_is_still_closed_runs_in_its_hosts_own_step() {
     assert!(report.hosts[1..].iter().all(|h| h.preload_ms.is_some()));
 }
 
-// Paused time. One shared slot: a preload run in its host's step holds the host's slot.
+// Paused time. The shared slots bound preloads and deployments together, whether a preload
+// runs in its host's step (gate closed, one slot) or ahead of it (gate open, two slots for
+// more later hosts than preloads run at once).
 #[tokio::test(start_paused = true)]
-async fn a_preload_run_in_its_hosts_step_holds_that_hosts_slot() {
+async fn preloads_and_deployments_take_the_shared_slots_in_turn() {
+    for (n, gate, permits) in [(4, Gate::Never, 1), (8, Gate::After(0), 2)] {
+        let fleet = Fleet::failing(&[]);
+        let slots = Arc::new(tokio::sync::Semaphore::new(permits));
+        let Gated {
+            report,
+            most_in_flight,
+            ..
+        } = roll_out_gated(&fleet, n, gate, Some(slots), None).await;
+        assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
+        assert_eq!(fleet.preloaded(), (1..n).collect::<Vec<_>>());
+        assert_eq!(
+            most_in_flight, permits,
+            "{n} hosts, {permits} slot(s): preloads and deployments take them in turn"
+        );
+    }
+}
+
+// Paused time: another transfer holds the only slot; the rollout is aborted while the preloads
+// (their gate open) wait for it.
+#[tokio::test(start_paused = true)]
+async fn preloads_still_waiting_for_a_slot_when_the_rollout_is_aborted_touch_nothing() {
     let fleet = Fleet::failing(&[]);
-    let (_gate, opened) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(1));
-    let options = RolloutOptions {
-        preload: true,
-        preload_after: Some(opened),
-        slots: Some(Arc::clone(&slots)),
-        ..half()
-    };
-    let fleet_ref = &fleet;
-    let report = run(
-        &hosts(4),
-        &options,
-        |i| async move { fleet_ref.deploy(i).await },
-        |i| async move {
-            // Counted with the deployments: at most one of either at a time.
-            let now = fleet_ref.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-            fleet_ref.most_in_flight.fetch_max(now, Ordering::SeqCst);
-            let result = fleet_ref.preload(i).await;
-            fleet_ref.in_flight.fetch_sub(1, Ordering::SeqCst);
-            result
-        },
-        |i, d| async move { fleet_ref.rollback(i, d).await },
-        CancellationToken::new(),
-        &|_| {},
-    )
-    .await
-    .expect("a possible plan");
-    assert_eq!(report.fleet, FleetState::NewRelease, "{}", report.table());
-    assert_eq!(fleet.preloaded(), [1, 2, 3]);
-    assert_eq!(
-        fleet.most_in_flight.load(Ordering::SeqCst),
-        1,
-        "preloads and deployments took the one slot in turn"
+    let held = Arc::clone(&slots).acquire_owned().await.expect("slot");
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(held);
+    });
+    let Gated { report, starts, .. } =
+        roll_out_gated(&fleet, 4, Gate::After(0), Some(slots), Some(10)).await;
+    release.await.expect("release");
+    assert_eq!(report.status, RolloutStatus::Aborted, "{}", report.table());
+    assert_eq!(starts, [], "no preload started");
+    assert!(
+        report.hosts.iter().all(|h| h.preload_error.is_none()),
+        "{}",
+        report.table()
     );
-    assert_eq!(slots.available_permits(), 1, "the slot given back");
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_canary_that_fails_before_the_gate_opens_leaves_every_later_host_untouched() {
+async fn a_canary_that_fails_before_it_has_its_bytes_leaves_every_later_host_untouched() {
     let fleet = Fleet::failing(&[0]);
-    let (report, starts) = roll_out_gated(&fleet, None).await;
+    // The failed canary's end opens the gate, as roll_out does: the rollout stops first.
+    let Gated { report, starts, .. } =
+        roll_out_gated(&fleet, 4, Gate::AtCanaryEnd, None, None).await;
     assert_eq!(
         report.status,
         RolloutStatus::RolledBack,
