@@ -59,7 +59,8 @@ pub struct RolloutArgs {
     /// only (not `--full`).
     #[arg(long, env = "DEPLOY_PRELOAD")]
     pub preload: bool,
-    /// Hosts sent to at the same time (one host's transfer proceeds while others load).
+    /// Hosts sent to at the same time, preloads included (one host's transfer proceeds while
+    /// others load).
     #[arg(long, env = "MAX_CONCURRENT_TRANSFERS", default_value_t = 5)]
     pub max_concurrent_transfers: usize,
 }
@@ -75,7 +76,11 @@ impl RolloutArgs {
             host_timeout: Duration::from_secs(self.host_timeout.max(1)),
             rollback_timeout: Duration::from_secs(self.rollback_timeout.max(1)),
             max_concurrent: self.max_concurrent_transfers.max(1),
-            slots: None,
+            // Preloads and deployments share them: at most this many hosts are sent to or
+            // loading at once, as in `deploy-sender serve`.
+            slots: Some(std::sync::Arc::new(tokio::sync::Semaphore::new(
+                self.max_concurrent_transfers.max(1),
+            ))),
             preload: self.preload,
             // roll_out opens the gate when the first step's hosts have their bytes.
             preload_after: None,
@@ -301,6 +306,28 @@ fn print_event(event: RolloutEvent) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preloads_and_deployments_share_max_concurrent_transfers() {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            rollout: RolloutArgs,
+        }
+        let args = <Command as clap::Parser>::parse_from([
+            "deploy",
+            "--preload",
+            "--max-concurrent-transfers",
+            "3",
+        ]);
+        let options = args.rollout.options();
+        assert!(options.preload);
+        assert_eq!(options.max_concurrent, 3);
+        let slots = options
+            .slots
+            .expect("slots shared by preloads and deployments");
+        assert_eq!(slots.available_permits(), 3);
+    }
 
     #[test]
     fn a_hosts_file_has_one_url_a_line_and_comments() {
