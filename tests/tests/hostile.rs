@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The status and body of the answer on `stream`, or `None` when none came within `wait`.
-async fn answer(stream: &mut TcpStream, wait: Duration) -> Option<(u16, String)> {
+async fn answer(stream: &mut (impl AsyncReadExt + Unpin), wait: Duration) -> Option<(u16, String)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     let deadline = tokio::time::Instant::now() + wait;
@@ -192,6 +192,55 @@ async fn a_json_body_that_stops_coming_is_cut_off() {
     assert_eq!(
         (status, code_of(&body).as_str()),
         (408, "TIMEOUT"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn a_json_body_that_trickles_is_cut_off_as_a_whole() {
+    let receiver = spawn_receiver(|c| c.upload_idle_timeout_secs = 1).await;
+    let addr = receiver.addr;
+    // Chunked (no Content-Length, so the size-based deadline would allow MAX_PACKAGE_SIZE at
+    // UPLOAD_MIN_RATE: hours), one byte every 300 ms (never idle for a second), no key.
+    let (mut reader, mut stream) = TcpStream::connect(addr)
+        .await
+        .expect("connect")
+        .into_split();
+    let head = format!(
+        "POST /deployment/v2/releases HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let started = Instant::now();
+    let trickle = async {
+        for _ in 0..100 {
+            if stream.write_all(b"1\r\n{\r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let (_, answered) = tokio::join!(trickle, answer(&mut reader, WAIT));
+    let (status, body) = answered.expect("an answer within 10 s: the whole body has a deadline");
+    eprintln!(
+        "figure: chunked JSON body trickled 1 byte / 300 ms: {status} after {} ms (UPLOAD_IDLE_TIMEOUT_SECS=1)",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        (status, code_of(&body).as_str()),
+        (408, "TIMEOUT"),
+        "{body}"
+    );
+
+    // A body announced larger than a release manifest may be is refused before it is read.
+    let request = format!(
+        "POST /deployment/v2/releases HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{{"
+    );
+    let (status, body) = exchange(addr, request.as_bytes(), WAIT)
+        .await
+        .expect("an answer at once");
+    assert_eq!(
+        (status, code_of(&body).as_str()),
+        (400, "VALIDATION_ERROR"),
         "{body}"
     );
 }

@@ -226,6 +226,53 @@ pub fn authenticate(
     result
 }
 
+/// Reads a small body that is not authenticated yet (its signature covers it): at most `limit`
+/// bytes (a larger `Content-Length` is refused before a byte is read), each chunk copied as it
+/// comes, so that no chunk keeps a buffer of the connection's alive, and the whole of it within
+/// UPLOAD_IDLE_TIMEOUT_SECS (`408 TIMEOUT` after that, however steadily it trickles).
+pub async fn read_small_body(
+    state: &AppState,
+    parts: &Parts,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<Vec<u8>> {
+    use futures::StreamExt as _;
+    let too_large =
+        || ReceiverError::Validation(format!("request body is larger than {limit} bytes"));
+    let announced = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let within = std::time::Duration::from_secs(state.config().upload_idle_timeout_secs.max(1));
+    let read = async {
+        let mut bytes = Vec::new();
+        let mut chunks = body.into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| match BodyTimeout::find(&e) {
+                Some(why) => ReceiverError::Timeout(why),
+                None => ReceiverError::Validation(format!("request body could not be read: {e}")),
+            })?;
+            if bytes.len().saturating_add(chunk.len()) > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ReceiverError::Timeout(format!(
+                "the request body was not whole within {} s (UPLOAD_IDLE_TIMEOUT_SECS)",
+                within.as_secs()
+            )))
+        })
+}
+
 /// A signed JSON request body, verified and parsed. `Signed<()>` takes an empty body.
 #[derive(Debug)]
 pub struct Signed<T>(pub T);
@@ -235,14 +282,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Signed<T> {
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self> {
         let (parts, body) = request.into_parts();
-        let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
-            .await
-            .map_err(|e| match BodyTimeout::find(&e) {
-                Some(why) => ReceiverError::Timeout(why),
-                None => ReceiverError::Validation(format!(
-                    "request body could not be read or is larger than {MAX_JSON_BODY} bytes: {e}"
-                )),
-            })?;
+        let bytes = read_small_body(state, &parts, body, MAX_JSON_BODY).await?;
         authenticate(state, &parts, &Checksum::of(&bytes))?;
         let json: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
         let value = serde_json::from_slice(json)

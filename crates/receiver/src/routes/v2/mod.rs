@@ -8,7 +8,7 @@ pub mod releases;
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
 
-use crate::auth::authenticate;
+use crate::auth::{authenticate, read_small_body};
 use crate::error::{ReceiverError, Result};
 use crate::state::AppState;
 
@@ -22,9 +22,7 @@ impl<T: DeserializeOwned, const LIMIT: usize> FromRequest<AppState> for SignedJs
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self> {
         let (parts, body) = request.into_parts();
-        let bytes = axum::body::to_bytes(body, LIMIT).await.map_err(|_| {
-            ReceiverError::Validation(format!("request body is larger than {LIMIT} bytes"))
-        })?;
+        let bytes = read_small_body(state, &parts, body, LIMIT).await?;
         authenticate(state, &parts, &deploy_protocol::Checksum::of(&bytes))?;
         let value = serde_json::from_slice(&bytes)
             .map_err(|e| ReceiverError::Validation(format!("invalid JSON body: {e}")))?;
