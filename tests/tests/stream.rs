@@ -3,7 +3,8 @@
 //! layers, `deploy_release` streams `docker save` into the host's `docker load`
 //! (`/deployment/stream`); a host that holds some gets layers; a stream that breaks is sent as
 //! layers instead. The loopback proxy in front of the receiver counts the bytes and cuts the
-//! connection for the fallback test (a real fault on a real socket).
+//! connection for the fallback test (a real fault on a real socket); for a receiver without the
+//! endpoint it answers 404 itself (a fake, said where it is used).
 
 mod layers_common;
 
@@ -248,6 +249,58 @@ async fn a_stream_refused_busy_while_another_loads_is_sent_as_layers() {
             .iter()
             .all(|r| r.status != DeploymentStatus::InProgress),
         "{journal:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_receiver_without_the_stream_endpoint_gets_layers() {
+    let images = Images::default();
+    let app = images.app(&images.base(3 * MIB), MIB);
+    let host = cold_host("lst5").await;
+    let (_daemon, proxy) = Proxy::with_receiver(&host.docker_host()).await;
+    // A fake, for a fault this build cannot cause for real: a receiver from before
+    // `/deployment/stream` answers it as any unknown route, 404 with an empty body (axum's
+    // default). The proxy answers so itself; every other request reaches the real receiver.
+    proxy.answer_instead(
+        "POST /deployment/stream ",
+        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    );
+    let sender = Sender::new(true).await;
+    let name = container_name();
+
+    let outcome = sender.deploy(&proxy.url, &app, &name).await;
+    assert_eq!(
+        proxy.own_answers.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the stream was tried once"
+    );
+    assert_eq!(outcome.mode, TransferMode::Layers, "{outcome:#?}");
+    assert_eq!(outcome.totals.present, 0);
+    assert_eq!(outcome.totals.bytes_sent, outcome.totals.bytes_total);
+    assert_eq!(container_image(&host, &name), images.id(&app));
+    let told: Vec<_> = sender
+        .events
+        .sink()
+        .list(100)
+        .into_iter()
+        .filter(|e| e.event_type == deploy_protocol::events::EventType::TransferFailed)
+        .collect();
+    assert_eq!(told.len(), 1, "{told:#?}");
+    let message = told[0].payload["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no streamed deploy"),
+        "the event says why the stream did not get through: {message}"
+    );
+    let records = journal(&proxy.url).await;
+    let statuses: Vec<_> = records
+        .iter()
+        .filter(|r| r.container_name == name)
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(
+        statuses,
+        [DeploymentStatus::Succeeded],
+        "one deployment ran"
     );
 }
 

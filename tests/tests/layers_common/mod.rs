@@ -233,13 +233,19 @@ pub struct Proxy {
     pub busy_answers: Arc<AtomicU64>,
     /// `408 Request Timeout` answers the receiver sent.
     pub timeout_answers: Arc<AtomicU64>,
+    /// Answers the proxy gave itself ([`Proxy::answer_instead`]).
+    pub own_answers: Arc<AtomicU64>,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
+    answer: Arc<Mutex<Option<Answer>>>,
     hook: Arc<Mutex<Option<Hook>>>,
     stop: Arc<AtomicBool>,
 }
 
 /// Something to do (once) before forwarding the first client bytes that contain `needle`.
 type Hook = (Vec<u8>, Box<dyn FnOnce() + Send>);
+
+/// A connection whose first bytes contain `.0` is answered `.1` by the proxy itself.
+type Answer = (Vec<u8>, Vec<u8>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -279,11 +285,15 @@ impl Proxy {
         let patch_connections = Arc::new(AtomicU64::new(0));
         let busy_answers = Arc::new(AtomicU64::new(0));
         let timeout_answers = Arc::new(AtomicU64::new(0));
+        let own_answers = Arc::new(AtomicU64::new(0));
+        let answer: Arc<Mutex<Option<Answer>>> = Arc::default();
         let (s, f, h, st) = (sent.clone(), fault.clone(), hook.clone(), stop.clone());
-        let (pc, ba, ta) = (
+        let (pc, ba, ta, oa, an) = (
             patch_connections.clone(),
             busy_answers.clone(),
             timeout_answers.clone(),
+            own_answers.clone(),
+            answer.clone(),
         );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -298,8 +308,10 @@ impl Proxy {
                     patch_connections: pc.clone(),
                     busy_answers: ba.clone(),
                     timeout_answers: ta.clone(),
+                    own_answers: oa.clone(),
                 };
-                tokio::spawn(pipe(client, server, counters, f.clone(), h.clone()));
+                let answer = an.lock().expect("lock").clone();
+                tokio::spawn(pipe(client, server, counters, f.clone(), h.clone(), answer));
             }
         });
         Self {
@@ -308,10 +320,21 @@ impl Proxy {
             patch_connections,
             busy_answers,
             timeout_answers,
+            own_answers,
             fault,
+            answer,
             hook,
             stop,
         }
+    }
+
+    /// From now on, a new connection whose first bytes contain `needle` (e.g. a request line)
+    /// never reaches the receiver: the proxy answers `response` (a whole HTTP/1.1 response) and
+    /// reads the rest of what the client sends until it goes away. Stands in for a receiver
+    /// that answers so, e.g. an older one without an endpoint.
+    pub fn answer_instead(&self, needle: &str, response: &str) {
+        *self.answer.lock().expect("lock") =
+            Some((needle.as_bytes().to_vec(), response.as_bytes().to_vec()));
     }
 
     /// Runs `action` (blocking, off the runtime) once, before forwarding the first client bytes
@@ -344,6 +367,7 @@ struct Counters {
     patch_connections: Arc<AtomicU64>,
     busy_answers: Arc<AtomicU64>,
     timeout_answers: Arc<AtomicU64>,
+    own_answers: Arc<AtomicU64>,
 }
 
 async fn pipe(
@@ -352,16 +376,22 @@ async fn pipe(
     counters: Counters,
     fault: Arc<Mutex<Option<(u64, Fault)>>>,
     hook: Arc<Mutex<Option<Hook>>>,
+    answer: Option<Answer>,
 ) {
-    let (mut cr, mut cw) = client.into_split();
+    let (mut cr, cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let Counters {
         sent,
         patch_connections,
         busy_answers,
         timeout_answers,
+        own_answers,
     } = counters;
+    // Shared: the proxy may answer a request itself, on a connection that carried others.
+    let cw = Arc::new(tokio::sync::Mutex::new(cw));
+    let answers_down = Arc::clone(&cw);
     let down = tokio::spawn(async move {
+        let cw = answers_down;
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n) = sr.read(&mut buf).await {
             if n == 0 {
@@ -371,11 +401,11 @@ async fn pipe(
             let count = |line: &[u8]| buf[..n].windows(line.len()).filter(|w| *w == line).count();
             busy_answers.fetch_add(count(b"HTTP/1.1 429 ") as u64, Ordering::Relaxed);
             timeout_answers.fetch_add(count(b"HTTP/1.1 408 ") as u64, Ordering::Relaxed);
-            if cw.write_all(&buf[..n]).await.is_err() {
+            if cw.lock().await.write_all(&buf[..n]).await.is_err() {
                 break;
             }
         }
-        let _ = cw.shutdown().await;
+        let _ = cw.lock().await.shutdown().await;
     });
     let mut carried_patch = false;
     let mut buf = vec![0u8; 64 * 1024];
@@ -384,6 +414,24 @@ async fn pipe(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some((needle, response)) = &answer {
+            if buf[..n]
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
+            {
+                // The requests before it were answered (one at a time on a connection): from
+                // here on the receiver hears nothing of this connection.
+                down.abort();
+                own_answers.fetch_add(1, Ordering::Relaxed);
+                let _ = cw.lock().await.write_all(response).await;
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                return;
+            }
+        }
         const PATCH: &[u8] = b"PATCH /deployment/v2/blobs/";
         if !carried_patch && buf[..n].windows(PATCH.len()).any(|w| w == PATCH) {
             carried_patch = true;

@@ -192,7 +192,12 @@ impl ReceiverClient {
         if !status.is_success() {
             let error = remote_error(&url, status.as_u16(), &body);
             return Err(if nothing_ran(status.as_u16(), &error) {
-                StreamFailure::Fallback(error)
+                StreamFailure::Fallback(match error {
+                    SenderError::TransferFailed(_) => SenderError::TransferFailed(format!(
+                        "{url} answered {status} without a protocol error body: it has no streamed deploy (a deploy-receiver older than /deployment/stream, or a proxy in front of it that does not pass that route)"
+                    )),
+                    error => error,
+                })
             } else {
                 StreamFailure::Final(error)
             });
