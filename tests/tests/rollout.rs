@@ -516,6 +516,37 @@ async fn rollouts_to_four_real_hosts_gate_on_the_canary_and_roll_back_what_they_
         },
     ));
     let http = reqwest::Client::new();
+    // Refused before anything moves: a receiver named twice (one written with a trailing `/`),
+    // a host deadline a day long or more.
+    let first = fleet.targets[0].target().base_url.to_string();
+    let refused = [
+        json!({
+            "receivers": [first.clone(), first.trim_end_matches('/'), fleet.targets[1].target().base_url.to_string()],
+        }),
+        json!({
+            "receivers": [first.clone()],
+            "host_timeout_secs": u64::MAX,
+        }),
+    ];
+    for extra in refused {
+        let mut body = json!({
+            "package_id": v2_stored.package_id,
+            "deployment": spec(&name),
+        });
+        for (key, value) in extra.as_object().expect("fields") {
+            body[key] = value.clone();
+        }
+        let answer = http
+            .post(format!("{api}/rollouts"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /rollouts");
+        let status = answer.status().as_u16();
+        let text = answer.text().await.expect("an error body");
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains("VALIDATION_ERROR"), "{text}");
+    }
     let started: Value = http
         .post(format!("{api}/rollouts"))
         .json(&json!({

@@ -77,7 +77,7 @@ pub(crate) struct DeployArgs {
     pub(crate) rollout: RolloutArgs,
     /// Correlation id to send (echoed in the receiver's logs, events and record); a rollout to
     /// several receivers sends `<this>.rollout-<rollout id>`, its own.
-    #[arg(long, env = "DEPLOY_CORRELATION_ID")]
+    #[arg(long, env = "DEPLOY_CORRELATION_ID", value_parser = parse_correlation_id)]
     pub(crate) correlation_id: Option<String>,
     /// Print the outcome (package, transfer, deployment record) as JSON.
     #[arg(long, env = "DEPLOY_JSON")]
@@ -119,6 +119,19 @@ pub(crate) fn parse_health(s: &str) -> Result<HealthArg, String> {
         }
     };
     Ok(HealthArg { kind, path: None })
+}
+
+/// A correlation id as receivers take it (1 to 128 printable ASCII characters, no spaces): a
+/// receiver replaces any other with one of its own, and a rollout could then not find its
+/// deployments in the receivers' journals.
+pub(crate) fn parse_correlation_id(s: &str) -> Result<String, String> {
+    if deploy_protocol::envelope::is_valid_correlation_id(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a correlation id: use 1 to 128 printable ASCII characters, no spaces"
+        ))
+    }
 }
 
 /// Parses a Docker restart policy name.

@@ -68,7 +68,11 @@ impl Cli {
         match &self.command {
             Command::Serve(_) => false,
             // A rollout handles Ctrl-C itself: it stops and rolls back the hosts it moved.
-            Command::Deploy(args) => args.receiver.to.len() <= 1 && args.rollout.hosts.is_none(),
+            // (Counted as the command will: `--to` and `--hosts`, each receiver once.)
+            Command::Deploy(args) => args
+                .rollout
+                .urls(&args.receiver.to)
+                .map_or(true, |urls| urls.len() <= 1),
             _ => true,
         }
     }

@@ -16,7 +16,7 @@ use super::terminal::{print_json, TerminalProgress};
 use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
     roll_out, BatchSize, HostOutcome, Payload, Plan, Release, RolloutEvent, RolloutOptions,
-    RolloutRecorder,
+    RolloutRecorder, MAX_HOST_TIMEOUT_SECS,
 };
 use crate::pipeline::{package_image, prepare_source, PackageStore, Subject};
 use crate::SenderError;
@@ -47,10 +47,12 @@ pub struct RolloutArgs {
     /// host counts as failed: a receiver that goes away cannot hang the rollout. Its receiver is
     /// then asked for up to 60 s more whether it finished the deployment anyway (a stopped
     /// rollout rolls such a host back).
-    #[arg(long, env = "DEPLOY_HOST_TIMEOUT_SECS", default_value_t = 600)]
+    #[arg(long, env = "DEPLOY_HOST_TIMEOUT_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_HOST_TIMEOUT_SECS))]
     pub host_timeout: u64,
     /// Seconds one host's rollback may take.
-    #[arg(long, env = "DEPLOY_ROLLBACK_TIMEOUT_SECS", default_value_t = 300)]
+    #[arg(long, env = "DEPLOY_ROLLBACK_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_HOST_TIMEOUT_SECS))]
     pub rollback_timeout: u64,
     /// Send and load the release on every host after the canary while the canary is loaded
     /// and checked (once the canary has been sent its bytes: they never share the uplink), so
@@ -97,7 +99,7 @@ impl RolloutArgs {
             urls.extend(parse_hosts(&text));
         }
         let mut seen = std::collections::HashSet::new();
-        urls.retain(|u| seen.insert(u.trim_end_matches('/').to_owned()));
+        urls.retain(|u| seen.insert(crate::pipeline::rollout::same_receiver(u)));
         Ok(urls)
     }
 }
@@ -198,16 +200,17 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         rollout_id,
     );
 
+    // SIGINT (Ctrl-C) or SIGTERM (a CI job cancelled, a service manager stopping the command)
+    // stops the rollout and rolls back what it moved; a second one quits at once.
     let abort = CancellationToken::new();
-    let on_ctrl_c = abort.clone();
+    let on_signal = abort.clone();
+    let mut signals = Signals::new();
     let watcher = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping the rollout and rolling back the hosts it moved (Ctrl-C again to quit at once)");
-            on_ctrl_c.cancel();
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
+        let what = signals.next().await;
+        eprintln!("{what}: stopping the rollout and rolling back the hosts it moved (Ctrl-C again to quit at once)");
+        on_signal.cancel();
+        signals.next().await;
+        std::process::exit(130);
     });
     let on_event = |event: RolloutEvent| {
         recorder.observe(&event);
@@ -303,6 +306,37 @@ fn print_event(event: RolloutEvent) {
     }
 }
 
+/// SIGINT and SIGTERM, as they come.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Starts listening (SIGTERM's default action, ending the process, is replaced from here on).
+    fn new() -> Self {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        Self { term }
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        let term = async {
+            match self.term.as_mut() {
+                Some(term) => {
+                    if term.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted (SIGINT)",
+            () = term => "terminated (SIGTERM)",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +361,55 @@ mod tests {
             .slots
             .expect("slots shared by preloads and deployments");
         assert_eq!(slots.available_permits(), 3);
+    }
+
+    #[test]
+    fn the_cli_refuses_what_would_break_a_rollout_and_names_each_receiver_once() {
+        use super::super::Cli;
+        use clap::Parser as _;
+        let deploy = |extra: &[&str]| {
+            let mut args = vec!["deploy-sender", "deploy", "--image", "app:v1"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        // A receiver would replace these correlation ids with its own.
+        for bad in ["Build 42", "", "caf\u{e9}", &"x".repeat(129)] {
+            assert!(deploy(&["--correlation-id", bad]).is_err(), "{bad:?}");
+        }
+        assert!(deploy(&["--correlation-id", "ci-job-42"]).is_ok());
+        // Deadlines a Duration sum could overflow.
+        assert!(deploy(&["--host-timeout", "86401"]).is_err());
+        assert!(deploy(&["--rollback-timeout", "18446744073709551615"]).is_err());
+        assert!(deploy(&["--host-timeout", "86400"]).is_ok());
+        assert!(deploy(&["--host-timeout", "0"]).is_err());
+
+        // The same receiver written twice is one host: a single deploy, interruptible at once.
+        let twice = deploy(&["--to", "http://h:8001,http://H:8001/"]).expect("valid flags");
+        assert!(twice.interruptible());
+        let two = deploy(&["--to", "http://h:8001,http://h:8002"]).expect("valid flags");
+        assert!(!two.interruptible(), "a rollout handles its signals itself");
+        let args = RolloutArgs {
+            hosts: None,
+            ..parsed_rollout_args()
+        };
+        let urls = args
+            .urls(&[
+                "http://h:8001".into(),
+                "http://H:8001/".into(),
+                "http://h:80".into(),
+                "http://h".into(),
+            ])
+            .expect("urls");
+        assert_eq!(urls, ["http://h:8001", "http://h:80"]);
+    }
+
+    fn parsed_rollout_args() -> RolloutArgs {
+        #[derive(clap::Parser)]
+        struct Command {
+            #[command(flatten)]
+            rollout: RolloutArgs,
+        }
+        <Command as clap::Parser>::parse_from(["deploy"]).rollout
     }
 
     #[test]

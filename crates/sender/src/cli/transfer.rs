@@ -40,7 +40,7 @@ pub(crate) struct TransferArgs {
     #[arg(long = "tag", env = "DEPLOY_IMAGE_TAGS", value_delimiter = ',')]
     pub(crate) tags: Vec<String>,
     /// Correlation id to send (echoed in the receiver's logs and events).
-    #[arg(long, env = "DEPLOY_CORRELATION_ID")]
+    #[arg(long, env = "DEPLOY_CORRELATION_ID", value_parser = super::deploy::parse_correlation_id)]
     pub(crate) correlation_id: Option<String>,
     /// Print the receiver's JSON answer instead of a summary.
     #[arg(long, env = "DEPLOY_JSON")]

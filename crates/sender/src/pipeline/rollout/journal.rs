@@ -12,7 +12,7 @@ use super::undo::Settled;
 use crate::client::ReceiverClient;
 
 /// Longest wait for one journal query.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The image the receiver's newest successful deployment of `name` runs, if it can tell.
 pub(super) async fn running_image(receiver: &ReceiverClient, name: &str) -> Option<String> {

@@ -19,10 +19,10 @@ pub use journal::settle_interrupted;
 pub use lifecycle::{lifecycle_event, RolloutRecorder};
 pub use plan::{BatchSize, Phase, Plan};
 pub use receivers::{
-    is_rollouts_own, roll_out, rollout_correlation_id, Payload, Release, LATE_SETTLE,
+    is_rollouts_own, roll_out, rollout_correlation_id, same_receiver, Payload, Release, LATE_SETTLE,
 };
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
-pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
+pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions, MAX_HOST_TIMEOUT_SECS};
 pub use undo::{interrupted, undo_interrupted, Settled, UndoOptions};
 
 #[cfg(test)]

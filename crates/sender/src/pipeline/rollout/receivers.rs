@@ -12,7 +12,7 @@ use deploy_protocol::{DeploymentSpec, ErrorCode};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::journal::{running_image, settle_interrupted};
+use super::journal::{running_image, settle_interrupted, QUERY_TIMEOUT};
 use super::plan::Plan;
 use super::report::{HostError, RolloutReport};
 use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
@@ -92,7 +92,12 @@ pub async fn roll_out(
     let options = &RolloutOptions {
         preload,
         preload_after: preload.then(|| first_sent.opened()),
-        host_timeout: host_deadline + LATE_SETTLE + Duration::from_secs(5),
+        // Past everything a host's deployment may take here: the look-up of what it ran before
+        // (outside its deadline), the deadline, the look-up of a late host.
+        host_timeout: host_deadline
+            .saturating_add(QUERY_TIMEOUT)
+            .saturating_add(LATE_SETTLE)
+            .saturating_add(Duration::from_secs(5)),
         ..options.clone()
     };
     let name = release.spec.container_name.as_str();
@@ -103,12 +108,16 @@ pub async fn roll_out(
         let _ended = SentOnDrop(first_sent, i);
         let receiver = &receivers[i];
         let before = running_image(receiver, name).await;
+        // Counts the blob bytes put on the wire, also for an attempt given up at its deadline.
+        let sent = Arc::new(UploadCounter {
+            uploaded: Some((Arc::clone(first_sent), i)),
+            ..UploadCounter::default()
+        });
         let attempt = async {
             let _given_up = SentOnDrop(first_sent, i);
             match &release.payload {
                 Payload::Layers(image) => {
-                    let sent = (Arc::clone(first_sent), i);
-                    deploy_layers(receiver, image, release, before.clone(), sent).await
+                    deploy_layers(receiver, image, release, before.clone(), Arc::clone(&sent)).await
                 }
                 Payload::Package(package) => {
                     deploy_whole(receiver, package, release, before.clone()).await
@@ -117,16 +126,22 @@ pub async fn roll_out(
         };
         match tokio::time::timeout(host_deadline, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(late(receiver, name, release, host_deadline, before).await),
+            Err(_) => Err(NotMoved {
+                bytes: sent.bytes(),
+                ..late(receiver, name, release, host_deadline, before).await
+            }),
         }
     };
     // A preload sends and loads the release's layers; a whole package (`--full`) is not
     // preloaded (above): each host's deployment sends it, as without preload. Its deadline is
     // the host's own (the engine's is a backstop past it).
     let preload = |i: usize| async move {
+        let sent = Arc::new(UploadCounter::default());
         let attempt = async {
             match &release.payload {
-                Payload::Layers(image) => preload_layers(&receivers[i], image, release).await,
+                Payload::Layers(image) => {
+                    preload_layers(&receivers[i], image, release, Arc::clone(&sent)).await
+                }
                 Payload::Package(_) => Ok(0),
             }
         };
@@ -142,8 +157,9 @@ pub async fn roll_out(
                         ),
                     },
                     version_before: None,
-                    bytes: 0,
+                    bytes: sent.bytes(),
                     finished_late: None,
+                    unknown: false,
                 })
             })
     };
@@ -166,19 +182,37 @@ pub async fn roll_out(
 /// for while it still runs there).
 pub const LATE_SETTLE: Duration = Duration::from_secs(60);
 
-/// `<request's correlation id>.rollout-<id>` (the request's cut to fit the 128 characters a
-/// correlation id may have), or `rollout-<id>`: a rollout's own, so that its deployments can be
-/// told from every other's in a receiver's journal.
+/// `<request's correlation id>.rollout-<id>` (the request's printable ASCII characters, cut to
+/// fit the 128 a correlation id may have), or `rollout-<id>`: a rollout's own, so that its
+/// deployments can be told from every other's in a receiver's journal. Always a valid
+/// correlation id: a receiver replaces an invalid one with its own, and the rollout's
+/// deployments could then not be found.
 pub fn rollout_correlation_id(request: Option<&str>, id: Uuid) -> String {
     let own = format!("rollout-{id}");
-    match request {
-        Some(theirs) if !theirs.is_empty() => {
-            let room = 128 - own.len() - 1;
-            let cut: String = theirs.chars().take(room).collect();
-            format!("{cut}.{own}")
-        }
-        _ => own,
+    let room = 128 - own.len() - 1;
+    let theirs: String = request
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_graphic)
+        .take(room)
+        .collect();
+    if theirs.is_empty() {
+        own
+    } else {
+        format!("{theirs}.{own}")
     }
+}
+
+/// What tells receiver URLs apart: the parsed URL (host case, default port) without a trailing
+/// `/`; the text as written when it is no URL (refused later, with its reason).
+pub fn same_receiver(url: &str) -> String {
+    let url = url.trim();
+    reqwest::Url::parse(url)
+        .map(|u| u.to_string())
+        .as_deref()
+        .unwrap_or(url)
+        .trim_end_matches('/')
+        .to_owned()
 }
 
 /// Whether `correlation_id` is a rollout's own ([`rollout_correlation_id`]).
@@ -211,6 +245,7 @@ async fn late(
         }
         _ => None,
     };
+    let unknown = matches!(settled, Some(Err(_)) | None);
     let (error, finished_late) = match settled {
         Some(Ok(Settled::Moved {
             deployment_id,
@@ -242,6 +277,7 @@ async fn late(
         version_before,
         bytes: 0,
         finished_late,
+        unknown,
     }
 }
 
@@ -252,15 +288,11 @@ async fn deploy_layers(
     image: &PreparedImage,
     release: &Release,
     before: Option<String>,
-    (first_sent, index): (Arc<FirstStepSent>, usize),
+    sent: Arc<UploadCounter>,
 ) -> Result<Moved, NotMoved> {
     let policy = RetryPolicy::default();
     let calls = receiver.release_calls(release.correlation_id.as_deref(), &policy);
     let action = ReleaseAction::Deploy(Box::new(release.spec.clone()));
-    let sent = Arc::new(UploadCounter {
-        uploaded: Some((first_sent, index)),
-        ..UploadCounter::default()
-    });
     let result = send_release(calls, image, &action, sent.clone()).await;
     let failed = |e: SenderError, bytes: u64, before: Option<String>| NotMoved {
         bytes,
@@ -270,6 +302,7 @@ async fn deploy_layers(
         },
         version_before: before,
         finished_late: None,
+        unknown: false,
     };
     match result {
         Ok(outcome) => match outcome.deployment {
@@ -299,10 +332,10 @@ async fn preload_layers(
     receiver: &ReceiverClient,
     image: &PreparedImage,
     release: &Release,
+    sent: Arc<UploadCounter>,
 ) -> Result<u64, NotMoved> {
     let policy = RetryPolicy::default();
     let calls = receiver.release_calls(release.correlation_id.as_deref(), &policy);
-    let sent = Arc::new(UploadCounter::default());
     let failed = |e: SenderError, bytes: u64| NotMoved {
         bytes,
         error: HostError {
@@ -311,6 +344,7 @@ async fn preload_layers(
         },
         version_before: None,
         finished_late: None,
+        unknown: false,
     };
     let mut manifest = release_manifest(image, &ReleaseAction::Load).map_err(|e| failed(e, 0))?;
     let store = calls
@@ -361,6 +395,7 @@ async fn deploy_whole(
             },
             version_before: before,
             finished_late: None,
+            unknown: false,
         }),
     }
 }

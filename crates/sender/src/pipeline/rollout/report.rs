@@ -78,6 +78,11 @@ pub struct HostReport {
     /// The rollback, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_ms: Option<u64>,
+    /// What the host runs is unknown: its deployment outlived its deadline and its receiver
+    /// could not be asked how it ended (it may run the new release; nothing can roll it back
+    /// without its deployment id). The fleet is then MIXED.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
 }
 
 impl HostReport {
@@ -98,7 +103,7 @@ pub enum FleetState {
     /// No host runs the new release: the rollout failed and was undone (or never moved a host).
     OldRelease,
     /// Some hosts run the new release and some do not (tolerated failures, `--no-rollback`, or a
-    /// rollback that itself failed).
+    /// rollback that itself failed), or what a host runs is unknown.
     Mixed,
 }
 
@@ -119,6 +124,9 @@ impl FleetState {
             .iter()
             .filter(|h| h.moved() || h.outcome == HostOutcome::RollbackFailed)
             .count();
+        if hosts.iter().any(|h| h.unknown) {
+            return FleetState::Mixed;
+        }
         match new {
             0 => FleetState::OldRelease,
             n if n == hosts.len() => FleetState::NewRelease,
@@ -195,6 +203,7 @@ impl RolloutReport {
                     preload_ms: None,
                     preload_error: None,
                     rollback_ms: None,
+                    unknown: false,
                 })
                 .collect(),
             duration_ms: 0,
@@ -230,7 +239,11 @@ impl RolloutReport {
                 h.host.clone(),
                 h.phase.to_string(),
                 h.version_before.clone().unwrap_or_else(|| "-".into()),
-                h.version_after.clone().unwrap_or_else(|| "-".into()),
+                match (&h.version_after, h.unknown) {
+                    (_, true) => "unknown".into(),
+                    (Some(after), false) => after.clone(),
+                    (None, false) => "-".into(),
+                },
                 serde_json::to_value(h.outcome)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))

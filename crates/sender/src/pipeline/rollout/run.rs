@@ -68,6 +68,9 @@ impl Default for RolloutOptions {
     }
 }
 
+/// The longest deadline a host's deployment may be given, seconds (a day).
+pub const MAX_HOST_TIMEOUT_SECS: u64 = 86_400;
+
 /// A host that now runs the new release.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Moved {
@@ -94,6 +97,9 @@ pub struct NotMoved {
     /// `(deployment id, image)`. The host runs the new release; it counts as failed, and a
     /// stopped rollout rolls it back with the moved hosts.
     pub finished_late: Option<(Uuid, String)>,
+    /// What the host runs is unknown: its deployment outlived the deadline and its receiver
+    /// could not say how it ended. The fleet then counts as MIXED.
+    pub unknown: bool,
 }
 
 /// What happens during a rollout; every event carries the report as it stands after it.
@@ -252,17 +258,9 @@ where
     let slots = &options.slots;
     for &i in &ahead {
         let one = async move {
-            let _slot = match slots {
-                Some(slots) => tokio::select! {
-                    biased;
-                    () = abort_ref.cancelled() => return,
-                    slot = slots.acquire() => slot.ok(),
-                },
-                None => None,
-            };
-            if abort_ref.is_cancelled() {
+            let Some(_slot) = slot(slots, abort_ref).await else {
                 return;
-            }
+            };
             if let Some(flag) = began.get(i) {
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             }
@@ -337,13 +335,8 @@ where
                             () = one.clone() => {}
                         }
                     }
-                    let _slot = match slots {
-                        Some(slots) => tokio::select! {
-                            biased;
-                            () = abort.cancelled() => None,
-                            slot = slots.acquire() => slot.ok(),
-                        },
-                        None => None,
+                    let Some(_slot) = slot(slots, abort).await else {
+                        return;
                     };
                     deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
                 })
@@ -440,9 +433,12 @@ where
                     report: ledger.snapshot(),
                 });
                 undone = roll_back_moved(ledger, &rollback, options.rollback_timeout).await;
+                // A host whose state is unknown cannot be rolled back (no deployment to undo):
+                // the fleet is not known to be back.
+                undone &= !ledger.update(|r| r.hosts.iter().any(|h| h.unknown));
             } else {
                 ledger.update(|r| {
-                    let kept = r.hosts.iter().any(HostReport::moved);
+                    let kept = r.hosts.iter().any(|h| h.moved() || h.unknown);
                     undone = !kept;
                     if kept {
                         r.reason = r.reason.take().map(|reason| {
@@ -472,6 +468,23 @@ where
         report: report.clone(),
     });
     Ok(report)
+}
+
+/// Waits for one of `slots` (none to wait for without them); `None` once `abort` is cancelled,
+/// whichever comes first when both are ready (a closed semaphore is no slot to wait for).
+async fn slot<'s>(
+    slots: &'s Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    abort: &CancellationToken,
+) -> Option<Option<tokio::sync::SemaphorePermit<'s>>> {
+    let permit = match slots {
+        Some(slots) => tokio::select! {
+            biased;
+            () = abort.cancelled() => return None,
+            slot = slots.acquire() => slot.ok(),
+        },
+        None => None,
+    };
+    (!abort.is_cancelled()).then_some(permit)
 }
 
 /// Deploys to host `i` under its deadline and records the outcome; a host not yet started when
@@ -513,9 +526,14 @@ async fn deploy_one<D, DF>(
                     h.deployment_id = Some(deployment_id);
                     h.version_after = Some(image);
                 }
+                if failed.unknown {
+                    h.unknown = true;
+                    h.version_after = None;
+                }
             }
             Err(_) => {
                 h.outcome = HostOutcome::Failed;
+                h.unknown = true;
                 h.error = Some(HostError {
                     code: ErrorCode::Timeout,
                     message: format!(

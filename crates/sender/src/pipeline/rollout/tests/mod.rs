@@ -57,6 +57,7 @@ impl Fleet {
                 version_before: Some("app:v1".into()),
                 bytes: 10,
                 finished_late: None,
+                unknown: false,
             });
         }
         Ok(Moved {
@@ -429,19 +430,32 @@ async fn events_tell_start_steps_and_end() {
 /// Three hosts, one per step; host 1 misses its deadline but its receiver finishes the
 /// deployment (`finished_late`), the others deploy.
 async fn roll_out_with_a_late_host(options: RolloutOptions) -> (RolloutReport, BTreeSet<usize>) {
+    roll_out_with_a_host_past_its_deadline(options, false).await
+}
+
+/// As [`roll_out_with_a_late_host`]; with `unknown`, host 1's receiver could not be asked how
+/// its deployment ended.
+async fn roll_out_with_a_host_past_its_deadline(
+    options: RolloutOptions,
+    unknown: bool,
+) -> (RolloutReport, BTreeSet<usize>) {
     let rolled_back = Mutex::new(BTreeSet::new());
     let deploy = |i: usize| async move {
         if i == 1 {
             return Err(NotMoved {
                 error: HostError {
                     code: ErrorCode::Timeout,
-                    message:
+                    message: if unknown {
+                        "no answer within 3 s: what the host runs is unknown".into()
+                    } else {
                         "no answer within 3 s; its receiver finished the deployment afterwards"
-                            .into(),
+                            .into()
+                    },
                 },
                 version_before: Some("app:v1".into()),
                 bytes: 0,
-                finished_late: Some((id(1), "app:v2".into())),
+                finished_late: (!unknown).then(|| (id(1), "app:v2".into())),
+                unknown,
             });
         }
         Ok(Moved {
@@ -515,4 +529,41 @@ async fn a_host_that_finished_after_its_deadline_counts_as_failed_and_moved() {
     assert_eq!(outcomes(&report), [Deployed, Failed, Deployed]);
     assert_eq!(report.status, RolloutStatus::Completed);
     assert_eq!(report.fleet, FleetState::NewRelease);
+}
+
+#[tokio::test]
+async fn a_host_whose_end_is_unknown_leaves_the_fleet_mixed_and_the_rollout_not_undone() {
+    use HostOutcome::*;
+    for rollback in [true, false] {
+        let (report, rolled_back) = roll_out_with_a_host_past_its_deadline(
+            RolloutOptions {
+                rollback,
+                ..RolloutOptions::default()
+            },
+            true,
+        )
+        .await;
+        // The moved canary is rolled back (or kept); the unknown host cannot be, and is not
+        // shown as running what it ran before.
+        let expected = if rollback {
+            [RolledBack, Failed, NotReached]
+        } else {
+            [Deployed, Failed, NotReached]
+        };
+        assert_eq!(outcomes(&report), expected);
+        assert_eq!(
+            rolled_back,
+            if rollback {
+                BTreeSet::from([0])
+            } else {
+                BTreeSet::new()
+            }
+        );
+        let host = &report.hosts[1];
+        assert!(host.unknown, "{host:?}");
+        assert_eq!(host.version_after, None, "{host:?}");
+        assert_eq!(host.deployment_id, None);
+        assert_eq!(report.status, RolloutStatus::Failed, "rollback {rollback}");
+        assert_eq!(report.fleet, FleetState::Mixed, "rollback {rollback}");
+    }
 }

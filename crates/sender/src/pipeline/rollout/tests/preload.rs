@@ -327,6 +327,7 @@ async fn a_failed_preload_is_reported_and_the_host_still_deploys() {
                 version_before: None,
                 bytes: 5,
                 finished_late: None,
+                unknown: false,
             });
         }
         Ok(70)

@@ -20,7 +20,7 @@ use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
     is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, undo_interrupted,
     BatchSize, HostError, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
-    RolloutReport, RolloutStatus, UndoOptions, LATE_SETTLE,
+    RolloutReport, RolloutStatus, UndoOptions, LATE_SETTLE, MAX_HOST_TIMEOUT_SECS,
 };
 use crate::pipeline::{
     now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
@@ -52,8 +52,8 @@ pub struct RolloutInput {
     /// Roll back the hosts a stopped rollout moved (default true).
     #[serde(default = "yes")]
     pub rollback: bool,
-    /// Longest wait for one host's deployment, seconds (default 600); its receiver is then asked
-    /// for up to 60 s more whether it finished the deployment anyway.
+    /// Longest wait for one host's deployment, seconds (default 600, at most 86400); its
+    /// receiver is then asked for up to 60 s more whether it finished the deployment anyway.
     #[serde(default)]
     pub host_timeout_secs: Option<u64>,
     /// Send and load the release on every host after the first step while that step is deployed
@@ -170,7 +170,8 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
         // As long as a live rollout waits for a host: its deadline, then the look-up of a
         // deployment that outlived it (which also leaves room to tell "never started" from a
         // receiver that does not answer).
-        settle_timeout: Duration::from_secs(view.host_timeout_secs.max(1)) + LATE_SETTLE,
+        settle_timeout: Duration::from_secs(view.host_timeout_secs.max(1))
+            .saturating_add(LATE_SETTLE),
         rollback_timeout: RolloutOptions::default().rollback_timeout,
     };
     undo_interrupted(view.report.clone(), settle, rollback, options, &on_event).await;
@@ -188,6 +189,11 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
         .host_timeout_secs
         .unwrap_or_else(default_host_timeout_secs)
         .max(1);
+    if host_timeout_secs > MAX_HOST_TIMEOUT_SECS {
+        return Err(SenderError::Validation(format!(
+            "host_timeout_secs {host_timeout_secs} is more than {MAX_HOST_TIMEOUT_SECS} (a day)"
+        )));
+    }
     let options = RolloutOptions {
         canary: input.canary,
         batch,
@@ -201,6 +207,16 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
     };
     let plan = Plan::new(input.receivers.len(), options.canary, options.batch)
         .map_err(SenderError::Validation)?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = input
+        .receivers
+        .iter()
+        .find(|url| !seen.insert(crate::pipeline::rollout::same_receiver(url)))
+    {
+        return Err(SenderError::Validation(format!(
+            "receivers: {twice} is named twice (one rollout deploys to a receiver once)"
+        )));
+    }
     let receiver = &state.config().receiver;
     let secret = receiver.secret.as_deref().unwrap_or_default();
     let targets = input
@@ -332,6 +348,13 @@ mod tests {
         assert!(
             deploy_protocol::envelope::is_valid_correlation_id(&made),
             "{made}"
+        );
+        // What a receiver would refuse (and replace) is left out.
+        let spaced = rollout_correlation_id(Some("Build 42 \u{e9}\t"), id);
+        assert_eq!(spaced, format!("Build42.rollout-{id}"));
+        assert_eq!(
+            rollout_correlation_id(Some(" \u{e9} "), id),
+            format!("rollout-{id}")
         );
     }
 }
