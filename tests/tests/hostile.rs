@@ -198,7 +198,12 @@ async fn a_json_body_that_stops_coming_is_cut_off() {
 
 #[tokio::test]
 async fn a_json_body_that_trickles_is_cut_off_as_a_whole() {
-    let receiver = spawn_receiver(|c| c.upload_idle_timeout_secs = 1).await;
+    // The whole body's deadline is then 1 s + 1 MiB / 1 GiB/s.
+    let receiver = spawn_receiver(|c| {
+        c.upload_idle_timeout_secs = 1;
+        c.upload_min_rate = 1 << 30;
+    })
+    .await;
     let addr = receiver.addr;
     // Chunked (no Content-Length, so the size-based deadline would allow MAX_PACKAGE_SIZE at
     // UPLOAD_MIN_RATE: hours), one byte every 300 ms (never idle for a second), no key.
@@ -231,13 +236,16 @@ async fn a_json_body_that_trickles_is_cut_off_as_a_whole() {
         "{body}"
     );
 
-    // A body announced larger than a release manifest may be is refused before it is read.
+    // A body announced larger than a release manifest may be is refused before it is read (not
+    // after the 30 s idle timeout of a body that stops coming).
+    let receiver = spawn_receiver(|c| c.upload_idle_timeout_secs = 30).await;
+    let addr = receiver.addr;
     let request = format!(
         "POST /deployment/v2/releases HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{{"
     );
     let (status, body) = exchange(addr, request.as_bytes(), WAIT)
         .await
-        .expect("an answer at once");
+        .expect("an answer within 10 s, not after the 30 s idle timeout");
     assert_eq!(
         (status, code_of(&body).as_str()),
         (400, "VALIDATION_ERROR"),

@@ -229,7 +229,9 @@ pub fn authenticate(
 /// Reads a small body that is not authenticated yet (its signature covers it): at most `limit`
 /// bytes (a larger `Content-Length` is refused before a byte is read), each chunk copied as it
 /// comes, so that no chunk keeps a buffer of the connection's alive, and the whole of it within
-/// UPLOAD_IDLE_TIMEOUT_SECS (`408 TIMEOUT` after that, however steadily it trickles).
+/// UPLOAD_IDLE_TIMEOUT_SECS + `limit` / UPLOAD_MIN_RATE (`408 TIMEOUT` after that, however
+/// steadily it trickles: the route's small limit, not MAX_PACKAGE_SIZE as for a body without a
+/// length, bounds it).
 pub async fn read_small_body(
     state: &AppState,
     parts: &Parts,
@@ -247,7 +249,13 @@ pub async fn read_small_body(
     if announced.is_some_and(|length| length > limit as u64) {
         return Err(too_large());
     }
-    let within = std::time::Duration::from_secs(state.config().upload_idle_timeout_secs.max(1));
+    let config = state.config();
+    let within = std::time::Duration::from_secs(
+        config
+            .upload_idle_timeout_secs
+            .max(1)
+            .saturating_add(limit as u64 / config.upload_min_rate.max(1)),
+    );
     let read = async {
         let mut bytes = Vec::new();
         let mut chunks = body.into_data_stream();
@@ -267,7 +275,7 @@ pub async fn read_small_body(
         .await
         .unwrap_or_else(|_| {
             Err(ReceiverError::Timeout(format!(
-                "the request body was not whole within {} s (UPLOAD_IDLE_TIMEOUT_SECS)",
+                "the request body was not whole within {} s (UPLOAD_IDLE_TIMEOUT_SECS + {limit} bytes / UPLOAD_MIN_RATE)",
                 within.as_secs()
             )))
         })

@@ -68,11 +68,15 @@ impl Cli {
         match &self.command {
             Command::Serve(_) => false,
             // A rollout handles Ctrl-C itself: it stops and rolls back the hosts it moved.
-            // (Counted as the command will: `--to` and `--hosts`, each receiver once.)
-            Command::Deploy(args) => args
-                .rollout
-                .urls(&args.receiver.to)
-                .map_or(true, |urls| urls.len() <= 1),
+            // (`--to` counted as the command will, each receiver once; a `--hosts` file is not
+            // read here: it may be a pipe, readable once.)
+            Command::Deploy(args) => {
+                args.rollout.hosts.is_none()
+                    && args
+                        .rollout
+                        .urls(&args.receiver.to)
+                        .map_or(true, |urls| urls.len() <= 1)
+            }
             _ => true,
         }
     }

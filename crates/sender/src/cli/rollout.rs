@@ -133,22 +133,23 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         .into_iter()
         .map(|target| args.receiver.client_for(http.clone(), target))
         .collect();
+    // SIGINT (Ctrl-C) or SIGTERM (a CI job cancelled, a service manager stopping the command):
+    // while the release is prepared, it ends the command (130, what was being written removed);
+    // once the rollout runs, it stops it and rolls back what it moved; a second one quits at once.
+    let mut signals = Signals::new();
     let docker = crate::pipeline::connect_docker().await?;
     let bars = Arc::new(TerminalProgress::default());
-    let payload = if args.full {
-        let store = PackageStore::open(&args.store.package_dir).await?;
-        let mut package_request = request.package.clone();
-        package_request.container_name = Some(request.deployment.container_name.clone());
-        let package = package_image(&docker, &store, &package_request, &*bars).await;
+    let prepared = async {
+        let payload = prepare(&args, &docker, &request, &bars).await;
         bars.clear();
-        let package = package?;
-        args.store.retain(&store, package.package_id).await;
-        Payload::Package(Box::new(package))
-    } else {
-        let cache = args.store.open_layer_cache().await?;
-        let image = prepare_source(&docker, &cache, &request.package, bars.clone()).await;
-        bars.clear();
-        Payload::Layers(Arc::new(image?))
+        payload
+    };
+    let payload = tokio::select! {
+        payload = prepared => payload?,
+        _ = signals.next() => {
+            bars.clear();
+            return Ok(130);
+        }
     };
     let rollout_id = Uuid::new_v4();
     let release = Release {
@@ -200,14 +201,11 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         rollout_id,
     );
 
-    // SIGINT (Ctrl-C) or SIGTERM (a CI job cancelled, a service manager stopping the command)
-    // stops the rollout and rolls back what it moved; a second one quits at once.
     let abort = CancellationToken::new();
     let on_signal = abort.clone();
-    let mut signals = Signals::new();
     let watcher = tokio::spawn(async move {
         let what = signals.next().await;
-        eprintln!("{what}: stopping the rollout and rolling back the hosts it moved (Ctrl-C again to quit at once)");
+        eprintln!("{what}: stopping the rollout and rolling back the hosts it moved (a second signal quits at once)");
         on_signal.cancel();
         signals.next().await;
         std::process::exit(130);
@@ -246,6 +244,28 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         );
     }
     Ok(report.fleet.exit_code())
+}
+
+/// What travels: the release's layers prepared once (the layer cache), or with `--full` one
+/// stored package.
+async fn prepare(
+    args: &DeployArgs,
+    docker: &bollard::Docker,
+    request: &crate::pipeline::DeployRequest,
+    bars: &Arc<TerminalProgress>,
+) -> Result<Payload, SenderError> {
+    if args.full {
+        let store = PackageStore::open(&args.store.package_dir).await?;
+        let mut package_request = request.package.clone();
+        package_request.container_name = Some(request.deployment.container_name.clone());
+        let package = package_image(docker, &store, &package_request, &**bars).await?;
+        args.store.retain(&store, package.package_id).await;
+        Ok(Payload::Package(Box::new(package)))
+    } else {
+        let cache = args.store.open_layer_cache().await?;
+        let image = prepare_source(docker, &cache, &request.package, bars.clone()).await?;
+        Ok(Payload::Layers(Arc::new(image)))
+    }
 }
 
 /// One stderr line per host that finishes a step or a preload, and per gate.
@@ -401,6 +421,22 @@ mod tests {
             ])
             .expect("urls");
         assert_eq!(urls, ["http://h:8001", "http://h:80"]);
+    }
+
+    #[tokio::test]
+    async fn sigterm_is_heard_as_a_signal_to_stop() {
+        // Real signals to this test's own process: once `Signals` listens, SIGTERM no longer
+        // ends the process (its default action), it is heard.
+        let mut signals = Signals::new();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("kill(1) runs");
+        assert!(sent.success());
+        let heard = tokio::time::timeout(Duration::from_secs(10), signals.next())
+            .await
+            .expect("SIGTERM heard within 10 s");
+        assert_eq!(heard, "terminated (SIGTERM)");
     }
 
     fn parsed_rollout_args() -> RolloutArgs {

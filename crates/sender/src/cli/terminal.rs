@@ -52,6 +52,18 @@ impl Progress for TerminalProgress {
         let Ok(mut current) = self.current.lock() else {
             return;
         };
+        // A streamed deploy exports and uploads at once, reporting both for every chunk: the
+        // export's bar (of the image's size) stands for the stream until it finishes, instead of
+        // two bars taking turns thousands of times.
+        let streaming = event.stage == Stage::Upload
+            && event.message.is_none()
+            && !event.finished
+            && current
+                .as_ref()
+                .is_some_and(|(stage, bar)| *stage == Stage::Export && !bar.is_finished());
+        if streaming {
+            return;
+        }
         if current.as_ref().map(|(s, _)| *s) != Some(event.stage) {
             if let Some((_, bar)) = current.take() {
                 bar.finish_and_clear();

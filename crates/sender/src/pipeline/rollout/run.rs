@@ -433,12 +433,9 @@ where
                     report: ledger.snapshot(),
                 });
                 undone = roll_back_moved(ledger, &rollback, options.rollback_timeout).await;
-                // A host whose state is unknown cannot be rolled back (no deployment to undo):
-                // the fleet is not known to be back.
-                undone &= !ledger.update(|r| r.hosts.iter().any(|h| h.unknown));
             } else {
                 ledger.update(|r| {
-                    let kept = r.hosts.iter().any(|h| h.moved() || h.unknown);
+                    let kept = r.hosts.iter().any(HostReport::moved);
                     undone = !kept;
                     if kept {
                         r.reason = r.reason.take().map(|reason| {
@@ -447,6 +444,27 @@ where
                     }
                 });
             }
+            // A host whose state is unknown cannot be rolled back (no deployment to undo): the
+            // fleet is not known to be back.
+            ledger.update(|r| {
+                let unknown: Vec<&str> = r
+                    .hosts
+                    .iter()
+                    .filter(|h| h.unknown)
+                    .map(|h| h.host.as_str())
+                    .collect();
+                if !unknown.is_empty() {
+                    undone = false;
+                    let said = format!(
+                        "what {} run(s) is unknown (no answer from the receiver past the host's deadline)",
+                        unknown.join(", ")
+                    );
+                    r.reason = Some(match r.reason.take() {
+                        Some(reason) => format!("{reason}; {said}"),
+                        None => said,
+                    });
+                }
+            });
             match (undone, aborted) {
                 (false, _) => RolloutStatus::Failed,
                 (true, true) => RolloutStatus::Aborted,

@@ -85,6 +85,8 @@ where
             .enumerate()
             .filter(|(_, h)| match h.outcome {
                 HostOutcome::InProgress | HostOutcome::NotReached | HostOutcome::Pending => true,
+                // Given up at its deadline with its end unknown: its receiver may know now.
+                HostOutcome::Failed => h.unknown,
                 // Unsettled when it has no deployment id; one with it is left as it is when the
                 // rollout rolls nothing back.
                 HostOutcome::RollbackFailed => h.deployment_id.is_none(),
@@ -103,24 +105,29 @@ where
             return;
         }
         ledger.host(i, |h| match result {
-            Ok(Ok(Settled::Moved {
-                deployment_id,
-                version_after,
-            })) => {
-                h.outcome = HostOutcome::Deployed;
-                h.deployment_id = Some(deployment_id);
-                h.version_after = Some(version_after);
+            Ok(Ok(settled)) => {
+                h.unknown = false;
+                match settled {
+                    Settled::Moved {
+                        deployment_id,
+                        version_after,
+                    } => {
+                        h.outcome = HostOutcome::Deployed;
+                        h.deployment_id = Some(deployment_id);
+                        h.version_after = Some(version_after);
+                    }
+                    Settled::Failed(error) => {
+                        h.outcome = HostOutcome::Failed;
+                        h.version_after.clone_from(&h.version_before);
+                        h.error = Some(error);
+                    }
+                    Settled::RolledBack(now) => {
+                        h.outcome = HostOutcome::RolledBack;
+                        h.version_after = now;
+                    }
+                    Settled::NotStarted => h.outcome = HostOutcome::NotReached,
+                }
             }
-            Ok(Ok(Settled::Failed(error))) => {
-                h.outcome = HostOutcome::Failed;
-                h.version_after.clone_from(&h.version_before);
-                h.error = Some(error);
-            }
-            Ok(Ok(Settled::RolledBack(now))) => {
-                h.outcome = HostOutcome::RolledBack;
-                h.version_after = now;
-            }
-            Ok(Ok(Settled::NotStarted)) => h.outcome = HostOutcome::NotReached,
             Ok(Err(error)) => {
                 h.outcome = HostOutcome::RollbackFailed;
                 h.rollback_error = Some(error);
@@ -164,7 +171,7 @@ where
         let undone = !r
             .hosts
             .iter()
-            .any(|h| h.moved() || h.outcome == HostOutcome::RollbackFailed);
+            .any(|h| h.moved() || h.outcome == HostOutcome::RollbackFailed || h.unknown);
         r.status = if undone {
             RolloutStatus::Aborted
         } else {

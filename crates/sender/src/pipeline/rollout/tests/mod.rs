@@ -565,5 +565,15 @@ async fn a_host_whose_end_is_unknown_leaves_the_fleet_mixed_and_the_rollout_not_
         assert_eq!(host.deployment_id, None);
         assert_eq!(report.status, RolloutStatus::Failed, "rollback {rollback}");
         assert_eq!(report.fleet, FleetState::Mixed, "rollback {rollback}");
+        let reason = report.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("what http://host1 run(s) is unknown"),
+            "{reason}"
+        );
+        assert_eq!(
+            reason.contains("--no-rollback"),
+            !rollback,
+            "only a moved host is said left on the new release: {reason}"
+        );
     }
 }

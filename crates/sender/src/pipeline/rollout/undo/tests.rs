@@ -288,3 +288,70 @@ async fn a_host_that_finished_late_keeps_an_undo_without_rollback_from_counting_
     assert_eq!(report.status, RolloutStatus::Failed, "{report:#?}");
     assert_eq!(report.fleet, FleetState::Mixed);
 }
+
+#[tokio::test]
+async fn a_host_given_up_with_its_end_unknown_is_asked_again_and_rolled_back_when_it_moved() {
+    // Host 0 moved; host 1 was given up at its deadline, its receiver not answering then.
+    let plan = Plan::new(2, Some(1), BatchSize::Hosts(1)).expect("plan");
+    let given_up = || {
+        let mut report = RolloutReport::planned(&hosts(2), &plan);
+        report.hosts[0].outcome = HostOutcome::Deployed;
+        report.hosts[0].deployment_id = Some(id(0));
+        report.hosts[1].outcome = HostOutcome::Failed;
+        report.hosts[1].unknown = true;
+        interrupted(report, "at start")
+    };
+    assert_eq!(given_up().fleet, FleetState::Mixed);
+
+    // Its receiver answers now: it had finished the deployment, so both are rolled back.
+    let rolled_back = Mutex::new(BTreeSet::new());
+    let rollback = |i: usize, deployment: Uuid| {
+        let rolled_back = &rolled_back;
+        async move {
+            assert_eq!(deployment, id(i));
+            rolled_back.lock().expect("lock").insert(i);
+            Ok(Some("app:v1".to_owned()))
+        }
+    };
+    let settle = |i: usize| async move {
+        assert_eq!(i, 1, "only the unknown host is asked");
+        Ok(Settled::Moved {
+            deployment_id: id(1),
+            version_after: "app:v2".into(),
+        })
+    };
+    let report = undo_interrupted(
+        given_up(),
+        settle,
+        rollback,
+        both(Duration::from_secs(5)),
+        &|_| {},
+    )
+    .await;
+    assert_eq!(
+        rolled_back.into_inner().expect("lock"),
+        BTreeSet::from([0, 1])
+    );
+    assert!(!report.hosts[1].unknown);
+    assert_eq!(report.status, RolloutStatus::Aborted);
+    assert_eq!(report.fleet, FleetState::OldRelease);
+
+    // Its receiver still cannot be asked: the undo is not whole.
+    let settle = |_: usize| async {
+        Err(HostError {
+            code: ErrorCode::RemoteUnreachable,
+            message: "connection refused".into(),
+        })
+    };
+    let report = undo_interrupted(
+        given_up(),
+        settle,
+        |_: usize, _: Uuid| async { Ok(Some("app:v1".to_owned())) },
+        both(Duration::from_secs(5)),
+        &|_| {},
+    )
+    .await;
+    assert!(report.hosts[1].unknown);
+    assert_eq!(report.status, RolloutStatus::Failed);
+    assert_eq!(report.fleet, FleetState::Mixed);
+}
