@@ -103,8 +103,9 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
-    /// Connections open at once from one client address (the socket peer); a newcomer over it
-    /// takes the place of that address's oldest unauthenticated connection.
+    /// Connections open at once from one client address (the socket peer; an IPv6 peer counts by
+    /// its /64); a newcomer over it takes the place of that address's oldest unauthenticated
+    /// connection.
     #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 256)]
     pub max_connections_per_ip: usize,
 

@@ -127,7 +127,7 @@ impl Connections {
     /// Admits a connection from `ip`, evicting the oldest unauthenticated one in the way; `None`
     /// when there is none to evict (the newcomer is to be closed).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
-        let ip = ip.to_canonical();
+        let ip = peer(ip);
         let mut table = self.lock();
         if table.per_ip.get(&ip).copied().unwrap_or(0) >= self.max_per_ip
             && !table.evict_oldest(Some(ip))
@@ -161,6 +161,19 @@ impl Connections {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.lock().open.len()
+    }
+}
+
+/// Whose connection it is, for the per-address limit: an IPv4 address (also written as an
+/// IPv4-mapped IPv6 one), or an IPv6 address's /64, the smallest block a host is usually given,
+/// so that a host cannot step around the limit by using more of its own addresses.
+fn peer(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
     }
 }
 
@@ -203,6 +216,34 @@ mod tests {
         assert!(c.admit(ip("10.0.0.4")).is_none(), "all authenticated");
         drop((a, b, c1, third, fourth));
         assert_eq!(c.open(), 0);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_limited_by_its_64_block() {
+        let c = Arc::new(Connections {
+            table: Mutex::new(Table::default()),
+            max_total: 10,
+            max_per_ip: 2,
+        });
+        let a = c.admit(ip("2001:db8:1:2::1")).expect("a");
+        let b = c.admit(ip("2001:db8:1:2::ffff:7")).expect("b");
+        a.mark.authenticated();
+        b.mark.authenticated();
+        assert!(
+            c.admit(ip("2001:db8:1:2:aaaa::9")).is_none(),
+            "a third address of the same /64 is over the limit"
+        );
+        let other = c.admit(ip("2001:db8:1:3::1")).expect("another /64");
+        let v4 = c.admit(ip("::ffff:10.0.0.1")).expect("mapped IPv4");
+        let same_v4 = c.admit(ip("10.0.0.1")).expect("the same IPv4 address");
+        v4.mark.authenticated();
+        same_v4.mark.authenticated();
+        assert!(c.admit(ip("10.0.0.1")).is_none(), "counted as one address");
+        assert!(
+            c.admit(ip("10.0.0.2")).is_some(),
+            "IPv4 addresses are their own"
+        );
+        drop((a, b, other, v4, same_v4));
     }
 
     #[test]

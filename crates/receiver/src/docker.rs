@@ -13,6 +13,9 @@ use crate::error::{ReceiverError, Result};
 const DOCKER_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long a ping may take before Docker counts as unreachable.
 const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one answer of [`DockerHandle::version`] serves: `/health` is open to any client in
+/// the allowlist, and a flood of it must not become a flood of calls to the engine.
+const VERSION_REUSE: Duration = Duration::from_secs(1);
 
 /// The engine set by configuration, for messages of calls that have no handle at hand (the
 /// process runs one receiver; tests that run several in one process may see another's).
@@ -33,6 +36,9 @@ fn shown_host() -> String {
 pub struct DockerHandle {
     host: Option<String>,
     negotiated: RwLock<Option<Docker>>,
+    /// The last answer of [`DockerHandle::version`] and when it came; held while asking, so
+    /// that callers meanwhile wait for that answer instead of asking again.
+    last_version: tokio::sync::Mutex<Option<(std::time::Instant, Option<String>)>>,
 }
 
 impl DockerHandle {
@@ -48,6 +54,7 @@ impl DockerHandle {
         Self {
             host,
             negotiated: RwLock::new(None),
+            last_version: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -93,16 +100,32 @@ impl DockerHandle {
         Ok(docker)
     }
 
-    /// The engine version when Docker answers a ping now, `None` otherwise. A failed ping drops
-    /// the negotiated client so the next call negotiates again (the engine may have been upgraded).
+    /// The engine version when Docker answers a ping (asked at most once per
+    /// [`VERSION_REUSE`]: calls meanwhile get the same answer), `None` otherwise.
     pub async fn version(&self) -> Option<String> {
+        let mut last = self.last_version.lock().await;
+        if let Some((at, version)) = last.as_ref() {
+            if at.elapsed() < VERSION_REUSE {
+                return version.clone();
+            }
+        }
+        let version = self.ask_version().await;
+        *last = Some((std::time::Instant::now(), version.clone()));
+        version
+    }
+
+    /// Pings the engine. A ping that fails drops the negotiated client so the next call
+    /// negotiates again (the engine may have been upgraded); one that only takes longer than
+    /// [`PING_TIMEOUT`] (an engine busy with a large load) keeps it, for the deployments using it.
+    async fn ask_version(&self) -> Option<String> {
         let docker = self.client().await.ok()?;
         match tokio::time::timeout(PING_TIMEOUT, docker.version()).await {
             Ok(Ok(v)) => Some(v.version.unwrap_or_else(|| "unknown".into())),
-            _ => {
+            Ok(Err(_)) => {
                 *self.negotiated.write().await = None;
                 None
             }
+            Err(_) => None,
         }
     }
 }

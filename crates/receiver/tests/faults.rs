@@ -844,6 +844,41 @@ impl Proxied {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_health_requests_asks_the_engine_once() {
+    let Proxied {
+        dir: _dir,
+        proxy,
+        daemon,
+    } = Proxied::start();
+    // Past the reuse of whatever the start-up wait for /health asked.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = proxy.versions_asked();
+    let client = http();
+    let answers = futures::future::join_all((0..50).map(|_| {
+        let client = client.clone();
+        let url = format!("{}/health", daemon.base);
+        async move {
+            let body: Value = client
+                .get(url)
+                .send()
+                .await
+                .expect("health")
+                .json()
+                .await
+                .expect("json");
+            body["docker_available"].clone()
+        }
+    }))
+    .await;
+    let asked = proxy.versions_asked() - before;
+    eprintln!("figure: 50 concurrent /health requests asked the engine's /version {asked} time(s)");
+    assert!(answers.iter().all(|a| *a == json!(true)), "{answers:?}");
+    // One ping for all of them (and a version negotiation, when the client had none; one more
+    // ping if the flood outlasts a second on a loaded machine), not one each.
+    assert!(asked <= 4, "the engine was asked {asked} times");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_cut_mid_load_is_503_docker_unavailable_changes_no_container_and_the_next_deploy_succeeds(
 ) {
     let docker = docker().await;

@@ -29,6 +29,8 @@ struct Shared {
     rule: Rule,
     create_seen: bool,
     cut: Option<String>,
+    /// `GET .../version` requests forwarded (the receiver's pings and version negotiations).
+    versions: u64,
 }
 
 /// A Unix-socket proxy in front of the real engine, for the receiver's `DOCKER_HOST`: each
@@ -80,8 +82,14 @@ impl DockerProxy {
         let mut shared = self.shared.lock().expect("proxy");
         *shared = Shared {
             rule,
+            versions: shared.versions,
             ..Shared::default()
         };
+    }
+
+    /// How many `GET .../version` requests reached the engine through the proxy.
+    pub fn versions_asked(&self) -> u64 {
+        self.shared.lock().expect("proxy").versions
     }
 
     /// Why the proxy cut, if it did.
@@ -150,6 +158,10 @@ impl Connection {
         hay.extend_from_slice(chunk);
         self.tail = hay[hay.len().saturating_sub(64)..].to_vec();
         let mut shared = shared.lock().expect("proxy");
+        shared.versions += chunk
+            .windows(b"/version HTTP/1.1".len())
+            .filter(|w| *w == b"/version HTTP/1.1")
+            .count() as u64;
         match shared.rule {
             Rule::Pass => (chunk.len(), None),
             Rule::MidLoad(limit) => {
