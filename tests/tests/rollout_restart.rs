@@ -373,3 +373,163 @@ async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_
         .expect("hosts stopped");
     assert!(main_bridge_exists(), "the main engine's docker0 survives");
 }
+
+/// `deploy-sender deploy` of `tag` to `urls` (one host per step, containers settling for
+/// `settle` s), the real binary, its state in `dir`.
+fn cli_deploy(dir: &Path, tag: &str, urls: &[&str], name: &str, settle: f64) -> Child {
+    Command::new(workspace_binary("deploy-sender"))
+        .args([
+            "deploy",
+            "--image",
+            tag,
+            "--name",
+            name,
+            "--to",
+            &urls.join(","),
+        ])
+        .args([
+            "--batch",
+            "1",
+            "--health",
+            "none",
+            "--settle",
+            &settle.to_string(),
+        ])
+        .args(["--restart", "no", "--correlation-id", "ci-job-43"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PACKAGE_DIR", dir.join("packages"))
+        .env("DEPLOY_HMAC_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn deploy-sender deploy")
+}
+
+/// `deploy-sender rollouts ARGS --json` on `dir`: its exit code and JSON.
+fn cli_rollouts(dir: &Path, args: &[&str]) -> (i32, Value) {
+    let out = Command::new(workspace_binary("deploy-sender"))
+        .arg("rollouts")
+        .args(args)
+        .arg("--json")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PACKAGE_DIR", dir.join("packages"))
+        .env("DEPLOY_HMAC_SECRET", SECRET)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("deploy-sender rollouts");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// The CLI's rollout records in `dir`'s state directory.
+fn cli_records(dir: &Path) -> Vec<Value> {
+    let records = dir.join("packages/.state/cli-rollouts");
+    let Ok(entries) = std::fs::read_dir(&records) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_rollout_whose_command_was_killed_is_undone_by_rollouts_undo() {
+    let images = Images::default();
+    let base = images.base(64 * 1024);
+    let v1 = images.app(&base, 64 * 1024);
+    let v2 = images.app(&base, 64 * 1024);
+    let (v1_id, v2_id) = (images.id(&v1), images.id(&v2));
+    let hosts = [cold_host("rrc0").await, cold_host("rrc1").await];
+    let receivers: Vec<Daemon> = hosts
+        .iter()
+        .map(|h| Daemon::start(&h.docker_host()))
+        .collect();
+    let urls: Vec<&str> = receivers.iter().map(|r| r.url.as_str()).collect();
+    let name = format!(
+        "rollout-cli-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dir = tempfile::tempdir().expect("sender dir");
+
+    // v1 everywhere.
+    let status = cli_deploy(dir.path(), &v1, &urls, &name, 0.5)
+        .wait()
+        .expect("the first rollout");
+    assert_eq!(status.code(), Some(0), "v1 reached every host");
+    all_run(&hosts, &name, &v1_id, &json!("after v1"));
+
+    // v2, host by host, each container settling for 10 s: the command is SIGKILLed while the
+    // second host's new container settles (the first host is on v2 by then).
+    let mut second = cli_deploy(dir.path(), &v2, &urls, &name, 10.0);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let id = loop {
+        let running: Vec<Value> = cli_records(dir.path())
+            .into_iter()
+            .filter(|r| r["report"]["status"] == "RUNNING")
+            .collect();
+        if let [record] = running.as_slice() {
+            if outcomes(record) == ["DEPLOYED", "IN_PROGRESS"]
+                && running_image(&hosts[1], &name).as_deref() == Some(v2_id.as_str())
+            {
+                break record["rollout_id"].as_str().expect("id").to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second host never started v2: {:#?}",
+            cli_records(dir.path())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    second.kill().expect("SIGKILL deploy-sender deploy");
+    let _ = second.wait();
+
+    // Its record says where it stopped; with no command holding it, it is INTERRUPTED.
+    let (code, listed) = cli_rollouts(dir.path(), &["list"]);
+    assert_eq!(code, 0, "{listed:#}");
+    assert_eq!(
+        listed[0]["rollout_id"],
+        json!(id),
+        "newest first: {listed:#}"
+    );
+    assert_eq!(listed[0]["report"]["status"], "INTERRUPTED", "{listed:#}");
+    assert_eq!(listed[0]["report"]["fleet"], "MIXED");
+    assert_eq!(listed[1]["report"]["status"], "COMPLETED");
+    assert_eq!(
+        listed[0]["correlation_id"],
+        json!(format!("ci-job-43.rollout-{id}"))
+    );
+
+    // Undone: the first host by its deployment id, the second found in its receiver's journal
+    // (waited for while it settled) and rolled back; exit 3, the fleet on the old release.
+    let (code, report) = cli_rollouts(dir.path(), &["undo", &id]);
+    assert_eq!(code, 3, "{report:#}");
+    assert_eq!(report["status"], "ABORTED", "{report:#}");
+    assert_eq!(report["fleet"], "OLD_RELEASE");
+    let outcomes: Vec<&str> = report["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["outcome"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(outcomes, ["ROLLED_BACK", "ROLLED_BACK"], "{report:#}");
+    all_run(&hosts, &name, &v1_id, &report);
+
+    // Undone once: a second undo is refused, and the record shows the end.
+    let (code, refused) = cli_rollouts(dir.path(), &["undo", &id]);
+    assert_eq!(code, 1, "{refused:#}");
+    assert_eq!(refused["error"]["code"], "CONFLICT", "{refused:#}");
+    let (_, listed) = cli_rollouts(dir.path(), &["list"]);
+    assert_eq!(listed[0]["report"]["status"], "ABORTED", "{listed:#}");
+}

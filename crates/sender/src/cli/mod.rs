@@ -11,6 +11,7 @@ mod image;
 mod package;
 mod packages;
 mod rollout;
+mod rollouts;
 mod serve;
 mod terminal;
 mod transfer;
@@ -47,6 +48,9 @@ pub(crate) enum Command {
     Serve(Box<crate::config::ServeConfig>),
     /// Check a receiver end to end (reachable, key, clock, Docker, disk) and say what to fix.
     Doctor(doctor::DoctorArgs),
+    /// List the rollouts `deploy` ran to several hosts; undo one whose command died.
+    #[command(subcommand)]
+    Rollouts(rollouts::RolloutsCommand),
 }
 
 impl Cli {
@@ -59,6 +63,7 @@ impl Cli {
             Command::Packages(command) => command.json(),
             Command::Serve(_) => false,
             Command::Doctor(args) => args.json,
+            Command::Rollouts(command) => command.json(),
         }
     }
 
@@ -151,6 +156,7 @@ pub async fn run(cli: Cli) -> Result<u8, SenderError> {
         Command::Packages(command) => packages::run(command).await.map(|()| 0),
         Command::Serve(config) => serve::run(*config).await.map(|()| 0),
         Command::Doctor(args) => doctor::run(args).await.map(|()| 0),
+        Command::Rollouts(command) => rollouts::run(command).await,
     }
 }
 

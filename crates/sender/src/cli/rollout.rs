@@ -14,9 +14,10 @@ use uuid::Uuid;
 use super::deploy::DeployArgs;
 use super::terminal::{print_json, TerminalProgress};
 use crate::client::{ReceiverClient, ReceiverTarget};
+use crate::pipeline::rollout::kept::{cli_rollouts_dir, CliRollout, HeldRollout};
 use crate::pipeline::rollout::{
     roll_out, BatchSize, HostOutcome, Payload, Plan, Release, RolloutEvent, RolloutOptions,
-    RolloutRecorder, MAX_HOST_TIMEOUT_SECS,
+    RolloutRecorder, RolloutReport, MAX_HOST_TIMEOUT_SECS,
 };
 use crate::pipeline::{package_image, prepare_source, PackageStore, Subject};
 use crate::SenderError;
@@ -189,6 +190,32 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         release.spec.container_name,
         receivers.len(),
     );
+    // Kept on disk at every change, so that a rollout whose command dies can be undone
+    // (`deploy-sender rollouts undo`).
+    let plan = Plan::new(receivers.len(), options.canary, options.batch)
+        .map_err(SenderError::Validation)?;
+    let hosts: Vec<String> = receivers
+        .iter()
+        .map(|r| r.target().base_url.to_string())
+        .collect();
+    let state_dir = args.events.state_dir(&args.store.package_dir);
+    let held = HeldRollout::start(
+        &cli_rollouts_dir(&state_dir),
+        CliRollout {
+            rollout_id,
+            container_name: release.spec.container_name.clone(),
+            correlation_id: release.correlation_id.clone().unwrap_or_default(),
+            started_at: crate::pipeline::now_rfc3339(),
+            release: package_id
+                .map(|id| format!("package {id}"))
+                .or_else(|| tag.clone())
+                .unwrap_or_else(|| release.payload.image_id().to_owned()),
+            rollback: options.rollback,
+            host_timeout_secs: options.host_timeout.as_secs(),
+            report: RolloutReport::planned(&hosts, &plan),
+        },
+    )
+    .map_err(|e| SenderError::Internal(e.to_string()))?;
     let events = args.events.open(&args.store.package_dir).await?;
     let recorder = RolloutRecorder::spawn(
         events.clone(),
@@ -212,6 +239,7 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
     });
     let on_event = |event: RolloutEvent| {
         recorder.observe(&event);
+        held.update(event.report().clone());
         print_event(event);
     };
     let report = roll_out(&receivers, &release, &options, abort, &on_event).await;
@@ -219,31 +247,36 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
     recorder.finish().await;
     events.close().await;
     let report = report?;
-    if args.json {
-        print_json(&report);
-    } else {
-        print!("{}", report.table());
-        let status = serde_json::to_value(report.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let fleet = serde_json::to_value(report.fleet)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        println!(
-            "rollout {rollout_id}: {status}, fleet on {fleet}, {} of {} steps, {:.1} s{}",
-            report.steps_completed,
-            report.steps_planned,
-            report.duration_ms as f64 / 1000.0,
-            report
-                .reason
-                .as_deref()
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        );
-    }
+    print_report(rollout_id, &report, args.json);
     Ok(report.fleet.exit_code())
+}
+
+/// The final table and a line (or, with `json`, the report).
+pub(super) fn print_report(rollout_id: Uuid, report: &RolloutReport, json: bool) {
+    if json {
+        print_json(report);
+        return;
+    }
+    print!("{}", report.table());
+    let name = |value: serde_json::Result<serde_json::Value>| {
+        value
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    println!(
+        "rollout {rollout_id}: {}, fleet on {}, {} of {} steps, {:.1} s{}",
+        name(serde_json::to_value(report.status)),
+        name(serde_json::to_value(report.fleet)),
+        report.steps_completed,
+        report.steps_planned,
+        report.duration_ms as f64 / 1000.0,
+        report
+            .reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
 }
 
 /// What travels: the release's layers prepared once (the layer cache), or with `--full` one

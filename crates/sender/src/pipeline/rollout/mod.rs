@@ -8,6 +8,7 @@
 //! knows HTTP routes or terminals; the CLI and the REST service wire it.
 
 pub mod journal;
+pub mod kept;
 pub mod lifecycle;
 pub mod plan;
 pub mod receivers;
@@ -19,7 +20,8 @@ pub use journal::settle_interrupted;
 pub use lifecycle::{lifecycle_event, RolloutRecorder};
 pub use plan::{BatchSize, Phase, Plan};
 pub use receivers::{
-    is_rollouts_own, roll_out, rollout_correlation_id, same_receiver, Payload, Release, LATE_SETTLE,
+    is_rollouts_own, roll_out, rollout_correlation_id, same_receiver, undo_on_receivers, Payload,
+    Release, LATE_SETTLE,
 };
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions, MAX_HOST_TIMEOUT_SECS};

@@ -16,7 +16,7 @@ use super::journal::{running_image, settle_interrupted, QUERY_TIMEOUT};
 use super::plan::Plan;
 use super::report::{HostError, RolloutReport};
 use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
-use super::undo::Settled;
+use super::undo::{undo_interrupted, Settled, UndoOptions};
 use crate::client::{ReceiverClient, RetryPolicy};
 use crate::pipeline::{
     deploy_package, release_manifest, send_manifest, send_release, NoProgress, PackageInfo,
@@ -176,6 +176,72 @@ pub async fn roll_out(
     run(&hosts, options, deploy, preload, rollback, abort, on_event)
         .await
         .map_err(SenderError::Validation)
+}
+
+/// Undoes an interrupted rollout (`report`) on its real receivers: `clients[i]` is host `i`'s
+/// (or why it cannot be asked). Each host the record cannot vouch for is looked up in its
+/// receiver's journal by the rollout's `correlation_id` (waited for while its deployment runs,
+/// for `host_timeout` plus [`LATE_SETTLE`], as a live rollout waits), then, with `rollback`,
+/// every host on the new release is rolled back at once; see [`undo_interrupted`].
+pub async fn undo_on_receivers(
+    report: RolloutReport,
+    clients: &[Result<ReceiverClient, HostError>],
+    container_name: &str,
+    correlation_id: &str,
+    (rollback, host_timeout): (bool, Duration),
+    on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
+) -> RolloutReport {
+    // Records written before a rollout had a correlation id of its own may share theirs with
+    // other rollouts: a host such a record shows not reached is not looked up.
+    let own_id = is_rollouts_own(correlation_id);
+    let not_reached: Vec<bool> = report
+        .hosts
+        .iter()
+        .map(|h| h.outcome == super::report::HostOutcome::NotReached)
+        .collect();
+    let not_reached = &not_reached;
+    let settle = |i: usize| async move {
+        if !own_id && not_reached.get(i).copied().unwrap_or(false) {
+            return Ok(Settled::NotStarted);
+        }
+        match clients.get(i) {
+            Some(Ok(client)) => settle_interrupted(client, container_name, correlation_id).await,
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(unknown_host(i)),
+        }
+    };
+    let rollback_one = |i: usize, deployment: Uuid| async move {
+        let client = match clients.get(i) {
+            Some(client) => client.as_ref().map_err(Clone::clone)?,
+            None => return Err(unknown_host(i)),
+        };
+        client
+            .rollback(deployment, Some(correlation_id))
+            .await
+            .map(|r| r.image)
+            .map_err(|e| HostError {
+                code: e.code(),
+                message: e.to_string(),
+            })
+    };
+    let options = UndoOptions {
+        rollback,
+        // As long as a live rollout waits for a host: its deadline, then the look-up of a
+        // deployment that outlived it (which also leaves room to tell "never started" from a
+        // receiver that does not answer).
+        settle_timeout: host_timeout
+            .max(Duration::from_secs(1))
+            .saturating_add(LATE_SETTLE),
+        rollback_timeout: RolloutOptions::default().rollback_timeout,
+    };
+    undo_interrupted(report, settle, rollback_one, options, on_event).await
+}
+
+fn unknown_host(i: usize) -> HostError {
+    HostError {
+        code: ErrorCode::InternalError,
+        message: format!("host {i} has no receiver"),
+    }
 }
 
 /// How long a host that missed its deadline is looked up on its receiver (its deployment waited

@@ -140,6 +140,17 @@ pub enum RolloutEvent {
 }
 
 impl RolloutEvent {
+    /// The report as it stands after the event, borrowed.
+    pub fn report(&self) -> &RolloutReport {
+        match self {
+            RolloutEvent::Started { report }
+            | RolloutEvent::Host { report, .. }
+            | RolloutEvent::StepCompleted { report, .. }
+            | RolloutEvent::RollingBack { report, .. }
+            | RolloutEvent::Finished { report } => report,
+        }
+    }
+
     /// The report as it stands after the event.
     pub fn into_report(self) -> RolloutReport {
         match self {

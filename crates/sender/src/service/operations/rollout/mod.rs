@@ -18,9 +18,9 @@ use uuid::Uuid;
 use super::serde_defaults::yes;
 use crate::client::{ReceiverClient, ReceiverTarget};
 use crate::pipeline::rollout::{
-    is_rollouts_own, roll_out, rollout_correlation_id, settle_interrupted, undo_interrupted,
-    BatchSize, HostError, Payload, Plan, Release, RolloutEvent, RolloutOptions, RolloutRecorder,
-    RolloutReport, RolloutStatus, UndoOptions, LATE_SETTLE, MAX_HOST_TIMEOUT_SECS,
+    roll_out, rollout_correlation_id, undo_on_receivers, BatchSize, HostError, Payload, Plan,
+    Release, RolloutEvent, RolloutOptions, RolloutRecorder, RolloutReport, RolloutStatus,
+    MAX_HOST_TIMEOUT_SECS,
 };
 use crate::pipeline::{
     now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
@@ -134,47 +134,15 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
         recorder.observe(&event);
         state.rollouts().publish(&entry, event.into_report());
     };
-    let clients = &clients;
-    // Records written before a rollout had a correlation id of its own may share theirs with
-    // other rollouts: a host such a record shows not reached is not looked up.
-    let own_id = is_rollouts_own(correlation_id);
-    let not_reached: Vec<bool> = view
-        .report
-        .hosts
-        .iter()
-        .map(|h| h.outcome == crate::pipeline::rollout::HostOutcome::NotReached)
-        .collect();
-    let not_reached = &not_reached;
-    let settle = |i: usize| async move {
-        if !own_id && not_reached.get(i).copied().unwrap_or(false) {
-            return Ok(crate::pipeline::rollout::Settled::NotStarted);
-        }
-        match &clients[i] {
-            Ok(client) => settle_interrupted(client, name, correlation_id).await,
-            Err(e) => Err(e.clone()),
-        }
-    };
-    let rollback = |i: usize, deployment: Uuid| async move {
-        let client = clients[i].as_ref().map_err(Clone::clone)?;
-        client
-            .rollback(deployment, Some(correlation_id))
-            .await
-            .map(|r| r.image)
-            .map_err(|e| HostError {
-                code: e.code(),
-                message: e.to_string(),
-            })
-    };
-    let options = UndoOptions {
-        rollback: view.rollback,
-        // As long as a live rollout waits for a host: its deadline, then the look-up of a
-        // deployment that outlived it (which also leaves room to tell "never started" from a
-        // receiver that does not answer).
-        settle_timeout: Duration::from_secs(view.host_timeout_secs.max(1))
-            .saturating_add(LATE_SETTLE),
-        rollback_timeout: RolloutOptions::default().rollback_timeout,
-    };
-    undo_interrupted(view.report.clone(), settle, rollback, options, &on_event).await;
+    undo_on_receivers(
+        view.report.clone(),
+        &clients,
+        name,
+        correlation_id,
+        (view.rollback, Duration::from_secs(view.host_timeout_secs)),
+        &on_event,
+    )
+    .await;
     recorder.finish().await;
 }
 
@@ -329,6 +297,7 @@ async fn payload(state: &AppState, package: PackageInfo) -> Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::rollout::is_rollouts_own;
 
     #[test]
     fn a_rollouts_correlation_id_is_its_own_and_fits() {

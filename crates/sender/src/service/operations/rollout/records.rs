@@ -3,7 +3,6 @@
 //! that were RUNNING then are INTERRUPTED), listed, followed, and stopped or undone.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -280,27 +279,9 @@ fn load_records(dir: &Path, found: &str) -> std::io::Result<(Vec<RolloutView>, V
     Ok((views, interrupted))
 }
 
-/// Writes `view` as `<dir>/<id>.json`, whole: a new file (its own temporary name), synced, renamed
-/// over the old one, the directory synced.
+/// Writes `view` as `<dir>/<id>.json`, whole (see [`write_whole`]).
 fn write_record(dir: &Path, view: &RolloutView) -> std::io::Result<()> {
-    let path = dir.join(format!("{}.json", view.rollout_id));
-    let bytes = serde_json::to_vec_pretty(view).map_err(std::io::Error::other)?;
-    let partial = dir.join(format!(
-        "{}.{}.tmp",
-        view.rollout_id,
-        Uuid::new_v4().simple()
-    ));
-    let written = (|| {
-        let mut file = std::fs::File::create_new(&partial)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&partial, &path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    written?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::pipeline::rollout::kept::write_whole(dir, view.rollout_id, view)
 }
 
 #[cfg(test)]

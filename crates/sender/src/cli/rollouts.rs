@@ -1,0 +1,195 @@
+//! `deploy-sender rollouts list|undo`: the rollouts `deploy-sender deploy` ran to several hosts,
+//! kept in the state directory (`pipeline::rollout::kept`). A rollout whose command died (SIGKILL,
+//! a crash, a lost machine) is INTERRUPTED: `undo` looks up each host the record cannot vouch
+//! for in its receiver's journal and rolls back every host on the new release, as
+//! `DELETE /api/v1/rollouts/{id}` does for the service's.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use uuid::Uuid;
+
+use super::rollout::print_report;
+use super::terminal::print_json;
+use crate::client::ReceiverTarget;
+use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
+use crate::pipeline::rollout::kept::{cli_rollouts_dir, list_cli_rollouts, HeldRollout, TakeError};
+use crate::pipeline::rollout::{
+    interrupted, undo_on_receivers, HostError, RolloutEvent, RolloutRecorder, RolloutStatus,
+};
+use crate::pipeline::Subject;
+use crate::SenderError;
+
+/// `deploy-sender rollouts ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum RolloutsCommand {
+    /// List the rollouts `deploy-sender deploy` ran from this state directory, newest first
+    /// (one whose command is gone without an end is INTERRUPTED).
+    List(ListArgs),
+    /// Undo an INTERRUPTED rollout: look up each host it left unknown on its receiver, then roll
+    /// back every host on the new release (only look them up if it ran with --no-rollback).
+    /// Exit code as a rollout's: 0 new release, 3 old release, 4 mixed.
+    Undo(UndoArgs),
+}
+
+/// Where the records are.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ListArgs {
+    /// Package store (the state directory defaults to `<PACKAGE_DIR>/.state`).
+    #[command(flatten)]
+    pub(crate) store: StoreConfig,
+    /// State directory.
+    #[command(flatten)]
+    pub(crate) events: EventsConfig,
+    /// Print the records as JSON.
+    #[arg(long, env = "DEPLOY_JSON")]
+    pub(crate) json: bool,
+}
+
+/// `rollouts undo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct UndoArgs {
+    /// The rollout's id (as `deploy-sender deploy` printed it, or `rollouts list` shows it).
+    pub(crate) rollout_id: Uuid,
+    /// The key to sign with (the receivers are the rollout's own).
+    #[command(flatten)]
+    pub(crate) receiver: ReceiverConfig,
+    /// Where the records are, and where lifecycle events go.
+    #[command(flatten)]
+    pub(crate) list: ListArgs,
+}
+
+impl RolloutsCommand {
+    /// Whether it prints JSON.
+    pub(super) fn json(&self) -> bool {
+        match self {
+            RolloutsCommand::List(args) => args.json,
+            RolloutsCommand::Undo(args) => args.list.json,
+        }
+    }
+}
+
+/// Runs the command; the exit code (`undo`: where the fleet ended).
+pub(super) async fn run(command: RolloutsCommand) -> Result<u8, SenderError> {
+    match command {
+        RolloutsCommand::List(args) => {
+            let dir = cli_rollouts_dir(&args.events.state_dir(&args.store.package_dir));
+            let records = list_cli_rollouts(&dir).map_err(|e| {
+                SenderError::Internal(format!("cannot read {}: {e}", dir.display()))
+            })?;
+            if args.json {
+                print_json(&records);
+            } else {
+                println!(
+                    "{:<36}  {:<20}  {:<12}  {:<11}  {:<11}  {:>5}  RELEASE",
+                    "ROLLOUT", "STARTED", "CONTAINER", "STATUS", "FLEET", "HOSTS"
+                );
+                for r in records {
+                    println!(
+                        "{:<36}  {:<20}  {:<12}  {:<11}  {:<11}  {:>5}  {}",
+                        r.rollout_id,
+                        r.started_at,
+                        r.container_name,
+                        shown(r.report.status),
+                        shown(r.report.fleet),
+                        r.report.hosts.len(),
+                        r.release
+                    );
+                }
+            }
+            Ok(0)
+        }
+        RolloutsCommand::Undo(args) => undo(args).await,
+    }
+}
+
+async fn undo(args: UndoArgs) -> Result<u8, SenderError> {
+    let state_dir = args.list.events.state_dir(&args.list.store.package_dir);
+    let dir = cli_rollouts_dir(&state_dir);
+    let id = args.rollout_id;
+    let held = HeldRollout::take(&dir, id).map_err(|e| match e {
+        TakeError::Held(_) => SenderError::Conflict(format!(
+            "{e}: its deploy-sender still runs it; stop that one with Ctrl-C or SIGTERM, which rolls back what it moved"
+        )),
+        TakeError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
+            SenderError::NotFound(format!("no rollout {id} in {}", dir.display()))
+        }
+        other => SenderError::Internal(other.to_string()),
+    })?;
+    let record = held.record();
+    let report = match record.report.status {
+        RolloutStatus::Running => interrupted(record.report.clone(), "its deploy-sender is gone"),
+        RolloutStatus::Interrupted => record.report.clone(),
+        other => {
+            return Err(SenderError::Conflict(format!(
+                "rollout {id} is {}: only an INTERRUPTED one is undone",
+                shown(other)
+            )))
+        }
+    };
+    held.update(report.clone());
+    eprintln!(
+        "rollout {id}: undoing ({} hosts, {}{})",
+        report.hosts.len(),
+        record.container_name,
+        if record.rollback {
+            ""
+        } else {
+            "; it ran with --no-rollback: hosts are only looked up"
+        }
+    );
+
+    let secret = args.receiver.secret.as_deref().unwrap_or_default();
+    let http = args.receiver.http_client()?;
+    let clients: Vec<_> = report
+        .hosts
+        .iter()
+        .map(|h| {
+            ReceiverTarget::new(&h.host, &args.receiver.key_id, secret.as_bytes())
+                .map(|target| args.receiver.client_for(http.clone(), target))
+                .map_err(|e| HostError {
+                    code: e.code(),
+                    message: e.to_string(),
+                })
+        })
+        .collect();
+    let events = args.list.events.open(&args.list.store.package_dir).await?;
+    let recorder = RolloutRecorder::spawn(
+        events.clone(),
+        Subject {
+            package_id: None,
+            correlation_id: Some(record.correlation_id.clone()),
+            container_name: Some(record.container_name.clone()),
+            image_tag: None,
+        },
+        id,
+    );
+    let on_event = |event: RolloutEvent| {
+        recorder.observe(&event);
+        held.update(event.into_report());
+    };
+    let report = undo_on_receivers(
+        report,
+        &clients,
+        &record.container_name,
+        &record.correlation_id,
+        (
+            record.rollback,
+            Duration::from_secs(record.host_timeout_secs),
+        ),
+        &on_event,
+    )
+    .await;
+    recorder.finish().await;
+    events.close().await;
+    print_report(id, &report, args.list.json);
+    Ok(report.fleet.exit_code())
+}
+
+/// A status or fleet state as the API spells it.
+fn shown<T: serde::Serialize>(value: T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
