@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         // Dropping the command's future on a signal drops its temp-file guards with it.
         tokio::select! {
             result = cli::run(cli) => Some(result),
-            () = interrupted() => None,
+            () = cli::interrupted() => None,
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -50,17 +50,5 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         None => ExitCode::from(130),
-    }
-}
-
-/// SIGINT (Ctrl-C) or SIGTERM.
-async fn interrupted() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

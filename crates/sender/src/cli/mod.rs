@@ -137,16 +137,37 @@ pub fn report_usage_error(error: &clap::Error) -> std::process::ExitCode {
     std::process::ExitCode::from(2)
 }
 
+/// SIGINT (Ctrl-C) or SIGTERM: a command that ends on it drops its work, which removes its temp
+/// files, and exits 130.
+pub async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return tokio::signal::ctrl_c().await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// Runs a parsed command line; the process exit code on success (0, or where a rollout left the
 /// fleet: see [`FleetState::exit_code`](crate::pipeline::rollout::FleetState::exit_code)).
 pub async fn run(cli: Cli) -> Result<u8, SenderError> {
     match cli.command {
         Command::Deploy(args) => {
             let mut args = *args;
+            // `main` handles signals for a single deploy it can count from `--to` alone; one
+            // that a `--hosts` file makes single is handled here the same way.
+            let signals_here = args.rollout.hosts.is_some();
             args.receiver.to = args.rollout.urls(&args.receiver.to)?;
             if args.receiver.to.len() > 1 {
                 let urls = args.receiver.to.clone();
                 rollout::run(args, urls).await
+            } else if signals_here {
+                tokio::select! {
+                    done = deploy::run(args) => done.map(|()| 0),
+                    () = interrupted() => Ok(130),
+                }
             } else {
                 deploy::run(args).await.map(|()| 0)
             }

@@ -190,6 +190,18 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
         release.spec.container_name,
         receivers.len(),
     );
+    let events = args.events.open(&args.store.package_dir).await?;
+    let recorder = RolloutRecorder::spawn(
+        events.clone(),
+        Subject {
+            package_id,
+            correlation_id: release.correlation_id.clone(),
+            container_name: Some(release.spec.container_name.clone()),
+            image_tag: tag.clone(),
+        },
+        rollout_id,
+    );
+
     // Kept on disk at every change, so that a rollout whose command dies can be undone
     // (`deploy-sender rollouts undo`).
     let plan = Plan::new(receivers.len(), options.canary, options.batch)
@@ -212,22 +224,11 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
                 .unwrap_or_else(|| release.payload.image_id().to_owned()),
             rollback: options.rollback,
             host_timeout_secs: options.host_timeout.as_secs(),
+            rollback_timeout_secs: options.rollback_timeout.as_secs(),
             report: RolloutReport::planned(&hosts, &plan),
         },
     )
     .map_err(|e| SenderError::Internal(e.to_string()))?;
-    let events = args.events.open(&args.store.package_dir).await?;
-    let recorder = RolloutRecorder::spawn(
-        events.clone(),
-        Subject {
-            package_id,
-            correlation_id: release.correlation_id.clone(),
-            container_name: Some(release.spec.container_name.clone()),
-            image_tag: tag,
-        },
-        rollout_id,
-    );
-
     let abort = CancellationToken::new();
     let on_signal = abort.clone();
     let watcher = tokio::spawn(async move {
@@ -246,6 +247,7 @@ pub(super) async fn run(args: DeployArgs, urls: Vec<String>) -> Result<u8, Sende
     watcher.abort();
     recorder.finish().await;
     events.close().await;
+    held.finish();
     let report = report?;
     print_report(rollout_id, &report, args.json);
     Ok(report.fleet.exit_code())
@@ -359,33 +361,39 @@ fn print_event(event: RolloutEvent) {
     }
 }
 
-/// SIGINT and SIGTERM, as they come.
+/// SIGINT and SIGTERM, as they come (each heard from [`Signals::new`] on, also while nobody
+/// waits for the next).
 struct Signals {
+    int: Option<tokio::signal::unix::Signal>,
     term: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
-    /// Starts listening (SIGTERM's default action, ending the process, is replaced from here on).
+    /// Starts listening (the signals' default action, ending the process, is replaced from here
+    /// on).
     fn new() -> Self {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        Self { term }
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
     }
 
     /// The next signal's name.
     async fn next(&mut self) -> &'static str {
-        let term = async {
-            match self.term.as_mut() {
-                Some(term) => {
-                    if term.recv().await.is_none() {
+        async fn one(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    if signal.recv().await.is_none() {
                         std::future::pending::<()>().await;
                     }
                 }
                 None => std::future::pending().await,
             }
-        };
+        }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => "interrupted (SIGINT)",
-            () = term => "terminated (SIGTERM)",
+            () = one(self.int.as_mut()) => "interrupted (SIGINT)",
+            () = one(self.term.as_mut()) => "terminated (SIGTERM)",
         }
     }
 }

@@ -15,9 +15,9 @@ use crate::client::ReceiverTarget;
 use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
 use crate::pipeline::rollout::kept::{cli_rollouts_dir, list_cli_rollouts, HeldRollout, TakeError};
 use crate::pipeline::rollout::{
-    interrupted, undo_on_receivers, HostError, RolloutEvent, RolloutRecorder, RolloutStatus,
+    command_gone, undo_on_receivers, HostError, RolloutEvent, RolloutRecorder, RolloutStatus,
 };
-use crate::pipeline::Subject;
+use crate::pipeline::{now_rfc3339, Subject};
 use crate::SenderError;
 
 /// `deploy-sender rollouts ...`.
@@ -111,14 +111,14 @@ async fn undo(args: UndoArgs) -> Result<u8, SenderError> {
         TakeError::Held(_) => SenderError::Conflict(format!(
             "{e}: its deploy-sender still runs it; stop that one with Ctrl-C or SIGTERM, which rolls back what it moved"
         )),
-        TakeError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
-            SenderError::NotFound(format!("no rollout {id} in {}", dir.display()))
-        }
+        TakeError::NotFound { .. } => SenderError::NotFound(format!(
+            "{e} (the state directory is --state-dir, default <PACKAGE_DIR>/.state, as for the deploy)"
+        )),
         other => SenderError::Internal(other.to_string()),
     })?;
     let record = held.record();
     let report = match record.report.status {
-        RolloutStatus::Running => interrupted(record.report.clone(), "its deploy-sender is gone"),
+        RolloutStatus::Running => command_gone(record.report.clone(), &now_rfc3339()),
         RolloutStatus::Interrupted => record.report.clone(),
         other => {
             return Err(SenderError::Conflict(format!(
@@ -129,7 +129,8 @@ async fn undo(args: UndoArgs) -> Result<u8, SenderError> {
     };
     held.update(report.clone());
     eprintln!(
-        "rollout {id}: undoing ({} hosts, {}{})",
+        "rollout {id} ({}): undoing ({} hosts, {}{})",
+        dir.join(format!("{id}.json")).display(),
         report.hosts.len(),
         record.container_name,
         if record.rollback {
@@ -176,12 +177,14 @@ async fn undo(args: UndoArgs) -> Result<u8, SenderError> {
         (
             record.rollback,
             Duration::from_secs(record.host_timeout_secs),
+            Duration::from_secs(record.rollback_timeout_secs),
         ),
         &on_event,
     )
     .await;
     recorder.finish().await;
     events.close().await;
+    held.finish();
     print_report(id, &report, args.list.json);
     Ok(report.fleet.exit_code())
 }

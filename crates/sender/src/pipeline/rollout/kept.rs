@@ -58,16 +58,25 @@ pub struct CliRollout {
     pub rollback: bool,
     /// `--host-timeout`, seconds.
     pub host_timeout_secs: u64,
+    /// `--rollback-timeout`, seconds (the undo's too).
+    #[serde(default = "default_rollback_timeout_secs")]
+    pub rollback_timeout_secs: u64,
     /// Hosts, outcomes, and where the fleet stands.
     pub report: RolloutReport,
 }
 
-/// A record held by the command that runs (or undoes) its rollout: written at every change,
-/// its lock held until dropped.
+fn default_rollback_timeout_secs() -> u64 {
+    300
+}
+
+/// A record held by the command that runs (or undoes) its rollout: its lock held, and each
+/// change written by a thread of its own (the newest first: a change that comes while one is
+/// being written replaces any older one still waiting), so that no fsync holds up the rollout.
 #[derive(Debug)]
 pub struct HeldRollout {
-    dir: PathBuf,
     record: Mutex<CliRollout>,
+    writes: Mutex<Option<std::sync::mpsc::Sender<CliRollout>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     _lock: File,
 }
 
@@ -77,6 +86,14 @@ pub enum TakeError {
     /// Another process holds it: the command that runs the rollout (or undoes it) is alive.
     #[error("rollout {0} is being run or undone by another deploy-sender (its lock is held)")]
     Held(Uuid),
+    /// No such record.
+    #[error("no rollout {id} in {dir}")]
+    NotFound {
+        /// The rollout.
+        id: Uuid,
+        /// Where it was looked for.
+        dir: String,
+    },
     /// The file system refused.
     #[error("rollout records in {dir}: {error}")]
     Io {
@@ -87,49 +104,74 @@ pub enum TakeError {
     },
 }
 
+/// Finished records kept in the directory; older ones are removed when a rollout starts.
+const KEPT: usize = 1000;
+
 impl HeldRollout {
-    /// Takes the lock of `record`'s rollout in `dir` (created if missing) and writes it.
+    /// Takes the lock of `record`'s rollout in `dir` (created if missing) and writes it, before
+    /// any host is touched (an error if it cannot be). Leftover temp files, and the oldest
+    /// finished records beyond 1000, are removed first.
     pub fn start(dir: &Path, record: CliRollout) -> Result<Self, TakeError> {
-        let held = Self::lock(dir, record.rollout_id, record)?;
-        held.write();
-        Ok(held)
+        let io = |error| TakeError::Io {
+            dir: dir.display().to_string(),
+            error,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        prune(dir);
+        let lock = lock(dir, record.rollout_id)?;
+        write_whole(dir, record.rollout_id, &record).map_err(io)?;
+        Ok(Self::held(dir, record, lock))
     }
 
-    /// Takes the lock of rollout `id` in `dir` and reads its record.
+    /// Takes the lock of rollout `id` in `dir`, then reads its record. A lock held a moment
+    /// (`rollouts list` looking at it) is waited for briefly.
     pub fn take(dir: &Path, id: Uuid) -> Result<Self, TakeError> {
         let io = |error| TakeError::Io {
             dir: dir.display().to_string(),
             error,
         };
         let path = dir.join(format!("{id}.json"));
+        if !path.exists() {
+            return Err(TakeError::NotFound {
+                id,
+                dir: dir.display().to_string(),
+            });
+        }
+        let mut tries = 0;
+        let lock = loop {
+            match lock(dir, id) {
+                Err(TakeError::Held(_)) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let bytes = std::fs::read(&path).map_err(io)?;
         let record: CliRollout = serde_json::from_slice(&bytes)
             .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        Self::lock(dir, id, record)
+        Ok(Self::held(dir, record, lock))
     }
 
-    fn lock(dir: &Path, id: Uuid, record: CliRollout) -> Result<Self, TakeError> {
-        let io = |error| TakeError::Io {
-            dir: dir.display().to_string(),
-            error,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{id}.lock")))
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(TakeError::Held(id)),
-            Err(TryLockError::Error(e)) => return Err(io(e)),
-        }
-        Ok(Self {
-            dir: dir.to_owned(),
+    fn held(dir: &Path, record: CliRollout, lock: File) -> Self {
+        let (writes, pending) = std::sync::mpsc::channel::<CliRollout>();
+        let dir = dir.to_owned();
+        let writer = std::thread::spawn(move || {
+            while let Ok(mut newest) = pending.recv() {
+                while let Ok(newer) = pending.try_recv() {
+                    newest = newer;
+                }
+                if let Err(e) = write_whole(&dir, newest.rollout_id, &newest) {
+                    tracing::error!(rollout_id = %newest.rollout_id, error = %e, "cannot write the rollout's record");
+                }
+            }
+        });
+        Self {
             record: Mutex::new(record),
+            writes: Mutex::new(Some(writes)),
+            writer: Mutex::new(Some(writer)),
             _lock: lock,
-        })
+        }
     }
 
     /// The record as it stands.
@@ -140,20 +182,86 @@ impl HeldRollout {
             .clone()
     }
 
-    /// Records `report` (written at once; a failed write is logged: the rollout goes on).
+    /// Records `report` (written by the writer thread; a failed write is logged: the rollout
+    /// goes on).
     pub fn update(&self, report: RolloutReport) {
-        self.record
+        let record = {
+            let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
+            record.report = report;
+            record.clone()
+        };
+        if let Some(writes) = self
+            .writes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .report = report;
-        self.write();
+            .as_ref()
+        {
+            let _ = writes.send(record);
+        }
     }
 
-    fn write(&self) {
-        let record = self.record();
-        if let Err(e) = write_whole(&self.dir, record.rollout_id, &record) {
-            tracing::error!(rollout_id = %record.rollout_id, error = %e, "cannot write the rollout's record");
+    /// Waits until every change is written (then the lock goes with `self`).
+    pub fn finish(self) {
+        drop(
+            self.writes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if let Some(writer) = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = writer.join();
         }
+    }
+}
+
+/// Takes the lock of rollout `id` in `dir`.
+fn lock(dir: &Path, id: Uuid) -> Result<File, TakeError> {
+    let io = |error| TakeError::Io {
+        dir: dir.display().to_string(),
+        error,
+    };
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{id}.lock")))
+        .map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(TryLockError::WouldBlock) => Err(TakeError::Held(id)),
+        Err(TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+/// Removes leftover temp files, and the oldest finished records (with their locks) beyond
+/// [`KEPT`]; what cannot be removed is left.
+fn prune(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let Ok(records) = list_cli_rollouts(dir) else {
+        return;
+    };
+    let finished = records.iter().filter(|r| {
+        !matches!(
+            r.report.status,
+            RolloutStatus::Running | RolloutStatus::Interrupted
+        )
+    });
+    for old in finished.skip(KEPT) {
+        let _ = std::fs::remove_file(dir.join(format!("{}.json", old.rollout_id)));
+        let _ = std::fs::remove_file(dir.join(format!("{}.lock", old.rollout_id)));
     }
 }
 
@@ -217,6 +325,7 @@ mod tests {
             release: "web:v2".into(),
             rollback: true,
             host_timeout_secs: 600,
+            rollback_timeout_secs: 300,
             report: RolloutReport::planned(&hosts, &plan),
         }
     }
@@ -241,14 +350,23 @@ mod tests {
             Err(TakeError::Held(held)) if held == id
         ));
 
-        drop(held);
+        held.finish();
         let listed = list_cli_rollouts(dir.path()).expect("list");
         assert_eq!(listed[0].report.status, RolloutStatus::Interrupted);
         let taken = HeldRollout::take(dir.path(), id).expect("nobody holds it");
         assert_eq!(taken.record().report.status, RolloutStatus::Running);
+        assert_eq!(
+            taken.record().report.hosts[0].outcome,
+            super::super::report::HostOutcome::InProgress,
+            "the update was written before finish() returned"
+        );
         assert_eq!(taken.record().release, "web:v2");
         assert!(list_cli_rollouts(&dir.path().join("none"))
             .expect("no directory: none")
             .is_empty());
+        assert!(matches!(
+            HeldRollout::take(dir.path(), Uuid::new_v4()),
+            Err(TakeError::NotFound { .. })
+        ));
     }
 }

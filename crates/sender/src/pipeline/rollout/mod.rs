@@ -25,7 +25,7 @@ pub use receivers::{
 };
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
 pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions, MAX_HOST_TIMEOUT_SECS};
-pub use undo::{interrupted, undo_interrupted, Settled, UndoOptions};
+pub use undo::{command_gone, interrupted, undo_interrupted, Settled, UndoOptions};
 
 #[cfg(test)]
 mod tests;

@@ -182,13 +182,14 @@ pub async fn roll_out(
 /// (or why it cannot be asked). Each host the record cannot vouch for is looked up in its
 /// receiver's journal by the rollout's `correlation_id` (waited for while its deployment runs,
 /// for `host_timeout` plus [`LATE_SETTLE`], as a live rollout waits), then, with `rollback`,
-/// every host on the new release is rolled back at once; see [`undo_interrupted`].
+/// every host on the new release is rolled back at once (each within `rollback_timeout`); see
+/// [`undo_interrupted`].
 pub async fn undo_on_receivers(
     report: RolloutReport,
     clients: &[Result<ReceiverClient, HostError>],
     container_name: &str,
     correlation_id: &str,
-    (rollback, host_timeout): (bool, Duration),
+    (rollback, host_timeout, rollback_timeout): (bool, Duration, Duration),
     on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
 ) -> RolloutReport {
     // Records written before a rollout had a correlation id of its own may share theirs with
@@ -232,7 +233,7 @@ pub async fn undo_on_receivers(
         settle_timeout: host_timeout
             .max(Duration::from_secs(1))
             .saturating_add(LATE_SETTLE),
-        rollback_timeout: RolloutOptions::default().rollback_timeout,
+        rollback_timeout: rollback_timeout.max(Duration::from_secs(1)),
     };
     undo_interrupted(report, settle, rollback_one, options, on_event).await
 }

@@ -152,8 +152,8 @@ pub enum RolloutStatus {
     Aborted,
     /// The sender stopped (a restart, a crash) while the rollout ran: nothing drives it any more.
     /// Hosts shown IN_PROGRESS may run either release; hosts not reached were never touched.
-    /// `DELETE` finds out where each host stands and rolls back those it moved (the service
-    /// only; the CLI's rollouts live as long as the command).
+    /// `DELETE` finds out where each host stands and rolls back those it moved (a rollout of
+    /// `deploy-sender deploy` whose command died: `deploy-sender rollouts undo`).
     Interrupted,
 }
 

@@ -187,8 +187,36 @@ where
 }
 
 /// What an interrupted rollout's report says: nothing drives it; hosts not reached never will
-/// be; the fleet is MIXED while any host's state is unknown (IN_PROGRESS).
-pub fn interrupted(mut report: RolloutReport, found: &str) -> RolloutReport {
+/// be; the fleet is MIXED while any host's state is unknown (IN_PROGRESS). For the service's
+/// rollouts, found at the start `found` (a time).
+pub fn interrupted(report: RolloutReport, found: &str) -> RolloutReport {
+    interrupted_as(
+        report,
+        "the sender stopped",
+        found,
+        "DELETE looks them up and rolls back the hosts it moved (unless it was started with \
+         rollback: false)",
+    )
+}
+
+/// [`interrupted`] for a rollout of `deploy-sender deploy` whose command is gone, found so at
+/// `found` (a time).
+pub fn command_gone(report: RolloutReport, found: &str) -> RolloutReport {
+    interrupted_as(
+        report,
+        "its deploy-sender command ended",
+        found,
+        "`deploy-sender rollouts undo` looks them up and rolls back the hosts it moved (unless it \
+         ran with --no-rollback)",
+    )
+}
+
+fn interrupted_as(
+    mut report: RolloutReport,
+    stopped_by: &str,
+    found: &str,
+    remedy: &str,
+) -> RolloutReport {
     for h in &mut report.hosts {
         if h.outcome == HostOutcome::Pending {
             h.outcome = HostOutcome::NotReached;
@@ -205,13 +233,12 @@ pub fn interrupted(mut report: RolloutReport, found: &str) -> RolloutReport {
     };
     report.status = RolloutStatus::Interrupted;
     let stopped = match report.reason.take() {
-        Some(reason) => format!("{reason}; then the sender stopped while it ran"),
-        None => "the sender stopped while this rollout ran".to_owned(),
+        Some(reason) => format!("{reason}; then {stopped_by} while it ran"),
+        None => format!("{stopped_by} while this rollout ran"),
     };
     report.reason = Some(format!(
         "{stopped} (found {found}): hosts IN_PROGRESS may run either release, hosts NOT_REACHED \
-         were never touched; DELETE looks them up and rolls back the hosts it moved (unless it was \
-         started with rollback: false)"
+         were never touched; {remedy}"
     ));
     report
 }

@@ -139,7 +139,11 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
         &clients,
         name,
         correlation_id,
-        (view.rollback, Duration::from_secs(view.host_timeout_secs)),
+        (
+            view.rollback,
+            Duration::from_secs(view.host_timeout_secs),
+            RolloutOptions::default().rollback_timeout,
+        ),
         &on_event,
     )
     .await;
