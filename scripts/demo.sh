@@ -30,6 +30,9 @@ fi
 scripts/prereqs.sh --demo
 echo "==> building deploy-sender and deploy-receiver (release)"
 cargo build --release -q -p deploy-sender -p deploy-receiver
+# Where cargo put them (CARGO_TARGET_DIR or a build.target-dir setting move target/).
+bin=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release
 cp /bin/busybox examples/hello/busybox
 
 [ -s "$work/secret" ] || python3 -c 'import secrets; print(secrets.token_hex(32))' > "$work/secret"
@@ -39,7 +42,7 @@ DEPLOY_HMAC_SECRET=$(cat "$work/secret")
 if ! curl -fsS "http://$receiver_addr/health" >/dev/null 2>&1; then
   echo "==> starting deploy-receiver on $receiver_addr (log: $work/receiver.log)"
   RECEIVER_BIND=$receiver_addr PACKAGE_DIR=$work/receiver-packages ALLOWED_NETWORKS=127.0.0.0/8 \
-    nohup target/release/deploy-receiver >"$work/receiver.log" 2>&1 &
+    nohup "$bin/deploy-receiver" >"$work/receiver.log" 2>&1 &
   echo $! > "$work/receiver.pid"
   for _ in $(seq 1 50); do curl -fsS "http://$receiver_addr/health" >/dev/null 2>&1 && break; sleep 0.2; done
 fi
@@ -47,7 +50,7 @@ curl -fsS "http://$receiver_addr/health" >/dev/null || { echo "receiver did not 
 
 tag="$name:v$(date +%Y%m%d%H%M%S)"
 echo "==> deploying examples/hello as $tag to http://$receiver_addr"
-PACKAGE_DIR=$work/sender-packages target/release/deploy-sender deploy \
+PACKAGE_DIR=$work/sender-packages "$bin/deploy-sender" deploy \
   --dockerfile Dockerfile --context examples/hello --tag "$tag" \
   --to "http://$receiver_addr" --name "$name" --port "127.0.0.1:$port:80" --health docker
 

@@ -137,8 +137,8 @@ async fn wait_docker(
             .and_then(|h| h.log.as_ref())
             .and_then(|log| log.last())
             .map(|r| {
-                let out = r.output.as_deref().unwrap_or_default().trim();
-                format!("exit code {}: {out}", r.exit_code.unwrap_or(-1))
+                let out = r.output.as_deref().unwrap_or_default();
+                exit_line(r.exit_code.unwrap_or(-1), out)
             });
         match health.and_then(|h| h.status) {
             Some(HealthStatusEnum::HEALTHY) => return Ok((true, last)),
@@ -259,7 +259,7 @@ async fn run_check(docker: &Docker, container: &str, cmd: &[String], limit: Dura
             }
         }
         let code = docker.inspect_exec(&exec.id).await.ok()?.exit_code?;
-        (code == 0).then(|| format!("exit code 0: {}", text.trim()))
+        (code == 0).then(|| exit_line(0, &text))
     };
     match tokio::time::timeout(limit, run).await {
         Ok(Some(output)) => Probe::Passed(output),
@@ -508,4 +508,11 @@ pub async fn check(
         output: report.output,
         duration_ms: report.duration.as_millis() as u64,
     })
+}
+/// "exit code N", and ": what the check printed" when it printed something.
+fn exit_line(code: i64, output: &str) -> String {
+    match output.trim() {
+        "" => format!("exit code {code}"),
+        said => format!("exit code {code}: {said}"),
+    }
 }

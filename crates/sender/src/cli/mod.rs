@@ -41,7 +41,7 @@ pub(crate) enum Command {
     Transfer(transfer::TransferArgs),
     /// Build an image (or take an existing one) and store it as a compressed package.
     Package(package::PackageArgs),
-    /// List, show, verify or delete stored packages.
+    /// List, show, verify, delete or prune stored packages.
     #[command(subcommand)]
     Packages(packages::PackagesCommand),
     /// Run the REST service (`/api/v1`, `/health`, `/metrics`, `/docs`).

@@ -4,6 +4,8 @@
 //! for in its receiver's journal and rolls back every host on the new release, as
 //! `DELETE /api/v1/rollouts/{id}` does for the service's.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -12,7 +14,7 @@ use uuid::Uuid;
 use super::rollout::print_report;
 use super::terminal::print_json;
 use crate::client::ReceiverTarget;
-use crate::config::{EventsConfig, ReceiverConfig, StoreConfig};
+use crate::config::{EventsConfig, ReceiverConfig};
 use crate::pipeline::rollout::kept::{cli_rollouts_dir, list_cli_rollouts, HeldRollout, TakeError};
 use crate::pipeline::rollout::{
     command_gone, undo_on_receivers, HostError, RolloutEvent, RolloutRecorder, RolloutStatus,
@@ -35,28 +37,65 @@ pub(crate) enum RolloutsCommand {
 /// Where the records are.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ListArgs {
-    /// Package store (the state directory defaults to `<PACKAGE_DIR>/.state`).
-    #[command(flatten)]
-    pub(crate) store: StoreConfig,
-    /// State directory.
-    #[command(flatten)]
-    pub(crate) events: EventsConfig,
-    /// Print the records as JSON.
+    /// The package directory the rollouts' `deploy` ran with (the state directory defaults to
+    /// `<PACKAGE_DIR>/.state`).
+    #[arg(long, env = "PACKAGE_DIR", default_value = "./packages")]
+    pub(crate) package_dir: PathBuf,
+    /// The state directory the rollouts' `deploy` ran with: their records are in its
+    /// `cli-rollouts/` [default: `<PACKAGE_DIR>/.state`].
+    #[arg(long, env = "SENDER_STATE_DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Print JSON: the records (`list`), the undo's report (`undo`).
     #[arg(long, env = "DEPLOY_JSON")]
     pub(crate) json: bool,
 }
 
+impl ListArgs {
+    fn records_dir(&self) -> PathBuf {
+        cli_rollouts_dir(
+            &self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| self.package_dir.join(".state")),
+        )
+    }
+}
+
 /// `rollouts undo`.
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 pub(crate) struct UndoArgs {
     /// The rollout's id (as `deploy-sender deploy` printed it, or `rollouts list` shows it).
     pub(crate) rollout_id: Uuid,
-    /// The key to sign with (the receivers are the rollout's own).
-    #[command(flatten)]
-    pub(crate) receiver: ReceiverConfig,
-    /// Where the records are, and where lifecycle events go.
+    /// Id of the shared HMAC key the receivers know this sender by (the rollout's; its
+    /// receivers are the record's).
+    #[arg(long, env = "DEPLOY_HMAC_KEY_ID", default_value = "default")]
+    pub(crate) key_id: String,
+    /// Shared HMAC secret (prefer the environment variable: flags show in process lists).
+    #[arg(long, env = "DEPLOY_HMAC_SECRET", hide_env_values = true)]
+    pub(crate) secret: Option<String>,
+    /// PEM file of CA certificate(s) to trust for `https://` receivers.
+    #[arg(long, env = "DEPLOY_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// Kafka bootstrap servers for the undo's lifecycle event; unset: the local outbox only.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub(crate) kafka_bootstrap_servers: Option<String>,
+    /// Kafka topic for lifecycle events.
+    #[arg(long, env = "KAFKA_TOPIC", default_value = deploy_protocol::events::DEFAULT_TOPIC)]
+    pub(crate) kafka_topic: String,
+    /// Where the records are.
     #[command(flatten)]
     pub(crate) list: ListArgs,
+}
+
+impl fmt::Debug for UndoArgs {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UndoArgs")
+            .field("rollout_id", &self.rollout_id)
+            .field("key_id", &self.key_id)
+            .field("list", &self.list)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RolloutsCommand {
@@ -73,7 +112,7 @@ impl RolloutsCommand {
 pub(super) async fn run(command: RolloutsCommand) -> Result<u8, SenderError> {
     match command {
         RolloutsCommand::List(args) => {
-            let dir = cli_rollouts_dir(&args.events.state_dir(&args.store.package_dir));
+            let dir = args.records_dir();
             let records = list_cli_rollouts(&dir).map_err(|e| {
                 SenderError::Internal(format!("cannot read {}: {e}", dir.display()))
             })?;
@@ -104,8 +143,7 @@ pub(super) async fn run(command: RolloutsCommand) -> Result<u8, SenderError> {
 }
 
 async fn undo(args: UndoArgs) -> Result<u8, SenderError> {
-    let state_dir = args.list.events.state_dir(&args.list.store.package_dir);
-    let dir = cli_rollouts_dir(&state_dir);
+    let dir = args.list.records_dir();
     let id = args.rollout_id;
     let held = HeldRollout::take(&dir, id).map_err(|e| match e {
         TakeError::Held(_) => SenderError::Conflict(format!(
@@ -140,21 +178,33 @@ async fn undo(args: UndoArgs) -> Result<u8, SenderError> {
         }
     );
 
-    let secret = args.receiver.secret.as_deref().unwrap_or_default();
-    let http = args.receiver.http_client()?;
+    let receiver = ReceiverConfig {
+        key_id: args.key_id.clone(),
+        secret: args.secret.clone(),
+        ca_cert: args.ca_cert.clone(),
+        ..ReceiverConfig::default()
+    };
+    let secret = receiver.secret.as_deref().unwrap_or_default();
+    let http = receiver.http_client()?;
     let clients: Vec<_> = report
         .hosts
         .iter()
         .map(|h| {
-            ReceiverTarget::new(&h.host, &args.receiver.key_id, secret.as_bytes())
-                .map(|target| args.receiver.client_for(http.clone(), target))
+            ReceiverTarget::new(&h.host, &receiver.key_id, secret.as_bytes())
+                .map(|target| receiver.client_for(http.clone(), target))
                 .map_err(|e| HostError {
                     code: e.code(),
                     message: e.to_string(),
                 })
         })
         .collect();
-    let events = args.list.events.open(&args.list.store.package_dir).await?;
+    let events = EventsConfig {
+        state_dir: args.list.state_dir.clone(),
+        kafka_bootstrap_servers: args.kafka_bootstrap_servers.clone(),
+        kafka_topic: args.kafka_topic.clone(),
+    }
+    .open(&args.list.package_dir)
+    .await?;
     let recorder = RolloutRecorder::spawn(
         events.clone(),
         Subject {
