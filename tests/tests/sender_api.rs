@@ -365,6 +365,21 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
         "REMOTE_UNREACHABLE"
     );
 
+    // A misspelt field is refused, not dropped (which would send to DEFAULT_RECEIVER_URL).
+    let typo = sender
+        .post(
+            "/api/v1/transfers",
+            json!({"package_id": id, "full": true, "receiver": ["http://127.0.0.1:1"]}),
+        )
+        .await;
+    assert_eq!(
+        (typo.status, typo.code()),
+        (400, "VALIDATION_ERROR"),
+        "{}",
+        typo.text
+    );
+    assert!(typo.text.contains("receiver"), "{}", typo.text);
+
     let unreachable = sender
         .post(
             "/api/v1/transfers",
@@ -524,6 +539,15 @@ async fn bearer_token_is_required_on_the_api_when_configured() {
     )
     .await;
     assert_eq!(right.status, 200, "{}", right.text);
+    // The scheme's case does not matter (RFC 7235).
+    let lower = call(
+        "GET",
+        &url,
+        None,
+        &[("Authorization", "bearer test-token-0123456789")],
+    )
+    .await;
+    assert_eq!(lower.status, 200, "{}", lower.text);
     let execute = call(
         "POST",
         &format!("{}/api/v1/execute", sender.url),
@@ -586,6 +610,19 @@ async fn malformed_requests_are_validation_errors_with_the_error_body() {
     assert_eq!(
         (unknown_type.status, unknown_type.code()),
         (400, "VALIDATION_ERROR")
+    );
+    // Larger than an event may ever be: the client's error (400), not an outbox failure (503).
+    let huge = sender
+        .post(
+            "/api/v1/events",
+            json!({"event_type": "TRANSFER_STARTED", "payload": {"x": "y".repeat(600 * 1024)}}),
+        )
+        .await;
+    assert_eq!(
+        (huge.status, huge.code()),
+        (400, "VALIDATION_ERROR"),
+        "{}",
+        huge.text
     );
     let bad_limit = sender.get("/api/v1/events?limit=lots").await;
     assert_eq!(

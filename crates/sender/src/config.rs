@@ -285,9 +285,15 @@ pub struct ServeConfig {
     #[arg(long, env = "SENDER_BIND", default_value = "127.0.0.1:8000")]
     pub bind: SocketAddr,
     /// Bearer token every `/api` request must carry (`Authorization: Bearer <token>`); unset: no
-    /// token is asked for (bind to loopback then).
+    /// token is asked for, which `serve` accepts only on a loopback address (or with
+    /// SENDER_OPEN_API).
     #[arg(long, env = "SENDER_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// Serve `/api` without a token on an address other than loopback: anyone who reaches it can
+    /// then package the engine's images, send them anywhere and deploy with this sender's key.
+    /// For a network that only trusted clients reach.
+    #[arg(long, env = "SENDER_OPEN_API")]
+    pub open_api: bool,
     /// Package store.
     #[command(flatten)]
     pub store: StoreConfig,
@@ -310,12 +316,35 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Refuses what would leave the API open by mistake: an empty token (what an env file
+    /// leaves), and no token on an address other than loopback without SENDER_OPEN_API.
+    pub fn check_exposure(&self) -> Result<(), SenderError> {
+        match self.api_token.as_deref().map(str::trim) {
+            Some("") => Err(SenderError::Validation(
+                "SENDER_API_TOKEN is set but empty: set a token (e.g. `openssl rand -hex 32`), \
+                 or unset it to serve on loopback without one"
+                    .into(),
+            )),
+            None if !self.bind.ip().is_loopback() && !self.open_api => {
+                Err(SenderError::Validation(format!(
+                    "serving /api on {} without SENDER_API_TOKEN would let anyone who reaches it \
+                     package this engine's images, send them anywhere and deploy with this \
+                     sender's key: set SENDER_API_TOKEN, bind to 127.0.0.1 (SENDER_BIND), or set \
+                     SENDER_OPEN_API=true if only trusted clients can reach it",
+                    self.bind
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A configuration for a package directory, with every other setting at its default
     /// (loopback on an ephemeral port, no token, no receiver, no Kafka): for tests and embedding.
     pub fn for_dir(package_dir: impl Into<PathBuf>) -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_token: None,
+            open_api: false,
             store: StoreConfig {
                 package_dir: package_dir.into(),
                 ..StoreConfig::default()
@@ -337,6 +366,25 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serve_refuses_an_open_api_by_mistake() {
+        let mut config = ServeConfig::for_dir("/tmp/p");
+        assert!(config.check_exposure().is_ok(), "loopback without a token");
+        config.bind = "0.0.0.0:8000".parse().expect("addr");
+        let refused = config.check_exposure().expect_err("open to the network");
+        assert!(
+            refused.to_string().contains("SENDER_API_TOKEN"),
+            "{refused}"
+        );
+        config.open_api = true;
+        assert!(config.check_exposure().is_ok(), "said so");
+        config.open_api = false;
+        config.api_token = Some("  ".into());
+        assert!(config.check_exposure().is_err(), "an empty token");
+        config.api_token = Some("s3cret".into());
+        assert!(config.check_exposure().is_ok());
+    }
 
     #[test]
     fn sizes_parse_with_and_without_units() {

@@ -9,6 +9,10 @@ use crate::SenderError;
 /// `deploy-sender serve`: builds the state, binds, serves until SIGINT or SIGTERM.
 pub(super) async fn run(config: ServeConfig) -> Result<(), SenderError> {
     let bind = config.bind;
+    config.check_exposure()?;
+    if config.api_token.is_none() && config.open_api && !bind.ip().is_loopback() {
+        tracing::warn!(%bind, "serving /api without a token on an address other than loopback (SENDER_OPEN_API)");
+    }
     let state = AppState::new(config).await?;
     let listener = TcpListener::bind(bind).await.map_err(|e| {
         SenderError::io(

@@ -237,6 +237,11 @@ pub fn collect_context(context: &Path, dockerfile: &Path) -> Result<BuildContext
             continue;
         }
         sent_dockerfile |= rel == relative;
+        // Judged before the file is read into memory: one huge file must not be.
+        if entry.file_type().is_some_and(|t| t.is_file()) {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            check_size((builder.get_ref().len() as u64).saturating_add(size))?;
+        }
         append(&mut builder, path, rel)?;
         check_size(builder.get_ref().len() as u64)?;
     }

@@ -39,6 +39,10 @@ impl ApiError {
         match self {
             ApiError::Sender(e) => e.code(),
             ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            // The client's own mistake: retrying it never helps.
+            ApiError::EventNotRecorded(deploy_events::EventError::TooLarge { .. }) => {
+                ErrorCode::ValidationError
+            }
             ApiError::EventNotRecorded(_) => ErrorCode::KafkaPublishFailed,
         }
     }

@@ -15,15 +15,17 @@ pub(super) async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(expected) = state.config().api_token.as_deref() else {
+    let Some(expected) = state.config().api_token.as_deref().map(str::trim) else {
         return next.run(request).await;
     };
+    // The scheme's case does not matter (RFC 7235).
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     // Comparing BLAKE3 digests (whose `==` is constant-time) rather than the strings keeps the
     // time taken independent of where, and whether in length, the token differs.
     let valid =

@@ -22,6 +22,8 @@ struct Inner {
     store: PackageStore,
     layers: LayerCache,
     docker: Mutex<Option<Docker>>,
+    /// The last answer of [`AppState::docker_version`] and when it came; held while asking.
+    last_version: Mutex<Option<(Instant, Option<String>)>>,
     http: reqwest::Client,
     events: Lifecycle,
     metrics: Metrics,
@@ -54,6 +56,7 @@ impl AppState {
             store,
             layers,
             docker: Mutex::new(None),
+            last_version: Mutex::new(None),
             events,
             metrics,
             started: Instant::now(),
@@ -86,17 +89,33 @@ impl AppState {
         Ok(connected)
     }
 
-    /// The engine's version, or `None` when it does not answer.
+    /// The engine's version, or `None` when it does not answer within 3 s. `/health` is open
+    /// without a token, so one answer serves for a second (callers meanwhile wait for the ask in
+    /// flight); only a failed ping drops the connection (one merely slow, an engine busy
+    /// exporting, keeps it for the jobs using it).
     pub async fn docker_version(&self) -> Option<String> {
-        let docker = self.docker().await.ok()?;
-        match docker.version().await {
-            Ok(v) => Some(v.version.unwrap_or_default()),
-            Err(e) => {
-                tracing::warn!(error = %e, "Docker engine does not answer");
-                *self.0.docker.lock().await = None;
-                None
+        const REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+        const PING: std::time::Duration = std::time::Duration::from_secs(3);
+        let mut last = self.0.last_version.lock().await;
+        if let Some((at, version)) = last.as_ref() {
+            if at.elapsed() < REUSE {
+                return version.clone();
             }
         }
+        let version = match tokio::time::timeout(PING, self.docker()).await {
+            Ok(Ok(docker)) => match tokio::time::timeout(PING, docker.version()).await {
+                Ok(Ok(v)) => Some(v.version.unwrap_or_default()),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Docker engine does not answer");
+                    *self.0.docker.lock().await = None;
+                    None
+                }
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        *last = Some((Instant::now(), version.clone()));
+        version
     }
 
     /// The HTTP client for receivers.

@@ -126,3 +126,19 @@ fn a_relative_dockerfile_path_is_relative_to_the_context_wherever_the_process_ru
     );
     assert!(message.contains("current directory"), "{message}");
 }
+
+#[test]
+fn a_file_larger_than_a_context_may_be_is_refused_before_it_is_read() {
+    let dir = context_with(&[("Dockerfile", "FROM scratch\n")]);
+    // Sparse: a terabyte on paper, nothing on disk. Read into memory, as the context was before
+    // its size was checked, it would take the machine down long before the check came.
+    let big = std::fs::File::create(dir.path().join("data.img")).expect("create");
+    big.set_len(1 << 40).expect("a sparse terabyte");
+    let Err(refused) = collect_context(dir.path(), Path::new("Dockerfile")) else {
+        panic!("a terabyte of context was accepted");
+    };
+    assert!(
+        refused.to_string().contains("build context exceeds"),
+        "{refused}"
+    );
+}

@@ -77,6 +77,8 @@ pub(crate) async fn publish(
             topic: state.config().events.kafka_topic.clone(),
             destination: sink.destination(),
         }),
+        // An event too large to ever be accepted is the client's error, not the outbox's.
+        Err(e @ deploy_events::EventError::TooLarge { .. }) => Err(e),
         Err(e) => {
             state.events().count_failure();
             Err(e)

@@ -25,6 +25,7 @@ use deploy_protocol::display::millis;
 
 /// `transfer_package`: send a stored package to one or more receivers, optionally deploying it.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct TransferInput {
     /// The stored package.
     pub package_id: Uuid,
@@ -130,8 +131,9 @@ impl TransferInput {
                 "no receiver: pass `receivers` or set DEFAULT_RECEIVER_URL".into(),
             ));
         }
+        // Each receiver once, however its URL is written (case, default port, trailing `/`).
         let mut seen = std::collections::HashSet::new();
-        urls.retain(|u| seen.insert(u.clone()));
+        urls.retain(|u| seen.insert(crate::pipeline::rollout::same_receiver(u)));
         let receiver = &state.config().receiver;
         let secret = receiver.secret.as_deref().unwrap_or_default();
         let receivers = urls
