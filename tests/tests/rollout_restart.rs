@@ -204,6 +204,51 @@ fn all_run(hosts: &[TestHost], name: &str, id: &str, context: &Value) {
     }
 }
 
+/// Two cold hosts (extra engines in their own network namespaces), each with the real receiver
+/// binary; two versions of an app built on the main engine (removed on drop); a container name
+/// of its own; the sender's directory.
+struct TwoHosts {
+    _images: Images,
+    v1: String,
+    v2: String,
+    v1_id: String,
+    v2_id: String,
+    hosts: [TestHost; 2],
+    receivers: Vec<Daemon>,
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl TwoHosts {
+    async fn start(labels: [&'static str; 2], name_prefix: &str) -> Self {
+        let images = Images::default();
+        let base = images.base(64 * 1024);
+        let v1 = images.app(&base, 64 * 1024);
+        let v2 = images.app(&base, 64 * 1024);
+        let (v1_id, v2_id) = (images.id(&v1), images.id(&v2));
+        let hosts = [cold_host(labels[0]).await, cold_host(labels[1]).await];
+        let receivers = hosts
+            .iter()
+            .map(|h| Daemon::start(&h.docker_host()))
+            .collect();
+        let name = format!(
+            "{name_prefix}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Self {
+            _images: images,
+            v1,
+            v2,
+            v1_id,
+            v2_id,
+            hosts,
+            receivers,
+            name,
+            dir: tempfile::tempdir().expect("sender dir"),
+        }
+    }
+}
+
 fn outcomes(view: &Value) -> Vec<&str> {
     view["report"]["hosts"]
         .as_array()
@@ -215,22 +260,18 @@ fn outcomes(view: &Value) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_the_sender_died_in_is_kept_interrupted_and_delete_rolls_back_what_it_moved() {
-    let images = Images::default();
-    let base = images.base(64 * 1024);
-    let v1 = images.app(&base, 64 * 1024);
-    let v2 = images.app(&base, 64 * 1024);
-    let (v1_id, v2_id) = (images.id(&v1), images.id(&v2));
-    let hosts = [cold_host("rrs0").await, cold_host("rrs1").await];
-    let receivers: Vec<Daemon> = hosts
-        .iter()
-        .map(|h| Daemon::start(&h.docker_host()))
-        .collect();
+    let TwoHosts {
+        _images,
+        v1,
+        v2,
+        v1_id,
+        v2_id,
+        hosts,
+        receivers,
+        name,
+        dir,
+    } = TwoHosts::start(["rrs0", "rrs1"], "rollout-restart").await;
     let urls: Vec<&str> = receivers.iter().map(|r| r.url.as_str()).collect();
-    let name = format!(
-        "rollout-restart-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let dir = tempfile::tempdir().expect("sender dir");
 
     // v1 everywhere, through the service.
     let sender = Serve::start(dir.path());
@@ -445,22 +486,18 @@ fn cli_records(dir: &Path) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cli_rollout_whose_command_was_killed_is_undone_by_rollouts_undo() {
-    let images = Images::default();
-    let base = images.base(64 * 1024);
-    let v1 = images.app(&base, 64 * 1024);
-    let v2 = images.app(&base, 64 * 1024);
-    let (v1_id, v2_id) = (images.id(&v1), images.id(&v2));
-    let hosts = [cold_host("rrc0").await, cold_host("rrc1").await];
-    let receivers: Vec<Daemon> = hosts
-        .iter()
-        .map(|h| Daemon::start(&h.docker_host()))
-        .collect();
+    let TwoHosts {
+        _images,
+        v1,
+        v2,
+        v1_id,
+        v2_id,
+        hosts,
+        receivers,
+        name,
+        dir,
+    } = TwoHosts::start(["rrc0", "rrc1"], "rollout-cli").await;
     let urls: Vec<&str> = receivers.iter().map(|r| r.url.as_str()).collect();
-    let name = format!(
-        "rollout-cli-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let dir = tempfile::tempdir().expect("sender dir");
 
     // v1 everywhere.
     let status = cli_deploy(dir.path(), &v1, &urls, &name, 0.5)

@@ -153,13 +153,7 @@ impl RolloutEvent {
 
     /// The report as it stands after the event.
     pub fn into_report(self) -> RolloutReport {
-        match self {
-            RolloutEvent::Started { report }
-            | RolloutEvent::Host { report, .. }
-            | RolloutEvent::StepCompleted { report, .. }
-            | RolloutEvent::RollingBack { report, .. }
-            | RolloutEvent::Finished { report } => report,
-        }
+        self.report().clone()
     }
 }
 
