@@ -22,6 +22,21 @@ pub(super) fn id(i: usize) -> Uuid {
     Uuid::from_u128(i as u128 + 1)
 }
 
+/// A rollback that checks it is asked to undo host `i`'s own deployment (`id(i)`), records `i`
+/// in `into`, and answers that the host runs `app:v1` again.
+pub(super) fn recording_rollback<'a>(
+    into: &'a Mutex<BTreeSet<usize>>,
+) -> impl Fn(usize, Uuid) -> futures::future::BoxFuture<'a, Result<Option<String>, HostError>> + 'a
+{
+    move |i, deployment| {
+        Box::pin(async move {
+            assert_eq!(deployment, id(i), "the host's own deployment");
+            into.lock().expect("lock").insert(i);
+            Ok(Some("app:v1".to_owned()))
+        })
+    }
+}
+
 /// Hosts where `bad` fail; records the order of deploy starts and rollbacks.
 #[derive(Default)]
 struct Fleet {
@@ -465,14 +480,7 @@ async fn roll_out_with_a_host_past_its_deadline(
             bytes: 100,
         })
     };
-    let rollback = |i: usize, deployment: Uuid| {
-        let rolled_back = &rolled_back;
-        async move {
-            assert_eq!(deployment, id(i));
-            rolled_back.lock().expect("lock").insert(i);
-            Ok(Some("app:v1".to_owned()))
-        }
-    };
+    let rollback = recording_rollback(&rolled_back);
     let report = run(
         &hosts(3),
         &RolloutOptions {

@@ -9,7 +9,7 @@ use deploy_protocol::ErrorCode;
 use uuid::Uuid;
 
 use super::super::plan::{BatchSize, Plan};
-use super::super::tests::{hosts, id};
+use super::super::tests::{hosts, id, recording_rollback};
 use super::*;
 
 /// Rolling back, with `deadline` for each host's settling and rollback.
@@ -86,14 +86,7 @@ async fn undoing_an_interrupted_rollout_settles_each_unknown_host_then_rolls_bac
             _ => panic!("host {i}'s state was known"),
         }
     };
-    let rollback = |i: usize, deployment: Uuid| {
-        let rolled_back = &rolled_back;
-        async move {
-            assert_eq!(deployment, id(i), "the host's own deployment");
-            rolled_back.lock().expect("lock").insert(i);
-            Ok(Some("app:v1".to_owned()))
-        }
-    };
+    let rollback = recording_rollback(&rolled_back);
     let events = Mutex::new(Vec::new());
     let on_event = |e: RolloutEvent| events.lock().expect("lock").push(e);
     // Host 4's settle failed in an earlier undo, itself interrupted: it is asked again.
@@ -305,14 +298,7 @@ async fn a_host_given_up_with_its_end_unknown_is_asked_again_and_rolled_back_whe
 
     // Its receiver answers now: it had finished the deployment, so both are rolled back.
     let rolled_back = Mutex::new(BTreeSet::new());
-    let rollback = |i: usize, deployment: Uuid| {
-        let rolled_back = &rolled_back;
-        async move {
-            assert_eq!(deployment, id(i));
-            rolled_back.lock().expect("lock").insert(i);
-            Ok(Some("app:v1".to_owned()))
-        }
-    };
+    let rollback = recording_rollback(&rolled_back);
     let settle = |i: usize| async move {
         assert_eq!(i, 1, "only the unknown host is asked");
         Ok(Settled::Moved {
