@@ -22,6 +22,7 @@ struct Sender {
     state: AppState,
     _dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl Drop for Sender {
@@ -45,7 +46,7 @@ async fn spawn_sender(tune: impl FnOnce(&mut ServeConfig)) -> Sender {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(deploy_sender::service::serve(
+    let served = tokio::spawn(deploy_sender::service::serve(
         listener,
         state.clone(),
         async {
@@ -57,6 +58,7 @@ async fn spawn_sender(tune: impl FnOnce(&mut ServeConfig)) -> Sender {
         state,
         _dir: dir,
         shutdown: Some(tx),
+        served,
     }
 }
 
@@ -310,6 +312,149 @@ async fn async_packaging_streams_progress_until_the_job_finishes() {
         .get(&format!("/api/v1/jobs/{}", Uuid::new_v4()))
         .await;
     assert_eq!((unknown.status, unknown.code()), (404, "NOT_FOUND"));
+}
+
+/// Polls the job until its progress message contains `text`.
+async fn until_job_says(sender: &Sender, job_id: &str, text: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = sender.get(&format!("/api/v1/jobs/{job_id}")).await;
+        let message = job.body["progress"]["message"].as_str().unwrap_or_default();
+        if message.contains(text) {
+            return job.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job never said {text:?}: {}",
+            job.text
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads an event stream to its end (at most `within`), answering its text.
+async fn sse_until_end(response: reqwest::Response, within: Duration) -> String {
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), stream.next()).await {
+            Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(Some(Err(_)) | None) => return text,
+            Err(_) => panic!("the event stream was still open after {within:?}: {text}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_service_ends_event_streams_and_lets_a_queued_job_finish() {
+    common::docker::docker().await;
+    let images = common::docker::host_guard();
+    let mut sender = spawn_sender(|c| {
+        c.max_concurrent_packages = 1;
+        c.shutdown_grace_secs = 120;
+    })
+    .await;
+    let context = busybox_context(&images);
+    let tag = images.image("v1");
+    // The one image slot is held, as a packaging job building another image would hold it.
+    let slot = sender
+        .state
+        .package_slot(&deploy_sender::NoProgress)
+        .await
+        .expect("the free slot");
+    let accepted = call(
+        "POST",
+        &format!("{}/api/v1/packages", sender.url),
+        Some(build_input(&context, &tag)),
+        &[("Prefer", "respond-async")],
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text);
+    let job_id = accepted.body["job_id"].as_str().expect("job_id").to_owned();
+    let waiting = until_job_says(&sender, &job_id, "waiting for one of the 1 image slots").await;
+    assert_eq!(waiting["state"], "running");
+    assert_eq!(waiting["progress"]["stage"], "context");
+
+    let events = reqwest::Client::new()
+        .get(format!("{}/api/v1/jobs/{job_id}/events", sender.url))
+        .send()
+        .await
+        .expect("events request");
+    assert_eq!(events.status().as_u16(), 200);
+    // SIGTERM, as `serve` hears it.
+    let _ = sender.shutdown.take().expect("running").send(());
+    let streamed = sse_until_end(events, Duration::from_secs(10)).await;
+    assert!(
+        !streamed.contains("event: finished"),
+        "the job has not finished; its stream ended because the service stops: {streamed}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sender.served.is_finished(),
+        "the service waits for its running job"
+    );
+    assert!(
+        reqwest::Client::new()
+            .get(format!("{}/health", sender.url))
+            .send()
+            .await
+            .is_err(),
+        "a stopping service takes no new connection"
+    );
+
+    drop(slot);
+    let served = tokio::time::timeout(Duration::from_secs(120), &mut sender.served)
+        .await
+        .expect("the service stops once its job has finished")
+        .expect("serve's task");
+    assert!(served.is_ok(), "{served:?}");
+    let stored = sender.state.store().list().await.expect("packages");
+    assert_eq!(stored.len(), 1, "the queued job ran to its end: {stored:?}");
+    assert!(stored[0].image_tags.contains(&tag), "{stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_still_running_after_the_grace_period_does_not_hold_the_stop_open() {
+    // No Docker: the job waits for an image slot before it asks the engine anything.
+    let mut sender = spawn_sender(|c| {
+        c.max_concurrent_packages = 1;
+        c.shutdown_grace_secs = 1;
+    })
+    .await;
+    let _slot = sender
+        .state
+        .package_slot(&deploy_sender::NoProgress)
+        .await
+        .expect("the free slot");
+    let accepted = call(
+        "POST",
+        &format!("{}/api/v1/packages", sender.url),
+        Some(json!({"image": "sender-api-test/never:1"})),
+        &[("Prefer", "respond-async")],
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text);
+    let job_id = accepted.body["job_id"].as_str().expect("job_id").to_owned();
+    until_job_says(&sender, &job_id, "image slots").await;
+    let events = reqwest::Client::new()
+        .get(format!("{}/api/v1/jobs/{job_id}/events", sender.url))
+        .send()
+        .await
+        .expect("events request");
+    let stopped = Instant::now();
+    let _ = sender.shutdown.take().expect("running").send(());
+    sse_until_end(events, Duration::from_secs(10)).await;
+    let served = tokio::time::timeout(Duration::from_secs(15), &mut sender.served)
+        .await
+        .expect("the stop is not held open by a job past the grace period")
+        .expect("serve's task");
+    assert!(served.is_ok(), "{served:?}");
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(1),
+        "the job got its grace period: {:?}",
+        stopped.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -306,6 +306,15 @@ pub struct ServeConfig {
     /// Uploads to receivers running at once, over all requests.
     #[arg(long, env = "MAX_CONCURRENT_TRANSFERS", default_value_t = 5)]
     pub max_concurrent_transfers: usize,
+    /// Images built, exported or prepared as layers at once, over all requests (packages,
+    /// transfers, rollouts); the rest wait their turn. A build holds its context in memory (up
+    /// to 512 MiB), and each export keeps the engine and a core busy.
+    #[arg(long, env = "MAX_CONCURRENT_PACKAGES", default_value_t = 2)]
+    pub max_concurrent_packages: usize,
+    /// On SIGTERM or Ctrl-C: how long requests in flight and running jobs get to finish before
+    /// the service exits (below Docker's 10 s stop timeout). Open event streams end at once.
+    #[arg(long, env = "SENDER_SHUTDOWN_GRACE_SECS", default_value_t = 8)]
+    pub shutdown_grace_secs: u64,
     /// zstd worker threads per whole-package job (default: one per core). Layer blobs are
     /// compressed one thread per layer, beside the thread that reads and hashes the export.
     #[arg(long, env = "DEPLOY_ZSTD_WORKERS")]
@@ -352,6 +361,8 @@ impl ServeConfig {
             receiver: ReceiverConfig::default(),
             events: EventsConfig::default(),
             max_concurrent_transfers: 5,
+            max_concurrent_packages: 2,
+            shutdown_grace_secs: 8,
             zstd_workers: None,
             job_history: 200,
         }

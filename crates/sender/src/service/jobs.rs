@@ -4,12 +4,15 @@
 //! A request without `respond-async` runs as a job too and waits for it, so a client that hangs
 //! up never leaves half a package behind.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deploy_protocol::{ErrorBody, ErrorDetail};
+use futures::FutureExt;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -279,7 +282,17 @@ impl Jobs {
         self.insert(id, rx);
         let future = work(job.clone());
         let handle = tokio::spawn(async move {
-            let outcome = future.await;
+            // A panic in the work fails the job rather than leaving it RUNNING for good.
+            let outcome = match AssertUnwindSafe(future).catch_unwind().await {
+                Ok(outcome) => outcome,
+                Err(panic) => {
+                    let what = panic_message(panic.as_ref());
+                    tracing::error!(job_id = %id, panic = %what, "a job panicked");
+                    Err(SenderError::Internal(format!(
+                        "the job failed unexpectedly: {what}"
+                    )))
+                }
+            };
             job.finish(match &outcome {
                 Ok(value) => serde_json::to_value(value).map_err(|e| {
                     ErrorBody::new(
@@ -296,6 +309,29 @@ impl Jobs {
             outcome
         });
         (id, handle)
+    }
+
+    /// Jobs still running.
+    pub fn running(&self) -> usize {
+        self.lock()
+            .jobs
+            .values()
+            .filter(|j| j.borrow().state == JobState::Running)
+            .count()
+    }
+
+    /// Waits until no job runs or `deadline` passes; answers how many still run then.
+    pub async fn settle(&self, deadline: tokio::time::Instant) -> usize {
+        loop {
+            let running = self.running();
+            if running == 0 || tokio::time::Instant::now() >= deadline {
+                return running;
+            }
+            tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(50)),
+            )
+            .await;
+        }
     }
 
     fn insert(&self, id: Uuid, rx: watch::Receiver<JobView>) {
@@ -329,6 +365,15 @@ impl Jobs {
             }
         }
     }
+}
+
+/// What a panic said, when it said it with a string.
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]
@@ -398,5 +443,56 @@ mod tests {
             "sane rates: {progress:?}"
         );
         assert_eq!(seen.last().map(|v| v.state), Some(JobState::Succeeded));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_panics_ends_failed_not_running() {
+        let jobs = Jobs::new(10);
+        let (id, handle) = jobs.spawn(JobKind::Transfer, None, |_job: Arc<Job>| async move {
+            tokio::task::yield_now().await;
+            if std::hint::black_box(true) {
+                panic!("a bug in the pipeline");
+            }
+            Ok::<_, SenderError>(())
+        });
+        let outcome = handle.await.expect("the task itself ends");
+        assert!(
+            matches!(&outcome, Err(SenderError::Internal(m)) if m.contains("a bug in the pipeline")),
+            "{outcome:?}"
+        );
+        let view = jobs.get(id).expect("job").borrow().clone();
+        assert_eq!(view.state, JobState::Failed);
+        let error = view.error.expect("error");
+        assert_eq!(error.code, deploy_protocol::ErrorCode::InternalError);
+        assert!(error.message.contains("a bug in the pipeline"), "{error:?}");
+        assert_eq!(jobs.running(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settle_waits_for_running_jobs_until_its_deadline() {
+        let jobs = Jobs::new(10);
+        let (release, wait) = tokio::sync::oneshot::channel::<()>();
+        let (_, short) = jobs.spawn(JobKind::Package, None, |_job: Arc<Job>| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, SenderError>(())
+        });
+        let (_, long) = jobs.spawn(JobKind::Package, None, |_job: Arc<Job>| async move {
+            let _ = wait.await;
+            Ok::<_, SenderError>(())
+        });
+        assert_eq!(jobs.running(), 2);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+        let left = jobs.settle(deadline).await;
+        assert_eq!(left, 1, "the short job finished, the long one did not");
+        assert!(tokio::time::Instant::now() >= deadline);
+        short.await.expect("task").expect("short job");
+        let _ = release.send(());
+        long.await.expect("task").expect("long job");
+        let soon = tokio::time::Instant::now() + Duration::from_secs(5);
+        assert_eq!(jobs.settle(soon).await, 0);
+        assert!(
+            tokio::time::Instant::now() < soon,
+            "no wait once nothing runs"
+        );
     }
 }

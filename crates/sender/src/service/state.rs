@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bollard::Docker;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, Semaphore, SemaphorePermit};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
 use crate::pipeline::{LayerCache, Lifecycle, PackageStore};
@@ -30,6 +31,8 @@ struct Inner {
     jobs: Jobs,
     rollouts: crate::service::operations::Rollouts,
     transfer_slots: Arc<Semaphore>,
+    package_slots: Arc<Semaphore>,
+    stopping: CancellationToken,
     started: Instant,
 }
 
@@ -50,6 +53,8 @@ impl AppState {
         Ok(Self(Arc::new(Inner {
             http: config.receiver.http_client()?,
             transfer_slots: Arc::new(Semaphore::new(config.max_concurrent_transfers.max(1))),
+            package_slots: Arc::new(Semaphore::new(config.max_concurrent_packages.max(1))),
+            stopping: CancellationToken::new(),
             jobs: Jobs::new(config.job_history),
             rollouts,
             config,
@@ -146,6 +151,39 @@ impl AppState {
     /// The MAX_CONCURRENT_TRANSFERS slots.
     pub fn transfer_slots(&self) -> &Arc<Semaphore> {
         &self.0.transfer_slots
+    }
+
+    /// One of the MAX_CONCURRENT_PACKAGES slots, for building, exporting or preparing an image;
+    /// while none is free, `waiting` tells `progress` what it waits for.
+    pub async fn package_slot(
+        &self,
+        progress: &dyn crate::pipeline::Progress,
+    ) -> Result<SemaphorePermit<'_>, SenderError> {
+        if let Ok(permit) = self.0.package_slots.try_acquire() {
+            return Ok(permit);
+        }
+        let waiting = format!(
+            "waiting for one of the {} image slots (MAX_CONCURRENT_PACKAGES): other images are \
+             being built or exported",
+            self.0.config.max_concurrent_packages.max(1)
+        );
+        progress.report(crate::pipeline::ProgressEvent {
+            stage: crate::pipeline::Stage::Context,
+            done: 0,
+            total: None,
+            message: Some(&waiting),
+            finished: false,
+        });
+        self.0
+            .package_slots
+            .acquire()
+            .await
+            .map_err(|_| SenderError::Internal("the image slots are closed".into()))
+    }
+
+    /// Cancelled when the service begins to stop: event streams end, new work is refused.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.0.stopping
     }
 
     /// Seconds since start.

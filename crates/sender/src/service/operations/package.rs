@@ -171,6 +171,7 @@ async fn run_package(
     plan: &PackagePlan,
     progress: Arc<Job>,
 ) -> Result<PackageOutput, SenderError> {
+    let _slot = state.package_slot(progress.as_ref()).await?;
     let docker = state.docker().await?;
     let (store, request) = (state.store().clone(), plan.request.clone());
     let runtime = tokio::runtime::Handle::current();

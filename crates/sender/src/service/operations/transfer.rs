@@ -173,6 +173,8 @@ pub(crate) async fn transfer(
     correlation_id: Option<String>,
     job: Arc<Job>,
 ) -> Result<TransferReport, SenderError> {
+    // Hashing the package again and exporting its image take an image slot, as packaging does.
+    let slot = state.package_slot(job.as_ref()).await?;
     if plan.verify {
         state.store().verify(plan.info.package_id).await?;
     }
@@ -182,6 +184,7 @@ pub(crate) async fn transfer(
     } else {
         prepare_layers(&state, &plan.info, &job).await?
     };
+    drop(slot);
     let endpoint = if plan.deployment.is_some() {
         Endpoint::Full
     } else {

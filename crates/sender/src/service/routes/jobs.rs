@@ -71,6 +71,8 @@ pub(super) async fn events(
         },
     );
     let stream = stream.map(|view| Ok(to_event(&view)));
+    // A stopping service ends its open streams, which would otherwise hold its stop open.
+    let stream = stream.take_until(state.stopping().clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -170,5 +170,7 @@ pub async fn events(
             .json_data(&view)
             .unwrap_or_else(|e| Event::default().event("error").data(e.to_string())))
     });
+    // A stopping service ends its open streams, which would otherwise hold its stop open.
+    let stream = stream.take_until(state.stopping().clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -8,8 +8,11 @@ mod records;
 
 pub use records::Rollouts;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use deploy_protocol::DeploymentSpec;
 use serde::{Deserialize, Serialize};
@@ -26,6 +29,7 @@ use crate::pipeline::{
     now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
 };
 use crate::service::error::correlation_id;
+use crate::service::jobs::panic_message;
 use crate::service::state::AppState;
 use crate::SenderError;
 use records::Entry;
@@ -246,12 +250,31 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
             recorder.observe(&event);
             state.rollouts().publish(&entry, event.into_report());
         };
-        let result = roll_out(&targets, &release, &options, entry.abort.clone(), &on_event).await;
-        if let Err(e) = result {
-            tracing::error!(rollout_id = %id, error = %e, "rollout could not run");
+        let run = roll_out(&targets, &release, &options, entry.abort.clone(), &on_event);
+        // A panic stops the rollout as a stopped service would: INTERRUPTED, which DELETE
+        // undoes, rather than RUNNING for good.
+        let result = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(result) => result.map_err(|e| (RolloutStatus::Failed, e.to_string())),
+            Err(panic) => {
+                let what = panic_message(panic.as_ref());
+                tracing::error!(rollout_id = %id, panic = %what, "a rollout panicked");
+                Err((
+                    RolloutStatus::Interrupted,
+                    format!(
+                        "the rollout stopped unexpectedly ({what}): DELETE /api/v1/rollouts/{id} \
+                         looks its hosts up and rolls back those it moved"
+                    ),
+                ))
+            }
+        };
+        if let Err((status, reason)) = result {
+            tracing::error!(rollout_id = %id, %reason, "rollout could not run");
             let mut report = entry.view.borrow().report.clone();
-            report.status = RolloutStatus::Failed;
-            report.reason = Some(e.to_string());
+            report.status = status;
+            report.reason = Some(reason);
+            recorder.observe(&RolloutEvent::Finished {
+                report: report.clone(),
+            });
             state.rollouts().publish(&entry, report);
         }
         recorder.finish().await;
@@ -277,6 +300,9 @@ async fn payload(state: &AppState, package: PackageInfo) -> Payload {
             .config()
             .zstd_workers
             .unwrap_or_else(crate::pipeline::default_zstd_workers),
+    };
+    let Ok(_slot) = state.package_slot(&NoProgress).await else {
+        return Payload::Package(Box::new(package));
     };
     match prepare_image(
         &docker,

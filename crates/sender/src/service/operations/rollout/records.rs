@@ -55,16 +55,19 @@ impl Entry {
     }
 }
 
-/// Rollout records kept in the state directory; the oldest finished ones beyond this are removed
-/// when the service starts.
+/// Rollout records kept (in memory and in the state directory); the oldest finished ones beyond
+/// this are removed when the service starts and whenever a rollout starts. INTERRUPTED ones stay
+/// until they are undone: they may still have hosts to roll back.
 const KEPT_ROLLOUTS: usize = 1000;
 
 /// The rollouts of this service: those it runs, and those kept from earlier runs.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Rollouts {
     entries: Arc<Mutex<HashMap<Uuid, Arc<Entry>>>>,
     /// Where each rollout's record is written; `None`: kept in memory only.
     dir: Option<Arc<PathBuf>>,
+    /// [`KEPT_ROLLOUTS`], smaller in tests.
+    kept: usize,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -115,6 +118,7 @@ impl Rollouts {
         Ok(Self {
             entries: Arc::new(Mutex::new(entries)),
             dir: Some(Arc::new(dir)),
+            kept: KEPT_ROLLOUTS,
         })
     }
 
@@ -140,12 +144,40 @@ impl Rollouts {
         entry.view.send_modify(|v| v.report = report);
     }
 
+    /// Adds a rollout, and forgets the oldest finished ones beyond the records kept (their
+    /// records are removed too).
     pub(super) fn insert(&self, entry: &Arc<Entry>) {
         let id = entry.view.borrow().rollout_id;
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, Arc::clone(entry));
+        let forgotten = {
+            let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            entries.insert(id, Arc::clone(entry));
+            let excess = entries.len().saturating_sub(self.kept);
+            let mut finished: Vec<(String, Uuid)> = entries
+                .values()
+                .map(|e| e.view.borrow())
+                .filter(|v| {
+                    !matches!(
+                        v.report.status,
+                        RolloutStatus::Running | RolloutStatus::Interrupted
+                    )
+                })
+                .map(|v| (v.started_at.clone(), v.rollout_id))
+                .collect();
+            finished.sort();
+            finished.truncate(excess);
+            for (_, old) in &finished {
+                entries.remove(old);
+            }
+            finished
+        };
+        if let (Some(dir), false) = (&self.dir, forgotten.is_empty()) {
+            for (_, old) in forgotten {
+                let path = dir.join(format!("{old}.json"));
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an old rollout record");
+                }
+            }
+        }
     }
 
     /// Writes the entry's record now and at every change, until it is no longer RUNNING (each
@@ -411,5 +443,67 @@ mod tests {
             1,
             "one record, no partial file left"
         );
+    }
+
+    #[tokio::test]
+    async fn starting_a_rollout_forgets_the_oldest_finished_beyond_those_kept() {
+        let state = tempfile::tempdir().expect("state dir");
+        let dir = state.path().join("rollouts");
+        let events = Lifecycle::open(state.path().to_path_buf(), None, "t".into())
+            .await
+            .expect("outbox");
+        let rollouts = Rollouts {
+            kept: 3,
+            ..Rollouts::open(dir.clone(), &events).await.expect("open")
+        };
+        let oldest_done = view(RolloutStatus::Completed, "2026-12-01T09:00:00Z");
+        let interrupted = view(RolloutStatus::Interrupted, "2026-12-01T09:01:00Z");
+        let running = view(RolloutStatus::Running, "2026-12-01T09:02:00Z");
+        let newer_done = view(RolloutStatus::RolledBack, "2026-12-01T09:03:00Z");
+        for v in [&oldest_done, &interrupted, &running, &newer_done] {
+            write_record(&dir, v).expect("write");
+            rollouts.insert(&Arc::new(Entry::new(v.clone())));
+        }
+        // Four held, three kept: the oldest finished one goes, from memory and from the disk.
+        assert!(matches!(
+            rollouts.watch(oldest_done.rollout_id),
+            Err(SenderError::NotFound(_))
+        ));
+        assert!(!dir
+            .join(format!("{}.json", oldest_done.rollout_id))
+            .exists());
+        for kept in [&interrupted, &running, &newer_done] {
+            assert!(
+                rollouts.watch(kept.rollout_id).is_ok(),
+                "{:?}",
+                kept.report.status
+            );
+            assert!(dir.join(format!("{}.json", kept.rollout_id)).exists());
+        }
+        // Only an INTERRUPTED and a RUNNING one beside a new one: nothing finished to forget
+        // but the newer finished one.
+        let newest = view(RolloutStatus::Running, "2026-12-01T09:04:00Z");
+        rollouts.insert(&Arc::new(Entry::new(newest.clone())));
+        assert!(rollouts.watch(newer_done.rollout_id).is_err());
+        let statuses: Vec<RolloutStatus> = rollouts
+            .list(None, 10)
+            .into_iter()
+            .map(|v| v.report.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                RolloutStatus::Running,
+                RolloutStatus::Running,
+                RolloutStatus::Interrupted
+            ]
+        );
+        // None finished: the records may exceed the number kept, as running and interrupted
+        // rollouts are never forgotten.
+        rollouts.insert(&Arc::new(Entry::new(view(
+            RolloutStatus::Running,
+            "2026-12-01T09:05:00Z",
+        ))));
+        assert_eq!(rollouts.list(None, 10).len(), 4);
     }
 }
