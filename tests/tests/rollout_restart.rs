@@ -5,6 +5,8 @@
 //! died is found in its receiver's journal, waited for and rolled back. Two cold hosts (extra
 //! Docker engines in their own network namespaces), each with the real receiver binary; the
 //! sender is the real binary too. What runs afterwards is read from each host's own engine.
+//! The same for `deploy-sender deploy` to two hosts: SIGKILLed, its rollout is undone by
+//! `deploy-sender rollouts undo`; told SIGTERM, it stops and undoes the rollout itself.
 
 mod layers_common;
 
@@ -485,7 +487,7 @@ fn cli_records(dir: &Path) -> Vec<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cli_rollout_whose_command_was_killed_is_undone_by_rollouts_undo() {
+async fn a_cli_rollout_killed_is_undone_by_rollouts_undo_and_one_told_sigterm_undoes_itself() {
     let TwoHosts {
         _images,
         v1,
@@ -509,26 +511,7 @@ async fn a_cli_rollout_whose_command_was_killed_is_undone_by_rollouts_undo() {
     // v2, host by host, each container settling for 10 s: the command is SIGKILLed while the
     // second host's new container settles (the first host is on v2 by then).
     let mut second = cli_deploy(dir.path(), &v2, &urls, &name, 10.0);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let id = loop {
-        let running: Vec<Value> = cli_records(dir.path())
-            .into_iter()
-            .filter(|r| r["report"]["status"] == "RUNNING")
-            .collect();
-        if let [record] = running.as_slice() {
-            if outcomes(record) == ["DEPLOYED", "IN_PROGRESS"]
-                && running_image(&hosts[1], &name).as_deref() == Some(v2_id.as_str())
-            {
-                break record["rollout_id"].as_str().expect("id").to_owned();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second host never started v2: {:#?}",
-            cli_records(dir.path())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let id = second_host_settles(dir.path(), &hosts[1], &name, &v2_id).await;
     second.kill().expect("SIGKILL deploy-sender deploy");
     let _ = second.wait();
 
@@ -569,4 +552,72 @@ async fn a_cli_rollout_whose_command_was_killed_is_undone_by_rollouts_undo() {
     assert_eq!(refused["error"]["code"], "CONFLICT", "{refused:#}");
     let (_, listed) = cli_rollouts(dir.path(), &["list"]);
     assert_eq!(listed[0]["report"]["status"], "ABORTED", "{listed:#}");
+
+    // SIGTERM (a CI job cancelled, a service manager stopping the command) at the same moment:
+    // the command stops the rollout itself, rolls both hosts back and exits 3.
+    let mut third = cli_deploy(dir.path(), &v2, &urls, &name, 10.0);
+    let id = second_host_settles(dir.path(), &hosts[1], &name, &v2_id).await;
+    let told = Command::new("kill")
+        .args(["-TERM", &third.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(told.success());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = third.try_wait().expect("the command's status") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command did not end within 120 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(3), "stopped and undone: {status:?}");
+    let record = cli_records(dir.path())
+        .into_iter()
+        .find(|r| r["rollout_id"] == json!(id))
+        .expect("the record");
+    assert_eq!(record["report"]["status"], "ABORTED", "{record:#}");
+    assert_eq!(record["report"]["fleet"], "OLD_RELEASE", "{record:#}");
+    assert_eq!(
+        record["report"]["hosts"][0]["outcome"], "ROLLED_BACK",
+        "{record:#}"
+    );
+    assert_eq!(
+        record["report"]["hosts"][1]["outcome"], "ROLLED_BACK",
+        "{record:#}"
+    );
+    all_run(&hosts, &name, &v1_id, &record);
+    let (code, refused) = cli_rollouts(dir.path(), &["undo", &id]);
+    assert_eq!(
+        (code, refused["error"]["code"].as_str()),
+        (1, Some("CONFLICT")),
+        "nothing is left to undo: {refused:#}"
+    );
+}
+
+/// Waits (at most 180 s) until the one RUNNING CLI rollout in `dir` has moved its first host
+/// and `host`, its second, runs `name` from `image`, settling; answers the rollout's id.
+async fn second_host_settles(dir: &Path, host: &TestHost, name: &str, image: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let running: Vec<Value> = cli_records(dir)
+            .into_iter()
+            .filter(|r| r["report"]["status"] == "RUNNING")
+            .collect();
+        if let [record] = running.as_slice() {
+            if outcomes(record) == ["DEPLOYED", "IN_PROGRESS"]
+                && running_image(host, name).as_deref() == Some(image)
+            {
+                return record["rollout_id"].as_str().expect("id").to_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second host never started the new release: {:#?}",
+            cli_records(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
