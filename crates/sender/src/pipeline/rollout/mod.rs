@@ -24,7 +24,9 @@ pub use receivers::{
     Release, LATE_SETTLE,
 };
 pub use report::{FleetState, HostError, HostOutcome, HostReport, RolloutReport, RolloutStatus};
-pub use run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions, MAX_HOST_TIMEOUT_SECS};
+pub use run::{
+    run, HostSlot, Moved, NotMoved, RolloutEvent, RolloutOptions, MAX_HOST_TIMEOUT_SECS,
+};
 pub use undo::{command_gone, interrupted, undo_interrupted, Settled, UndoOptions};
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::journal::{running_image, settle_interrupted, QUERY_TIMEOUT};
 use super::plan::Plan;
 use super::report::{HostError, RolloutReport};
-use super::run::{run, Moved, NotMoved, RolloutEvent, RolloutOptions};
+use super::run::{run, HostSlot, Moved, NotMoved, RolloutEvent, RolloutOptions};
 use super::undo::{undo_interrupted, Settled, UndoOptions};
 use crate::client::{ReceiverClient, RetryPolicy};
 use crate::pipeline::{
@@ -102,7 +102,7 @@ pub async fn roll_out(
     };
     let name = release.spec.container_name.as_str();
     let first_sent = &first_sent;
-    let deploy = |i: usize| async move {
+    let deploy = |i: usize, slot: HostSlot| async move {
         // However the host's deployment ends (or is given up at its deadline, before the
         // look-up of a late host), its bytes are no longer on the wire then.
         let _ended = SentOnDrop(first_sent, i);
@@ -126,10 +126,14 @@ pub async fn roll_out(
         };
         match tokio::time::timeout(host_deadline, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(NotMoved {
-                bytes: sent.bytes(),
-                ..late(receiver, name, release, host_deadline, before).await
-            }),
+            Err(_) => {
+                // The look-up of a late host sends nothing: the next host's transfer goes on.
+                slot.release();
+                Err(NotMoved {
+                    bytes: sent.bytes(),
+                    ..late(receiver, name, release, host_deadline, before).await
+                })
+            }
         }
     };
     // A preload sends and loads the release's layers; a whole package (`--full`) is not

@@ -5,7 +5,7 @@
 //! decides the order and the gates and nothing else.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deploy_protocol::ErrorCode;
@@ -209,7 +209,8 @@ impl<'a> Ledger<'a> {
     }
 }
 
-/// Rolls a release out to `hosts` (receiver URLs, in order): `deploy(i)` deploys it to host `i`,
+/// Rolls a release out to `hosts` (receiver URLs, in order): `deploy(i, slot)` deploys it to
+/// host `i` holding `slot` (see [`HostSlot`]),
 /// `preload(i)` (with [`RolloutOptions::preload`]) sends and loads it there ahead of the host's
 /// step and answers the bytes it sent, `rollback(i, deployment_id)` undoes that deployment there
 /// and answers the image the host runs afterwards. `abort` stops the rollout between hosts (hosts
@@ -225,7 +226,7 @@ pub async fn run<D, DF, P, PF, R, RF>(
     on_event: &(dyn Fn(RolloutEvent) + Send + Sync),
 ) -> Result<RolloutReport, String>
 where
-    D: Fn(usize) -> DF,
+    D: Fn(usize, HostSlot) -> DF,
     DF: Future<Output = Result<Moved, NotMoved>>,
     P: Fn(usize) -> PF,
     PF: Future<Output = Result<u64, NotMoved>>,
@@ -340,10 +341,10 @@ where
                             () = one.clone() => {}
                         }
                     }
-                    let Some(_slot) = slot(slots, abort).await else {
+                    let Some(held) = slot(slots, abort).await else {
                         return;
                     };
-                    deploy_one(ledger, i, deploy, options.host_timeout, abort).await;
+                    deploy_one(ledger, i, deploy, held, options.host_timeout, abort).await;
                 })
                 .buffer_unordered(concurrency);
             while done.next().await.is_some() {}
@@ -495,19 +496,33 @@ where
 
 /// Waits for one of `slots` (none to wait for without them); `None` once `abort` is cancelled,
 /// whichever comes first when both are ready (a closed semaphore is no slot to wait for).
-async fn slot<'s>(
-    slots: &'s Option<std::sync::Arc<tokio::sync::Semaphore>>,
+async fn slot(
+    slots: &Option<std::sync::Arc<tokio::sync::Semaphore>>,
     abort: &CancellationToken,
-) -> Option<Option<tokio::sync::SemaphorePermit<'s>>> {
+) -> Option<HostSlot> {
     let permit = match slots {
         Some(slots) => tokio::select! {
             biased;
             () = abort.cancelled() => return None,
-            slot = slots.acquire() => slot.ok(),
+            slot = std::sync::Arc::clone(slots).acquire_owned() => slot.ok(),
         },
         None => None,
     };
-    (!abort.is_cancelled()).then_some(permit)
+    (!abort.is_cancelled()).then(|| HostSlot(std::sync::Arc::new(Mutex::new(permit))))
+}
+
+/// The transfer slot ([`RolloutOptions::slots`]) a host's deployment or preload holds: given
+/// back when it ends, or earlier with [`HostSlot::release`] by a deployment that goes on
+/// without using the uplink (the look-up of a host past its deadline), so that the next host's
+/// transfer need not wait for it.
+#[derive(Debug, Clone, Default)]
+pub struct HostSlot(std::sync::Arc<Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl HostSlot {
+    /// Gives the slot back now.
+    pub fn release(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
 }
 
 /// Deploys to host `i` under its deadline and records the outcome; a host not yet started when
@@ -516,10 +531,11 @@ async fn deploy_one<D, DF>(
     ledger: &Ledger<'_>,
     i: usize,
     deploy: &D,
+    slot: HostSlot,
     deadline: Duration,
     abort: &CancellationToken,
 ) where
-    D: Fn(usize) -> DF,
+    D: Fn(usize, HostSlot) -> DF,
     DF: Future<Output = Result<Moved, NotMoved>>,
 {
     if abort.is_cancelled() {
@@ -527,7 +543,9 @@ async fn deploy_one<D, DF>(
     }
     ledger.host(i, |h| h.outcome = HostOutcome::InProgress);
     let started = Instant::now();
-    let result = tokio::time::timeout(deadline, deploy(i)).await;
+    // Held here until the deployment ends, unless it gives the slot back itself.
+    let result = tokio::time::timeout(deadline, deploy(i, slot.clone())).await;
+    drop(slot);
     let elapsed = Some(millis(started.elapsed()));
     ledger.host(i, |h| {
         h.deploy_ms = elapsed;

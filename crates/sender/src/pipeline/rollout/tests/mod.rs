@@ -141,7 +141,7 @@ async fn roll_out_with(
     run(
         &hosts(n),
         &options,
-        |i| {
+        |i, _slot| {
             let fleet = Arc::clone(fleet);
             async move { fleet.deploy(i).await }
         },
@@ -173,7 +173,7 @@ where
     run(
         &hosts(n),
         &options,
-        |i| {
+        |i, _slot| {
             let fleet = Arc::clone(fleet);
             async move { fleet.deploy(i).await }
         },
@@ -317,7 +317,7 @@ async fn a_host_that_never_answers_fails_at_its_deadline() {
     let report = run(
         &hosts(4),
         &options,
-        |i| {
+        |i, _slot| {
             let fleet = Arc::clone(&fleet);
             async move {
                 if i == 1 {
@@ -455,7 +455,7 @@ async fn roll_out_with_a_host_past_its_deadline(
     unknown: bool,
 ) -> (RolloutReport, BTreeSet<usize>) {
     let rolled_back = Mutex::new(BTreeSet::new());
-    let deploy = |i: usize| async move {
+    let deploy = |i: usize, _slot: HostSlot| async move {
         if i == 1 {
             return Err(NotMoved {
                 error: HostError {
@@ -584,4 +584,62 @@ async fn a_host_whose_end_is_unknown_leaves_the_fleet_mixed_and_the_rollout_not_
             "only a moved host is said left on the new release: {reason}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_deployment_that_gives_its_slot_back_lets_the_next_host_transfer_meanwhile() {
+    // One transfer slot for the whole service, two hosts in one step: host 0 gives its slot back
+    // (as a deployment past its deadline does before it looks the host up) and then waits for
+    // host 1 to start, which it can only do with that slot.
+    let second_started = tokio::sync::Notify::new();
+    let second_started = &second_started;
+    let options = RolloutOptions {
+        canary: Some(0),
+        batch: BatchSize::Hosts(2),
+        max_concurrent: 2,
+        slots: Some(Arc::new(tokio::sync::Semaphore::new(1))),
+        ..RolloutOptions::default()
+    };
+    let moved = |i: usize| Moved {
+        deployment_id: id(i),
+        version_before: Some("app:v1".into()),
+        version_after: "app:v2".into(),
+        bytes: 100,
+    };
+    let report = run(
+        &hosts(2),
+        &options,
+        |i, slot: HostSlot| async move {
+            if i == 1 {
+                second_started.notify_one();
+                return Ok(moved(i));
+            }
+            slot.release();
+            tokio::time::timeout(Duration::from_secs(5), second_started.notified())
+                .await
+                .map(|()| moved(i))
+                .map_err(|_| NotMoved {
+                    error: HostError {
+                        code: ErrorCode::Timeout,
+                        message: "host 1 never started while host 0 waited".into(),
+                    },
+                    version_before: None,
+                    bytes: 0,
+                    finished_late: None,
+                    unknown: false,
+                })
+        },
+        |_| async { Ok(0) },
+        |_, _| async { Ok(Some("app:v1".to_owned())) },
+        CancellationToken::new(),
+        &|_| {},
+    )
+    .await
+    .expect("a possible plan");
+    assert_eq!(
+        outcomes(&report),
+        [HostOutcome::Deployed, HostOutcome::Deployed],
+        "{:?}",
+        report.hosts[0].error
+    );
 }

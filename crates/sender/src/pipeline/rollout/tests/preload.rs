@@ -100,7 +100,7 @@ async fn roll_out_gated(
     let report = run(
         &hosts(n),
         &options,
-        |i| async move {
+        |i, _slot| async move {
             if i != 0 {
                 return fleet.deploy(i).await;
             }
