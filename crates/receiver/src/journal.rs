@@ -74,18 +74,22 @@ impl Journal {
         &self.dir
     }
 
-    /// Writes `record` durably, then updates the cache.
+    /// Writes `record` durably and updates the cache. The cache shows the record even when the
+    /// write fails (a full or failing disk): this run then answers what happened, not an older
+    /// state (a deployment shown IN_PROGRESS for good, refused a rollback); the error says the
+    /// record is not durable.
     pub async fn save(&self, record: &DeploymentRecord) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| {
             ReceiverError::Internal(format!("serialising a deployment record: {e}"))
         })?;
         let dir = self.dir.clone();
         let id = record.deployment_id;
-        tokio::task::spawn_blocking(move || write_atomically(&dir, id, &bytes))
+        let written = tokio::task::spawn_blocking(move || write_atomically(&dir, id, &bytes))
             .await
-            .map_err(|e| ReceiverError::Internal(format!("journal writer failed: {e}")))??;
+            .map_err(|e| ReceiverError::Internal(format!("journal writer failed: {e}")))
+            .and_then(|written| Ok(written?));
         self.lock()?.insert(id, record.clone());
-        Ok(())
+        written
     }
 
     /// One record.
@@ -309,5 +313,24 @@ mod tests {
             "unless their request left them"
         );
         assert!(!dir.path().join(".tmp-leftover").exists());
+    }
+
+    #[tokio::test]
+    async fn a_record_that_cannot_be_written_is_still_shown_as_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal_dir = dir.path().join("deployments");
+        let journal = Journal::open(&journal_dir).expect("open");
+        let mut r = record("2026-01-01T00:00:00Z", DeploymentStatus::InProgress);
+        journal.save(&r).await.expect("save");
+        // The directory is gone and a file stands in its place: every write fails, even as root.
+        fs::remove_dir_all(&journal_dir).expect("remove the journal");
+        fs::write(&journal_dir, b"not a directory").expect("a file in its place");
+        r.status = DeploymentStatus::Succeeded;
+        assert!(journal.save(&r).await.is_err(), "the write failed");
+        assert_eq!(
+            journal.get(r.deployment_id).expect("get").map(|r| r.status),
+            Some(DeploymentStatus::Succeeded),
+            "this run shows how the deployment ended"
+        );
     }
 }

@@ -1043,3 +1043,83 @@ async fn docker_cut_between_create_and_start_is_503_and_rolled_back_once_docker_
         converged.as_secs_f64(),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_cut_while_an_unhealthy_deployment_rolls_back_is_rolled_back_even_if_docker_then_calls_it_healthy(
+) {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let Proxied {
+        dir: _dir,
+        mut proxy,
+        daemon,
+    } = Proxied::start();
+    let (v2, package, old) = deployed_v1(&docker, &mut cleanup, &daemon, &name).await;
+
+    // v2's own HEALTHCHECK passes, but the deployment's check probes a path httpd does not
+    // serve: the receiver judges v2 unhealthy and rolls back, and Docker goes away just as the
+    // rollback asks it to remove v2's container.
+    let mut spec = web_spec(&name);
+    spec.health_check.kind = deploy_protocol::HealthCheckKind::Http;
+    spec.health_check.path = Some("/missing".into());
+    spec.health_check.interval_secs = 0.2;
+    spec.health_check.retries = 2;
+    proxy.arm(Rule::BeforeRemove);
+    let (status, body) = daemon.full(&[&v2], package, &spec).await;
+    let cut = proxy
+        .cut_reason()
+        .expect("the proxy cut before the removal");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], json!("DOCKER_UNAVAILABLE"), "{body}");
+    let interrupted = record(&body);
+    assert_eq!(interrupted.status, DeploymentStatus::InProgress, "{body}");
+    let new = interrupted.container_id.clone().expect("v2's container");
+
+    // Docker, asked directly, comes to call v2's container healthy.
+    let waited = Instant::now();
+    loop {
+        let state = docker
+            .inspect_container(&new, None)
+            .await
+            .expect("v2's container is still there")
+            .state;
+        let health = state.and_then(|s| s.health).and_then(|h| h.status);
+        if health == Some(bollard::models::HealthStatusEnum::HEALTHY) {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "v2's HEALTHCHECK never passed: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The engine is back: the deployment is still rolled back, as its failed check said.
+    proxy.restore();
+    let restored = Instant::now();
+    let settled = loop {
+        let r = deployment(&daemon, interrupted.deployment_id).await;
+        if r.status != DeploymentStatus::InProgress {
+            break r;
+        }
+        assert!(
+            restored.elapsed() < Duration::from_secs(60),
+            "still IN_PROGRESS a minute after Docker came back\nlog:\n{}",
+            daemon.logs("").join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(settled.status, DeploymentStatus::RolledBack, "{settled:#?}");
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name)).await,
+        std::slice::from_ref(&old),
+        "v1's container is back and v2's is gone"
+    );
+    assert_eq!(page(&docker, &name).await, "v1");
+    eprintln!(
+        "Docker cut during the rollback of an unhealthy v2 ({cut}), v2 then healthy by its own \
+         HEALTHCHECK: rolled back to v1 {:.1} s after Docker came back",
+        restored.elapsed().as_secs_f64()
+    );
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bollard::container::{ListContainersOptions, RenameContainerOptions};
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
 use bollard::Docker;
-use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage};
+use deploy_protocol::api::{DeploymentRecord, DeploymentStatus, Stage, StageOutcome};
 use deploy_protocol::{ErrorCode, ErrorDetail};
 use uuid::Uuid;
 
@@ -52,6 +52,7 @@ pub async fn reconcile_all(state: &AppState) -> Result<usize> {
     }
     let docker = state.docker().client().await?;
     let mut settled = 0;
+    let mut first_error = None;
     for id in leftovers {
         let Some(record) = state.journal().get(id)? else {
             continue;
@@ -60,11 +61,27 @@ pub async fn reconcile_all(state: &AppState) -> Result<usize> {
             continue;
         }
         let _turn = state.container_lock(&record.container_name).await;
-        let record = reconcile_one(state, &docker, record).await?;
-        tracing::warn!(deployment_id = %record.deployment_id, container = %record.container_name, status = ?record.status, "reconciled a deployment interrupted by a stop of the receiver");
-        settled += 1;
+        // Read again under the name's lock: a deployment of the name may have settled it meanwhile.
+        let record = match state.journal().get(id)? {
+            Some(record) if record.status == DeploymentStatus::InProgress => record,
+            _ => continue,
+        };
+        // One that cannot be settled yet does not hold up the others; the pass is retried.
+        match reconcile_one(state, &docker, record).await {
+            Ok(record) => {
+                tracing::warn!(deployment_id = %record.deployment_id, container = %record.container_name, status = ?record.status, "reconciled a deployment interrupted by a stop of the receiver");
+                settled += 1;
+            }
+            Err(e) => {
+                tracing::warn!(deployment_id = %id, error = %e, "cannot reconcile this interrupted deployment yet");
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(settled)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(settled),
+    }
 }
 
 /// Settles the leftover deployments of container `name`; the caller holds the name's lock.
@@ -130,15 +147,32 @@ async fn reconcile_one(
         None => None,
     };
     let previous_existed = record.previous_container_id.is_some();
+    let judged_failed = failed_before(&record);
     let d = Deployment::resume(state, record);
     match new {
         // Healthy: finish. Previous already removed: cleanup had begun after the health check
-        // passed, and removing the new one would leave nothing.
-        Some(new) if is_healthy(&new) || (previous_existed && previous.is_none()) => {
+        // passed, and removing the new one would leave nothing. Never when the deployment had
+        // already failed: Docker may call a container healthy that the deployment's own check
+        // judged unhealthy, and the rollback it began is finished instead.
+        Some(new)
+            if !judged_failed && (is_healthy(&new) || (previous_existed && previous.is_none())) =>
+        {
             finish_forward(d, docker, &new, previous.as_ref()).await
         }
         new => roll_back(d, docker, new.as_ref(), previous.as_ref()).await,
     }
+}
+
+/// Whether the deployment had failed before it was cut off: an error recorded (a rollback that
+/// lost Docker), a failed start or health check, or a rollback begun. (A failed cleanup comes
+/// after the health check passed: that deployment goes forward.)
+fn failed_before(record: &DeploymentRecord) -> bool {
+    record.error.is_some()
+        || record.stages.iter().any(|s| {
+            s.stage == Stage::Rollback
+                || (s.outcome == StageOutcome::Failed
+                    && matches!(s.stage, Stage::Start | Stage::Health))
+        })
 }
 
 /// Keeps the new container: the previous one goes, the new one runs, the deployment succeeded.
@@ -150,12 +184,9 @@ async fn finish_forward(
 ) -> Result<DeploymentRecord> {
     let timed = Deployment::time(Stage::Cleanup);
     let new_id = new.id.clone().unwrap_or_default();
-    // A deployment of this run that lost Docker mid-rollback already carries that error.
-    let mut notes = vec![match d.record().error {
-        Some(_) => "Docker answered again and the new container was healthy",
-        None => "the receiver stopped during this deployment; the new container was healthy",
-    }
-    .to_owned()];
+    let mut notes = vec![
+        "the receiver stopped during this deployment; the new container was healthy".to_owned(),
+    ];
     if let Some(p) = previous {
         let pid = p.id.clone().unwrap_or_default();
         remove_container(docker, &pid).await?;

@@ -22,6 +22,9 @@ pub enum Rule {
     /// Cut when a container start is asked for after a container create, before the engine
     /// sees it.
     BeforeStart,
+    /// Cut when a container removal is asked for after a container create, before the engine
+    /// sees it.
+    BeforeRemove,
 }
 
 #[derive(Default)]
@@ -186,6 +189,20 @@ impl Connection {
                     return (
                         0,
                         Some("before the start of the container just created".to_owned()),
+                    );
+                }
+                shared.create_seen |= contains(&hay, b"/containers/create");
+                (chunk.len(), None)
+            }
+            Rule::BeforeRemove => {
+                if shared.create_seen
+                    && chunk.starts_with(b"DELETE ")
+                    && contains(chunk, b"/containers/")
+                {
+                    shared.rule = Rule::Pass;
+                    return (
+                        0,
+                        Some("before the removal of the container just created".to_owned()),
                     );
                 }
                 shared.create_seen |= contains(&hay, b"/containers/create");
