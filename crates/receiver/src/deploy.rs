@@ -63,6 +63,7 @@ pub async fn deploy(state: &AppState, request: DeployRequest) -> Result<Deployme
     detached(&state.clone(), async move {
         let _turn = state.container_lock(&spec.container_name).await;
         containers::refuse_unmanaged(&docker, &spec).await?;
+        still_names(&docker, &image, &spec, &image_id).await?;
         let mut deployment = Deployment::begin(&state, &spec, &image, manifest.as_ref()).await?;
         deployment.record.package_id = deployment.record.package_id.or(request.package_id);
         deployment.record.image_id = Some(image_id);
@@ -336,12 +337,38 @@ async fn start_loaded(
         }
     };
     let _turn = state.container_lock(&spec.container_name).await;
-    if let Err(e) = containers::refuse_unmanaged(&docker, spec).await {
+    let checked = match deployment.record.image_id.clone() {
+        Some(id) => still_names(&docker, image, spec, &id).await,
+        None => Ok(()),
+    };
+    if let Err(e) = checked.and(containers::refuse_unmanaged(&docker, spec).await) {
         let timed = Deployment::time(Stage::Start);
         timed.failed(&mut deployment, &e);
         return outcome(deployment.finish(DeploymentStatus::Failed, Some(&e)).await);
     }
     outcome(replace::replace(deployment, &docker, spec, image).await)
+}
+
+/// CONFLICT unless `image` still names `expected`, the image checked (and recorded) before the
+/// name's turn came: meanwhile a load of another package may have moved the tag, and the
+/// container would run an image this deployment neither checked nor records.
+async fn still_names(
+    docker: &Docker,
+    image: &str,
+    spec: &DeploymentSpec,
+    expected: &str,
+) -> Result<()> {
+    let now = inspect_image(docker, image, spec).await?;
+    if now == expected {
+        return Ok(());
+    }
+    Err(ReceiverError::Conflict(format!(
+        "{image} was moved from {} to {} (another package loaded with the same tag) while this \
+         deployment waited for its turn on {}: deploy again to run what the tag names now",
+        deploy_protocol::display::short(expected),
+        deploy_protocol::display::short(&now),
+        spec.container_name
+    )))
 }
 
 /// A finished record as a result: an error unless it succeeded.

@@ -916,6 +916,30 @@ async fn rollback_reruns_the_previous_release_removes_a_first_one_and_answers_th
             .is_empty());
     }
 
+    // Deployed again after that: it set nothing aside, so rolling it back removes its container
+    // again rather than running the deployment rolled back above.
+    let (status, body) = receiver
+        .full(
+            &[&v2],
+            save_image(&docker, &v2).await,
+            &web_spec(&first_only),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let again = record(&body);
+    assert_eq!(again.previous_container_id, None, "{body}");
+    let (status, body) = receiver
+        .post(
+            &format!("/deployments/{}/rollback", again.deployment_id),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], json!("REMOVED"), "{body}");
+    assert!(containers_named(&docker, std::slice::from_ref(&first_only))
+        .await
+        .is_empty());
+
     let (status, body) = receiver
         .post(
             &format!("/deployments/{}/rollback", Uuid::new_v4()),
@@ -926,6 +950,92 @@ async fn rollback_reruns_the_previous_release_removes_a_first_one_and_answers_th
         (status, body["error"]["code"].clone()),
         (StatusCode::NOT_FOUND, json!("NOT_FOUND")),
         "{body}"
+    );
+    receiver.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_moved_while_a_deployment_waits_for_its_turn_is_a_conflict_not_another_image() {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let side = format!("{name}-side");
+    let (a, b, latest) = (
+        format!("{name}:a"),
+        format!("{name}:b"),
+        format!("{name}:latest"),
+    );
+    build_image(&docker, &mut cleanup, &a, ImageSpec::healthy("a")).await;
+    build_image(&docker, &mut cleanup, &b, ImageSpec::healthy("b")).await;
+    cleanup.remove_image(&latest);
+    let dir = temp_dir();
+    let receiver = start_receiver(dir.path()).await;
+    // Both images loaded here from verified packages (deployed to a side container).
+    for tag in [&a, &b] {
+        let (status, body) = receiver
+            .full(&[tag], save_image(&docker, tag).await, &web_spec(&side))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let tag_latest = |source: String| {
+        let docker = docker.clone();
+        let name = name.clone();
+        async move {
+            docker
+                .tag_image(
+                    &source,
+                    Some(bollard::image::TagImageOptions {
+                        repo: name,
+                        tag: "latest".to_owned(),
+                    }),
+                )
+                .await
+                .expect("docker tag");
+        }
+    };
+    tag_latest(a.clone()).await;
+
+    // A deployment of `a` holds the name's turn for its 4 s settle; one of `latest` (= a) asks
+    // meanwhile and waits; then `latest` is moved to b, as a load of another package would.
+    let mut slow = web_spec(&name);
+    slow.image = Some(a.clone());
+    slow.health_check.kind = HealthCheckKind::None;
+    slow.health_check.settle_secs = 4.0;
+    let mut waiting = web_spec(&name);
+    waiting.image = Some(latest.clone());
+    waiting.health_check.kind = HealthCheckKind::None;
+    waiting.health_check.settle_secs = 0.2;
+    let slow = json!({ "deployment": slow });
+    let first = receiver.post("/deployment/deploy", &slow);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        receiver
+            .post("/deployment/deploy", &json!({ "deployment": waiting }))
+            .await
+    };
+    let moved = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tag_latest(b.clone()).await;
+    };
+    let ((status, body), (refused, why), ()) = tokio::join!(first, second, moved);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (refused, why["error"]["code"].clone()),
+        (StatusCode::CONFLICT, json!("CONFLICT")),
+        "the image it checked is not what the tag names any more: {why}"
+    );
+    assert!(
+        why["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was moved")),
+        "{why}"
+    );
+    assert_eq!(page(&docker, &name).await, "a", "nothing replaced a");
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name))
+            .await
+            .len(),
+        1
     );
     receiver.stop().await;
 }

@@ -90,18 +90,32 @@ fn find(state: &AppState, id: Uuid) -> Result<DeploymentRecord> {
     })
 }
 
-/// The newest successful deployment of the same name that started before `target`.
+/// What `target` replaced: the deployment that made the container it set aside
+/// (`previous_container_id`), or none when it set none aside (it was the name's first, or came
+/// after a rollback that removed the container). Records are ordered by when their request
+/// began, not by when they took the name, so the order alone can name the wrong one. Only when
+/// no record made that container (one started by hand, or a record pruned) is it the newest
+/// successful deployment of the same name that started before `target`.
 fn predecessor<'a>(
     newest_first: &'a [DeploymentRecord],
     target: &DeploymentRecord,
 ) -> Option<&'a DeploymentRecord> {
-    newest_first
-        .iter()
-        .skip_while(|r| r.deployment_id != target.deployment_id)
-        .skip(1)
-        .find(|r| {
-            r.container_name == target.container_name && r.status == DeploymentStatus::Succeeded
-        })
+    let replaced = target.previous_container_id.as_deref()?;
+    let made_it = newest_first.iter().find(|r| {
+        r.deployment_id != target.deployment_id
+            && r.container_name == target.container_name
+            && r.container_id.as_deref() == Some(replaced)
+            && r.status == DeploymentStatus::Succeeded
+    });
+    made_it.or_else(|| {
+        newest_first
+            .iter()
+            .skip_while(|r| r.deployment_id != target.deployment_id)
+            .skip(1)
+            .find(|r| {
+                r.container_name == target.container_name && r.status == DeploymentStatus::Succeeded
+            })
+    })
 }
 
 /// The container running under `name` (id) and the deployment that made it, if any.
@@ -182,26 +196,45 @@ mod tests {
     }
 
     #[test]
-    fn the_predecessor_is_the_newest_older_success_of_the_same_name() {
+    fn the_predecessor_is_the_deployment_whose_container_the_target_replaced() {
         use DeploymentStatus::*;
-        let newer = record("web", Succeeded);
-        let target = record("web", Succeeded);
-        let failed = record("web", RolledBack);
-        let other = record("db", Succeeded);
-        let previous = record("web", Succeeded);
-        let oldest = record("web", Succeeded);
-        let all = vec![
-            newer,
-            target.clone(),
-            failed,
-            other,
-            previous.clone(),
-            oldest,
-        ];
+        let made = |name: &str, status, container: &str| DeploymentRecord {
+            container_id: Some(container.into()),
+            ..record(name, status)
+        };
+        // Newest first, by when each request began. `target` began before `later` but took the
+        // name after it (its load was longer): it replaced `later`'s container.
+        let later = made("web", Succeeded, "c-later");
+        let target = DeploymentRecord {
+            previous_container_id: Some("c-later".into()),
+            ..made("web", Succeeded, "c-target")
+        };
+        let failed = made("web", RolledBack, "c-failed");
+        let other = made("db", Succeeded, "c-later");
+        let older = made("web", Succeeded, "c-older");
+        let all = vec![later.clone(), target.clone(), failed, other, older.clone()];
         assert_eq!(
             predecessor(&all, &target).map(|r| r.deployment_id),
-            Some(previous.deployment_id)
+            Some(later.deployment_id)
         );
-        assert_eq!(predecessor(&all[..3], &target), None);
+
+        // A container no record made (started by hand, or its record pruned): the newest older
+        // success of the name, as before.
+        let over_a_stranger = DeploymentRecord {
+            previous_container_id: Some("c-by-hand".into()),
+            ..target.clone()
+        };
+        assert_eq!(
+            predecessor(&all, &over_a_stranger).map(|r| r.deployment_id),
+            Some(older.deployment_id)
+        );
+
+        // Nothing set aside (the name's first deployment, or one after a rollback that removed
+        // the container): nothing to run again, whatever older records say.
+        let first = DeploymentRecord {
+            previous_container_id: None,
+            ..target
+        };
+        assert_eq!(predecessor(&all, &first), None);
     }
 }
