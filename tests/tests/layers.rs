@@ -556,3 +556,98 @@ async fn layers_a_registered_release_relies_on_are_not_pruned_from_under_it() {
         "with no release pending, `old` is pruned"
     );
 }
+
+/// A signed `PATCH` of `chunks` (sent `gap` apart, chunked) to blob `blob` at `offset`, as a
+/// client below the sender's own would; answers the status and the `Upload-Offset` held.
+async fn raw_patch(
+    url: &str,
+    blob: &deploy_sender::CachedLayer,
+    offset: u64,
+    chunks: Vec<Vec<u8>>,
+    gap: Duration,
+) -> (u16, Option<u64>) {
+    let hex = blob.blake3.to_hex();
+    let path = deploy_protocol::release::paths::blob(&blob.blake3);
+    let authority = url.trim_start_matches("http://").to_owned();
+    let headers = deploy_protocol::SignatureHeaders::sign(
+        "default",
+        SECRET.as_bytes(),
+        Some(&authority),
+        "PATCH",
+        &path,
+        &blob.blake3,
+        deploy_protocol::envelope::unix_now(),
+        deploy_protocol::envelope::new_nonce(),
+    );
+    use futures::StreamExt as _;
+    let body = futures::stream::iter(chunks).then(move |chunk| async move {
+        tokio::time::sleep(gap).await;
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let mut request = reqwest::Client::new()
+        .patch(format!("{url}{path}"))
+        .header("Upload-Offset", offset.to_string())
+        .header("Content-Type", "application/offset+octet-stream")
+        .body(reqwest::Body::wrap_stream(body));
+    for (name, value) in headers.to_pairs() {
+        request = request.header(name, value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PATCH {hex}: {e}"));
+    let held = response
+        .headers()
+        .get("Upload-Offset")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (response.status().as_u16(), held)
+}
+
+#[tokio::test]
+async fn a_blob_held_whole_but_never_checked_is_checked_and_one_torn_is_sent_again() {
+    let images = Images::default();
+    let base = images.base(64 * 1024);
+    let app = images.app(&base, MIB);
+    let host = cold_host("ltx-torn").await;
+    let daemon = Daemon::start(&host.docker_host());
+    let sender = Sender::new(false).await;
+    let (image, manifest) = sender.register(&daemon.url, &app).await;
+    let top = &image.layers.last().expect("layers").blob;
+
+    // The top blob at full length with wrong bytes, never checked: what a receiver killed
+    // between the last byte and its check leaves. Made here by a client whose body runs one
+    // byte past the end (refused 413 after the blob's length, which is kept).
+    let (status, held) = raw_patch(
+        &daemon.url,
+        top,
+        0,
+        vec![vec![0u8; usize::try_from(top.size - 1).expect("fits")]],
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!((status, held), (204, Some(top.size - 1)));
+    let (status, held) = raw_patch(
+        &daemon.url,
+        top,
+        top.size - 1,
+        vec![vec![0u8], vec![0u8]],
+        Duration::from_millis(300),
+    )
+    .await;
+    assert_eq!(
+        (status, held),
+        (413, Some(top.size)),
+        "the whole length held"
+    );
+
+    // The sender finds the blob held whole, has it checked (an empty PATCH at its end), is told
+    // it was discarded (422), sends it again and the release loads.
+    let outcome = sender.finish(&daemon.url, &image, manifest).await;
+    assert!(
+        outcome.totals.bytes_sent >= top.size,
+        "the top blob went again: {:?}",
+        outcome.totals
+    );
+    assert!(host_has_image(&host, &images.id(&app)));
+}

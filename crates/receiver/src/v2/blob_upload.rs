@@ -187,8 +187,12 @@ pub async fn receive<E: std::error::Error + 'static>(
     if written < expected.size {
         return Ok(Outcome::Partial(written));
     }
-    let (meta, checked) = verify(store, expected, idle).await.inspect_err(|_| {
-        store.discard_partial(&blake3);
+    // Only bytes that did not check out are discarded: an I/O error while reading them back
+    // (500) keeps them, to be checked again.
+    let (meta, checked) = verify(store, expected, idle).await.inspect_err(|e| {
+        if matches!(e, UploadError::Mismatch { .. }) {
+            store.discard_partial(&blake3);
+        }
     })?;
     store
         .commit(&blake3, &meta)

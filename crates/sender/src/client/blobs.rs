@@ -57,6 +57,9 @@ enum Attempt {
     Busy(Option<Duration>),
     /// Worth trying again after the backoff.
     Transient(SenderError),
+    /// 422: the bytes the receiver held did not check out against the signed blob, and it
+    /// discarded them (a copy torn by a crash there): worth sending the whole blob once more.
+    Discarded(SenderError),
     /// Not worth trying again.
     Fatal(SenderError),
 }
@@ -93,7 +96,8 @@ impl ReleaseCalls<'_> {
         loop {
             let error = match self.head(blob).await {
                 Attempt::Held(offset) => return Ok(offset),
-                Attempt::Fatal(e) => return Err(e),
+                // `head` answers no 422; a HEAD checks nothing.
+                Attempt::Fatal(e) | Attempt::Discarded(e) => return Err(e),
                 Attempt::Transient(e) => e,
                 Attempt::Conflict => SenderError::TransferFailed("HEAD answered 409".into()),
                 // `head` reports a 429 as transient; a HEAD takes no upload slot.
@@ -167,7 +171,13 @@ impl ReleaseCalls<'_> {
         let mut stuck_since: Option<Instant> = None;
         let mut conflict_delay = self.policy.min_delay;
         let mut busy = Duration::ZERO;
-        while offset < blob.size {
+        // Done once a PATCH's answer says the receiver holds the whole blob: the PATCH that
+        // completes a blob is answered after the receiver's check of it. A copy already at full
+        // length whose check never ran (the receiver stopped first, or a body ran past the end)
+        // is sent an empty PATCH at its end, which runs that check.
+        let mut confirmed = false;
+        let mut sent_again = false;
+        while !confirmed {
             let sent = Arc::new(AtomicU64::new(0));
             let attempt = self
                 .patch(blob, path, offset, Arc::clone(&sent), on_progress)
@@ -175,6 +185,12 @@ impl ReleaseCalls<'_> {
             outcome.sent += sent.load(Ordering::Relaxed);
             let before = offset;
             match attempt {
+                Attempt::Held(now) if now >= blob.size => {
+                    offset = now;
+                    on_progress(offset);
+                    confirmed = true;
+                    continue;
+                }
                 Attempt::Held(now) if now > offset => {
                     offset = now;
                     conflicts = 0;
@@ -244,6 +260,17 @@ impl ReleaseCalls<'_> {
                         "blob transfer interrupted; resuming from the receiver's offset"
                     );
                     tokio::time::sleep(delay).await;
+                }
+                Attempt::Discarded(e) => {
+                    if sent_again {
+                        return Err(e);
+                    }
+                    tracing::warn!(
+                        blob = %blob.blake3, error = %e,
+                        "the receiver discarded its copy of the blob; sending it again whole"
+                    );
+                    sent_again = true;
+                    outcome.interruptions += 1;
                 }
                 Attempt::Fatal(e) => return Err(e),
             }
@@ -367,6 +394,16 @@ impl ReleaseCalls<'_> {
         let error = remote_error(&url, status.as_u16(), &body);
         if is_transient(status) {
             Attempt::Transient(error)
+        } else if status == StatusCode::UNPROCESSABLE_ENTITY
+            && matches!(
+                &error,
+                SenderError::Remote {
+                    code: ErrorCode::ChecksumMismatch,
+                    ..
+                }
+            )
+        {
+            Attempt::Discarded(error)
         } else {
             Attempt::Fatal(error)
         }

@@ -48,12 +48,15 @@ pub struct CachedLayer {
     pub path: PathBuf,
 }
 
-/// The cache directory with its budget. Cheap to clone; clones share the pins.
+/// The cache directory with its budget. Cheap to clone; clones share the pins and take their
+/// commits in turn.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     dir: PathBuf,
     budget: u64,
     pins: Arc<Mutex<HashMap<PathBuf, usize>>>,
+    /// Held while a blob is put in place and recorded.
+    commits: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// `sha256:<64 lowercase hex>` -> the hex, or `VALIDATION_ERROR`.
@@ -89,6 +92,7 @@ impl LayerCache {
             dir,
             budget,
             pins: Arc::default(),
+            commits: Arc::default(),
         };
         cache.sweep_temp_files(STALE_TEMP_AGE).await?;
         Ok(cache)
@@ -163,6 +167,8 @@ impl LayerCache {
                 touch(&record);
                 Ok(Some(layer))
             }
+            // A blob being put in place (or sent) is never dropped here: its commit pinned it.
+            _ if self.is_pinned(&blob) => Ok(None),
             _ => {
                 tracing::warn!(path = %blob.display(), "dropping an inconsistent layer cache entry");
                 let _ = tokio::fs::remove_file(&record).await;
@@ -174,7 +180,10 @@ impl LayerCache {
 
     /// Moves a finished, fsynced temp blob into place as `layer` and records it, pinned from
     /// before it is in place (another job's eviction never takes a layer just made for a
-    /// transfer in progress).
+    /// transfer in progress). When another preparation committed the same layer first (at
+    /// another compression level: the same diffID and compression name one blob), that entry
+    /// stays, and this blob is dropped: replacing a blob another transfer is sending would
+    /// change its bytes under it. Commits in this process take their turn.
     pub(crate) async fn commit(
         &self,
         temp: &Path,
@@ -182,14 +191,25 @@ impl LayerCache {
     ) -> Result<(CachedLayer, PinGuard), SenderError> {
         let blob = self.blob_path(digest_hex(&layer.diff_id)?, layer.compression);
         let pin = self.pin_paths(vec![blob.clone()]);
+        let _turn = self.commits.lock().await;
+        if let Some(existing) = self.get(&layer.diff_id, layer.compression).await? {
+            let _ = tokio::fs::remove_file(temp).await;
+            return Ok((existing, pin));
+        }
         layer.created_at = now_rfc3339();
         let bytes = serde_json::to_vec_pretty(&layer)
             .map_err(|e| SenderError::Internal(format!("cannot serialise a layer record: {e}")))?;
         tokio::fs::rename(temp, &blob).await.map_err(|e| {
             SenderError::io(format!("cannot rename {} into place", temp.display()), e)
         })?;
-        self.write_atomically(&self.record_path(&blob), &bytes)
-            .await?;
+        if let Err(e) = self
+            .write_atomically(&self.record_path(&blob), &bytes)
+            .await
+        {
+            // No record, no entry: the blob would be neither found nor evicted.
+            let _ = tokio::fs::remove_file(&blob).await;
+            return Err(e);
+        }
         layer.path = blob;
         Ok((layer, pin))
     }
@@ -334,4 +354,60 @@ pub(crate) async fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, SenderError> {
         out.push(entry.path());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Commits `bytes` as the zstd blob of `diff_id`, as a layer writer does.
+    async fn commit(cache: &LayerCache, diff_id: &str, bytes: &[u8]) -> (CachedLayer, PinGuard) {
+        let (temp, mut file) = cache.temp_file().await.expect("temp file");
+        file.write_all(bytes).await.expect("write");
+        file.sync_all().await.expect("sync");
+        let layer = CachedLayer {
+            diff_id: diff_id.to_owned(),
+            compression: Compression::Zstd,
+            blake3: Checksum::of(bytes),
+            size: bytes.len() as u64,
+            uncompressed_size: 1024,
+            created_at: String::new(),
+            path: PathBuf::new(),
+        };
+        cache.commit(&temp, layer).await.expect("commit")
+    }
+
+    #[tokio::test]
+    async fn a_layer_committed_twice_keeps_the_first_blob_and_drops_the_second() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = LayerCache::open(dir.path(), u64::MAX).await.expect("open");
+        let diff_id = sha256_digest(b"a layer tar");
+        // Two preparations of the same layer at two compression levels: the first's blob is in
+        // place (and may be on the wire) when the second finishes.
+        let (first, _sending) = commit(&cache, &diff_id, b"compressed at level 3").await;
+        let (second, _pin) = commit(&cache, &diff_id, b"compressed at level 19!").await;
+        assert_eq!(
+            (second.blake3, second.size, &second.path),
+            (first.blake3, first.size, &first.path),
+            "the entry in place stays"
+        );
+        assert_eq!(
+            std::fs::read(&first.path).expect("blob"),
+            b"compressed at level 3",
+            "its bytes did not change under the first transfer"
+        );
+        let found = cache
+            .get(&diff_id, Compression::Zstd)
+            .await
+            .expect("get")
+            .expect("an entry");
+        assert_eq!((found.blake3, found.size), (first.blake3, first.size));
+        let temps = std::fs::read_dir(cache.blobs_dir())
+            .expect("blobs dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
+            .count();
+        assert_eq!(temps, 0, "the second blob's temp file is gone");
+    }
 }
