@@ -27,7 +27,7 @@ use crate::state::{AppState, InFlight};
 use crate::store::{StoredPackage, TempGuard};
 
 /// Disk space kept free beyond the declared package size.
-const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
+pub(crate) const FREE_SPACE_MARGIN: u64 = 16 * 1024 * 1024;
 
 /// A received, verified and stored package.
 #[derive(Debug)]

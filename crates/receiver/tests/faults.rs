@@ -797,6 +797,24 @@ async fn deployment(daemon: &Daemon, id: Uuid) -> DeploymentRecord {
     record(&body)
 }
 
+/// Polls deployment `id` until it is no longer IN_PROGRESS (at most a minute: the receiver
+/// settles it on its own once Docker answers again); answers it.
+async fn settled(daemon: &Daemon, id: Uuid) -> DeploymentRecord {
+    let since = Instant::now();
+    loop {
+        let r = deployment(daemon, id).await;
+        if r.status != DeploymentStatus::InProgress {
+            return r;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "still IN_PROGRESS a minute after Docker came back\nlog:\n{}",
+            daemon.logs("").join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Two healthy versions, the first deployed through the proxy; returns the second's tag and
 /// package and the first one's container id.
 async fn deployed_v1(
@@ -999,18 +1017,7 @@ async fn docker_cut_between_create_and_start_is_503_and_rolled_back_once_docker_
     // The engine is back: the deployment is rolled back without another request.
     proxy.restore();
     let restored = Instant::now();
-    let settled = loop {
-        let r = deployment(&daemon, interrupted.deployment_id).await;
-        if r.status != DeploymentStatus::InProgress {
-            break r;
-        }
-        assert!(
-            restored.elapsed() < Duration::from_secs(60),
-            "still IN_PROGRESS a minute after Docker came back\nlog:\n{}",
-            daemon.logs("").join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let settled = settled(&daemon, interrupted.deployment_id).await;
     let converged = restored.elapsed();
     assert_eq!(settled.status, DeploymentStatus::RolledBack, "{settled:#?}");
     assert_eq!(
@@ -1098,18 +1105,7 @@ async fn docker_cut_while_an_unhealthy_deployment_rolls_back_is_rolled_back_even
     // The engine is back: the deployment is still rolled back, as its failed check said.
     proxy.restore();
     let restored = Instant::now();
-    let settled = loop {
-        let r = deployment(&daemon, interrupted.deployment_id).await;
-        if r.status != DeploymentStatus::InProgress {
-            break r;
-        }
-        assert!(
-            restored.elapsed() < Duration::from_secs(60),
-            "still IN_PROGRESS a minute after Docker came back\nlog:\n{}",
-            daemon.logs("").join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let settled = settled(&daemon, interrupted.deployment_id).await;
     assert_eq!(settled.status, DeploymentStatus::RolledBack, "{settled:#?}");
     assert_eq!(
         containers_named(&docker, std::slice::from_ref(&name)).await,
@@ -1121,5 +1117,45 @@ async fn docker_cut_while_an_unhealthy_deployment_rolls_back_is_rolled_back_even
         "Docker cut during the rollback of an unhealthy v2 ({cut}), v2 then healthy by its own \
          HEALTHCHECK: rolled back to v1 {:.1} s after Docker came back",
         restored.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_stopped_before_a_deployment_docker_cut_is_restored_stopped() {
+    let docker = docker().await;
+    let mut cleanup = guard();
+    let name = cleanup.name.clone();
+    let Proxied {
+        dir: _dir,
+        mut proxy,
+        daemon,
+    } = Proxied::start();
+    let (v2, package, old) = deployed_v1(&docker, &mut cleanup, &daemon, &name).await;
+    // The operator stopped the service before this deployment.
+    docker
+        .stop_container(&old, None)
+        .await
+        .expect("stop the v1 container");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    proxy.arm(Rule::BeforeStart);
+    let (status, body) = daemon.full(&[&v2], package, &web_spec(&name)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let interrupted = record(&body);
+    assert_eq!(interrupted.status, DeploymentStatus::InProgress, "{body}");
+
+    proxy.restore();
+    let settled = settled(&daemon, interrupted.deployment_id).await;
+    assert_eq!(settled.status, DeploymentStatus::RolledBack, "{settled:#?}");
+    assert_eq!(
+        containers_named(&docker, std::slice::from_ref(&name)).await,
+        std::slice::from_ref(&old),
+        "v1's container is back under its name"
+    );
+    let state = inspect(&docker, &name).await.state.expect("state");
+    assert_eq!(
+        state.running,
+        Some(false),
+        "it stays stopped, as it was before the deployment: {state:?}"
     );
 }

@@ -234,16 +234,25 @@ async fn roll_back(
                     .await
                     .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
             }
-            if !stopping::keeps_running(docker, p, &d.record().started_at).await? {
-                docker
-                    .start_container::<String>(&pid, None)
-                    .await
-                    .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
+            let started_at = d.record().started_at.clone();
+            if stopped_before(p, &started_at) {
+                notes.push(format!(
+                    "restored the previous container {} as {name}, stopped as it was before \
+                     this deployment",
+                    short(&pid)
+                ));
+            } else {
+                if !stopping::keeps_running(docker, p, &started_at).await? {
+                    docker
+                        .start_container::<String>(&pid, None)
+                        .await
+                        .map_err(|e| map_err(e, ReceiverError::DeployFailed))?;
+                }
+                notes.push(format!(
+                    "restored the previous container {} as {name}",
+                    short(&pid)
+                ));
             }
-            notes.push(format!(
-                "restored the previous container {} as {name}",
-                short(&pid)
-            ));
         }
         (None, Some(gone)) => notes.push(format!(
             "the previous container {} no longer exists",
@@ -296,6 +305,28 @@ async fn new_container(
     match listed.into_iter().find_map(|c| c.id) {
         Some(id) => find_container(docker, &id).await,
         None => Ok(None),
+    }
+}
+
+/// Whether container `c` is not running and had already stopped before `deployment_started` (an
+/// RFC 3339 time): the deployment found it stopped, and its rollback leaves it so. (One that
+/// stopped after that was stopped by the deployment, or died meanwhile: it was running.)
+fn stopped_before(c: &ContainerInspectResponse, deployment_started: &str) -> bool {
+    use time::format_description::well_known::Rfc3339;
+    use time::OffsetDateTime;
+    if is_running(c) {
+        return false;
+    }
+    let finished = c
+        .state
+        .as_ref()
+        .and_then(|s| s.finished_at.as_deref())
+        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
+    let started = OffsetDateTime::parse(deployment_started, &Rfc3339).ok();
+    match (finished, started) {
+        // Docker's zero time (never started) is before any deployment too.
+        (Some(finished), Some(started)) => finished < started,
+        _ => false,
     }
 }
 

@@ -12,7 +12,7 @@ use deploy_protocol::{Checksum, ErrorBody};
 
 use crate::auth::{authenticate, Signed};
 use crate::error::{ReceiverError, Result};
-use crate::spool::drain_in_background;
+use crate::spool::{drain_in_background, FREE_SPACE_MARGIN};
 use crate::state::{AppState, UploadSlot};
 use crate::v2::blob_upload::{self, Expected, Outcome, UploadError};
 use crate::v2::blobs::BlobState;
@@ -96,7 +96,7 @@ pub async fn head(
         (status = 413, description = "PACKAGE_TOO_LARGE: the body goes past the signed size (what came before is kept)", body = ErrorBody),
         (status = 422, description = "CHECKSUM_MISMATCH: the complete blob's BLAKE3 or its layer's diffID differs; the blob was discarded", body = ErrorBody),
         (status = 429, description = "BUSY: too many uploads; see Retry-After", body = ErrorBody),
-        (status = 507, description = "INSUFFICIENT_STORAGE: the disk filled up; the partial blob is kept (`Upload-Offset`)", body = ErrorBody),
+        (status = 507, description = "INSUFFICIENT_STORAGE: the rest of the blob does not fit with a 16 MiB margin (nothing written), or the disk filled up; the partial blob is kept (`Upload-Offset`)", body = ErrorBody),
     ))]
 pub async fn patch(
     State(state): State<AppState>,
@@ -197,6 +197,25 @@ fn admit(
             ReceiverError::Validation(format!("{UPLOAD_OFFSET} is required: a byte offset"))
         })?;
     let expected = expected(state, &blake3)?;
+    // The rest of the blob must fit with a margin, as a v1 upload's package must: a disk filled
+    // by blobs would also refuse the nonce log every signed request writes to.
+    let held = match state.layers().blobs().state(&blake3) {
+        BlobState::Complete(_) => expected.size,
+        BlobState::Partial(n) => n.min(expected.size),
+        BlobState::Missing => 0,
+    };
+    let needed = (expected.size - held).saturating_add(FREE_SPACE_MARGIN);
+    let free = state.store().free_bytes();
+    if held < expected.size && free < needed {
+        return Err(ReceiverError::AtOffset {
+            error: Box::new(ReceiverError::InsufficientStorage(format!(
+                "not enough free space for the rest of blob {blake3}: {needed} bytes needed \
+                 (with a {} MiB margin), {free} free; nothing was written",
+                FREE_SPACE_MARGIN >> 20
+            ))),
+            offset: held,
+        });
+    }
     let slot = state.upload_slot()?;
     Ok((expected, offset, slot))
 }
