@@ -193,8 +193,9 @@ pub struct HealthCheckSpec {
     /// For `http`: the path to probe (`/healthz`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    /// For `http`: the container port to probe (its published host port is used); defaults to the
-    /// first published port.
+    /// For `http`: the container port to probe (its published host port is used; it must be
+    /// published for TCP); defaults to the lowest published TCP port. Required on host
+    /// networking, where it is probed on loopback.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub port: Option<u16>,
@@ -316,11 +317,37 @@ impl DeploymentSpec {
             if !h.path.as_deref().is_some_and(|p| p.starts_with('/')) {
                 return Err("an http health check needs a path starting with '/'".into());
             }
-            if self.ports.is_empty() {
-                return Err("an http health check needs a published port".into());
-            }
+            self.http_check_port()?;
         }
         Ok(())
+    }
+
+    /// An http check probes a port it can reach: on host networking the container's own `port`
+    /// (which must be given); otherwise a published TCP port (`port`'s mapping when given).
+    fn http_check_port(&self) -> Result<(), String> {
+        let wanted = self.health_check.port;
+        if self.network_mode.as_deref() == Some("host") {
+            return match wanted {
+                Some(_) => Ok(()),
+                None => Err(
+                    "an http health check on host networking needs `port`: the container's port to probe"
+                        .into(),
+                ),
+            };
+        }
+        let published = self.ports.iter().any(|p| {
+            p.protocol == PortProtocol::Tcp && wanted.is_none_or(|w| w == p.container_port)
+        });
+        match (published, wanted) {
+            (true, _) => Ok(()),
+            (false, Some(w)) => Err(format!(
+                "the http health check's port {w}/tcp is not published: add it to `ports` (the check probes its published host port)"
+            )),
+            (false, None) => Err(
+                "an http health check needs a published TCP port: the check probes its host port"
+                    .into(),
+            ),
+        }
     }
 }
 
@@ -369,6 +396,49 @@ mod tests {
         let mut zero = spec.clone();
         zero.health_check.port = Some(0);
         assert!(zero.validate().is_err(), "health-check port 0");
+        let json = serde_json::json!({"container_name": "web", "oops": true});
+        assert!(serde_json::from_value::<DeploymentSpec>(json).is_err());
+    }
+
+    #[test]
+    fn an_http_check_must_name_a_port_it_can_reach() {
+        let mut spec = DeploymentSpec {
+            container_name: "web".into(),
+            ..Default::default()
+        };
+        spec.health_check.kind = HealthCheckKind::Http;
+        spec.health_check.path = Some("/healthz".into());
+        let error = |spec: &DeploymentSpec| spec.validate().err().unwrap_or_default();
+        spec.ports.push("8080:80/udp".parse().expect("port"));
+        assert!(
+            error(&spec).contains("published TCP port"),
+            "{}",
+            error(&spec)
+        );
+        spec.ports.push("9090:90".parse().expect("port"));
+        assert_eq!(spec.validate(), Ok(()), "the first TCP port is probed");
+        spec.health_check.port = Some(80);
+        assert!(
+            error(&spec).contains("port 80/tcp is not published"),
+            "80 is published for UDP only: {}",
+            error(&spec)
+        );
+        spec.health_check.port = Some(90);
+        assert_eq!(spec.validate(), Ok(()));
+        // Host networking publishes nothing: the check probes the container's own port.
+        spec.network_mode = Some("host".into());
+        spec.ports.clear();
+        assert_eq!(spec.validate(), Ok(()));
+        spec.health_check.port = None;
+        assert!(
+            error(&spec).contains("host networking needs `port`"),
+            "{}",
+            error(&spec)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
         let json = serde_json::json!({"container_name": "web", "oops": true});
         assert!(serde_json::from_value::<DeploymentSpec>(json).is_err());
     }

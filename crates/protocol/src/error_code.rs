@@ -31,7 +31,8 @@ pub enum ErrorCode {
     BuildFailed,
     /// The package could not be loaded into Docker (corrupt or disallowed archive). 422.
     LoadFailed,
-    /// The new container did not become healthy; the previous one was restored. 422.
+    /// The new container did not become healthy and was removed; the record's status says whether
+    /// the previous one was restored (`ROLLED_BACK`) or not (`FAILED`). 422.
     HealthCheckFailed,
     /// Too many concurrent operations; retry after the `Retry-After` delay. 429.
     Busy,

@@ -305,10 +305,38 @@ async fn deploy_runs_a_loaded_image_with_an_http_check_and_refuses_risky_specs_w
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["kind"], json!("http"));
 
+    // An http check on a port the spec does not publish could never pass: refused before
+    // anything is touched, not found out after a start and a deadline.
+    let mut unpublished = spec.clone();
+    unpublished.health_check.port = Some(8080);
+    let (status, body) = receiver
+        .post("/deployment/deploy", &json!({"deployment": unpublished}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("VALIDATION_ERROR")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("8080/tcp is not published")),
+        "{body}"
+    );
+    assert_eq!(
+        inspect(&docker, &name).await.id,
+        running,
+        "nothing was touched"
+    );
+
     let risky: [Risky; 3] = [
         ("privileged", |s| s.privileged = true),
         ("binds", |s| s.binds = vec!["/etc:/host-etc:ro".into()]),
-        ("host network", |s| s.network_mode = Some("host".into())),
+        // (On host networking an http check names the port it probes.)
+        ("host network", |s| {
+            s.network_mode = Some("host".into());
+            s.health_check.port = Some(80);
+        }),
     ];
     for (what, change) in risky {
         let mut asks = spec.clone();

@@ -352,8 +352,11 @@ async fn verify(
     if let Some(meta) = follower_verdict(store, expected, idle).await {
         return Ok((meta, CheckedBy::Load));
     }
+    // The file was just read whole for its BLAKE3: one that cannot be opened again is a store
+    // failure (kept, checked again by the next PATCH), not bytes that failed their check.
+    let file = tokio::fs::File::open(&path).await.map_err(io)?;
     let (diff_id, uncompressed_size) =
-        layer_digest(&path, expected.compression, expected.max_uncompressed)
+        layer_digest(file, expected.compression, expected.max_uncompressed)
             .await
             .map_err(|message| UploadError::Mismatch { message })?;
     if !expected.diff_ids.contains(&diff_id) {
@@ -418,13 +421,10 @@ async fn follower_verdict(
 
 /// The sha256 and size of a blob's decompressed content (at most `max` bytes).
 pub async fn layer_digest(
-    path: &std::path::Path,
+    file: tokio::fs::File,
     compression: Compression,
     max: u64,
 ) -> Result<(Sha256Digest, u64), String> {
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| format!("cannot open blob {}: {e}", path.display()))?;
     let mut reader = crate::load::decompress(file, compression);
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];

@@ -290,19 +290,27 @@ impl BlobStore {
         let _ = std::fs::remove_file(self.meta_path(blake3));
     }
 
-    /// Sweeps blobs not being written: partial and complete files older than `ttl`, then the
-    /// oldest partials until all partials fit in `budget` bytes. Returns how many went.
+    /// Sweeps blobs neither being written nor read by a load as they arrive: partial and
+    /// complete files older than `ttl`, then the oldest partials until all partials fit in
+    /// `budget` bytes. Returns how many went.
     pub fn sweep(&self, ttl: Duration, budget: u64) -> usize {
         // Whether a blob is being written is checked again under the claim lock as each file
-        // goes: a `PATCH` that claims it meanwhile keeps it (and reads the offset it finds).
+        // goes: a `PATCH` that claims it meanwhile keeps it (and reads the offset it finds). A
+        // followed partial stays too: its load holds the file open and waits for the bytes the
+        // next `PATCH` appends, which a removed file would send to a new one it never sees.
         let remove = |hex: &str, path: &Path| {
             let active = self.lock();
-            let claimed = hex
-                .parse::<Checksum>()
-                .is_ok_and(|blake3| active.contains_key(&blake3));
-            !claimed && std::fs::remove_file(path).is_ok()
+            let in_use = hex.parse::<Checksum>().is_ok_and(|blake3| {
+                active.contains_key(&blake3) || self.followers().contains_key(&blake3)
+            });
+            !in_use && std::fs::remove_file(path).is_ok()
         };
-        let active: Vec<String> = self.lock().keys().map(Checksum::to_hex).collect();
+        let active: Vec<String> = self
+            .lock()
+            .keys()
+            .chain(self.followers().keys())
+            .map(Checksum::to_hex)
+            .collect();
         let now = SystemTime::now();
         let mut removed = 0;
         let mut partials = Vec::new();
@@ -375,6 +383,19 @@ mod tests {
         assert_eq!(store.state(&writing), BlobState::Partial(100));
         drop(claim);
         assert!(store.claim(&writing).is_ok());
+    }
+
+    #[test]
+    fn sweep_keeps_a_partial_a_load_reads_as_it_arrives() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(BlobStore::open(dir.path()).expect("open"));
+        let followed = partial(&store, &[4u8; 100]);
+        let following = store.start_following(&followed);
+        assert_eq!(store.sweep(Duration::ZERO, 0), 0);
+        assert_eq!(store.state(&followed), BlobState::Partial(100));
+        drop(following);
+        assert_eq!(store.sweep(Duration::ZERO, 0), 1);
+        assert_eq!(store.state(&followed), BlobState::Missing);
     }
 
     #[test]
