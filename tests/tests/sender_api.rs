@@ -463,7 +463,11 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let images = common::docker::host_guard();
     let receiver = spawn_receiver(|_| {}).await;
     let url = receiver.url.clone();
-    let sender = spawn_sender(|c| c.receiver.to = vec![url]).await;
+    let sender = spawn_sender(|c| {
+        c.receiver.to = vec![url];
+        c.max_concurrent_packages = 1;
+    })
+    .await;
     let context = busybox_context(&images);
     let tag = images.image("v1");
     let package = sender
@@ -561,6 +565,54 @@ async fn transfer_to_a_real_receiver_stores_the_package_there() {
     let metrics = sender.get("/api/v1/metrics").await;
     assert_eq!(metrics.body["successful_transfers"], 3);
     assert_eq!(metrics.body["failed_transfers"], 2);
+
+    // A package a transfer will send is not deleted from under it: the transfer waits for the
+    // one image slot (held here), and a DELETE meanwhile is a conflict that changes nothing.
+    let slot = sender
+        .state
+        .package_slot(&deploy_sender::NoProgress)
+        .await
+        .expect("the free slot");
+    let accepted = call(
+        "POST",
+        &format!("{}/api/v1/transfers", sender.url),
+        Some(json!({"package_id": id, "full": true})),
+        &[("Prefer", "respond-async")],
+    )
+    .await;
+    assert_eq!(accepted.status, 202, "{}", accepted.text);
+    let job_id = accepted.body["job_id"].as_str().expect("job_id").to_owned();
+    until_job_says(&sender, &job_id, "image slots").await;
+    let refused = call(
+        "DELETE",
+        &format!("{}/api/v1/packages/{id}", sender.url),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (409, "CONFLICT"),
+        "{}",
+        refused.text
+    );
+    drop(slot);
+    let events_url = format!(
+        "{}{}",
+        sender.url,
+        accepted.body["events_url"].as_str().expect("url")
+    );
+    let events = read_sse(&events_url).await;
+    let (_, finished) = events.last().expect("events");
+    assert_eq!(finished["state"], "succeeded", "{finished}");
+    let deleted = call(
+        "DELETE",
+        &format!("{}/api/v1/packages/{id}", sender.url),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::terminal::{bytes_bar, print_json};
 use crate::client::Endpoint;
 use crate::config::ReceiverConfig;
-use crate::pipeline::{compression_from_path, manifest_for_file, PackageStore};
+use crate::pipeline::{compression_from_path, manifest_for_file, PackageHold, PackageStore};
 use crate::SenderError;
 
 /// `deploy-sender transfer`.
@@ -49,9 +49,11 @@ pub(crate) struct TransferArgs {
 
 pub(super) async fn run(args: TransferArgs) -> Result<(), SenderError> {
     let client = args.receiver.client()?;
+    let mut hold = None;
     let (path, manifest) = match (args.file, args.stored) {
         (_, Some(id)) => {
             let info = PackageStore::open(&args.package_dir).await?.get(id).await?;
+            hold = Some(PackageHold::new(&info)?);
             (PathBuf::from(&info.package_path), info.manifest())
         }
         (Some(file), None) => {
@@ -86,6 +88,7 @@ pub(super) async fn run(args: TransferArgs) -> Result<(), SenderError> {
         .send()
         .await;
     bar.finish_and_clear();
+    drop(hold);
     let outcome = result?;
     if args.json {
         print_json(&outcome.response);

@@ -189,6 +189,8 @@ pub async fn deploy_package(
         .validate()
         .map_err(|e| SenderError::Validation(e.to_string()))?;
 
+    // Every attempt opens the file again: retention and deletes leave it alone meanwhile.
+    let _hold = super::PackageHold::new(package)?;
     let total = manifest.package_size;
     let reporter = Arc::clone(&progress);
     let on_sent = move |sent: u64| {

@@ -45,4 +45,4 @@ pub use release::{
     deploy_release, prepare_source, release_manifest, send_manifest, send_release, LayerFate,
     LayerReport, ReleaseAction, ReleaseOutcome, ReleaseTotals, TransferMode,
 };
-pub use store::{hash_file, now_rfc3339, PackageInfo, PackageStore};
+pub use store::{hash_file, now_rfc3339, PackageHold, PackageInfo, PackageStore};

@@ -296,6 +296,8 @@ pub async fn package_image(
         let _ = tokio::fs::remove_file(&exported.path).await;
         return Err(e);
     }
+    // Recorded: the file is no longer the sweep's to judge.
+    drop(exported.lock);
     tracing::info!(
         package_id = %package_id,
         size = info.package_size,
@@ -397,6 +399,8 @@ pub fn default_container_name(tag: &str) -> String {
 /// A package file written and renamed into place.
 struct Exported {
     path: PathBuf,
+    /// The writer's lock, held until the file's metadata is written (see `sweep_temp_files`).
+    lock: Option<TempLock>,
     size: u64,
     original_size: u64,
     checksum: deploy_protocol::Checksum,
@@ -438,7 +442,7 @@ async fn export_to_file(
             _ => SenderError::io(format!("cannot create {}", temp.display()), e),
         })?;
     // Held until the file is renamed or removed: the store's sweep leaves it alone meanwhile.
-    let _lock = TempLock::try_acquire(&temp)
+    let lock = TempLock::try_acquire(&temp)
         .map_err(|e| SenderError::io(format!("cannot lock {}", temp.display()), e))?;
     let mut guard = TempGuard {
         path: &temp,
@@ -481,6 +485,7 @@ async fn export_to_file(
         size: out.size,
         original_size: original,
         checksum: out.checksum,
+        lock,
     })
 }
 

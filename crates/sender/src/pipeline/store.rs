@@ -30,6 +30,13 @@ impl TempLock {
     }
 }
 
+/// A shared lock (`flock`) on a stored package's file, held by whatever sends the package for
+/// as long as it may still read it (every attempt, every host). `delete` and retention, in this
+/// process or another sharing the directory, leave a held package alone: a retry or a later
+/// host's upload opens the file again by its path.
+#[derive(Debug)]
+pub struct PackageHold(#[allow(dead_code)] std::fs::File);
+
 /// A stored package: what packaging reports and what the store keeps beside the package file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PackageInfo {
@@ -155,23 +162,34 @@ impl PackageStore {
         self.dir.join(format!("{TEMP_PREFIX}{id}"))
     }
 
-    /// Removes the temp files that no live process holds (see [`TempLock`]); returns how many.
+    /// Removes the temp files that no live process holds (see [`TempLock`]), and package files
+    /// without metadata that none holds (a writer killed between renaming its file into place
+    /// and recording it: it holds its lock until the metadata is written); returns how many.
     pub async fn sweep_temp_files(&self) -> Result<usize, SenderError> {
         let mut removed = 0;
         for path in self.entries().await? {
-            let is_temp = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(TEMP_PREFIX));
-            if !is_temp {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            // A package file is `<id>.<extension>`; its metadata `<id>.json`.
+            let unrecorded = name
+                .split_once('.')
+                .filter(|(_, ext)| *ext != "json")
+                .and_then(|(id, _)| Uuid::parse_str(id).ok())
+                .map(|id| self.metadata_path(id));
+            let unrecorded = unrecorded.filter(|meta| !meta.exists());
+            if !name.starts_with(TEMP_PREFIX) && unrecorded.is_none() {
                 continue;
             }
             let abandoned = {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || match TempLock::try_acquire(&path) {
-                    // Removed while the lock is held, so no writer can take it in between.
-                    Ok(Some(_lock)) => std::fs::remove_file(&path).is_ok(),
-                    Ok(None) | Err(_) => false,
+                    // Removed while the lock is held, so no writer can take it in between
+                    // (and a package's metadata, looked at again, was not written meanwhile).
+                    Ok(Some(_lock)) if unrecorded.as_ref().is_none_or(|m| !m.exists()) => {
+                        std::fs::remove_file(&path).is_ok()
+                    }
+                    Ok(_) | Err(_) => false,
                 })
                 .await
                 .unwrap_or(false)
@@ -296,11 +314,22 @@ impl PackageStore {
             }
         }
         doomed.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-        for info in &doomed {
-            self.delete(info.package_id).await?;
-            tracing::info!(package_id = %info.package_id, size = info.package_size, "package pruned");
+        let mut deleted = Vec::with_capacity(doomed.len());
+        for info in doomed {
+            match self.delete(info.package_id).await {
+                Ok(()) => {
+                    tracing::info!(package_id = %info.package_id, size = info.package_size, "package pruned");
+                    deleted.push(info);
+                }
+                // Being sent: kept until a later prune (the budget may be over meanwhile).
+                Err(SenderError::Conflict(why)) => {
+                    tracing::info!(package_id = %info.package_id, %why, "package kept: in use");
+                }
+                Err(SenderError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(doomed)
+        Ok(deleted)
     }
 
     /// Whether a package of this id is stored.
@@ -341,10 +370,54 @@ impl PackageStore {
     /// Removes package `id` (metadata first, so it is never listed without its file).
     pub async fn delete(&self, id: Uuid) -> Result<(), SenderError> {
         let info = self.get(id).await?;
+        // The exclusive lock is held until both files are gone, so no send can take its hold
+        // in between.
+        let _lock = match exclusive(Path::new(&info.package_path)) {
+            Ok(lock) => lock,
+            Err(Held) => {
+                return Err(SenderError::Conflict(format!(
+                    "package {id} is being sent (a transfer, deployment or rollout holds it): \
+                     delete it once that has ended"
+                )))
+            }
+        };
         remove_if_exists(&self.metadata_path(id)).await?;
         remove_if_exists(Path::new(&info.package_path)).await
     }
+}
 
+impl PackageHold {
+    /// Holds package `info` for a send: `NOT_FOUND` when it is gone or is being deleted.
+    pub fn new(info: &PackageInfo) -> Result<Self, SenderError> {
+        let gone = || {
+            SenderError::NotFound(format!(
+                "package {} is no longer stored at {} (deleted or pruned): package it again",
+                info.package_id, info.package_path
+            ))
+        };
+        let file = match std::fs::File::open(&info.package_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(gone()),
+            Err(e) => {
+                return Err(SenderError::io(
+                    format!("cannot open package {}", info.package_path),
+                    e,
+                ))
+            }
+        };
+        match file.try_lock_shared() {
+            Ok(()) if Path::new(&info.package_path).exists() => Ok(Self(file)),
+            // Locked for deletion, or deleted between the open and the lock.
+            Ok(()) | Err(std::fs::TryLockError::WouldBlock) => Err(gone()),
+            Err(std::fs::TryLockError::Error(e)) => Err(SenderError::io(
+                format!("cannot lock package {}", info.package_path),
+                e,
+            )),
+        }
+    }
+}
+
+impl PackageStore {
     /// Re-hashes package `id` and compares with the recorded size and checksum.
     pub async fn verify(&self, id: Uuid) -> Result<PackageInfo, SenderError> {
         let info = self.get(id).await?;
@@ -395,6 +468,23 @@ async fn remove_if_exists(path: &Path) -> Result<(), SenderError> {
             format!("cannot remove {}", path.display()),
             e,
         )),
+    }
+}
+
+/// Another open file holds a lock on the file.
+struct Held;
+
+/// An exclusive lock on `path`'s file: `Err(Held)` while a [`PackageHold`] holds it; `Ok(None)`
+/// when the file is gone or cannot be opened (there is nothing to protect).
+fn exclusive(path: &Path) -> Result<Option<std::fs::File>, Held> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(None);
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Held),
+        // A file system without locks: nothing can hold it either.
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
     }
 }
 

@@ -76,6 +76,30 @@ async fn temp_files_are_swept_when_no_process_holds_them_whatever_their_age() {
     assert!(!held.exists());
 }
 
+#[tokio::test]
+async fn a_package_file_left_without_metadata_is_swept_unless_its_writer_still_holds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = PackageStore::open(dir.path()).await.expect("open");
+    let recorded = stored(&store, "web", "sha256:1", "2025-01-01T00:00:00Z").await;
+    let (orphan, writing) = (
+        store.package_path(Uuid::new_v4(), Compression::Zstd),
+        store.package_path(Uuid::new_v4(), Compression::Gzip),
+    );
+    std::fs::write(&orphan, b"renamed, never recorded").expect("write");
+    std::fs::write(&writing, b"renamed, metadata on its way").expect("write");
+    let lock = TempLock::try_acquire(&writing)
+        .expect("lock")
+        .expect("not held yet");
+    PackageStore::open(dir.path()).await.expect("reopen");
+    assert!(!orphan.exists(), "a killed writer's package file is swept");
+    assert!(writing.exists(), "a live writer's is not");
+    assert!(store.package_path(recorded, Compression::None).exists());
+    drop(lock);
+    assert_eq!(store.sweep_temp_files().await.expect("sweep"), 1);
+    assert!(!writing.exists());
+    assert_eq!(store.list().await.expect("list").len(), 1);
+}
+
 #[test]
 fn compression_stats_match_the_seed_style() {
     let (ratio, factor) = compression_stats(1000, 11);
@@ -128,6 +152,39 @@ async fn prune_keeps_the_newest_per_name_then_fits_the_budget_and_spares_the_new
         .map(|p| p.package_id)
         .collect();
     assert_eq!(left, [api1, web2]);
+}
+
+#[tokio::test]
+async fn a_package_being_sent_is_neither_deleted_nor_pruned_until_its_hold_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = PackageStore::open(dir.path()).await.expect("open");
+    let web1 = stored(&store, "web", "sha256:1", "2025-01-01T00:00:00Z").await;
+    let web2 = stored(&store, "web", "sha256:2", "2025-01-02T00:00:00Z").await;
+    let info = store.get(web1).await.expect("web1");
+    let hold = PackageHold::new(&info).expect("hold");
+    // A second send holds it too (shared), as two hosts' uploads do.
+    let second = PackageHold::new(&info).expect("shared");
+    assert_eq!(
+        store.delete(web1).await.expect_err("held").code(),
+        deploy_protocol::ErrorCode::Conflict
+    );
+    let deleted = store.prune(1, None, Some(web2)).await.expect("prune");
+    assert!(deleted.is_empty(), "{deleted:?}");
+    assert!(store.package_path(web1, Compression::None).exists());
+    drop((hold, second));
+    let deleted: Vec<Uuid> = store
+        .prune(1, None, Some(web2))
+        .await
+        .expect("prune")
+        .iter()
+        .map(|p| p.package_id)
+        .collect();
+    assert_eq!(deleted, [web1], "pruned once nothing sends it");
+    let gone = PackageHold::new(&info);
+    assert_eq!(
+        gone.expect_err("gone").code(),
+        deploy_protocol::ErrorCode::NotFound
+    );
 }
 
 #[tokio::test]

@@ -12,8 +12,8 @@ use uuid::Uuid;
 use crate::client::{Endpoint, ReceiverClient, ReceiverTarget, RetryPolicy};
 use crate::pipeline::Subject;
 use crate::pipeline::{
-    prepare_image, send_release, CompressionOptions, PackageInfo, PreparedImage, Progress,
-    ReleaseAction,
+    prepare_image, send_release, CompressionOptions, PackageHold, PackageInfo, PreparedImage,
+    Progress, ReleaseAction,
 };
 use crate::service::jobs::Job;
 use crate::service::metrics::OK;
@@ -103,6 +103,8 @@ pub(crate) struct TransferReport {
 #[derive(Debug, Clone)]
 pub(crate) struct TransferPlan {
     info: PackageInfo,
+    /// Keeps the package from retention and `DELETE` from the request until the last host.
+    _hold: Arc<PackageHold>,
     receivers: Vec<ReceiverClient>,
     deployment: Option<DeploymentSpec>,
     verify: bool,
@@ -113,6 +115,7 @@ impl TransferInput {
     /// Checks the input against the store and the configuration.
     pub(crate) async fn plan(self, state: &AppState) -> Result<TransferPlan, SenderError> {
         let info = state.store().get(self.package_id).await?;
+        let hold = Arc::new(PackageHold::new(&info)?);
         if let Some(expected) = self.package_checksum {
             if expected != info.package_checksum {
                 return Err(SenderError::ChecksumMismatch(format!(
@@ -156,6 +159,7 @@ impl TransferInput {
         }
         Ok(TransferPlan {
             info,
+            _hold: hold,
             receivers,
             deployment: self.deployment,
             verify: self.verify_checksum,

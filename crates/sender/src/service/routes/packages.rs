@@ -98,6 +98,7 @@ pub(super) async fn get(
         (status = 400, description = "VALIDATION_ERROR: the id is not a UUID", body = ErrorBody),
         (status = 401, description = "UNAUTHORIZED", body = ErrorBody),
         (status = 404, description = "NOT_FOUND", body = ErrorBody),
+        (status = 409, description = "CONFLICT: a transfer, deployment or rollout is sending the package; nothing was deleted", body = ErrorBody),
     ))]
 pub(super) async fn delete(
     State(state): State<AppState>,

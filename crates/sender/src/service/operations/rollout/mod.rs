@@ -26,7 +26,7 @@ use crate::pipeline::rollout::{
     MAX_HOST_TIMEOUT_SECS,
 };
 use crate::pipeline::{
-    now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageInfo, Subject,
+    now_rfc3339, prepare_image, CompressionOptions, NoProgress, PackageHold, PackageInfo, Subject,
 };
 use crate::service::error::correlation_id;
 use crate::service::jobs::panic_message;
@@ -157,6 +157,7 @@ async fn undo_interrupted_rollout(state: AppState, entry: Arc<Entry>) {
 /// Checks `input` and starts the rollout in the background; answers its first view.
 pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView, SenderError> {
     let package = state.store().get(input.package_id).await?;
+    let hold = PackageHold::new(&package)?;
     let batch = match input.batch.as_deref() {
         Some(b) => b.parse::<BatchSize>().map_err(SenderError::Validation)?,
         None => BatchSize::default(),
@@ -242,6 +243,9 @@ pub async fn start(state: &AppState, input: RolloutInput) -> Result<RolloutView,
     let recorder = RolloutRecorder::spawn(state.events().clone(), subject, id);
     let state = state.clone();
     tokio::spawn(async move {
+        // The whole package may be sent to any host, batch after batch: kept from retention
+        // and `DELETE` until the rollout ends.
+        let _hold = hold;
         let release = Release {
             payload: payload(&state, package).await,
             ..release
